@@ -1,0 +1,285 @@
+"""Tensor wire codec: the safetensors format, read and written without pickling.
+
+A safetensors body is ``u64 little-endian header length | JSON header | raw bytes``.
+The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the byte buffer after the header) and may carry a ``__metadata__``
+object of string to string. This module implements that format directly so that it can
+validate every byte it is given (a malformed body is a clear :class:`CodecError`, never a
+crash) and so both ends avoid the extra copies a general-purpose library makes. Bodies it
+writes load with ``safetensors.torch.load`` and bodies that library writes decode here.
+
+Nothing here unpickles anything: a tensor is only ever rebuilt from its declared dtype,
+shape and raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CodecError",
+    "DTYPE_NAMES",
+    "SAFETENSORS_DTYPES",
+    "MAX_HEADER_BYTES",
+    "decode",
+    "encode",
+    "dtype_from_name",
+    "dtype_name",
+    "tensor_from_json",
+    "tensor_to_json",
+]
+
+#: safetensors dtype tag -> torch dtype (the subset a tensor on the wire may have).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+_TAG_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+#: Public dtype names used in JSON (``"float32"``) -> torch dtype.
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt for dt in SAFETENSORS_DTYPES.values()
+}
+
+#: Same ceiling as the reference implementation: a larger header is rejected unread.
+MAX_HEADER_BYTES = 100_000_000
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is LE
+    raise ImportError("the safetensors wire codec assumes a little-endian host")
+
+
+class CodecError(ValueError):
+    """A body is not a valid safetensors buffer (or a tensor cannot be encoded)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; raises :class:`CodecError` for unknown names."""
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        known = ", ".join(sorted(DTYPE_NAMES))
+        raise CodecError(f"unknown dtype {name!r}; expected one of: {known}") from None
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # A uint8 view shares memory with the tensor: no copy for CPU-contiguous inputs.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialize ``tensors`` (in the mapping's order) and optional string metadata."""
+    header: dict[str, Any] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise CodecError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    chunks: list[memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        if name == "__metadata__":
+            raise CodecError("'__metadata__' is reserved and cannot name a tensor")
+        tag = _TAG_OF.get(t.dtype)
+        if tag is None:
+            raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, "
+                             "which safetensors cannot carry")
+        raw = _raw_bytes(t)
+        header[name] = {
+            "dtype": tag,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + raw.nbytes],
+        }
+        offset += raw.nbytes
+        chunks.append(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data section 8-byte aligned
+    return b"".join([struct.pack("<Q", len(head)), head, *chunks])
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CodecError(f"duplicate tensor name {k!r} in safetensors header")
+        out[k] = v
+    return out
+
+
+def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
+    if data.nbytes < 8:
+        raise CodecError("body too short for a safetensors header (need at least 8 bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CodecError(f"safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}")
+    if 8 + n > data.nbytes:
+        raise CodecError(
+            f"safetensors header claims {n} bytes but the body has only {data.nbytes - 8}"
+        )
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]), object_pairs_hook=_reject_duplicates)
+    except CodecError:
+        raise
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CodecError(f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise CodecError("safetensors header must be a JSON object")
+    return header, 8 + n
+
+
+def _check_entry(name: str, entry: Any) -> tuple[torch.dtype, list[int], int, int]:
+    if not isinstance(entry, dict):
+        raise CodecError(f"header entry for {name!r} must be an object")
+    tag = entry.get("dtype")
+    if tag not in SAFETENSORS_DTYPES:
+        raise CodecError(f"tensor {name!r} has unsupported dtype {tag!r}")
+    dtype = SAFETENSORS_DTYPES[tag]
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise CodecError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end < begin or end - begin != expected:
+        raise CodecError(
+            f"tensor {name!r}: data_offsets {offsets} hold {end - begin} bytes, "
+            f"but shape {shape} of {tag} needs {expected}"
+        )
+    return dtype, shape, begin, end
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse a safetensors body into ``(tensors, metadata)``, checking every field.
+
+    Tensors come back as fresh, writable CPU tensors in header order. The buffers must tile
+    the data section exactly (no gaps, overlaps or trailing bytes), as the format requires.
+    """
+    view = memoryview(data).cast("B")
+    header, start = _parse_header(view)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CodecError("safetensors __metadata__ must map strings to strings")
+    entries = [(name, *_check_entry(name, e)) for name, e in header.items()]
+    body = view[start:]
+    spans = sorted((b, e, name) for name, _, _, b, e in entries)
+    cursor = 0
+    for b, e, name in spans:
+        if b != cursor:
+            raise CodecError(
+                f"tensor {name!r} starts at byte {b}, expected {cursor}: "
+                "buffers overlap or leave a gap"
+            )
+        cursor = e
+    if cursor != body.nbytes:
+        raise CodecError(
+            f"tensor data covers {cursor} bytes but the body carries {body.nbytes}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, b, e in entries:
+        out = torch.empty(shape, dtype=dtype)
+        if e > b:
+            # Copy straight from the body into the destination: one pass, any alignment.
+            out.reshape(-1).view(torch.uint8).numpy()[:] = body[b:e]
+        tensors[name] = out
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------- JSON form (small tensors)
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_to_jsonable(v) for v in x]
+    if isinstance(x, complex):
+        return [_to_jsonable(x.real), _to_jsonable(x.imag)]
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return x
+
+
+def tensor_to_json(t: torch.Tensor) -> dict[str, Any]:
+    """A tensor as ``{"dtype", "shape", "data"}`` with nested-list data.
+
+    Floats are printed as the shortest decimal that round-trips their exact value (float16
+    and bfloat16 widen exactly to float64), non-finite values as the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``, and complex values as ``[real, imag]`` pairs.
+    """
+    t = t.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        values = t.double().tolist()
+    else:
+        values = t.tolist()
+    return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": _to_jsonable(values)}
+
+
+_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _from_jsonable(x: Any, is_complex: bool) -> Any:
+    if isinstance(x, list):
+        if is_complex and len(x) == 2 and not any(isinstance(v, list) for v in x):
+            return complex(_from_jsonable(x[0], False), _from_jsonable(x[1], False))
+        return [_from_jsonable(v, is_complex) for v in x]
+    if isinstance(x, str):
+        if x in _SPECIAL:
+            return _SPECIAL[x]
+        raise CodecError(f"unexpected string {x!r} in tensor data")
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise CodecError(f"unexpected value {x!r} in tensor data")
+    return x
+
+
+def tensor_from_json(
+    data: Any, dtype: torch.dtype, shape: Iterable[int] | None = None
+) -> torch.Tensor:
+    """Rebuild a tensor from nested-list ``data`` (the inverse of :func:`tensor_to_json`)."""
+    values = _from_jsonable(data, dtype.is_complex)
+    try:
+        t = torch.tensor(values, dtype=torch.float64 if not dtype.is_complex else torch.complex128)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CodecError(f"tensor data is not a regular nested list of numbers: {e}") from None
+    t = t.to(dtype)
+    if shape is not None:
+        shape = list(shape)
+        if list(t.shape) != shape:
+            raise CodecError(f"tensor data has shape {list(t.shape)}, expected {shape}")
+    return t

@@ -1,0 +1,192 @@
+"""Routes for the stepper resource: create, list, read, delete, options, bias correction."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from client import codec
+from client.protocol import (
+    META_SPEC,
+    BiasCorrectionReport,
+    CreateStepper,
+    HyperparametersPatch,
+    StepperList,
+    StepperSummary,
+)
+
+from ..engine import GroupDef, Registry, Stepper
+from ..engine.errors import DuplicateName, DtypeMismatch, InvalidSpec, ShapeMismatch
+from ..engine.options import resolve_device
+from ..errors import ApiError, problems
+from .options import options_from_model
+from .wire import OCTET, binary_body_doc, decode_tensors, json_object, media_type, meta_json, \
+    read_body
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["steppers"])
+
+NAME_PROBLEMS = ("stepper_not_found", "request_validation_error")
+
+
+def registry(request: Request) -> Registry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+def _validate(model: type[Any], value: Any) -> Any:
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+def _params_from_json(spec: CreateStepper, max_bytes: int) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    total = 0
+    for p in spec.params:
+        if p.shape is None:
+            raise InvalidSpec(f"parameter {p.name!r} needs a shape in a JSON create body")
+        if any(d < 0 for d in p.shape):
+            raise InvalidSpec(f"parameter {p.name!r} has a negative dimension: {p.shape}")
+        dtype = codec.dtype_from_name(p.dtype or "float32")
+        total += math.prod(p.shape) * dtype.itemsize
+        if total > max_bytes:
+            raise ApiError("payload_too_large",
+                           f"parameters of {total} bytes exceed the body limit of {max_bytes}")
+        if p.data is None:
+            t = torch.zeros(p.shape, dtype=dtype)
+        else:
+            t = codec.tensor_from_json(p.data, dtype, p.shape)
+        out.append((p.name, t))
+    return out
+
+
+def _params_from_body(
+    spec: CreateStepper, tensors: dict[str, torch.Tensor]
+) -> list[tuple[str, torch.Tensor]]:
+    names = [p.name for p in spec.params]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DuplicateName(f"parameter name(s) listed more than once: {dup}")
+    missing = [n for n in names if n not in tensors]
+    extra = [n for n in tensors if n not in set(names)]
+    if missing or extra:
+        raise InvalidSpec(
+            "the spec's params and the body's tensors must name the same parameters"
+            + (f"; no tensor for {missing}" if missing else "")
+            + (f"; not in spec: {extra}" if extra else "")
+        )
+    for p in spec.params:
+        t = tensors[p.name]
+        if p.shape is not None and list(t.shape) != p.shape:
+            raise ShapeMismatch(f"tensor {p.name!r} has shape {list(t.shape)}, spec says {p.shape}")
+        if p.dtype is not None and codec.dtype_name(t.dtype) != p.dtype:
+            raise DtypeMismatch(
+                f"tensor {p.name!r} has dtype {codec.dtype_name(t.dtype)}, spec says {p.dtype}"
+            )
+        if p.data is not None:
+            raise InvalidSpec("initial values travel as tensors in a safetensors body, not 'data'")
+    return [(n, tensors[n]) for n in names]
+
+
+@router.post(
+    "/steppers",
+    status_code=201,
+    response_model=StepperSummary,
+    summary="Create a stepper",
+    openapi_extra=binary_body_doc(
+        "safetensors of the initial parameter values, with the CreateStepper spec as JSON in "
+        f"__metadata__['{META_SPEC}']; or a CreateStepper JSON body (zeros or small 'data').",
+        {"$ref": "#/components/schemas/CreateStepper"},
+    ),
+    responses=problems("malformed_body", "stepper_exists", "payload_too_large",
+                       "unsupported_media_type", "request_validation_error",
+                       "invalid_hyperparameter", "invalid_spec", "duplicate_name",
+                       "unknown_parameter", "shape_mismatch", "dtype_mismatch",
+                       "device_unavailable"),
+)
+async def create_stepper(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
+    body = await read_body(request)
+    kind = media_type(request)
+    if kind == "application/json":
+        spec = _validate(CreateStepper, json_object(body))
+        params = _params_from_json(spec, settings.max_body_bytes)
+    elif kind == OCTET:
+        tensors, metadata = decode_tensors(body)
+        raw = meta_json(metadata, META_SPEC)
+        if raw is None:
+            raise InvalidSpec(f"safetensors body lacks __metadata__['{META_SPEC}']")
+        spec = _validate(CreateStepper, raw)
+        params = _params_from_body(spec, tensors)
+    else:
+        raise ApiError("unsupported_media_type",
+                       f"Content-Type {kind!r}: use application/json or {OCTET}")
+    hyper = options_from_model(spec.hyperparameters)
+    groups = None
+    if spec.groups is not None:
+        groups = [GroupDef(list(g.params), options_from_model(g, exclude={"params"}))
+                  for g in spec.groups]
+    device = resolve_device(spec.device, settings.default_device())
+
+    def build() -> Stepper:
+        return Stepper(spec.name, spec.optimizer, device, params, hyper, groups)
+
+    stepper = await run_in_threadpool(registry(request).create, spec.name, build)
+    return stepper.summary()
+
+
+@router.get("/steppers", response_model=StepperList, summary="List steppers")
+async def list_steppers(request: Request) -> dict[str, Any]:
+    return {"steppers": [s.summary() for s in registry(request).list()]}
+
+
+@router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
+            responses=problems(*NAME_PROBLEMS))
+async def get_stepper(name: str, request: Request) -> dict[str, Any]:
+    return registry(request).get(name).summary()
+
+
+@router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
+               responses=problems(*NAME_PROBLEMS))
+async def delete_stepper(name: str, request: Request) -> Response:
+    registry(request).delete(name)
+    return Response(status_code=204)
+
+
+@router.patch(
+    "/steppers/{name}/hyperparameters",
+    response_model=StepperSummary,
+    summary="Change options between steps (lr for schedulers, ...)",
+    responses=problems(*NAME_PROBLEMS, "invalid_hyperparameter", "invalid_state"),
+)
+async def patch_hyperparameters(
+    name: str, patch: HyperparametersPatch, request: Request
+) -> dict[str, Any]:
+    stepper = registry(request).get(name)
+    updates = options_from_model(patch, exclude={"group"})
+    await run_in_threadpool(stepper.set_hyperparameters, updates, patch.group)
+    return stepper.summary()
+
+
+@router.get(
+    "/steppers/{name}/bias-correction",
+    response_model=BiasCorrectionReport,
+    summary="Bias-correction factors at the current or a given step",
+    responses=problems(*NAME_PROBLEMS, "invalid_state"),
+)
+async def bias_correction(
+    name: str,
+    request: Request,
+    step: Annotated[float | None, Query(ge=0, description="t; default: current")] = None,
+) -> dict[str, Any]:
+    report = registry(request).get(name).bias_correction(step)
+    return {"stepper": name, **report}

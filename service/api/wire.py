@@ -1,0 +1,129 @@
+"""HTTP plumbing shared by the routes: bodies in, tensors out, content negotiation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from fastapi import Request
+from fastapi.responses import Response
+
+from client import codec
+from client.protocol import META_STEP, META_STEPPER
+
+from ..errors import ApiError
+
+__all__ = [
+    "OCTET",
+    "TensorFormat",
+    "binary_body_doc",
+    "decode_tensors",
+    "json_object",
+    "json_tensors",
+    "read_body",
+    "tensor_response",
+    "wants_json",
+]
+
+OCTET = "application/octet-stream"
+TensorFormat = Literal["safetensors", "json"]
+
+
+def binary_body_doc(description: str, json_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` documenting a safetensors request body (and optionally JSON)."""
+    content: dict[str, Any] = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
+    if json_schema is not None:
+        content["application/json"] = {"schema": json_schema}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request) -> bytearray:
+    """The request body, refused with 413 once it passes ``max_body_bytes``.
+
+    The body is streamed into one buffer (preallocated when Content-Length is known)
+    rather than joined from a list of chunks at the end.
+    """
+    limit: int = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    size_hint = 0
+    if declared is not None:
+        try:
+            size_hint = int(declared)
+        except ValueError:
+            raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
+        if size_hint > limit:
+            raise ApiError("payload_too_large",
+                           f"body of {size_hint} bytes exceeds the limit of {limit} bytes",
+                           limit=limit)
+    buf = bytearray()
+    async for chunk in request.stream():
+        if len(buf) + len(chunk) > limit:
+            raise ApiError("payload_too_large",
+                           f"body exceeds the limit of {limit} bytes", limit=limit)
+        buf += chunk
+    return buf
+
+
+def decode_tensors(body: bytes | bytearray) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not body:
+        raise ApiError("malformed_body", "empty body: expected a safetensors buffer")
+    return codec.decode(body)
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError("malformed_body", f"body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError("malformed_body", "JSON body must be an object")
+    return value
+
+
+def meta_json(metadata: Mapping[str, str], key: str) -> Any:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ApiError("malformed_body", f"metadata {key!r} is not valid JSON: {e}") from None
+
+
+def wants_json(request: Request, format: TensorFormat | None) -> bool:
+    if format is not None:
+        return format == "json"
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and OCTET not in accept
+
+
+def check_json_size(request: Request, tensors: list[torch.Tensor]) -> None:
+    limit: int = request.app.state.settings.max_json_elements
+    n = sum(t.numel() for t in tensors)
+    if n > limit:
+        raise ApiError("json_too_large",
+                       f"{n} elements exceed the JSON limit of {limit}; "
+                       "request format=safetensors instead", limit=limit)
+
+
+def json_tensors(request: Request, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    check_json_size(request, list(tensors.values()))
+    return {k: codec.tensor_to_json(t) for k, t in tensors.items()}
+
+
+def tensor_response(
+    tensors: Mapping[str, torch.Tensor], stepper: str, step: int,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Response:
+    metadata = {META_STEPPER: stepper, META_STEP: str(step), **(extra_metadata or {})}
+    return Response(
+        codec.encode(tensors, metadata),
+        media_type=OCTET,
+        headers={"X-Adamscope-Step": str(step)},
+    )

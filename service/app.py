@@ -1,0 +1,69 @@
+"""The application factory: ``create_app(settings)`` builds a FastAPI app; its lifespan
+opens the registry (and the data directory) and closes them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+
+from client.protocol import API_PREFIX
+
+from . import __version__
+from .api import steppers, tensors
+from .engine import Registry
+from .errors import install_error_handlers
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("adamscope")
+
+DESCRIPTION = """
+Host Adam optimizers ("steppers") and step, read and load their state over REST.
+
+Bulk tensors travel as **safetensors** bodies (`application/octet-stream`); small ones can
+also be read and written as JSON. Every error is RFC 9457 `application/problem+json` with
+a stable `code`. Nothing received is ever unpickled.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app.state.registry = Registry()
+        log.info("adamscope %s: default device %s, data in %s", __version__,
+                 settings.default_device(), settings.data_dir)
+        yield
+        app.state.registry = Registry()
+
+    app = FastAPI(
+        title="adamscope",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(steppers.router, prefix=API_PREFIX)
+    app.include_router(tensors.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", tags=["service"], summary="Liveness and basic facts")
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "torch": torch.__version__,
+            "default_device": settings.default_device(),
+            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "steppers": len(request.app.state.registry),
+        }
+
+    return app

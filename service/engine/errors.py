@@ -1,0 +1,71 @@
+"""Engine exceptions: each carries the stable problem ``code`` the API layer reports.
+
+The engine knows nothing of HTTP; ``service.errors`` maps codes to statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DeviceUnavailable",
+    "DtypeMismatch",
+    "DuplicateName",
+    "EngineError",
+    "InvalidHyperparameter",
+    "InvalidSpec",
+    "InvalidState",
+    "ShapeMismatch",
+    "StepperExists",
+    "StepperNotFound",
+    "UnknownParameter",
+]
+
+
+class EngineError(Exception):
+    code = "internal_error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class StepperNotFound(EngineError):
+    code = "stepper_not_found"
+
+
+class StepperExists(EngineError):
+    code = "stepper_exists"
+
+
+class UnknownParameter(EngineError):
+    code = "unknown_parameter"
+
+
+class DuplicateName(EngineError):
+    code = "duplicate_name"
+
+
+class ShapeMismatch(EngineError):
+    code = "shape_mismatch"
+
+
+class DtypeMismatch(EngineError):
+    code = "dtype_mismatch"
+
+
+class InvalidHyperparameter(EngineError):
+    code = "invalid_hyperparameter"
+
+
+class InvalidState(EngineError):
+    code = "invalid_state"
+
+
+class InvalidSpec(EngineError):
+    code = "invalid_spec"
+
+
+class DeviceUnavailable(EngineError):
+    code = "device_unavailable"

@@ -1,0 +1,126 @@
+"""Optimizer options: PyTorch's defaults, PyTorch's validation, device resolution.
+
+Validation is delegated to PyTorch itself: a candidate set of options is used to build a
+throwaway ``torch.optim.Adam``/``AdamW`` (whose ``__init__`` raises PyTorch's own messages)
+and, for options whose errors only surface when stepping (``fused`` on an unsupported
+dtype, ``capturable`` on the CPU), to step a one-element probe of each dtype involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import DeviceUnavailable, InvalidHyperparameter
+
+__all__ = [
+    "OPTIMIZERS",
+    "OPTION_NAMES",
+    "STRUCTURAL_OPTIONS",
+    "SUPPORTED_DTYPES",
+    "default_options",
+    "resolve_device",
+    "validate_options",
+]
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+OPTION_NAMES = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+)
+
+#: Options that change which kernel runs or which state exists: worth a probe step.
+STRUCTURAL_OPTIONS = frozenset({"amsgrad", "foreach", "capturable", "differentiable", "fused"})
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
+
+
+def default_options(kind: str) -> dict[str, Any]:
+    """The option dict PyTorch puts in a fresh group of ``kind`` (AdamW included)."""
+    probe = torch.zeros(1, requires_grad=True)
+    group = OPTIMIZERS[kind]([probe]).param_groups[0]
+    return {k: group[k] for k in OPTION_NAMES}
+
+
+def _normalize(options: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    if out.get("betas") is not None:
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+def validate_options(
+    kind: str,
+    options: Mapping[str, Any],
+    probe_like: Iterable[torch.Tensor] = (),
+    probe_step: bool = True,
+) -> dict[str, Any]:
+    """Check a group's complete options with PyTorch and return them normalized.
+
+    ``probe_like`` gives the device/dtype of the group's parameters; with ``probe_step``
+    a zero gradient is stepped on a one-element copy of each distinct kind, so errors that
+    PyTorch raises only when stepping are caught before any real tensor is touched.
+    """
+    opts = _normalize(options)
+    unknown = set(opts) - set(OPTION_NAMES)
+    if unknown:
+        raise InvalidHyperparameter(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if opts.get("differentiable"):
+        raise InvalidHyperparameter(
+            "differentiable=True is not supported by a remote optimizer: "
+            "an autograd graph cannot cross the network"
+        )
+    kwargs = dict(opts)
+    if kind == "adamw":
+        if kwargs.pop("decoupled_weight_decay", True) is not True:
+            raise InvalidHyperparameter(
+                "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay"
+            )
+    kinds = {(t.dtype, t.device) for t in probe_like} or {(torch.float32, torch.device("cpu"))}
+    probes = [torch.zeros(1, dtype=dt, device=dev, requires_grad=True) for dt, dev in kinds]
+    try:
+        optim = OPTIMIZERS[kind](probes, **kwargs)
+        if probe_step:
+            for p in probes:
+                p.grad = torch.zeros_like(p)
+            optim.step()
+    except (ValueError, RuntimeError, TypeError, KeyError, AssertionError) as e:
+        raise InvalidHyperparameter(str(e)) from None
+    group = optim.param_groups[0]
+    return {k: group[k] for k in OPTION_NAMES}
+
+
+def resolve_device(spec: str | None, default: str) -> torch.device:
+    """Parse a device name and check this process can use it."""
+    name = spec or default
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise DeviceUnavailable(f"invalid device {name!r}: {e}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available here")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return torch.device("cuda", index)
+    raise DeviceUnavailable(f"device type {device.type!r} is not supported (use cpu or cuda)")

@@ -1,0 +1,498 @@
+"""A stepper: named parameters plus a real ``torch.optim.Adam``/``AdamW`` that owns their state.
+
+Stepping is exactly what a local training loop does, ``p.grad = g; optimizer.step()``, under
+the stepper's lock, so a remote step is PyTorch's own step (bit for bit, given the same
+implementation, device and dtype). Every mutating method validates *all* of its input before
+it touches any tensor, so a rejected request leaves the stepper exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import (
+    DtypeMismatch,
+    DuplicateName,
+    InvalidHyperparameter,
+    InvalidSpec,
+    InvalidState,
+    ShapeMismatch,
+    UnknownParameter,
+)
+from .options import (
+    OPTIMIZERS,
+    OPTION_NAMES,
+    STRUCTURAL_OPTIONS,
+    SUPPORTED_DTYPES,
+    default_options,
+    validate_options,
+)
+
+__all__ = ["STATE_KEYS", "GroupDef", "StepOutcome", "Stepper"]
+
+#: Per-parameter state tensors of torch.optim.Adam, in PyTorch's order.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@dataclass
+class GroupDef:
+    """A param group as created: parameter names plus options that differ from defaults."""
+
+    params: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutcome:
+    step: int
+    stepped: list[str]
+    skipped: list[str]
+    params: dict[str, torch.Tensor] | None = None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class Stepper:
+    """One named optimizer instance. Thread-safe: every method takes ``self.lock``."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        device: torch.device,
+        params: Sequence[tuple[str, torch.Tensor]],
+        hyperparameters: Mapping[str, Any],
+        groups: Sequence[GroupDef] | None = None,
+    ) -> None:
+        if kind not in OPTIMIZERS:
+            raise InvalidSpec(f"unknown optimizer {kind!r}; expected 'adam' or 'adamw'")
+        names = [n for n, _ in params]
+        if not names:
+            raise InvalidSpec("a stepper needs at least one parameter")
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise DuplicateName(f"parameter name {n!r} appears more than once")
+            seen.add(n)
+        for n, t in params:
+            if t.dtype not in SUPPORTED_DTYPES:
+                allowed = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
+                raise InvalidSpec(
+                    f"parameter {n!r} has dtype {_dtype_name(t.dtype)}; Adam steps floating "
+                    f"or complex tensors and the wire carries: {allowed}"
+                )
+            if t.is_sparse:
+                raise InvalidSpec(f"parameter {n!r} is sparse; Adam steps dense tensors")
+        if groups is None:
+            groups = [GroupDef(list(names))]
+        grouped: list[str] = [n for g in groups for n in g.params]
+        for n in grouped:
+            if n not in seen:
+                raise UnknownParameter(f"param group names unknown parameter {n!r}")
+        if sorted(grouped) != sorted(names):
+            dup = sorted({n for n in grouped if grouped.count(n) > 1})
+            missing = [n for n in names if n not in grouped]
+            raise InvalidSpec(
+                "every parameter must be in exactly one group"
+                + (f"; in several: {dup}" if dup else "")
+                + (f"; in none: {missing}" if missing else "")
+            )
+
+        by_name = dict(params)
+        base = default_options(kind)
+        for k, v in hyperparameters.items():
+            if v is not None or k in ("foreach", "fused"):
+                base[k] = v
+        group_options: list[dict[str, Any]] = []
+        for g in groups:
+            opts = dict(base)
+            opts.update(g.options)
+            probe_like = [torch.empty(0, dtype=by_name[n].dtype, device=device)
+                          for n in g.params]
+            group_options.append(validate_options(kind, opts, probe_like))
+
+        self.name = name
+        self.kind = kind
+        self.device = device
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        # Leaf tensors that require grad, like nn.Parameter: the optimizer sees exactly what a
+        # local training loop would give it.
+        self.params: list[torch.Tensor] = [
+            by_name[n].detach().to(device, copy=True).requires_grad_(True) for n in names
+        ]
+        self.group_of: dict[str, int] = {}
+        # Each group keeps its parameters in the order given: that order defines PyTorch's
+        # state_dict indices (group 0's parameters first, then group 1's, ...).
+        self.group_names: list[list[str]] = [list(g.params) for g in groups]
+        torch_groups = []
+        for gi, (g, opts) in enumerate(zip(groups, group_options, strict=True)):
+            for n in g.params:
+                self.group_of[n] = gi
+            torch_groups.append({"params": [self.params[self.index[n]] for n in g.params],
+                                 **opts})
+        self.optimizer: torch.optim.Optimizer = OPTIMIZERS[kind](torch_groups)
+        self.step_count = 0
+        self.lock = threading.RLock()
+        self.created_at = time.time()
+        self.updated_at = self.created_at
+
+    def param_meta(self, name: str) -> tuple[list[int], torch.dtype]:
+        """Shape and dtype of a parameter (raises UnknownParameter)."""
+        p = self._param(name)
+        return list(p.shape), p.dtype
+
+    # ------------------------------------------------------------------ validation helpers
+
+    def _param(self, name: str) -> torch.Tensor:
+        i = self.index.get(name)
+        if i is None:
+            raise UnknownParameter(
+                f"stepper {self.name!r} has no parameter {name!r}", parameter=name
+            )
+        return self.params[i]
+
+    def _check_tensor(self, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+        p = self._param(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ShapeMismatch(
+                f"{what} for {name!r} has shape {list(t.shape)}, parameter has {list(p.shape)}",
+                parameter=name,
+            )
+        if t.dtype != p.dtype:
+            raise DtypeMismatch(
+                f"{what} for {name!r} has dtype {_dtype_name(t.dtype)}, "
+                f"parameter has {_dtype_name(p.dtype)}",
+                parameter=name,
+            )
+        return p
+
+    def _group_options(self, gi: int) -> dict[str, Any]:
+        g = self.optimizer.param_groups[gi]
+        return {k: g[k] for k in OPTION_NAMES}
+
+    def _validated_group_updates(
+        self, updates: Sequence[Mapping[str, Any]] | None
+    ) -> list[dict[str, Any]] | None:
+        """Full, PyTorch-validated options per group after ``updates`` (or None)."""
+        if updates is None:
+            return None
+        groups = self.optimizer.param_groups
+        if len(updates) != len(groups):
+            raise InvalidHyperparameter(
+                f"got options for {len(updates)} param group(s); stepper has {len(groups)}"
+            )
+        result = []
+        for gi, upd in enumerate(updates):
+            current = self._group_options(gi)
+            unknown = set(upd) - set(OPTION_NAMES)
+            if unknown:
+                raise InvalidHyperparameter(f"unknown option(s): {', '.join(sorted(unknown))}")
+            merged = {**current, **upd}
+            if "betas" in merged:
+                merged["betas"] = tuple(merged["betas"])
+            structural = any(merged[k] != current[k] for k in STRUCTURAL_OPTIONS)
+            probe_like = [torch.empty(0, dtype=p.dtype, device=p.device)
+                          for p in groups[gi]["params"]]
+            result.append(validate_options(self.kind, merged, probe_like, probe_step=structural))
+        return result
+
+    def _check_state_complete(
+        self, state: Mapping[int, Mapping[str, Any]], options: Sequence[Mapping[str, Any]]
+    ) -> None:
+        for n in self.names:
+            s = state.get(self.index[n], {})
+            if not s:
+                continue
+            amsgrad = options[self.group_of[n]]["amsgrad"]
+            need = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+            missing = [k for k in need if k not in s]
+            if missing:
+                raise InvalidState(
+                    f"state of {n!r} would lack {', '.join(missing)}"
+                    + (" (amsgrad=True needs max_exp_avg_sq)" if "max_exp_avg_sq" in missing
+                       else "")
+                    + "; send the complete state for a parameter that has none yet",
+                    parameter=n,
+                )
+
+    def _load(self, state: dict[int, dict[str, Any]], options: list[dict[str, Any]]) -> None:
+        """Install state and options through ``Optimizer.load_state_dict``: PyTorch's own
+        placement and casting rules (e.g. ``step`` on the device when fused/capturable)."""
+        groups = [
+            {**opts, "params": [self.index[n] for n in self.group_names[gi]]}
+            for gi, opts in enumerate(options)
+        ]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    # ------------------------------------------------------------------ mutations
+
+    def step(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        group_updates: Sequence[Mapping[str, Any]] | None = None,
+        return_params: bool = False,
+    ) -> StepOutcome:
+        """Apply one Adam step with ``grads`` (a missing name = ``p.grad is None``)."""
+        with self.lock:
+            for name, g in grads.items():
+                self._check_tensor(name, g, "gradient")
+            new_options = self._validated_group_updates(group_updates)
+            if new_options is not None:
+                self._check_state_complete(
+                    {i: s for i, s in enumerate(self._state_by_index())}, new_options
+                )
+            # Device copies first: an allocation failure here leaves nothing half-done.
+            on_device = {n: g.to(self.device, non_blocking=False) for n, g in grads.items()}
+            if new_options is not None:
+                self._apply_options(new_options)
+            for n, p in zip(self.names, self.params, strict=True):
+                p.grad = on_device.get(n)
+            try:
+                self.optimizer.step()
+            finally:
+                for p in self.params:
+                    p.grad = None
+            self.step_count += 1
+            self.updated_at = time.time()
+            stepped = [n for n in self.names if n in on_device]
+            skipped = [n for n in self.names if n not in on_device]
+            params = {n: _cpu_copy(p) for n, p in zip(self.names, self.params, strict=True)} \
+                if return_params else None
+            return StepOutcome(self.step_count, stepped, skipped, params)
+
+    def _state_by_index(self) -> list[dict[str, Any]]:
+        return [dict(self.optimizer.state.get(p, {})) for p in self.params]
+
+    def _apply_options(self, options: list[dict[str, Any]]) -> None:
+        placement_changed = any(
+            options[gi][k] != self._group_options(gi)[k]
+            for gi in range(len(options)) for k in ("fused", "capturable")
+        )
+        if placement_changed:
+            self._load(dict(enumerate(self._state_by_index())), options)
+        else:
+            for g, opts in zip(self.optimizer.param_groups, options, strict=True):
+                g.update(opts)
+
+    def set_hyperparameters(self, updates: Mapping[str, Any], group: int | None = None) -> None:
+        """Change options of one group or all groups, validated by PyTorch first."""
+        with self.lock:
+            n = len(self.optimizer.param_groups)
+            if group is not None and not 0 <= group < n:
+                raise InvalidHyperparameter(f"param group {group} does not exist (have {n})")
+            per_group = [dict(updates) if group in (None, gi) else {} for gi in range(n)]
+            new_options = self._validated_group_updates(per_group)
+            assert new_options is not None
+            self._check_state_complete(dict(enumerate(self._state_by_index())), new_options)
+            self._apply_options(new_options)
+            self.updated_at = time.time()
+
+    def put_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite some or all parameter values in place."""
+        with self.lock:
+            for name, t in tensors.items():
+                self._check_tensor(name, t, "value")
+            staged = {n: t.to(self.device) for n, t in tensors.items()}
+            with torch.no_grad():
+                for n, t in staged.items():
+                    self.params[self.index[n]].copy_(t)
+            self.updated_at = time.time()
+
+    def put_state(
+        self,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        group_options: Sequence[Mapping[str, Any]] | None = None,
+        replace: bool = False,
+    ) -> None:
+        """Replace state tensors (all, some parameters, or single tensors) and optionally
+        every group's options, atomically. ``replace`` drops state not given (a full load,
+        as ``load_state_dict`` does); otherwise unspecified tensors are kept."""
+        with self.lock:
+            current = self._state_by_index()
+            new_state: dict[int, dict[str, Any]] = (
+                {} if replace else {i: s for i, s in enumerate(current) if s}
+            )
+            for name, entries in tensors.items():
+                p = self._param(name)
+                target = dict(new_state.get(self.index[name], {}))
+                for key, t in entries.items():
+                    target[key] = self._checked_state_tensor(name, p, key, t)
+                if target:
+                    new_state[self.index[name]] = target
+            options = self._validated_group_updates(group_options) or [
+                self._group_options(gi) for gi in range(len(self.optimizer.param_groups))
+            ]
+            self._check_state_complete(new_state, options)
+            self._load(new_state, options)
+            self.updated_at = time.time()
+
+    def _checked_state_tensor(
+        self, name: str, p: torch.Tensor, key: str, t: torch.Tensor
+    ) -> torch.Tensor:
+        if key not in STATE_KEYS:
+            raise InvalidState(
+                f"unknown state key {key!r} for {name!r}; expected one of {', '.join(STATE_KEYS)}",
+                parameter=name,
+            )
+        if key == "step":
+            if t.numel() != 1 or t.dim() > 1:
+                raise ShapeMismatch(f"step of {name!r} must be a scalar, got shape {list(t.shape)}",
+                                    parameter=name)
+            if t.dtype.is_complex or t.dtype == torch.bool:
+                raise DtypeMismatch(f"step of {name!r} must be a real number", parameter=name)
+            value = float(t.reshape(()).item())
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidState(f"step of {name!r} must be finite and >= 0, got {value}",
+                                   parameter=name)
+            if not t.dtype.is_floating_point:
+                t = t.to(torch.float32)
+            return t.reshape(()).clone()
+        if tuple(t.shape) != tuple(p.shape):
+            raise ShapeMismatch(
+                f"{key} for {name!r} has shape {list(t.shape)}, parameter has {list(p.shape)}",
+                parameter=name,
+            )
+        # PyTorch casts floating state to the parameter's dtype on load; other params keep
+        # the state's dtype, so for those it must already match.
+        ok = t.dtype == p.dtype or (p.is_floating_point() and t.is_floating_point())
+        if not ok:
+            raise DtypeMismatch(
+                f"{key} for {name!r} has dtype {_dtype_name(t.dtype)}, "
+                f"parameter has {_dtype_name(p.dtype)}",
+                parameter=name,
+            )
+        return t.to(device=self.device, dtype=p.dtype)
+
+    def reset_state(self, names: Sequence[str] | None = None) -> None:
+        """Forget Adam state (moments and step) of some or all parameters."""
+        with self.lock:
+            drop = set(self.names if names is None else names)
+            for n in drop:
+                self._param(n)
+            for n in drop:
+                self.optimizer.state.pop(self.params[self.index[n]], None)
+            self.updated_at = time.time()
+
+    # ------------------------------------------------------------------ reads
+
+    def get_params(self, names: Sequence[str] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        with self.lock:
+            selected = self._select(names)
+            return self.step_count, {n: _cpu_copy(self.params[self.index[n]]) for n in selected}
+
+    def get_state(
+        self, names: Sequence[str] | None = None, keys: Sequence[str] | None = None
+    ) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+        with self.lock:
+            selected = self._select(names)
+            if keys is not None:
+                for k in keys:
+                    if k not in STATE_KEYS:
+                        raise InvalidState(
+                            f"unknown state key {k!r}; expected one of {', '.join(STATE_KEYS)}"
+                        )
+            out: dict[str, dict[str, torch.Tensor]] = {}
+            for n in selected:
+                s = self.optimizer.state.get(self.params[self.index[n]], {})
+                out[n] = {k: _cpu_copy(s[k]) for k in STATE_KEYS
+                          if k in s and (keys is None or k in keys)}
+            return self.step_count, out
+
+    def _select(self, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return list(self.names)
+        for n in names:
+            self._param(n)
+        return list(dict.fromkeys(names))
+
+    def param_step(self, name: str) -> float | None:
+        s = self.optimizer.state.get(self.params[self.index[name]], {})
+        return float(s["step"].item()) if "step" in s else None
+
+    def bias_correction(self, step: float | None = None) -> dict[str, Any]:
+        """Bias-correction factors as ``_single_tensor_adam`` computes them (Python floats).
+
+        Per group at ``step`` (default: the stepper's step count), and, when ``step`` is not
+        given, per parameter at that parameter's own state step.
+        """
+        with self.lock:
+            if step is not None and not (math.isfinite(step) and step >= 0):
+                raise InvalidState(f"step must be finite and >= 0, got {step}")
+            t_groups = float(self.step_count if step is None else step)
+            groups = [self._factors(g, t_groups) for g in self.optimizer.param_groups]
+            params: dict[str, Any] = {}
+            if step is None:
+                for n in self.names:
+                    t = self.param_step(n)
+                    if t is not None:
+                        g = self.optimizer.param_groups[self.group_of[n]]
+                        params[n] = self._factors(g, t)
+            return {"step": self.step_count, "groups": groups, "params": params}
+
+    @staticmethod
+    def _factors(group: Mapping[str, Any], t: float) -> dict[str, float | None]:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        bc1 = 1 - beta1**t
+        bc2 = 1 - beta2**t
+        return {
+            "step": t,
+            "lr": lr,
+            "beta1": beta1,
+            "beta2": beta2,
+            "bias_correction1": bc1,
+            "bias_correction2": bc2,
+            "step_size": lr / bc1 if bc1 != 0 else None,
+            "bias_correction2_sqrt": bc2**0.5,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            params = []
+            nbytes = 0
+            for n, p in zip(self.names, self.params, strict=True):
+                s = self.optimizer.state.get(p, {})
+                nbytes += p.numel() * p.element_size()
+                nbytes += sum(v.numel() * v.element_size() for v in s.values()
+                              if torch.is_tensor(v))
+                params.append({
+                    "name": n,
+                    "shape": list(p.shape),
+                    "dtype": _dtype_name(p.dtype),
+                    "numel": p.numel(),
+                    "group": self.group_of[n],
+                    "step": float(s["step"].item()) if "step" in s else None,
+                    "state": [k for k in STATE_KEYS if k in s],
+                })
+            groups = []
+            for gi, g in enumerate(self.optimizer.param_groups):
+                opts = {k: g[k] for k in OPTION_NAMES}
+                opts["lr"] = float(opts["lr"])
+                opts["betas"] = tuple(float(b) for b in opts["betas"])
+                groups.append({"index": gi, "params": self.group_names[gi], **opts})
+            return {
+                "name": self.name,
+                "optimizer": self.kind,
+                "device": str(self.device),
+                "step": self.step_count,
+                "numel": sum(p.numel() for p in self.params),
+                "state_bytes": nbytes,
+                "params": params,
+                "groups": groups,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            }

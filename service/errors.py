@@ -1,0 +1,117 @@
+"""RFC 9457 problem+json for every error the service returns.
+
+Engine errors, codec errors, FastAPI's request validation errors, Starlette's HTTP errors
+(unknown route, wrong method) and anything unexpected all leave as one shape::
+
+    {"type": "urn:adamscope:problem:<code>", "title": ..., "status": ..., "detail": ...,
+     "code": "<code>", "instance": "<path>", ...extra}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.codec import CodecError
+from client.errors import CODES
+from client.protocol import Problem
+
+from .engine.errors import EngineError
+
+__all__ = ["PROBLEM_MEDIA_TYPE", "ApiError", "install_error_handlers", "problem_response",
+           "problems"]
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger("adamscope")
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself (body too large, bad media type, ...)."""
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+def problem_response(
+    code: str, detail: str, instance: str | None = None, **extra: Any
+) -> JSONResponse:
+    status, title = CODES.get(code, (500, "Error"))
+    body: dict[str, Any] = {
+        "type": f"urn:adamscope:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(jsonable_encoder(extra))
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problems(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the problems a route may return."""
+    by_status: dict[int, list[str]] = {}
+    for c in codes:
+        by_status.setdefault(CODES[c][0], []).append(c)
+    return {
+        status: {
+            "model": Problem,
+            "description": "Problem: " + ", ".join(f"`{c}`" for c in cs),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for status, cs in sorted(by_status.items())
+    }
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        return problem_response(exc.code, exc.detail, request.url.path, **exc.extra)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return problem_response(exc.code, exc.detail, request.url.path, **exc.extra)
+
+    @app.exception_handler(CodecError)
+    async def _codec(request: Request, exc: CodecError) -> JSONResponse:
+        return problem_response("malformed_body", str(exc), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors
+        ) or "invalid request"
+        return problem_response("request_validation_error", detail, request.url.path,
+                                errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type"}.get(exc.status_code)
+        if code is None:
+            body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
+                    "detail": str(exc.detail), "code": f"http_{exc.status_code}",
+                    "instance": request.url.path}
+            return JSONResponse(body, status_code=exc.status_code,
+                                media_type=PROBLEM_MEDIA_TYPE, headers=exc.headers)
+        return problem_response(code, str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response("internal_error", f"{type(exc).__name__}: {exc}",
+                                request.url.path)
