@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from urllib.parse import quote
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import torch
@@ -239,13 +239,17 @@ def bias_correction(name: str, step: float | None) -> Call:
 
 
 def _jsonable_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as JSON. Tensor-valued ``lr``/``betas`` are refused: PyTorch computes with
+    them as tensors (float32 arithmetic), which a float on the wire would not reproduce."""
     out: dict[str, Any] = {}
     for k, v in options.items():
-        if torch.is_tensor(v):
-            v = v.item()
-        elif isinstance(v, tuple | list):
-            v = [x.item() if torch.is_tensor(x) else x for x in v]
-        out[k] = v
+        values = v if isinstance(v, tuple | list) else [v]
+        if any(torch.is_tensor(x) for x in values):
+            raise TypeError(
+                f"a tensor-valued {k} cannot be sent to a remote optimizer bit-exactly; "
+                "pass a Python float"
+            )
+        out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
 

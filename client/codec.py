@@ -86,11 +86,12 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
+    # Conjugate/negative views are lazy bits a byte view cannot carry: materialize them.
+    t = t.resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     # A uint8 view shares memory with the tensor: no copy for CPU-contiguous inputs.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode(
@@ -194,7 +195,9 @@ def decode(
     """
     view = memoryview(data).cast("B")
     header, start = _parse_header(view)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null; any other non-object ([], "", 0) is malformed
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -244,10 +247,8 @@ def tensor_to_json(t: torch.Tensor) -> dict[str, Any]:
     ``"Infinity"`` and ``"-Infinity"``, and complex values as ``[real, imag]`` pairs.
     """
     t = t.detach().cpu()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        values = t.double().tolist()
-    else:
-        values = t.tolist()
+    # float16/bfloat16 widen exactly; tolist() would go through float32 rounding anyway.
+    values = t.double().tolist() if t.dtype in (torch.float16, torch.bfloat16) else t.tolist()
     return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": _to_jsonable(values)}
 
 
@@ -280,6 +281,11 @@ def tensor_from_json(
     t = t.to(dtype)
     if shape is not None:
         shape = list(shape)
+        # Nested lists cannot spell an empty (0, 3) tensor: its data is [], of shape (0,).
+        if t.numel() == 0 and 0 in shape and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            t = t.reshape(shape)
         if list(t.shape) != shape:
             raise CodecError(f"tensor data has shape {list(t.shape)}, expected {shape}")
     return t

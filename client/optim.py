@@ -108,7 +108,11 @@ class _Remote:
         self.name = name or f"{self._kind}-{uuid.uuid4().hex[:12]}"
         self._device = device
         self._synced: list[dict[str, Any]] = []
-        self._attach_or_create()
+        try:
+            self._attach_or_create()
+        except BaseException:
+            self.close()
+            raise
         self._ready = True
 
     # ------------------------------------------------------------------ setup
@@ -234,11 +238,15 @@ class _Remote:
         return self.client.get(self.name)
 
     def close(self) -> None:
-        if self._owns_client:
+        """Close the HTTP connection this optimizer opened (not one passed in as ``client``)."""
+        if getattr(self, "_owns_client", False):
             self.client.close()
 
+    def __del__(self) -> None:
+        self.close()
 
-class RemoteAdam(_Remote, torch.optim.Adam):
+
+class RemoteAdam(_Remote, torch.optim.Adam):  # type: ignore[misc]
     """``torch.optim.Adam`` whose state lives in an adamscope stepper.
 
     Takes ``torch.optim.Adam``'s arguments plus ``url`` (default ``$ADAMSCOPE_URL``),
@@ -250,7 +258,7 @@ class RemoteAdam(_Remote, torch.optim.Adam):
     _kind = "adam"
 
 
-class RemoteAdamW(_Remote, torch.optim.AdamW):
+class RemoteAdamW(_Remote, torch.optim.AdamW):  # type: ignore[misc]
     """``torch.optim.AdamW`` whose state lives in an adamscope stepper (see RemoteAdam)."""
 
     _kind = "adamw"

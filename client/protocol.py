@@ -127,7 +127,7 @@ class CreateStepper(_Model):
     name: str = Field(pattern=STEPPER_NAME_PATTERN)
     optimizer: Literal["adam", "adamw"] = "adam"
     device: str | None = Field(None, description="e.g. 'cpu', 'cuda', 'cuda:1'; server default")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())
     params: list[ParamSpec] = Field(min_length=1)
     groups: list[GroupSpec] | None = Field(
         None, description="param groups with per-group options; one group of all params if omitted"

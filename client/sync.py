@@ -53,8 +53,9 @@ class Client:
         content = call.chunks() if call.body is not None else None
         try:
             response = self._http.request(
-                call.method, call.path, params=call.params, json=call.json_body,
-                content=content, headers=call.headers(),
+                call.method, call.path, params=tuple(call.params), json=call.json_body,
+                content=content,  # type: ignore[arg-type]  # memoryviews are bytes-like
+                headers=call.headers(),
             )
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {call.path}: {e!r}") from e

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
-from client.protocol import API_PREFIX
+from client.protocol import API_PREFIX, CreateStepper
 
 from . import __version__
 from .api import steppers, tensors
@@ -30,6 +32,28 @@ Bulk tensors travel as **safetensors** bodies (`application/octet-stream`); smal
 also be read and written as JSON. Every error is RFC 9457 `application/problem+json` with
 a stable `code`. Nothing received is ever unpickled.
 """
+
+
+def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Put schemas in the OpenAPI components that routes ``$ref`` but parse by hand.
+
+    The create route reads its body itself (JSON, or a spec inside safetensors metadata),
+    so FastAPI never sees CreateStepper and would leave its ``$ref`` dangling.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # FastAPI's document, cached by FastAPI as app.openapi_schema
+        _, defs = models_json_schema([(m, "validation") for m in models],
+                                     ref_template="#/components/schemas/{model}")
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in defs.get("$defs", {}).items():
+            schemas.setdefault(name, model_schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(steppers.router, prefix=API_PREFIX)
     app.include_router(tensors.router, prefix=API_PREFIX)
+    _document_models(app, CreateStepper)
 
     @app.get("/healthz", tags=["service"], summary="Liveness and basic facts")
     async def healthz(request: Request) -> dict[str, Any]:

@@ -120,3 +120,5 @@ def spawn_server(data_dir: Path, *extra: str, timeout: float = 60) -> Iterator[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:  # unclosed, it is a ResourceWarning (an error here)
+            proc.stdout.close()

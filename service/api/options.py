@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +22,10 @@ def options_from_model(model: Hyperparameters, exclude: set[str] | None = None) 
     for k, v in out.items():
         if v is None and k not in _NULLABLE:
             raise InvalidHyperparameter(f"{k} may not be null")
+        # PyTorch accepts lr/eps/weight_decay = inf (NaN it rejects itself), but JSON cannot
+        # carry inf back: summaries would show null where the contract promises a number.
+        if isinstance(v, float) and math.isinf(v):
+            raise InvalidHyperparameter(f"{k} must be finite, got {v}")
     return out
 
 

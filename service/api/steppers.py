@@ -23,12 +23,19 @@ from client.protocol import (
 )
 
 from ..engine import GroupDef, Registry, Stepper
-from ..engine.errors import DuplicateName, DtypeMismatch, InvalidSpec, ShapeMismatch
+from ..engine.errors import DtypeMismatch, DuplicateName, InvalidSpec, ShapeMismatch
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
 from .options import options_from_model
-from .wire import OCTET, binary_body_doc, decode_tensors, json_object, media_type, meta_json, \
-    read_body
+from .wire import (
+    OCTET,
+    binary_body_doc,
+    decode_tensors,
+    json_object,
+    media_type,
+    meta_json,
+    read_body,
+)
 
 __all__ = ["router"]
 

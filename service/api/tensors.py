@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import torch
@@ -57,15 +58,28 @@ def split_state_key(key: str) -> tuple[str, str]:
 
 
 def _json_tensor_in(value: Any, dtype: torch.dtype, shape: list[int] | None) -> torch.Tensor:
+    """Nested lists, or ``{"data", "dtype"?, "shape"?}``, as a tensor.
+
+    Only a declared ``shape`` is checked here (against the data); a tensor whose shape
+    differs from the parameter's (``shape``) is left to the engine, which rejects it as
+    shape_mismatch exactly as it does for a safetensors body.
+    """
+    declared = None
     if isinstance(value, dict):
         if "data" not in value:
             raise ApiError("malformed_body", "a JSON tensor object needs 'data'")
         if "dtype" in value:
             dtype = codec.dtype_from_name(str(value["dtype"]))
         if "shape" in value:
-            shape = list(value["shape"])
+            declared = value["shape"]
+            if not isinstance(declared, list):
+                raise ApiError("malformed_body", f"a JSON tensor's shape must be a list, "
+                                                 f"got {declared!r}")
         value = value["data"]
-    return codec.tensor_from_json(value, dtype, shape)
+    t = codec.tensor_from_json(value, dtype, declared)
+    if declared is None and shape is not None and t.numel() == 0 and math.prod(shape) == 0:
+        t = t.reshape(shape)  # [] is how nested lists spell any empty tensor
+    return t
 
 
 async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

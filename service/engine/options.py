@@ -8,6 +8,7 @@ dtype, ``capturable`` on the CPU), to step a one-element probe of each dtype inv
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ __all__ = [
     "validate_options",
 ]
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, type[torch.optim.Adam]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
 }
@@ -50,11 +51,24 @@ STRUCTURAL_OPTIONS = frozenset({"amsgrad", "foreach", "capturable", "differentia
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
 
 
+#: Keywords each constructor takes in the installed torch (older releases lack some, e.g.
+#: ``decoupled_weight_decay`` arrived in 2.7); an absent one can only be left at its default.
+_ACCEPTED = {kind: set(inspect.signature(cls.__init__).parameters)
+             for kind, cls in OPTIMIZERS.items()}
+_ABSENT_DEFAULTS: dict[str, Any] = {"decoupled_weight_decay": False}
+
+
+def _group_options(kind: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: group.get(k, _ABSENT_DEFAULTS.get(k)) for k in OPTION_NAMES}
+    if kind == "adamw" and "decoupled_weight_decay" not in group:
+        out["decoupled_weight_decay"] = True
+    return out
+
+
 def default_options(kind: str) -> dict[str, Any]:
     """The option dict PyTorch puts in a fresh group of ``kind`` (AdamW included)."""
     probe = torch.zeros(1, requires_grad=True)
-    group = OPTIMIZERS[kind]([probe]).param_groups[0]
-    return {k: group[k] for k in OPTION_NAMES}
+    return _group_options(kind, OPTIMIZERS[kind]([probe]).param_groups[0])
 
 
 def _normalize(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,11 +100,17 @@ def validate_options(
             "an autograd graph cannot cross the network"
         )
     kwargs = dict(opts)
-    if kind == "adamw":
-        if kwargs.pop("decoupled_weight_decay", True) is not True:
-            raise InvalidHyperparameter(
-                "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay"
-            )
+    if kind == "adamw" and kwargs.pop("decoupled_weight_decay", True) is not True:
+        raise InvalidHyperparameter(
+            "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay"
+        )
+    for k in list(kwargs):
+        if k not in _ACCEPTED[kind]:
+            if kwargs[k] not in (None, _ABSENT_DEFAULTS.get(k)):
+                raise InvalidHyperparameter(
+                    f"{k}={kwargs[k]!r} needs a newer torch than {torch.__version__}"
+                )
+            del kwargs[k]
     kinds = {(t.dtype, t.device) for t in probe_like} or {(torch.float32, torch.device("cpu"))}
     probes = [torch.zeros(1, dtype=dt, device=dev, requires_grad=True) for dt, dev in kinds]
     try:
@@ -102,7 +122,7 @@ def validate_options(
     except (ValueError, RuntimeError, TypeError, KeyError, AssertionError) as e:
         raise InvalidHyperparameter(str(e)) from None
     group = optim.param_groups[0]
-    return {k: group[k] for k in OPTION_NAMES}
+    return _group_options(kind, group)
 
 
 def resolve_device(spec: str | None, default: str) -> torch.device:

@@ -1,0 +1,224 @@
+"""Milliseconds per Adam step: remote (``RemoteAdam`` through a real ``adamscope serve``) vs
+local (``torch.optim.Adam`` in this process), same implementation, measured interleaved.
+
+    python benchmarks/bench_step.py                      # 1M and 10M fp32 params, for-loop Adam
+    python benchmarks/bench_step.py --impl foreach --sizes 1M 10M 50M --steps 30
+
+The server is ``python -m service.cli serve`` in a subprocess on 127.0.0.1 and an ephemeral
+port. A remote step is everything a training loop waits for in ``RemoteAdam.step()``:
+encoding the gradients as safetensors, the HTTP round trip, PyTorch's Adam step in the
+service, the updated parameters coming back and being copied into the local tensors. A
+local step is ``torch.optim.Adam.step()``. Both get the same parameters, gradients and
+options; remote and local steps alternate (and alternate which goes first) so that machine
+noise hits both alike. At the end the remote and local parameters are compared with
+``torch.equal``: the two runs must be bit-identical.
+
+Parameters are laid out like a small transformer (per layer: attention and MLP weights,
+biases, layer norms; plus an embedding holding the remainder), so 10M parameters come as
+about 130 tensors of mixed sizes rather than one big block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+from client import Client, RemoteAdam
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = {
+    "forloop": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"foreach": False, "fused": True},
+}
+
+
+def parse_size(text: str) -> int:
+    """'1M', '10M', '500k', '1e6' or '123456' -> a parameter count."""
+    t = text.strip().lower()
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(t[-1:], 1)
+    value = float(t[:-1] if scale != 1 else t) * scale
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
+
+
+def transformer_shapes(numel: int) -> list[tuple[int, ...]]:
+    """Tensor shapes of a transformer-like model with about ``numel`` parameters (~8 layers)."""
+    d = 64 * max(1, round(math.sqrt(numel / (12 * 8)) / 64))
+    layer: list[tuple[int, ...]] = []
+    for _ in range(4):  # q, k, v, out projections
+        layer += [(d, d), (d,)]
+    layer += [(4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # MLP
+    layer += [(d,), (d,), (d,), (d,)]  # two layer norms
+    per_layer = sum(math.prod(s) for s in layer)
+    layers = numel // per_layer
+    shapes = layer * layers
+    rest = numel - per_layer * layers
+    if rest >= d:
+        shapes.append((rest // d, d))  # embedding
+    elif rest or not shapes:
+        shapes.append((max(rest, 1),))
+    return shapes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(device: str, timeout: float = 60) -> Iterator[str]:
+    """``adamscope serve`` in a subprocess on 127.0.0.1; yields its URL, stops it after."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="adamscope-bench-") as data:
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--data-dir", data, "--device", device,
+               "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log = proc.stderr.read() if proc.stderr else ""
+                    raise RuntimeError(f"server exited: {log}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become healthy in time")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, steps: int
+               ) -> dict[str, object]:
+    """Interleaved timings of ``steps`` remote and local steps (after ``warmup`` of each)."""
+    shapes = transformer_shapes(numel)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    names = [f"p{i}" for i in range(len(shapes))]
+    options = {"lr": 1e-3, **IMPLS[impl]}
+
+    remote_params = [t.clone().requires_grad_() for t in init]
+    local_params = [t.to(device).requires_grad_() for t in init]
+    for p, g in zip(remote_params, grads, strict=True):
+        p.grad = g.clone()
+    for p, g in zip(local_params, grads, strict=True):
+        p.grad = g.to(device)
+    name = f"bench-{numel}-{impl}-{os.getpid()}"
+    remote = RemoteAdam(list(zip(names, remote_params, strict=True)), **options, client=client,
+                        name=name, device=device)
+    local = torch.optim.Adam(local_params, **options)
+
+    def timed_remote() -> float:
+        t0 = time.perf_counter()
+        remote.step()
+        return time.perf_counter() - t0
+
+    def timed_local() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        local.step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    remote_ms: list[float] = []
+    local_ms: list[float] = []
+    try:
+        for i in range(warmup + steps):
+            if i % 2:
+                r, lo = timed_remote(), timed_local()
+            else:
+                lo, r = timed_local(), timed_remote()
+            if i >= warmup:
+                remote_ms.append(r * 1e3)
+                local_ms.append(lo * 1e3)
+        identical = all(torch.equal(r, lo.detach().cpu())
+                        for r, lo in zip(remote_params, local_params, strict=True))
+    finally:
+        client.delete(name)
+    return {
+        "numel": sum(math.prod(s) for s in shapes),
+        "tensors": len(shapes),
+        "remote": remote_ms,
+        "local": local_ms,
+        "identical": identical,
+    }
+
+
+def fmt(ms: list[float]) -> str:
+    return f"{statistics.median(ms):9.2f} [{min(ms):8.2f}, {max(ms):8.2f}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10**6, 10**7],
+                        help="parameter counts, e.g. 1M 10M (default)")
+    parser.add_argument("--impl", choices=sorted(IMPLS), default="forloop",
+                        help="Adam implementation on both sides (default forloop: foreach=False)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the service keeps the stepper and the local Adam runs")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per size")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    print(f"adamscope step benchmark: torch {torch.__version__}, python "
+          f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+          f"threads, device {args.device}, impl {args.impl} {IMPLS[args.impl]}, fp32, "
+          f"{args.steps} timed steps after {args.warmup} warmup, remote/local interleaved")
+    header = (f"{'params':>11} {'tensors':>7}   {'remote ms/step median [min, max]':>32}   "
+              f"{'local ms/step median [min, max]':>32}   {'remote/local':>12}  identical")
+    print(header)
+    print("-" * len(header))
+    all_identical = True
+    with server(args.device) as url, Client(url) as client:
+        for numel in args.sizes:
+            res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
+            remote, local = res["remote"], res["local"]
+            assert isinstance(remote, list) and isinstance(local, list)
+            ratio = statistics.median(remote) / statistics.median(local)
+            all_identical &= bool(res["identical"])
+            print(f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>32}   "
+                  f"{fmt(local):>32}   {ratio:>11.1f}x  {res['identical']}")
+    return 0 if all_identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

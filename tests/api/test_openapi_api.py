@@ -1,0 +1,128 @@
+"""The OpenAPI document and the interactive docs the app serves.
+
+Clients are generated from /openapi.json, so each route must be there with the problems it
+can return (as problem+json bodies of the Problem schema) and, for tensor uploads, its
+safetensors request body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from client.errors import CODES
+
+V1 = "/v1/steppers"
+NAMED = f"{V1}/{{name}}"
+
+#: Problems each route must document (at least); every route naming a stepper adds
+#: stepper_not_found, every route taking a body adds the three body problems.
+BODY = {"malformed_body", "payload_too_large", "unsupported_media_type"}
+TENSORS = {"unknown_parameter", "shape_mismatch", "dtype_mismatch"}
+EXPECTED: dict[tuple[str, str], set[str]] = {
+    ("get", V1): set(),
+    ("post", V1): BODY | TENSORS | {"stepper_exists", "request_validation_error",
+                                    "invalid_hyperparameter", "invalid_spec", "duplicate_name",
+                                    "device_unavailable"},
+    ("get", NAMED): {"stepper_not_found"},
+    ("delete", NAMED): {"stepper_not_found"},
+    ("patch", f"{NAMED}/hyperparameters"): {"stepper_not_found", "request_validation_error",
+                                            "invalid_hyperparameter", "invalid_state"},
+    ("get", f"{NAMED}/bias-correction"): {"stepper_not_found", "request_validation_error",
+                                          "invalid_state"},
+    ("post", f"{NAMED}/step"): BODY | TENSORS | {"stepper_not_found", "invalid_hyperparameter",
+                                                 "invalid_state", "request_validation_error"},
+    ("get", f"{NAMED}/params"): {"stepper_not_found", "unknown_parameter", "json_too_large",
+                                 "request_validation_error"},
+    ("put", f"{NAMED}/params"): BODY | TENSORS | {"stepper_not_found"},
+    ("get", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter", "invalid_state",
+                                "json_too_large"},
+    ("put", f"{NAMED}/state"): BODY | TENSORS | {"stepper_not_found", "invalid_state",
+                                                 "invalid_hyperparameter"},
+    ("delete", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter"},
+    ("get", "/healthz"): set(),
+}
+UPLOADS = {("post", V1), ("post", f"{NAMED}/step"), ("put", f"{NAMED}/params"),
+           ("put", f"{NAMED}/state")}
+
+
+@pytest.fixture
+def openapi(app_client: TestClient) -> dict[str, Any]:
+    r = app_client.get("/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    return r.json()  # type: ignore[no-any-return]
+
+
+def documented(op: dict[str, Any]) -> dict[str, set[str]]:
+    """status -> problem codes named in that response's description."""
+    return {status: set(re.findall(r"`([a-z_]+)`", resp.get("description", "")))
+            for status, resp in op["responses"].items() if status[0] in "45"}
+
+
+def test_every_route_is_in_the_document(openapi: dict[str, Any]) -> None:
+    listed = {(m, p) for p, ops in openapi["paths"].items() for m in ops}
+    assert listed == set(EXPECTED)
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_every_schema_reference_resolves(openapi: dict[str, Any]) -> None:
+    schemas = openapi["components"]["schemas"]
+    refs = set(_refs(openapi))
+    assert "#/components/schemas/CreateStepper" in refs  # the create body's JSON form
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schemas, f"dangling {ref}"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(EXPECTED), ids=lambda x: str(x))
+def test_route_documents_its_problems(openapi: dict[str, Any], method: str, path: str) -> None:
+    op = openapi["paths"][path][method]
+    by_status = documented(op)
+    codes = set().union(*by_status.values()) if by_status else set()
+    assert EXPECTED[(method, path)] <= codes, EXPECTED[(method, path)] - codes
+    for status, cs in by_status.items():
+        assert cs, f"{method} {path} {status} names no problem code"
+        for code in cs:
+            assert str(CODES[code][0]) == status, (code, status)
+        content = op["responses"][status]["content"]
+        assert content["application/problem+json"]["schema"] == {
+            "$ref": "#/components/schemas/Problem"}
+    assert op.get("summary"), f"{method} {path} has no summary"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(UPLOADS), ids=lambda x: str(x))
+def test_uploads_document_a_safetensors_body(openapi: dict[str, Any], method: str,
+                                             path: str) -> None:
+    body = openapi["paths"][path][method]["requestBody"]
+    assert body["required"] is True and "safetensors" in body["description"]
+    assert body["content"]["application/octet-stream"]["schema"] == {
+        "type": "string", "format": "binary"}
+
+
+def test_problem_schema(openapi: dict[str, Any]) -> None:
+    schema = openapi["components"]["schemas"]["Problem"]
+    assert set(schema["required"]) == {"type", "title", "status", "detail", "code"}
+    create = openapi["components"]["schemas"]["CreateStepper"]
+    assert {"name", "params"} <= set(create["required"])
+
+
+def test_docs_serve_html(app_client: TestClient) -> None:
+    r = app_client.get("/docs")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "swagger-ui" in r.text and "/openapi.json" in r.text

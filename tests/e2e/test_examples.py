@@ -1,0 +1,41 @@
+"""The shipped example, run as a user runs it: a subprocess against `adamscope serve`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, spawn_server
+
+from client import Client
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = ROOT / "examples" / "remote_training.py"
+
+
+def run_example(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(EXAMPLE), "--url", url, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_remote_training_example(tmp_path: Path) -> None:
+    with spawn_server(tmp_path / "data") as url, Client(url) as client:
+        done = run_example(url, "--steps", "12", "--name", "ex-default")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "VERIFIED: bit-identical to local torch.optim.Adam after 12 steps" in done.stdout
+        assert "exp_avg_sq of '2.weight'" in done.stdout and "Bias correction" in done.stdout
+        assert "ex-default" not in [s.name for s in client.list()], "stepper not deleted"
+
+        kept = run_example(url, "--steps", "5", "--name", "ex-kept", "--keep")
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert "VERIFIED: bit-identical" in kept.stdout
+        assert client.get("ex-kept").step == 5
+
+        # The name is taken now: the example refuses rather than attaching to it.
+        again = run_example(url, "--steps", "5", "--name", "ex-kept")
+        assert again.returncode == 2
+        assert "already exists" in again.stderr
+        assert client.get("ex-kept").step == 5

