@@ -1,10 +1,18 @@
 # adamscope service image: PyTorch's CUDA runtime image plus the project.
 #
 #   docker build -t adamscope .
-#   docker run --gpus all -p 8470-8477:8470-8477 -v adamscope-data:/data adamscope
+#   docker run --gpus all -p 8470-8477:8470-8477 -v adamscope-data:/data \
+#       -v "$PWD/tokens.toml:/run/secrets/adamscope-tokens.toml:ro" \
+#       -e ADAMSCOPE_TOKENS_FILE=/run/secrets/adamscope-tokens.toml adamscope
 #
 # One worker process per visible GPU (`--per-gpu`): GPU i is served on port 8470 + i with its
 # data under /data/worker<i>; without a GPU a single CPU worker serves port 8470.
+#
+# Access tokens: the service listens on 0.0.0.0 inside the container, so it needs bearer
+# tokens and refuses to start without them. Give them as a JSON or TOML file
+# (ADAMSCOPE_TOKENS_FILE, as above) or as JSON in ADAMSCOPE_TOKENS; each entry is
+# {"token", "scope": "read"|"write"|"admin", "prefix"?, "name"?}. Only on a network you
+# trust completely, ADAMSCOPE_INSECURE_NO_AUTH=1 serves without tokens (everyone is admin).
 
 # Pinned: the torch build (and so the numerics) of the image is part of what a stepper runs.
 FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime

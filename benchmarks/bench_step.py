@@ -1,8 +1,14 @@
 """Milliseconds per Adam step: remote (``RemoteAdam`` through a real ``adamscope serve``) vs
-local (``torch.optim.Adam`` in this process), same implementation, measured interleaved.
+local (``torch.optim.Adam`` in this process, same implementation) vs the wire's floor,
+measured interleaved.
 
-    python benchmarks/bench_step.py                      # 1M and 10M fp32 params, for-loop Adam
-    python benchmarks/bench_step.py --impl foreach --sizes 1M 10M 50M --steps 30
+    python benchmarks/bench_step.py                      # 1M, 10M, 50M fp32 params, fused Adam
+    python benchmarks/bench_step.py --impl forloop --sizes 1M 10M --steps 30
+
+The floor is what no HTTP service can beat on this machine: a plain TCP echo of the same
+number of bytes (request and reply) between two processes on loopback (``recv_into`` a
+preallocated buffer, ``sendall`` it back), plus one local fused Adam step (the fastest exact
+PyTorch implementation) of the same parameters.
 
 The server is ``python -m service.cli serve`` in a subprocess on 127.0.0.1 and an ephemeral
 port. A remote step is everything a training loop waits for in ``RemoteAdam.step()``:
@@ -82,6 +88,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ECHO_SERVER = r"""
+import socket, sys
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+conn, _ = ls.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray(int(sys.argv[1])); view = memoryview(buf)
+while True:
+    head = bytearray(16); got = 0
+    while got < 16:
+        n = conn.recv_into(memoryview(head)[got:])
+        if not n: sys.exit(0)
+        got += n
+    up, down = int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")
+    got = 0
+    while got < up:
+        n = conn.recv_into(view[got:up])
+        if not n: sys.exit(0)
+        got += n
+    conn.sendall(view[:down])
+"""
+
+
+class Echo:
+    """A plain-socket echo server in another process: the transport floor."""
+
+    def __init__(self, capacity: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(capacity)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray(capacity)
+
+    def round_trip(self, up: int, down: int) -> float:
+        view = memoryview(self.buf)
+        t0 = time.perf_counter()
+        self.sock.sendall(up.to_bytes(8, "little") + down.to_bytes(8, "little"))
+        self.sock.sendall(view[:up])
+        got = 0
+        while got < down:
+            got += self.sock.recv_into(view[got:down])
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
 @contextmanager
 def server(device: str, timeout: float = 60) -> Iterator[str]:
     """``adamscope serve`` in a subprocess on 127.0.0.1; yields its URL, stops it after."""
@@ -135,11 +193,17 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
     options = {"lr": 1e-3, **IMPLS[impl]}
 
     remote_params = [t.clone().requires_grad_() for t in init]
-    local_params = [t.to(device).requires_grad_() for t in init]
+    local_params = [t.to(device, copy=True).requires_grad_() for t in init]
+    fused_params = [t.to(device, copy=True).requires_grad_() for t in init]
     for p, g in zip(remote_params, grads, strict=True):
         p.grad = g.clone()
     for p, g in zip(local_params, grads, strict=True):
         p.grad = g.to(device)
+    for p, g in zip(fused_params, grads, strict=True):
+        p.grad = g.to(device)
+    fused = torch.optim.Adam(fused_params, lr=1e-3, fused=True)
+    wire_bytes = sum(g.numel() * g.element_size() for g in grads)
+    echo = Echo(wire_bytes + (1 << 16))
     name = f"bench-{numel}-{impl}-{os.getpid()}"
     remote = RemoteAdam(list(zip(names, remote_params, strict=True)), **options, client=client,
                         name=name, device=device)
@@ -157,26 +221,39 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
         sync(device)
         return time.perf_counter() - t0
 
+    def timed_floor() -> float:
+        # The same bytes each way as a remote step's request and reply (header included).
+        head = 8 + 64 * len(shapes)
+        wire = echo.round_trip(wire_bytes + head, wire_bytes + head)
+        sync(device)
+        t0 = time.perf_counter()
+        fused.step()
+        sync(device)
+        return wire + time.perf_counter() - t0
+
     remote_ms: list[float] = []
     local_ms: list[float] = []
+    floor_ms: list[float] = []
     try:
         for i in range(warmup + steps):
-            if i % 2:
-                r, lo = timed_remote(), timed_local()
-            else:
-                lo, r = timed_local(), timed_remote()
+            order = [timed_remote, timed_local, timed_floor]
+            order = order[i % 3:] + order[: i % 3]  # rotate who goes first
+            took = {f: f() for f in order}
             if i >= warmup:
-                remote_ms.append(r * 1e3)
-                local_ms.append(lo * 1e3)
+                remote_ms.append(took[timed_remote] * 1e3)
+                local_ms.append(took[timed_local] * 1e3)
+                floor_ms.append(took[timed_floor] * 1e3)
         identical = all(torch.equal(r, lo.detach().cpu())
                         for r, lo in zip(remote_params, local_params, strict=True))
     finally:
         client.delete(name)
+        echo.close()
     return {
         "numel": sum(math.prod(s) for s in shapes),
         "tensors": len(shapes),
         "remote": remote_ms,
         "local": local_ms,
+        "floor": floor_ms,
         "identical": identical,
     }
 
@@ -187,13 +264,14 @@ def fmt(ms: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10**6, 10**7],
-                        help="parameter counts, e.g. 1M 10M (default)")
-    parser.add_argument("--impl", choices=sorted(IMPLS), default="forloop",
-                        help="Adam implementation on both sides (default forloop: foreach=False)")
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        default=[10**6, 10**7, 5 * 10**7],
+                        help="parameter counts, e.g. 1M 10M 50M (default)")
+    parser.add_argument("--impl", choices=sorted(IMPLS), default="fused",
+                        help="Adam implementation on both sides (default fused)")
     parser.add_argument("--device", default="cpu",
                         help="where the service keeps the stepper and the local Adam runs")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per size")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per size")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -202,21 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adamscope step benchmark: torch {torch.__version__}, python "
           f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
           f"threads, device {args.device}, impl {args.impl} {IMPLS[args.impl]}, fp32, "
-          f"{args.steps} timed steps after {args.warmup} warmup, remote/local interleaved")
-    header = (f"{'params':>11} {'tensors':>7}   {'remote ms/step median [min, max]':>32}   "
-              f"{'local ms/step median [min, max]':>32}   {'remote/local':>12}  identical")
+          f"{args.steps} timed steps after {args.warmup} warmup, remote/local/floor interleaved")
+    print("floor = plain-socket echo of the same bytes + one local fused Adam step")
+    header = (f"{'params':>11} {'tensors':>7}   {'remote ms median [min, max]':>29}   "
+              f"{'local ms median [min, max]':>29}   {'floor ms median [min, max]':>29}   "
+              f"{'remote/local':>12} {'remote/floor':>12}  identical")
     print(header)
     print("-" * len(header))
     all_identical = True
     with server(args.device) as url, Client(url) as client:
         for numel in args.sizes:
             res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
-            remote, local = res["remote"], res["local"]
+            remote, local, floor = res["remote"], res["local"], res["floor"]
             assert isinstance(remote, list) and isinstance(local, list)
+            assert isinstance(floor, list)
             ratio = statistics.median(remote) / statistics.median(local)
+            to_floor = statistics.median(remote) / statistics.median(floor)
             all_identical &= bool(res["identical"])
-            print(f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>32}   "
-                  f"{fmt(local):>32}   {ratio:>11.1f}x  {res['identical']}")
+            print(f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
+                  f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
+                  f"  {res['identical']}", flush=True)
     return 0 if all_identical else 1
 
 

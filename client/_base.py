@@ -19,26 +19,47 @@ import torch
 
 from . import codec
 from .errors import ProtocolError, error_from_problem
+from .progress import Progress
 from .protocol import (
     API_PREFIX,
     META_GROUPS,
     META_SPEC,
     META_STEP,
     BiasCorrectionReport,
+    CheckpointInfo,
+    SnapshotInfo,
+    SnapshotList,
     StepperSummary,
 )
+from .transport import WIRE_EXTENSION
 
 __all__ = ["DEFAULT_URL", "Call", "StepReply", "resolve_url"]
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 OCTET = "application/octet-stream"
-#: Upload chunk size: httpx sends an iterator of memoryviews without joining it.
-CHUNK = 1 << 20
 
 
 def resolve_url(url: str | None) -> str:
     """Constructor argument > ``ADAMSCOPE_URL`` > ``http://127.0.0.1:8470``."""
     return (url or os.environ.get("ADAMSCOPE_URL") or DEFAULT_URL).rstrip("/")
+
+
+def resolve_token(token: str | None) -> str | None:
+    """Constructor argument > ``ADAMSCOPE_TOKEN`` > none."""
+    return token or os.environ.get("ADAMSCOPE_TOKEN") or None
+
+
+def authorize(http: httpx.Client | httpx.AsyncClient, token: str | None) -> None:
+    """Send ``Authorization: Bearer <token>`` with every request of ``http``.
+
+    A token passed explicitly always applies; one from ``ADAMSCOPE_TOKEN`` does not replace
+    an Authorization header a caller's own ``http_client`` already carries. httpx masks the
+    header in reprs and drops it on redirects to another origin.
+    """
+    resolved = resolve_token(token)
+    if resolved is None or (token is None and "authorization" in http.headers):
+        return
+    http.headers["Authorization"] = f"Bearer {resolved}"
 
 
 @dataclass
@@ -51,28 +72,110 @@ class StepReply:
     params: dict[str, torch.Tensor] | None = None
 
 
+ReadInto = Callable[[memoryview], int]
+
+
 @dataclass
 class Call:
+    """One API request: what to send, and how to turn the answer into a result.
+
+    ``parts`` is a tensor body as a list of byte strings and memoryviews of tensor memory:
+    a list (not a generator) so a transport can send it again on a fresh connection.
+    ``receive``, when set, consumes a successful answer's body incrementally through a
+    ``readinto`` function instead of ``parse`` getting the whole body.
+    """
+
     method: str
     path: str
     parse: Callable[[httpx.Response], Any]
     params: list[tuple[str, str]] = field(default_factory=list)
     json_body: Any = None
-    body: bytes | None = None
+    parts: list[bytes | memoryview] | None = None
     accept: str = "application/json"
+    receive: Callable[[ReadInto], Any] | None = None
+
+    @property
+    def body(self) -> bytes | None:
+        return None if self.parts is None else b"".join(self.parts)
 
     def headers(self) -> dict[str, str]:
         h = {"accept": self.accept}
-        if self.body is not None:
+        if self.parts is not None:
             h["content-type"] = OCTET
-            h["content-length"] = str(len(self.body))
+            h["content-length"] = str(sum(len(memoryview(p).cast("B")) for p in self.parts))
         return h
 
-    def chunks(self) -> Iterator[memoryview]:
-        assert self.body is not None
-        view = memoryview(self.body)
-        for i in range(0, len(view), CHUNK):
-            yield view[i : i + CHUNK]
+    def extensions(self) -> dict[str, Any]:
+        return {WIRE_EXTENSION: True} if self.parts is not None or self.receive else {}
+
+
+def tensor_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    head, views = codec.encode_parts(tensors, metadata)
+    return [head, *views]
+
+
+def chunk_reader(chunks: Iterator[bytes]) -> ReadInto:
+    """``readinto`` over an iterator of byte chunks (for transports without zero-copy)."""
+    pending = memoryview(b"")
+
+    def readinto(dest: memoryview) -> int:
+        nonlocal pending
+        while not pending:
+            try:
+                pending = memoryview(next(chunks))
+            except StopIteration:
+                return 0
+        n = min(pending.nbytes, dest.nbytes)
+        dest[:n] = pending[:n]
+        pending = pending[n:]
+        return n
+
+    return readinto
+
+
+def _read_exact(readinto: ReadInto, dest: memoryview) -> None:
+    filled = 0
+    while filled < dest.nbytes:
+        n = readinto(dest[filled:])
+        if n == 0:
+            raise ProtocolError(f"response ended {dest.nbytes - filled} bytes early")
+        filled += n
+
+
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+def receive_tensors(
+    readinto: ReadInto, into: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors answer, writing each tensor straight into ``into[name]`` when that
+    is a CPU-contiguous tensor of the same shape and dtype (else into a fresh tensor)."""
+    prefix = memoryview(bytearray(8))
+    _read_exact(readinto, prefix)
+    try:
+        n = codec.header_length(prefix)
+        head = memoryview(bytearray(n))
+        _read_exact(readinto, head)
+        entries, metadata, _ = codec.parse_header(head)
+    except codec.CodecError as e:
+        raise ProtocolError(f"server sent an invalid safetensors body: {e}") from None
+    out: dict[str, torch.Tensor] = {}
+    for entry in sorted(entries, key=lambda x: x.begin):
+        t = (into or {}).get(entry.name)
+        direct = (t is not None and t.device.type == "cpu" and t.is_contiguous()
+                  and t.dtype == entry.dtype and list(t.shape) == entry.shape)
+        if not direct:
+            t = torch.empty(entry.shape, dtype=entry.dtype)
+        assert t is not None
+        _read_exact(readinto, codec.byte_view(t.detach()))
+        if direct and _increment_version is not None:
+            _increment_version(t)  # written behind autograd's back: tell it, as copy_ would
+        out[entry.name] = t
+    if readinto(memoryview(bytearray(1))):
+        raise ProtocolError("server sent bytes after the tensor data")
+    return out, metadata
 
 
 def raise_for_problem(response: httpx.Response) -> None:
@@ -137,6 +240,7 @@ def create(
     device: str | None,
     groups: Sequence[Mapping[str, Any]] | None,
     hyperparameters: Mapping[str, Any],
+    durability: Mapping[str, Any] | None = None,
 ) -> Call:
     named = _named(params)
     spec: dict[str, Any] = {
@@ -149,9 +253,11 @@ def create(
         spec["device"] = device
     if groups is not None:
         spec["groups"] = [_jsonable_options(g) for g in groups]
-    body = codec.encode(dict(named), {META_SPEC: json.dumps(spec)})
+    if durability is not None:
+        spec["durability"] = dict(durability)
+    parts = tensor_parts(dict(named), {META_SPEC: json.dumps(spec)})
     return Call("POST", f"{API_PREFIX}/steppers", lambda r: StepperSummary.model_validate(_json(r)),
-                body=body)
+                parts=parts)
 
 
 def delete(name: str) -> Call:
@@ -163,39 +269,57 @@ def step(
     grads: Mapping[str, torch.Tensor | None],
     return_params: bool,
     param_groups: Sequence[Mapping[str, Any]] | None,
+    into: Mapping[str, torch.Tensor] | None = None,
+    only_stepped: bool = False,
+    wire_dtype: torch.dtype | None = None,
 ) -> Call:
     metadata = {}
     if param_groups is not None:
         metadata[META_GROUPS] = json.dumps([_jsonable_options(g) for g in param_groups])
     sent = {n: g for n, g in grads.items() if g is not None}
-    body = codec.encode(sent, metadata)
+    if wire_dtype is not None:
+        sent = {n: g.to(wire_dtype) if g.is_floating_point() else g for n, g in sent.items()}
+    parts = tensor_parts(sent, metadata)
 
     def parse(r: httpx.Response) -> StepReply:
-        if r.headers.get("content-type", "").startswith(OCTET):
-            tensors, meta = _tensors(r)
-            stepped = json.loads(meta.get("adamscope.stepped", "[]"))
-            skipped = [n for n in tensors if n not in set(stepped)]
-            return StepReply(int(meta[META_STEP]), stepped, skipped, tensors)
         data = _json(r)
         return StepReply(data["step"], data["stepped"], data["skipped"])
 
-    return Call("POST", _path(name, "step"), parse,
-                params=[("return_params", "true")] if return_params else [], body=body,
-                accept=OCTET if return_params else "application/json")
+    def receive(readinto: ReadInto) -> StepReply:
+        tensors, meta = receive_tensors(readinto, into)
+        stepped = json.loads(meta.get("adamscope.stepped", "[]"))
+        skipped = (json.loads(meta["adamscope.skipped"]) if "adamscope.skipped" in meta
+                   else [n for n in tensors if n not in set(stepped)])  # an older server
+        return StepReply(int(meta[META_STEP]), stepped, skipped, tensors)
+
+    params = []
+    if return_params:
+        params.append(("return_params", "true"))
+        if only_stepped:
+            params.append(("only_stepped", "true"))
+    if wire_dtype is not None:
+        params.append(("wire_dtype", codec.dtype_name(wire_dtype)))
+    return Call("POST", _path(name, "step"), parse, params=params, parts=parts,
+                accept=OCTET if return_params else "application/json",
+                receive=receive if return_params else None)
 
 
-def get_params(name: str, names: Sequence[str] | None) -> Call:
+def get_params(name: str, names: Sequence[str] | None,
+               into: Mapping[str, torch.Tensor] | None = None) -> Call:
     return Call("GET", _path(name, "params"), lambda r: _tensors(r)[0],
-                params=_names(names), accept=OCTET)
+                params=_names(names), accept=OCTET,
+                receive=lambda readinto: receive_tensors(readinto, into)[0])
 
 
 def put_params(name: str, tensors: Mapping[str, torch.Tensor]) -> Call:
-    return Call("PUT", _path(name, "params"), _json, body=codec.encode(dict(tensors)))
+    return Call("PUT", _path(name, "params"), _json, parts=tensor_parts(dict(tensors)))
 
 
 def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None) -> Call:
     def parse(r: httpx.Response) -> dict[str, dict[str, torch.Tensor]]:
-        flat, _ = _tensors(r)
+        return nest(_tensors(r)[0])
+
+    def nest(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names or []}
         for k, t in flat.items():
             pname, _, key = k.rpartition(".")
@@ -203,7 +327,8 @@ def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None
         return out
 
     return Call("GET", _path(name, "state"), parse,
-                params=_names(names) + _names(keys, "key"), accept=OCTET)
+                params=_names(names) + _names(keys, "key"), accept=OCTET,
+                receive=lambda readinto: nest(receive_tensors(readinto)[0]))
 
 
 def put_state(
@@ -216,7 +341,7 @@ def put_state(
     metadata = {}
     if param_groups is not None:
         metadata[META_GROUPS] = json.dumps([_jsonable_options(g) for g in param_groups])
-    return Call("PUT", _path(name, "state"), _json, body=codec.encode(flat, metadata),
+    return Call("PUT", _path(name, "state"), _json, parts=tensor_parts(flat, metadata),
                 params=[("replace", "true")] if replace else [])
 
 
@@ -309,3 +434,85 @@ def from_state_dict(
             for k, v in entries.items()
         }
     return state, options
+
+
+# ---------------------------------------------------------------------- durability and snapshots
+
+#: Download/upload chunk size for snapshot files.
+FILE_CHUNK = 1 << 20
+
+
+def durability_policy(
+    policy: str | Mapping[str, Any] | None = None, n: int | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any] | None:
+    """A durability policy as JSON: ``"every_step"``, ``"every_n"`` with ``n``,
+    ``"interval"`` with ``seconds``, ``"manual"``, or a ``{"mode": ...}`` mapping."""
+    if policy is None:
+        return None
+    out: dict[str, Any] = {"mode": policy} if isinstance(policy, str) else dict(policy)
+    if n is not None:
+        out["n"] = n
+    if seconds is not None:
+        out["seconds"] = seconds
+    return out
+
+
+def checkpoint(name: str) -> Call:
+    return Call("POST", _path(name, "checkpoint"),
+                lambda r: CheckpointInfo.model_validate(_json(r)))
+
+
+def set_durability(name: str, policy: Mapping[str, Any]) -> Call:
+    return Call("PUT", _path(name, "durability"),
+                lambda r: StepperSummary.model_validate(_json(r)), json_body=dict(policy))
+
+
+def take_snapshot(name: str, snap: str | None) -> Call:
+    return Call("POST", _path(name, "snapshots"),
+                lambda r: SnapshotInfo.model_validate(_json(r)),
+                json_body={"name": snap} if snap is not None else None)
+
+
+def list_snapshots(name: str) -> Call:
+    return Call("GET", _path(name, "snapshots"),
+                lambda r: SnapshotList.model_validate(_json(r)).snapshots)
+
+
+def restore_snapshot(name: str, snap: str) -> Call:
+    return Call("POST", _path(name, "snapshots", quote(snap, safe=""), "restore"),
+                lambda r: StepperSummary.model_validate(_json(r)))
+
+
+def delete_snapshot(name: str, snap: str) -> Call:
+    return Call("DELETE", _path(name, "snapshots", quote(snap, safe="")), lambda r: None)
+
+
+def snapshot_file_path(name: str, snap: str) -> str:
+    """Where a snapshot file is downloaded from (streamed by the clients)."""
+    return _path(name, "snapshots", quote(snap, safe=""))
+
+
+def import_request(name: str | None, device: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """Path and query of an import upload (streamed by the clients)."""
+    query = [("name", name)] if name is not None else []
+    if device is not None:
+        query.append(("device", device))
+    return f"{API_PREFIX}/steppers/import", query
+
+
+def upload_headers(size: int) -> dict[str, str]:
+    return {"accept": "application/json", "content-type": OCTET, "content-length": str(size)}
+
+
+def progress_chunks(data: bytes, bar: Progress) -> Iterator[memoryview]:
+    """``data`` in chunks, advancing ``bar`` as each one has been taken for sending."""
+    view = memoryview(data)
+    for i in range(0, len(view), FILE_CHUNK):
+        chunk = view[i : i + FILE_CHUNK]
+        yield chunk
+        bar.update(len(chunk))
+
+
+def summary_of(response: httpx.Response) -> StepperSummary:
+    return StepperSummary.model_validate(_json(response))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import asyncio
+import builtins
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,14 +15,20 @@ import torch
 from . import _base
 from ._base import Call, StepReply, resolve_url
 from .errors import TransportError
-from .protocol import BiasCorrectionReport, StepperSummary
+from .progress import Progress
+from .protocol import (
+    BiasCorrectionReport,
+    CheckpointInfo,
+    SnapshotInfo,
+    StepperSummary,
+)
 
 __all__ = ["AsyncClient"]
 
 
-async def _aiter(chunks: Iterator[memoryview]) -> AsyncIterator[memoryview]:
-    for chunk in chunks:
-        yield chunk
+async def _aiter(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    for part in parts:
+        yield part
 
 
 class AsyncClient:
@@ -31,6 +41,8 @@ class AsyncClient:
 
     ``url`` defaults to ``$ADAMSCOPE_URL``, then ``http://127.0.0.1:8470``. Pass
     ``http_client`` to reuse a configured ``httpx.AsyncClient`` (its base URL is then used).
+    ``token`` (default ``$ADAMSCOPE_TOKEN``) is sent as ``Authorization: Bearer <token>``
+    to a service that has access tokens configured.
     """
 
     def __init__(
@@ -39,10 +51,12 @@ class AsyncClient:
         *,
         timeout: float = 300.0,
         http_client: httpx.AsyncClient | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = resolve_url(url)
         self._owns = http_client is None
         self._http = http_client or httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        _base.authorize(self._http, token)
 
     async def close(self) -> None:
         if self._owns:
@@ -55,7 +69,7 @@ class AsyncClient:
         await self.close()
 
     async def _send(self, call: Call) -> Any:
-        content = _aiter(call.chunks()) if call.body is not None else None
+        content = _aiter(call.parts) if call.parts is not None else None
         try:
             response = await self._http.request(
                 call.method, call.path, params=tuple(call.params), json=call.json_body,
@@ -65,6 +79,8 @@ class AsyncClient:
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {call.path}: {e!r}") from e
         _base.raise_for_problem(response)
+        if call.receive is not None:
+            return call.receive(_base.chunk_reader(iter([response.content])))
         return call.parse(response)
 
     # -------------------------------------------------------------------- endpoints
@@ -86,14 +102,18 @@ class AsyncClient:
         optimizer: str = "adam",
         device: str | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        durability: str | Mapping[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> StepperSummary:
         """Create stepper ``name`` owning ``params`` (initial values are uploaded).
 
         ``hyperparameters`` are ``torch.optim.Adam``'s keywords; ``groups`` are param-group
-        dicts ``{"params": [names...], **options}``.
+        dicts ``{"params": [names...], **options}``; ``durability`` is the policy for writing
+        it to disk (``"every_step"``, ``{"mode": "every_n", "n": 100}``, ...; default: the
+        service's).
         """
-        call = _base.create(name, params, optimizer, device, groups, hyperparameters)
+        call = _base.create(name, params, optimizer, device, groups, hyperparameters,
+                            _base.durability_policy(durability))
         return await self._send(call)  # type: ignore[no-any-return]
 
     async def delete(self, name: str) -> None:
@@ -106,13 +126,17 @@ class AsyncClient:
         *,
         return_params: bool = False,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
+        only_stepped: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
+        wire_dtype: torch.dtype | None = None,
     ) -> StepReply:
         """One Adam step; a name missing from ``grads`` (or mapped to None) does not step.
 
         ``param_groups`` (one dict of option changes per group) is applied atomically
         before the step, as a scheduler's ``lr`` change would be locally.
         """
-        call = _base.step(name, grads, return_params, param_groups)
+        call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
+                          wire_dtype)
         return await self._send(call)  # type: ignore[no-any-return]
 
     async def get_params(
@@ -163,3 +187,92 @@ class AsyncClient:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
         state, options = _base.from_state_dict(await self.get(name), state_dict)
         await self.put_state(name, state, param_groups=options, replace=True)
+
+
+    # -------------------------------------------------------------------- durability
+
+    async def checkpoint(self, name: str) -> CheckpointInfo:
+        """Write the stepper's state to the service's disk now, whatever its policy."""
+        return await self._send(_base.checkpoint(name))  # type: ignore[no-any-return]
+
+    async def set_durability(
+        self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
+        seconds: float | None = None,
+    ) -> StepperSummary:
+        """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
+        ``n``), ``"interval"`` (with ``seconds``) or ``"manual"``."""
+        body = _base.durability_policy(policy, n, seconds)
+        assert body is not None
+        return await self._send(_base.set_durability(name, body))  # type: ignore[no-any-return]
+
+    async def snapshot(self, name: str, snap: str | None = None) -> SnapshotInfo:
+        """Take a named snapshot of the stepper now (name chosen by the service if None)."""
+        return await self._send(_base.take_snapshot(name, snap))  # type: ignore[no-any-return]
+
+    async def snapshots(self, name: str) -> builtins.list[SnapshotInfo]:
+        """The stepper's snapshots, oldest first."""
+        return await self._send(_base.list_snapshots(name))  # type: ignore[no-any-return]
+
+    async def restore(self, name: str, snap: str) -> StepperSummary:
+        """Roll the stepper back to snapshot ``snap`` (values, state, options and step)."""
+        call = _base.restore_snapshot(name, snap)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def delete_snapshot(self, name: str, snap: str) -> None:
+        await self._send(_base.delete_snapshot(name, snap))
+
+    async def download_snapshot(
+        self, name: str, snap: str, path: str | os.PathLike[str], *,
+        progress: bool | None = None,
+    ) -> Path:
+        """Save snapshot ``snap`` as a file (streamed to disk; a progress bar on stderr
+        when it is a terminal, or with ``progress=True``). Returns the path."""
+        target = Path(path)
+        part = target.with_name(target.name + ".part")
+        url = _base.snapshot_file_path(name, snap)
+        try:
+            async with self._http.stream("GET", url, headers={"accept": _base.OCTET}) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _base.raise_for_problem(r)
+                total = int(r.headers.get("content-length", 0)) or None
+                with Progress(total, f"{name}/{snap}", progress) as bar, \
+                        open(part, "wb") as f:
+                    async for chunk in r.aiter_bytes(_base.FILE_CHUNK):
+                        await asyncio.to_thread(f.write, chunk)
+                        bar.update(len(chunk))
+            os.replace(part, target)
+        except httpx.TransportError as e:
+            part.unlink(missing_ok=True)
+            raise TransportError(f"GET {url}: {e!r}") from e
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return target
+
+    async def import_snapshot(
+        self, path: str | os.PathLike[str], name: str | None = None, *,
+        device: str | None = None, progress: bool | None = None,
+    ) -> StepperSummary:
+        """Create a stepper from a snapshot or checkpoint file (under ``name``, default the
+        file's stepper name); a progress bar as for :meth:`download_snapshot`."""
+        source = Path(path)
+        data = await asyncio.to_thread(source.read_bytes)
+        url, query = _base.import_request(name, device)
+        try:
+            with Progress(len(data), f"upload {source.name}", progress) as bar:
+                async with self._http.stream(
+                    "POST", url, params=tuple(query),
+                    content=_achunks(data, bar),  # type: ignore[arg-type]  # bytes-like
+                    headers=_base.upload_headers(len(data)),
+                ) as r:
+                    await r.aread()
+        except httpx.TransportError as e:
+            raise TransportError(f"POST {url}: {e!r}") from e
+        _base.raise_for_problem(r)
+        return _base.summary_of(r)
+
+
+async def _achunks(data: bytes, bar: Progress) -> AsyncIterator[memoryview]:
+    for chunk in _base.progress_chunks(data, bar):
+        yield chunk

@@ -14,17 +14,24 @@ shape and raw little-endian bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 __all__ = [
     "CodecError",
+    "Entry",
+    "byte_view",
+    "encode_parts",
+    "header_length",
+    "parse_header",
     "DTYPE_NAMES",
     "SAFETENSORS_DTYPES",
     "MAX_HEADER_BYTES",
@@ -84,46 +91,81 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    # Conjugate/negative views are lazy bits a byte view cannot carry: materialize them.
-    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.device.type != "cpu" or t.is_conj() or t.is_neg() or not t.is_contiguous():
+        # Conjugate/negative views are lazy bits a byte view cannot carry: materialize them.
+        t = t.cpu().resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
+    if t.dim() != 1:
+        t = t.reshape(-1)
     # A uint8 view shares memory with the tensor: no copy for CPU-contiguous inputs.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(spec: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> str:
+    """The JSON of a header's tensor entries (memoized: a training loop sends the same
+    names, dtypes and shapes every step, only the metadata changes)."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in spec:
+        if name == "__metadata__":
+            raise CodecError("'__metadata__' is reserved and cannot name a tensor")
+        tag = _TAG_OF.get(dtype)
+        if tag is None:
+            raise CodecError(f"tensor {name!r} has dtype {dtype_name(dtype)}, "
+                             "which safetensors cannot carry")
+        size = math.prod(shape) * dtype.itemsize
+        entries[name] = {"dtype": tag, "shape": list(shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    return json.dumps(entries, separators=(",", ":"))[1:-1]
+
+
+def encode_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[memoryview]]:
+    """The safetensors prefix (length + header) and the tensors' raw bytes, uncopied.
+
+    For CPU-contiguous tensors the returned views share the tensors' memory, so a sender
+    can write them to a socket without any serialization copy.
+    """
+    fields = []
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise CodecError("safetensors metadata must map strings to strings")
+        fields.append('"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":")))
+    layout = _layout(tuple((n, t.dtype, tuple(t.shape)) for n, t in tensors.items()))
+    if layout:
+        fields.append(layout)
+    head = ("{" + ",".join(fields) + "}").encode()
+    head += b" " * (-len(head) % 8)  # keep the data section 8-byte aligned
+    chunks = [_raw_bytes(t) for t in tensors.values()]
+    return struct.pack("<Q", len(head)) + head, chunks
 
 
 def encode(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:
     """Serialize ``tensors`` (in the mapping's order) and optional string metadata."""
-    header: dict[str, Any] = {}
-    if metadata:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise CodecError("safetensors metadata must map strings to strings")
-        header["__metadata__"] = dict(metadata)
-    chunks: list[memoryview] = []
-    offset = 0
-    for name, t in tensors.items():
-        if name == "__metadata__":
-            raise CodecError("'__metadata__' is reserved and cannot name a tensor")
-        tag = _TAG_OF.get(t.dtype)
-        if tag is None:
-            raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, "
-                             "which safetensors cannot carry")
-        raw = _raw_bytes(t)
-        header[name] = {
-            "dtype": tag,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + raw.nbytes],
-        }
-        offset += raw.nbytes
-        chunks.append(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # keep the data section 8-byte aligned
-    return b"".join([struct.pack("<Q", len(head)), head, *chunks])
+    head, chunks = encode_parts(tensors, metadata)
+    return b"".join([head, *chunks])
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors header: where its bytes lie in the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -135,25 +177,61 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _parse_header(data: memoryview) -> tuple[dict[str, Any], int]:
-    if data.nbytes < 8:
+def header_length(prefix: bytes | memoryview) -> int:
+    """The header length a body's first 8 bytes declare (checked against the ceiling)."""
+    if len(prefix) < 8:
         raise CodecError("body too short for a safetensors header (need at least 8 bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES:
         raise CodecError(f"safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}")
-    if 8 + n > data.nbytes:
-        raise CodecError(
-            f"safetensors header claims {n} bytes but the body has only {data.nbytes - 8}"
-        )
+    return int(n)
+
+
+def parse_header(raw: bytes | memoryview) -> tuple[list[Entry], dict[str, str], int]:
+    """Parse and check a header's JSON: ``(entries in header order, metadata, data length)``.
+
+    The entries are checked to tile ``[0, data length)`` exactly (no gaps or overlaps), so a
+    reader only has to check that the body's data section has exactly that length.
+    """
     try:
-        header = json.loads(bytes(data[8 : 8 + n]), object_pairs_hook=_reject_duplicates)
+        header = json.loads(bytes(raw), object_pairs_hook=_reject_duplicates)
     except CodecError:
         raise
     except (UnicodeDecodeError, ValueError) as e:
         raise CodecError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise CodecError("safetensors header must be a JSON object")
-    return header, 8 + n
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null; any other non-object ([], "", 0) is malformed
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CodecError("safetensors __metadata__ must map strings to strings")
+    entries = [Entry(name, *_check_entry(name, e)) for name, e in header.items()]
+    cursor = 0
+    for entry in sorted(entries, key=lambda x: (x.begin, x.end)):
+        if entry.begin != cursor:
+            raise CodecError(
+                f"tensor {entry.name!r} starts at byte {entry.begin}, expected {cursor}: "
+                "buffers overlap or leave a gap"
+            )
+        cursor = entry.end
+    return entries, metadata, cursor
+
+
+def _parse_header(data: memoryview) -> tuple[list[Entry], dict[str, str], int]:
+    n = header_length(data)
+    if 8 + n > data.nbytes:
+        raise CodecError(
+            f"safetensors header claims {n} bytes but the body has only {data.nbytes - 8}"
+        )
+    entries, metadata, length = parse_header(data[8 : 8 + n])
+    if length != data.nbytes - 8 - n:
+        raise CodecError(
+            f"tensor data covers {length} bytes but the body carries {data.nbytes - 8 - n}"
+        )
+    return entries, metadata, 8 + n
 
 
 def _check_entry(name: str, entry: Any) -> tuple[torch.dtype, list[int], int, int]:
@@ -185,6 +263,13 @@ def _check_entry(name: str, entry: Any) -> tuple[torch.dtype, list[int], int, in
     return dtype, shape, begin, end
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a CPU-contiguous tensor's memory (for reading into it)."""
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
 def decode(
     data: bytes | bytearray | memoryview,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -194,36 +279,15 @@ def decode(
     the data section exactly (no gaps, overlaps or trailing bytes), as the format requires.
     """
     view = memoryview(data).cast("B")
-    header, start = _parse_header(view)
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:  # absent or null; any other non-object ([], "", 0) is malformed
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise CodecError("safetensors __metadata__ must map strings to strings")
-    entries = [(name, *_check_entry(name, e)) for name, e in header.items()]
+    entries, metadata, start = _parse_header(view)
     body = view[start:]
-    spans = sorted((b, e, name) for name, _, _, b, e in entries)
-    cursor = 0
-    for b, e, name in spans:
-        if b != cursor:
-            raise CodecError(
-                f"tensor {name!r} starts at byte {b}, expected {cursor}: "
-                "buffers overlap or leave a gap"
-            )
-        cursor = e
-    if cursor != body.nbytes:
-        raise CodecError(
-            f"tensor data covers {cursor} bytes but the body carries {body.nbytes}"
-        )
     tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, b, e in entries:
-        out = torch.empty(shape, dtype=dtype)
-        if e > b:
+    for e in entries:
+        out = torch.empty(e.shape, dtype=e.dtype)
+        if e.end > e.begin:
             # Copy straight from the body into the destination: one pass, any alignment.
-            out.reshape(-1).view(torch.uint8).numpy()[:] = body[b:e]
-        tensors[name] = out
+            byte_view(out)[:] = body[e.begin : e.end]
+        tensors[e.name] = out
     return tensors, metadata
 
 

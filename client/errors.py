@@ -9,11 +9,16 @@ Every rejected request comes back as RFC 9457 ``application/problem+json`` with 
     └── APIStatusError            a problem+json answer; .status, .code, .problem
         ├── BadRequestError (400)
         │   └── MalformedBodyError             malformed_body
+        ├── UnauthorizedError (401)            unauthorized: no valid bearer token
+        ├── ForbiddenError (403)               forbidden: token scope or prefix too narrow
         ├── NotFoundError (404)
-        │   └── StepperNotFoundError           stepper_not_found
+        │   ├── StepperNotFoundError           stepper_not_found
+        │   └── SnapshotNotFoundError          snapshot_not_found
         ├── ConflictError (409)
-        │   └── StepperExistsError             stepper_exists
+        │   ├── StepperExistsError             stepper_exists
+        │   └── SnapshotExistsError            snapshot_exists
         ├── PayloadTooLargeError (413)         payload_too_large
+        │   └── TensorTooLargeError            tensor_too_large
         ├── UnprocessableError (422)
         │   ├── RequestValidationError         request_validation_error
         │   ├── JsonTooLargeError              json_too_large
@@ -24,8 +29,13 @@ Every rejected request comes back as RFC 9457 ``application/problem+json`` with 
         │   ├── DtypeMismatchError             dtype_mismatch
         │   ├── InvalidStateError              invalid_state
         │   ├── InvalidSpecError               invalid_spec
+        │   ├── InvalidCheckpointError         invalid_checkpoint
         │   └── DeviceUnavailableError         device_unavailable
         └── ServerError (5xx)                  internal_error
+            ├── PersistenceFailedError (500)   persistence_failed: applied, not on disk
+            └── InsufficientStorageError (507) not worth retrying: a quota is full
+                ├── StepperLimitError          stepper_limit
+                └── MemoryBudgetExceededError  memory_budget_exceeded
 """
 
 from __future__ import annotations
@@ -41,20 +51,30 @@ __all__ = [
     "DeviceUnavailableError",
     "DtypeMismatchError",
     "DuplicateNameError",
+    "ForbiddenError",
+    "InsufficientStorageError",
+    "InvalidCheckpointError",
     "InvalidHyperparameterError",
     "InvalidSpecError",
     "InvalidStateError",
     "JsonTooLargeError",
     "MalformedBodyError",
+    "MemoryBudgetExceededError",
     "NotFoundError",
+    "PersistenceFailedError",
     "PayloadTooLargeError",
     "ProtocolError",
     "RequestValidationError",
     "ServerError",
     "ShapeMismatchError",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
     "StepperExistsError",
+    "StepperLimitError",
+    "TensorTooLargeError",
     "StepperNotFoundError",
     "TransportError",
+    "UnauthorizedError",
     "UnknownParameterError",
     "UnprocessableError",
     "error_from_problem",
@@ -63,11 +83,18 @@ __all__ = [
 #: code -> (HTTP status, title). The service answers with exactly these.
 CODES: dict[str, tuple[int, str]] = {
     "malformed_body": (400, "Malformed request body"),
+    "unauthorized": (401, "Unauthorized"),
+    "forbidden": (403, "Forbidden"),
     "stepper_not_found": (404, "Stepper not found"),
     "not_found": (404, "Not found"),
     "method_not_allowed": (405, "Method not allowed"),
     "stepper_exists": (409, "Stepper already exists"),
+    "snapshot_not_found": (404, "Snapshot not found"),
+    "snapshot_exists": (409, "Snapshot already exists"),
+    "invalid_checkpoint": (422, "Invalid checkpoint file"),
+    "persistence_failed": (500, "Persistence failed"),
     "payload_too_large": (413, "Payload too large"),
+    "tensor_too_large": (413, "Tensor too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "request_validation_error": (422, "Request validation failed"),
     "invalid_hyperparameter": (422, "Invalid hyperparameter"),
@@ -80,6 +107,8 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_spec": (422, "Invalid stepper specification"),
     "device_unavailable": (422, "Device unavailable"),
     "internal_error": (500, "Internal server error"),
+    "stepper_limit": (507, "Stepper limit reached"),
+    "memory_budget_exceeded": (507, "Memory budget exceeded"),
 }
 
 
@@ -114,6 +143,14 @@ class MalformedBodyError(BadRequestError):
     pass
 
 
+class UnauthorizedError(APIStatusError):
+    """No valid bearer token (tokens are configured on the service)."""
+
+
+class ForbiddenError(APIStatusError):
+    """The token's scope is too low, or the stepper is outside the token's name prefix."""
+
+
 class NotFoundError(APIStatusError):
     pass
 
@@ -122,7 +159,15 @@ class StepperNotFoundError(NotFoundError):
     pass
 
 
+class SnapshotNotFoundError(NotFoundError):
+    pass
+
+
 class ConflictError(APIStatusError):
+    pass
+
+
+class SnapshotExistsError(ConflictError):
     pass
 
 
@@ -134,8 +179,17 @@ class PayloadTooLargeError(APIStatusError):
     pass
 
 
+class TensorTooLargeError(PayloadTooLargeError):
+    pass
+
+
 class UnprocessableError(APIStatusError):
     pass
+
+
+class InvalidCheckpointError(UnprocessableError):
+    """An uploaded or stored checkpoint file is not a valid adamscope checkpoint (or does
+    not fit the stepper it is restored into)."""
 
 
 class RequestValidationError(UnprocessableError):
@@ -182,11 +236,31 @@ class ServerError(APIStatusError):
     pass
 
 
+class PersistenceFailedError(ServerError):
+    """The change was applied in memory but could not be written to the data directory
+    (disk full, I/O error); the service retries the write with the next change."""
+
+
+class InsufficientStorageError(ServerError):
+    """507: a quota of the service is exhausted; retrying the same request cannot help."""
+
+
+class StepperLimitError(InsufficientStorageError):
+    pass
+
+
+class MemoryBudgetExceededError(InsufficientStorageError):
+    pass
+
+
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "malformed_body": MalformedBodyError,
+    "unauthorized": UnauthorizedError,
+    "forbidden": ForbiddenError,
     "stepper_not_found": StepperNotFoundError,
     "stepper_exists": StepperExistsError,
     "payload_too_large": PayloadTooLargeError,
+    "tensor_too_large": TensorTooLargeError,
     "request_validation_error": RequestValidationError,
     "json_too_large": JsonTooLargeError,
     "invalid_hyperparameter": InvalidHyperparameterError,
@@ -198,14 +272,23 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "invalid_spec": InvalidSpecError,
     "device_unavailable": DeviceUnavailableError,
     "internal_error": ServerError,
+    "snapshot_not_found": SnapshotNotFoundError,
+    "snapshot_exists": SnapshotExistsError,
+    "invalid_checkpoint": InvalidCheckpointError,
+    "persistence_failed": PersistenceFailedError,
+    "stepper_limit": StepperLimitError,
+    "memory_budget_exceeded": MemoryBudgetExceededError,
 }
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
+    401: UnauthorizedError,
+    403: ForbiddenError,
     404: NotFoundError,
     409: ConflictError,
     413: PayloadTooLargeError,
     422: UnprocessableError,
+    507: InsufficientStorageError,
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ._base import OPTION_KEYS
-from .errors import StepperExistsError, StepperNotFoundError
+from .errors import ProtocolError, StepperExistsError, StepperNotFoundError, TransportError
 from .protocol import StepperSummary
 from .sync import Client
 
@@ -82,8 +82,13 @@ class _Remote:
         name: str | None = None,
         client: Client | None = None,
         device: str | None = None,
+        token: str | None = None,
+        wire_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
+        if wire_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError("wire_dtype must be None (lossless), torch.bfloat16 or torch.float16")
+        self.wire_dtype = wire_dtype
         params = list(params)
         if params and isinstance(params[0], dict):
             params = [dict(g) for g in params]
@@ -104,7 +109,7 @@ class _Remote:
                                                                   range(len(tensors))]
         self._params = tensors
         self._owns_client = client is None
-        self.client = client or Client(url)
+        self.client = client or Client(url, token=token)  # token: else $ADAMSCOPE_TOKEN
         self.name = name or f"{self._kind}-{uuid.uuid4().hex[:12]}"
         self._device = device
         self._synced: list[dict[str, Any]] = []
@@ -196,14 +201,33 @@ class _Remote:
                 grads[n] = p.grad
         options = self._options()
         changed = options if options != self._synced else None
-        reply = self.client.step(self.name, grads, return_params=True, param_groups=changed)
+        index = dict(zip(self.names, self._params, strict=True))
+        try:
+            # The new values of the parameters that stepped are read off the socket
+            # straight into the local tensors' memory.
+            reply = self.client.step(self.name, grads, return_params=True, param_groups=changed,
+                                     only_stepped=True, into=index, wire_dtype=self.wire_dtype)
+        except (ProtocolError, TransportError):
+            # A reply cut short (bad bytes, or the connection lost mid-body) may have left
+            # some tensors half-written.
+            self._resync()
+            raise
         self._synced = options
         assert reply.params is not None
-        index = dict(zip(self.names, self._params, strict=True))
         with torch.no_grad():
             for n in reply.stepped:
-                index[n].copy_(reply.params[n])
+                if reply.params[n] is not index[n]:
+                    index[n].copy_(reply.params[n])
         return loss
+
+    def _resync(self) -> None:
+        """Make the local parameters equal the stepper's again."""
+        index = dict(zip(self.names, self._params, strict=True))
+        values = self.client.get_params(self.name, into=index)
+        with torch.no_grad():
+            for n, t in values.items():
+                if t is not index[n]:
+                    index[n].copy_(t)
 
     def state_dict(self) -> dict[str, Any]:
         """PyTorch's ``Optimizer.state_dict()`` of the remote state (loads into a local Adam)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "API_PREFIX",
@@ -18,7 +18,9 @@ __all__ = [
     "STEPPER_NAME_PATTERN",
     "BiasCorrection",
     "BiasCorrectionReport",
+    "CheckpointInfo",
     "CreateStepper",
+    "Durability",
     "GroupInfo",
     "GroupSpec",
     "Hyperparameters",
@@ -27,9 +29,14 @@ __all__ = [
     "ParamInfo",
     "ParamSpec",
     "Problem",
+    "SnapshotInfo",
+    "SnapshotList",
+    "SnapshotRequest",
     "StepResult",
     "StepperList",
     "StepperSummary",
+    "SNAPSHOT_NAME_PATTERN",
+    "META_CHECKPOINT",
     "META_GROUPS",
     "META_SPEC",
     "META_STEP",
@@ -61,6 +68,10 @@ META_SPEC = "adamscope.spec"  # CreateStepper (without tensor data) on a create 
 META_GROUPS = "adamscope.param_groups"  # list of per-group hyperparameter dicts
 META_STEP = "adamscope.step"  # the stepper step a tensor body reflects
 META_STEPPER = "adamscope.stepper"
+META_CHECKPOINT = "adamscope.checkpoint"  # checkpoint/snapshot files: the header as JSON
+
+#: Snapshot names follow the stepper-name rules: URL- and filesystem-safe, never a path.
+SNAPSHOT_NAME_PATTERN = STEPPER_NAME_PATTERN
 
 Dtype = Literal["float16", "bfloat16", "float32", "float64", "complex64"]
 
@@ -115,6 +126,40 @@ class GroupSpec(Hyperparameters):
     params: list[str] = Field(description="names of the parameters in this group")
 
 
+class Durability(_Model):
+    """When the service writes a stepper's state to its data directory.
+
+    * ``every_step`` (default): after every mutation, before the reply; an acknowledged step
+      survives ``kill -9``.
+    * ``every_n``: after every ``n`` steps (other changes ride along with the next write).
+    * ``interval``: at most ``seconds`` after a change (checked after each mutation and by a
+      background flusher).
+    * ``manual``: only on an explicit checkpoint (``POST .../checkpoint``).
+
+    Creating, importing and changing the policy always write; a graceful shutdown writes every
+    stepper with unwritten changes except ``manual`` ones. Whatever the policy, the state on
+    disk is always one complete step, never a mix.
+    """
+
+    mode: Literal["every_step", "every_n", "interval", "manual"] = "every_step"
+    n: int | None = Field(None, ge=1, description="every_n: steps between writes")
+    seconds: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="interval: longest time a change waits"
+    )
+
+    @model_validator(mode="after")
+    def _parameters_match_mode(self) -> Durability:
+        if self.mode == "every_n" and self.n is None:
+            raise ValueError("mode 'every_n' needs n (steps between writes)")
+        if self.mode == "interval" and self.seconds is None:
+            raise ValueError("mode 'interval' needs seconds")
+        if self.n is not None and self.mode != "every_n":
+            raise ValueError("n only applies to mode 'every_n'")
+        if self.seconds is not None and self.mode != "interval":
+            raise ValueError("seconds only applies to mode 'interval'")
+        return self
+
+
 class CreateStepper(_Model):
     """Create a stepper.
 
@@ -131,6 +176,9 @@ class CreateStepper(_Model):
     params: list[ParamSpec] = Field(min_length=1)
     groups: list[GroupSpec] | None = Field(
         None, description="param groups with per-group options; one group of all params if omitted"
+    )
+    durability: Durability | None = Field(
+        None, description="when the state is written to disk; the service default if omitted"
     )
 
 
@@ -171,6 +219,12 @@ class StepperSummary(_Model):
     groups: list[GroupInfo]
     created_at: float
     updated_at: float
+    durability: Durability | None = Field(None, description="the stepper's durability policy")
+    persisted_step: int | None = Field(
+        None, description="step of the checkpoint on disk (null: none written yet)"
+    )
+    persisted_at: float | None = Field(None, description="when that checkpoint was written")
+    dirty: bool | None = Field(None, description="whether changes are not yet on disk")
 
 
 class StepperList(_Model):
@@ -207,6 +261,34 @@ class BiasCorrectionReport(_Model):
     params: dict[str, BiasCorrection] = Field(
         description="per parameter at its own state step (when no step was requested)"
     )
+
+
+class SnapshotRequest(_Model):
+    name: str | None = Field(
+        None, pattern=STEPPER_NAME_PATTERN,
+        description="snapshot name; 'step<N>-<UTC time>' when omitted",
+    )
+
+
+class SnapshotInfo(_Model):
+    name: str
+    stepper: str
+    step: int | None = Field(description="the stepper's step in the snapshot (null: unreadable)")
+    size: int = Field(description="bytes of the snapshot file")
+    created_at: float | None = Field(description="when the snapshot was taken")
+    error: str | None = Field(None, description="why the file could not be read, if it cannot")
+
+
+class SnapshotList(_Model):
+    stepper: str
+    snapshots: list[SnapshotInfo] = Field(description="oldest first")
+
+
+class CheckpointInfo(_Model):
+    stepper: str
+    step: int = Field(description="the step now on disk")
+    persisted_at: float
+    size: int = Field(description="bytes of the checkpoint file")
 
 
 class JsonTensor(_Model):

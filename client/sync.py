@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,7 +14,14 @@ import torch
 from . import _base
 from ._base import Call, StepReply, resolve_url
 from .errors import TransportError
-from .protocol import BiasCorrectionReport, StepperSummary
+from .progress import Progress
+from .protocol import (
+    BiasCorrectionReport,
+    CheckpointInfo,
+    SnapshotInfo,
+    StepperSummary,
+)
+from .transport import READINTO_EXTENSION, WireTransport
 
 __all__ = ["Client"]
 
@@ -26,6 +36,8 @@ class Client:
 
     ``url`` defaults to ``$ADAMSCOPE_URL``, then ``http://127.0.0.1:8470``. Pass
     ``http_client`` to reuse a configured ``httpx.Client`` (its base URL is then used).
+    ``token`` (default ``$ADAMSCOPE_TOKEN``) is sent as ``Authorization: Bearer <token>``
+    to a service that has access tokens configured.
     """
 
     def __init__(
@@ -34,10 +46,14 @@ class Client:
         *,
         timeout: float = 300.0,
         http_client: httpx.Client | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = resolve_url(url)
         self._owns = http_client is None
-        self._http = http_client or httpx.Client(base_url=self.url, timeout=timeout)
+        self._http = http_client or httpx.Client(
+            base_url=self.url, timeout=timeout, transport=WireTransport()
+        )
+        _base.authorize(self._http, token)
 
     def close(self) -> None:
         if self._owns:
@@ -50,13 +66,16 @@ class Client:
         self.close()
 
     def _send(self, call: Call) -> Any:
-        content = call.chunks() if call.body is not None else None
         try:
-            response = self._http.request(
+            with self._http.stream(
                 call.method, call.path, params=tuple(call.params), json=call.json_body,
-                content=content,  # type: ignore[arg-type]  # memoryviews are bytes-like
-                headers=call.headers(),
-            )
+                content=call.parts,  # type: ignore[arg-type]  # memoryviews are bytes-like
+                headers=call.headers(), extensions=call.extensions(),
+            ) as response:
+                if call.receive is not None and response.is_success:
+                    readinto = response.extensions.get(READINTO_EXTENSION)
+                    return call.receive(readinto or _base.chunk_reader(response.iter_raw()))
+                response.read()
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {call.path}: {e!r}") from e
         _base.raise_for_problem(response)
@@ -81,14 +100,18 @@ class Client:
         optimizer: str = "adam",
         device: str | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        durability: str | Mapping[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> StepperSummary:
         """Create stepper ``name`` owning ``params`` (initial values are uploaded).
 
         ``hyperparameters`` are ``torch.optim.Adam``'s keywords; ``groups`` are param-group
-        dicts ``{"params": [names...], **options}``.
+        dicts ``{"params": [names...], **options}``; ``durability`` is the policy for writing
+        it to disk (``"every_step"``, ``{"mode": "every_n", "n": 100}``, ...; default: the
+        service's).
         """
-        call = _base.create(name, params, optimizer, device, groups, hyperparameters)
+        call = _base.create(name, params, optimizer, device, groups, hyperparameters,
+                            _base.durability_policy(durability))
         return self._send(call)  # type: ignore[no-any-return]
 
     def delete(self, name: str) -> None:
@@ -101,17 +124,30 @@ class Client:
         *,
         return_params: bool = False,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
+        only_stepped: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
+        wire_dtype: torch.dtype | None = None,
     ) -> StepReply:
         """One Adam step; a name missing from ``grads`` (or mapped to None) does not step.
 
         ``param_groups`` (one dict of option changes per group) is applied atomically
-        before the step, as a scheduler's ``lr`` change would be locally.
+        before the step, as a scheduler's ``lr`` change would be locally. With
+        ``return_params`` the new values come back (``only_stepped``: only those this step
+        changed); a tensor in ``into`` with the same name, shape and dtype receives its new
+        values in place, straight from the socket. ``wire_dtype`` (``torch.bfloat16`` or
+        ``torch.float16``) halves the bytes both ways and is LOSSY: gradients are rounded
+        before the step and the returned parameters are rounded copies of the stepper's.
         """
-        call = _base.step(name, grads, return_params, param_groups)
+        call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
+                          wire_dtype)
         return self._send(call)  # type: ignore[no-any-return]
 
-    def get_params(self, name: str, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        return self._send(_base.get_params(name, names))  # type: ignore[no-any-return]
+    def get_params(
+        self, name: str, names: Sequence[str] | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Parameter values; those named in ``into`` are written into its tensors in place."""
+        return self._send(_base.get_params(name, names, into))  # type: ignore[no-any-return]
 
     def put_params(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         self._send(_base.put_params(name, tensors))
@@ -154,3 +190,84 @@ class Client:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
         state, options = _base.from_state_dict(self.get(name), state_dict)
         self.put_state(name, state, param_groups=options, replace=True)
+
+
+    # -------------------------------------------------------------------- durability
+
+    def checkpoint(self, name: str) -> CheckpointInfo:
+        """Write the stepper's state to the service's disk now, whatever its policy."""
+        return self._send(_base.checkpoint(name))  # type: ignore[no-any-return]
+
+    def set_durability(
+        self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
+        seconds: float | None = None,
+    ) -> StepperSummary:
+        """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
+        ``n``), ``"interval"`` (with ``seconds``) or ``"manual"``."""
+        body = _base.durability_policy(policy, n, seconds)
+        assert body is not None
+        return self._send(_base.set_durability(name, body))  # type: ignore[no-any-return]
+
+    def snapshot(self, name: str, snap: str | None = None) -> SnapshotInfo:
+        """Take a named snapshot of the stepper now (name chosen by the service if None)."""
+        return self._send(_base.take_snapshot(name, snap))  # type: ignore[no-any-return]
+
+    def snapshots(self, name: str) -> builtins.list[SnapshotInfo]:
+        """The stepper's snapshots, oldest first."""
+        return self._send(_base.list_snapshots(name))  # type: ignore[no-any-return]
+
+    def restore(self, name: str, snap: str) -> StepperSummary:
+        """Roll the stepper back to snapshot ``snap`` (values, state, options and step)."""
+        return self._send(_base.restore_snapshot(name, snap))  # type: ignore[no-any-return]
+
+    def delete_snapshot(self, name: str, snap: str) -> None:
+        self._send(_base.delete_snapshot(name, snap))
+
+    def download_snapshot(
+        self, name: str, snap: str, path: str | os.PathLike[str], *,
+        progress: bool | None = None,
+    ) -> Path:
+        """Save snapshot ``snap`` as a file (streamed to disk; a progress bar on stderr
+        when it is a terminal, or with ``progress=True``). Returns the path."""
+        target = Path(path)
+        part = target.with_name(target.name + ".part")
+        url = _base.snapshot_file_path(name, snap)
+        try:
+            with self._http.stream("GET", url, headers={"accept": _base.OCTET}) as r:
+                if not r.is_success:
+                    r.read()
+                    _base.raise_for_problem(r)
+                total = int(r.headers.get("content-length", 0)) or None
+                with Progress(total, f"{name}/{snap}", progress) as bar, \
+                        open(part, "wb") as f:
+                    for chunk in r.iter_bytes(_base.FILE_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            os.replace(part, target)
+        except httpx.TransportError as e:
+            part.unlink(missing_ok=True)
+            raise TransportError(f"GET {url}: {e!r}") from e
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return target
+
+    def import_snapshot(
+        self, path: str | os.PathLike[str], name: str | None = None, *,
+        device: str | None = None, progress: bool | None = None,
+    ) -> StepperSummary:
+        """Create a stepper from a snapshot or checkpoint file (under ``name``, default the
+        file's stepper name); a progress bar as for :meth:`download_snapshot`."""
+        source = Path(path)
+        data = source.read_bytes()
+        url, query = _base.import_request(name, device)
+        try:
+            with Progress(len(data), f"upload {source.name}", progress) as bar, \
+                    self._http.stream("POST", url, params=tuple(query),
+                                      content=_base.progress_chunks(data, bar),  # type: ignore[arg-type]
+                                      headers=_base.upload_headers(len(data))) as r:
+                r.read()
+        except httpx.TransportError as e:
+            raise TransportError(f"POST {url}: {e!r}") from e
+        _base.raise_for_problem(r)
+        return _base.summary_of(r)

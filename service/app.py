@@ -3,22 +3,29 @@ opens the registry (and the data directory) and closes them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from client.protocol import API_PREFIX, CreateStepper
 
 from . import __version__
-from .api import steppers, tensors
+from .api import access as api_access
+from .api import snapshots, steppers, tensors
+from .api.access import require
+from .api.durability import flusher
+from .auth import banner, load_access
 from .engine import Registry
 from .errors import install_error_handlers
+from .persistence import Persistence
 from .settings import Settings
 
 __all__ = ["create_app"]
@@ -58,15 +65,29 @@ def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    access = load_access(settings)  # TokenConfigError here, before anything starts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.state.registry = Registry()
+        registry = app.state.registry = Registry()
         log.info("adamscope %s: default device %s, data in %s", __version__,
                  settings.default_device(), settings.data_dir)
-        yield
-        app.state.registry = Registry()
+        log.info("%s", banner(settings, access))
+        persistence = app.state.persistence = Persistence(
+            settings.data_dir, registry, settings.default_device(), settings.durability)
+        await asyncio.to_thread(persistence.restore_all)
+        background = asyncio.create_task(flusher(persistence))
+        try:
+            yield
+        finally:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+            written = await asyncio.to_thread(persistence.flush_all)
+            if written:
+                log.info("wrote %d stepper(s) with unwritten changes at shutdown", written)
+            app.state.registry = Registry()
 
     app = FastAPI(
         title="adamscope",
@@ -78,9 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(steppers.router, prefix=API_PREFIX)
     app.include_router(tensors.router, prefix=API_PREFIX)
+    app.include_router(snapshots.router, prefix=API_PREFIX)
     _document_models(app, CreateStepper)
 
-    @app.get("/healthz", tags=["service"], summary="Liveness and basic facts")
+    @app.get("/healthz", tags=["service"], summary="Liveness and basic facts",
+             dependencies=[Depends(require("public"))])
     async def healthz(request: Request) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -89,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "default_device": settings.default_device(),
             "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             "steppers": len(request.app.state.registry),
+            "persistence": request.app.state.persistence.health(),
         }
 
+    api_access.install(app, access)  # last: every route must declare its scope
     return app

@@ -14,8 +14,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .settings import DEFAULT_PORT
+from .auth import (
+    TokenConfigError,
+    TokenTable,
+    banner,
+    binding_problem,
+    describe_validation_error,
+    load_access,
+)
+from .cli_snapshots import add_commands, add_serve_option, parse_durability
+from .settings import DEFAULT_PORT, Settings
 
 __all__ = ["main"]
 
@@ -24,23 +34,65 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .settings import Settings
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
         "device": args.device, "log_level": args.log_level,
         "max_body_bytes": args.max_body_bytes,
+        "durability": parse_durability(args.durability) if args.durability else None,
+        **{flag: getattr(args, flag) for flag in _ACCESS_FLAGS},
+        "insecure_no_auth": args.insecure_no_auth or None,
     }.items() if v is not None}
-    settings = Settings(**overrides)
+    checked = _checked_settings(overrides)
+    if checked is None:
+        return 2
+    settings, table = checked
     if args.per_gpu:
         return _serve_per_gpu(args, settings.port, settings.data_dir)
     app = create_app(settings)
     print(f"adamscope serving on http://{settings.host}:{settings.port} "
           f"(default device {settings.default_device()}, data in {settings.data_dir})",
           flush=True)
+    print(banner(settings, table), flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+#: Settings the CLI takes as --flags and hands on to --per-gpu workers.
+_ACCESS_FLAGS = ("tokens_file", "max_tensor_elements", "max_steppers", "memory_budget_bytes")
+
+
+def _checked_settings(overrides: dict[str, Any]) -> tuple[Settings, TokenTable] | None:
+    """Settings and their token table, or None after saying on stderr why the service must
+    not start (bad settings or tokens, or no tokens on a non-loopback address)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        settings = Settings(**overrides)
+        table = load_access(settings)
+    except ValidationError as e:
+        _error(describe_validation_error(e, "settings"))
+        return None
+    except SettingsError as e:  # an ADAMSCOPE_* variable that is not valid JSON
+        cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+        hint = ("; ADAMSCOPE_TOKENS takes a JSON list of "
+                '{"token", "scope", "prefix"?, "name"?}') if '"tokens"' in str(e) else ""
+        _error(f"{e}{cause}{hint}")
+        return None
+    except TokenConfigError as e:
+        _error(str(e))
+        return None
+    problem = binding_problem(settings, table)
+    if problem is not None:
+        _error(problem)
+        return None
+    return settings, table
+
+
+def _error(message: str) -> None:
+    print(f"adamscope: error: {message}", file=sys.stderr, flush=True)
 
 
 def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> int:
@@ -56,10 +108,13 @@ def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> 
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         cmd = [sys.executable, "-m", "service.cli", "serve",
                "--port", str(base_port + i), "--data-dir", str(data_dir / f"worker{i}")]
-        for flag in ("host", "device", "log_level", "max_body_bytes"):
+        for flag in ("host", "device", "log_level", "max_body_bytes", "durability",
+                     *_ACCESS_FLAGS):
             value = getattr(args, flag)
             if value is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        if args.insecure_no_auth:
+            cmd.append("--insecure-no-auth")
         workers.append(subprocess.Popen(cmd, env=env))
 
     def stop(signum: int, frame: object) -> None:
@@ -83,9 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "available, else cpu)")
     serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
     serve.add_argument("--log-level", help="uvicorn log level (default info)")
+    serve.add_argument("--tokens-file", type=Path,
+                       help="JSON or TOML file of bearer tokens with scopes (also "
+                       "ADAMSCOPE_TOKENS_FILE; ADAMSCOPE_TOKENS takes them as JSON)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve a non-loopback --host without tokens: every client is "
+                       "an admin (without tokens the service otherwise refuses that)")
+    serve.add_argument("--max-tensor-elements", type=int,
+                       help="largest parameter a stepper may hold, in elements")
+    serve.add_argument("--max-steppers", type=int, help="most steppers at once")
+    serve.add_argument("--memory-budget-bytes", type=int,
+                       help="bytes for all steppers' parameters and Adam state")
     serve.add_argument("--per-gpu", action="store_true",
                        help="one worker per visible GPU on ports PORT, PORT+1, ...")
+    add_serve_option(serve)
     serve.set_defaults(func=_serve)
+    add_commands(sub)
     return parser
 
 

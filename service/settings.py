@@ -7,13 +7,18 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from client.protocol import Durability
+
+from .auth import TokenSpec
+
 __all__ = ["DEFAULT_PORT", "Settings"]
 
 DEFAULT_PORT = 8470
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADAMSCOPE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ADAMSCOPE_", extra="ignore",
+                                      hide_input_in_errors=True)  # tokens stay secret
 
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -28,6 +33,28 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="largest tensor read or written as JSON instead of safetensors"
     )
     log_level: str = "info"
+    # Access control (service.auth): without tokens the CLI serves loopback only.
+    tokens: list[TokenSpec] = Field(
+        default_factory=list,
+        description="bearer tokens, JSON list of {token, scope, prefix?, name?}",
+    )
+    tokens_file: Path | None = Field(None, description="JSON or TOML file of more tokens")
+    insecure_no_auth: bool = Field(
+        False, description="allow serving a non-loopback address without tokens"
+    )
+    # Quotas (service.api.quota): None means unlimited.
+    max_tensor_elements: int = Field(
+        2**32, ge=1, description="largest parameter a stepper may hold, in elements (413)"
+    )
+    max_steppers: int | None = Field(None, ge=1, description="most steppers at once (507)")
+    memory_budget_bytes: int | None = Field(
+        None, ge=1, description="bytes for all steppers' parameters and Adam state (507)"
+    )
+    # Durability (service.persistence): the policy of steppers created without one.
+    durability: Durability = Field(
+        default_factory=Durability,
+        description='default durability policy, e.g. {"mode": "every_n", "n": 100}',
+    )
 
     def default_device(self) -> str:
         if self.device:

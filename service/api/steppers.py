@@ -6,7 +6,7 @@ import math
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
@@ -26,7 +26,11 @@ from ..engine import GroupDef, Registry, Stepper
 from ..engine.errors import DtypeMismatch, DuplicateName, InvalidSpec, ShapeMismatch
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
+from . import quota
+from .access import authorize_name, require, visible
+from .durability import persist_after, persistence, summary
 from .options import options_from_model
+from .stream import gate
 from .wire import (
     OCTET,
     binary_body_doc,
@@ -109,6 +113,7 @@ def _params_from_body(
     status_code=201,
     response_model=StepperSummary,
     summary="Create a stepper",
+    dependencies=[Depends(require("admin"))],
     openapi_extra=binary_body_doc(
         "safetensors of the initial parameter values, with the CreateStepper spec as JSON in "
         f"__metadata__['{META_SPEC}']; or a CreateStepper JSON body (zeros or small 'data').",
@@ -118,7 +123,8 @@ def _params_from_body(
                        "unsupported_media_type", "request_validation_error",
                        "invalid_hyperparameter", "invalid_spec", "duplicate_name",
                        "unknown_parameter", "shape_mismatch", "dtype_mismatch",
-                       "device_unavailable"),
+                       "device_unavailable", "forbidden", "tensor_too_large", "stepper_limit",
+                       "memory_budget_exceeded"),
 )
 async def create_stepper(request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
@@ -126,6 +132,10 @@ async def create_stepper(request: Request) -> dict[str, Any]:
     kind = media_type(request)
     if kind == "application/json":
         spec = _validate(CreateStepper, json_object(body))
+        authorize_name(request, spec.name)
+        sizes = quota.json_spec_sizes(settings, spec)  # before zeros are allocated
+        quota.admit(settings, registry(request), spec.name, quota.spec_bytes(spec, sizes),
+                    precheck=True)
         params = _params_from_json(spec, settings.max_body_bytes)
     elif kind == OCTET:
         tensors, metadata = decode_tensors(body)
@@ -133,7 +143,10 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         if raw is None:
             raise InvalidSpec(f"safetensors body lacks __metadata__['{META_SPEC}']")
         spec = _validate(CreateStepper, raw)
+        authorize_name(request, spec.name)
         params = _params_from_body(spec, tensors)
+        for pname, t in params:
+            quota.check_tensor_elements(settings, pname, list(t.shape))
     else:
         raise ApiError("unsupported_media_type",
                        f"Content-Type {kind!r}: use application/json or {OCTET}")
@@ -143,29 +156,34 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         groups = [GroupDef(list(g.params), options_from_model(g, exclude={"params"}))
                   for g in spec.groups]
     device = resolve_device(spec.device, settings.default_device())
+    new_bytes = quota.spec_bytes(spec, [(n, t.numel() * t.element_size()) for n, t in params])
 
     def build() -> Stepper:
+        quota.admit(settings, registry(request), spec.name, new_bytes)  # under the lock
         return Stepper(spec.name, spec.optimizer, device, params, hyper, groups)
 
-    stepper = await run_in_threadpool(registry(request).create, spec.name, build)
-    return stepper.summary()
+    stepper = await run_in_threadpool(persistence(request).create, spec.name, build,
+                                      spec.durability)
+    return summary(request, stepper)
 
 
-@router.get("/steppers", response_model=StepperList, summary="List steppers")
+@router.get("/steppers", response_model=StepperList, summary="List steppers",
+            dependencies=[Depends(require("read"))])
 async def list_steppers(request: Request) -> dict[str, Any]:
-    return {"steppers": [s.summary() for s in registry(request).list()]}
+    return {"steppers": [summary(request, s) for s in registry(request).list()
+                         if visible(request, s.name)]}
 
 
 @router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
-            responses=problems(*NAME_PROBLEMS))
+            responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("read"))])
 async def get_stepper(name: str, request: Request) -> dict[str, Any]:
-    return registry(request).get(name).summary()
+    return summary(request, registry(request).get(name))
 
 
 @router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
-               responses=problems(*NAME_PROBLEMS))
+               responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("admin"))])
 async def delete_stepper(name: str, request: Request) -> Response:
-    registry(request).delete(name)
+    await run_in_threadpool(persistence(request).delete, name)
     return Response(status_code=204)
 
 
@@ -173,6 +191,7 @@ async def delete_stepper(name: str, request: Request) -> Response:
     "/steppers/{name}/hyperparameters",
     response_model=StepperSummary,
     summary="Change options between steps (lr for schedulers, ...)",
+    dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, "invalid_hyperparameter", "invalid_state"),
 )
 async def patch_hyperparameters(
@@ -180,14 +199,17 @@ async def patch_hyperparameters(
 ) -> dict[str, Any]:
     stepper = registry(request).get(name)
     updates = options_from_model(patch, exclude={"group"})
-    await run_in_threadpool(stepper.set_hyperparameters, updates, patch.group)
-    return stepper.summary()
+    async with gate(stepper):
+        await run_in_threadpool(stepper.set_hyperparameters, updates, patch.group)
+        await persist_after(request, stepper)
+    return summary(request, stepper)
 
 
 @router.get(
     "/steppers/{name}/bias-correction",
     response_model=BiasCorrectionReport,
     summary="Bias-correction factors at the current or a given step",
+    dependencies=[Depends(require("read"))],
     responses=problems(*NAME_PROBLEMS, "invalid_state"),
 )
 async def bias_correction(

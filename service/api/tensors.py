@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from client import codec
 from client.protocol import META_GROUPS, StepResult
 
-from ..engine import STATE_KEYS
+from ..engine import STATE_KEYS, StepOutcome, Stepper
 from ..engine.errors import InvalidState
 from ..errors import ApiError, problems
+from .access import require
+from .durability import persist_after
 from .options import group_updates_from_json
 from .steppers import NAME_PROBLEMS, registry
+from .stream import TensorStreamResponse, gate, ingest_tensors, off_loop
 from .wire import (
     OCTET,
     TensorFormat,
     binary_body_doc,
-    decode_tensors,
     json_object,
     json_tensors,
     media_type,
@@ -44,6 +47,15 @@ Names = Annotated[list[str] | None, Query(alias="name", description="parameter n
 Format = Annotated[TensorFormat | None, Query(
     description="safetensors (default) or json; JSON is also chosen by Accept: application/json"
 )]
+
+
+WireDtype = Literal["bfloat16", "float16"]
+
+
+def widen(stepper: Stepper, name: str, g: torch.Tensor) -> torch.Tensor:
+    """A gradient received in a lossy wire dtype, copied into the parameter-dtype buffer."""
+    buf = stepper.grad_buffer(name)
+    return g if g.dtype == buf.dtype else buf.copy_(g)
 
 
 def split_state_key(key: str) -> tuple[str, str]:
@@ -83,21 +95,18 @@ def _json_tensor_in(value: Any, dtype: torch.dtype, shape: list[int] | None) -> 
 
 
 async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    body = await read_body(request)
-    kind = media_type(request)
-    if kind not in (OCTET, ""):
-        raise ApiError("unsupported_media_type", f"Content-Type {kind!r}: send {OCTET}")
-    return decode_tensors(body)
+    return await ingest_tensors(request)
 
 
 @router.post(
     "/steppers/{name}/step",
     summary="Apply one Adam step",
+    dependencies=[Depends(require("write"))],
     response_model=StepResult,
     responses={
         200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
               "description": "StepResult JSON, or with return_params=true the updated "
-                             "parameters as safetensors (metadata: step, stepped)"},
+                             "parameters as safetensors (metadata: step, stepped, skipped)"},
         **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
                    "invalid_state"),
     },
@@ -111,22 +120,62 @@ async def step(
     name: str,
     request: Request,
     return_params: Annotated[bool, Query(description="answer with the updated parameters")] = False,
+    only_stepped: Annotated[bool, Query(
+        description="with return_params: only the parameters this step changed"
+    )] = False,
+    wire_dtype: Annotated[WireDtype | None, Query(
+        description="LOSSY: gradients may arrive, and parameters are returned, in this 16-bit "
+                    "dtype (half the bytes); the stepper itself keeps full precision"
+    )] = None,
 ) -> Response:
     stepper = registry(request).get(name)
-    grads, metadata = await _body_tensors(request)
-    groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
-    outcome = await run_in_threadpool(stepper.step, grads, groups, return_params)
-    if outcome.params is not None:
-        return tensor_response(outcome.params, name, outcome.step,
-                               {"adamscope.stepped": json.dumps(outcome.stepped)})
-    result = StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
-                        skipped=outcome.skipped)
-    return JSONResponse(result.model_dump())
+    lock: asyncio.Lock | None = gate(stepper)
+    assert lock is not None
+    await lock.acquire()
+    try:
+        lossy = codec.dtype_from_name(wire_dtype) if wire_dtype else None
+
+        def into_grad_buffer(entry: codec.Entry) -> torch.Tensor:
+            stepper.check_gradient(entry.name, entry.shape, entry.dtype, lossy)
+            return stepper.grad_buffer(entry.name, entry.dtype)
+
+        received, metadata = await ingest_tensors(request, into_grad_buffer)
+        groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
+
+        def apply() -> tuple[StepOutcome, dict[str, torch.Tensor]]:
+            grads = {n: widen(stepper, n, g) for n, g in received.items()}
+            outcome = stepper.step(grads, groups)
+            if not return_params:
+                return outcome, {}
+            names = outcome.stepped if only_stepped else stepper.names
+            params = stepper.host_params(names)
+            if lossy is not None:
+                params = {n: t.to(lossy) if t.is_floating_point() and t.dtype != lossy else t
+                          for n, t in params.items()}
+            return outcome, params
+
+        outcome, params = await off_loop(stepper, apply)
+        await persist_after(request, stepper, "step")
+        if not return_params:
+            result = StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
+                                skipped=outcome.skipped)
+            return JSONResponse(result.model_dump())
+        response = TensorStreamResponse(
+            params, name, outcome.step, {"adamscope.stepped": json.dumps(outcome.stepped),
+                                         "adamscope.skipped": json.dumps(outcome.skipped)},
+            release=lock.release,
+        )
+        lock = None  # the response releases the gate once its bytes have left
+        return response
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @router.get(
     "/steppers/{name}/params",
     summary="Read parameter values",
+    dependencies=[Depends(require("read"))],
     responses={200: {"content": {OCTET: {}, "application/json": {}},
                      "description": "safetensors (metadata adamscope.step) or JSON"},
                **problems(*NAME_PROBLEMS, "unknown_parameter", "json_too_large")},
@@ -143,6 +192,7 @@ async def get_params(name: str, request: Request, names: Names = None,
 @router.put(
     "/steppers/{name}/params",
     summary="Overwrite some or all parameter values",
+    dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS),
     openapi_extra=binary_body_doc(
         "safetensors of values by parameter name, or JSON {\"params\": {name: nested list}}",
@@ -161,13 +211,16 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
             tensors[pname] = _json_tensor_in(value, dtype, shape)
     else:
         tensors, _ = await _body_tensors(request)
-    await run_in_threadpool(stepper.put_params, tensors)
+    async with gate(stepper):
+        await run_in_threadpool(stepper.put_params, tensors)
+        await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count, "updated": list(tensors)}
 
 
 @router.get(
     "/steppers/{name}/state",
     summary="Read Adam state (step, exp_avg, exp_avg_sq, max_exp_avg_sq)",
+    dependencies=[Depends(require("read"))],
     responses={200: {"content": {OCTET: {}, "application/json": {}},
                      "description": "safetensors named '<param>.<key>' or JSON"},
                **problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state",
@@ -195,6 +248,7 @@ async def get_state(
 @router.put(
     "/steppers/{name}/state",
     summary="Load Adam state (all, some parameters, or single tensors) and options",
+    dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_state",
                        "invalid_hyperparameter"),
     openapi_extra=binary_body_doc(
@@ -233,17 +287,22 @@ async def put_state(
             pname, which = split_state_key(key)
             nested.setdefault(pname, {})[which] = t
         groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
-    await run_in_threadpool(stepper.put_state, nested, groups, replace)
+    async with gate(stepper):
+        await run_in_threadpool(stepper.put_state, nested, groups, replace)
+        await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count, "updated": sorted(nested)}
 
 
 @router.delete(
     "/steppers/{name}/state",
     summary="Forget Adam state of some or all parameters (they restart at step 0)",
+    dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, "unknown_parameter"),
 )
 async def reset_state(name: str, request: Request, names: Names = None) -> dict[str, Any]:
     stepper = registry(request).get(name)
-    await run_in_threadpool(stepper.reset_state, names)
+    async with gate(stepper):
+        await run_in_threadpool(stepper.reset_state, names)
+        await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count,
             "reset": names if names is not None else stepper.names}

@@ -12,6 +12,7 @@ __all__ = [
     "DtypeMismatch",
     "DuplicateName",
     "EngineError",
+    "InvalidCheckpoint",
     "InvalidHyperparameter",
     "InvalidSpec",
     "InvalidState",
@@ -69,3 +70,7 @@ class InvalidSpec(EngineError):
 
 class DeviceUnavailable(EngineError):
     code = "device_unavailable"
+
+
+class InvalidCheckpoint(EngineError):
+    code = "invalid_checkpoint"

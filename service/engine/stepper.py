@@ -145,15 +145,84 @@ class Stepper:
             torch_groups.append({"params": [self.params[self.index[n]] for n in g.params],
                                  **opts})
         self.optimizer: torch.optim.Optimizer = OPTIMIZERS[kind](torch_groups)
+        self.numel = sum(p.numel() for p in self.params)
         self.step_count = 0
+        #: Bumped by every mutation: readers can cache anything derived from (name, version).
+        self.version = 0
+        #: JSON-serializable engine bookkeeping saved with every checkpoint and restored with
+        #: it ("extra" in the checkpoint metadata); change it under ``lock`` with a mutation.
+        self.journal: dict[str, Any] = {}
         self.lock = threading.RLock()
         self.created_at = time.time()
         self.updated_at = self.created_at
+        # Reused buffers, so a step allocates nothing large: host buffers the wire writes
+        # gradients into, and (on accelerators) device gradients and pinned host mirrors of
+        # the parameters for replies.
+        self._grad_staging: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._device_grads: dict[str, torch.Tensor] = {}
+        self._host_mirrors: dict[str, torch.Tensor] = {}
+
+    def _touch(self) -> None:
+        self.version += 1
+        self.updated_at = time.time()
 
     def param_meta(self, name: str) -> tuple[list[int], torch.dtype]:
         """Shape and dtype of a parameter (raises UnknownParameter)."""
         p = self._param(name)
         return list(p.shape), p.dtype
+
+    def check_gradient(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+                       wire_dtype: torch.dtype | None = None) -> None:
+        """Raise as :meth:`step` would for a gradient of this shape and dtype (before any
+        byte of it has been read). With ``wire_dtype`` (a lossy 16-bit wire), a real
+        floating parameter also takes gradients of that dtype."""
+        p = self._param(name)
+        if wire_dtype is not None and dtype == wire_dtype and p.is_floating_point():
+            dtype = p.dtype
+        self._check_spec(name, shape, dtype, "gradient")
+
+    def grad_buffer(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The reusable host buffer a gradient for ``name`` is received into (pinned when the
+        stepper lives on an accelerator, so the copy to the device can be asynchronous);
+        ``dtype`` other than the parameter's: a staging buffer for a lossy wire."""
+        p = self._param(name)
+        dtype = dtype or p.dtype
+        buf = self._grad_staging.get((name, dtype))
+        if buf is None:
+            pin = self.device.type == "cuda"
+            buf = torch.empty(p.shape, dtype=dtype, pin_memory=pin)
+            self._grad_staging[(name, dtype)] = buf
+        return buf
+
+    def host_params(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Parameters as CPU tensors *without* copying where they already live on the CPU.
+
+        The caller must keep mutations out until it is done with them (the API holds the
+        stepper's write gate while it streams a reply from this memory).
+        """
+        with self.lock:
+            if self.device.type == "cpu":
+                return {n: self.params[self.index[n]].detach() for n in names}
+            out = {}
+            for n in names:
+                p = self.params[self.index[n]]
+                mirror = self._host_mirrors.get(n)
+                if mirror is None:
+                    mirror = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                    self._host_mirrors[n] = mirror
+                mirror.copy_(p.detach(), non_blocking=True)
+                out[n] = mirror
+            torch.cuda.current_stream(self.device).synchronize()
+            return out
+
+    def _to_device(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return g if g.is_contiguous() else g.contiguous()
+        dev = self._device_grads.get(name)
+        if dev is None:
+            dev = torch.empty_like(self._param(name))
+            self._device_grads[name] = dev
+        return dev.copy_(g, non_blocking=True)
 
     # ------------------------------------------------------------------ validation helpers
 
@@ -166,15 +235,20 @@ class Stepper:
         return self.params[i]
 
     def _check_tensor(self, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+        return self._check_spec(name, list(t.shape), t.dtype, what)
+
+    def _check_spec(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, what: str
+    ) -> torch.Tensor:
         p = self._param(name)
-        if tuple(t.shape) != tuple(p.shape):
+        if tuple(shape) != tuple(p.shape):
             raise ShapeMismatch(
-                f"{what} for {name!r} has shape {list(t.shape)}, parameter has {list(p.shape)}",
+                f"{what} for {name!r} has shape {list(shape)}, parameter has {list(p.shape)}",
                 parameter=name,
             )
-        if t.dtype != p.dtype:
+        if dtype != p.dtype:
             raise DtypeMismatch(
-                f"{what} for {name!r} has dtype {_dtype_name(t.dtype)}, "
+                f"{what} for {name!r} has dtype {_dtype_name(dtype)}, "
                 f"parameter has {_dtype_name(p.dtype)}",
                 parameter=name,
             )
@@ -256,7 +330,7 @@ class Stepper:
                     {i: s for i, s in enumerate(self._state_by_index())}, new_options
                 )
             # Device copies first: an allocation failure here leaves nothing half-done.
-            on_device = {n: g.to(self.device, non_blocking=False) for n, g in grads.items()}
+            on_device = {n: self._to_device(n, g) for n, g in grads.items()}
             if new_options is not None:
                 self._apply_options(new_options)
             for n, p in zip(self.names, self.params, strict=True):
@@ -266,8 +340,11 @@ class Stepper:
             finally:
                 for p in self.params:
                     p.grad = None
+                if self.device.type == "cuda":
+                    # The pinned staging buffers are reused by the next request.
+                    torch.cuda.current_stream(self.device).synchronize()
             self.step_count += 1
-            self.updated_at = time.time()
+            self._touch()
             stepped = [n for n in self.names if n in on_device]
             skipped = [n for n in self.names if n not in on_device]
             params = {n: _cpu_copy(p) for n, p in zip(self.names, self.params, strict=True)} \
@@ -299,7 +376,7 @@ class Stepper:
             assert new_options is not None
             self._check_state_complete(dict(enumerate(self._state_by_index())), new_options)
             self._apply_options(new_options)
-            self.updated_at = time.time()
+            self._touch()
 
     def put_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Overwrite some or all parameter values in place."""
@@ -310,7 +387,7 @@ class Stepper:
             with torch.no_grad():
                 for n, t in staged.items():
                     self.params[self.index[n]].copy_(t)
-            self.updated_at = time.time()
+            self._touch()
 
     def put_state(
         self,
@@ -338,7 +415,7 @@ class Stepper:
             ]
             self._check_state_complete(new_state, options)
             self._load(new_state, options)
-            self.updated_at = time.time()
+            self._touch()
 
     def _checked_state_tensor(
         self, name: str, p: torch.Tensor, key: str, t: torch.Tensor
@@ -385,7 +462,7 @@ class Stepper:
                 self._param(n)
             for n in drop:
                 self.optimizer.state.pop(self.params[self.index[n]], None)
-            self.updated_at = time.time()
+            self._touch()
 
     # ------------------------------------------------------------------ reads
 

@@ -45,9 +45,24 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
                                                  "invalid_hyperparameter"},
     ("delete", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter"},
     ("get", "/healthz"): set(),
+    # durability (service/api/snapshots.py)
+    ("post", f"{NAMED}/checkpoint"): {"stepper_not_found", "persistence_failed"},
+    ("put", f"{NAMED}/durability"): {"stepper_not_found", "request_validation_error",
+                                     "persistence_failed"},
+    ("post", f"{NAMED}/snapshots"): {"stepper_not_found", "snapshot_exists",
+                                     "request_validation_error", "persistence_failed"},
+    ("get", f"{NAMED}/snapshots"): {"stepper_not_found"},
+    ("get", f"{NAMED}/snapshots/{{snap}}"): {"stepper_not_found", "snapshot_not_found",
+                                            "request_validation_error"},
+    ("delete", f"{NAMED}/snapshots/{{snap}}"): {"stepper_not_found", "snapshot_not_found",
+                                               "request_validation_error"},
+    ("post", f"{NAMED}/snapshots/{{snap}}/restore"): {"stepper_not_found", "snapshot_not_found",
+                                                     "invalid_checkpoint"},
+    ("post", f"{V1}/import"): BODY | {"invalid_checkpoint", "stepper_exists",
+                                      "request_validation_error", "device_unavailable"},
 }
 UPLOADS = {("post", V1), ("post", f"{NAMED}/step"), ("put", f"{NAMED}/params"),
-           ("put", f"{NAMED}/state")}
+           ("put", f"{NAMED}/state"), ("post", f"{V1}/import")}
 
 
 @pytest.fixture

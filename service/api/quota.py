@@ -1,0 +1,128 @@
+"""Quotas on what steppers may hold: tensor elements, number of steppers, memory budget.
+
+* ``max_tensor_elements``: no parameter may have more elements (413 ``tensor_too_large``),
+  checked from the spec's shapes before anything is allocated.
+* ``max_steppers``: creating one more stepper than this is refused (507 ``stepper_limit``).
+* ``memory_budget_bytes``: the bytes all steppers' parameters and Adam state take *after
+  their first step* (parameters, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` where the
+  group has ``amsgrad``, and the 4-byte ``step`` scalar per parameter: 3x or 4x the
+  parameter bytes) may not exceed this (507 ``memory_budget_exceeded``).
+
+The admission check runs twice at creation: once before the parameters are allocated (so an
+over-budget JSON spec of zeros never allocates them), and once inside the registry's
+creation lock (so racing creates cannot both pass). A refused create registers nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+from client import codec
+from client.protocol import CreateStepper
+
+from ..engine import Registry, Stepper
+from ..engine.errors import StepperNotFound
+from ..errors import ApiError
+from ..settings import Settings
+
+__all__ = [
+    "STEP_BYTES",
+    "admit",
+    "amsgrad_by_param",
+    "check_tensor_elements",
+    "json_spec_sizes",
+    "projected_bytes",
+    "spec_bytes",
+    "stepper_bytes",
+]
+
+#: PyTorch keeps each parameter's ``step`` as a float32 scalar tensor.
+STEP_BYTES = 4
+
+
+def check_tensor_elements(settings: Settings, name: str, shape: Sequence[int]) -> None:
+    """413 ``tensor_too_large`` when a parameter of ``shape`` is over the element limit."""
+    numel = math.prod(shape)
+    limit = settings.max_tensor_elements
+    if numel > limit:
+        raise ApiError("tensor_too_large",
+                       f"parameter {name!r} has {numel} elements; the limit "
+                       f"(max_tensor_elements) is {limit}", parameter=name, limit=limit)
+
+
+def projected_bytes(sizes: Iterable[tuple[int, bool]]) -> int:
+    """Parameters plus Adam state after the first step, from (parameter bytes, amsgrad)."""
+    return sum(nbytes * (4 if amsgrad else 3) + STEP_BYTES for nbytes, amsgrad in sizes)
+
+
+def amsgrad_by_param(spec: CreateStepper) -> Callable[[str], bool]:
+    """Whether each parameter's group will have ``amsgrad`` (as the spec asks)."""
+    base = bool(spec.hyperparameters.amsgrad)
+    per_param = {n: bool(g.amsgrad if g.amsgrad is not None else base)
+                 for g in spec.groups or [] for n in g.params}
+    return lambda name: per_param.get(name, base)
+
+
+def spec_bytes(spec: CreateStepper, sizes: Iterable[tuple[str, int]]) -> int:
+    """Projected bytes of a new stepper from (parameter name, parameter bytes)."""
+    amsgrad = amsgrad_by_param(spec)
+    return projected_bytes((nbytes, amsgrad(n)) for n, nbytes in sizes)
+
+
+def json_spec_sizes(settings: Settings, spec: CreateStepper) -> list[tuple[str, int]]:
+    """(name, bytes) of a JSON spec's parameters, element limits checked; parameters the
+    engine will reject anyway (no or negative shape) are left to it."""
+    out = []
+    for p in spec.params:
+        if p.shape is None or any(d < 0 for d in p.shape):
+            continue
+        check_tensor_elements(settings, p.name, p.shape)
+        itemsize = codec.dtype_from_name(p.dtype or "float32").itemsize
+        out.append((p.name, math.prod(p.shape) * itemsize))
+    return out
+
+
+def stepper_bytes(stepper: Stepper) -> int:
+    """A hosted stepper's projected bytes under its current options (no lock taken: shapes
+    never change and reading a group's ``amsgrad`` flag is atomic)."""
+    groups = stepper.optimizer.param_groups
+    return projected_bytes(
+        (p.numel() * p.element_size(), bool(groups[stepper.group_of[n]]["amsgrad"]))
+        for n, p in zip(stepper.names, stepper.params, strict=True)
+    )
+
+
+def _exists(registry: Registry, name: str) -> bool:
+    try:
+        registry.get(name)
+    except StepperNotFound:
+        return False
+    return True
+
+
+def admit(settings: Settings, registry: Registry, name: str, new_bytes: int,
+          *, precheck: bool = False) -> None:
+    """507 unless one more stepper of ``new_bytes`` fits the stepper limit and the budget.
+
+    Inside the registry's creation lock this is authoritative; with ``precheck`` (before
+    allocating, outside the lock) a name that is already taken is left to the registry's
+    409.
+    """
+    if precheck and _exists(registry, name):
+        return
+    limit = settings.max_steppers
+    if limit is not None and len(registry) >= limit:
+        raise ApiError("stepper_limit",
+                       f"the service already holds {len(registry)} steppers, its limit "
+                       f"(max_steppers); delete one to create {name!r}", limit=limit)
+    budget = settings.memory_budget_bytes
+    if budget is not None:
+        used = sum(stepper_bytes(s) for s in registry.list())
+        if used + new_bytes > budget:
+            raise ApiError(
+                "memory_budget_exceeded",
+                f"stepper {name!r} needs {new_bytes} bytes for its parameters and Adam "
+                f"state; {used} of the {budget}-byte budget (memory_budget_bytes) are in use",
+                needed=new_bytes, used=used, budget=budget,
+            )

@@ -1,0 +1,238 @@
+"""Tensor bodies streamed in place, and replies streamed from tensor memory.
+
+A step moves 4 bytes per fp32 parameter each way; at 10M parameters that is 40 MB in and
+40 MB out, so how the bytes are handled decides the step's latency. Here:
+
+- the request body is parsed as it arrives: the safetensors header first (every tensor is
+  validated before any data is read), then each tensor's bytes are copied from the
+  received chunks straight into its destination (the stepper's reusable gradient buffer),
+  never joined into one body first;
+- a reply is the safetensors header followed by the tensors' own memory, sent as views
+  (no serialization copy), while the stepper's write gate keeps the tensors unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from client import codec
+from client.protocol import META_STEP, META_STEPPER
+
+from ..engine import Stepper
+from ..errors import ApiError
+from .wire import OCTET, media_type
+
+__all__ = ["BodyReader", "TensorStreamResponse", "gate", "ingest_tensors", "off_loop"]
+
+#: The last bytes of a streamed reply are sent as a copy, see TensorStreamResponse.
+TAIL_COPY_BYTES = 1 << 20
+
+_gates: weakref.WeakKeyDictionary[Stepper, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+#: Steppers at most this large step on the event loop itself: their update takes tens of
+#: microseconds, less than the hand-off to a worker thread and back.
+INLINE_NUMEL = 1 << 16
+
+T = TypeVar("T")
+
+
+async def off_loop(stepper: Stepper, work: Callable[[], T]) -> T:
+    """Run engine work for ``stepper``: inline when it is tiny and on the CPU, else in the
+    thread pool so that heavy (or GPU) work never blocks the event loop."""
+    if stepper.device.type == "cpu" and stepper.numel <= INLINE_NUMEL:
+        return work()
+    return await run_in_threadpool(work)
+
+
+def gate(stepper: Stepper) -> asyncio.Lock:
+    """The stepper's write gate: held by every request that mutates it, from the first
+    byte of its body until its reply has left, so a reply streamed from parameter memory
+    never sees the next mutation. Reads do not take it (they copy under the engine lock)."""
+    lock = _gates.get(stepper)
+    if lock is None:
+        lock = _gates[stepper] = asyncio.Lock()
+    return lock
+
+
+class BodyReader:
+    """Reads an ASGI request body incrementally, enforcing the size limit."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], limit: int) -> None:
+        self._chunks = chunks
+        self._pending = memoryview(b"")
+        self._limit = limit
+        self.received = 0
+        self._done = False
+
+    async def _fill(self) -> bool:
+        while not self._pending.nbytes:
+            if self._done:
+                return False
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                return False
+            self.received += len(chunk)
+            if self.received > self._limit:
+                raise ApiError("payload_too_large",
+                               f"body exceeds the limit of {self._limit} bytes",
+                               limit=self._limit)
+            self._pending = memoryview(chunk)
+        return True
+
+    async def read_into(self, dest: memoryview) -> bool:
+        """Fill ``dest`` completely from the body; False if the body ends first."""
+        filled, size = 0, dest.nbytes
+        while filled < size:
+            if not await self._fill():
+                return False
+            n = min(self._pending.nbytes, size - filled)
+            dest[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return True
+
+    async def at_end(self) -> bool:
+        return not await self._fill()
+
+
+def _declared_length(request: Request, limit: int) -> int | None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
+    if size > limit:
+        raise ApiError("payload_too_large",
+                       f"body of {size} bytes exceeds the limit of {limit} bytes", limit=limit)
+    return size
+
+
+def fresh_tensor(entry: codec.Entry) -> torch.Tensor:
+    return torch.empty(entry.shape, dtype=entry.dtype)
+
+
+async def ingest_tensors(
+    request: Request,
+    destination: Callable[[codec.Entry], torch.Tensor] = fresh_tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors request body straight into the tensors ``destination`` names.
+
+    ``destination(entry)`` is called for every tensor of the header before any data is
+    read; it returns the (CPU, contiguous) tensor to fill, or raises to reject the request.
+    A body that ends early, runs long or contradicts its header is ``malformed_body``; in
+    every failure case the destinations may hold partial data but nothing else changed.
+    """
+    kind = media_type(request)
+    if kind not in (OCTET, ""):
+        raise ApiError("unsupported_media_type", f"Content-Type {kind!r}: send {OCTET}")
+    limit: int = request.app.state.settings.max_body_bytes
+    declared = _declared_length(request, limit)
+    if declared == 0:
+        raise ApiError("malformed_body", "empty body: expected a safetensors buffer")
+    reader = BodyReader(request.stream(), limit)
+    if not await reader.read_into(prefix := memoryview(bytearray(8))):
+        raise codec.CodecError("body too short for a safetensors header (need at least 8 bytes)")
+    n = codec.header_length(prefix)
+    if declared is not None and 8 + n > declared:
+        raise codec.CodecError(
+            f"safetensors header claims {n} bytes but the body has only {declared - 8}"
+        )
+    head = memoryview(bytearray(n))
+    if not await reader.read_into(head):
+        raise codec.CodecError(
+            f"safetensors header claims {n} bytes but the body has only {reader.received - 8}"
+        )
+    entries, metadata, length = codec.parse_header(head)
+    if declared is not None and declared != 8 + n + length:
+        raise codec.CodecError(
+            f"tensor data covers {length} bytes but the body carries {declared - 8 - n}"
+        )
+    if 8 + n + length > limit:  # a chunked body's header: refuse before allocating for it
+        raise ApiError("payload_too_large", f"body of {8 + n + length} bytes (as its header "
+                       f"lays it out) exceeds the limit of {limit} bytes", limit=limit)
+    tensors = {e.name: destination(e) for e in entries}
+    for e in sorted(entries, key=lambda e: e.begin):
+        if not await reader.read_into(codec.byte_view(tensors[e.name])):
+            raise codec.CodecError(
+                f"tensor data covers {length} bytes but the body carries "
+                f"{reader.received - 8 - n}"
+            )
+    if not await reader.at_end():
+        raise codec.CodecError(
+            f"tensor data covers {length} bytes but the body carries more"
+        )
+    return tensors, metadata
+
+
+class TensorStreamResponse(Response):
+    """A safetensors reply sent from the tensors' memory, then ``release()`` is called.
+
+    The transport may still hold the last bytes handed to it when the final message has
+    been sent; so that none of those can be tensor memory that changes once the gate is
+    released, the last ``TAIL_COPY_BYTES`` go out as a copy, and an empty final message
+    follows it: uvicorn waits for its write buffer to drain below the low-water mark
+    (far below the copied tail) before writing that message, so every byte taken from
+    tensor memory has reached the kernel when ``release`` runs.
+    """
+
+    media_type = OCTET
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        stepper: str,
+        step: int,
+        extra_metadata: Mapping[str, str] | None = None,
+        release: Callable[[], Any] | None = None,
+    ) -> None:
+        metadata = {META_STEPPER: stepper, META_STEP: str(step), **(extra_metadata or {})}
+        head, views = codec.encode_parts(tensors, metadata)
+        self._parts = [memoryview(head), *views]
+        self._release = release
+        length = sum(p.nbytes for p in self._parts)
+        super().__init__(None, headers={"content-length": str(length),
+                                        "x-adamscope-step": str(step)})
+
+    def _parts_with_copied_tail(self) -> list[bytes | memoryview]:
+        total = sum(p.nbytes for p in self._parts)
+        keep = max(0, total - TAIL_COPY_BYTES)
+        out: list[bytes | memoryview] = []
+        tail = bytearray()
+        pos = 0
+        for p in self._parts:
+            n = p.nbytes
+            if pos + n <= keep:
+                out.append(p)
+            elif pos >= keep:
+                tail += p
+            else:
+                out.append(p[: keep - pos])
+                tail += p[keep - pos :]
+            pos += n
+        out.append(bytes(tail))
+        return out
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            for part in self._parts_with_copied_tail():
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if self._release is not None:
+                self._release()

@@ -1,0 +1,368 @@
+"""Checkpoints: a stepper as one self-describing safetensors file, and back.
+
+A checkpoint holds everything a stepper is: its parameter values, every Adam state tensor,
+the optimizer kind, each param group's options, the step count and the engine's ``journal``.
+It is a plain safetensors file that any safetensors reader opens:
+
+* tensors ``param/<name>`` for every parameter (in the stepper's order), then
+  ``state/<name>/<key>`` for the Adam state that exists (``key``: ``step``, ``exp_avg``,
+  ``exp_avg_sq``, ``max_exp_avg_sq``; a parameter that never stepped has none);
+* ``__metadata__["adamscope.checkpoint"]``, a JSON object (format version 1)::
+
+      {"format": "adamscope-checkpoint", "version": 1,
+       "stepper": "run1", "optimizer": "adam" | "adamw", "device": "cpu",
+       "params": ["w", "b"],                      # parameter order
+       "groups": [{"params": ["w", "b"], "options": {"lr": 0.001, "betas": [0.9, 0.999],
+                   ...every torch.optim.Adam option...}}],
+       "step": 12, "created_at": ..., "updated_at": ..., "saved_at": ...,  # Unix seconds
+       "torch": "2.13.0", "extra": {...}}         # extra: the stepper's journal
+
+  plus whatever the caller annotates (the service adds ``durability`` and, for snapshots,
+  ``snapshot``), and ``adamscope.step`` / ``adamscope.stepper`` as on every tensor body.
+
+Restoring goes through the stepper's own state load (``Optimizer.load_state_dict``), so a
+restored stepper continues bit for bit like one that never stopped. Nothing is unpickled:
+tensors are rebuilt from dtype, shape and raw bytes by :mod:`client.codec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client import codec
+from client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
+
+from .errors import EngineError, InvalidCheckpoint, StepperExists
+from .options import OPTIMIZERS, OPTION_NAMES
+from .stepper import STATE_KEYS, GroupDef, Stepper
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "Encoded",
+    "build",
+    "decode",
+    "encode",
+    "header_from_prefix",
+    "load_into",
+    "write",
+]
+
+FORMAT = "adamscope-checkpoint"
+FORMAT_VERSION = 1
+PARAM_PREFIX = "param/"
+STATE_PREFIX = "state/"
+#: Header keys the engine writes; annotations may not replace them.
+RESERVED = frozenset({"format", "version", "stepper", "optimizer", "device", "params", "groups",
+                      "step", "created_at", "updated_at", "saved_at", "torch", "extra"})
+_NAME = re.compile(STEPPER_NAME_PATTERN)
+_PARAM_NAME = re.compile(r"[^\x00-\x1f]{1,512}")  # as ParamSpec allows
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A checkpoint's bytes (empty when written by :func:`write`), its header, the
+    ``Stepper.version`` it reflects and its size in bytes."""
+
+    data: bytes
+    header: dict[str, Any]
+    version: int
+    size: int
+
+    @property
+    def step(self) -> int:
+        return int(self.header["step"])
+
+
+@dataclass
+class Checkpoint:
+    """A decoded, validated checkpoint (not yet a stepper)."""
+
+    header: dict[str, Any]
+    params: list[tuple[str, torch.Tensor]]
+    state: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def name(self) -> str:
+        return str(self.header["stepper"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.header["optimizer"])
+
+    @property
+    def device(self) -> str:
+        return str(self.header["device"])
+
+    @property
+    def step(self) -> int:
+        return int(self.header["step"])
+
+    @property
+    def groups(self) -> list[GroupDef]:
+        return [GroupDef(list(g["params"]), dict(g["options"])) for g in self.header["groups"]]
+
+
+# ---------------------------------------------------------------------- stepper -> bytes
+
+
+def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
+          annotations: Mapping[str, Any] | None = None) -> Encoded:
+    """Hand the stepper's checkpoint to ``sink`` as a list of byte chunks, under its lock.
+
+    The chunks are views of the stepper's own tensor memory (no serialization copy), valid
+    only while ``sink`` runs: the lock keeps every tensor at one step until it returns, so
+    the checkpoint is never a mix of two. ``sink`` returns the number of bytes it took.
+    The returned :class:`Encoded` has no ``data``.
+    """
+    extra_keys = set(annotations or {}) & RESERVED
+    if extra_keys:
+        raise ValueError(f"annotations may not replace {sorted(extra_keys)}")
+    with stepper.lock:
+        tensors: dict[str, torch.Tensor] = {}
+        for n, p in zip(stepper.names, stepper.params, strict=True):
+            tensors[PARAM_PREFIX + n] = p.detach()
+        for n, p in zip(stepper.names, stepper.params, strict=True):
+            s = stepper.optimizer.state.get(p, {})
+            for key in STATE_KEYS:
+                if key in s:
+                    tensors[f"{STATE_PREFIX}{n}/{key}"] = s[key]
+        groups = [
+            {"params": list(stepper.group_names[gi]),
+             "options": {k: g[k] for k in OPTION_NAMES}}
+            for gi, g in enumerate(stepper.optimizer.param_groups)
+        ]
+        header: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "stepper": stepper.name,
+            "optimizer": stepper.kind,
+            "device": str(stepper.device),
+            "params": list(stepper.names),
+            "groups": groups,
+            "step": stepper.step_count,
+            "created_at": stepper.created_at,
+            "updated_at": stepper.updated_at,
+            "saved_at": time.time(),
+            "torch": torch.__version__,
+            "extra": stepper.journal,
+            **(annotations or {}),
+        }
+        metadata = {
+            META_CHECKPOINT: json.dumps(header, separators=(",", ":")),
+            META_STEP: str(stepper.step_count),
+            META_STEPPER: stepper.name,
+        }
+        head, views = codec.encode_parts(tensors, metadata)
+        size = sink([head, *views])
+        version = stepper.version
+    # The header as written (the journal copied by the JSON round trip).
+    return Encoded(b"", json.loads(metadata[META_CHECKPOINT]), version, size)
+
+
+def encode(stepper: Stepper, annotations: Mapping[str, Any] | None = None) -> Encoded:
+    """The stepper's checkpoint as bytes (one copy of its tensors, made under its lock)."""
+    out: list[bytes] = []
+
+    def join(parts: list[bytes | memoryview]) -> int:
+        out.append(b"".join(parts))
+        return len(out[0])
+
+    enc = write(stepper, join, annotations)
+    return Encoded(out[0], enc.header, enc.version, enc.size)
+
+
+# ---------------------------------------------------------------------- bytes -> checkpoint
+
+
+def _check(condition: bool, detail: str) -> None:
+    if not condition:
+        raise InvalidCheckpoint(detail)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The checkpoint header from a file's ``__metadata__``, every field checked."""
+    raw = metadata.get(META_CHECKPOINT)
+    _check(raw is not None,
+           f"not an adamscope checkpoint: __metadata__ lacks {META_CHECKPOINT!r}")
+    assert raw is not None
+    try:
+        h = json.loads(raw)
+    except ValueError as e:
+        raise InvalidCheckpoint(f"checkpoint header is not valid JSON: {e}") from None
+    _check(isinstance(h, dict), "checkpoint header must be a JSON object")
+    _check(h.get("format") == FORMAT, f"checkpoint format is {h.get('format')!r}, not {FORMAT!r}")
+    version = h.get("version")
+    _check(_is_int(version) and version >= 1, f"invalid checkpoint format version {version!r}")
+    _check(version <= FORMAT_VERSION,
+           f"checkpoint format version {version} is newer than this service reads "
+           f"({FORMAT_VERSION}): upgrade adamscope")
+    name = h.get("stepper")
+    _check(isinstance(name, str) and _NAME.fullmatch(name) is not None,
+           f"checkpoint names an invalid stepper {name!r}")
+    _check(h.get("optimizer") in OPTIMIZERS,
+           f"checkpoint has unknown optimizer {h.get('optimizer')!r}")
+    _check(isinstance(h.get("device"), str), "checkpoint lacks a device")
+    params = h.get("params")
+    _check(_str_list(params) and len(params) > 0 and len(set(params)) == len(params),
+           "checkpoint 'params' must list distinct parameter names")
+    for n in params:
+        _check(_PARAM_NAME.fullmatch(n) is not None, f"invalid parameter name {n!r}")
+    groups = h.get("groups")
+    _check(isinstance(groups, list) and len(groups) > 0, "checkpoint 'groups' must be a list")
+    for g in groups:
+        _check(isinstance(g, dict) and _str_list(g.get("params"))
+               and isinstance(g.get("options"), dict),
+               "each checkpoint group needs 'params' (names) and 'options' (an object)")
+        for key, value in g["options"].items():
+            _check(key in OPTION_NAMES, f"checkpoint group has unknown option {key!r}")
+            ok = (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
+                  if key == "betas" else value is None or isinstance(value, bool | int | float))
+            _check(ok, f"checkpoint option {key}={value!r} has the wrong type")
+    step = h.get("step")
+    _check(_is_int(step) and step >= 0, f"checkpoint step must be an integer >= 0, got {step!r}")
+    for key in ("created_at", "updated_at", "saved_at"):
+        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a number")
+    _check(isinstance(h.get("extra", {}), dict), "checkpoint 'extra' must be an object")
+    h.setdefault("extra", {})
+    return h  # type: ignore[no-any-return]
+
+
+def decode(data: bytes | bytearray | memoryview) -> Checkpoint:
+    """Parse and validate checkpoint bytes (raises :class:`InvalidCheckpoint`)."""
+    try:
+        tensors, metadata = codec.decode(data)
+    except codec.CodecError as e:
+        raise InvalidCheckpoint(f"not a valid safetensors file: {e}") from None
+    header = parse_header(metadata)
+    names: list[str] = header["params"]
+    known = set(names)
+    params: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith(PARAM_PREFIX):
+            n = key[len(PARAM_PREFIX):]
+            _check(n in known, f"checkpoint tensor {key!r} names no listed parameter")
+            params[n] = t
+        elif key.startswith(STATE_PREFIX):
+            n, _, which = key[len(STATE_PREFIX):].rpartition("/")
+            _check(n in known and which in STATE_KEYS,
+                   f"checkpoint tensor {key!r} is not 'state/<parameter>/<key>' with key one of "
+                   + ", ".join(STATE_KEYS))
+            state.setdefault(n, {})[which] = t
+        else:
+            raise InvalidCheckpoint(f"unexpected tensor {key!r} in checkpoint")
+    missing = [n for n in names if n not in params]
+    _check(not missing, f"checkpoint lacks the values of parameter(s) {missing}")
+    return Checkpoint(header, [(n, params[n]) for n in names], state)
+
+
+def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
+    """A checkpoint's header read from the start of a file (``read(n)`` returns the next n
+    bytes), without reading any tensor data."""
+    prefix = read(8)
+    _check(len(prefix) == 8, "file too short for a safetensors header")
+    (n,) = struct.unpack("<Q", prefix)
+    _check(n <= codec.MAX_HEADER_BYTES, f"safetensors header of {n} bytes is too large")
+    raw = read(n)
+    _check(len(raw) == n, "file ends inside its safetensors header")
+    try:
+        head = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidCheckpoint(f"safetensors header is not valid JSON: {e}") from None
+    _check(isinstance(head, dict), "safetensors header must be a JSON object")
+    metadata = head.get("__metadata__")
+    _check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+           "safetensors __metadata__ must map strings to strings")
+    return parse_header(metadata)
+
+
+# ---------------------------------------------------------------------- checkpoint -> stepper
+
+
+def _finish(stepper: Stepper, ckpt: Checkpoint, *, restore_times: bool) -> None:
+    stepper.step_count = ckpt.step
+    stepper.journal = copy.deepcopy(ckpt.header.get("extra", {}))
+    if restore_times:
+        stepper.created_at = float(ckpt.header["created_at"])
+        stepper.updated_at = float(ckpt.header["updated_at"])
+
+
+def build(ckpt: Checkpoint, device: torch.device, name: str | None = None) -> Stepper:
+    """A new stepper on ``device`` equal to the checkpoint (optionally under another name).
+
+    Everything is validated by the stepper itself (groups, options through PyTorch, every
+    state tensor); a checkpoint that does not load raises :class:`InvalidCheckpoint`.
+    """
+    options = [g.options for g in ckpt.groups]
+    try:
+        stepper = Stepper(name or ckpt.name, ckpt.kind, device, ckpt.params, {}, ckpt.groups)
+        with stepper.lock:
+            stepper.put_state(ckpt.state, options, replace=True)
+            _finish(stepper, ckpt, restore_times=True)
+    except (InvalidCheckpoint, StepperExists):
+        raise
+    except EngineError as e:
+        raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e.detail}") from None
+    except (TypeError, ValueError) as e:  # a value of the right JSON type PyTorch still refuses
+        raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e}") from None
+    return stepper
+
+
+def _check_layout(stepper: Stepper, ckpt: Checkpoint) -> None:
+    """The checkpoint has the stepper's optimizer, parameters (order, shapes, dtypes) and
+    groups: only its values and options may differ."""
+    problems = []
+    if ckpt.kind != stepper.kind:
+        problems.append(f"optimizer {ckpt.kind!r} vs {stepper.kind!r}")
+    if [n for n, _ in ckpt.params] != stepper.names:
+        problems.append("different parameter names or order")
+    else:
+        for n, t in ckpt.params:
+            shape, dtype = stepper.param_meta(n)
+            if list(t.shape) != shape or t.dtype != dtype:
+                problems.append(f"parameter {n!r} is {codec.dtype_name(t.dtype)}{list(t.shape)}, "
+                                f"stepper has {codec.dtype_name(dtype)}{shape}")
+    if [g.params for g in ckpt.groups] != stepper.group_names:
+        problems.append("different param groups")
+    if problems:
+        raise InvalidCheckpoint(
+            f"checkpoint of {ckpt.name!r} does not fit stepper {stepper.name!r}: "
+            + "; ".join(problems)
+        )
+
+
+def load_into(stepper: Stepper, ckpt: Checkpoint) -> None:
+    """Make an existing stepper equal to the checkpoint (a roll back), atomically: the
+    layout and the whole state are validated before anything changes."""
+    with stepper.lock:
+        _check_layout(stepper, ckpt)
+        try:
+            stepper.put_state(ckpt.state, [g.options for g in ckpt.groups], replace=True)
+        except EngineError as e:
+            raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e.detail}"
+                                    ) from None
+        stepper.put_params(dict(ckpt.params))
+        _finish(stepper, ckpt, restore_times=False)
