@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ import httpx
 import torch
 
 from . import codec
-from .errors import ProtocolError, error_from_problem
+from .errors import APIStatusError, ProtocolError, TransportError, error_from_problem
 from .progress import Progress
 from .protocol import (
     API_PREFIX,
@@ -70,6 +72,11 @@ class StepReply:
     stepped: list[str]
     skipped: list[str]
     params: dict[str, torch.Tensor] | None = None
+    #: The key had been applied before: this is the original result, not a new step.
+    replayed: bool = False
+    #: Accumulate mode: False while the step waits for other workers' contributions.
+    applied: bool = True
+    pending: list[int] = field(default_factory=list)
 
 
 ReadInto = Callable[[memoryview], int]
@@ -93,13 +100,22 @@ class Call:
     parts: list[bytes | memoryview] | None = None
     accept: str = "application/json"
     receive: Callable[[ReadInto], Any] | None = None
+    #: Safe to send again after it may have reached the server (None: by HTTP method).
+    idempotent: bool | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def body(self) -> bytes | None:
         return None if self.parts is None else b"".join(self.parts)
 
+    @property
+    def retryable(self) -> bool:
+        if self.idempotent is not None:
+            return self.idempotent
+        return self.method in ("GET", "HEAD", "PUT", "DELETE", "PATCH")
+
     def headers(self) -> dict[str, str]:
-        h = {"accept": self.accept}
+        h = {"accept": self.accept, **self.extra_headers}
         if self.parts is not None:
             h["content-type"] = OCTET
             h["content-length"] = str(sum(len(memoryview(p).cast("B")) for p in self.parts))
@@ -272,7 +288,12 @@ def step(
     into: Mapping[str, torch.Tensor] | None = None,
     only_stepped: bool = False,
     wire_dtype: torch.dtype | None = None,
+    key: str | None = None,
+    expected_step: int | None = None,
+    contribution: tuple[int, int, float] | None = None,
 ) -> Call:
+    """A step. ``key`` (default: a fresh UUID) makes retries of it safe: the service applies
+    a key once. ``contribution`` is ``(worker, contributors, wait seconds)``."""
     metadata = {}
     if param_groups is not None:
         metadata[META_GROUPS] = json.dumps([_jsonable_options(g) for g in param_groups])
@@ -283,14 +304,17 @@ def step(
 
     def parse(r: httpx.Response) -> StepReply:
         data = _json(r)
-        return StepReply(data["step"], data["stepped"], data["skipped"])
+        return StepReply(data["step"], data["stepped"], data["skipped"],
+                         replayed=data.get("replayed", False), applied=data.get("applied", True),
+                         pending=data.get("pending", []))
 
     def receive(readinto: ReadInto) -> StepReply:
         tensors, meta = receive_tensors(readinto, into)
+        replayed = bool(json.loads(meta.get("adamscope.replayed", "false")))
         stepped = json.loads(meta.get("adamscope.stepped", "[]"))
         skipped = (json.loads(meta["adamscope.skipped"]) if "adamscope.skipped" in meta
                    else [n for n in tensors if n not in set(stepped)])  # an older server
-        return StepReply(int(meta[META_STEP]), stepped, skipped, tensors)
+        return StepReply(int(meta[META_STEP]), stepped, skipped, tensors, replayed=replayed)
 
     params = []
     if return_params:
@@ -299,9 +323,41 @@ def step(
             params.append(("only_stepped", "true"))
     if wire_dtype is not None:
         params.append(("wire_dtype", codec.dtype_name(wire_dtype)))
+    if expected_step is not None:
+        params.append(("expected_step", str(expected_step)))
+    if contribution is not None:
+        worker, contributors, wait = contribution
+        params += [("worker", str(worker)), ("contributors", str(contributors)),
+                   ("wait", repr(float(wait)))]
     return Call("POST", _path(name, "step"), parse, params=params, parts=parts,
                 accept=OCTET if return_params else "application/json",
-                receive=receive if return_params else None)
+                receive=receive if return_params else None, idempotent=True,
+                extra_headers={"idempotency-key": key or uuid.uuid4().hex})
+
+
+def commit(name: str) -> Call:
+    return Call("POST", _path(name, "commit"), lambda r: StepReply(
+        (d := _json(r))["step"], d["stepped"], d["skipped"]), idempotent=False)
+
+
+def is_tensor_body(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith(OCTET)
+
+
+def retry_delay(attempt: int, backoff: float) -> float:
+    """Exponential backoff with jitter: ``backoff * 2**attempt``, times 0.5 to 1."""
+    return float(backoff * 2**attempt * (0.5 + random.random() / 2))
+
+
+def should_retry(call: Call, error: Exception) -> bool:
+    """Connection failures and 5xx (but 501 and 507, which repeat) may be retried; a call
+    that may have reached the server only when it is idempotent (a step carries a key)."""
+    if isinstance(error, TransportError):
+        cause = error.__cause__
+        return call.retryable or isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout)
+    if isinstance(error, APIStatusError):
+        return call.retryable and error.status in (500, 502, 503, 504)
+    return False
 
 
 def get_params(name: str, names: Sequence[str] | None,
@@ -315,7 +371,8 @@ def put_params(name: str, tensors: Mapping[str, torch.Tensor]) -> Call:
     return Call("PUT", _path(name, "params"), _json, parts=tensor_parts(dict(tensors)))
 
 
-def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None) -> Call:
+def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None,
+              with_params: bool = False) -> Call:
     def parse(r: httpx.Response) -> dict[str, dict[str, torch.Tensor]]:
         return nest(_tensors(r)[0])
 
@@ -326,8 +383,9 @@ def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None
             out.setdefault(pname, {})[key] = t
         return out
 
+    flag = [("with_params", "true")] if with_params else []
     return Call("GET", _path(name, "state"), parse,
-                params=_names(names) + _names(keys, "key"), accept=OCTET,
+                params=_names(names) + _names(keys, "key") + flag, accept=OCTET,
                 receive=lambda readinto: nest(receive_tensors(readinto)[0]))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from . import _base
 from ._base import Call, StepReply, resolve_url
-from .errors import TransportError
+from .errors import APIStatusError, TransportError
 from .progress import Progress
 from .protocol import (
     BiasCorrectionReport,
@@ -52,8 +52,12 @@ class AsyncClient:
         timeout: float = 300.0,
         http_client: httpx.AsyncClient | None = None,
         token: str | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
     ) -> None:
         self.url = resolve_url(url)
+        self.retries = retries
+        self.backoff = backoff
         self._owns = http_client is None
         self._http = http_client or httpx.AsyncClient(base_url=self.url, timeout=timeout)
         _base.authorize(self._http, token)
@@ -69,6 +73,18 @@ class AsyncClient:
         await self.close()
 
     async def _send(self, call: Call) -> Any:
+        """Send ``call``, retrying connection failures and 5xx with backoff where that is
+        safe (a step's idempotency key is the same on every attempt)."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._send_once(call)
+            except (TransportError, APIStatusError) as e:
+                if attempt == self.retries or not _base.should_retry(call, e):
+                    raise
+            await asyncio.sleep(_base.retry_delay(attempt, self.backoff))
+        raise AssertionError("unreachable")
+
+    async def _send_once(self, call: Call) -> Any:
         content = _aiter(call.parts) if call.parts is not None else None
         try:
             response = await self._http.request(
@@ -79,7 +95,7 @@ class AsyncClient:
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {call.path}: {e!r}") from e
         _base.raise_for_problem(response)
-        if call.receive is not None:
+        if call.receive is not None and _base.is_tensor_body(response):
             return call.receive(_base.chunk_reader(iter([response.content])))
         return call.parse(response)
 
@@ -129,6 +145,8 @@ class AsyncClient:
         only_stepped: bool = False,
         into: Mapping[str, torch.Tensor] | None = None,
         wire_dtype: torch.dtype | None = None,
+        key: str | None = None,
+        expected_step: int | None = None,
     ) -> StepReply:
         """One Adam step; a name missing from ``grads`` (or mapped to None) does not step.
 
@@ -136,8 +154,29 @@ class AsyncClient:
         before the step, as a scheduler's ``lr`` change would be locally.
         """
         call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
-                          wire_dtype)
+                          wire_dtype, key, expected_step)
         return await self._send(call)  # type: ignore[no-any-return]
+
+    async def contribute(
+        self,
+        name: str,
+        grads: Mapping[str, torch.Tensor | None],
+        *,
+        worker: int,
+        contributors: int,
+        wait: float = 0.0,
+        return_params: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
+        key: str | None = None,
+    ) -> StepReply:
+        """Accumulate mode (see :meth:`client.Client.contribute`)."""
+        call = _base.step(name, grads, return_params, None, into, False, None, key, None,
+                          (worker, contributors, wait))
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def commit(self, name: str) -> StepReply:
+        """Accumulate mode: apply the pending step with the contributions so far."""
+        return await self._send(_base.commit(name))  # type: ignore[no-any-return]
 
     async def get_params(
         self, name: str, names: Sequence[str] | None = None
@@ -148,10 +187,13 @@ class AsyncClient:
         await self._send(_base.put_params(name, tensors))
 
     async def get_state(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None
+        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        with_params: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``."""
-        return await self._send(_base.get_state(name, names, keys))  # type: ignore[no-any-return]
+        """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
+        ``with_params`` also ``"param"``, the value read together with that state."""
+        call = _base.get_state(name, names, keys, with_params)
+        return await self._send(call)  # type: ignore[no-any-return]
 
     async def put_state(
         self,

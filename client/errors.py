@@ -69,6 +69,7 @@ __all__ = [
     "ShapeMismatchError",
     "SnapshotExistsError",
     "SnapshotNotFoundError",
+    "StepConflictError",
     "StepperExistsError",
     "StepperLimitError",
     "TensorTooLargeError",
@@ -89,6 +90,7 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "Not found"),
     "method_not_allowed": (405, "Method not allowed"),
     "stepper_exists": (409, "Stepper already exists"),
+    "step_conflict": (409, "Step conflict"),
     "snapshot_not_found": (404, "Snapshot not found"),
     "snapshot_exists": (409, "Snapshot already exists"),
     "invalid_checkpoint": (422, "Invalid checkpoint file"),
@@ -175,6 +177,16 @@ class StepperExistsError(ConflictError):
     pass
 
 
+class StepConflictError(ConflictError):
+    """The step was built on a stale view (``current_step`` says where the stepper is), or
+    a contribution does not fit the pending step."""
+
+    @property
+    def current_step(self) -> int | None:
+        value = self.problem.get("current_step")
+        return int(value) if value is not None else None
+
+
 class PayloadTooLargeError(APIStatusError):
     pass
 
@@ -259,6 +271,7 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "forbidden": ForbiddenError,
     "stepper_not_found": StepperNotFoundError,
     "stepper_exists": StepperExistsError,
+    "step_conflict": StepConflictError,
     "payload_too_large": PayloadTooLargeError,
     "tensor_too_large": TensorTooLargeError,
     "request_validation_error": RequestValidationError,

@@ -142,6 +142,7 @@ class _Remote:
                 self.client.create(self.name, list(zip(self.names, self._params, strict=True)),
                                    optimizer=self._kind, device=self._device, groups=groups)
                 self._synced = self._options()
+                self.remote_step = 0
                 return
             except StepperExistsError:
                 summary = self.client.get(self.name)
@@ -175,6 +176,7 @@ class _Remote:
                 value = getattr(remote, k)
                 g[k] = tuple(value) if k == "betas" else value
         self._synced = self._options()
+        self.remote_step = summary.step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_ready", False):
@@ -205,13 +207,18 @@ class _Remote:
         try:
             # The new values of the parameters that stepped are read off the socket
             # straight into the local tensors' memory.
+            # The step carries a fresh idempotency key (the client's retries reuse it, so a
+            # lost reply never applies it twice) and the step this optimizer last saw: if
+            # anyone else stepped the stepper since, StepConflictError, not a silent mix.
             reply = self.client.step(self.name, grads, return_params=True, param_groups=changed,
-                                     only_stepped=True, into=index, wire_dtype=self.wire_dtype)
+                                     only_stepped=True, into=index, wire_dtype=self.wire_dtype,
+                                     expected_step=self.remote_step)
         except (ProtocolError, TransportError):
             # A reply cut short (bad bytes, or the connection lost mid-body) may have left
             # some tensors half-written.
-            self._resync()
+            self.resync()
             raise
+        self.remote_step = reply.step
         self._synced = options
         assert reply.params is not None
         with torch.no_grad():
@@ -220,8 +227,10 @@ class _Remote:
                     index[n].copy_(reply.params[n])
         return loss
 
-    def _resync(self) -> None:
-        """Make the local parameters equal the stepper's again."""
+    def resync(self) -> None:
+        """Make the local parameters (and the step this optimizer expects) the stepper's
+        again, e.g. after a StepConflictError or a step that failed in flight."""
+        self.remote_step = self.client.get(self.name).step
         index = dict(zip(self.names, self._params, strict=True))
         values = self.client.get_params(self.name, into=index)
         with torch.no_grad():

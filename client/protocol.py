@@ -236,6 +236,11 @@ class StepResult(_Model):
     step: int = Field(description="the stepper's step after this request")
     stepped: list[str] = Field(description="parameters updated (those sent a gradient)")
     skipped: list[str] = Field(description="parameters left as they were (no gradient)")
+    replayed: bool = Field(False, description="this key's step had been applied before: "
+                                             "the original result, not applied again")
+    applied: bool = Field(True, description="false: a contribution waiting for the others")
+    pending: list[int] = Field(default_factory=list,
+                               description="accumulate mode: workers that have contributed")
 
 
 class BiasCorrection(_Model):

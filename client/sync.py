@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from . import _base
 from ._base import Call, StepReply, resolve_url
-from .errors import TransportError
+from .errors import APIStatusError, TransportError
 from .progress import Progress
 from .protocol import (
     BiasCorrectionReport,
@@ -47,8 +48,12 @@ class Client:
         timeout: float = 300.0,
         http_client: httpx.Client | None = None,
         token: str | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
     ) -> None:
         self.url = resolve_url(url)
+        self.retries = retries
+        self.backoff = backoff
         self._owns = http_client is None
         self._http = http_client or httpx.Client(
             base_url=self.url, timeout=timeout, transport=WireTransport()
@@ -66,13 +71,25 @@ class Client:
         self.close()
 
     def _send(self, call: Call) -> Any:
+        """Send ``call``, retrying connection failures and 5xx with backoff where that is
+        safe (a step's idempotency key is the same on every attempt)."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._send_once(call)
+            except (TransportError, APIStatusError) as e:
+                if attempt == self.retries or not _base.should_retry(call, e):
+                    raise
+            time.sleep(_base.retry_delay(attempt, self.backoff))
+        raise AssertionError("unreachable")
+
+    def _send_once(self, call: Call) -> Any:
         try:
             with self._http.stream(
                 call.method, call.path, params=tuple(call.params), json=call.json_body,
                 content=call.parts,  # type: ignore[arg-type]  # memoryviews are bytes-like
                 headers=call.headers(), extensions=call.extensions(),
             ) as response:
-                if call.receive is not None and response.is_success:
+                if call.receive is not None and _base.is_tensor_body(response):
                     readinto = response.extensions.get(READINTO_EXTENSION)
                     return call.receive(readinto or _base.chunk_reader(response.iter_raw()))
                 response.read()
@@ -127,6 +144,8 @@ class Client:
         only_stepped: bool = False,
         into: Mapping[str, torch.Tensor] | None = None,
         wire_dtype: torch.dtype | None = None,
+        key: str | None = None,
+        expected_step: int | None = None,
     ) -> StepReply:
         """One Adam step; a name missing from ``grads`` (or mapped to None) does not step.
 
@@ -139,8 +158,32 @@ class Client:
         before the step and the returned parameters are rounded copies of the stepper's.
         """
         call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
-                          wire_dtype)
+                          wire_dtype, key, expected_step)
         return self._send(call)  # type: ignore[no-any-return]
+
+    def contribute(
+        self,
+        name: str,
+        grads: Mapping[str, torch.Tensor | None],
+        *,
+        worker: int,
+        contributors: int,
+        wait: float = 0.0,
+        return_params: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
+        key: str | None = None,
+    ) -> StepReply:
+        """Accumulate mode: worker ``worker`` of ``contributors`` sends its gradients for the
+        next step, applied (with the mean gradient) once all have contributed. ``wait``
+        seconds to block for that; ``reply.applied`` is False if it has not happened yet.
+        Retried contributions count once."""
+        call = _base.step(name, grads, return_params, None, into, False, None, key, None,
+                          (worker, contributors, wait))
+        return self._send(call)  # type: ignore[no-any-return]
+
+    def commit(self, name: str) -> StepReply:
+        """Accumulate mode: apply the pending step with the contributions so far."""
+        return self._send(_base.commit(name))  # type: ignore[no-any-return]
 
     def get_params(
         self, name: str, names: Sequence[str] | None = None,
@@ -153,10 +196,13 @@ class Client:
         self._send(_base.put_params(name, tensors))
 
     def get_state(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None
+        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        with_params: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``."""
-        return self._send(_base.get_state(name, names, keys))  # type: ignore[no-any-return]
+        """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
+        ``with_params`` also ``"param"``, the value read together with that state."""
+        call = _base.get_state(name, names, keys, with_params)
+        return self._send(call)  # type: ignore[no-any-return]
 
     def put_state(
         self,

@@ -100,8 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-                415: "unsupported_media_type"}.get(exc.status_code)
+        # 400: FastAPI's "error parsing the body" (e.g. a JSON body that is not UTF-8).
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large", 415: "unsupported_media_type"}.get(exc.status_code)
         if code is None:
             body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
                     "detail": str(exc.detail), "code": f"http_{exc.status_code}",

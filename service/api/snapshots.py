@@ -63,7 +63,7 @@ async def checkpoint(name: str, request: Request) -> dict[str, Any]:
     response_model=StepperSummary,
     summary="Change when the stepper is written to disk (writes its checkpoint now)",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*NAME_PROBLEMS, "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "persistence_failed"),
 )
 async def set_durability(name: str, policy: Durability, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
@@ -77,7 +77,8 @@ async def set_durability(name: str, policy: Durability, request: Request) -> dic
     response_model=SnapshotInfo,
     summary="Take a named snapshot of the stepper's current state",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*NAME_PROBLEMS, "snapshot_exists", "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "snapshot_exists",
+                       "persistence_failed"),
 )
 async def take_snapshot(
     name: str, request: Request, body: Annotated[SnapshotRequest | None, Body()] = None

@@ -192,7 +192,8 @@ async def delete_stepper(name: str, request: Request) -> Response:
     response_model=StepperSummary,
     summary="Change options between steps (lr for schedulers, ...)",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "invalid_hyperparameter", "invalid_state"),
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "invalid_hyperparameter",
+                       "invalid_state"),
 )
 async def patch_hyperparameters(
     name: str, patch: HyperparametersPatch, request: Request

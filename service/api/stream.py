@@ -31,7 +31,15 @@ from ..engine import Stepper
 from ..errors import ApiError
 from .wire import OCTET, media_type
 
-__all__ = ["BodyReader", "TensorStreamResponse", "gate", "ingest_tensors", "off_loop"]
+__all__ = [
+    "BodyReader",
+    "TensorStreamResponse",
+    "gate",
+    "ingest_tensors",
+    "off_loop",
+    "step_applied",
+    "step_applied_event",
+]
 
 #: The last bytes of a streamed reply are sent as a copy, see TensorStreamResponse.
 TAIL_COPY_BYTES = 1 << 20
@@ -52,6 +60,24 @@ async def off_loop(stepper: Stepper, work: Callable[[], T]) -> T:
     if stepper.device.type == "cpu" and stepper.numel <= INLINE_NUMEL:
         return work()
     return await run_in_threadpool(work)
+
+
+_applied: weakref.WeakKeyDictionary[Stepper, asyncio.Event] = weakref.WeakKeyDictionary()
+
+
+def step_applied_event(stepper: Stepper) -> asyncio.Event:
+    """An event set when the stepper's next step has been applied (accumulate mode waits)."""
+    event = _applied.get(stepper)
+    if event is None:
+        event = _applied[stepper] = asyncio.Event()
+    return event
+
+
+def step_applied(stepper: Stepper) -> None:
+    """Wake whoever waits for the step just applied; later waiters get a fresh event."""
+    event = _applied.pop(stepper, None)
+    if event is not None:
+        event.set()
 
 
 def gate(stepper: Stepper) -> asyncio.Lock:

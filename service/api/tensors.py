@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -16,13 +17,20 @@ from client import codec
 from client.protocol import META_GROUPS, StepResult
 
 from ..engine import STATE_KEYS, StepOutcome, Stepper
-from ..engine.errors import InvalidState
+from ..engine.errors import InvalidSpec, InvalidState, StepConflict
 from ..errors import ApiError, problems
 from .access import require
 from .durability import persist_after
 from .options import group_updates_from_json
 from .steppers import NAME_PROBLEMS, registry
-from .stream import TensorStreamResponse, gate, ingest_tensors, off_loop
+from .stream import (
+    TensorStreamResponse,
+    gate,
+    ingest_tensors,
+    off_loop,
+    step_applied,
+    step_applied_event,
+)
 from .wire import (
     OCTET,
     TensorFormat,
@@ -100,15 +108,17 @@ async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict
 
 @router.post(
     "/steppers/{name}/step",
-    summary="Apply one Adam step",
+    summary="Apply one Adam step (or contribute to one)",
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
     responses={
         200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
               "description": "StepResult JSON, or with return_params=true the updated "
                              "parameters as safetensors (metadata: step, stepped, skipped)"},
+        202: {"model": StepResult,
+              "description": "a contribution was recorded; the step waits for the others"},
         **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
-                   "invalid_state"),
+                   "invalid_state", "invalid_spec", "step_conflict", "persistence_failed"),
     },
     openapi_extra=binary_body_doc(
         "safetensors of gradients by parameter name; a parameter without one does not step "
@@ -127,8 +137,28 @@ async def step(
         description="LOSSY: gradients may arrive, and parameters are returned, in this 16-bit "
                     "dtype (half the bytes); the stepper itself keeps full precision"
     )] = None,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=200,
+        description="a retried request with the same key is not applied again: the "
+                    "original result is returned",
+    )] = None,
+    expected_step: Annotated[int | None, Query(
+        ge=0, description="the step the stepper must be at, else 409 step_conflict"
+    )] = None,
+    contributors: Annotated[int | None, Query(
+        ge=1, le=1024, description="accumulate mode: apply the step once this many workers "
+                                   "contributed, with the mean of their gradients"
+    )] = None,
+    worker: Annotated[int | None, Query(ge=0, description="accumulate mode: this worker's id")]
+    = None,
+    wait: Annotated[float, Query(
+        ge=0, le=600, description="accumulate mode: seconds to wait for the step to be "
+                                  "applied before answering 202 (pending)"
+    )] = 0.0,
 ) -> Response:
     stepper = registry(request).get(name)
+    if (contributors is None) != (worker is None):
+        raise InvalidSpec("accumulate mode needs both 'contributors' and 'worker'")
     lock: asyncio.Lock | None = gate(stepper)
     assert lock is not None
     await lock.acquire()
@@ -141,28 +171,57 @@ async def step(
 
         received, metadata = await ingest_tensors(request, into_grad_buffer)
         groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
+        target = stepper.step_count + 1
 
-        def apply() -> tuple[StepOutcome, dict[str, torch.Tensor]]:
+        def apply() -> StepOutcome | None:
             grads = {n: widen(stepper, n, g) for n, g in received.items()}
-            outcome = stepper.step(grads, groups)
-            if not return_params:
-                return outcome, {}
+            if contributors is not None and worker is not None:
+                if groups is not None:
+                    raise InvalidSpec("contributions cannot change options; use PATCH")
+                return stepper.contribute(worker, contributors, grads, idempotency_key,
+                                          expected_step)
+            return stepper.step(grads, groups, key=idempotency_key, expected_step=expected_step)
+
+        outcome = await off_loop(stepper, apply)
+        await persist_after(request, stepper, "step")
+        if outcome is not None and not outcome.replayed:
+            step_applied(stepper)
+        if outcome is None:
+            if wait <= 0:
+                return _pending(stepper)
+            applied = step_applied_event(stepper)
+            lock.release()
+            lock = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(applied.wait(), wait)
+            lock = gate(stepper)
+            await lock.acquire()
+            if stepper.step_count < target:
+                return _pending(stepper)
+            recorded = stepper.journal.get("keys", {}).get(idempotency_key or "")
+            outcome = StepOutcome(target, *(
+                (recorded["stepped"], recorded["skipped"]) if recorded else ([], [])))
+        if not return_params:
+            return JSONResponse(_result(name, outcome).model_dump())
+        if outcome.step != stepper.step_count:
+            raise StepConflict(
+                f"step {outcome.step} was applied, but stepper {name!r} has moved on to step "
+                f"{stepper.step_count}: the parameters of step {outcome.step} are gone",
+                current_step=stepper.step_count)
+
+        def reply_params() -> dict[str, torch.Tensor]:
             names = outcome.stepped if only_stepped else stepper.names
             params = stepper.host_params(names)
             if lossy is not None:
                 params = {n: t.to(lossy) if t.is_floating_point() and t.dtype != lossy else t
                           for n, t in params.items()}
-            return outcome, params
+            return params
 
-        outcome, params = await off_loop(stepper, apply)
-        await persist_after(request, stepper, "step")
-        if not return_params:
-            result = StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
-                                skipped=outcome.skipped)
-            return JSONResponse(result.model_dump())
+        params = await off_loop(stepper, reply_params)
         response = TensorStreamResponse(
             params, name, outcome.step, {"adamscope.stepped": json.dumps(outcome.stepped),
-                                         "adamscope.skipped": json.dumps(outcome.skipped)},
+                                         "adamscope.skipped": json.dumps(outcome.skipped),
+                                         "adamscope.replayed": json.dumps(outcome.replayed)},
             release=lock.release,
         )
         lock = None  # the response releases the gate once its bytes have left
@@ -170,6 +229,33 @@ async def step(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _result(name: str, outcome: StepOutcome) -> StepResult:
+    return StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
+                      skipped=outcome.skipped, replayed=outcome.replayed)
+
+
+def _pending(stepper: Stepper) -> JSONResponse:
+    result = StepResult(stepper=stepper.name, step=stepper.step_count, stepped=[], skipped=[],
+                        applied=False, pending=stepper.pending_contributions())
+    return JSONResponse(result.model_dump(), status_code=202)
+
+
+@router.post(
+    "/steppers/{name}/commit",
+    summary="Accumulate mode: apply the pending step with the contributions so far",
+    dependencies=[Depends(require("write"))],
+    response_model=StepResult,
+    responses=problems(*NAME_PROBLEMS, "step_conflict", "persistence_failed"),
+)
+async def commit(name: str, request: Request) -> dict[str, Any]:
+    stepper = registry(request).get(name)
+    async with gate(stepper):
+        outcome = await off_loop(stepper, stepper.commit)
+        await persist_after(request, stepper, "step")
+        step_applied(stepper)
+    return _result(name, outcome).model_dump()
 
 
 @router.get(
@@ -222,7 +308,9 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
     summary="Read Adam state (step, exp_avg, exp_avg_sq, max_exp_avg_sq)",
     dependencies=[Depends(require("read"))],
     responses={200: {"content": {OCTET: {}, "application/json": {}},
-                     "description": "safetensors named '<param>.<key>' or JSON"},
+                     "description": "safetensors named '<param>.<key>' (with with_params=true "
+                                    "also '<param>.param') or JSON; metadata adamscope.step "
+                                    "is the step every tensor of the reply belongs to"},
                **problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state",
                           "json_too_large")},
 )
@@ -231,8 +319,13 @@ async def get_state(
     keys: Annotated[list[str] | None, Query(alias="key", description="state keys; all if none")]
     = None,
     format: Format = None,
+    with_params: Annotated[bool, Query(
+        description="also return each parameter's value, as '<param>.param' (JSON: key "
+                    "'param'), read together with the state: parameters and state are then "
+                    "one consistent snapshot of the reported step, never a mix of two steps"
+    )] = False,
 ) -> Response:
-    step_count, state = registry(request).get(name).get_state(names, keys)
+    step_count, state = registry(request).get(name).get_state(names, keys, with_params)
     if wants_json(request, format):
         flat = [t for s in state.values() for t in s.values()]
         json_tensors(request, {str(i): t for i, t in enumerate(flat)})  # size check only

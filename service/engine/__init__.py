@@ -2,6 +2,14 @@
 
 from .errors import EngineError
 from .registry import Registry
-from .stepper import STATE_KEYS, GroupDef, StepOutcome, Stepper
+from .stepper import STATE_KEYS, GroupDef, StepObserver, StepOutcome, Stepper
 
-__all__ = ["STATE_KEYS", "EngineError", "GroupDef", "Registry", "StepOutcome", "Stepper"]
+__all__ = [
+    "STATE_KEYS",
+    "EngineError",
+    "GroupDef",
+    "Registry",
+    "StepObserver",
+    "StepOutcome",
+    "Stepper",
+]

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidSpec",
     "InvalidState",
     "ShapeMismatch",
+    "StepConflict",
     "StepperExists",
     "StepperNotFound",
     "UnknownParameter",
@@ -34,6 +35,10 @@ class EngineError(Exception):
 
 class StepperNotFound(EngineError):
     code = "stepper_not_found"
+
+
+class StepConflict(EngineError):
+    code = "step_conflict"
 
 
 class StepperExists(EngineError):

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,6 +24,7 @@ from .errors import (
     InvalidSpec,
     InvalidState,
     ShapeMismatch,
+    StepConflict,
     UnknownParameter,
 )
 from .options import (
@@ -35,7 +36,7 @@ from .options import (
     validate_options,
 )
 
-__all__ = ["STATE_KEYS", "GroupDef", "StepOutcome", "Stepper"]
+__all__ = ["JOURNAL_KEYS", "STATE_KEYS", "GroupDef", "StepObserver", "StepOutcome", "Stepper"]
 
 #: Per-parameter state tensors of torch.optim.Adam, in PyTorch's order.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -55,6 +56,22 @@ class StepOutcome:
     stepped: list[str]
     skipped: list[str]
     params: dict[str, torch.Tensor] | None = None
+    replayed: bool = False
+
+
+class StepObserver(Protocol):
+    """Sees every step: ``before_step`` with the gradients set on the parameters (state
+    not yet updated), ``after_step`` once ``optimizer.step()`` returned; both under the
+    stepper's lock. An observer must not modify parameters, gradients or state."""
+
+    def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None: ...
+
+    def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None: ...
+
+
+#: Idempotency keys remembered per stepper (oldest forgotten first); persisted with it.
+JOURNAL_KEYS = 4096
+MAX_CONTRIBUTORS = 1024
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -152,6 +169,10 @@ class Stepper:
         #: JSON-serializable engine bookkeeping saved with every checkpoint and restored with
         #: it ("extra" in the checkpoint metadata); change it under ``lock`` with a mutation.
         self.journal: dict[str, Any] = {}
+        #: Contributions collected for the next step (accumulate mode); never persisted.
+        self._round: dict[str, Any] = {}
+        #: Called around every optimizer step (statistics, history).
+        self.observers: list[StepObserver] = []
         self.lock = threading.RLock()
         self.created_at = time.time()
         self.updated_at = self.created_at
@@ -319,37 +340,169 @@ class Stepper:
         grads: Mapping[str, torch.Tensor],
         group_updates: Sequence[Mapping[str, Any]] | None = None,
         return_params: bool = False,
+        key: str | None = None,
+        expected_step: int | None = None,
     ) -> StepOutcome:
-        """Apply one Adam step with ``grads`` (a missing name = ``p.grad is None``)."""
+        """Apply one Adam step with ``grads`` (a missing name = ``p.grad is None``).
+
+        ``key`` makes the step idempotent: a step whose key was already applied is not
+        applied again; its original outcome comes back with ``replayed=True``.
+        ``expected_step`` is the step the caller believes the stepper is at: if it is not,
+        nothing happens and :class:`StepConflict` says where the stepper really is.
+        """
         with self.lock:
+            replay = self._replay(key)
+            if replay is not None:
+                return replay
+            self._check_expected(expected_step)
             for name, g in grads.items():
                 self._check_tensor(name, g, "gradient")
-            new_options = self._validated_group_updates(group_updates)
-            if new_options is not None:
-                self._check_state_complete(
-                    {i: s for i, s in enumerate(self._state_by_index())}, new_options
-                )
-            # Device copies first: an allocation failure here leaves nothing half-done.
-            on_device = {n: self._to_device(n, g) for n, g in grads.items()}
-            if new_options is not None:
-                self._apply_options(new_options)
-            for n, p in zip(self.names, self.params, strict=True):
-                p.grad = on_device.get(n)
-            try:
-                self.optimizer.step()
-            finally:
-                for p in self.params:
-                    p.grad = None
-                if self.device.type == "cuda":
-                    # The pinned staging buffers are reused by the next request.
-                    torch.cuda.current_stream(self.device).synchronize()
-            self.step_count += 1
+            outcome = self._apply(grads, group_updates, key)
+            if return_params:
+                outcome.params = {n: _cpu_copy(p)
+                                  for n, p in zip(self.names, self.params, strict=True)}
+            return outcome
+
+    def _replay(self, key: str | None) -> StepOutcome | None:
+        if key is None:
+            return None
+        done = self.journal.get("keys", {}).get(key)
+        if done is None:
+            return None
+        return StepOutcome(done["step"], list(done["stepped"]), list(done["skipped"]),
+                           replayed=True)
+
+    def _check_expected(self, expected_step: int | None) -> None:
+        if expected_step is not None and expected_step != self.step_count:
+            raise StepConflict(
+                f"the step was built on step {expected_step}, but stepper {self.name!r} is at "
+                f"step {self.step_count}", current_step=self.step_count,
+            )
+
+    def _remember(self, key: str, outcome: StepOutcome) -> None:
+        keys = self.journal.setdefault("keys", {})
+        keys[key] = {"step": outcome.step, "stepped": outcome.stepped,
+                     "skipped": outcome.skipped}
+        while len(keys) > JOURNAL_KEYS:
+            keys.pop(next(iter(keys)))
+
+    def _apply(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        group_updates: Sequence[Mapping[str, Any]] | None,
+        key: str | None,
+    ) -> StepOutcome:
+        """The step itself, on validated gradients (the lock is held)."""
+        new_options = self._validated_group_updates(group_updates)
+        if new_options is not None:
+            self._check_state_complete(
+                {i: s for i, s in enumerate(self._state_by_index())}, new_options
+            )
+        # Device copies first: an allocation failure here leaves nothing half-done.
+        on_device = {n: self._to_device(n, g) for n, g in grads.items()}
+        if new_options is not None:
+            self._apply_options(new_options)
+        for n, p in zip(self.names, self.params, strict=True):
+            p.grad = on_device.get(n)
+        try:
+            for observer in self.observers:
+                observer.before_step(self, on_device)
+            self.optimizer.step()
+            for observer in self.observers:
+                observer.after_step(self, on_device)
+        finally:
+            for p in self.params:
+                p.grad = None
+            if self.device.type == "cuda":
+                # The pinned staging buffers are reused by the next request.
+                torch.cuda.current_stream(self.device).synchronize()
+        self.step_count += 1
+        stepped = [n for n in self.names if n in on_device]
+        skipped = [n for n in self.names if n not in on_device]
+        outcome = StepOutcome(self.step_count, stepped, skipped)
+        if key is not None:
+            self._remember(key, outcome)
+        self._touch()
+        return outcome
+
+    # ------------------------------------------------------------------ accumulate mode
+
+    def contribute(
+        self,
+        worker: int,
+        contributors: int,
+        grads: Mapping[str, torch.Tensor],
+        key: str | None = None,
+        expected_step: int | None = None,
+    ) -> StepOutcome | None:
+        """One data-parallel worker's gradients for the next step.
+
+        The step is applied once ``contributors`` workers (ids ``0 .. contributors-1``) have
+        contributed, with each parameter's gradient the mean of the contributions that
+        carry one, summed in worker order: ``(((g_0 + g_1) + g_2) + ...) / n``. Returns the
+        outcome when this contribution completed the step, else None (pending). A retried
+        contribution (same ``key``) counts once.
+        """
+        with self.lock:
+            replay = self._replay(key)
+            if replay is not None:
+                return replay
+            if not 1 <= contributors <= MAX_CONTRIBUTORS:
+                raise InvalidSpec(f"contributors must be 1..{MAX_CONTRIBUTORS}, got {contributors}")
+            if not 0 <= worker < contributors:
+                raise InvalidSpec(f"worker must be in 0..{contributors - 1}, got {worker}")
+            if self._round and self._round["contributors"] != contributors:
+                raise StepConflict(
+                    f"the pending step of {self.name!r} collects {self._round['contributors']} "
+                    f"contributions, not {contributors}", current_step=self.step_count)
+            self._check_expected(expected_step)
+            pending: dict[int, Any] = self._round.get("workers", {})
+            if worker in pending:
+                if key is not None and pending[worker]["key"] == key:
+                    return None  # the same contribution again: still pending
+                raise StepConflict(
+                    f"worker {worker} already contributed to step {self.step_count + 1} of "
+                    f"{self.name!r}", current_step=self.step_count)
+            for name, g in grads.items():
+                self._check_tensor(name, g, "gradient")
+            copies = {n: g.detach().clone() for n, g in grads.items()}
+            self._round = {"contributors": contributors,
+                           "workers": {**pending, worker: {"key": key, "grads": copies}}}
             self._touch()
-            stepped = [n for n in self.names if n in on_device]
-            skipped = [n for n in self.names if n not in on_device]
-            params = {n: _cpu_copy(p) for n, p in zip(self.names, self.params, strict=True)} \
-                if return_params else None
-            return StepOutcome(self.step_count, stepped, skipped, params)
+            if len(self._round["workers"]) < contributors:
+                return None
+            return self._commit_round()
+
+    def commit(self) -> StepOutcome:
+        """Apply the pending step with the contributions that have arrived."""
+        with self.lock:
+            if not self._round:
+                raise StepConflict(f"stepper {self.name!r} has no pending contributions",
+                                   current_step=self.step_count)
+            return self._commit_round()
+
+    def pending_contributions(self) -> list[int]:
+        with self.lock:
+            return sorted(self._round.get("workers", {}))
+
+    def _commit_round(self) -> StepOutcome:
+        workers = self._round["workers"]
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for w in sorted(workers):
+            for n, g in workers[w]["grads"].items():
+                if n in sums:
+                    sums[n].add_(g)
+                else:
+                    sums[n] = g.clone()
+                counts[n] = counts.get(n, 0) + 1
+        grads = {n: sums[n].div_(counts[n]) for n in self.names if n in sums}
+        self._round = {}
+        outcome = self._apply(grads, None, None)
+        for w in workers.values():
+            if w["key"] is not None:
+                self._remember(w["key"], outcome)
+        return outcome
 
     def _state_by_index(self) -> list[dict[str, Any]]:
         return [dict(self.optimizer.state.get(p, {})) for p in self.params]
@@ -472,8 +625,11 @@ class Stepper:
             return self.step_count, {n: _cpu_copy(self.params[self.index[n]]) for n in selected}
 
     def get_state(
-        self, names: Sequence[str] | None = None, keys: Sequence[str] | None = None
+        self, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        with_params: bool = False,
     ) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+        """State tensors by parameter, copied under the lock; ``with_params`` adds each
+        parameter's value as key ``"param"``, so one read is one consistent snapshot."""
         with self.lock:
             selected = self._select(names)
             if keys is not None:
@@ -487,6 +643,8 @@ class Stepper:
                 s = self.optimizer.state.get(self.params[self.index[n]], {})
                 out[n] = {k: _cpu_copy(s[k]) for k in STATE_KEYS
                           if k in s and (keys is None or k in keys)}
+                if with_params:
+                    out[n]["param"] = _cpu_copy(self.params[self.index[n]])
             return self.step_count, out
 
     def _select(self, names: Sequence[str] | None) -> list[str]:

@@ -96,6 +96,7 @@ SCOPES: dict[tuple[str, str], str] = {
     ("PATCH", f"{N}/hyperparameters"): "write",
     ("GET", f"{N}/bias-correction"): "read",
     ("POST", f"{N}/step"): "write",
+    ("POST", f"{N}/commit"): "write",
     ("GET", f"{N}/params"): "read",
     ("PUT", f"{N}/params"): "write",
     ("GET", f"{N}/state"): "read",
@@ -143,6 +144,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("GET", f"{N}/bias-correction"): Recipe(_get(f"{V1}/{NAME}/bias-correction"), 200),
     ("POST", f"{N}/step"): Recipe(
         lambda c: step(c, NAME, {"w": torch.ones(2, 3), "b": torch.ones(3)}), 200),
+    # Nothing is pending, so an allowed caller gets the documented conflict.
+    ("POST", f"{N}/commit"): Recipe(lambda c: c.post(f"{V1}/{NAME}/commit"), 409),
     ("GET", f"{N}/params"): Recipe(_get(f"{V1}/{NAME}/params"), 200),
     ("PUT", f"{N}/params"): Recipe(
         lambda c: c.put(f"{V1}/{NAME}/params", content=codec.encode({"b": torch.zeros(3)}),

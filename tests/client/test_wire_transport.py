@@ -507,7 +507,9 @@ def test_remote_adam_resyncs_after_a_step_reply_cut_short(live_server: LiveServe
     a = torch.randn(64, generator=gen).requires_grad_(True)
     b = torch.randn(64, generator=gen).requires_grad_(True)
     name = unique("cut")
-    with TruncatingProxy(live_server.url) as proxy, Client(proxy.url) as via_proxy, \
+    # retries=0: the client would otherwise replay the step (same idempotency key) and
+    # succeed; this test is about what is left when the failure reaches RemoteAdam.
+    with TruncatingProxy(live_server.url) as proxy, Client(proxy.url, retries=0) as via_proxy, \
             Client(live_server.url) as direct:
         opt = RemoteAdam([("a", a), ("b", b)], lr=0.1, client=via_proxy, name=name)
         replica = [a.detach().clone().requires_grad_(True),
