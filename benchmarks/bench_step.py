@@ -205,6 +205,10 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
     wire_bytes = sum(g.numel() * g.element_size() for g in grads)
     echo = Echo(wire_bytes + (1 << 16))
     name = f"bench-{numel}-{impl}-{os.getpid()}"
+    # In-memory durability: this measures the wire and the step, not the disk (see
+    # bench_durability.py for what each durability policy adds).
+    client.create(name, [(n, p.detach()) for n, p in zip(names, remote_params, strict=True)],
+                  **options, device=device, durability="manual")
     remote = RemoteAdam(list(zip(names, remote_params, strict=True)), **options, client=client,
                         name=name, device=device)
     local = torch.optim.Adam(local_params, **options)

@@ -8,6 +8,7 @@ send it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import uuid
@@ -27,8 +28,12 @@ from .protocol import (
     META_GROUPS,
     META_SPEC,
     META_STEP,
+    AlertRule,
+    AlertsReport,
     BiasCorrectionReport,
     CheckpointInfo,
+    HistoryReport,
+    LossRecorded,
     SnapshotInfo,
     SnapshotList,
     StepperSummary,
@@ -574,3 +579,252 @@ def progress_chunks(data: bytes, bar: Progress) -> Iterator[memoryview]:
 
 def summary_of(response: httpx.Response) -> StepperSummary:
     return StepperSummary.model_validate(_json(response))
+
+
+# ---------------------------------------------------------------------- history, alerts, events
+
+#: How JSON spells the floats it has no numbers for (protobuf's convention, used by the
+#: service for signals, losses and alert values).
+SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def json_float(value: float) -> float | str:
+    """A float for a JSON body: NaN/Inf as their conventional strings."""
+    if math.isfinite(value):
+        return float(value)
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _float(value: Any) -> Any:
+    return SPECIAL_FLOATS.get(value, value) if isinstance(value, str) else value
+
+
+def _signal_floats(values: Any) -> Any:
+    return {k: _float(v) for k, v in values.items()} if isinstance(values, dict) else values
+
+
+def event_floats(data: dict[str, Any]) -> dict[str, Any]:
+    """A stream event's data with its NaN/Inf strings turned back into floats (only where
+    numbers belong: signals, losses, alert values)."""
+    out = dict(data)
+    if "aggregate" in out:
+        out["aggregate"] = _signal_floats(out["aggregate"])
+    if isinstance(out.get("tensors"), dict):
+        out["tensors"] = {n: _signal_floats(v) for n, v in out["tensors"].items()}
+    if "loss" in out:
+        out["loss"] = _float(out["loss"])
+    if isinstance(out.get("alerts"), list):
+        out["alerts"] = [{**a, **{k: _float(a.get(k)) for k in ("value", "previous",
+                                                                  "threshold") if k in a}}
+                         for a in out["alerts"]]
+    return out
+
+
+def history(name: str, signals: Sequence[str] | str | None, tensors: Sequence[str] | str | None,
+            since: int | None, limit: int | None, fmt: str) -> Call:
+    """``fmt="json"``: a HistoryReport; ``"csv"``: the CSV text."""
+    if fmt not in ("json", "csv"):
+        raise ValueError(f"fmt must be 'json' or 'csv', got {fmt!r}")
+    if isinstance(signals, str):
+        signals = [signals]
+    if isinstance(tensors, str):
+        tensors = [tensors]
+    params = _names(signals, "signal") + _names(tensors, "tensor") + [("format", fmt)]
+    if since is not None:
+        params.append(("since", str(since)))
+    if limit is not None:
+        params.append(("limit", str(limit)))
+    if fmt == "csv":
+        return Call("GET", _path(name, "history"), lambda r: r.text, params=params,
+                    accept="text/csv")
+    return Call("GET", _path(name, "history"),
+                lambda r: HistoryReport.model_validate(_json(r)), params=params)
+
+
+def alerts(name: str, limit: int | None) -> Call:
+    return Call("GET", _path(name, "alerts"), lambda r: AlertsReport.model_validate(_json(r)),
+                params=[("limit", str(limit))] if limit is not None else [])
+
+
+def set_alerts(name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None) -> Call:
+    body = None if rules is None else [
+        r.model_dump(mode="json", exclude_none=True) if isinstance(r, AlertRule) else dict(r)
+        for r in rules]
+    return Call("PUT", _path(name, "alerts"), lambda r: AlertsReport.model_validate(_json(r)),
+                json_body={"rules": body})
+
+
+def report_loss(name: str, step: int | None, loss: float) -> Call:
+    body: dict[str, Any] = {"loss": json_float(float(loss))}
+    if step is not None:
+        body["step"] = step
+    # Recording the same (step, loss) again changes nothing: safe to retry with a step.
+    return Call("POST", _path(name, "loss"), lambda r: LossRecorded.model_validate(_json(r)),
+                json_body=body, idempotent=step is not None)
+
+
+def events_request(
+    steppers: Sequence[str] | str | None, tensors: Sequence[str] | None, replay: int,
+    last_event_id: str | None, heartbeat: float | None, max_events: int | None,
+    duration: float | None,
+) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
+    """Path, query and headers of a ``GET /v1/events`` stream."""
+    if isinstance(steppers, str):
+        steppers = [steppers]
+    params = _names(steppers, "stepper") + _names(tensors, "tensor")
+    for key, value in (("replay", replay or None), ("heartbeat", heartbeat),
+                       ("max_events", max_events), ("duration", duration)):
+        if value is not None:
+            params.append((key, str(value)))
+    headers = {"accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["last-event-id"] = last_event_id
+    return f"{API_PREFIX}/events", params, headers
+
+
+class SSEParser:
+    """Server-Sent Events, line by line (the WHATWG event-stream rules this service uses):
+    ``feed(line)`` returns a finished event ``{"event", "id", "data"}`` at a blank line,
+    and with ``heartbeats`` a ``{"event": "heartbeat"}`` for a comment line."""
+
+    def __init__(self, heartbeats: bool = False) -> None:
+        self.heartbeats = heartbeats
+        self.last_id: str | None = None
+        self._kind = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._kind = "message"
+                return None
+            text = "\n".join(self._data)
+            kind, self._kind, self._data = self._kind, "message", []
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ProtocolError(f"event {kind!r} carries invalid JSON: {e}") from None
+            if isinstance(data, dict):
+                data = event_floats(data)
+            return {"event": kind, "id": self.last_id, "data": data}
+        if line.startswith(":"):
+            return {"event": "heartbeat", "id": self.last_id, "data": None} \
+                if self.heartbeats else None
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            self._kind = value
+        elif field == "data":
+            self._data.append(value)
+        elif field == "id":
+            self.last_id = value
+        return None
+
+
+# ---------------------------------------------------------------------- inspection (stats)
+
+#: Fields of the inspection replies that hold text, never a number (a stepper or
+#: parameter may be named "NaN"): left alone when NaN/Inf strings become floats again.
+_TEXT_FIELDS = frozenset({"stepper", "name", "key", "index", "snapshot", "dtype", "error",
+                          "reason", "option", "in"})
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def inspection_floats(value: Any, field_name: str | None = None) -> Any:
+    """An inspection reply with the strings NaN / Infinity / -Infinity, which stand for
+    non-finite numbers in JSON, turned back into floats where numbers belong."""
+    if isinstance(value, dict):
+        return {k: inspection_floats(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [inspection_floats(v, None) if isinstance(v, dict) else v for v in value]
+    if isinstance(value, str) and field_name not in _TEXT_FIELDS and value in _NONFINITE:
+        return _NONFINITE[value]
+    return value
+
+
+@dataclass
+class DryRunReply:
+    """A dry run's report (statistics of the update and gradient per tensor, aggregate,
+    signals) and, when asked for, the would-be tensors: ``{param: {"update", "param",
+    "exp_avg", ...}}``."""
+
+    report: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+def _stats_query(quantiles: Sequence[float] | None, bins: int,
+                 hist_range: tuple[float, float] | None, log: bool,
+                 log_range: tuple[float, float] | None) -> list[tuple[str, str]]:
+    params = [("bins", str(bins))]
+    if quantiles is not None:
+        params.append(("quantiles", ",".join(repr(float(q)) for q in quantiles)))
+    if hist_range is not None:
+        params.append(("range", ",".join(repr(float(x)) for x in hist_range)))
+    if log:
+        params.append(("log", "true"))
+    if log_range is not None:
+        params.append(("log_range", ",".join(repr(float(x)) for x in log_range)))
+    return params
+
+
+def stats(name: str, names: Sequence[str] | None, keys: Sequence[str] | None,
+          quantiles: Sequence[float] | None, bins: int, hist_range: tuple[float, float] | None,
+          log: bool, log_range: tuple[float, float] | None, aggregate: bool) -> Call:
+    params = _names(names) + _names(keys, "key") + _stats_query(
+        quantiles, bins, hist_range, log, log_range)
+    if not aggregate:
+        params.append(("aggregate", "false"))
+    return Call("GET", _path(name, "stats"), lambda r: inspection_floats(_json(r)),
+                params=params)
+
+
+def signals(name: str) -> Call:
+    return Call("GET", _path(name, "signals"), lambda r: inspection_floats(_json(r)))
+
+
+def slice_tensor(name: str, param: str, key: str, index: str | int | None,
+                 rows: str | None) -> Call:
+    params = [("name", param), ("key", key)]
+    if index is not None:
+        params.append(("index", str(index)))
+    if rows is not None:
+        params.append(("rows", rows))
+
+    def parse(r: httpx.Response) -> torch.Tensor:
+        data = _json(r)
+        return codec.tensor_from_json(data["data"], codec.dtype_from_name(data["dtype"]),
+                                      data["shape"])
+
+    return Call("GET", _path(name, "slice"), parse, params=params)
+
+
+def dry_run(name: str, grads: Mapping[str, torch.Tensor],
+            param_groups: Sequence[Mapping[str, Any]] | None, return_update: bool,
+            quantiles: Sequence[float] | None, bins: int, log: bool) -> Call:
+    metadata = {}
+    if param_groups is not None:
+        metadata[META_GROUPS] = json.dumps([_jsonable_options(g) for g in param_groups])
+    parts = tensor_parts(dict(grads), metadata)
+    params = _stats_query(quantiles, bins, None, log, None)
+    if return_update:
+        params.append(("return_update", "true"))
+
+    def parse(r: httpx.Response) -> DryRunReply:
+        if not is_tensor_body(r):
+            return DryRunReply(inspection_floats(_json(r)))
+        flat, meta = _tensors(r)
+        nested: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in flat.items():
+            pname, _, which = k.rpartition(".")
+            nested.setdefault(pname, {})[which] = t
+        return DryRunReply(inspection_floats(json.loads(meta["adamscope.dry_run"])), nested)
+
+    # It changes nothing, so a retry is always safe.
+    return Call("POST", _path(name, "dry-run"), parse, params=params, parts=parts,
+                accept=OCTET if return_update else "application/json", idempotent=True)
+
+
+def diff(a: str, b: str) -> Call:
+    return Call("GET", f"{API_PREFIX}/diff", lambda r: inspection_floats(_json(r)),
+                params=[("a", a), ("b", b)])

@@ -13,12 +13,16 @@ import httpx
 import torch
 
 from . import _base
-from ._base import Call, StepReply, resolve_url
+from ._base import Call, DryRunReply, StepReply, resolve_url
 from .errors import APIStatusError, TransportError
 from .progress import Progress
 from .protocol import (
+    AlertRule,
+    AlertsReport,
     BiasCorrectionReport,
     CheckpointInfo,
+    HistoryReport,
+    LossRecorded,
     SnapshotInfo,
     StepperSummary,
 )
@@ -313,6 +317,104 @@ class AsyncClient:
             raise TransportError(f"POST {url}: {e!r}") from e
         _base.raise_for_problem(r)
         return _base.summary_of(r)
+
+    # -------------------------------------------------------------------- history and events
+
+    async def history(
+        self, name: str, signal: str | Sequence[str] | None = None,
+        tensor: str | Sequence[str] | None = None, *, since: int | None = None,
+        limit: int | None = None, fmt: str = "json",
+    ) -> HistoryReport | str:
+        """The stepper's retained per-step signals (see :meth:`client.Client.history`)."""
+        call = _base.history(name, signal, tensor, since, limit, fmt)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def alerts(self, name: str, limit: int | None = None) -> AlertsReport:
+        """The stepper's alert rules, which hold now, and its latest alert events."""
+        return await self._send(_base.alerts(name, limit))  # type: ignore[no-any-return]
+
+    async def set_alerts(
+        self, name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None
+    ) -> AlertsReport:
+        """Replace the stepper's alert rules (``None``: back to the defaults)."""
+        return await self._send(_base.set_alerts(name, rules))  # type: ignore[no-any-return]
+
+    async def report_loss(self, name: str, step: int | None, loss: float) -> LossRecorded:
+        """Record the training loss of ``step`` (None: the stepper's current step)."""
+        call = _base.report_loss(name, step, loss)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def events(
+        self, stepper: str | Sequence[str] | None = None, *,
+        tensors: Sequence[str] | None = None, replay: int = 0,
+        last_event_id: str | None = None, heartbeat: float | None = None,
+        max_events: int | None = None, duration: float | None = None,
+        heartbeats: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The live event stream as an async iterator (see :meth:`client.Client.events`)."""
+        path, params, headers = _base.events_request(stepper, tensors, replay, last_event_id,
+                                                     heartbeat, max_events, duration)
+        base = self._http.timeout
+        timeout = httpx.Timeout(base.connect, read=max(base.read or 0, 4 * (heartbeat or 15)),
+                                write=base.write, pool=base.pool)
+        parser = _base.SSEParser(heartbeats)
+        try:
+            async with self._http.stream("GET", path, params=tuple(params), headers=headers,
+                                         timeout=timeout) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _base.raise_for_problem(r)
+                async for line in r.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as e:
+            raise TransportError(f"GET {path}: {e!r}") from e
+
+    # -------------------------------------------------------------------- inspection
+
+    async def stats(
+        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        *, quantiles: Sequence[float] | None = None, bins: int = 32,
+        hist_range: tuple[float, float] | None = None, log: bool = False,
+        log_range: tuple[float, float] | None = None, aggregate: bool = True,
+    ) -> dict[str, Any]:
+        """Statistics (norm, moments, extremes, NaN/Inf/zero counts, quantiles, histograms)
+        of ``keys`` (``param``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``m_hat``,
+        ``v_hat``, ``lr_eff``, ``update``) per parameter and aggregated, computed where the
+        state lives: ``{"step", "tensors": {param: {key: stats}}, "aggregate": {key: stats},
+        "missing": [...]}``."""
+        call = _base.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
+                           aggregate)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def signals(self, name: str) -> dict[str, Any]:
+        """The last step's signals: ``{"step", "time", "tensors": {param: {signal: value}},
+        "aggregate": {signal: value}, "sample": {param: n}}``."""
+        return await self._send(_base.signals(name))  # type: ignore[no-any-return]
+
+    async def slice(self, name: str, param: str, key: str = "param", *,
+              index: str | int | None = None, rows: str | None = None) -> torch.Tensor:
+        """A selection of one tensor or view: ``index`` numpy-style (``3``, ``"0:4"``,
+        ``"2,1:10:2"``) or ``rows`` (``"a:b"`` over the first dimension)."""
+        call = _base.slice_tensor(name, param, key, index, rows)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def dry_run(
+        self, name: str, grads: Mapping[str, torch.Tensor], *,
+        param_groups: Sequence[Mapping[str, Any]] | None = None, return_update: bool = False,
+        quantiles: Sequence[float] | None = None, bins: int = 32, log: bool = False,
+    ) -> DryRunReply:
+        """What a step with ``grads`` would do, without doing it: statistics of the update
+        and gradients and the step's signals; with ``return_update`` also the would-be
+        update, parameter values and state."""
+        call = _base.dry_run(name, grads, param_groups, return_update, quantiles, bins, log)
+        return await self._send(call)  # type: ignore[no-any-return]
+
+    async def diff(self, a: str, b: str) -> dict[str, Any]:
+        """Name-keyed diff of two steppers or snapshots (``"stepper"`` or
+        ``"stepper/snapshot"``): which tensors changed and by how much."""
+        return await self._send(_base.diff(a, b))  # type: ignore[no-any-return]
 
 
 async def _achunks(data: bytes, bar: Progress) -> AsyncIterator[memoryview]:

@@ -84,11 +84,13 @@ class _Remote:
         device: str | None = None,
         token: str | None = None,
         wire_dtype: torch.dtype | None = None,
+        durability: str | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if wire_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError("wire_dtype must be None (lossless), torch.bfloat16 or torch.float16")
         self.wire_dtype = wire_dtype
+        self._durability = durability
         params = list(params)
         if params and isinstance(params[0], dict):
             params = [dict(g) for g in params]
@@ -140,7 +142,8 @@ class _Remote:
                       for names, opts in zip(self._group_names(), self._options(), strict=True)]
             try:
                 self.client.create(self.name, list(zip(self.names, self._params, strict=True)),
-                                   optimizer=self._kind, device=self._device, groups=groups)
+                                   optimizer=self._kind, device=self._device, groups=groups,
+                                   durability=self._durability)
                 self._synced = self._options()
                 self.remote_step = 0
                 return
@@ -282,10 +285,16 @@ class _Remote:
 class RemoteAdam(_Remote, torch.optim.Adam):  # type: ignore[misc]
     """``torch.optim.Adam`` whose state lives in an adamscope stepper.
 
-    Takes ``torch.optim.Adam``'s arguments plus ``url`` (default ``$ADAMSCOPE_URL``),
-    ``name`` (the stepper; attached to if it exists with the same parameters, created
-    otherwise), ``client`` (a :class:`client.Client` to reuse) and ``device`` (where the
-    service keeps the state; its default otherwise).
+    Takes ``torch.optim.Adam``'s arguments plus:
+
+    - ``url``: the service (default ``$ADAMSCOPE_URL``, then ``http://127.0.0.1:8470``);
+    - ``name``: the stepper, attached to if it exists with the same parameters, else created;
+    - ``token``: a bearer token (default ``$ADAMSCOPE_TOKEN``);
+    - ``durability``: the new stepper's policy (``"manual"``, ``{"mode": "every_n", "n": 100}``,
+      ...; the service's default, every step, otherwise);
+    - ``wire_dtype``: ``torch.bfloat16``/``torch.float16`` for a LOSSY half-size wire;
+    - ``client``: a :class:`client.Client` to reuse; ``device``: where the service keeps the
+      state (its default otherwise).
     """
 
     _kind = "adam"

@@ -13,7 +13,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "ALERT_KINDS",
     "API_PREFIX",
+    "ActiveAlert",
+    "AlertEvent",
+    "AlertRule",
+    "AlertRules",
+    "AlertsBrief",
+    "AlertsReport",
+    "HistoryReport",
+    "Identity",
+    "LossRecorded",
+    "LossReport",
+    "LossSeries",
+    "Series",
     "HYPERPARAMETER_NAMES",
     "STEPPER_NAME_PATTERN",
     "BiasCorrection",
@@ -225,6 +238,7 @@ class StepperSummary(_Model):
     )
     persisted_at: float | None = Field(None, description="when that checkpoint was written")
     dirty: bool | None = Field(None, description="whether changes are not yet on disk")
+    alerts: AlertsBrief | None = Field(None, description="alerts raised by its signals")
 
 
 class StepperList(_Model):
@@ -313,3 +327,164 @@ class Problem(BaseModel):
     detail: str
     code: str
     instance: str | None = None
+
+
+# ---------------------------------------------------------------------- history, alerts, loss
+
+#: Alert rule kinds: relative change step to step, a value above or below a threshold, and
+#: NaN/Inf appearing in a tensor's gradient or moments.
+ALERT_KINDS = ("swing", "above", "below", "nonfinite")
+
+
+class _Floats(_Model):
+    """A model whose floats may be NaN or infinite: in JSON those are the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"`` (protobuf's JSON convention), as numbers cannot be."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class AlertRule(_Floats):
+    """A condition on a per-step signal (``service.engine.signals``) that raises an alert
+    event when it starts to hold (edge-triggered: once per episode, per tensor).
+
+    * ``swing``: ``|x_t - x_prev| / |x_prev| > threshold`` (relative change step to step);
+    * ``above`` / ``below``: ``x_t > threshold`` / ``x_t < threshold``;
+    * ``nonfinite``: the tensor's ``nan_count + inf_count`` (NaN/Inf in its gradient or
+      moments) is above 0, or, with ``signal``, that signal is NaN or infinite.
+    """
+
+    kind: Literal["swing", "above", "below", "nonfinite"]
+    signal: str | None = Field(None, min_length=1, max_length=64,
+                               description="signal name (required except for nonfinite)")
+    tensor: str | None = Field(
+        "*", max_length=512,
+        description="'*': every parameter tensor; a name: that tensor; null: the stepper's "
+                    "aggregate signals")
+    threshold: float | None = Field(None, allow_inf_nan=False,
+                                    description="required for swing, above and below")
+    after_step: int = Field(0, ge=0, description="only evaluated at steps after this one "
+                                                 "(skip the bias-correction warm-up)")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="label of the rule; derived from it when omitted")
+
+    @model_validator(mode="after")
+    def _complete(self) -> AlertRule:
+        if self.kind == "nonfinite":
+            if self.threshold is not None:
+                raise ValueError("a nonfinite rule takes no threshold")
+            return self
+        if self.signal is None or self.threshold is None:
+            raise ValueError(f"a {self.kind!r} rule needs a signal and a threshold")
+        if self.kind == "swing" and self.threshold <= 0:
+            raise ValueError("a swing threshold is a relative change > 0 (0.5 = 50%)")
+        return self
+
+    def label(self) -> str:
+        """The rule's name, or one derived from it (e.g. ``lr_eff_p99 swing > 0.5``)."""
+        if self.name:
+            return self.name
+        if self.kind == "nonfinite":
+            return f"nonfinite {self.signal}" if self.signal else "nonfinite"
+        op = "<" if self.kind == "below" else ">"
+        what = "swing " if self.kind == "swing" else ""
+        return f"{self.signal} {what}{op} {self.threshold:g}"
+
+
+class AlertRules(_Model):
+    """``PUT .../alerts``: the stepper's rules (replacing all), or ``null`` for the defaults."""
+
+    rules: list[AlertRule] | None = Field(max_length=100)
+
+
+class AlertEvent(_Floats):
+    """A rule that started to hold at ``step``."""
+
+    seq: int = Field(description="the step event's sequence number (SSE id)")
+    stepper: str
+    step: int
+    time: float
+    rule: str = Field(description="the rule's label")
+    kind: Literal["swing", "above", "below", "nonfinite"]
+    signal: str | None
+    tensor: str | None = Field(description="null: the stepper's aggregate")
+    value: float
+    previous: float | None = Field(None, description="swing: the value it changed from")
+    threshold: float | None = None
+
+
+class ActiveAlert(_Model):
+    rule: str
+    tensor: str | None
+    since_step: int
+
+
+class AlertsBrief(_Floats):
+    """In a stepper's summary: alerts raised since the service started."""
+
+    count: int
+    active: int = Field(description="rules (per tensor) that hold at the latest step")
+    latest: AlertEvent | None
+
+
+class AlertsReport(_Floats):
+    stepper: str
+    rules: list[AlertRule]
+    defaults: bool = Field(description="whether these are the default rules")
+    count: int = Field(description="alert events raised since the service started")
+    active: list[ActiveAlert]
+    events: list[AlertEvent] = Field(description="the latest events, oldest first (bounded)")
+
+
+class LossReport(_Floats):
+    """``POST .../loss``: a training loss to record in the history (NaN/Inf allowed)."""
+
+    step: int | None = Field(None, ge=0, description="the step it belongs to; default: the "
+                                                     "stepper's current step")
+    loss: float
+
+
+class LossRecorded(_Floats):
+    stepper: str
+    step: int
+    loss: float
+    time: float
+
+
+class Series(_Floats):
+    """One time series block: the steps, and per signal its values at those steps."""
+
+    steps: list[int]
+    time: list[float]
+    values: dict[str, list[float]]
+
+
+class LossSeries(_Floats):
+    steps: list[int]
+    values: list[float]
+
+
+class HistoryReport(_Floats):
+    """A stepper's retained signal history (``GET .../history``)."""
+
+    stepper: str
+    capacity: int = Field(description="steps of aggregate signals kept")
+    tensor_capacity: int = Field(description="steps of per-tensor signals kept")
+    signals: list[str] = Field(description="signals present in this reply")
+    aggregate: Series
+    tensors: dict[str, Series]
+    loss: LossSeries
+
+
+# ---------------------------------------------------------------------- identity
+
+
+class Identity(_Model):
+    """``GET /v1/whoami``: what the request's token may do (never the token itself), so a
+    user interface can offer only the controls the token allows."""
+
+    name: str = Field(description="the token's label (its configured name)")
+    scope: Literal["read", "write", "admin"] = Field(description="read < write < admin")
+    prefix: str | None = Field(description="only steppers whose name starts with this are "
+                                           "reachable; null: all")
+    tokens: bool = Field(description="whether the service checks tokens (false: every "
+                                     "client on its loopback address is an admin)")

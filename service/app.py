@@ -19,7 +19,8 @@ from client.protocol import API_PREFIX, CreateStepper
 
 from . import __version__
 from .api import access as api_access
-from .api import snapshots, steppers, tensors
+from .api import dashboard, events, history, identity, metrics, snapshots, steppers, tensors
+from .api import stats as api_stats
 from .api.access import require
 from .api.durability import flusher
 from .auth import banner, load_access
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         registry = app.state.registry = Registry()
+        events.start_monitoring(app, registry)  # before restore: restored steppers too
         log.info("adamscope %s: default device %s, data in %s", __version__,
                  settings.default_device(), settings.data_dir)
         log.info("%s", banner(settings, access))
@@ -100,6 +102,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(steppers.router, prefix=API_PREFIX)
     app.include_router(tensors.router, prefix=API_PREFIX)
     app.include_router(snapshots.router, prefix=API_PREFIX)
+    app.include_router(identity.router, prefix=API_PREFIX)
+    app.include_router(dashboard.router)
+    app.include_router(history.router, prefix=API_PREFIX)
+    app.include_router(events.router, prefix=API_PREFIX)
+    app.include_router(metrics.router)
+    app.include_router(api_stats.router, prefix=API_PREFIX)
+    events.install_events(app)
     _document_models(app, CreateStepper)
 
     @app.get("/healthz", tags=["service"], summary="Liveness and basic facts",
@@ -116,4 +125,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
 
     api_access.install(app, access)  # last: every route must declare its scope
+    metrics.install_metrics(app)  # outermost middleware: counts refused requests too
     return app

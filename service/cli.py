@@ -24,6 +24,7 @@ from .auth import (
     describe_validation_error,
     load_access,
 )
+from .cli_inspect import add_commands as add_inspect_commands
 from .cli_snapshots import add_commands, add_serve_option, parse_durability
 from .settings import DEFAULT_PORT, Settings
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_option(serve)
     serve.set_defaults(func=_serve)
     add_commands(sub)
+    add_inspect_commands(sub)
     return parser
 
 

@@ -56,6 +56,25 @@ class Settings(BaseSettings):
         description='default durability policy, e.g. {"mode": "every_n", "n": 100}',
     )
 
+    # History, alerts, live events and metrics (service.engine.history, service.api.events,
+    # service.api.metrics).
+    history_steps: int = Field(
+        10_000, ge=1, description="steps of aggregate signals (and losses) kept per stepper"
+    )
+    history_tensor_values: int = Field(
+        2_000_000, ge=1, description="per-tensor signal values kept per stepper (the "
+        "per-tensor history is as many steps as fit, at most history_steps)"
+    )
+    events_heartbeat: float = Field(
+        15.0, gt=0, description="seconds between keep-alive comments on /v1/events"
+    )
+    events_max_tensors: int = Field(
+        64, ge=0, description="most tensors whose signals one step event carries"
+    )
+    metrics_max_steppers: int = Field(
+        100, ge=0, description="steppers (first by name) with per-stepper series on /metrics"
+    )
+
     def default_device(self) -> str:
         if self.device:
             return self.device

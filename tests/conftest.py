@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -50,6 +51,7 @@ def app_client(settings: Settings) -> Iterator[TestClient]:
 class LiveServer:
     url: str
     settings: Settings
+    app: FastAPI | None = None  # the served app, for tests that look inside the service
 
 
 @contextlib.contextmanager
@@ -59,7 +61,8 @@ def run_uvicorn(settings: Settings) -> Iterator[LiveServer]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+    app = create_app(settings)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -69,7 +72,7 @@ def run_uvicorn(settings: Settings) -> Iterator[LiveServer]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -18,6 +18,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Stepper
+from ..engine.history import summary_fields
 from ..persistence import Persistence
 
 __all__ = ["FLUSH_TICK", "flusher", "persist_after", "persistence", "summary"]
@@ -41,8 +42,9 @@ async def persist_after(request: Request, stepper: Stepper, kind: str = "change"
 
 
 def summary(request: Request, stepper: Stepper) -> dict[str, Any]:
-    """The stepper's summary with its durability fields."""
-    return {**stepper.summary(), **persistence(request).describe(stepper)}
+    """The stepper's summary with its durability fields (and its alerts)."""
+    return {**stepper.summary(), **persistence(request).describe(stepper),
+            **summary_fields(stepper)}
 
 
 async def flusher(p: Persistence, tick: float = FLUSH_TICK) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any
 
@@ -24,10 +25,12 @@ from client.protocol import (
 
 from ..engine import GroupDef, Registry, Stepper
 from ..engine.errors import DtypeMismatch, DuplicateName, InvalidSpec, ShapeMismatch
+from ..engine.history import summary_fields
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
 from . import quota
 from .access import authorize_name, require, visible
+from .cache import cached_json
 from .durability import persist_after, persistence, summary
 from .options import options_from_model
 from .stream import gate
@@ -176,8 +179,11 @@ async def list_steppers(request: Request) -> dict[str, Any]:
 
 @router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
             responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("read"))])
-async def get_stepper(name: str, request: Request) -> dict[str, Any]:
-    return summary(request, registry(request).get(name))
+async def get_stepper(name: str, request: Request) -> Response:
+    stepper = registry(request).get(name)
+    durable = persistence(request).describe(stepper)
+    return cached_json(stepper, "summary", json.dumps(durable, sort_keys=True, default=str),
+                       lambda: {**stepper.summary(), **durable, **summary_fields(stepper)})
 
 
 @router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
@@ -217,6 +223,7 @@ async def bias_correction(
     name: str,
     request: Request,
     step: Annotated[float | None, Query(ge=0, description="t; default: current")] = None,
-) -> dict[str, Any]:
-    report = registry(request).get(name).bias_correction(step)
-    return {"stepper": name, **report}
+) -> Response:
+    stepper = registry(request).get(name)
+    return cached_json(stepper, "bias-correction", step,
+                       lambda: {"stepper": name, **stepper.bias_correction(step)})

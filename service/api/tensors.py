@@ -268,7 +268,9 @@ async def commit(name: str, request: Request) -> dict[str, Any]:
 )
 async def get_params(name: str, request: Request, names: Names = None,
                      format: Format = None) -> Response:
-    step_count, tensors = registry(request).get(name).get_params(names)
+    stepper = registry(request).get(name)
+    # Off the event loop: the copy waits for the stepper's lock, which a long step holds.
+    step_count, tensors = await off_loop(stepper, lambda: stepper.get_params(names))
     if wants_json(request, format):
         return JSONResponse({"stepper": name, "step": step_count,
                              "params": json_tensors(request, tensors)})
@@ -325,7 +327,9 @@ async def get_state(
                     "one consistent snapshot of the reported step, never a mix of two steps"
     )] = False,
 ) -> Response:
-    step_count, state = registry(request).get(name).get_state(names, keys, with_params)
+    stepper = registry(request).get(name)
+    step_count, state = await off_loop(
+        stepper, lambda: stepper.get_state(names, keys, with_params))
     if wants_json(request, format):
         flat = [t for s in state.values() for t in s.values()]
         json_tensors(request, {str(i): t for i, t in enumerate(flat)})  # size check only

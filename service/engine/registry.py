@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 from .errors import StepperExists, StepperNotFound
+from .signals import attach_signals
 from .stepper import Stepper
 
 __all__ = ["Registry"]
@@ -17,6 +18,9 @@ class Registry:
     def __init__(self) -> None:
         self._steppers: dict[str, Stepper] = {}
         self._lock = threading.Lock()
+        #: Called with every stepper about to be registered (created, imported or restored),
+        #: under the registry lock; one that raises keeps the stepper out.
+        self.hooks: list[Callable[[Stepper], object]] = []
 
     def get(self, name: str) -> Stepper:
         try:
@@ -31,12 +35,16 @@ class Registry:
         """Register the stepper ``build()`` returns under ``name`` unless the name is taken.
 
         ``build`` runs under the registry lock so two racing creates cannot both succeed; it
-        does all validation, so a failed build registers nothing.
+        does all validation, so a failed build registers nothing. Every registered stepper
+        gets its per-step signals observer (``service.engine.signals``) before the hooks run.
         """
         with self._lock:
             if name in self._steppers:
                 raise StepperExists(f"a stepper named {name!r} already exists", stepper=name)
             stepper = build()
+            attach_signals(stepper)
+            for hook in self.hooks:
+                hook(stepper)
             self._steppers[name] = stepper
             return stepper
 

@@ -8,6 +8,7 @@ it touches any tensor, so a rejected request leaves the stepper exactly as it wa
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -37,6 +38,8 @@ from .options import (
 )
 
 __all__ = ["JOURNAL_KEYS", "STATE_KEYS", "GroupDef", "StepObserver", "StepOutcome", "Stepper"]
+
+log = logging.getLogger("adamscope")
 
 #: Per-parameter state tensors of torch.optim.Adam, in PyTorch's order.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -173,6 +176,8 @@ class Stepper:
         self._round: dict[str, Any] = {}
         #: Called around every optimizer step (statistics, history).
         self.observers: list[StepObserver] = []
+        #: The last observed step's signals (service.engine.signals; empty until then).
+        self.signals: dict[str, Any] = {}
         self.lock = threading.RLock()
         self.created_at = time.time()
         self.updated_at = self.created_at
@@ -405,11 +410,9 @@ class Stepper:
         for n, p in zip(self.names, self.params, strict=True):
             p.grad = on_device.get(n)
         try:
-            for observer in self.observers:
-                observer.before_step(self, on_device)
+            self._notify("before_step", on_device)
             self.optimizer.step()
-            for observer in self.observers:
-                observer.after_step(self, on_device)
+            self._notify("after_step", on_device)
         finally:
             for p in self.params:
                 p.grad = None
@@ -424,6 +427,14 @@ class Stepper:
             self._remember(key, outcome)
         self._touch()
         return outcome
+
+    def _notify(self, hook: str, grads: Mapping[str, torch.Tensor]) -> None:
+        """Call the observers; one that fails is logged, never allowed to break a step."""
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(self, grads)
+            except Exception:
+                log.exception("step observer %r failed in %s", observer, hook)
 
     # ------------------------------------------------------------------ accumulate mode
 

@@ -78,6 +78,10 @@ KINDS: dict[str, tuple[str | None, bool]] = {
 }
 RANK = {"read": 1, "write": 2, "admin": 3}
 
+#: The dashboard's page and files (public: they hold no data).
+DASHBOARD = ["/dashboard", *(f"/dashboard/{f}" for f in (
+    "style.css", "app.js", "api.js", "charts.js", "table.js", "detail.js", "controls.js"))]
+
 NAME = "team-a-net"
 OTHER = "team-b-other"
 N = f"{V1}/{{name}}"
@@ -110,6 +114,21 @@ SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{N}/snapshots/{{snap}}/restore"): "admin",
     ("DELETE", f"{N}/snapshots/{{snap}}"): "admin",
     ("POST", f"{V1}/import"): "admin",
+    # history, alerts, live events and metrics
+    ("GET", f"{N}/history"): "read",
+    ("GET", f"{N}/alerts"): "read",
+    ("PUT", f"{N}/alerts"): "write",
+    ("POST", f"{N}/loss"): "write",
+    ("GET", "/v1/events"): "read",
+    ("GET", "/metrics"): "read",
+    ("GET", "/v1/whoami"): "read",
+    **{("GET", path): "public" for path in DASHBOARD},
+    # statistics, signals, slices, dry runs and diffs (service/api/stats.py)
+    ("GET", f"{N}/stats"): "read",
+    ("GET", f"{N}/signals"): "read",
+    ("GET", f"{N}/slice"): "read",
+    ("POST", f"{N}/dry-run"): "read",
+    ("GET", "/v1/diff"): "read",
 }
 #: A snapshot file of NAME, as downloaded (the import recipe uploads it).
 SNAPSHOT_FILE: dict[str, bytes] = {}
@@ -170,6 +189,27 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("POST", f"{V1}/import"): Recipe(
         lambda c: c.post(f"{V1}/import", params={"name": "team-a-imported"},
                          content=SNAPSHOT_FILE["snap1"], headers=OCTET), 201),
+    ("GET", f"{N}/history"): Recipe(_get(f"{V1}/{NAME}/history"), 200),
+    ("GET", f"{N}/alerts"): Recipe(_get(f"{V1}/{NAME}/alerts"), 200),
+    ("PUT", f"{N}/alerts"): Recipe(
+        lambda c: c.put(f"{V1}/{NAME}/alerts", json={"rules": None}), 200),
+    ("POST", f"{N}/loss"): Recipe(
+        lambda c: c.post(f"{V1}/{NAME}/loss", json={"step": 1, "loss": 0.5}), 200),
+    # A stream that ends at once (duration=0): its opening event, then the end.
+    ("GET", "/v1/events"): Recipe(lambda c: c.get("/v1/events", params={"duration": 0}), 200,
+                                  False),
+    ("GET", "/metrics"): Recipe(_get("/metrics"), 200, False),
+    ("GET", "/v1/whoami"): Recipe(_get("/v1/whoami"), 200, False),
+    **{("GET", path): Recipe(_get(path), 200, False) for path in DASHBOARD},
+    ("GET", f"{N}/stats"): Recipe(_get(f"{V1}/{NAME}/stats"), 200),
+    ("GET", f"{N}/signals"): Recipe(_get(f"{V1}/{NAME}/signals"), 200),
+    ("GET", f"{N}/slice"): Recipe(_get(f"{V1}/{NAME}/slice?name=w&key=exp_avg&index=0"), 200),
+    # A dry run changes nothing, so the read scope may ask for one.
+    ("POST", f"{N}/dry-run"): Recipe(
+        lambda c: c.post(f"{V1}/{NAME}/dry-run", content=codec.encode({"w": torch.ones(2, 3)}),
+                         headers=OCTET), 200),
+    # Names its steppers in the query: a token must reach both.
+    ("GET", "/v1/diff"): Recipe(_get(f"/v1/diff?a={NAME}&b={NAME}"), 200),
 }
 
 

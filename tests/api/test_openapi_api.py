@@ -47,6 +47,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
                                                  "invalid_hyperparameter"},
     ("delete", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter"},
     ("get", "/healthz"): set(),
+    ("get", "/v1/whoami"): set(),
     # durability (service/api/snapshots.py)
     ("post", f"{NAMED}/checkpoint"): {"stepper_not_found", "persistence_failed"},
     ("put", f"{NAMED}/durability"): {"stepper_not_found", "request_validation_error",
@@ -62,9 +63,29 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
                                                      "invalid_checkpoint"},
     ("post", f"{V1}/import"): BODY | {"invalid_checkpoint", "stepper_exists",
                                       "request_validation_error", "device_unavailable"},
+    # history, alerts, live events and metrics (service/api/history.py, events.py, metrics.py)
+    ("get", f"{NAMED}/history"): {"stepper_not_found", "request_validation_error",
+                                  "unknown_parameter"},
+    ("get", f"{NAMED}/alerts"): {"stepper_not_found", "request_validation_error"},
+    ("put", f"{NAMED}/alerts"): {"stepper_not_found", "request_validation_error",
+                                 "unknown_parameter", "malformed_body", "persistence_failed"},
+    ("post", f"{NAMED}/loss"): {"stepper_not_found", "request_validation_error",
+                                "malformed_body"},
+    ("get", "/v1/events"): {"request_validation_error"},
+    ("get", "/metrics"): set(),
+    # statistics, signals, slices, dry runs and diffs (service/api/stats.py)
+    ("get", f"{NAMED}/stats"): {"stepper_not_found", "request_validation_error",
+                                "unknown_parameter"},
+    ("get", f"{NAMED}/signals"): {"stepper_not_found"},
+    ("get", f"{NAMED}/slice"): {"stepper_not_found", "request_validation_error",
+                                "unknown_parameter", "invalid_state", "json_too_large"},
+    ("post", f"{NAMED}/dry-run"): BODY | TENSORS | {"stepper_not_found",
+                                                    "invalid_hyperparameter", "invalid_state"},
+    ("get", "/v1/diff"): {"stepper_not_found", "snapshot_not_found",
+                          "request_validation_error", "invalid_checkpoint"},
 }
 UPLOADS = {("post", V1), ("post", f"{NAMED}/step"), ("put", f"{NAMED}/params"),
-           ("put", f"{NAMED}/state"), ("post", f"{V1}/import")}
+           ("put", f"{NAMED}/state"), ("post", f"{V1}/import"), ("post", f"{NAMED}/dry-run")}
 
 
 @pytest.fixture

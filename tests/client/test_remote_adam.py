@@ -410,3 +410,17 @@ def test_tensor_lr_is_refused_rather_than_silently_rounded(live_server):
 
     with Client(live_server.url) as c:
         assert "tensor-lr-refused" not in [s.name for s in c.list()]
+
+
+def test_durability_policy_is_chosen_at_creation(live_server):
+    p = torch.nn.Parameter(torch.ones(3))
+    name = unique("durable")
+    opt = RemoteAdam([p], lr=0.1, url=live_server.url, name=name,
+                     durability={"mode": "every_n", "n": 10})
+    try:
+        summary = opt.remote_summary()
+        assert summary.durability is not None
+        assert (summary.durability.mode, summary.durability.n) == ("every_n", 10)
+    finally:
+        opt.client.delete(name)
+        opt.close()

@@ -1,0 +1,185 @@
+"""Alert rules on the per-step signals, evaluated after every step.
+
+A rule (:class:`client.protocol.AlertRule`) is a condition on one signal of one tensor, of
+every tensor (``"*"``) or of the stepper's aggregate (``None``). Alerts are edge-triggered:
+an event is raised when a rule starts to hold for a tensor, and not again until it has
+stopped holding, so a NaN that stays in a moment raises one event, not one per step.
+
+The rules live in the stepper's journal (persisted with its checkpoints and snapshots); a
+stepper that never had rules set uses :data:`DEFAULT_RULES`. The events (bounded) and the
+rules' state live in memory only.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from client.protocol import AlertRule
+
+from .stepper import Stepper
+
+__all__ = ["DEFAULT_RULES", "JOURNAL_KEY", "Alerts", "rules_of", "set_rules"]
+
+#: Where a stepper's rules are kept in ``Stepper.journal`` (a list of rule dicts).
+JOURNAL_KEY = "alert_rules"
+
+#: NaN/Inf appears in any tensor; the effective LR's p99 of a tensor changes by more than
+#: 50% in one step; the second-moment shock p99 of a tensor exceeds 100. The last two wait
+#: out a 10-step warm-up: bias correction alone moves the effective LR by up to 47% at step
+#: 2, and early on v_hat averages so few squared gradients that g^2 / v_hat is heavy-tailed
+#: (at step 2 it is a ratio of two squared normals, whose p99 is about 4000).
+DEFAULT_RULES: tuple[AlertRule, ...] = (
+    AlertRule(kind="nonfinite", tensor="*"),
+    AlertRule(kind="swing", signal="lr_eff_p99", tensor="*", threshold=0.5, after_step=10),
+    AlertRule(kind="above", signal="shock_p99", tensor="*", threshold=100.0, after_step=10),
+)
+
+#: Signals a ``nonfinite`` rule without a signal adds up.
+FAULT_COUNTS = ("nan_count", "inf_count")
+
+#: Parsed rules per stepper, reused while its journal holds the same list object.
+_parsed: weakref.WeakKeyDictionary[Stepper, tuple[Any, list[AlertRule]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def rules_of(stepper: Stepper) -> tuple[list[AlertRule], bool]:
+    """The stepper's rules and whether they are the defaults (read under its lock)."""
+    raw = stepper.journal.get(JOURNAL_KEY)
+    if raw is None:
+        return list(DEFAULT_RULES), True
+    cached = _parsed.get(stepper)
+    if cached is not None and cached[0] is raw:
+        return cached[1], False
+    rules = []
+    for r in raw:
+        try:
+            rules.append(AlertRule.model_validate(r))
+        except ValueError:
+            continue  # a rule an older version wrote that no longer validates: ignored
+    _parsed[stepper] = (raw, rules)
+    return rules, False
+
+
+def set_rules(stepper: Stepper, rules: Sequence[AlertRule] | None) -> None:
+    """Replace the stepper's rules (None: back to the defaults). A change of the stepper,
+    so it bumps its version and is written with its next checkpoint."""
+    with stepper.lock:
+        if rules is None:
+            stepper.journal.pop(JOURNAL_KEY, None)
+        else:
+            stepper.journal[JOURNAL_KEY] = [r.model_dump(mode="json") for r in rules]
+        _parsed.pop(stepper, None)
+        stepper._touch()  # a mutation: readers' caches and the durability policy see it
+
+
+class Alerts:
+    """One stepper's alert state: the previous value of every signal (for swings), the
+    (rule, tensor) pairs that hold, and the latest ``max_events`` events."""
+
+    def __init__(self, max_events: int = 1000) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self.count = 0
+        #: (rule label, tensor) -> step since which it holds
+        self.active: dict[tuple[str, str | None], int] = {}
+        self._previous: dict[str | None, dict[str, float]] = {}
+        self._rules_seen: list[AlertRule] | None = None
+
+    def reset(self) -> None:
+        """Forget previous values and which rules hold (the stepper went back in time)."""
+        self._previous.clear()
+        self.active.clear()
+
+    def evaluate(
+        self,
+        rules: Sequence[AlertRule],
+        stepper: str,
+        step: int,
+        seq: int,
+        when: float,
+        aggregate: Mapping[str, float],
+        tensors: Mapping[str, Mapping[str, float]],
+    ) -> list[dict[str, Any]]:
+        """The events ``rules`` raise at this step; then remember this step's values."""
+        if self._rules_seen != list(rules):  # new rules start from a clean slate
+            self.active.clear()
+            self._rules_seen = list(rules)
+        raised: list[dict[str, Any]] = []
+        for rule in rules:
+            if step <= rule.after_step:
+                continue
+            targets: list[tuple[str | None, Mapping[str, float]]]
+            if rule.tensor is None:
+                targets = [(None, aggregate)]
+            elif rule.tensor == "*":
+                targets = list(tensors.items())
+            elif rule.tensor in tensors:
+                targets = [(rule.tensor, tensors[rule.tensor])]
+            else:
+                targets = []  # that tensor did not step
+            label = rule.label()
+            for tensor, values in targets:
+                hit = self._check(rule, tensor, values)
+                key = (label, tensor)
+                if hit is None:
+                    self.active.pop(key, None)
+                    continue
+                if key in self.active:
+                    continue
+                self.active[key] = step
+                value, previous = hit
+                event = {"seq": seq, "stepper": stepper, "step": step, "time": when,
+                         "rule": label, "kind": rule.kind, "signal": rule.signal,
+                         "tensor": tensor, "value": value, "previous": previous,
+                         "threshold": rule.threshold}
+                raised.append(event)
+        for tensor, values in [(None, aggregate), *tensors.items()]:
+            self._previous.setdefault(tensor, {}).update(values)
+        self.events.extend(raised)
+        self.count += len(raised)
+        return raised
+
+    def _check(self, rule: AlertRule, tensor: str | None, values: Mapping[str, float]
+               ) -> tuple[float, float | None] | None:
+        """``(value, previous)`` when the rule holds for these values, else None."""
+        if rule.kind == "nonfinite":
+            if rule.signal is not None:
+                v = values.get(rule.signal)
+                return (float(v), None) if v is not None and not math.isfinite(v) else None
+            faults = sum(float(values.get(k, 0.0)) for k in FAULT_COUNTS)
+            return (faults, None) if faults > 0 else None
+        assert rule.signal is not None and rule.threshold is not None
+        v = values.get(rule.signal)
+        if v is None or math.isnan(v):
+            return None
+        if rule.kind == "above":
+            return (v, None) if v > rule.threshold else None
+        if rule.kind == "below":
+            return (v, None) if v < rule.threshold else None
+        prev = self._previous.get(tensor, {}).get(rule.signal)
+        if prev is None or not (math.isfinite(prev) and math.isfinite(v)):
+            return None
+        change = abs(v - prev) / abs(prev) if prev != 0 else (math.inf if v != 0 else 0.0)
+        return (v, prev) if change > rule.threshold else None
+
+    def at(self, seq: int) -> list[dict[str, Any]]:
+        """The events raised by the step with sequence number ``seq`` (if still kept)."""
+        out = []
+        for e in reversed(self.events):
+            if e["seq"] < seq:
+                break
+            if e["seq"] == seq:
+                out.append(e)
+        out.reverse()
+        return out
+
+    def brief(self) -> dict[str, Any]:
+        return {"count": self.count, "active": len(self.active),
+                "latest": dict(self.events[-1]) if self.events else None}
+
+    def active_list(self) -> list[dict[str, Any]]:
+        return [{"rule": r, "tensor": t, "since_step": s}
+                for (r, t), s in sorted(self.active.items(), key=lambda kv: (kv[1], kv[0][0]))]

@@ -1,0 +1,854 @@
+"""Statistics, derived views, per-step signals, dry runs and diffs (service.engine), each
+checked against an independent computation in plain torch/numpy on the full tensors.
+
+Tolerances, where a value is not compared exactly: norms, means and standard deviations
+are accumulated in float32 by torch for float32 data (relative 1e-5 against numpy's
+float64); quantiles are compared at relative 1e-12 (the same order statistics, interpolated
+by two float64 formulas); histograms, counts, fractions, effective-LR tensors and dry-run
+results are compared exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine import GroupDef, Registry, Stepper
+from service.engine import signals as sig
+from service.engine import stats as st
+from service.engine.diff import Operand, diff
+from service.engine.dryrun import dry_run
+from service.engine.errors import ShapeMismatch, UnknownParameter
+from service.engine.signals import SIGNALS, attach_signals, observer_of
+
+CPU = torch.device("cpu")
+#: Where the device-generic tests run: here, and on a GPU where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+REL = 1e-5
+QREL = 1e-12
+
+
+def randn(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32,
+          scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    real = torch.complex64 if dtype.is_complex else torch.float64
+    return (torch.randn(tuple(shape), generator=g, dtype=real) * scale).to(dtype)
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    """The real view of ``t`` as a flat float64 numpy array."""
+    t = t.detach().cpu()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.double().reshape(-1).numpy()
+
+
+def close(a: float, b: float, rel: float = REL, abs_: float = 1e-12) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_) or (math.isnan(a) and math.isnan(b))
+
+
+def assert_moments(stats: dict[str, Any], x: np.ndarray) -> None:
+    finite = x[np.isfinite(x)]
+    assert stats["numel"] == x.size
+    assert stats["nan"] == int(np.isnan(x).sum())
+    assert stats["inf"] == int(np.isinf(x).sum())
+    assert stats["finite"] == finite.size
+    assert stats["zeros"] == int((finite == 0).sum())
+    assert close(stats["norm"], float(np.linalg.norm(finite)))
+    scale = float(np.abs(finite).max()) if finite.size else 1.0
+    assert close(stats["mean"], float(finite.mean()), abs_=1e-6 * scale)
+    assert close(stats["std"], float(finite.std()), abs_=1e-6 * scale)
+    assert stats["min"] == float(finite.min())
+    assert stats["max"] == float(finite.max())
+
+
+def assert_quantiles(stats: dict[str, Any], values: np.ndarray, qs: Sequence[float]) -> None:
+    finite = values[np.isfinite(values)]
+    want = np.quantile(finite, qs)
+    got = [stats["quantiles"][repr(float(q))] for q in qs]
+    for g, w in zip(got, want, strict=True):
+        assert close(g, float(w), rel=QREL, abs_=0.0), (got, want)
+
+
+# ---------------------------------------------------------------------- describe
+
+
+def test_describe_matches_numpy_on_every_statistic() -> None:
+    x = randn((300, 41), 1)
+    x[3, 4] = math.nan
+    x[5, 5] = math.inf
+    x[6, 6] = -math.inf
+    x[0, :17] = 0
+    qs = (0.0, 0.01, 0.25, 0.5, 0.99, 1.0)
+    spec = st.StatsSpec(quantiles=qs, bins=16, log=True)
+    stats = st.describe(st.Source.of(x), spec).stats
+    a = f64(x)
+    finite = a[np.isfinite(a)]
+    assert_moments(stats, a)
+    assert_quantiles(stats, a, qs)
+    assert not stats["sampled"] and stats["sample_size"] == finite.size
+    counts, edges = np.histogram(finite, bins=16, range=(finite.min(), finite.max()))
+    assert stats["hist"]["counts"] == counts.tolist()
+    assert stats["hist"]["edges"] == edges.tolist()
+    assert stats["hist"]["below"] == stats["hist"]["above"] == 0
+    nonzero = finite[finite != 0]
+    logs = torch.log10(torch.from_numpy(np.abs(nonzero))).numpy()
+    lcounts, ledges = np.histogram(logs, bins=16, range=(logs.min(), logs.max()))
+    assert stats["log_hist"]["counts"] == lcounts.tolist()
+    assert stats["log_hist"]["edges"] == ledges.tolist()
+    assert stats["log_hist"]["zeros"] == 17
+    assert stats["log_hist"]["negative"] == int((finite < 0).sum())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_quantiles_of_large_tensors_select_instead_of_sorting(ties: bool) -> None:
+    n = (1 << 16) + 1001  # above the sort limit: kthvalue and the next order statistic
+    x = torch.randint(0, 7, (n,)).float() if ties else randn((n,), 9)
+    qs = (0.0, 0.01, 0.3333, 0.5, 0.99, 1.0)
+    got = st.quantiles_of(x, qs)
+    want = np.quantile(f64(x), qs)
+    assert all(close(g, float(w), rel=QREL, abs_=0.0) for g, w in zip(got, want, strict=True))
+
+
+def test_a_given_histogram_range_counts_what_falls_outside() -> None:
+    x = randn((5000,), 2, torch.float64)
+    stats = st.describe(st.Source.of(x), st.StatsSpec(bins=10, hist_range=(-1.0, 0.5))).stats
+    a = f64(x)
+    counts, _ = np.histogram(a, bins=10, range=(-1.0, 0.5))
+    assert stats["hist"]["counts"] == counts.tolist()
+    assert stats["hist"]["below"] == int((a < -1.0).sum())
+    assert stats["hist"]["above"] == int((a > 0.5).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64])
+def test_describe_other_dtypes(dtype: torch.dtype) -> None:
+    x = randn((64, 9), 3, dtype)
+    stats = st.describe(st.Source.of(x), st.StatsSpec(quantiles=(0.1, 0.9))).stats
+    assert_moments(stats, f64(x))
+    assert_quantiles(stats, f64(x), (0.1, 0.9))
+
+
+def test_all_nonfinite_and_empty_tensors_have_undefined_moments() -> None:
+    x = torch.tensor([math.nan, math.inf])
+    stats = st.describe(st.Source.of(x), st.StatsSpec()).stats
+    assert (stats["nan"], stats["inf"], stats["finite"]) == (1, 1, 0)
+    assert all(math.isnan(stats[k]) for k in ("mean", "std", "min", "max"))
+    assert all(math.isnan(v) for v in stats["quantiles"].values())
+    assert st.describe(st.Source.of(torch.zeros(0)), st.StatsSpec()).stats["numel"] == 0
+
+
+def test_a_constant_tensor_gets_numpys_unit_histogram() -> None:
+    stats = st.describe(st.Source.of(torch.full((10,), 2.0)), st.StatsSpec(bins=4)).stats
+    counts, edges = np.histogram(np.full(10, 2.0), bins=4)
+    assert stats["hist"]["counts"] == counts.tolist()
+    assert stats["hist"]["edges"] == edges.tolist()
+
+
+@pytest.mark.parametrize("bad", [dict(quantiles=(1.5,)), dict(bins=-1), dict(bins=10_000),
+                                 dict(hist_range=(1.0, 1.0)), dict(log=True, bins=0),
+                                 dict(quantiles=tuple([0.5] * 40))])
+def test_a_bad_spec_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        st.StatsSpec(**bad)
+
+
+@pytest.fixture
+def small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a few thousand elements "large": the chunked and sampled paths run quickly."""
+    monkeypatch.setattr(st, "EXACT_LIMIT", 1000)
+    monkeypatch.setattr(st, "CHUNK", 700)
+    monkeypatch.setattr(st, "SAMPLE_SIZE", 256)
+
+
+@pytest.mark.usefixtures("small_limits")
+def test_large_tensors_reduce_exactly_in_chunks_and_sample_the_distribution() -> None:
+    x = randn((120, 50), 4) + 3.0  # a mean far from 0 tests the two-pass deviations
+    x[7, 7] = math.nan
+    x[100, 3] = 0.0
+    spec = st.StatsSpec(quantiles=(0.01, 0.5, 0.99), bins=8)
+    stats = st.describe(st.Source.of(x), spec).stats
+    a = f64(x)
+    assert_moments(stats, a)
+    plan = st.sample_plan(a.size, 256, 50)
+    sample = a[plan.start::plan.stride][:plan.count]
+    assert stats["sampled"] and stats["sample_size"] == np.isfinite(sample).sum() <= 256
+    assert_quantiles(stats, sample, (0.01, 0.5, 0.99))
+    finite = sample[np.isfinite(sample)]
+    counts, _ = np.histogram(finite, bins=8, range=(stats["min"], stats["max"]))
+    assert stats["hist"]["counts"] == counts.tolist()
+
+
+def test_the_sample_plan_is_deterministic_bounded_and_visits_every_column() -> None:
+    assert st.sample_plan(100, 1000) == st.Plan(0, 1, 100)
+    for numel, size, last in [(10_000, 100, 100), (1 << 20, 4096, 4096), (999_999, 777, 3)]:
+        plan = st.sample_plan(numel, size, last)
+        assert plan == st.sample_plan(numel, size, last)
+        assert 0 < plan.count <= size and plan.start + (plan.count - 1) * plan.stride < numel
+        assert math.gcd(plan.stride, last) == 1
+        columns = {(plan.start + i * plan.stride) % last for i in range(plan.count)}
+        assert len(columns) == min(last, plan.count)
+
+
+def test_the_signal_block_plan_takes_cache_lines_through_every_column() -> None:
+    assert sig.block_plan(100, 1000).exact and sig.block_plan(100, 1000).count == 100
+    for numel, want, last in [(10_000, 1000, 100), (1 << 20, 2048, 4096), (999_999, 800, 3),
+                              (1_000_000, 2048, 1000), (5000, 64, 0)]:
+        plan = sig.block_plan(numel, want, last)
+        idx = plan.indices()
+        assert plan == sig.block_plan(numel, want, last) and not plan.exact
+        assert idx.numel() == plan.count <= want and int(idx.max()) < numel
+        assert plan.stride % sig.BLOCK == 0 and plan.block == sig.BLOCK
+        if last > 1:  # block starts fall on every multiple of gcd(stride, last) (<= BLOCK)
+            d = math.gcd(plan.stride, last)
+            assert sig.BLOCK % d == 0
+            starts = {(k * plan.stride) % last for k in range(plan.blocks)}
+            assert len(starts) == min(plan.blocks, last // d)
+        flat = torch.arange(numel, dtype=torch.float64)
+        assert torch.equal(plan.view(flat).reshape(-1), flat[idx])
+
+
+def test_aggregate_is_the_concatenation() -> None:
+    parts = [randn((40, 3), 5), randn((7,), 6), randn((2, 2), 7, torch.float64)]
+    spec = st.StatsSpec(quantiles=(0.05, 0.5, 0.95), bins=5)
+    described = [st.describe(st.Source.of(t), spec, keep_values=True) for t in parts]
+    stats = st.aggregate(described, spec)
+    a = np.concatenate([f64(t) for t in parts])
+    assert_moments(stats, a)
+    assert_quantiles(stats, a, (0.05, 0.5, 0.95))
+    counts, _ = np.histogram(a, bins=5, range=(a.min(), a.max()))
+    assert stats["hist"]["counts"] == counts.tolist() and not stats["sampled"]
+
+
+@pytest.mark.usefixtures("small_limits")
+def test_aggregate_of_large_tensors_pools_proportional_samples() -> None:
+    parts = [randn((3000,), 8), randn((600,), 9)]
+    spec = st.StatsSpec(quantiles=(0.5,), bins=4)
+    stats = st.aggregate([st.describe(st.Source.of(t), spec) for t in parts], spec)
+    assert_moments(stats, np.concatenate([f64(t) for t in parts]))
+    pooled = []
+    for t in parts:
+        n = max(1, round(256 * t.numel() / 3600))
+        plan = st.sample_plan(t.numel(), n)
+        pooled.append(f64(t)[plan.start::plan.stride][:plan.count])
+    assert stats["sampled"]
+    assert_quantiles(stats, np.concatenate(pooled), (0.5,))
+
+
+# ---------------------------------------------------------------------- Adam views
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def reference_views(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+                    ) -> dict[str, torch.Tensor]:
+    """The views as _single_tensor_adam's own lines compute them (PyTorch source), on the
+    real view of complex tensors as it does."""
+    raw = {"param": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+    state = {k: real(v) if torch.is_tensor(v) else v for k, v in state.items()}
+    t = state["step"].item()
+    beta1, beta2 = group["betas"]
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    step_size = group["lr"] / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+    d = denom.to(wide)
+    m = state["exp_avg"].to(wide)
+    return {
+        **raw,
+        "m_hat": m / bias_correction1,
+        "v_hat": v.to(wide) / bias_correction2,
+        "lr_eff": torch.tensor(step_size, dtype=wide) / d,
+        "update": (m / d) * -step_size,
+    }
+
+
+def stepped(dtype: torch.dtype, amsgrad: bool, steps: int, seed: int = 0,
+            shape: tuple[int, ...] = (33, 5), device: str = "cpu", **hyper: Any
+            ) -> tuple[Stepper, dict[str, Any]]:
+    """A stepper that took ``steps`` steps (1000: state loaded at step 999, one step)."""
+    s = Stepper("v", "adam", torch.device(device), [("w", randn(shape, seed, dtype))],
+                {"lr": 0.01, "amsgrad": amsgrad, "foreach": False, **hyper})
+    if steps == 1000:
+        v = randn(shape, seed + 1, dtype).abs() ** 2 * 1e-3
+        state = {"step": torch.tensor(999.0), "exp_avg": randn(shape, seed + 2, dtype) * 1e-2,
+                 "exp_avg_sq": v}
+        if amsgrad:
+            state["max_exp_avg_sq"] = v * 1.5
+        s.put_state({"w": state})
+        steps = 1
+    for k in range(steps):
+        s.step({"w": randn(shape, 100 + k, dtype)})
+    p = s.params[0]
+    return s, {"p": p, "state": s.optimizer.state[p], "group": s.optimizer.param_groups[0]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("steps", [1, 2, 1000])
+@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.float32, True),
+                                           (torch.bfloat16, True), (torch.float64, False)])
+def test_views_equal_pytorchs_for_loop_bit_for_bit(steps: int, dtype: torch.dtype,
+                                                   amsgrad: bool, device: str) -> None:
+    s, ctx = stepped(dtype, amsgrad, steps, device=device)
+    assert ctx["state"]["step"].item() == steps
+    ref = reference_views(ctx["p"], ctx["state"], ctx["group"])
+    qs = (0.01, 0.5, 0.99)
+    report = st.describe_stepper(s, None, list(ref), st.StatsSpec(quantiles=qs, bins=6))
+    for key, want in ref.items():
+        view = st.view_of(ctx["p"], ctx["state"], ctx["group"], key)
+        assert not isinstance(view, str)
+        got = view.select(())
+        assert got.dtype == want.dtype and torch.equal(got, want), key
+        stats = report["tensors"]["w"][key]
+        assert_moments(stats, f64(want))
+        assert_quantiles(stats, f64(want), qs)
+        assert report["aggregate"][key]["quantiles"] == stats["quantiles"]
+
+
+def test_the_update_view_is_the_last_steps_change() -> None:
+    s = Stepper("u", "adam", CPU, [("w", randn((50,), 1))], {"lr": 0.01, "foreach": False})
+    s.step({"w": randn((50,), 2)})
+    before = s.params[0].detach().clone()
+    s.step({"w": randn((50,), 3)})
+    p = s.params[0]
+    view = st.view_of(p, s.optimizer.state[p], s.optimizer.param_groups[0], "update")
+    assert not isinstance(view, str)
+    change = p.detach() - before
+    ulp = torch.finfo(torch.float32).eps * before.abs().max()
+    assert torch.allclose(view.select(()), change, rtol=0, atol=2 * float(ulp))
+
+
+def test_views_that_do_not_exist_say_why() -> None:
+    s = Stepper("m", "adam", CPU, [("w", torch.zeros(3))], {"lr": 0.1})
+    p, g = s.params[0], s.optimizer.param_groups[0]
+    assert "not stepped" in str(st.view_of(p, {}, g, "lr_eff"))
+    s.step({"w": torch.ones(3)})
+    assert "amsgrad" in str(st.view_of(p, s.optimizer.state[p], g, "max_exp_avg_sq"))
+    s.put_state({"w": {"step": torch.tensor(0.0)}})
+    assert "step is 0" in str(st.view_of(p, s.optimizer.state[p], g, "m_hat"))
+    report = st.describe_stepper(s, None, ["param", "m_hat"], st.StatsSpec())
+    assert report["missing"] == [{"name": "w", "key": "m_hat",
+                                  "reason": st.view_of(p, s.optimizer.state[p], g, "m_hat")}]
+    with pytest.raises(UnknownParameter):
+        st.describe_stepper(s, ["nope"], ["param"], st.StatsSpec())
+    with pytest.raises(ValueError):
+        st.describe_stepper(s, None, ["grad"], st.StatsSpec())
+
+
+# ---------------------------------------------------------------------- signals
+
+
+def lr_eff_of(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+    return reference_views(p, state, group)["lr_eff"]
+
+
+def snapshot_state(s: Stepper) -> dict[str, dict[str, Any]]:
+    out = {}
+    for n in s.names:
+        p = s.params[s.index[n]]
+        out[n] = {"p": p.detach().clone(), "group": s.optimizer.param_groups[s.group_of[n]],
+                  "state": {k: v.clone() for k, v in s.optimizer.state.get(p, {}).items()}}
+    return out
+
+
+def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
+                     grads: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, float]],
+                                                              dict[str, Any]]:
+    """Every signal from the full tensors, independently (float64 numpy, PyTorch's views)."""
+    per: dict[str, dict[str, float]] = {}
+    pools: dict[str, list[np.ndarray]] = {"lr": [], "shock": []}
+    sums: dict[str, float] = {}
+    for n, g in grads.items():
+        b = before[n]
+        p = s.params[s.index[n]]
+        state = s.optimizer.state[p]
+        group = b["group"]
+        gn, p0, p1 = f64(g), f64(b["p"]), f64(p)
+        m, v = f64(state["exp_avg"]), f64(state["exp_avg_sq"])
+        lr = f64(lr_eff_of(p, state, group))
+        t = state["step"].item()
+        root = real(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+                    ).sqrt() / (1 - group["betas"][1] ** t) ** 0.5
+        shock = np.full(gn.size, np.nan)
+        grew = np.nan
+        if b["state"]:
+            prev_lr = f64(lr_eff_of(b["p"], b["state"], group))
+            both = ~np.isnan(lr) & ~np.isnan(prev_lr)
+            grew = float((lr > prev_lr)[both].mean())
+            v_prev = f64(b["state"]["exp_avg_sq"])
+            v_hat = v_prev / (1 - group["betas"][1] ** b["state"]["step"].item())
+            g_eff = gn + (group["weight_decay"] * p0
+                          if not group["decoupled_weight_decay"] else 0.0)
+            ok = v_hat > 0
+            shock = np.where(ok, g_eff**2 / np.where(ok, v_hat, 1.0), np.nan)
+        if group["amsgrad"]:
+            vm = f64(state["max_exp_avg_sq"])
+            clamp = float((vm[v > 0] / v[v > 0]).mean())
+        else:
+            clamp = 1.0
+        counts = [np.isnan(x).sum() + 0 for x in (gn, m, v)]
+        infs = [np.isinf(x).sum() + 0 for x in (gn, m, v)]
+        shock_ok = shock[~np.isnan(shock)]
+        per[n] = {
+            "grad_norm": float(np.linalg.norm(gn)),
+            "param_norm": float(np.linalg.norm(p1)),
+            "update_norm": float(np.linalg.norm(p1 - p0)),
+            "update_ratio": float(np.linalg.norm(p1 - p0) / np.linalg.norm(p0)),
+            "exp_avg_norm": float(np.linalg.norm(m)),
+            "exp_avg_sq_mean": float(v.mean()),
+            "lr_eff_p1": float(np.nanquantile(lr, 0.01)),
+            "lr_eff_p50": float(np.nanquantile(lr, 0.5)),
+            "lr_eff_p99": float(np.nanquantile(lr, 0.99)),
+            "shock_p99": float(np.quantile(shock_ok, 0.99)) if shock_ok.size else math.nan,
+            "gamma_frac": grew,
+            "amsgrad_clamp": clamp,
+            "eps_dominance": float((f64(root < group["eps"])).mean()),
+            "nan_count": float(sum(counts)),
+            "inf_count": float(sum(infs)),
+        }
+        pools["lr"].append(lr)
+        pools["shock"].append(shock_ok)
+        for k, x in (("g", gn), ("p1", p1), ("d", p1 - p0), ("p0", p0), ("m", m)):
+            sums[k] = sums.get(k, 0.0) + float((x**2).sum())
+        sums["v"] = sums.get("v", 0.0) + float(v.sum())
+        sums["numel"] = sums.get("numel", 0.0) + v.size
+    lr_all = np.concatenate(pools["lr"])
+    shock_all = np.concatenate(pools["shock"])
+    agg = {
+        "grad_norm": math.sqrt(sums["g"]), "param_norm": math.sqrt(sums["p1"]),
+        "update_norm": math.sqrt(sums["d"]), "exp_avg_norm": math.sqrt(sums["m"]),
+        "update_ratio": math.sqrt(sums["d"]) / math.sqrt(sums["p0"]),
+        "exp_avg_sq_mean": sums["v"] / sums["numel"],
+        "lr_eff_p1": float(np.nanquantile(lr_all, 0.01)),
+        "lr_eff_p50": float(np.nanquantile(lr_all, 0.5)),
+        "lr_eff_p99": float(np.nanquantile(lr_all, 0.99)),
+        "shock_p99": float(np.quantile(shock_all, 0.99)) if shock_all.size else math.nan,
+        "nan_count": sum(x["nan_count"] for x in per.values()),
+        "inf_count": sum(x["inf_count"] for x in per.values()),
+    }
+    return per, agg
+
+
+EXACT_SIGNALS = ("lr_eff_p1", "lr_eff_p50", "lr_eff_p99", "gamma_frac", "eps_dominance",
+                 "nan_count", "inf_count")
+
+
+def assert_signals(got: dict[str, float], want: dict[str, float]) -> None:
+    for k, w in want.items():
+        g = got[k]
+        if k in EXACT_SIGNALS:
+            assert close(g, w, rel=QREL, abs_=0.0), (k, g, w)
+        else:  # float32 sample arithmetic against float64
+            assert close(g, w, rel=REL, abs_=1e-12), (k, g, w)
+
+
+def signal_stepper() -> Stepper:
+    """Registered (the registry attaches the observer): a float32 matrix, a complex vector,
+    a bf16 vector under amsgrad with L2 weight decay, a scalar."""
+    params = [("w", randn((40, 7), 1)), ("c", randn((6,), 2, torch.complex64)),
+              ("h", randn((9,), 3, torch.bfloat16)), ("s", randn((), 4))]
+    groups = [GroupDef(["w", "c", "s"]),
+              GroupDef(["h"], {"amsgrad": True, "weight_decay": 0.1, "lr": 0.05})]
+    registry = Registry()
+    return registry.create("sig", lambda: Stepper("sig", "adam", CPU, params,
+                                                  {"lr": 0.01, "foreach": False}, groups))
+
+
+def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
+    before = snapshot_state(s)
+    s.step(grads)
+    want, want_agg = expected_signals(before, s, grads)
+    signals = s.signals
+    assert signals["step"] == s.step_count
+    assert set(signals["tensors"]) == set(grads)
+    for n in grads:
+        assert set(signals["tensors"][n]) == set(SIGNALS)
+        assert_signals(signals["tensors"][n], want[n])
+    assert set(signals["aggregate"]) == set(SIGNALS)
+    assert_signals(signals["aggregate"], want_agg)
+    return signals
+
+
+def grads_for(s: Stepper, k: int, names: Sequence[str] | None = None
+              ) -> dict[str, torch.Tensor]:
+    return {n: randn(tuple(s.params[s.index[n]].shape), 50 + 10 * k + i,
+                     s.params[s.index[n]].dtype)
+            for i, n in enumerate(names or s.names)}
+
+
+def test_signals_at_steps_1_2_and_1000_equal_independent_computations() -> None:
+    s = signal_stepper()
+    assert observer_of(s) is not None and s.observers[0] is observer_of(s)
+    first = run_and_check(s, grads_for(s, 1))
+    for n in s.names:  # no previous step: shock and gamma undefined
+        assert math.isnan(first["tensors"][n]["shock_p99"])
+        assert math.isnan(first["tensors"][n]["gamma_frac"])
+    second = run_and_check(s, grads_for(s, 2))
+    assert all(0 <= second["tensors"][n]["gamma_frac"] <= 1 for n in s.names)
+    run_and_check(s, grads_for(s, 3, ["w", "h"]))  # a step of some tensors only
+    # Step 1000: load state at step 999 (the cache no longer holds: recomputed from state).
+    state = {}
+    for i, n in enumerate(s.names):
+        p = s.params[s.index[n]]
+        x = randn(tuple(p.shape), 200 + i, p.dtype)
+        v = (torch.complex(x.real**2, x.imag**2) if x.is_complex() else x**2) * 1e-2
+        state[n] = {"step": torch.tensor(999.0), "exp_avg": randn(tuple(p.shape), 300 + i,
+                                                                   p.dtype) * 1e-2,
+                    "exp_avg_sq": v}
+        if n == "h":
+            state[n]["max_exp_avg_sq"] = v * 2
+    s.put_state(state)
+    thousandth = run_and_check(s, grads_for(s, 4))
+    assert all(thousandth["tensors"][n]["amsgrad_clamp"] == 1.0 for n in ("w", "c", "s"))
+    assert thousandth["tensors"]["h"]["amsgrad_clamp"] > 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.bfloat16, True),
+                                           (torch.float16, False), (torch.float64, True)])
+def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(dtype: torch.dtype, amsgrad: bool,
+                                                          device: str) -> None:
+    """One tensor: PyTorch's own operations on the sample (any device), no segments."""
+    shape = (24, 5)
+    s = Registry().create("one", lambda: Stepper("one", "adam", torch.device(device),
+                                                 [("w", randn(shape, 1, dtype))],
+                                                 {"lr": 0.01, "amsgrad": amsgrad,
+                                                  "foreach": False, "eps": 1e-3}))
+    run_and_check(s, {"w": randn(shape, 2, dtype)})
+    second = run_and_check(s, {"w": randn(shape, 3, dtype)})
+    assert second["aggregate"] == second["tensors"]["w"]
+    x = randn(shape, 4, dtype)
+    state = {"step": torch.tensor(999.0), "exp_avg": x * 1e-2, "exp_avg_sq": x * x * 1e-8}
+    if amsgrad:
+        state["max_exp_avg_sq"] = x * x * 1e-7
+    s.put_state({"w": state})
+    run_and_check(s, {"w": randn(shape, 5, dtype) * 0.02})
+    assert 0 < s.signals["tensors"]["w"]["eps_dominance"] < 1  # eps=1e-3 matters here
+
+
+def test_signals_of_float64_tensors_in_two_groups() -> None:
+    """A float64 pool with per-tensor constants: the segmented path without the float32
+    order keys."""
+    params = [("a", randn((30, 4), 1, torch.float64)), ("b", randn((7,), 2, torch.float64))]
+    s = Registry().create("f64", lambda: Stepper(
+        "f64", "adam", CPU, params, {"lr": 0.01, "foreach": False},
+        [GroupDef(["a"]), GroupDef(["b"], {"lr": 0.1, "amsgrad": True})]))
+    for k in range(3):
+        run_and_check(s, grads_for(s, k))
+
+
+def test_gamma_compares_with_the_lr_the_previous_step_applied() -> None:
+    """After the lr is lowered between steps, gamma still compares this step's effective LR
+    with the one the previous step used (the cache), not with a recomputation."""
+    s = signal_stepper()
+    s.step(grads_for(s, 1))
+    s.step(grads_for(s, 2))
+    prev = {n: lr_eff_of(s.params[s.index[n]], s.optimizer.state[s.params[s.index[n]]],
+                         s.optimizer.param_groups[s.group_of[n]]) for n in s.names}
+    s.set_hyperparameters({"lr": 1e-4}, group=0)
+    s.step(grads_for(s, 3))
+    for n in ("w", "c", "s"):
+        p = s.params[s.index[n]]
+        now = lr_eff_of(p, s.optimizer.state[p], s.optimizer.param_groups[s.group_of[n]])
+        want = float((f64(now) > f64(prev[n])).mean())
+        assert s.signals["tensors"][n]["gamma_frac"] == want == 0.0
+
+
+def test_signals_count_nan_and_inf_exactly() -> None:
+    s = signal_stepper()
+    s.step(grads_for(s, 1))
+    g = grads_for(s, 2)
+    g["w"][0, 0] = math.nan
+    g["w"][1, 1] = math.inf
+    run_and_check(s, g)  # NaN: in g, m and v; Inf: in g, m and v
+    assert s.signals["tensors"]["w"]["nan_count"] == 3 == s.signals["aggregate"]["nan_count"]
+    assert s.signals["tensors"]["w"]["inf_count"] == 3 == s.signals["aggregate"]["inf_count"]
+
+
+@pytest.fixture
+def tiny_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sig, "STEP_SAMPLE", 32)
+    monkeypatch.setattr(sig, "MIN_PER_TENSOR", 8)
+    monkeypatch.setattr(sig, "SCAN_STEP", 128)
+    monkeypatch.setattr(sig, "SCAN_PIECE", 48)
+
+
+@pytest.mark.usefixtures("tiny_sample")
+def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
+    shape = (40, 25)  # 1000 elements, 32 sampled
+    s = Registry().create("big", lambda: Stepper("big", "adam", CPU, [("w", randn(shape, 1))],
+                                                 {"lr": 0.01, "foreach": False}))
+    s.step({"w": randn(shape, 2)})
+    plan = sig.block_plan(1000, 32, 25)
+    assert not plan.exact and s.signals["sample"] == {"w": plan.count}
+    picked = plan.indices()
+    g = randn(shape, 3)
+    idx = next(i for i in range(1000) if i not in set(picked.tolist()))  # not sampled
+    g.view(-1)[idx] = math.nan
+    before = s.params[0].detach().clone()
+    s.step({"w": g})
+    gs, p0 = f64(g)[picked], f64(before)[picked]
+    p1 = f64(s.params[0])[picked]
+    scale = math.sqrt(1000 / plan.count)
+    got = s.signals["tensors"]["w"]
+    assert close(got["grad_norm"], float(np.linalg.norm(gs)) * scale)
+    assert close(got["update_norm"], float(np.linalg.norm(p1 - p0)) * scale)
+    assert close(got["update_ratio"], float(np.linalg.norm(p1 - p0) / np.linalg.norm(p0)))
+    # The NaN (now in m and v for good) is found within numel / SCAN_STEP steps, then
+    # counted exactly over the whole tensors: g (at the step it came), m and v.
+    found, last_grad = got["nan_count"], g
+    for k in range(-(-1000 // sig.SCAN_STEP)):
+        if found:
+            break
+        last_grad = randn(shape, 10 + k)
+        s.step({"w": last_grad})
+        found = s.signals["tensors"]["w"]["nan_count"]
+    state = s.optimizer.state[s.params[0]]
+    want = sum(int(torch.isnan(t).sum()) for t in (last_grad, state["exp_avg"],
+                                                   state["exp_avg_sq"]))
+    assert found == want and want in (2, 3)
+
+
+@pytest.mark.usefixtures("tiny_sample")
+def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
+    shapes = {"w": (40, 25), "b": (50,)}
+    s = Registry().create("two", lambda: Stepper(
+        "two", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
+            shapes.items())], {"lr": 0.01, "foreach": False}))
+    for k in range(2):
+        s.step({n: randn(shape, 10 + k + i) for i, (n, shape) in enumerate(shapes.items())})
+    values, weights = [], []
+    for n, shape in shapes.items():
+        p = s.params[s.index[n]]
+        lr = f64(lr_eff_of(p, s.optimizer.state[p], s.optimizer.param_groups[0]))
+        # The documented share: STEP_SAMPLE in proportion to size, at least the floor.
+        floor = max(sig.BLOCK, min(sig.MIN_PER_TENSOR, sig.STEP_SAMPLE // 2))
+        want = max(floor, round(sig.STEP_SAMPLE * lr.size / 1050))
+        plan = sig.block_plan(lr.size, want, shape[-1] if len(shape) > 1 else 0)
+        assert not plan.exact and plan.count == s.signals["sample"][n]
+        sample = lr[plan.indices()]
+        for q, key in ((0.01, "lr_eff_p1"), (0.5, "lr_eff_p50"), (0.99, "lr_eff_p99")):
+            assert close(s.signals["tensors"][n][key], float(np.quantile(sample, q)),
+                         rel=QREL, abs_=0.0)
+        values.append(sample)
+        weights.append(np.full(plan.count, lr.size / plan.count))
+    order = np.argsort(np.concatenate(values), kind="stable")
+    pooled, cum = np.concatenate(values)[order], np.cumsum(np.concatenate(weights)[order])
+    for q, key in ((0.01, "lr_eff_p1"), (0.5, "lr_eff_p50"), (0.99, "lr_eff_p99")):
+        want = pooled[np.searchsorted(cum, q * cum[-1])]
+        assert s.signals["aggregate"][key] == float(want)
+
+
+def test_a_failing_observer_never_breaks_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = signal_stepper()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sig, "finish", broken)
+    outcome = s.step(grads_for(s, 1))
+    assert outcome.step == 1 == s.step_count
+    assert "boom" in s.signals["error"]
+    monkeypatch.undo()
+    s.step(grads_for(s, 2))
+    assert "error" not in s.signals and s.signals["step"] == 2
+
+
+def test_attach_signals_is_idempotent_and_goes_first() -> None:
+    s = Stepper("a", "adam", CPU, [("w", torch.zeros(2))], {"lr": 0.1})
+
+    class Other:
+        def before_step(self, stepper: Stepper, grads: Any) -> None: ...
+
+        def after_step(self, stepper: Stepper, grads: Any) -> None: ...
+
+    s.observers.append(Other())
+    first = attach_signals(s)
+    assert attach_signals(s) is first and s.observers[0] is first and len(s.observers) == 2
+    assert s.signals["tensors"] == {}
+
+
+# ---------------------------------------------------------------------- the seed's failure
+
+
+def lr_eff_p99_series(amsgrad: bool) -> tuple[list[float], int]:
+    """Per-step aggregate lr_eff_p99 under a gradient sequence whose second moment jumps
+    late: a large gradient at step 1, quiet steps, then a large one again (a bit smaller)."""
+    quiet, late = 300, 301
+    shape = (256,)
+    scale = randn(shape, 7).abs() + 0.5  # per-element magnitudes
+    s = Registry().create("seed", lambda: Stepper(
+        "seed", "adam", CPU, [("w", torch.zeros(shape))],
+        {"lr": 1e-3, "betas": (0.9, 0.99), "amsgrad": amsgrad, "foreach": False}))
+    series = []
+    for t in range(1, quiet + 20):
+        size = 1.0 if t == 1 else 0.9 if t == late else 1e-3
+        sign = 1.0 if t % 2 else -1.0
+        s.step({"w": scale * size * sign})
+        series.append(s.signals["aggregate"]["lr_eff_p99"])
+        assert series[-1] == s.signals["tensors"]["w"]["lr_eff_p99"]
+    return series, late
+
+
+def bias_correction_ratio(t: int, betas: tuple[float, float] = (0.9, 0.99)) -> float:
+    """How much the effective LR of an unchanged (max) second moment grows from step t-1 to
+    t through PyTorch's bias correction alone: step_size * sqrt(bc2) grows."""
+    b1, b2 = betas
+    return ((1 - b1 ** (t - 1)) / (1 - b1**t)) * math.sqrt((1 - b2**t) / (1 - b2 ** (t - 1)))
+
+
+def test_seed_failure_mode_adam_swings_and_amsgrad_does_not() -> None:
+    adam, late = lr_eff_p99_series(amsgrad=False)
+    ams, _ = lr_eff_p99_series(amsgrad=True)
+    i = late - 1  # index of the late gradient's step (series[k] is step k + 1)
+    # Growth step to step beyond what bias correction alone gives.
+    excess = [b / a / bias_correction_ratio(k + 2) for k, (a, b)
+              in enumerate(zip(adam, adam[1:], strict=False))]
+    ams_excess = [b / a / bias_correction_ratio(k + 2) for k, (a, b)
+                  in enumerate(zip(ams, ams[1:], strict=False))]
+    # Adam: through the quiet phase v decays and the effective LR grows every step beyond
+    # bias correction (more than 3x in all) ...
+    assert all(x > 1.0 for x in excess[10:i - 1])
+    assert math.prod(excess[10:i - 1]) > 3
+    # ... until the late gradient meets the decayed v: the p99 collapses by more than 50%.
+    assert adam[i] < 0.5 * adam[i - 1]
+    # AMSGrad: max_exp_avg_sq still holds step 1's gradient, so the effective LR moves by
+    # PyTorch's bias correction of that maximum and nothing else, spike or not: it never
+    # grows beyond that, and never swings by more than it (under 1% a step after step 10).
+    assert all(abs(x - 1.0) < 1e-4 for x in ams_excess[1:]), max(ams_excess[1:])
+    assert max(abs(b - a) / a for a, b in zip(ams[10:], ams[11:], strict=False)) < 0.01
+    assert abs(ams[i] - ams[i - 1]) / ams[i - 1] < 0.01
+
+
+# ---------------------------------------------------------------------- dry run
+
+
+CONFIGS: list[dict[str, Any]] = [
+    {"foreach": False},
+    {"foreach": True, "amsgrad": True},
+    {"fused": True, "weight_decay": 0.1},
+    {"foreach": False, "maximize": True, "weight_decay": 0.01, "decoupled_weight_decay": True},
+]
+
+
+def dry_stepper(kind: str, hyper: dict[str, Any], dtype: torch.dtype,
+                device: str = "cpu") -> Stepper:
+    params = [("w", randn((12, 5), 1, dtype)), ("b", randn((5,), 2, dtype)),
+              ("z", randn((3,), 3, dtype))]
+    groups = [GroupDef(["w", "z"]), GroupDef(["b"], {"lr": 0.02})]
+    return Registry().create("dry", lambda: Stepper("dry", kind, torch.device(device), params,
+                                                    {"lr": 0.01, **hyper}, groups))
+
+
+def everything(s: Stepper) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in s.params]
+    for p in s.params:
+        out += [v.clone() for _, v in sorted(s.optimizer.state.get(p, {}).items())]
+    return out
+
+
+def same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
+                                    for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,dtype,hyper", [
+    (kind, dtype, hyper)
+    for kind, dtype in [("adam", torch.float32), ("adamw", torch.bfloat16),
+                        ("adam", torch.complex64)]
+    for hyper in CONFIGS
+    if not (dtype.is_complex and hyper.get("fused"))  # fused Adam takes real tensors only
+])
+def test_a_dry_run_is_bit_for_bit_the_real_step_and_changes_nothing(
+        kind: str, dtype: torch.dtype, hyper: dict[str, Any], device: str) -> None:
+    s = dry_stepper(kind, hyper, dtype, device)
+    for k in range(2):
+        g = grads_for(s, k, ["w", "b"] if k == 0 else None)
+        untouched = everything(s)
+        version = s.version
+        run = dry_run(s, g, [{"lr": 0.005}, {}] if k == 1 else None)
+        assert same(everything(s), untouched) and s.version == version
+        real = s.step(g, [{"lr": 0.005}, {}] if k == 1 else None)
+        assert run.step == real.step and run.stepped == real.stepped
+        assert run.skipped == real.skipped
+        for n in run.stepped:
+            p = s.params[s.index[n]]
+            assert torch.equal(run.after[n], p.detach())
+            state = s.optimizer.state[p]
+            assert set(run.state[n]) == set(state)
+            assert all(torch.equal(run.state[n][key], state[key]) for key in state)
+        want = {k2: v for k2, v in s.signals.items() if k2 != "time"}
+        got = {k2: v for k2, v in run.signals.items() if k2 != "time"}
+        assert repr(got) == repr(want)  # repr: NaN == NaN
+
+
+def test_a_dry_run_refuses_what_a_step_refuses() -> None:
+    s = dry_stepper("adam", {"foreach": False}, torch.float32)
+    untouched = everything(s)
+    with pytest.raises(ShapeMismatch):
+        dry_run(s, {"w": torch.zeros(3)})
+    with pytest.raises(UnknownParameter):
+        dry_run(s, {"nope": torch.zeros(3)})
+    assert same(everything(s), untouched)
+
+
+def test_a_dry_run_without_gradients_steps_nothing() -> None:
+    s = dry_stepper("adam", {"foreach": False}, torch.float32)
+    run = dry_run(s, {})
+    assert (run.step, run.stepped, run.skipped) == (1, [], ["w", "b", "z"])
+    assert run.signals["tensors"] == {} and run.signals["step"] == 1
+    assert s.step_count == 0
+
+
+# ---------------------------------------------------------------------- diff
+
+
+def operand(tensors: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]],
+            label: str) -> Operand:
+    return Operand({"stepper": label, "snapshot": None, "step": 0}, tensors, groups)
+
+
+def test_diff_matches_numpy_by_name() -> None:
+    a_w, b_w = randn((20, 3), 1), randn((20, 3), 1)
+    b_w[2, 1] += 0.5
+    b_w[3, 0] = -0.25
+    nan_a = torch.tensor([math.nan, 1.0, 0.0])
+    nan_b = torch.tensor([math.nan, 1.0, -0.0])  # NaN stays NaN: unchanged; -0.0 changed
+    a = operand({"w": {"param": a_w, "exp_avg": torch.ones(2)}, "x": {"param": nan_a},
+                 "gone": {"param": torch.zeros(1)}}, [{"lr": 0.1, "betas": [0.9, 0.999]}], "a")
+    b = operand({"x": {"param": nan_b}, "w": {"param": b_w, "exp_avg": torch.ones(2),
+                                               "exp_avg_sq": torch.ones(2)},
+                 "new": {"param": torch.zeros(2, dtype=torch.float64)}},
+                [{"lr": 0.2, "betas": [0.9, 0.999]}], "b")
+    report = diff(a, b)
+    d = f64(b_w) - f64(a_w)
+    w = report["tensors"]["w"]["param"]
+    assert w["changed"] and w["changed_elements"] == int((d != 0).sum()) == 2
+    assert close(w["max_abs_diff"], float(np.abs(d).max()))
+    assert close(w["diff_norm"], float(np.linalg.norm(d)))
+    assert close(w["relative"], float(np.linalg.norm(d) / np.linalg.norm(f64(a_w))))
+    assert not report["tensors"]["w"]["exp_avg"]["changed"]
+    x = report["tensors"]["x"]["param"]
+    assert x["changed_elements"] == 1 and x["nonfinite_changed"] == 0
+    assert report["changed"] == ["w.param", "x.param"]
+    assert report["only_in_a"] == ["gone"] and report["only_in_b"] == ["new"]
+    assert report["state_only_in_one"] == [{"name": "w", "key": "exp_avg_sq", "in": "b"}]
+    assert report["options"] == [{"group": 0, "option": "lr", "a": 0.1, "b": 0.2}]
+
+
+def test_diff_reports_tensors_that_cannot_be_compared() -> None:
+    a = operand({"w": {"param": torch.zeros(3)}}, [], "a")
+    b = operand({"w": {"param": torch.zeros(4)}}, [], "b")
+    report = diff(a, b)
+    assert report["tensors"]["w"]["param"]["comparable"] is False
+    assert report["changed"] == ["w.param"]
