@@ -45,6 +45,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import Registry, Stepper
 from ..engine.history import HistoryConfig, HistoryObserver, attach_history, history_of
+from ..engine.signals import observer_of
 from ..errors import problems
 from .access import authorize_name, principal, require
 from .history import render_json
@@ -143,6 +144,9 @@ class EventHub:
 def attach_monitoring(app: FastAPI, stepper: Stepper) -> HistoryObserver:
     """Give a stepper its signals and its history, reporting to the app's event hub."""
     hub: EventHub = app.state.events
+    signals = observer_of(stepper)
+    if signals is not None:
+        signals.enabled = app.state.settings.signals
     return attach_history(stepper, app.state.history_config, sink=hub.notify,
                           sequence=hub.next_seq)
 

@@ -721,6 +721,8 @@ class SignalObserver:
         self.cache = SignalCache()
         self._layout: Layout | None = None
         self._pending: Pending | None = None
+        #: Off (``ADAMSCOPE_SIGNALS=false``): steps are recorded without signals, at no cost.
+        self.enabled = True
 
     def entries(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> list[Entry]:
         opt = stepper.optimizer
@@ -744,6 +746,8 @@ class SignalObserver:
 
     def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
         self._pending = None
+        if not self.enabled:
+            return
         try:
             entries = self.entries(stepper, grads)
             if entries:

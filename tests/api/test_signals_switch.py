@@ -1,0 +1,26 @@
+"""ADAMSCOPE_SIGNALS=false: steps are recorded without per-step signals (and their cost)."""
+
+import torch
+from fastapi.testclient import TestClient
+
+from client import codec
+from service.app import create_app
+from service.settings import Settings
+
+
+def _step_and_read(settings: Settings) -> dict:
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/v1/steppers", json={"name": "s", "params": [{"name": "w", "shape": [4]}],
+                                         "durability": {"mode": "manual"}})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/steppers/s/step", content=codec.encode({"w": torch.ones(4)}),
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.json()["step"] == 1
+        return c.get("/v1/steppers/s/signals").json()
+
+
+def test_signals_on_by_default_and_off_when_disabled(tmp_path):
+    on = _step_and_read(Settings(data_dir=tmp_path / "a", device="cpu"))
+    off = _step_and_read(Settings(data_dir=tmp_path / "b", device="cpu", signals=False))
+    assert on["step"] == 1 and on["tensors"]["w"]["grad_norm"] == 2.0
+    assert off["step"] == 1 and off["tensors"] == {}
