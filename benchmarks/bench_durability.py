@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import httpx
 import torch
+from bench_step import server as step_server
 
 from client import Client
 
@@ -53,44 +50,9 @@ def parse_size(text: str) -> int:
     return int(float(t[:-1] if scale != 1 else t) * scale)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def server(data_parent: str | None, timeout: float = 60) -> Iterator[str]:
-    """``adamscope serve`` in a subprocess; yields its URL, stops it after."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--data-dir", data, "--device", "cpu",
-               "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError("server exited")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become healthy in time")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def server(data_parent: str | None) -> AbstractContextManager[str]:
+    """``adamscope serve`` on the CPU with its data directory inside ``data_parent``."""
+    return step_server("cpu", data_parent=data_parent)
 
 
 def params(numel: int) -> dict[str, torch.Tensor]:

@@ -141,10 +141,11 @@ class Echo:
 
 
 @contextmanager
-def server(device: str, timeout: float = 60) -> Iterator[str]:
-    """``adamscope serve`` in a subprocess on 127.0.0.1; yields its URL, stops it after."""
+def server(device: str, timeout: float = 60, data_parent: str | None = None) -> Iterator[str]:
+    """``adamscope serve`` in a subprocess on 127.0.0.1; yields its URL, stops it after.
+    Its data directory is a temporary one (inside ``data_parent`` when given)."""
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="adamscope-bench-") as data:
+    with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--data-dir", data, "--device", device,
                "--log-level", "warning"]
