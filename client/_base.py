@@ -110,10 +110,6 @@ class Call:
     extra_headers: dict[str, str] = field(default_factory=dict)
 
     @property
-    def body(self) -> bytes | None:
-        return None if self.parts is None else b"".join(self.parts)
-
-    @property
     def retryable(self) -> bool:
         if self.idempotent is not None:
             return self.idempotent

@@ -29,7 +29,7 @@ from client.protocol import META_STEP, META_STEPPER
 
 from ..engine import Stepper
 from ..errors import ApiError
-from .wire import OCTET, media_type
+from .wire import OCTET, declared_length, media_type
 
 __all__ = [
     "BodyReader",
@@ -133,20 +133,6 @@ class BodyReader:
         return not await self._fill()
 
 
-def _declared_length(request: Request, limit: int) -> int | None:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return None
-    try:
-        size = int(declared)
-    except ValueError:
-        raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
-    if size > limit:
-        raise ApiError("payload_too_large",
-                       f"body of {size} bytes exceeds the limit of {limit} bytes", limit=limit)
-    return size
-
-
 def fresh_tensor(entry: codec.Entry) -> torch.Tensor:
     return torch.empty(entry.shape, dtype=entry.dtype)
 
@@ -166,7 +152,7 @@ async def ingest_tensors(
     if kind not in (OCTET, ""):
         raise ApiError("unsupported_media_type", f"Content-Type {kind!r}: send {OCTET}")
     limit: int = request.app.state.settings.max_body_bytes
-    declared = _declared_length(request, limit)
+    declared = declared_length(request, limit)
     if declared == 0:
         raise ApiError("malformed_body", "empty body: expected a safetensors buffer")
     reader = BodyReader(request.stream(), limit)

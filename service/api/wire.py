@@ -19,6 +19,7 @@ __all__ = [
     "OCTET",
     "TensorFormat",
     "binary_body_doc",
+    "declared_length",
     "decode_tensors",
     "json_object",
     "json_tensors",
@@ -43,24 +44,26 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request) -> bytearray:
-    """The request body, refused with 413 once it passes ``max_body_bytes``.
-
-    The body is streamed into one buffer (preallocated when Content-Length is known)
-    rather than joined from a list of chunks at the end.
-    """
-    limit: int = request.app.state.settings.max_body_bytes
+def declared_length(request: Request, limit: int) -> int | None:
+    """The request's Content-Length, refused up front (413) when it exceeds ``limit``."""
     declared = request.headers.get("content-length")
-    size_hint = 0
-    if declared is not None:
-        try:
-            size_hint = int(declared)
-        except ValueError:
-            raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
-        if size_hint > limit:
-            raise ApiError("payload_too_large",
-                           f"body of {size_hint} bytes exceeds the limit of {limit} bytes",
-                           limit=limit)
+    if declared is None:
+        return None
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
+    if size > limit:
+        raise ApiError("payload_too_large",
+                       f"body of {size} bytes exceeds the limit of {limit} bytes", limit=limit)
+    return size
+
+
+async def read_body(request: Request) -> bytearray:
+    """The whole request body (small JSON and create bodies), refused with 413 once it
+    passes ``max_body_bytes``; tensor bodies are streamed in place (``stream.py``)."""
+    limit: int = request.app.state.settings.max_body_bytes
+    declared_length(request, limit)
     buf = bytearray()
     async for chunk in request.stream():
         if len(buf) + len(chunk) > limit:
