@@ -46,11 +46,13 @@ sample (``norm * sqrt(numel / n)``), means and fractions are the sample's; for a
 taken whole every signal is exact. NaN/Inf counts are exact whenever they are reported
 non-zero: when the sample holds a NaN/Inf, or when a scan finds one, they are counted over
 the whole gradient, exp_avg and exp_avg_sq. The scan reads the next :data:`SCAN_STEP`
-elements of each sampled tensor's exp_avg_sq every step, round robin (every NaN/Inf a
-gradient brings reaches v and stays there), so a fault outside the sample is counted within
-``numel / SCAN_STEP`` steps (76 for 10M elements). All of it runs on the stepper's
-device, vectorized over all stepped tensors at once (a few dozen small operations per step
-however many tensors), with one transfer of the results to the host.
+elements of the sampled tensors' exp_avg_sq (taken as one run) every step, round robin
+(every NaN/Inf a gradient brings reaches v and stays there), so a fault outside the sample
+is counted within ``numel / SCAN_STEP`` steps (76 for 10M elements, however many tensors
+hold them). All of it runs on the stepper's device, vectorized over all stepped tensors
+at once (a few dozen small operations per step however many tensors: each sample is
+gathered by one foreach copy through views kept from step to step), with one transfer of
+the results to the host.
 
 The effective LR and its denominator reproduce PyTorch's for-loop (``_single_tensor_adam``)
 bit for bit, including the roundings it does in 16-bit state dtypes (``denom`` is rounded
@@ -80,7 +82,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .stats import adam_factors, real_flat, wide_dtype
+from .stats import Factors, adam_factors, real_flat, wide_dtype
 
 if TYPE_CHECKING:
     from .stepper import Stepper
@@ -115,7 +117,7 @@ STEP_SAMPLE = 1 << 10
 MIN_PER_TENSOR = 64
 #: Sampled tensors contribute runs of this many consecutive elements.
 BLOCK = 16
-#: Elements of each sampled tensor's exp_avg_sq scanned for NaN/Inf per step, in pieces
+#: Elements of the sampled tensors' exp_avg_sq scanned for NaN/Inf per step (in all), in pieces
 #: of SCAN_PIECE (small enough to run on one thread: no wait for a busy core).
 SCAN_STEP = 1 << 17
 SCAN_PIECE = 1 << 15
@@ -210,6 +212,29 @@ class Layout:
     #: the same for the widened dtype (float32 vs a float64 pool), for the lr division
     narrow_wide: list[tuple[torch.dtype, torch.Tensor | None]] = field(default_factory=list)
     seg_is: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # (S,) masks
+    #: The sample views of each role's tensors, with those tensors: the parameters, states
+    #: and gradient buffers are the same tensors step after step, and making a view costs
+    #: more than the few elements it reads. One list per role, so at most one set of
+    #: gradients a caller has dropped stays referenced until the next step replaces it.
+    views: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
+        default_factory=dict)
+    #: Pooled sample buffers by (role, dtype), with each tensor's slot in it.
+    buffers: dict[tuple[str, torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]] = field(
+        default_factory=dict)
+
+    def buffer(self, role: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The pooled buffer of ``role`` and the views of it each tensor's sample fills
+        (shaped as :meth:`BlockPlan.view` shapes the sample)."""
+        found = self.buffers.get((role, dtype))
+        if found is None:
+            out = torch.empty(self.total, dtype=dtype, device=self.device)
+            slots, at = [], 0
+            for plan in self.plans:
+                piece = out[at:at + plan.count]
+                slots.append(piece if plan.exact else piece.view(plan.blocks, plan.block))
+                at += plan.count
+            found = self.buffers[(role, dtype)] = (out, slots)
+        return found
 
     @property
     def total(self) -> int:
@@ -218,6 +243,20 @@ class Layout:
     @property
     def single(self) -> bool:
         return len(self.plans) == 1
+
+    def views_of(self, tensors: Sequence[torch.Tensor], role: str) -> list[torch.Tensor]:
+        """The sampled elements of each of ``tensors`` (the stepped tensors, in layout
+        order), as views."""
+        hit = self.views.get(role)
+        # The cached list holds its tensors, so none of their ids can have been reused.
+        if hit is not None and len(hit[0]) == len(tensors) and all(
+                a is b for a, b in zip(hit[0], tensors, strict=True)):
+            return hit[1]
+        views = [plan.view(real_flat(t)) for plan, t in zip(self.plans, tensors, strict=True)]
+        # A non-contiguous tensor's flat form is a copy: never reuse one.
+        if all(t.is_contiguous() for t in tensors):
+            self.views[role] = (list(tensors), views)
+        return views
 
 
 def _layout_key(entries: Sequence[Entry]) -> tuple[Any, ...]:
@@ -277,16 +316,19 @@ def _round(x: torch.Tensor, narrow: Sequence[tuple[torch.dtype, torch.Tensor | N
     return x
 
 
-def _gather(layout: Layout, tensors: Sequence[torch.Tensor],
+def _gather(layout: Layout, tensors: Sequence[torch.Tensor], role: str,
             dtype: torch.dtype | None = None) -> torch.Tensor:
     """The pooled sample: each tensor's planned elements in one buffer of ``dtype``
-    (default: the pool's, widening)."""
+    (default: the pool's, widening), copied by one foreach call however many tensors.
+    ``role`` names what the tensors are at which point of the step (``"p0"``, ``"g"``,
+    ...): the buffer is the layout's for that role, overwritten by the next step's."""
     dtype = dtype or layout.cdtype
-    views = [plan.view(real_flat(t)) for t, plan in zip(tensors, layout.plans, strict=True)]
+    views = layout.views_of(tensors, role)
     if len(views) == 1:
         return views[0].to(dtype, copy=True).view(-1)
-    out = torch.empty(layout.total, dtype=dtype, device=layout.device)
-    return torch.cat([v.reshape(-1) for v in views], out=out)
+    out, slots = layout.buffer(role, dtype)
+    torch._foreach_copy_(slots, views)
+    return out
 
 
 Scalar = float | torch.Tensor
@@ -403,8 +445,22 @@ def _steps(entries: Sequence[Entry]) -> list[float | None]:
     return steps
 
 
+def _factors(entries: Sequence[Entry], steps: Sequence[float | None]) -> list[Factors]:
+    """Each entry's Adam factors at its step (0 without state), once per distinct
+    (param group, step): tensors of one group stepping together share them."""
+    memo: dict[tuple[int, float], Factors] = {}
+    out = []
+    for e, t in zip(entries, steps, strict=True):
+        key = (id(e.group), t if t is not None else 0.0)
+        f = memo.get(key)
+        if f is None:
+            f = memo[key] = adam_factors(e.group, key[1])
+        out.append(f)
+    return out
+
+
 def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[Entry],
-            steps: Sequence[float | None]
+            steps: Sequence[float | None], role: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Effective LR of the sampled ``sources`` (each tensor's v or vmax) at ``steps``,
     PyTorch's way: ``denom = (v.sqrt() / bc2_sqrt).add_(eps)`` in the state dtype, then
@@ -416,8 +472,7 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
     so they are its for-loop's numbers on any device. Otherwise the pooled, widened sample
     emulates the state dtype's roundings as the CPU kernels do them."""
     bc2s, eps, ss = [], [], []
-    for e, t in zip(entries, steps, strict=True):
-        f = adam_factors(e.group, t if t is not None else 0.0)
+    for t, f in zip(steps, _factors(entries, steps), strict=True):
         defined = t is not None and f.defined
         bc2s.append(f.bc2_sqrt if defined else 1.0)
         eps.append(f.eps)
@@ -426,11 +481,11 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
     uniform = (len(set(layout.dtypes)) == 1 and wide == layout.cdtype
                and all(len(set(map(repr, c))) == 1 for c in (bc2s, eps, ss)))
     if uniform:
-        vs = _gather(layout, sources, layout.dtypes[0])
+        vs = _gather(layout, sources, role, layout.dtypes[0])
         root = vs.sqrt() / bc2s[0]
         lr = torch.tensor(ss[0], dtype=wide, device=vs.device) / root.add(eps[0]).to(wide)
         return lr, root < eps[0], vs.to(layout.cdtype)
-    vs = _gather(layout, sources)
+    vs = _gather(layout, sources, role)
     c_eps = _per_seg(layout, eps, "storage")
     root = _round(_round(vs.sqrt(), layout.narrow) / _per_seg(layout, bc2s, "opmath"),
                   layout.narrow)
@@ -452,19 +507,19 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
     """Capture, before the step, what the signals compare against: the gradient and
     parameter samples, the previous effective LR and the second-moment shock."""
     layout = layout or _build_layout(entries)
-    g = _gather(layout, [e.grad for e in entries])
-    p0 = _gather(layout, [e.param for e in entries])
+    g = _gather(layout, [e.grad for e in entries], "g")
+    p0 = _gather(layout, [e.param for e in entries], "p0")
     nan = torch.full((layout.total,), math.nan, dtype=layout.cdtype, device=layout.device)
     with_state = [bool(e.state) and "exp_avg_sq" in e.state for e in entries]
     if not any(with_state):
         return Pending(layout, g, p0, nan, nan)
     steps = [t if ok else None for t, ok in zip(_steps(entries), with_state, strict=True)]
     v_prev = _gather(layout, [e.state["exp_avg_sq"] if ok else e.param
-                              for e, ok in zip(entries, with_state, strict=True)])
+                              for e, ok in zip(entries, with_state, strict=True)], "v0")
     # Second-moment shock: the new gradient (as v will see it) against v_hat(t-1).
     bc2, wd = [], []
-    for e, t in zip(entries, steps, strict=True):
-        f = adam_factors(e.group, t if t is not None else 0.0)
+    for (e, t), f in zip(zip(entries, steps, strict=True), _factors(entries, steps),
+                         strict=True):
         bc2.append(f.bc2 if t is not None and f.bc2 != 0 else math.nan)
         decay = float(e.group.get("weight_decay", 0.0))
         wd.append(decay if decay and not e.group.get("decoupled_weight_decay") else 0.0)
@@ -479,7 +534,7 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
         return Pending(layout, g, p0, cache.lr_eff, shock)
     lr_prev = _lr_eff(layout, [_v_source(e) if ok else e.param
                                for e, ok in zip(entries, with_state, strict=True)],
-                      entries, steps)[0]
+                      entries, steps, "vs0")[0]
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
         use = torch.tensor(ok_cache, device=layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
@@ -547,13 +602,13 @@ def finish(pending: Pending, entries: Sequence[Entry], step: int
     """The signals of the step just taken, and the cache for the next one."""
     layout = pending.layout
     states = [e.state for e in entries]
-    p1 = _gather(layout, [e.param for e in entries])
-    m = _gather(layout, [s["exp_avg"] for s in states])
-    v = _gather(layout, [s["exp_avg_sq"] for s in states])
+    p1 = _gather(layout, [e.param for e in entries], "p1")
+    m = _gather(layout, [s["exp_avg"] for s in states], "m1")
+    v = _gather(layout, [s["exp_avg_sq"] for s in states], "v1")
     amsgrad = [bool(e.group["amsgrad"]) and "max_exp_avg_sq" in s
                for e, s in zip(entries, states, strict=True)]
     lr, below_eps, vs = _lr_eff(layout, [_v_source(e) for e in entries], entries,
-                                _steps(entries))
+                                _steps(entries), "vs1")
     g, p0 = pending.g, pending.p0
     comparable = ~torch.isnan(lr + pending.lr_prev)
     squares = torch.stack([g, p1, p1 - p0, p0, m])
@@ -569,9 +624,9 @@ def finish(pending: Pending, entries: Sequence[Entry], step: int
             torch.segment_reduce(columns, "sum", lengths=layout.lengths.expand(
                 columns.shape[0], -1), axis=1))
     per_q, pooled_q = _quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
-    # Hard faults: the next SCAN_STEP elements of each sampled tensor's v, every step.
-    pieces = [(i, piece) for i, ex in enumerate(layout.exact) if not ex
-              for piece in _scan_pieces(real_flat(states[i]["exp_avg_sq"]), step)]
+    # Hard faults: the next SCAN_STEP elements of the sampled tensors' v, every step.
+    pieces = _scan_pieces([(i, real_flat(states[i]["exp_avg_sq"]))
+                           for i, ex in enumerate(layout.exact) if not ex], step)
     parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1)]
     if pieces:
         parts.append(torch.stack(torch._foreach_max([p for _, p in pieces])).to(torch.float64))
@@ -623,12 +678,27 @@ def finish(pending: Pending, entries: Sequence[Entry], step: int
     return signals, SignalCache(_cache_key(layout), lr, [_Token.of(s) for s in states])
 
 
-def _scan_pieces(flat: torch.Tensor, step: int) -> list[torch.Tensor]:
-    """The SCAN_STEP elements scanned at ``step`` (round robin), in SCAN_PIECE pieces."""
-    n = flat.numel()
-    start = (step % -(-n // SCAN_STEP)) * SCAN_STEP
-    return [flat[a:min(a + SCAN_PIECE, n)] for a in range(start, min(start + SCAN_STEP, n),
-                                                           SCAN_PIECE)]
+def _scan_pieces(flats: Sequence[tuple[int, torch.Tensor]], step: int
+                 ) -> list[tuple[int, torch.Tensor]]:
+    """The SCAN_STEP elements scanned at ``step``, in SCAN_PIECE pieces, each with its
+    tensor's index: the tensors ``flats`` (index, flat v) are read as one run, window by
+    window, round robin, so the whole run is scanned every ``ceil(total / SCAN_STEP)``
+    steps whatever the number of tensors."""
+    total = sum(f.numel() for _, f in flats)
+    if not total:
+        return []
+    start = (step % -(-total // SCAN_STEP)) * SCAN_STEP
+    end = min(start + SCAN_STEP, total)
+    out: list[tuple[int, torch.Tensor]] = []
+    base = 0
+    for i, flat in flats:
+        n = flat.numel()
+        lo, hi = max(start, base) - base, min(end, base + n) - base
+        out.extend((i, flat[a:min(a + SCAN_PIECE, hi)]) for a in range(lo, hi, SCAN_PIECE))
+        base += n
+        if base >= end:
+            break
+    return out
 
 
 def _div(a: float, b: float) -> float:
@@ -721,6 +791,8 @@ class SignalObserver:
         self.cache = SignalCache()
         self._layout: Layout | None = None
         self._pending: Pending | None = None
+        self._params: list[torch.Tensor] = []  # the parameters self._layout was made for
+        self._entries: list[Entry] = []  # the step's, from before_step to after_step
         #: Off (``ADAMSCOPE_SIGNALS=false``): steps are recorded without signals, at no cost.
         self.enabled = True
 
@@ -739,9 +811,16 @@ class SignalObserver:
         return out
 
     def layout_for(self, entries: Sequence[Entry]) -> Layout:
+        params = [e.param for e in entries]
+        # The same parameter tensors (whose shape, dtype and device a stepper never
+        # changes) need no key comparison.
+        if (self._layout is not None and len(params) == len(self._params)
+                and all(a is b for a, b in zip(params, self._params, strict=True))):
+            return self._layout
         key = _layout_key(entries)
         if self._layout is None or self._layout.key != key:
             self._layout = _build_layout(entries)
+        self._params = params
         return self._layout
 
     def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
@@ -749,7 +828,7 @@ class SignalObserver:
         if not self.enabled:
             return
         try:
-            entries = self.entries(stepper, grads)
+            entries = self._entries = self.entries(stepper, grads)
             if entries:
                 with torch.no_grad():
                     self._pending = begin(entries, self.cache, self.layout_for(entries))
@@ -759,14 +838,16 @@ class SignalObserver:
     def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
         step = stepper.step_count + 1  # the engine counts the step once observers ran
         pending, self._pending = self._pending, None
+        entries, self._entries = self._entries, []
         try:
             if pending is None:
                 if "error" not in stepper.signals:
                     stepper.signals = {**empty_signals(), "step": step, "time": time.time()}
                 return
             with torch.no_grad():
-                stepper.signals, self.cache = finish(pending, self.entries(stepper, grads),
-                                                     step)
+                if not all(e.state for e in entries):  # states the step created
+                    entries = self.entries(stepper, grads)
+                stepper.signals, self.cache = finish(pending, entries, step)
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(stepper, e, step)
 

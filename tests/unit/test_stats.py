@@ -619,6 +619,73 @@ def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
 
 
 @pytest.mark.usefixtures("tiny_sample")
+def test_the_fault_scan_reads_scan_step_elements_per_step_and_covers_every_element() -> None:
+    flats = [(i, torch.arange(n, dtype=torch.float32) + 1000 * i)
+             for i, n in enumerate((300, 5, 1000, 77))]
+    total = sum(f.numel() for _, f in flats)
+    rounds = -(-total // sig.SCAN_STEP)
+    seen: list[float] = []
+    for step in range(rounds):
+        pieces = sig._scan_pieces(flats, step)
+        assert sum(p.numel() for _, p in pieces) <= sig.SCAN_STEP
+        assert all(p.numel() <= sig.SCAN_PIECE for _, p in pieces)
+        for i, p in pieces:  # each piece names the tensor it is from
+            assert bool(((p >= 1000 * i) & (p < 1000 * i + 1000)).all())
+            seen += p.tolist()
+    assert sorted(seen) == sorted(torch.cat([f for _, f in flats]).tolist())
+    # Round robin: after the last window, the first again.
+    again, first = sig._scan_pieces(flats, rounds), sig._scan_pieces(flats, 0)
+    assert [i for i, _ in again] == [i for i, _ in first]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, first, strict=True))
+
+
+@pytest.mark.usefixtures("tiny_sample")
+def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
+    # Eight 1000-element tensors, 128 elements scanned per step in all: a NaN outside the
+    # sample of the last tensor is found within ceil(8000 / 128) = 63 steps, and not at
+    # once (the scan does not read every tensor every step).
+    names = [f"w{i}" for i in range(8)]
+    s = Registry().create("many", lambda: Stepper(
+        "many", "adam", CPU, [(n, randn((40, 25), i)) for i, n in enumerate(names)],
+        {"lr": 0.01, "fused": True}))
+    grads = {n: randn((40, 25), 100 + i) for i, n in enumerate(names)}
+    s.step(grads)
+    layout = observer_of(s)._layout  # type: ignore[union-attr]
+    picked = set(layout.plans[-1].indices().tolist())
+    idx = max(i for i in range(1000) if i not in picked)  # the scan reaches it last
+    grads["w7"].view(-1)[idx] = math.nan
+    s.step(grads)
+    grads["w7"].view(-1)[idx] = 0.0
+    steps = 0
+    while not s.signals["aggregate"]["nan_count"]:
+        steps += 1
+        assert steps <= -(-8000 // sig.SCAN_STEP), "the scan missed the NaN"
+        s.step(grads)
+    assert steps > 1
+    state = s.optimizer.state[s.params[-1]]
+    assert s.signals["tensors"]["w7"]["nan_count"] == sum(
+        int(torch.isnan(t).sum()) for t in (state["exp_avg"], state["exp_avg_sq"])) == 2
+    assert all(s.signals["tensors"][n]["nan_count"] == 0 for n in names[:-1])
+
+
+def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() -> None:
+    # The observer reuses its views of tensors it saw at the last step: a gradient buffer
+    # rewritten in place and a fresh gradient tensor must both be read as they are now.
+    shapes = {"w": (20, 25), "b": (50,)}  # taken whole: every signal checked exactly
+    s = Registry().create("reuse", lambda: Stepper(
+        "reuse", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
+            shapes.items())], {"lr": 0.01, "foreach": False}))
+    buffers = {n: randn(shape, 10 + i) for i, (n, shape) in enumerate(shapes.items())}
+    run_and_check(s, buffers)
+    for k in range(3):
+        for i, (n, shape) in enumerate(shapes.items()):
+            buffers[n].copy_(randn(shape, 20 + 2 * k + i))
+        run_and_check(s, buffers)
+        run_and_check(s, {n: randn(shape, 40 + 2 * k + i) for i, (n, shape) in enumerate(
+            shapes.items())})
+
+
+@pytest.mark.usefixtures("tiny_sample")
 def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
     shapes = {"w": (40, 25), "b": (50,)}
     s = Registry().create("two", lambda: Stepper(
