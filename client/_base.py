@@ -258,6 +258,7 @@ def create(
     groups: Sequence[Mapping[str, Any]] | None,
     hyperparameters: Mapping[str, Any],
     durability: Mapping[str, Any] | None = None,
+    shards: int | None = None,
 ) -> Call:
     named = _named(params)
     spec: dict[str, Any] = {
@@ -274,7 +275,7 @@ def create(
         spec["durability"] = dict(durability)
     parts = tensor_parts(dict(named), {META_SPEC: json.dumps(spec)})
     return Call("POST", f"{API_PREFIX}/steppers", lambda r: StepperSummary.model_validate(_json(r)),
-                parts=parts)
+                parts=parts, params=[("shards", str(shards))] if shards is not None else [])
 
 
 def delete(name: str) -> Call:

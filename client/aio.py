@@ -123,6 +123,7 @@ class AsyncClient:
         device: str | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
         durability: str | Mapping[str, Any] | None = None,
+        shards: int | None = None,
         **hyperparameters: Any,
     ) -> StepperSummary:
         """Create stepper ``name`` owning ``params`` (initial values are uploaded).
@@ -130,10 +131,11 @@ class AsyncClient:
         ``hyperparameters`` are ``torch.optim.Adam``'s keywords; ``groups`` are param-group
         dicts ``{"params": [names...], **options}``; ``durability`` is the policy for writing
         it to disk (``"every_step"``, ``{"mode": "every_n", "n": 100}``, ...; default: the
-        service's).
+        service's). ``shards`` (distributed mode only) splits the stepper by parameter
+        tensors over that many slots.
         """
         call = _base.create(name, params, optimizer, device, groups, hyperparameters,
-                            _base.durability_policy(durability))
+                            _base.durability_policy(durability), shards)
         return await self._send(call)  # type: ignore[no-any-return]
 
     async def delete(self, name: str) -> None:

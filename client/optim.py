@@ -85,12 +85,14 @@ class _Remote:
         token: str | None = None,
         wire_dtype: torch.dtype | None = None,
         durability: str | Mapping[str, Any] | None = None,
+        shards: int | None = None,
         **kwargs: Any,
     ) -> None:
         if wire_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError("wire_dtype must be None (lossless), torch.bfloat16 or torch.float16")
         self.wire_dtype = wire_dtype
         self._durability = durability
+        self._shards = shards
         params = list(params)
         if params and isinstance(params[0], dict):
             params = [dict(g) for g in params]
@@ -143,7 +145,7 @@ class _Remote:
             try:
                 self.client.create(self.name, list(zip(self.names, self._params, strict=True)),
                                    optimizer=self._kind, device=self._device, groups=groups,
-                                   durability=self._durability)
+                                   durability=self._durability, shards=self._shards)
                 self._synced = self._options()
                 self.remote_step = 0
                 return
@@ -293,6 +295,8 @@ class RemoteAdam(_Remote, torch.optim.Adam):  # type: ignore[misc]
     - ``durability``: the new stepper's policy (``"manual"``, ``{"mode": "every_n", "n": 100}``,
       ...; the service's default, every step, otherwise);
     - ``wire_dtype``: ``torch.bfloat16``/``torch.float16`` for a LOSSY half-size wire;
+    - ``shards``: distributed mode (``serve --ray``) only: split a new stepper by parameter
+      tensors over that many slots;
     - ``client``: a :class:`client.Client` to reuse; ``device``: where the service keeps the
       state (its default otherwise).
     """

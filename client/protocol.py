@@ -239,6 +239,9 @@ class StepperSummary(_Model):
     persisted_at: float | None = Field(None, description="when that checkpoint was written")
     dirty: bool | None = Field(None, description="whether changes are not yet on disk")
     alerts: AlertsBrief | None = Field(None, description="alerts raised by its signals")
+    placement: dict[str, Any] | None = Field(
+        None, description="distributed mode (serve --ray): the slots (Ray actors) holding "
+        "the stepper or its shards, and its recoveries")
 
 
 class StepperList(_Model):

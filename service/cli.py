@@ -50,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings, table = checked
     if args.per_gpu:
         return _serve_per_gpu(args, settings.port, settings.data_dir)
+    if args.ray:
+        return _serve_ray(args, settings)
     app = create_app(settings)
     print(f"adamscope serving on http://{settings.host}:{settings.port} "
           f"(default device {settings.default_device()}, data in {settings.data_dir})",
@@ -58,6 +60,25 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        _error("--ray needs Ray Serve: pip install 'adamscope[ray]' (or 'ray[serve]')")
+        return 2
+    from .distributed.cluster import ClusterConfig
+    from .distributed.serve import run
+
+    data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    bind = args.slot_bind or ("auto" if args.ray_address else "127.0.0.1")
+    config = ClusterConfig(settings=data.model_dump(mode="json"), slots=args.slots,
+                           bind=bind, num_cpus=args.slot_cpus, num_gpus=args.slot_gpus)
+    print(f"adamscope: starting on Ray ({args.ray_address or 'a new local instance'}), "
+          f"data in {data.data_dir}", flush=True)
+    return run(config, settings.host, settings.port, args.ray_address)
 
 
 #: Settings the CLI takes as --flags and hands on to --per-gpu workers.
@@ -152,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes for all steppers' parameters and Adam state")
     serve.add_argument("--per-gpu", action="store_true",
                        help="one worker per visible GPU on ports PORT, PORT+1, ...")
+    ray = serve.add_argument_group(
+        "distributed mode", "the same API on a Ray cluster: Ray Serve runs the ingress, Ray "
+        "actors hold the steppers (see the README's distributed mode section)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray")
+    ray.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 "
+                     "or auto); default: start a local one")
+    ray.add_argument("--slots", type=int, default=0,
+                     help="slot actors to run (default: one per GPU in the cluster, or 2)")
+    ray.add_argument("--slot-gpus", type=float, default=0.0,
+                     help="GPUs per slot actor (default: 1 when the cluster has GPUs)")
+    ray.add_argument("--slot-cpus", type=float, default=0.0, help="CPUs per slot actor")
+    ray.add_argument("--slot-bind", help="address each slot's service listens on (default "
+                     "127.0.0.1 for a local Ray; 'auto': its node's address)")
     add_serve_option(serve)
     serve.set_defaults(func=_serve)
     add_commands(sub)

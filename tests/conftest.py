@@ -94,7 +94,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def spawn_server(data_dir: Path, *extra: str, timeout: float = 60) -> Iterator[str]:
+def spawn_server(data_dir: Path, *extra: str, timeout: float = 60,
+                 stop_timeout: float = 15) -> Iterator[str]:
     """``adamscope serve`` as a separate process (the console script's code path)."""
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
@@ -119,7 +120,7 @@ def spawn_server(data_dir: Path, *extra: str, timeout: float = 60) -> Iterator[s
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -210,7 +210,7 @@ OPTIMIZERS: dict[str, tuple[Any, Any]] = {
 
 
 def run_parity(case: Case, client: Client, *, steps: int = 50, device: str = "cpu",
-               remote_device: str | None = None) -> None:
+               remote_device: str | None = None, **remote_kwargs: Any) -> str:
     """``steps`` steps of the local optimizer and of its remote twin: identical throughout.
 
     Parameters are compared after every step; at the end the local ``state_dict()`` must
@@ -222,7 +222,7 @@ def run_parity(case: Case, client: Client, *, steps: int = 50, device: str = "cp
     local_params, remote_params = twin(init), twin(init)
     local = local_cls(local_params, **case.kwargs)
     remote = remote_cls(remote_params, **case.kwargs, client=client,
-                        name=unique(case.optimizer), device=remote_device)
+                        name=unique(case.optimizer), device=remote_device, **remote_kwargs)
     any_device = device != "cpu"  # remote state comes back as CPU tensors
     try:
         lockstep(local, local_params, remote, remote_params, steps, seed=1)
@@ -230,6 +230,7 @@ def run_parity(case: Case, client: Client, *, steps: int = 50, device: str = "cp
         assert_same(expected, remote.state_dict(), any_device=any_device)
         # The same from the server's side alone (its group options, not RemoteAdam's copy).
         assert_same(expected, client.state_dict(remote.name), any_device=any_device)
+        return remote.name
     finally:
         client.delete(remote.name)
 

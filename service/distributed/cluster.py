@@ -1,0 +1,368 @@
+"""The slots of a distributed service, their Ray actors, placement and recovery.
+
+A **slot** is a numbered place for steppers with its own files on the shared data
+directory (``<data dir>/hosts/slot-<k>``) and one live :class:`~.host.SlotHost` actor at
+a time. Placement puts a new stepper on the slot with the most room (free GPU memory on
+GPU hosts, else the memory budget, else the fewest bytes held); a stepper larger than
+the room of one slot, or created with ``?shards=N``, is split by parameter tensors over
+several slots (:class:`ShardedRecord`, kept in ``<data dir>/sharded/<name>.json``).
+
+Recovery: a slot whose actor is found dead (a failed request or the monitor's ping) gets
+a new actor, started on any node that has the resources; it restores the slot's steppers
+from their files, so under the ``every_step`` durability policy no acknowledged step is
+lost. Each recovery is recorded per stepper (``recoveries``, shown in its summary) and
+published on ``/v1/events`` as a ``recovered`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..persistence.store import atomic_write
+from .host import SlotHost, slot_dir
+
+__all__ = ["Cluster", "ClusterConfig", "ShardedRecord", "host_actor_class"]
+
+log = logging.getLogger("adamscope.distributed")
+
+#: Seconds between the monitor's liveness checks of every slot's actor.
+MONITOR_TICK = 1.0
+#: Seconds a live actor has to answer a ping.
+PING_TIMEOUT = 10.0
+
+
+@dataclass
+class ClusterConfig:
+    """What the ingress needs to run the slots (JSON-able: it travels to Ray Serve)."""
+
+    settings: dict[str, Any]  # the service settings (JSON), data_dir the shared one
+    slots: int = 2
+    bind: str = "127.0.0.1"  # the address each slot's service listens on
+    num_cpus: float = 0.0  # Ray resources per slot actor
+    num_gpus: float = 0.0
+    namespace: str = "adamscope"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings.get("data_dir", "adamscope-data"))
+
+
+def host_actor_class(config: ClusterConfig) -> Any:
+    import ray
+
+    return ray.remote(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                      max_restarts=0)(SlotHost)
+
+
+@dataclass
+class Shard:
+    slot: int
+    params: list[str]
+
+
+@dataclass
+class ShardedRecord:
+    """A stepper split over slots by parameter tensors; on every slot its part is a stepper
+    of the same name holding that shard's tensors."""
+
+    name: str
+    params: list[str]  # every parameter, in the stepper's order
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    shards: list[Shard]
+    created_at: float = field(default_factory=time.time)
+
+    def shard_of(self, param: str) -> int:
+        for i, s in enumerate(self.shards):
+            if param in s.params:
+                return i
+        raise KeyError(param)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @staticmethod
+    def from_json(raw: bytes) -> ShardedRecord:
+        data = json.loads(raw)
+        data["shards"] = [Shard(**s) for s in data["shards"]]
+        return ShardedRecord(**data)
+
+
+@dataclass
+class Slot:
+    index: int
+    actor: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    steppers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    state: str = "starting"  # starting | ok | recovering | failed
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def url(self) -> str:
+        return str(self.info["url"])
+
+    def held_bytes(self) -> int:
+        return sum(int(s.get("bytes", 0)) for s in self.steppers.values())
+
+    def describe(self) -> dict[str, Any]:
+        keep = ("url", "pid", "node", "address", "device", "device_free_bytes",
+                "device_total_bytes")
+        return {"slot": self.index, "state": self.state, "generation": self.generation,
+                "steppers": len(self.steppers), "bytes": self.held_bytes(),
+                **{k: self.info.get(k) for k in keep}}
+
+
+class Cluster:
+    """The slots and their actors (created in the ingress replica)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.slots: list[Slot] = []
+        self.sharded: dict[str, ShardedRecord] = {}
+        #: name -> recoveries of that stepper (newest last).
+        self.recoveries: dict[str, list[dict[str, Any]]] = {}
+        #: Called with every event the cluster publishes (the ingress's SSE fan-out).
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._actor_class = host_actor_class(config)
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ start and stop
+
+    def _existing_slots(self) -> int:
+        hosts = self.config.data_dir / "hosts"
+        found = [int(p.name.split("-", 1)[1]) for p in hosts.glob("slot-*")
+                 if p.name.split("-", 1)[1].isdigit()] if hosts.is_dir() else []
+        return max(found) + 1 if found else 0
+
+    def _spawn(self, index: int) -> Any:
+        return self._actor_class.options(
+            name=f"adamscope-slot-{index}-{time.monotonic_ns()}",
+            namespace=self.config.namespace,
+        ).remote(index, self.config.settings, self.config.bind)
+
+    async def start(self) -> None:
+        count = max(self.config.slots, self._existing_slots())
+        self.slots = [Slot(i) for i in range(count)]
+        for s in self.slots:
+            s.actor = self._spawn(s.index)
+        for s in self.slots:
+            s.info = await s.actor.info.remote()
+            s.steppers = await s.actor.steppers.remote()
+            s.state = "ok"
+        self._load_sharded()
+        log.info("distributed: %d slots up: %s", len(self.slots),
+                 ", ".join(f"{s.index}@{s.info['node']}:{s.info['pid']}" for s in self.slots))
+
+    def start_monitor(self) -> None:
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_TICK)
+            for s in list(self.slots):
+                try:
+                    await self.check(s.index)
+                except Exception:  # noqa: BLE001 - the monitor must outlive one failure
+                    log.exception("slot %d: liveness check failed", s.index)
+
+    async def stop(self) -> None:
+        import ray
+
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for s in self.slots:
+            with contextlib.suppress(Exception):  # best effort: it may be dead already
+                await asyncio.wait_for(s.actor.stop.remote(), 60)
+            ray.kill(s.actor)
+
+    # ------------------------------------------------------------------ liveness
+
+    async def alive(self, index: int) -> bool:
+        slot = self.slots[index]
+        try:
+            return bool(await asyncio.wait_for(slot.actor.ping.remote(), PING_TIMEOUT))
+        except Exception:  # noqa: BLE001 - RayActorError, timeout: not alive
+            return False
+
+    async def check(self, index: int) -> bool:
+        """Whether the slot is serving; recovers it first if its actor is dead. False when
+        recovery failed."""
+        slot = self.slots[index]
+        if slot.state == "ok" and await self.alive(index):
+            return True
+        return await self.recover(index)
+
+    async def recover(self, index: int) -> bool:
+        """Replace the slot's actor (unless another caller already did) and restore its
+        steppers from the slot's files."""
+        import ray
+
+        slot = self.slots[index]
+        generation = slot.generation
+        async with slot.lock:
+            if slot.generation != generation or (slot.state == "ok" and await self.alive(index)):
+                return slot.state == "ok"
+            old_info, lost = dict(slot.info), dict(slot.steppers)
+            slot.state = "recovering"
+            log.warning("slot %d: actor (pid %s on %s) is gone; restoring its %d stepper(s)",
+                        index, old_info.get("pid"), old_info.get("node"), len(lost))
+            started = time.time()
+            with contextlib.suppress(Exception):  # it is dead already
+                ray.kill(slot.actor, no_restart=True)
+            try:
+                slot.actor = self._spawn(index)
+                slot.info = await slot.actor.info.remote()
+                slot.steppers = await slot.actor.steppers.remote()
+            except Exception as e:  # noqa: BLE001 - reported in the slot's state
+                slot.state = "failed"
+                slot.generation += 1
+                log.exception("slot %d: recovery failed", index)
+                self._publish("slot_failed", {"slot": index, "error": str(e),
+                                              "time": time.time()})
+                return False
+            slot.state = "ok"
+            slot.generation += 1
+            took = time.time() - started
+            for name in sorted(set(lost) | set(slot.steppers)):
+                record = {"slot": index, "time": time.time(), "seconds": round(took, 3),
+                          "from": {"pid": old_info.get("pid"), "node": old_info.get("node")},
+                          "to": {"pid": slot.info.get("pid"), "node": slot.info.get("node")},
+                          "restored": name in slot.steppers}
+                self.recoveries.setdefault(name, []).append(record)
+                self._publish("recovered", {"stepper": name, **record})
+            log.warning("slot %d: recovered in %.1f s on %s (pid %s)", index, took,
+                        slot.info.get("node"), slot.info.get("pid"))
+            return True
+
+    def _publish(self, kind: str, event: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, event)
+            except Exception:  # noqa: BLE001
+                log.exception("event listener failed")
+
+    # ------------------------------------------------------------------ placement
+
+    async def refresh(self, index: int | None = None) -> None:
+        """Re-read which steppers the slot (every slot by default) holds."""
+        for s in self.slots if index is None else [self.slots[index]]:
+            if s.state == "ok":
+                try:
+                    s.steppers = await s.actor.steppers.remote()
+                except Exception:  # noqa: BLE001 - the monitor will recover it
+                    log.warning("slot %d did not answer", s.index)
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot holding an unsharded stepper."""
+        for s in self.slots:
+            if name in s.steppers:
+                return s.index
+        return None
+
+    def room(self, slot: Slot) -> int | None:
+        """Bytes a new stepper may still take on the slot (None: no limit known)."""
+        free = slot.info.get("device_free_bytes")
+        budget = slot.info.get("budget_bytes")
+        limits = [int(x) for x in (free, budget - slot.held_bytes() if budget else None)
+                  if x is not None]
+        return min(limits) if limits else None
+
+    def ranked(self) -> list[Slot]:
+        """Live slots, the roomiest first (fewest bytes held, then fewest steppers)."""
+        live = [s for s in self.slots if s.state == "ok"]
+        return sorted(live, key=lambda s: (-(self.room(s) or 0), s.held_bytes(),
+                                           len(s.steppers), s.index))
+
+    def plan(self, sizes: list[tuple[str, int]], footprint: float, shards: int | None
+             ) -> list[Shard]:
+        """Where a new stepper's tensors go: one slot when it fits (and ``shards`` is not
+        asked), else ``shards`` (or as many as needed) slots, tensors placed largest first
+        on the slot with the fewest bytes so far. ``footprint`` turns parameter bytes into
+        the bytes a stepper holds (parameters, gradient, Adam state)."""
+        ranked = self.ranked()
+        if not ranked:
+            raise RuntimeError("no slot is serving")
+        total = sum(b for _, b in sizes) * footprint
+        if shards is None:
+            room = self.room(ranked[0])
+            if room is None or total <= room:
+                return [Shard(ranked[0].index, [n for n, _ in sizes])]
+            rooms = [self.room(s) or 0 for s in ranked]
+            shards, have = 0, 0.0
+            while have < total and shards < len(ranked):
+                have += rooms[shards]
+                shards += 1
+            if have < total:
+                raise MemoryError(f"the stepper needs about {int(total):,} bytes; all "
+                                  f"{len(ranked)} slots together have {int(have):,}")
+        shards = max(1, min(shards, len(ranked), len(sizes)))
+        chosen = [Shard(s.index, []) for s in ranked[:shards]]
+        load = [0] * shards
+        for n, b in sorted(sizes, key=lambda x: -x[1]):
+            i = min(range(shards), key=lambda k: (load[k], k))
+            chosen[i].params.append(n)
+            load[i] += b
+        order = {n: i for i, (n, _) in enumerate(sizes)}
+        for c in chosen:
+            c.params.sort(key=order.__getitem__)
+        return chosen
+
+    # ------------------------------------------------------------------ sharded records
+
+    def _sharded_dir(self) -> Path:
+        return self.config.data_dir / "sharded"
+
+    def _load_sharded(self) -> None:
+        folder = self._sharded_dir()
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = ShardedRecord.from_json(path.read_bytes())
+            except (OSError, ValueError, TypeError, KeyError):
+                log.exception("unreadable sharded-stepper record %s", path)
+                continue
+            self.sharded[record.name] = record
+
+    def save_sharded(self, record: ShardedRecord) -> None:
+        folder = self._sharded_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"{record.name}.json", record.to_json())
+        self.sharded[record.name] = record
+
+    def drop_sharded(self, name: str) -> None:
+        self.sharded.pop(name, None)
+        (self._sharded_dir() / f"{name}.json").unlink(missing_ok=True)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.slots]
+
+    def placement(self, name: str) -> dict[str, Any] | None:
+        """Where a stepper lives, for its summary."""
+        record = self.sharded.get(name)
+        if record is not None:
+            shards = [{"slot": sh.slot, "params": sh.params,
+                       **self._where(self.slots[sh.slot])} for sh in record.shards]
+        else:
+            index = self.slot_of(name)
+            if index is None:
+                return None
+            shards = [{"slot": index, "params": None, **self._where(self.slots[index])}]
+        return {"mode": "ray", "sharded": record is not None, "shards": shards,
+                "recoveries": self.recoveries.get(name, [])}
+
+    @staticmethod
+    def _where(slot: Slot) -> dict[str, Any]:
+        return {"state": slot.state, "node": slot.info.get("node"),
+                "pid": slot.info.get("pid"), "device": slot.info.get("device")}
+
+    def slot_dir(self, index: int) -> Path:
+        return slot_dir(self.config.data_dir, index)

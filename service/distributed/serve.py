@@ -1,0 +1,102 @@
+"""``adamscope serve --ray``: the ingress on Ray Serve, the slots as Ray actors.
+
+:func:`run` connects to a Ray cluster (a new local one by default), starts Serve's HTTP
+proxy on the given host and port, deploys the ingress (one replica: it owns the slots'
+actors and the sharded steppers' locks), waits until it answers ``/healthz``, and serves
+until SIGINT/SIGTERM; then it stops the slots (each writes what its durability policy
+still owes) and shuts Serve down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from .cluster import ClusterConfig
+
+__all__ = ["deployment", "run"]
+
+log = logging.getLogger("adamscope.distributed")
+
+
+def deployment(config: ClusterConfig) -> Any:
+    """The ingress as a bound Serve application."""
+    from ray import serve
+
+    @serve.deployment(name="adamscope", num_replicas=1, max_ongoing_requests=1024,
+                      ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60,
+                      health_check_period_s=5)
+    @serve.ingress()
+    class AdamscopeIngress:
+        def __init__(self, cfg: dict[str, Any]) -> None:
+            self.config = ClusterConfig(**cfg)
+            self.ingress: Any = None
+
+        def __serve_build_asgi_app__(self) -> Any:
+            from .ingress import build_app
+
+            app, self.ingress = build_app(self.config)
+            return app
+
+        async def stop_slots(self) -> None:
+            if self.ingress is not None:
+                await self.ingress.cluster.stop()
+
+    return AdamscopeIngress.bind(dataclasses.asdict(config))  # type: ignore[attr-defined]
+
+
+def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
+        ready_timeout: float = 300.0) -> int:
+    import ray
+    from ray import serve
+
+    init: dict[str, Any] = {"namespace": config.namespace, "include_dashboard": False,
+                            "logging_level": logging.WARNING}
+    # Without an address, a new local instance: never attach to one already running here
+    # (ray.init's default), whose Serve would keep its own HTTP port.
+    init["address"] = address or "local"
+    ray.init(**init)
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if config.num_gpus == 0 and gpus >= 1:
+            config = dataclasses.replace(config, num_gpus=1.0)
+        if config.slots <= 0:
+            config = dataclasses.replace(config, slots=int(gpus) if gpus >= 1 else 2)
+        serve.start(http_options={"host": host, "port": port},
+                    logging_config={"log_level": "WARNING"})
+        handle = serve.run(deployment(config), name="adamscope", route_prefix="/")
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        deadline = time.monotonic() + ready_timeout
+        while True:  # the first request starts the slots
+            try:
+                r = httpx.get(f"{url}/healthz", timeout=ready_timeout)
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                log.error("the distributed service did not become ready in time")
+                return 1
+            time.sleep(0.2)
+        slots = r.json()["slots"]
+        print(f"adamscope (Ray) serving on http://{host}:{port}: {len(slots)} slots: "
+              + ", ".join(f"{s['slot']}@{s['node']} pid {s['pid']} {s['device']}"
+                          for s in slots), flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        try:
+            handle.stop_slots.remote().result(timeout_s=120)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            log.exception("stopping the slots failed")
+        serve.shutdown()
+        return 0
+    finally:
+        ray.shutdown()

@@ -1,0 +1,328 @@
+"""The distributed mode: ``adamscope serve --ray`` on a local Ray, through its real ingress.
+
+One module-scoped service (Ray Serve ingress, two slot actors, every-step durability) is
+spawned as the CLI runs it. The parity cases are tests/client's, run against it for
+steppers on one slot and for steppers sharded over both; the reliability tests refuse bad
+requests to a sharded stepper (every shard stays byte-identical), replay a step by its
+key, and kill slot actors during training (the next steps succeed after recovery, the
+result equals an uninterrupted run, and the stream and summaries say what happened).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from remote_support import (
+    SHAPES,
+    Case,
+    cases,
+    make_params,
+    option_rows,
+    plain_and_all_on,
+    run_parity,
+    twin,
+    unique,
+)
+
+from client import Client, RemoteAdam, codec
+from client.protocol import META_SPEC
+from tests.conftest import spawn_server
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
+
+F32 = [(torch.float32,)]
+UNSHARDED = (cases(["forloop", "foreach", "fused"], F32, option_rows)
+             + cases(["forloop"], [(torch.float64,), (torch.bfloat16,)], plain_and_all_on)
+             + cases(["foreach"], [(torch.complex64, torch.float32, torch.complex64,
+                                    torch.complex64)], plain_and_all_on))
+SHARDED = cases(["forloop", "foreach", "fused"], F32, option_rows)
+
+
+@pytest.fixture(scope="module")
+def ray_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("ray")
+    with spawn_server(data, "--ray", "--slots", "2", timeout=300, stop_timeout=120) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(ray_url: str) -> Iterator[Client]:
+    with Client(ray_url, timeout=300) as c:
+        yield c
+
+
+def slots(url: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{url}/healthz", timeout=60).json()["slots"])
+
+
+def test_the_service_runs_on_two_slot_actors(ray_url: str) -> None:
+    health = httpx.get(f"{ray_url}/healthz", timeout=60).json()
+    assert health["mode"] == "ray"
+    assert [s["slot"] for s in health["slots"]] == [0, 1]
+    assert all(s["state"] == "ok" for s in health["slots"])
+    assert len({s["pid"] for s in health["slots"]}) == 2
+    assert all(s["pid"] != os.getpid() for s in health["slots"])
+    # What no slot holds is answered by a slot's service: the dashboard, the API document.
+    assert httpx.get(f"{ray_url}/dashboard", timeout=60).status_code == 200
+    assert "/v1/steppers/{name}/step" in httpx.get(f"{ray_url}/openapi.json",
+                                                   timeout=60).json()["paths"]
+
+
+@pytest.mark.parametrize("case", UNSHARDED, ids=lambda c: c.id)
+def test_parity_on_one_slot(case: Case, client: Client) -> None:
+    run_parity(case, client, steps=30)
+
+
+@pytest.mark.parametrize("case", SHARDED, ids=lambda c: c.id)
+def test_parity_sharded_over_two_slots(case: Case, client: Client) -> None:
+    run_parity(case, client, steps=30, shards=2)
+
+
+def sharded(client: Client, name: str, **options: Any) -> tuple[list[torch.Tensor], Any]:
+    params = make_params(SHAPES, torch.float32, seed=3)
+    remote_params = twin(params)
+    opt = RemoteAdam(list(zip([f"p{i}" for i in range(len(SHAPES))], remote_params,
+                              strict=True)), lr=1e-2, client=client, name=name, shards=2,
+                     **options)
+    return remote_params, opt
+
+
+def test_a_sharded_stepper_shows_its_shards_and_aggregates(client: Client) -> None:
+    name = unique("shown")
+    params, opt = sharded(client, name, amsgrad=True)
+    try:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        summary = client.get(name)
+        placement = summary.placement
+        assert placement is not None and placement["sharded"] is True
+        shards = placement["shards"]
+        assert sorted(s["slot"] for s in shards) == [0, 1]
+        held = [n for s in shards for n in s["params"]]
+        assert sorted(held) == [f"p{i}" for i in range(len(SHAPES))]
+        assert {s["pid"] for s in shards} == {s["pid"] for s in slots(client.url)}
+        # One stepper, its tensors and sizes added up across the shards.
+        assert [p.name for p in summary.params] == [f"p{i}" for i in range(len(SHAPES))]
+        assert summary.numel == sum(p.numel() for p in params) and summary.step == 1
+        assert [s.name for s in client.list()].count(name) == 1
+        values = client.get_params(name)
+        assert all(torch.equal(values[f"p{i}"], p.detach()) for i, p in enumerate(params))
+        # A route that reads one tensor goes to its shard; whole-stepper statistics do not
+        # merge yet and say so.
+        r = httpx.get(f"{client.url}/v1/steppers/{name}/stats", timeout=60)
+        assert r.status_code == 501
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "not_supported_sharded"
+    finally:
+        client.delete(name)
+    assert name not in [s.name for s in client.list()]
+
+
+def state_bytes(url: str, name: str) -> tuple[bytes, int]:
+    r = httpx.get(f"{url}/v1/steppers/{name}/state", params={"with_params": "true"},
+                  timeout=60)
+    r.raise_for_status()
+    summary = httpx.get(f"{url}/v1/steppers/{name}", timeout=60).json()
+    return r.content, int(summary["step"])
+
+
+def step_body(grads: dict[str, torch.Tensor]) -> bytes:
+    return codec.encode(grads)
+
+
+def test_rejected_steps_leave_every_shard_byte_identical(client: Client) -> None:
+    name = unique("refused")
+    params, opt = sharded(client, name)
+    try:
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        before = state_bytes(client.url, name)
+        good = {f"p{i}": torch.ones(s) for i, s in enumerate(SHAPES)}
+        url = f"{client.url}/v1/steppers/{name}/step"
+        octet = {"content-type": "application/octet-stream"}
+        bad: list[tuple[str, bytes, dict[str, str], dict[str, str], int]] = [
+            ("unknown tensor", step_body({**good, "nope": torch.ones(2)}), octet, {}, 404),
+            ("wrong shape", step_body({**good, "p0": torch.ones(7)}), octet, {}, 422),
+            ("wrong dtype", step_body({**good, "p1": torch.ones(SHAPES[1],
+                                                                dtype=torch.float64)}),
+             octet, {}, 422),
+            ("stale expected_step", step_body(good), octet, {"expected_step": "1"}, 409),
+            ("not safetensors", b"\x05\x00\x00\x00\x00\x00\x00\x00{}", octet, {}, 400),
+            ("JSON body", b'{"grads": {}}', {"content-type": "application/json"}, {}, 415),
+            ("accumulate mode", step_body(good), octet,
+             {"contributors": "2", "worker": "0"}, 501),
+        ]
+        for what, body, headers, query, status in bad:
+            r = httpx.post(url, content=body, headers=headers, params=query, timeout=60)
+            assert r.status_code == status, (what, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json"), what
+            assert r.json()["detail"], what
+            assert state_bytes(client.url, name) == before, what
+    finally:
+        client.delete(name)
+
+
+def test_a_sharded_step_is_applied_once_per_key(client: Client) -> None:
+    name = unique("once")
+    params, opt = sharded(client, name)
+    try:
+        grads = {f"p{i}": torch.full(s, 0.5) for i, s in enumerate(SHAPES)}
+        headers = {"content-type": "application/octet-stream", "idempotency-key": "k-1"}
+        url = f"{client.url}/v1/steppers/{name}/step"
+        first = httpx.post(url, content=step_body(grads), headers=headers, timeout=60)
+        assert first.status_code == 200 and first.json()["replayed"] is False
+        after_first = state_bytes(client.url, name)
+        again = httpx.post(url, content=step_body(grads), headers=headers, timeout=60)
+        assert again.status_code == 200 and again.json()["replayed"] is True
+        assert again.json()["step"] == first.json()["step"] == 1
+        assert state_bytes(client.url, name) == after_first
+    finally:
+        client.delete(name)
+
+
+class EventLog:
+    """The ingress's /v1/events, read on a thread."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(60)
+
+    def _read(self, url: str) -> None:
+        try:
+            with httpx.stream("GET", f"{url}/v1/events",
+                              timeout=httpx.Timeout(5, read=None)) as r:
+                self.ready.set()
+                kind = None
+                for line in r.iter_lines():
+                    if self.stop.is_set():
+                        return
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: ") and kind is not None:
+                        self.events.append((kind, json.loads(line[6:])))
+        except httpx.HTTPError:  # the service stopped under the stream
+            if not self.stop.is_set():
+                raise
+
+    def wait_for(self, kind: str, stepper: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for k, e in self.events:
+                if k == kind and e.get("stepper") == stepper:
+                    return e
+            time.sleep(0.1)
+        raise AssertionError(f"no {kind} event for {stepper}: {self.events[-5:]}")
+
+
+def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
+        client: Client) -> None:
+    """SIGKILL the actor of a slot holding a shard of one stepper and all of another,
+    between steps; then the actor of the other slot in the middle of a step."""
+    split_name, whole_name = unique("split"), unique("whole")
+    init = make_params([(64, 33), (40,), (17, 5), (9, 9)], torch.float32, seed=5)
+    names = [f"w{i}" for i in range(len(init))]
+    local = [twin(init), twin(init)]
+    remote = [twin(init), twin(init)]
+    opts = [torch.optim.Adam(local[0], lr=1e-2, amsgrad=True),
+            torch.optim.AdamW(local[1], lr=1e-2, weight_decay=0.1)]
+    remote_opts = [
+        RemoteAdam(list(zip(names, remote[0], strict=True)), lr=1e-2, amsgrad=True,
+                   client=client, name=split_name, shards=2),
+        None,
+    ]
+    victim = client.get(split_name).placement["shards"][1]["slot"]  # type: ignore[index]
+    # The unsharded stepper goes where placement puts it; it is moved by nothing, so look.
+    from client import RemoteAdamW
+
+    remote_opts[1] = RemoteAdamW(list(zip(names, remote[1], strict=True)), lr=1e-2,
+                                 weight_decay=0.1, client=client, name=whole_name)
+    whole_slot = client.get(whole_name).placement["shards"][0]["slot"]  # type: ignore[index]
+    events = EventLog(client.url)
+    gen = torch.Generator().manual_seed(7)
+    try:
+        for step in range(24):
+            for a, b in zip(local, remote, strict=True):
+                for pa, pb in zip(a, b, strict=True):
+                    g = torch.randn(pa.shape, generator=gen)
+                    pa.grad, pb.grad = g.clone(), g.clone()
+            if step == 8:  # between steps: the slot holding shard 1 (and maybe `whole`)
+                os.kill(int(slots(client.url)[victim]["pid"]), signal.SIGKILL)
+            killer = None
+            if step == 16:  # during a step: the other slot
+                other = 1 - victim
+                pid = int(slots(client.url)[other]["pid"])
+                killer = threading.Timer(0.005, os.kill, (pid, signal.SIGKILL))
+                killer.start()
+            for o in opts:
+                o.step()
+            for o in remote_opts:
+                o.step()  # type: ignore[union-attr]
+            if killer is not None:
+                killer.join()
+            for a, b in zip(local, remote, strict=True):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), step
+        for o, ro in zip(opts, remote_opts, strict=True):
+            expected, got = o.state_dict(), ro.state_dict()  # type: ignore[union-attr]
+            for i, st in expected["state"].items():
+                for k, v in st.items():
+                    assert torch.equal(v, got["state"][i][k]), (i, k)
+        recovered = events.wait_for("recovered", split_name)
+        assert recovered["slot"] in (0, 1) and recovered["restored"] is True
+        summary = client.get(split_name)
+        assert summary.step == 24
+        recoveries = summary.placement["recoveries"]  # type: ignore[index]
+        assert {r["slot"] for r in recoveries} == {0, 1}
+        assert all(r["from"]["pid"] != r["to"]["pid"] for r in recoveries)
+        assert client.get(whole_name).placement["recoveries"]  # type: ignore[index]
+        assert whole_slot in {r["slot"] for r in client.get(whole_name).placement[
+            "recoveries"]}  # type: ignore[index]
+        health = slots(client.url)
+        assert all(s["state"] == "ok" and s["generation"] >= 1 for s in health)
+    finally:
+        events.stop.set()
+        for n in (split_name, whole_name):
+            client.delete(n)
+
+
+def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None:
+    """The ingress's splitting in isolation: every tensor lands in exactly one shard body,
+    byte for byte, with the spec narrowed to it."""
+    from service.distributed.ingress import _shard_create_body
+    from service.distributed.shards import merge, parse
+
+    tensors = {"a": torch.randn(3, 4), "b.weight": torch.arange(5.0),
+               "c": torch.randn(2, dtype=torch.float64)}
+    spec = {"name": "x", "optimizer": "adam", "params": [{"name": n} for n in tensors],
+            "groups": [{"params": list(tensors), "lr": 0.1}]}
+    body = codec.encode(tensors, {META_SPEC: json.dumps(spec)})
+    parsed = parse(body)
+    parts = [_shard_create_body("application/octet-stream", body, spec, parsed, names)
+             for names in (["b.weight"], ["a", "c"])]
+    decoded = [codec.decode(p) for p in parts]
+    assert list(decoded[0][0]) == ["b.weight"] and list(decoded[1][0]) == ["a", "c"]
+    for got, meta in decoded:
+        sub = json.loads(meta[META_SPEC])
+        assert [p["name"] for p in sub["params"]] == list(got)
+        assert sub["groups"][0]["params"] == list(got) and sub["groups"][0]["lr"] == 0.1
+        for n, t in got.items():
+            assert torch.equal(t, tensors[n])
+    joined, _ = codec.decode(merge([parse(p) for p in parts], list(tensors)))
+    assert list(joined) == list(tensors)
+    assert all(torch.equal(joined[n], tensors[n]) for n in tensors)
