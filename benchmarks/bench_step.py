@@ -141,23 +141,26 @@ class Echo:
 
 
 @contextmanager
-def server(device: str, timeout: float = 60, data_parent: str | None = None) -> Iterator[str]:
-    """``adamscope serve`` in a subprocess on 127.0.0.1; yields its URL, stops it after.
-    Its data directory is a temporary one (inside ``data_parent`` when given)."""
+def server(device: str, timeout: float = 60, data_parent: str | None = None,
+           extra: tuple[str, ...] = (), stop_timeout: float = 15) -> Iterator[str]:
+    """``adamscope serve`` (with ``extra`` arguments) in a subprocess on 127.0.0.1; yields
+    its URL, stops it after. Its data directory is a temporary one (inside ``data_parent``
+    when given)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--data-dir", data, "--device", device,
-               "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+               "--log-level", "warning", *extra]
+        # The server's output goes to a file: a pipe nobody reads would fill and block it.
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    log = proc.stderr.read() if proc.stderr else ""
-                    raise RuntimeError(f"server exited: {log}")
+                    log.seek(0)
+                    raise RuntimeError(f"server exited: {log.read()[-4000:]}")
                 try:
                     if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                         break
@@ -170,12 +173,11 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None) -> 
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
+            log.close()
 
 
 def sync(device: str) -> None:

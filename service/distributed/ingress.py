@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from starlette.background import BackgroundTask
 from client import codec
 from client.protocol import META_SPEC
 
+from ..api.history import render_json
 from .cluster import Cluster, ClusterConfig, ShardedRecord
 from .shards import Body, merge, owner, parse, split
 
@@ -542,6 +544,13 @@ def _merge_summaries(record: ShardedRecord | None, parts: list[dict[str, Any]]
     persisted = [p.get("persisted_step") for p in parts]
     out["persisted_step"] = None if None in persisted else min(persisted)  # type: ignore[type-var]
     out["dirty"] = any(bool(p.get("dirty")) for p in parts)
+    briefs = [p["alerts"] for p in parts if p.get("alerts")]
+    if briefs:
+        latest = [b["latest"] for b in briefs if b.get("latest")]
+        out["alerts"] = {"count": sum(int(b.get("count", 0)) for b in briefs),
+                         "active": sum(int(b.get("active", 0)) for b in briefs),
+                         "latest": max(latest, key=lambda e: (e.get("step") or 0))
+                         if latest else None}
     return out
 
 
@@ -635,6 +644,15 @@ async def _sharded_route(ingress: Ingress, record: ShardedRecord, rest: str,
         return _json_reply(replies[0])
     if rest == "bias-correction" and method == "GET":
         return await ingress.forward(request, record.shards[0].slot)
+    if rest == "history" and method == "GET":
+        return await _sharded_history(ingress, record, request)
+    if rest == "alerts":
+        return await _sharded_alerts(ingress, record, request)
+    if rest == "loss" and method == "POST":  # losses are the stepper's: the first shard's
+        return await ingress.forward(request, record.shards[0].slot)
+    if rest == "snapshots" or (rest.startswith("snapshots/") and (
+            method == "DELETE" or rest.endswith("/restore"))):
+        return await _sharded_snapshots(ingress, record, rest, request)
     # Routes about some tensors go to the shard holding them.
     about = {v for k, v in query if k in ("names", "name", "tensor", "param")}
     holders = {record.shard_of(a) for a in about if a in record.params}
@@ -785,3 +803,169 @@ async def _sharded_step(ingress: Ingress, record: ShardedRecord, request: Reques
                     headers={"x-adamscope-shards": str(len(record.shards)),
                              "x-adamscope-time": f"{time.time():.3f}"})
 
+
+
+# ---------------------------------------------------------------------- sharded inspection
+
+#: How each aggregate signal of a sharded stepper combines its shards' aggregates: norms as
+#: the root of summed squares, means and fractions weighted by elements, counts added.
+#: Quantiles cannot be combined exactly from per-shard quantiles: p50 is the
+#: element-weighted mean of the shards' medians, and the tails are bounds (the lowest p1,
+#: the highest p99), which is what an alert on them needs.
+NORMS = ("grad_norm", "param_norm", "update_norm", "exp_avg_norm")
+MEANS = ("exp_avg_sq_mean", "gamma_frac", "amsgrad_clamp", "eps_dominance", "lr_eff_p50")
+COUNTS = ("nan_count", "inf_count")
+LOWEST = ("lr_eff_p1",)
+HIGHEST = ("lr_eff_p99", "shock_p99")
+
+
+def _numel(record: ShardedRecord, shard: int) -> int:
+    total = 0
+    for n in record.shards[shard].params:
+        size = 1
+        for d in record.shapes.get(n, []):
+            size *= int(d)
+        total += size
+    return total
+
+
+def _finite(value: Any) -> float | None:
+    """A history value as a float (the slots write non-finite ones as strings), or None
+    when it is missing or NaN."""
+    if value is None:
+        return None
+    x = float(value)
+    return None if math.isnan(x) else x
+
+
+def combine_aggregate(signal: str, values: Sequence[Any], weights: Sequence[int]
+                      ) -> float | None:
+    """One aggregate signal of a sharded stepper from its shards' (None or NaN: not
+    reported by that shard)."""
+    pairs = [(x, w) for x, w in ((_finite(v), w) for v, w in zip(values, weights,
+                                                                 strict=True))
+             if x is not None]
+    if not pairs:
+        return None
+    if signal in NORMS:
+        return math.sqrt(sum(v * v for v, _ in pairs))
+    if signal in COUNTS:
+        return sum(v for v, _ in pairs)
+    if signal in LOWEST:
+        return min(v for v, _ in pairs)
+    if signal in HIGHEST:
+        return max(v for v, _ in pairs)
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+async def _sharded_history(ingress: Ingress, record: ShardedRecord, request: Request
+                           ) -> Response:
+    query = request.query_params.multi_items()
+    if request.query_params.get("format") == "csv" or request.headers.get(
+            "accept", "").startswith("text/csv"):
+        return problem(501, "not_supported_sharded",
+                       f"the CSV history of sharded stepper {record.name!r} is not merged; "
+                       f"ask for JSON")
+    asked = [v for k, v in query if k == "tensor"]
+    unknown = [t for t in asked if t != "*" and t not in record.params]
+    if unknown:
+        return problem(404, "unknown_parameter",
+                       f"stepper {record.name!r} has no parameter {unknown[0]!r}",
+                       stepper=record.name)
+    queries = []
+    for sh in record.shards:
+        mine = [t for t in asked if t == "*" or t in sh.params]
+        q = [(k, v) for k, v in query if k != "tensor"] + [("tensor", t) for t in mine]
+        queries.append(q)
+    replies = await ingress.fan_out(record, request, "GET", request.url.path, queries,
+                                    [None] * len(record.shards))
+    error = _first_error(replies)
+    if error is not None:
+        return error
+    parts = [json.loads(c) for _, _, c in replies]
+    weights = [_numel(record, i) for i in range(len(record.shards))]
+    merged = dict(parts[0])
+    # Steps every shard recorded (they step together; a shard restored from disk may
+    # lack the steps its memory-only history had).
+    common = set(parts[0]["aggregate"]["steps"])
+    for p in parts[1:]:
+        common &= set(p["aggregate"]["steps"])
+    steps = [st for st in parts[0]["aggregate"]["steps"] if st in common]
+    rows = [{st: k for k, st in enumerate(p["aggregate"]["steps"])} for p in parts]
+    values: dict[str, list[float | None]] = {}
+    for sig in merged.get("signals", []):
+        column = []
+        for st in steps:
+            shard_values = [p["aggregate"]["values"].get(sig, [None] * len(rows[i]))[
+                rows[i][st]] for i, p in enumerate(parts)]
+            column.append(combine_aggregate(sig, shard_values, weights))
+        values[sig] = column
+    if "update_ratio" in values:  # |update| / |p before|, from each shard's two
+        column = []
+        for st in steps:
+            upd = p0 = 0.0
+            for i, p in enumerate(parts):
+                u = _finite(p["aggregate"]["values"].get("update_norm", [None])[rows[i][st]])
+                r = _finite(p["aggregate"]["values"]["update_ratio"][rows[i][st]])
+                if u is None or not r:
+                    continue
+                upd += u * u
+                p0 += (u / r) ** 2
+            column.append((upd ** 0.5) / (p0 ** 0.5) if p0 else None)
+        values["update_ratio"] = column
+    times = [parts[0]["aggregate"]["time"][rows[0][st]] for st in steps]
+    merged["aggregate"] = {"steps": steps, "time": times, "values": values}
+    merged["tensors"] = {}
+    for p in parts:
+        merged["tensors"].update(p.get("tensors") or {})
+    merged["tensors"] = {n: merged["tensors"][n] for n in record.params
+                         if n in merged["tensors"]}
+    return Response(render_json(merged), media_type="application/json")
+
+
+async def _sharded_alerts(ingress: Ingress, record: ShardedRecord, request: Request
+                          ) -> Response:
+    raw = await request.body() if request.method != "GET" else None
+    n = len(record.shards)
+    replies = await ingress.fan_out(record, request, request.method, request.url.path,
+                                    [request.query_params.multi_items()] * n, [raw] * n)
+    error = _first_error(replies)
+    if error is not None:
+        return error
+    parts = [json.loads(c) for _, _, c in replies]
+    merged = dict(parts[0])
+    if "events" in merged:
+        events = sorted((e for p in parts for e in p.get("events", [])),
+                        key=lambda e: (e.get("step") or 0, e.get("time") or 0))
+        limit = request.query_params.get("limit")
+        merged["events"] = events[-int(limit):] if limit and int(limit) else events
+        merged["count"] = sum(int(p.get("count", 0)) for p in parts)
+        merged["active"] = [a for p in parts for a in p.get("active", [])]
+    return Response(render_json(merged), status_code=replies[0][0],
+                    media_type="application/json")
+
+
+async def _sharded_snapshots(ingress: Ingress, record: ShardedRecord, rest: str,
+                             request: Request) -> Response:
+    n = len(record.shards)
+    query = [request.query_params.multi_items()] * n
+    if rest == "snapshots" and request.method == "GET":
+        return await ingress.forward(request, record.shards[0].slot)
+    raw = await request.body()
+    if rest == "snapshots" and request.method == "POST":
+        # One name on every shard: the caller's, or one chosen here.
+        try:
+            asked = json.loads(raw).get("name") if raw else None
+        except (ValueError, AttributeError):
+            return problem(400, "malformed_body", "the body must be JSON {\"name\": ...}")
+        snap = asked or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime()) + \
+            f"-{uuid.uuid4().hex[:6]}"
+        raw = json.dumps({"name": snap}).encode()
+        headers = {"content-type": "application/json"}
+        replies = await ingress.fan_out(record, request, "POST", request.url.path, query,
+                                        [raw] * n, headers, retry=False)
+    else:
+        replies = await ingress.fan_out(record, request, request.method, request.url.path,
+                                        query, [raw or None] * n)
+    return _first_error(replies) or _json_reply(replies[0])

@@ -136,6 +136,13 @@ const list = new DataTable($("steppers"), {
   ],
 });
 
+/** Distributed mode: where the stepper lives, e.g. " · slot 1" or " · 2 shards". */
+export function placementTag(placement) {
+  if (!placement || !placement.shards) return "";
+  const shards = placement.shards;
+  return placement.sharded ? ` · ${shards.length} shards` : ` · slot ${shards[0].slot}`;
+}
+
 function rowOf(summary, previous) {
   const alerts = summary.alerts || {};
   const latest = alerts.latest;
@@ -143,7 +150,7 @@ function rowOf(summary, previous) {
     name: summary.name,
     optimizer: summary.optimizer,
     step: summary.step,
-    device: summary.device,
+    device: summary.device + placementTag(summary.placement),
     state_bytes: summary.state_bytes,
     last_step: Math.max(num(summary.updated_at) || 0, previous ? previous.last_step || 0 : 0),
     alerts_active: alerts.active || 0,

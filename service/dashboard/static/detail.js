@@ -225,6 +225,36 @@ export class StepperView {
     fill($("hist-tensor"), names.map((n) => [n, n]), names.includes(histWas) ? histWas : names[0]);
     fill($("bias-group"), s.groups.map((g) => [String(g.index), `group ${g.index}`]), $("bias-group").value || "0");
     this.controls.summary(s);
+    this.showPlacement(s.placement);
+  }
+
+  /** Distributed mode: each shard's slot, node, process and state, and recoveries. */
+  showPlacement(placement) {
+    const box = $("detail-placement");
+    if (!placement || !placement.shards) {
+      box.hidden = true;
+      box.replaceChildren();
+      return;
+    }
+    const items = placement.shards.map((sh) => {
+      const held = sh.params ? `${sh.params.length} tensors` : "all tensors";
+      return el("li", {
+        textContent: `slot ${sh.slot}: ${held} on ${sh.node} (pid ${sh.pid}, ${sh.device}) · ${sh.state}`,
+      });
+    });
+    const recoveries = placement.recoveries || [];
+    const last = recoveries[recoveries.length - 1];
+    const title = el("span", {
+      textContent: placement.sharded ? `sharded over ${placement.shards.length} slots` : "placement",
+    });
+    const note = el("span", {
+      className: "muted",
+      textContent: last
+        ? ` · recovered ${recoveries.length}× (last: slot ${last.slot}, ${last.seconds} s, at ${new Date(last.time * 1000).toLocaleTimeString()})`
+        : "",
+    });
+    box.replaceChildren(title, note, el("ul", {}, ...items));
+    box.hidden = false;
   }
 
   // ---------------------------------------------------------------- charts
