@@ -152,32 +152,32 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None,
                "--port", str(port), "--data-dir", data, "--device", device,
                "--log-level", "warning", *extra]
         # The server's output goes to a file: a pipe nobody reads would fill and block it.
-        log = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"server exited: {log.read()[-4000:]}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become healthy in time")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    text=True)
+            url = f"http://127.0.0.1:{port}"
             try:
-                proc.wait(timeout=stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+                deadline = time.monotonic() + timeout
+                while True:
+                    if proc.poll() is not None:
+                        log.seek(0)
+                        raise RuntimeError(f"server exited: {log.read()[-4000:]}")
+                    try:
+                        if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("server did not become healthy in time")
+                    time.sleep(0.1)
+                yield url
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def sync(device: str) -> None:

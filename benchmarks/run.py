@@ -1,8 +1,9 @@
 """Every benchmark, one command: ``python benchmarks/run.py [--quick]``.
 
 Runs, in order: the step benchmark (remote vs local vs the raw-socket floor, 1M/10M/50M
-fp32, fused Adam), the small-stepper latency benchmark, the read-throughput benchmark, and
-the durability-policy benchmark, each in its own process, and prints their tables.
+fp32, fused Adam), the small-stepper latency benchmark, the read-throughput benchmark, the
+durability-policy benchmark and (where Ray Serve is installed) the distributed mode's
+overhead, each in its own process, and prints their tables.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ SUITE = [
     ["bench_reads.py"] + (["--seconds", "2"] if QUICK else []),
     ["bench_durability.py"] + (["--seconds", "1"] if QUICK else []),
 ]
+try:  # the distributed mode's overhead, where Ray Serve is installed (the test extra has it)
+    import ray.serve  # noqa: F401
+
+    SUITE.append(["bench_ray.py"] + (["--sizes", "10K", "1M", "--steps", "8"] if QUICK else []))
+except ImportError:
+    pass
 
 
 def main() -> int:

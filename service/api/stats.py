@@ -214,7 +214,19 @@ async def stats(
 )
 async def signals(name: str, request: Request) -> Response:
     stepper = registry(request).get(name)
-    return json_response({"stepper": name, **(stepper.signals or {})})
+    current = stepper.signals
+    # Every step (and every failure) replaces the signals dict, never changes it in place:
+    # the same dict object is the same reply.
+    hit = _signals_cache.get(stepper)
+    if hit is None or hit[0] is not current:
+        hit = (current, render({"stepper": name, **(current or {})}))
+        _signals_cache[stepper] = hit
+    return Response(hit[1], media_type="application/json")
+
+
+#: The rendered reply of each stepper's last signals, with the dict it was rendered from.
+_signals_cache: weakref.WeakKeyDictionary[Stepper, tuple[dict[str, Any], bytes]] = (
+    weakref.WeakKeyDictionary())
 
 
 # ---------------------------------------------------------------------- slice

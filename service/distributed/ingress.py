@@ -334,9 +334,16 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
         except RuntimeError as e:
             return problem(503, "slot_unavailable", str(e))
         if len(plan) == 1:
-            response = await ingress.forward(request, plan[0].slot, body=body)
+            status, headers, content = await ingress.call(
+                plan[0].slot, request, "POST", request.url.path,
+                request.query_params.multi_items(), body, retry=False)
             await ingress.cluster.refresh(plan[0].slot)
-            return response
+            if status != 201:
+                return Response(content, status_code=status,
+                                media_type=headers.get("content-type"))
+            created = json.loads(content)
+            created["placement"] = ingress.cluster.placement(name)
+            return JSONResponse(created, status_code=201)
         if len(spec.get("groups") or []) > 1:
             return problem(422, "invalid_spec", "a sharded stepper has one parameter group "
                            "(its options apply to every shard); create it with one group")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from remote_support import (
+
+# The parity helpers of tests/client and the browser helpers of tests/browser.
+for _helpers in ("client", "browser"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / _helpers))
+
+from conftest import spawn_server  # noqa: E402
+from remote_support import (  # noqa: E402
     SHAPES,
     Case,
     cases,
@@ -34,9 +41,8 @@ from remote_support import (
     unique,
 )
 
-from client import Client, RemoteAdam, codec
-from client.protocol import META_SPEC
-from tests.conftest import spawn_server
+from client import Client, RemoteAdam, codec  # noqa: E402
+from client.protocol import META_SPEC  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -411,3 +417,28 @@ def test_sharded_history_combines_the_shards_aggregates(client: Client) -> None:
         assert state_bytes(client.url, name) == before
     finally:
         client.delete(name)
+
+
+def test_metrics_and_errors_come_from_the_slots(client: Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = [unique("m"), unique("m")]
+    made = []
+    try:
+        for n in names:
+            made.append(client.create(n, {"w": torch.zeros(3)}, lr=0.1))
+        assert {m.placement["shards"][0]["slot"] for m in made} == {0, 1}  # type: ignore[index]
+        text = httpx.get(f"{client.url}/metrics", timeout=60).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        labelled = {s.labels.get("stepper") for f in families.values() for s in f.samples}
+        assert set(names) <= labelled
+        # A slot's own problem comes through unchanged; the ingress adds its own.
+        r = httpx.get(f"{client.url}/v1/steppers/{unique('none')}", timeout=60)
+        assert r.status_code == 404 and r.json()["code"] == "stepper_not_found"
+        again = httpx.post(f"{client.url}/v1/steppers", json={
+            "name": names[0], "optimizer": "adam", "params": [{"name": "w", "shape": [3]}]},
+            timeout=60)
+        assert again.status_code == 409 and again.json()["code"] == "stepper_exists"
+    finally:
+        for n in names:
+            client.delete(n)
