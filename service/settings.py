@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     # service.api.metrics).
     signals: bool = Field(
         True, description="compute per-step signals (false: steps are recorded without them; "
-        "saves their cost, about 1.2 ms per 1M parameters on a 2-core CPU)"
+        "saves their cost, about 1 ms per step for a small stepper and 3 ms for 10M "
+        "parameters in 129 tensors on a 2-core CPU)"
     )
     history_steps: int = Field(
         10_000, ge=1, description="steps of aggregate signals (and losses) kept per stepper"
