@@ -16,9 +16,9 @@ stepper's lock for the whole step, so reads never see shards at different steps.
 shard gets the same idempotency key and ``expected_step``: when a shard's actor dies
 during a step, its slot is recovered from its files and the shard's part is sent again,
 which applies it exactly once (or replays it when the shard had written it). The
-parameters, state, options, durability and checkpoint routes fan out and merge the same
-way; routes that read one tensor go to its shard; the rest answer 501 for a sharded
-stepper.
+parameters, state, options, durability, checkpoint, snapshot, statistics, signals,
+history and alerts routes fan out and merge; routes that read one tensor go to its shard;
+the rest answer 501 for a sharded stepper.
 
 Authentication stays where it is: each slot's service checks the caller's token (the
 ingress passes the Authorization header on), so scopes and prefixes hold unchanged.
@@ -233,6 +233,12 @@ class Ingress:
         return list(await asyncio.gather(*(
             self.call(sh.slot, request, method, path, q, b, extra, retry=retry)
             for sh, q, b in zip(record.shards, queries, bodies, strict=True))))
+
+
+def _unknown(record: ShardedRecord, param: str) -> JSONResponse:
+    return problem(404, "unknown_parameter",
+                   f"stepper {record.name!r} has no parameter {param!r}",
+                   stepper=record.name, parameter=param)
 
 
 def _first_error(replies: Sequence[tuple[int, dict[str, str], bytes]]) -> Response | None:
@@ -591,9 +597,7 @@ async def _sharded_route(ingress: Ingress, record: ShardedRecord, rest: str,
         asked = [v for k, v in query if k == "names"]
         unknown = [a for a in asked if a not in record.params]
         if unknown:
-            return problem(404, "unknown_parameter",
-                           f"stepper {record.name!r} has no parameter {unknown[0]!r}",
-                           stepper=record.name)
+            return _unknown(record, unknown[0])
         wanted = set(asked) if asked else None
         shards = [i for i, sh in enumerate(record.shards)
                   if wanted is None or wanted & set(sh.params)]
@@ -653,6 +657,11 @@ async def _sharded_route(ingress: Ingress, record: ShardedRecord, rest: str,
         return await ingress.forward(request, record.shards[0].slot)
     if rest == "history" and method == "GET":
         return await _sharded_history(ingress, record, request)
+    if rest == "signals" and method == "GET":
+        return await _sharded_signals(ingress, record, request)
+    if rest == "stats" and method == "GET" and not (
+            {k for k, _ in query} & {"name", "tensor", "param"}):
+        return await _sharded_stats(ingress, record, request)
     if rest == "alerts":
         return await _sharded_alerts(ingress, record, request)
     if rest == "loss" and method == "POST":  # losses are the stepper's: the first shard's
@@ -690,9 +699,7 @@ def _split_put(record: ShardedRecord, kind: str, raw: bytes, key: str
             raise ValueError(f"JSON body must be {{{key!r}: {{name: ...}}}}")
         unknown = [k for k in values if k not in record.params]
         if unknown:
-            return problem(404, "unknown_parameter",
-                           f"stepper {record.name!r} has no parameter {unknown[0]!r}",
-                           stepper=record.name)
+            return _unknown(record, unknown[0])
         out = []
         for sh in record.shards:
             sub = dict(data)
@@ -734,9 +741,7 @@ async def _sharded_step(ingress: Ingress, record: ShardedRecord, request: Reques
     wire = request.query_params.get("wire_dtype")
     for entry in body.entries:
         if entry.name not in record.params:
-            return problem(404, "unknown_parameter",
-                           f"stepper {record.name!r} has no parameter {entry.name!r}",
-                           stepper=record.name)
+            return _unknown(record, entry.name)
         if list(entry.shape) != record.shapes[entry.name]:
             return problem(422, "shape_mismatch",
                            f"gradient {entry.name!r} has shape {list(entry.shape)}, the parameter "
@@ -877,9 +882,7 @@ async def _sharded_history(ingress: Ingress, record: ShardedRecord, request: Req
     asked = [v for k, v in query if k == "tensor"]
     unknown = [t for t in asked if t != "*" and t not in record.params]
     if unknown:
-        return problem(404, "unknown_parameter",
-                       f"stepper {record.name!r} has no parameter {unknown[0]!r}",
-                       stepper=record.name)
+        return _unknown(record, unknown[0])
     queries = []
     for sh in record.shards:
         mine = [t for t in asked if t == "*" or t in sh.params]
@@ -909,18 +912,10 @@ async def _sharded_history(ingress: Ingress, record: ShardedRecord, request: Req
             column.append(combine_aggregate(sig, shard_values, weights))
         values[sig] = column
     if "update_ratio" in values:  # |update| / |p before|, from each shard's two
-        column = []
-        for st in steps:
-            upd = p0 = 0.0
-            for i, p in enumerate(parts):
-                u = _finite(p["aggregate"]["values"].get("update_norm", [None])[rows[i][st]])
-                r = _finite(p["aggregate"]["values"]["update_ratio"][rows[i][st]])
-                if u is None or not r:
-                    continue
-                upd += u * u
-                p0 += (u / r) ** 2
-            column.append((upd ** 0.5) / (p0 ** 0.5) if p0 else None)
-        values["update_ratio"] = column
+        values["update_ratio"] = [_update_ratio([
+            (p["aggregate"]["values"].get("update_norm", [None] * (rows[i][st] + 1))[
+                rows[i][st]], p["aggregate"]["values"]["update_ratio"][rows[i][st]])
+            for i, p in enumerate(parts)]) for st in steps]
     times = [parts[0]["aggregate"]["time"][rows[0][st]] for st in steps]
     merged["aggregate"] = {"steps": steps, "time": times, "values": values}
     merged["tensors"] = {}
@@ -928,6 +923,115 @@ async def _sharded_history(ingress: Ingress, record: ShardedRecord, request: Req
         merged["tensors"].update(p.get("tensors") or {})
     merged["tensors"] = {n: merged["tensors"][n] for n in record.params
                          if n in merged["tensors"]}
+    return Response(render_json(merged), media_type="application/json")
+
+
+def _update_ratio(pairs: Sequence[tuple[Any, Any]]) -> float | None:
+    """|update| / |p before| of the whole stepper from each shard's (update_norm,
+    update_ratio)."""
+    upd = p0 = 0.0
+    for u_raw, r_raw in pairs:
+        u, r = _finite(u_raw), _finite(r_raw)
+        if u is None or not r:
+            continue
+        upd += u * u
+        p0 += (u / r) ** 2
+    return (upd ** 0.5) / (p0 ** 0.5) if p0 else None
+
+
+async def _sharded_signals(ingress: Ingress, record: ShardedRecord, request: Request
+                           ) -> Response:
+    n = len(record.shards)
+    replies = await ingress.fan_out(record, request, "GET", request.url.path,
+                                    [request.query_params.multi_items()] * n, [None] * n)
+    error = _first_error(replies)
+    if error is not None:
+        return error
+    parts = [json.loads(c) for _, _, c in replies]
+    weights = [_numel(record, i) for i in range(n)]
+    merged = dict(parts[0])
+    tensors: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
+    for p in parts:
+        tensors.update(p.get("tensors") or {})
+        samples.update(p.get("sample") or {})
+    merged["tensors"] = {k: tensors[k] for k in record.params if k in tensors}
+    merged["sample"] = {k: samples[k] for k in record.params if k in samples}
+    steps = [p.get("step") for p in parts]
+    merged["step"] = None if None in steps else min(steps)
+    aggregate = {}
+    for sig in parts[0].get("aggregate") or {}:
+        aggregate[sig] = combine_aggregate(
+            sig, [(p.get("aggregate") or {}).get(sig) for p in parts], weights)
+    if "update_ratio" in aggregate:
+        aggregate["update_ratio"] = _update_ratio(
+            [((p.get("aggregate") or {}).get("update_norm"),
+              (p.get("aggregate") or {}).get("update_ratio")) for p in parts])
+    merged["aggregate"] = aggregate
+    return Response(render_json(merged), media_type="application/json")
+
+
+#: Summary fields of a statistics aggregate that merge exactly across shards.
+_COUNTED = ("numel", "finite", "nan", "inf", "zeros")
+
+
+def merge_summaries_of_values(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The moments, extremes and counts of several tensors' values from each one's
+    (exact: counts add, norms combine, the mean and standard deviation pool)."""
+    out: dict[str, Any] = {k: sum(int(p.get(k) or 0) for p in parts) for k in _COUNTED}
+    out["norm"] = math.sqrt(sum((_finite(p.get("norm")) or 0.0) ** 2 for p in parts))
+    finite: list[tuple[int, float, float]] = []
+    for p in parts:
+        f, m, sd = int(p.get("finite") or 0), _finite(p.get("mean")), _finite(p.get("std"))
+        if f and m is not None and sd is not None:
+            finite.append((f, m, sd))
+    total = sum(f for f, _, _ in finite)
+    if total:
+        mean = sum(f * m for f, m, _ in finite) / total
+        var = sum(f * (sd * sd + (m - mean) ** 2) for f, m, sd in finite) / total
+        out["mean"], out["std"] = mean, math.sqrt(max(var, 0.0))
+    else:
+        out["mean"] = out["std"] = math.nan
+    lows = [x for x in (_finite(p.get("min")) for p in parts) if x is not None]
+    highs = [x for x in (_finite(p.get("max")) for p in parts) if x is not None]
+    out["min"] = min(lows) if lows else math.nan
+    out["max"] = max(highs) if highs else math.nan
+    return out
+
+
+async def _sharded_stats(ingress: Ingress, record: ShardedRecord, request: Request
+                         ) -> Response:
+    query = request.query_params.multi_items()
+    asked = [v for k, v in query if k == "names"]
+    unknown = [a for a in asked if a not in record.params]
+    if unknown:
+        return _unknown(record, unknown[0])
+    shards = [i for i, sh in enumerate(record.shards) if not asked or set(asked) & set(
+        sh.params)]
+    replies = await asyncio.gather(*(
+        ingress.call(record.shards[i].slot, request, "GET", request.url.path,
+                     _names_query(query, set(asked) & set(record.shards[i].params)
+                                  if asked else None), None) for i in shards))
+    error = _first_error(replies)
+    if error is not None:
+        return error
+    parts = [json.loads(c) for _, _, c in replies]
+    merged = dict(parts[0])
+    tensors: dict[str, Any] = {}
+    for p in parts:
+        tensors.update(p.get("tensors") or {})
+    merged["tensors"] = {k: tensors[k] for k in record.params if k in tensors}
+    merged["missing"] = [m for p in parts for m in p.get("missing", [])]
+    if "aggregate" in merged:
+        keys = dict.fromkeys(k for p in parts for k in (p.get("aggregate") or {}))
+        merged["aggregate"] = {
+            key: {**merge_summaries_of_values([p["aggregate"][key] for p in parts
+                                               if key in (p.get("aggregate") or {})]),
+                  "shards": len(parts),
+                  "note": "merged across shards: counts, norm, mean, std, min and max are "
+                          "exact; quantiles and histograms are per tensor (ask for one "
+                          "tensor by name)"}
+            for key in keys}
     return Response(render_json(merged), media_type="application/json")
 
 

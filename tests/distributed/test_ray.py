@@ -124,9 +124,29 @@ def test_a_sharded_stepper_shows_its_shards_and_aggregates(client: Client) -> No
         assert [s.name for s in client.list()].count(name) == 1
         values = client.get_params(name)
         assert all(torch.equal(values[f"p{i}"], p.detach()) for i, p in enumerate(params))
-        # A route that reads one tensor goes to its shard; whole-stepper statistics do not
-        # merge yet and say so.
-        r = httpx.get(f"{client.url}/v1/steppers/{name}/stats", timeout=60)
+        # Whole-stepper statistics merge exactly where they can (counts, norm, mean, std,
+        # extremes of all tensors together) ...
+        stats = httpx.get(f"{client.url}/v1/steppers/{name}/stats",
+                          params={"key": "param"}, timeout=60).json()
+        assert sorted(stats["tensors"]) == [f"p{i}" for i in range(len(SHAPES))]
+        every = torch.cat([p.detach().reshape(-1).double() for p in params])
+        agg = stats["aggregate"]["param"]
+        assert agg["numel"] == every.numel() and agg["shards"] == 2
+        assert agg["mean"] == pytest.approx(float(every.mean()), rel=1e-6)
+        assert agg["std"] == pytest.approx(float(every.std(unbiased=False)), rel=1e-6)
+        assert agg["norm"] == pytest.approx(float(every.norm()), rel=1e-6)
+        assert (agg["min"], agg["max"]) == (float(every.min()), float(every.max()))
+        # ... as do the last step's signals (every tensor here is taken whole: exact) ...
+        sig = httpx.get(f"{client.url}/v1/steppers/{name}/signals", timeout=60).json()
+        assert sig["step"] == 1 and sorted(sig["tensors"]) == sorted(held)
+        grad_norm = float(torch.cat([torch.ones(s).reshape(-1) for s in SHAPES]).norm())
+        assert sig["aggregate"]["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+        # ... and a route about one tensor goes to its shard; what does not merge says so.
+        one = httpx.get(f"{client.url}/v1/steppers/{name}/slice",
+                        params={"name": "p0", "key": "param", "index": "0"}, timeout=60)
+        assert one.status_code == 200, one.text
+        r = httpx.post(f"{client.url}/v1/steppers/{name}/dry-run", content=b"",
+                       headers={"content-type": "application/octet-stream"}, timeout=60)
         assert r.status_code == 501
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.json()["code"] == "not_supported_sharded"
