@@ -63,6 +63,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    bind = args.slot_bind or ("auto" if args.ray_address else "127.0.0.1")
+    # The slots' services check the tokens: off loopback they need some, as the service
+    # itself does.
+    problem = binding_problem(settings.model_copy(update={"host": bind}), load_access(settings))
+    if problem is not None:
+        _error(f"slot services: {problem}")
+        return 2
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -73,7 +80,6 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     from .distributed.serve import run
 
     data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
-    bind = args.slot_bind or ("auto" if args.ray_address else "127.0.0.1")
     config = ClusterConfig(settings=data.model_dump(mode="json"), slots=args.slots,
                            bind=bind, num_cpus=args.slot_cpus, num_gpus=args.slot_gpus)
     print(f"adamscope: starting on Ray ({args.ray_address or 'a new local instance'}), "

@@ -462,3 +462,16 @@ def test_metrics_and_errors_come_from_the_slots(client: Client) -> None:
     finally:
         for n in names:
             client.delete(n)
+
+
+def test_slots_off_loopback_need_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    """On a cluster the slots' services listen on their nodes' addresses: without tokens
+    the CLI refuses, as it does for the single-process service, before starting anything."""
+    from service.cli import main
+
+    code = main(["serve", "--ray", "--ray-address", "auto", "--data-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "slot services: refusing to serve on auto without access tokens" in err
+    assert not (tmp_path / "hosts").exists()
