@@ -30,18 +30,14 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_step import IMPLS, fmt, parse_size, server, transformer_shapes
+from bench_step import IMPLS, fmt, model, parse_size, server
 
 from client import Client, RemoteAdam
 
 
 def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, steps: int
                ) -> tuple[dict[str, list[float]], bool, int]:
-    shapes = transformer_shapes(numel)
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    names = [f"p{i}" for i in range(len(shapes))]
+    shapes, names, init, grads = model(numel)
     options = {"lr": 1e-3, **IMPLS[impl]}
     local_params = [t.clone().requires_grad_() for t in init]
     local = torch.optim.Adam(local_params, **options)

@@ -82,6 +82,17 @@ def transformer_shapes(numel: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+def model(numel: int) -> tuple[list[tuple[int, ...]], list[str], list[torch.Tensor],
+                              list[torch.Tensor]]:
+    """A benchmark model of about ``numel`` parameters: shapes, names, initial values and
+    one set of gradients (the same every run: seeded)."""
+    shapes = transformer_shapes(numel)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    return shapes, [f"p{i}" for i in range(len(shapes))], init, grads
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,11 +199,7 @@ def sync(device: str) -> None:
 def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, steps: int
                ) -> dict[str, object]:
     """Interleaved timings of ``steps`` remote and local steps (after ``warmup`` of each)."""
-    shapes = transformer_shapes(numel)
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    names = [f"p{i}" for i in range(len(shapes))]
+    shapes, names, init, grads = model(numel)
     options = {"lr": 1e-3, **IMPLS[impl]}
 
     remote_params = [t.clone().requires_grad_() for t in init]
