@@ -280,22 +280,19 @@ class Persistence:
 
     def flush_due(self) -> int:
         """Write the ``interval`` steppers whose time has come (the background flusher)."""
-        written = 0
-        for track in list(self._tracks.values()):
-            if track.policy.mode == "interval" and self.due(track.stepper, CHANGE):
-                try:
-                    if self.persist(track.stepper) is not None:
-                        written += 1
-                except PersistenceFailed as e:
-                    log.error("%s", e.detail)
-        return written
+        return self._flush(lambda t: t.policy.mode == "interval" and self.due(t.stepper, CHANGE))
 
     def flush_all(self) -> int:
         """At shutdown: write every stepper with unwritten changes, except ``manual`` ones
         (whose disk state only an explicit checkpoint changes)."""
+        return self._flush(lambda t: t.policy.mode != "manual" and t.dirty)
+
+    def _flush(self, wanted: Callable[[Track], bool]) -> int:
+        """Write the steppers ``wanted`` picks; a failed write is logged, not raised. The
+        number written."""
         written = 0
         for track in list(self._tracks.values()):
-            if track.policy.mode != "manual" and track.dirty:
+            if wanted(track):
                 try:
                     if self.persist(track.stepper) is not None:
                         written += 1
