@@ -33,7 +33,8 @@ CLEAR = "\x1b[H\x1b[2J"
 BOLD, RED, RESET = "\x1b[1m", "\x1b[31m", "\x1b[0m"
 
 
-def _when(t: float | None) -> str:
+def when(t: float | None) -> str:
+    """A time as local ISO date and time to the second ('-' for none)."""
     if t is None:
         return "-"
     return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
@@ -98,7 +99,7 @@ def _ls(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS", "UPDATED")]
     for s in c.list():
         rows.append((s.name, s.optimizer, s.device, str(s.step), f"{s.numel:,}",
-                     _alerts_cell(s), _when(s.updated_at)))
+                     _alerts_cell(s), when(s.updated_at)))
     if len(rows) == 1:
         return "no steppers"
     return table(rows)
@@ -111,7 +112,7 @@ def _show(c: Any, a: argparse.Namespace) -> str:
     lines = [f"{BOLD if a.color else ''}{s.name}{RESET if a.color else ''}: {s.optimizer} on "
              f"{s.device}, step {s.step}, {s.numel:,} parameters, "
              f"{human_bytes(s.state_bytes)} with state",
-             f"created {_when(s.created_at)}, updated {_when(s.updated_at)}"]
+             f"created {when(s.created_at)}, updated {when(s.updated_at)}"]
     if s.durability is not None:
         lines.append(f"durability {s.durability.mode}, on disk at step "
                      f"{_num(s.persisted_step)}{' (changes not written)' if s.dirty else ''}")
@@ -183,7 +184,7 @@ def _signals(c: Any, a: argparse.Namespace) -> str:
         if (a.tensor is None or name in a.tensor) and series.steps and \
                 series.steps[-1] == step:
             rows.append((name, *[_num(series.values[s][-1]) for s in signals]))
-    head = f"{a.name} at step {step} ({_when(report.aggregate.time[-1])})"
+    head = f"{a.name} at step {step} ({when(report.aggregate.time[-1])})"
     if report.loss.steps:
         head += f", loss {_num(report.loss.values[-1])} at step {report.loss.steps[-1]}"
     return head + "\n" + table(rows)
@@ -230,7 +231,7 @@ def _rules_arg(text: str) -> Any:
 def _event_line(e: Any) -> str:
     prev = f" (was {_num(e.previous)})" if e.previous is not None else ""
     return (f"step {e.step}  {e.tensor or '(aggregate)'}  {e.rule}: "
-            f"{_num(e.value)}{prev}  {_when(e.time)}")
+            f"{_num(e.value)}{prev}  {when(e.time)}")
 
 
 def _alerts(c: Any, a: argparse.Namespace) -> str:
@@ -258,7 +259,7 @@ def render_watch(event: dict[str, Any], alerts: Sequence[dict[str, Any]], loss: 
     bold = BOLD if color else ""
     reset = RESET if color else ""
     head = (f"{bold}{event['stepper']}{reset}  step {event['step']}  "
-            f"{_when(event.get('time'))}"
+            f"{when(event.get('time'))}"
             + (f"  loss {_num(loss)}" if loss is not None else ""))
     agg = event.get("aggregate", {})
     shown = [s for s in signals if s in agg or any(s in v for v in event["tensors"].values())]
@@ -323,19 +324,27 @@ def _watch(c: Any, a: argparse.Namespace, out: TextIO | None = None) -> str | No
 # ---------------------------------------------------------------------- wiring
 
 
+def client_command(sub: Any, name: str, help: str,
+                   action: Callable[[Any, argparse.Namespace], str | None]
+                   ) -> argparse.ArgumentParser:
+    """A sub-command that runs ``action(client, args)`` against the service (``--url``,
+    ``--token``) and prints what it returns; the inspection and snapshot commands."""
+    from client._base import DEFAULT_URL
+
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--url", default=None,
+                   help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})")
+    p.add_argument("--token", default=None, help="bearer token (default $ADAMSCOPE_TOKEN)")
+    p.set_defaults(func=_run(action), color=sys.stdout.isatty())
+    return p
+
+
 def add_commands(sub: Any) -> None:
     """Add the inspection commands to the ``adamscope`` sub-command parser."""
-    from client._base import DEFAULT_URL
 
     def command(name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
                 ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--url", default=None,
-                       help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})")
-        p.add_argument("--token", default=None,
-                       help="bearer token (default $ADAMSCOPE_TOKEN)")
-        p.set_defaults(func=_run(action), color=sys.stdout.isatty())
-        return p
+        return client_command(sub, name, help, action)
 
     command("ls", "list the steppers", _ls)
     p = command("show", "a stepper's summary: options, parameters, durability, alerts", _show)

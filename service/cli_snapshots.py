@@ -16,13 +16,13 @@ comes from ``$ADAMSCOPE_TOKEN``. Errors print the service's problem and exit wit
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from client.protocol import Durability
+
+from .cli_inspect import client_command, when
 
 __all__ = ["add_commands", "parse_durability"]
 
@@ -52,34 +52,10 @@ def _durability_arg(text: str) -> str:
     return text
 
 
-def _when(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
-
-
 def _size(n: int) -> str:
     from client.progress import human_bytes
 
     return human_bytes(n)
-
-
-def _run(action: Callable[[Any, argparse.Namespace], str | None]) -> Callable[..., int]:
-    def run(args: argparse.Namespace) -> int:
-        from client import Client
-        from client.errors import AdamscopeError
-
-        try:
-            with Client(args.url) as client:
-                out = action(client, args)
-        except AdamscopeError as e:
-            print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
-            return 1
-        if out:
-            print(out, flush=True)
-        return 0
-
-    return run
 
 
 def _snapshot(c: Any, a: argparse.Namespace) -> str:
@@ -91,7 +67,7 @@ def _snapshots(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "STEP", "SIZE", "CREATED")]
     for s in c.snapshots(a.name):
         rows.append((s.name, "?" if s.step is None else str(s.step), _size(s.size),
-                     _when(s.created_at) if s.error is None else f"unreadable: {s.error}"))
+                     when(s.created_at) if s.error is None else f"unreadable: {s.error}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
         "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
@@ -132,15 +108,10 @@ def _durability(c: Any, a: argparse.Namespace) -> str:
 
 def add_commands(sub: Any) -> None:
     """Add the snapshot commands to the ``adamscope`` sub-command parser."""
-    from client._base import DEFAULT_URL
 
     def command(name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
                 ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--url", default=None,
-                       help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})")
-        p.set_defaults(func=_run(action))
-        return p
+        return client_command(sub, name, help, action)
 
     p = command("snapshot", "take a named snapshot of a stepper now", _snapshot)
     p.add_argument("name", help="stepper")
