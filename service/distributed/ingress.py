@@ -354,7 +354,7 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
             return problem(422, "invalid_spec", "a sharded stepper has one parameter group "
                            "(its options apply to every shard); create it with one group")
         async with ingress.lock(name):
-            bodies = [_shard_create_body(kind, body, spec, tensors, sh.params) for sh in plan]
+            bodies = [_shard_create_body(spec, tensors, sh.params) for sh in plan]
             replies = await asyncio.gather(*(
                 ingress.call(sh.slot, request, "POST", f"{API}/steppers", [], b, retry=False)
                 for sh, b in zip(plan, bodies, strict=True)))
@@ -366,7 +366,7 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
                     if status < 300))
                 return error
             names = [n for n, _ in sizes]
-            shapes, dtypes = _meta(kind, spec, tensors)
+            shapes, dtypes = _meta(spec, tensors)
             record = ShardedRecord(name, names, shapes, dtypes, plan)
             ingress.cluster.save_sharded(record)
             for sh in plan:
@@ -444,10 +444,7 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
             if rest == "step" and "idempotency-key" not in request.headers:
                 # A key of its own makes the step safe to send again after a recovery.
                 extra = {"idempotency-key": f"ingress-{uuid.uuid4().hex}"}
-            response = await ingress.forward(request, slot, extra_headers=extra)
-            if rest.startswith("snapshots") or rest == "import":
-                await ingress.cluster.refresh(slot)
-            return response
+            return await ingress.forward(request, slot, extra_headers=extra)
         async with ingress.lock(name):
             if rest != "step" and request.method != "GET":
                 ingress.steps.pop(name, None)  # a state load or restore may move the step
@@ -504,7 +501,7 @@ def _creation(kind: str, body: bytes) -> tuple[str | None, list[tuple[str, int]]
     return spec.get("name"), sizes, spec, parsed
 
 
-def _meta(kind: str, spec: dict[str, Any], tensors: Body | None
+def _meta(spec: dict[str, Any], tensors: Body | None
           ) -> tuple[dict[str, list[int]], dict[str, str]]:
     shapes, dtypes = {}, {}
     if tensors is not None:
@@ -517,8 +514,10 @@ def _meta(kind: str, spec: dict[str, Any], tensors: Body | None
     return shapes, dtypes
 
 
-def _shard_create_body(kind: str, body: bytes, spec: dict[str, Any], tensors: Body | None,
-                       params: list[str]) -> bytes:
+def _shard_create_body(spec: dict[str, Any], tensors: Body | None, params: list[str]
+                       ) -> bytes:
+    """One shard's create body: the spec narrowed to ``params``, with their initial values
+    when the request carried tensors (``tensors``), else as JSON."""
     keep = set(params)
     sub = dict(spec)
     sub["params"] = [p for p in spec.get("params") or [] if p["name"] in keep]
@@ -528,12 +527,7 @@ def _shard_create_body(kind: str, body: bytes, spec: dict[str, Any], tensors: Bo
     if tensors is None:
         return json.dumps(sub).encode()
     order = [n for n in (p["name"] for p in spec.get("params") or []) if n in keep] or params
-    meta = dict(tensors.metadata)
-    meta[META_SPEC] = json.dumps(sub)
-    fake = Body.__new__(Body)
-    fake.entries, fake.metadata, fake.data = tensors.entries, meta, tensors.data
-    fake.by_name = tensors.by_name
-    return split(fake, [order])[0]
+    return split(tensors, [order], {**tensors.metadata, META_SPEC: json.dumps(sub)})[0]
 
 
 # ---------------------------------------------------------------------- summaries

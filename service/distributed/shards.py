@@ -56,13 +56,15 @@ def _encode(entries: Sequence[tuple[str, codec.Entry, memoryview]],
     return b"".join([struct.pack("<Q", len(head)), head, *(c for _, _, c in entries)])
 
 
-def split(body: Body, shards: Sequence[Sequence[str]]) -> list[bytes]:
+def split(body: Body, shards: Sequence[Sequence[str]],
+          metadata: Mapping[str, str] | None = None) -> list[bytes]:
     """One body per shard with the tensors of ``body`` that shard holds (in the shard's
-    order; a shard none of whose tensors is in the body gets a body without tensors)."""
+    order; a shard none of whose tensors is in the body gets a body without tensors), and
+    ``body``'s metadata (or ``metadata``)."""
     out = []
     for names in shards:
         picked = [(n, body.by_name[n], body.chunk(n)) for n in names if n in body.by_name]
-        out.append(_encode(picked, body.metadata))
+        out.append(_encode(picked, body.metadata if metadata is None else metadata))
     return out
 
 

@@ -339,7 +339,7 @@ def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None
             "groups": [{"params": list(tensors), "lr": 0.1}]}
     body = codec.encode(tensors, {META_SPEC: json.dumps(spec)})
     parsed = parse(body)
-    parts = [_shard_create_body("application/octet-stream", body, spec, parsed, names)
+    parts = [_shard_create_body(spec, parsed, names)
              for names in (["b.weight"], ["a", "c"])]
     decoded = [codec.decode(p) for p in parts]
     assert list(decoded[0][0]) == ["b.weight"] and list(decoded[1][0]) == ["a", "c"]
