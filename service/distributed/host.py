@@ -81,12 +81,12 @@ class SlotHost:
                 "budget_bytes": self.settings.memory_budget_bytes}
 
     def steppers(self) -> dict[str, dict[str, Any]]:
-        """The steppers this slot holds: name -> parameter names and bytes."""
+        """The steppers this slot holds: name -> parameter names and the bytes of their
+        parameters and Adam state (what the memory budget counts)."""
         registry = getattr(self.app.state, "registry", None)
         out: dict[str, dict[str, Any]] = {}
         for s in registry.list() if registry is not None else []:
-            out[s.name] = {"params": list(s.names),
-                           "bytes": sum(p.numel() * p.element_size() for p in s.params)}
+            out[s.name] = {"params": list(s.names), "bytes": s.summary()["state_bytes"]}
         return out
 
     def ping(self) -> bool:
