@@ -68,6 +68,7 @@ def set_rules(stepper: Stepper, rules: Sequence[AlertRule] | None) -> None:
     """Replace the stepper's rules (None: back to the defaults). A change of the stepper,
     so it bumps its version and is written with its next checkpoint."""
     with stepper.lock:
+        stepper.settle()  # the last step is judged by the rules it was taken under
         if rules is None:
             stepper.journal.pop(JOURNAL_KEY, None)
         else:

@@ -48,6 +48,7 @@ def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
     """Step clones of the stepper's tensors with ``grads`` (and optional per-group option
     changes, as a step's metadata carries them); raises what :meth:`Stepper.step` would."""
     with stepper.lock:
+        stepper.settle()  # the signals' cache must be the last step's
         for name, g in grads.items():
             stepper._check_tensor(name, g, "gradient")
         options = stepper._validated_group_updates(group_updates)

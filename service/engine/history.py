@@ -434,10 +434,9 @@ class HistoryObserver:
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.failures = 0
-        self._started: float | None = None
 
     def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
-        self._started = time.perf_counter()
+        pass
 
     def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
         try:
@@ -449,9 +448,8 @@ class HistoryObserver:
                               stepper.name, self.failures)
 
     def _after_step(self, stepper: Stepper) -> None:
-        elapsed = (time.perf_counter() - self._started) if self._started is not None else 0.0
-        self._started = None
-        step = stepper.step_count + 1  # after_step runs before the engine counts the step
+        elapsed = stepper.engine_seconds()
+        step = stepper.observed_step
         found = getattr(stepper, "signals", None)
         # The SignalObserver ran first; signals of another step mean it could not compute
         # this one's: the step is recorded without signals.

@@ -836,7 +836,7 @@ class SignalObserver:
             self._fail(stepper, e)
 
     def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
-        step = stepper.step_count + 1  # the engine counts the step once observers ran
+        step = stepper.observed_step
         pending, self._pending = self._pending, None
         entries, self._entries = self._entries, []
         try:

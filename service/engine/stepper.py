@@ -65,7 +65,13 @@ class StepOutcome:
 class StepObserver(Protocol):
     """Sees every step: ``before_step`` with the gradients set on the parameters (state
     not yet updated), ``after_step`` once ``optimizer.step()`` returned; both under the
-    stepper's lock. An observer must not modify parameters, gradients or state."""
+    stepper's lock, with ``stepper.observed_step`` the number of the step they see. An
+    observer must not modify parameters, gradients or state.
+
+    With ``stepper.defer_after_step`` the ``after_step`` calls wait until :meth:`Stepper.settle`
+    (the service calls it once the step's reply has left) or the next mutation, whichever
+    comes first: the parameters, state and gradients they read are unchanged until then.
+    """
 
     def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -178,6 +184,14 @@ class Stepper:
         self.observers: list[StepObserver] = []
         #: The last observed step's signals (service.engine.signals; empty until then).
         self.signals: dict[str, Any] = {}
+        #: The step the observers are looking at (set before their hooks run).
+        self.observed_step = 0
+        #: Run the observers' ``after_step`` later, in :meth:`settle` (see StepObserver).
+        self.defer_after_step = False
+        #: (step, gradients, seconds of the step so far) awaiting the after-step observers.
+        self._unsettled: tuple[int, Mapping[str, torch.Tensor], float] | None = None
+        self._step_seconds = 0.0
+        self._after_started = 0.0
         self.lock = threading.RLock()
         self.created_at = time.time()
         self.updated_at = self.created_at
@@ -403,23 +417,28 @@ class Stepper:
             self._check_state_complete(
                 {i: s for i, s in enumerate(self._state_by_index())}, new_options
             )
+        self._settle()
         # Device copies first: an allocation failure here leaves nothing half-done.
         on_device = {n: self._to_device(n, g) for n, g in grads.items()}
         if new_options is not None:
             self._apply_options(new_options)
         for n, p in zip(self.names, self.params, strict=True):
             p.grad = on_device.get(n)
+        step = self.observed_step = self.step_count + 1
+        started = time.perf_counter()
         try:
             self._notify("before_step", on_device)
             self.optimizer.step()
-            self._notify("after_step", on_device)
         finally:
             for p in self.params:
                 p.grad = None
             if self.device.type == "cuda":
                 # The pinned staging buffers are reused by the next request.
                 torch.cuda.current_stream(self.device).synchronize()
-        self.step_count += 1
+        self.step_count = step
+        self._unsettled = (step, on_device, time.perf_counter() - started)
+        if not self.defer_after_step:
+            self._settle()
         stepped = [n for n in self.names if n in on_device]
         skipped = [n for n in self.names if n not in on_device]
         outcome = StepOutcome(self.step_count, stepped, skipped)
@@ -427,6 +446,31 @@ class Stepper:
             self._remember(key, outcome)
         self._touch()
         return outcome
+
+    def settle(self) -> None:
+        """Run the after-step observers of the last step if they are still pending (a
+        deferred step's signals and history); a no-op otherwise."""
+        if self._unsettled is not None:
+            with self.lock:
+                self._settle()
+
+    def _settle(self) -> None:
+        """:meth:`settle` with the lock held: every mutation calls it first, so the
+        observers see the step exactly as it left PyTorch."""
+        pending, self._unsettled = self._unsettled, None
+        if pending is None:
+            return
+        step, grads, self._step_seconds = pending
+        self.observed_step = step
+        self._after_started = time.perf_counter()
+        with torch.no_grad():
+            self._notify("after_step", grads)
+
+    def engine_seconds(self) -> float:
+        """For an ``after_step`` observer: the engine time of the observed step so far (its
+        before-step observers, PyTorch's update, and the after-step observers until now;
+        not the time a deferred step waited for :meth:`settle`)."""
+        return self._step_seconds + (time.perf_counter() - self._after_started)
 
     def _notify(self, hook: str, grads: Mapping[str, torch.Tensor]) -> None:
         """Call the observers; one that fails is logged, never allowed to break a step."""
@@ -532,6 +576,7 @@ class Stepper:
     def set_hyperparameters(self, updates: Mapping[str, Any], group: int | None = None) -> None:
         """Change options of one group or all groups, validated by PyTorch first."""
         with self.lock:
+            self._settle()
             n = len(self.optimizer.param_groups)
             if group is not None and not 0 <= group < n:
                 raise InvalidHyperparameter(f"param group {group} does not exist (have {n})")
@@ -545,6 +590,7 @@ class Stepper:
     def put_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Overwrite some or all parameter values in place."""
         with self.lock:
+            self._settle()
             for name, t in tensors.items():
                 self._check_tensor(name, t, "value")
             staged = {n: t.to(self.device) for n, t in tensors.items()}
@@ -563,6 +609,7 @@ class Stepper:
         every group's options, atomically. ``replace`` drops state not given (a full load,
         as ``load_state_dict`` does); otherwise unspecified tensors are kept."""
         with self.lock:
+            self._settle()
             current = self._state_by_index()
             new_state: dict[int, dict[str, Any]] = (
                 {} if replace else {i: s for i, s in enumerate(current) if s}
@@ -621,6 +668,7 @@ class Stepper:
     def reset_state(self, names: Sequence[str] | None = None) -> None:
         """Forget Adam state (moments and step) of some or all parameters."""
         with self.lock:
+            self._settle()
             drop = set(self.names if names is None else names)
             for n in drop:
                 self._param(n)

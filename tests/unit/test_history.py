@@ -319,6 +319,36 @@ def test_the_history_holds_exactly_the_signals_of_every_step() -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == 6
 
 
+def recorded(obs: HistoryObserver) -> list[tuple[int, Any, Any]]:
+    """Every step the history holds: (step, aggregate, per-tensor signals)."""
+    return [(e["step"], e["aggregate"], e["tensors"]) for e in obs.events()]
+
+
+def test_deferred_observers_record_each_step_as_inline_ones_do() -> None:
+    """With ``defer_after_step`` the signals and history of a step wait for settle() (or
+    the next mutation, which settles first), and are then what an inline stepper records:
+    nothing they read has changed in between."""
+    inline, deferred = make_stepper("a"), make_stepper("b")
+    a, b = attach_history(inline), attach_history(deferred)
+    deferred.defer_after_step = True
+    for k in range(8):
+        inline.step(grads(k))
+        outcome = deferred.step(grads(k))
+        assert outcome.step == k + 1 == deferred.step_count
+        assert deferred.signals.get("step") == (k or None)  # the last step's, not this one's
+        if k % 3 == 0:
+            deferred.settle()
+            assert deferred.signals["step"] == k + 1
+        if k == 4:  # a mutation between steps: the step is recorded before it changes anything
+            deferred.put_params({"b": torch.zeros(4)})
+            inline.put_params({"b": torch.zeros(4)})
+    assert len(recorded(b)) == 7  # the eighth waits for settle
+    deferred.settle()
+    deferred.settle()  # nothing left: a no-op
+    assert same(recorded(b), recorded(a)) and len(recorded(a)) == 8
+    assert b.metrics()["steps_total"] == 8 and b.metrics()["latency_sum"] > 0
+
+
 def test_step_metrics_count_every_step_in_a_cumulative_histogram() -> None:
     s = make_stepper()
     obs = attach_history(s)
