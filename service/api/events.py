@@ -142,11 +142,14 @@ class EventHub:
 
 
 def attach_monitoring(app: FastAPI, stepper: Stepper) -> HistoryObserver:
-    """Give a stepper its signals and its history, reporting to the app's event hub."""
+    """Give a stepper its signals and its history, reporting to the app's event hub.
+    Both are computed once the step's reply has left (``defer_after_step``): a step's
+    latency is PyTorch's update, and the signals overlap the client's next forward pass."""
     hub: EventHub = app.state.events
     signals = observer_of(stepper)
     if signals is not None:
         signals.enabled = app.state.settings.signals
+    stepper.defer_after_step = True
     return attach_history(stepper, app.state.history_config, sink=hub.notify,
                           sequence=hub.next_seq)
 

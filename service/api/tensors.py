@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import math
+import weakref
 from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from client import codec
@@ -25,9 +27,12 @@ from .options import group_updates_from_json
 from .steppers import NAME_PROBLEMS, registry
 from .stream import (
     TensorStreamResponse,
+    WireLayout,
     gate,
+    ingest_layout,
     ingest_tensors,
     off_loop,
+    settle_and_release,
     step_applied,
     step_applied_event,
 )
@@ -164,12 +169,15 @@ async def step(
     await lock.acquire()
     try:
         lossy = codec.dtype_from_name(wire_dtype) if wire_dtype else None
-
-        def into_grad_buffer(entry: codec.Entry) -> torch.Tensor:
-            stepper.check_gradient(entry.name, entry.shape, entry.dtype, lossy)
-            return stepper.grad_buffer(entry.name, entry.dtype)
-
-        received, metadata = await ingest_tensors(request, into_grad_buffer)
+        got = await ingest_layout(
+            request, _layouts.get(stepper), lossy,
+            lambda e: stepper.check_gradient(e.name, e.shape, e.dtype, lossy),
+            lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda")
+        if isinstance(got, WireLayout):
+            _layouts[stepper] = got
+            received, metadata = got.tensors, dict(got.metadata)
+        else:
+            received, metadata = got
         groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
         target = stepper.step_count + 1
 
@@ -202,7 +210,10 @@ async def step(
             outcome = StepOutcome(target, *(
                 (recorded["stepped"], recorded["skipped"]) if recorded else ([], [])))
         if not return_params:
-            return JSONResponse(_result(name, outcome).model_dump())
+            settled = lock
+            lock = None  # released once the reply has left, as below
+            return JSONResponse(_result(name, outcome).model_dump(), background=BackgroundTask(
+                settle_and_release, stepper, settled))
         if outcome.step != stepper.step_count:
             raise StepConflict(
                 f"step {outcome.step} was applied, but stepper {name!r} has moved on to step "
@@ -218,17 +229,25 @@ async def step(
             return params
 
         params = await off_loop(stepper, reply_params)
+        held = lock
         response = TensorStreamResponse(
             params, name, outcome.step, {"adamscope.stepped": json.dumps(outcome.stepped),
                                          "adamscope.skipped": json.dumps(outcome.skipped),
                                          "adamscope.replayed": json.dumps(outcome.replayed)},
-            release=lock.release,
+            release=lambda: settle_and_release(stepper, held),
         )
-        lock = None  # the response releases the gate once its bytes have left
+        # The response opens the gate once its bytes have left and the step's signals and
+        # history (deferred off the reply path) are recorded.
+        lock = None
         return response
     finally:
         if lock is not None:
-            lock.release()
+            await settle_and_release(stepper, lock)
+
+
+#: Each stepper's last step body layout: the next step with the same header is read
+#: straight into its buffer (see ingest_layout).
+_layouts: weakref.WeakKeyDictionary[Stepper, WireLayout] = weakref.WeakKeyDictionary()
 
 
 def _result(name: str, outcome: StepOutcome) -> StepResult:
@@ -255,6 +274,7 @@ async def commit(name: str, request: Request) -> dict[str, Any]:
         outcome = await off_loop(stepper, stepper.commit)
         await persist_after(request, stepper, "step")
         step_applied(stepper)
+        await off_loop(stepper, stepper.settle)
     return _result(name, outcome).model_dump()
 
 

@@ -15,6 +15,7 @@ from api_support import (
     OCTET,
     SPEC,
     V1,
+    assert_problem,
     create,
     decode,
     get_params,
@@ -119,6 +120,70 @@ def test_step_with_no_grads_counts_but_moves_nothing(net: tuple[TestClient, Loca
     assert r.json()["step"] == 1 and r.json()["skipped"] == ["w", "b", "h"]
     after = get_params(client, "net")
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_repeated_step_bodies_stay_exact_as_the_layout_changes(
+        net: tuple[TestClient, Local]) -> None:
+    """A body whose header repeats is read straight into the buffer laid out for the last
+    one; a different header (fewer tensors, another order, new metadata) lays out anew."""
+    client, local = net
+    plans: list[tuple[list[str], list[dict[str, Any]] | None]] = [
+        (["w", "b", "h"], None), (["w", "b", "h"], None), (["w", "h"], None),
+        (["h", "b", "w"], None), (["h", "b", "w"], None), (["w", "b", "h"], [{"lr": 0.02}, {}]),
+        (["w", "b", "h"], [{"lr": 0.02}, {}]), (["w", "b", "h"], None),
+    ]
+    for k, (names, groups) in enumerate(plans):
+        full = grads(local.p, k)
+        gs = {n: full[n] for n in names}
+        r = step(client, "net", gs, groups=groups, return_params="true")
+        tensors, _ = decode(r)
+        if groups is not None:
+            local.opt.param_groups[0]["lr"] = groups[0]["lr"]
+        local.step(gs)
+        assert all(torch.equal(tensors[n], p.detach()) for n, p in local.p.items()), k
+    assert_equal_to_local(client, local)
+
+
+def test_a_layout_whose_offsets_do_not_align_is_read_tensor_by_tensor(
+        app_client: TestClient) -> None:
+    """bf16 of 3 elements ends at byte 6: a float32 view there would be misaligned."""
+    spec = {"name": "odd", "optimizer": "adam", "hyperparameters": {"lr": 0.1},
+            "params": [{"name": "h", "shape": [3], "dtype": "bfloat16"},
+                       {"name": "w", "shape": [5], "dtype": "float32"}]}
+    values = {"h": torch.randn(3).to(torch.bfloat16), "w": torch.randn(5)}
+    create(app_client, spec, values)
+    p = {n: t.clone().requires_grad_(True) for n, t in values.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=0.1)
+    for k in range(3):
+        gs = grads(p, k)
+        body = codec.encode(gs)
+        assert json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["w"][
+            "data_offsets"][0] % 4
+        tensors, _ = decode(step(app_client, "odd", gs, return_params="true"))
+        for n, t in p.items():
+            t.grad = gs[n].clone()
+        opt.step()
+        assert all(torch.equal(tensors[n], t.detach()) for n, t in p.items())
+
+
+def test_a_repeated_header_is_still_refused_when_the_rest_is_wrong(
+        net: tuple[TestClient, Local]) -> None:
+    """The header of the last accepted step again, with a body too short or too long, or a
+    16-bit gradient that was accepted only with ``wire_dtype``: refused, nothing moves."""
+    client, local = net
+    gs = grads(local.p, 0)
+    assert step(client, "net", gs).status_code == 200
+    body = codec.encode(gs)
+    before = snapshot(client, "net")
+    for bad in (body[:-4], body + b"\0\0\0\0"):
+        r = client.post(f"{V1}/net/step", content=bad, headers=OCTET)
+        assert_problem(r, "malformed_body")
+        assert snapshot(client, "net") == before
+    half = {n: g.to(torch.bfloat16) for n, g in gs.items()}
+    assert step(client, "net", half, wire_dtype="bfloat16").status_code == 200
+    before = snapshot(client, "net")
+    assert_problem(step(client, "net", half), "dtype_mismatch")
+    assert snapshot(client, "net") == before
 
 
 # ------------------------------------------------------------------------------ reading
