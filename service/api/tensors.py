@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -111,6 +113,53 @@ async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict
     return await ingest_tensors(request)
 
 
+class StepQuery(BaseModel):
+    """A step's query parameters."""
+
+    return_params: bool = Field(False, description="answer with the updated parameters")
+    only_stepped: bool = Field(
+        False, description="with return_params: only the parameters this step changed")
+    wire_dtype: WireDtype | None = Field(
+        None, description="LOSSY: gradients may arrive, and parameters are returned, in this "
+                          "16-bit dtype (half the bytes); the stepper itself keeps full precision")
+    expected_step: int | None = Field(
+        None, ge=0, description="the step the stepper must be at, else 409 step_conflict")
+    contributors: int | None = Field(
+        None, ge=1, le=1024, description="accumulate mode: apply the step once this many "
+                                         "workers contributed, with the mean of their gradients")
+    worker: int | None = Field(None, ge=0, description="accumulate mode: this worker's id")
+    wait: float = Field(0.0, ge=0, le=600, description="accumulate mode: seconds to wait for "
+                                                       "the step to be applied before "
+                                                       "answering 202 (pending)")
+
+
+def step_query(request: Request) -> StepQuery:
+    """The step's query, validated in one pass, with FastAPI's 422 when it is wrong.
+
+    A step is the hot path: FastAPI validating these as separate parameters took about
+    0.1 ms per request, as long as PyTorch's update of a 10K-parameter stepper. The
+    OpenAPI document lists them all the same (:func:`query_doc`).
+    """
+    try:
+        return StepQuery.model_validate(dict(request.query_params))
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
+
+
+def query_doc(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """OpenAPI query parameters for the fields of ``model``."""
+    schema = model.model_json_schema()
+    out = []
+    for field, prop in schema["properties"].items():
+        prop = dict(prop)
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        out.append({"name": field, "in": "query", "required": False, "schema": prop,
+                    **({"description": description} if description else {})})
+    return out
+
+
 @router.post(
     "/steppers/{name}/step",
     summary="Apply one Adam step (or contribute to one)",
@@ -125,42 +174,26 @@ async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict
         **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
                    "invalid_state", "invalid_spec", "step_conflict", "persistence_failed"),
     },
-    openapi_extra=binary_body_doc(
+    openapi_extra={**binary_body_doc(
         "safetensors of gradients by parameter name; a parameter without one does not step "
         f"(as with p.grad = None). Optional __metadata__['{META_GROUPS}']: a JSON list with "
         "one object of option changes per param group, applied atomically before the step."
-    ),
+    ), "parameters": query_doc(StepQuery)},
 )
 async def step(
     name: str,
     request: Request,
-    return_params: Annotated[bool, Query(description="answer with the updated parameters")] = False,
-    only_stepped: Annotated[bool, Query(
-        description="with return_params: only the parameters this step changed"
-    )] = False,
-    wire_dtype: Annotated[WireDtype | None, Query(
-        description="LOSSY: gradients may arrive, and parameters are returned, in this 16-bit "
-                    "dtype (half the bytes); the stepper itself keeps full precision"
-    )] = None,
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key", min_length=1, max_length=200,
         description="a retried request with the same key is not applied again: the "
                     "original result is returned",
     )] = None,
-    expected_step: Annotated[int | None, Query(
-        ge=0, description="the step the stepper must be at, else 409 step_conflict"
-    )] = None,
-    contributors: Annotated[int | None, Query(
-        ge=1, le=1024, description="accumulate mode: apply the step once this many workers "
-                                   "contributed, with the mean of their gradients"
-    )] = None,
-    worker: Annotated[int | None, Query(ge=0, description="accumulate mode: this worker's id")]
-    = None,
-    wait: Annotated[float, Query(
-        ge=0, le=600, description="accumulate mode: seconds to wait for the step to be "
-                                  "applied before answering 202 (pending)"
-    )] = 0.0,
 ) -> Response:
+    query = step_query(request)
+    return_params, only_stepped, wire_dtype = (query.return_params, query.only_stepped,
+                                               query.wire_dtype)
+    expected_step, contributors, worker, wait = (query.expected_step, query.contributors,
+                                                 query.worker, query.wait)
     stepper = registry(request).get(name)
     if (contributors is None) != (worker is None):
         raise InvalidSpec("accumulate mode needs both 'contributors' and 'worker'")

@@ -164,3 +164,18 @@ def test_docs_serve_html(app_client: TestClient) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert "swagger-ui" in r.text and "/openapi.json" in r.text
+
+
+def test_the_step_documents_its_query_parameters(openapi: dict[str, Any]) -> None:
+    """The step validates its query in one pass (not as FastAPI parameters): the document
+    still lists every one of them, with its type and bounds."""
+    params = {p["name"]: p for p in openapi["paths"]["/v1/steppers/{name}/step"]["post"]
+              ["parameters"] if p["in"] == "query"}
+    assert set(params) == {"return_params", "only_stepped", "wire_dtype", "expected_step",
+                           "contributors", "worker", "wait"}
+    assert params["return_params"]["schema"] == {"default": False, "type": "boolean"}
+    assert {"minimum": 1, "maximum": 1024, "type": "integer"} in (
+        params["contributors"]["schema"]["anyOf"])
+    assert {"enum": ["bfloat16", "float16"], "type": "string"} in (
+        params["wire_dtype"]["schema"]["anyOf"])
+    assert all(p["description"] and p["required"] is False for p in params.values())
