@@ -22,6 +22,12 @@ noise hits both alike. At the end the remote and local parameters are compared w
 Parameters are laid out like a small transformer (per layer: attention and MLP weights,
 biases, layer norms; plus an embedding holding the remainder), so 10M parameters come as
 about 130 tensors of mixed sizes rather than one big block.
+
+A second table sets the local step against the device's memory bandwidth: Adam reads the
+parameter, gradient, m and v and writes the parameter, m and v (28 bytes per fp32
+parameter), so the step cannot beat 28 bytes x params / the device's copy rate. With
+``--device cuda`` it adds the pinned host-to-device and device-to-host copy rates, which
+bound how fast gradients reach the GPU and parameters come back.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -272,6 +278,35 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
     }
 
 
+def device_limits(numel: int, device: str, repeats: int = 5) -> dict[str, float]:
+    """What the hardware allows for one step of ``numel`` fp32 parameters: the device's
+    copy bandwidth (bytes read + written per second, from a device-to-device copy of
+    ``numel`` floats), the time Adam's 28 bytes of memory traffic per parameter (read
+    param, grad, m, v; write param, m, v) take at that rate, and, on a GPU, the pinned
+    host-to-device and device-to-host copy rates of the gradients and parameters."""
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+
+    def best(work: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            work()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    nbytes = numel * 4
+    copy_rate = 2 * nbytes / best(lambda: dst.copy_(src))
+    out = {"copy_gbs": copy_rate / 1e9, "adam_floor_ms": 28 * numel / copy_rate * 1e3}
+    if device.startswith("cuda"):
+        host = torch.empty(numel, pin_memory=True)
+        out["h2d_gbs"] = nbytes / best(lambda: dst.copy_(host, non_blocking=True)) / 1e9
+        out["d2h_gbs"] = nbytes / best(lambda: host.copy_(src, non_blocking=True)) / 1e9
+    return out
+
+
 def fmt(ms: list[float]) -> str:
     return f"{statistics.median(ms):9.2f} [{min(ms):8.2f}, {max(ms):8.2f}]"
 
@@ -302,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     all_identical = True
+    limits: list[tuple[int, float, dict[str, float]]] = []
     with server(args.device) as url, Client(url) as client:
         for numel in args.sizes:
             res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
@@ -314,6 +350,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
                   f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
                   f"  {res['identical']}", flush=True)
+            limits.append((int(str(res["numel"])), statistics.median(local),
+                           device_limits(numel, args.device)))
+    print(f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
+          "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate")
+    print(f"{'params':>11}   {'copy GB/s':>9}   {'28 B/param ms':>13}   {'local step ms':>13}"
+          f"   {'step / limit':>12}" + ("   H2D GB/s   D2H GB/s" if args.device != "cpu" else ""))
+    for n, local_ms, lim in limits:
+        line = (f"{n:>11,}   {lim['copy_gbs']:>9.1f}   {lim['adam_floor_ms']:>13.2f}   "
+                f"{local_ms:>13.2f}   {local_ms / lim['adam_floor_ms']:>11.2f}x")
+        if "h2d_gbs" in lim:
+            line += f"   {lim['h2d_gbs']:>8.1f}   {lim['d2h_gbs']:>8.1f}"
+        print(line, flush=True)
     return 0 if all_identical else 1
 
 
