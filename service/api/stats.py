@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from client import codec
@@ -63,6 +64,7 @@ from ..errors import ApiError, problems
 from .access import AccessDenied, authorize_name, principal, require
 from .durability import persistence
 from .options import group_updates_from_json
+from .query import parse_query, query_doc
 from .steppers import NAME_PROBLEMS, registry
 from .stream import TensorStreamResponse, ingest_tensors, off_loop
 from .wire import OCTET, binary_body_doc, meta_json
@@ -176,20 +178,42 @@ Names = Annotated[list[str] | None, Query(alias="name", description="parameters;
 # ---------------------------------------------------------------------- stats, signals
 
 
+class StatsQuery(BaseModel):
+    """The statistics' query (validated in one pass: dashboards poll it)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    quantiles: str | None = Field(
+        None, description="comma-separated quantiles in [0, 1] (default 0.01,0.5,0.99; "
+                          "empty: none)")
+    bins: int = Field(32, ge=0, le=MAX_BINS, description="histogram bins (0: none)")
+    hist_range: str | None = Field(None, alias="range",
+                                   description="histogram range 'lo,hi' (default: min,max)")
+    log: bool = Field(False, description="also a histogram of log10|x| (zeros and negatives "
+                                         "counted beside it)")
+    log_range: str | None = Field(None, description="log histogram range 'lo,hi' in log10 "
+                                                    "units (default: data)")
+    names: list[str] | None = Field(None, alias="name",
+                                    description="parameters; all if none")
+    keys: list[str] | None = Field(None, alias="key", description=(
+        "tensors to describe: " + ", ".join(VIEW_KEYS) + f" (default {', '.join(DEFAULT_KEYS)})"))
+    aggregate: bool = Field(True, description="also aggregate per key")
+
+    def spec(self) -> StatsSpec:
+        return stats_spec(self.quantiles, self.bins, self.hist_range, self.log,
+                          self.log_range)
+
+
 @router.get(
     "/steppers/{name}/stats",
     summary="Statistics of parameters, Adam state and derived views (per tensor, aggregate)",
     dependencies=[Depends(require("read"))],
     responses=problems(*NAME_PROBLEMS, "unknown_parameter"),
+    openapi_extra={"parameters": query_doc(StatsQuery)},
 )
-async def stats(
-    name: str, request: Request, spec: Spec, names: Names = None,
-    keys: Annotated[list[str] | None, Query(
-        alias="key", description="tensors to describe: " + ", ".join(VIEW_KEYS)
-        + f" (default {', '.join(DEFAULT_KEYS)})")] = None,
-    aggregate_: Annotated[bool, Query(alias="aggregate", description="also aggregate "
-                                                                     "per key")] = True,
-) -> Response:
+async def stats(name: str, request: Request) -> Response:
+    q = parse_query(request, StatsQuery)
+    spec, names, keys, aggregate_ = q.spec(), q.names, q.keys, q.aggregate
     stepper = registry(request).get(name)
     wanted = tuple(dict.fromkeys(keys or DEFAULT_KEYS))
     unknown = [k for k in wanted if k not in VIEW_KEYS]

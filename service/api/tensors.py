@@ -11,9 +11,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +25,7 @@ from ..errors import ApiError, problems
 from .access import require
 from .durability import persist_after
 from .options import group_updates_from_json
+from .query import parse_query, query_doc
 from .steppers import NAME_PROBLEMS, registry
 from .stream import (
     TensorStreamResponse,
@@ -114,7 +114,7 @@ async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict
 
 
 class StepQuery(BaseModel):
-    """A step's query parameters."""
+    """A step's query parameters (validated in one pass: a step is the hot path)."""
 
     return_params: bool = Field(False, description="answer with the updated parameters")
     only_stepped: bool = Field(
@@ -131,33 +131,6 @@ class StepQuery(BaseModel):
     wait: float = Field(0.0, ge=0, le=600, description="accumulate mode: seconds to wait for "
                                                        "the step to be applied before "
                                                        "answering 202 (pending)")
-
-
-def step_query(request: Request) -> StepQuery:
-    """The step's query, validated in one pass, with FastAPI's 422 when it is wrong.
-
-    A step is the hot path: FastAPI validating these as separate parameters took about
-    0.1 ms per request, as long as PyTorch's update of a 10K-parameter stepper. The
-    OpenAPI document lists them all the same (:func:`query_doc`).
-    """
-    try:
-        return StepQuery.model_validate(dict(request.query_params))
-    except ValidationError as e:
-        raise RequestValidationError(
-            [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
-
-
-def query_doc(model: type[BaseModel]) -> list[dict[str, Any]]:
-    """OpenAPI query parameters for the fields of ``model``."""
-    schema = model.model_json_schema()
-    out = []
-    for field, prop in schema["properties"].items():
-        prop = dict(prop)
-        description = prop.pop("description", None)
-        prop.pop("title", None)
-        out.append({"name": field, "in": "query", "required": False, "schema": prop,
-                    **({"description": description} if description else {})})
-    return out
 
 
 @router.post(
@@ -189,7 +162,7 @@ async def step(
                     "original result is returned",
     )] = None,
 ) -> Response:
-    query = step_query(request)
+    query = parse_query(request, StepQuery)
     return_params, only_stepped, wire_dtype = (query.return_params, query.only_stepped,
                                                query.wire_dtype)
     expected_step, contributors, worker, wait = (query.expected_step, query.contributors,

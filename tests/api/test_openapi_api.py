@@ -179,3 +179,28 @@ def test_the_step_documents_its_query_parameters(openapi: dict[str, Any]) -> Non
     assert {"enum": ["bfloat16", "float16"], "type": "string"} in (
         params["wire_dtype"]["schema"]["anyOf"])
     assert all(p["description"] and p["required"] is False for p in params.values())
+
+
+def test_the_statistics_document_their_query_parameters(openapi: dict[str, Any]) -> None:
+    params = {p["name"]: p for p in openapi["paths"]["/v1/steppers/{name}/stats"]["get"]
+              ["parameters"] if p["in"] == "query"}
+    assert set(params) == {"quantiles", "bins", "range", "log", "log_range", "name", "key",
+                           "aggregate"}
+    assert {"type": "array", "items": {"type": "string"}} in params["key"]["schema"]["anyOf"]
+    assert params["bins"]["schema"]["maximum"] > 0 and params["aggregate"]["schema"] == {
+        "default": True, "type": "boolean"}
+
+
+def test_repeated_query_names_are_lists_and_a_single_value_is_the_last(
+        app_client: TestClient) -> None:
+    """?key=a&key=b is a list; a scalar given twice is its last value, as FastAPI takes it."""
+    from api_support import SPEC, create, initial_values
+
+    create(app_client, SPEC, initial_values())
+    r = app_client.get("/v1/steppers/net/stats",
+                       params=[("key", "param"), ("key", "exp_avg"), ("name", "w"),
+                               ("bins", "100000"), ("bins", "3")])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body["tensors"]) == {"w"} and body["keys"] == ["param", "exp_avg"]
+    assert len(body["tensors"]["w"]["param"]["hist"]["counts"]) == 3
