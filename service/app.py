@@ -23,7 +23,7 @@ from .api import dashboard, events, history, identity, metrics, snapshots, stepp
 from .api import stats as api_stats
 from .api.access import require
 from .api.durability import flusher
-from .api.stream import one_thread_on_loop
+from .api.stream import torch_threads
 from .auth import banner, load_access
 from .engine import Registry
 from .errors import install_error_handlers
@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        one_thread_on_loop()  # tiny steppers step inline: no parallel regions there
+        torch_threads()  # one thread runs PyTorch on every core; the event loop on one
         registry = app.state.registry = Registry()
         events.start_monitoring(app, registry)  # before restore: restored steppers too
         log.info("adamscope %s: default device %s, data in %s", __version__,

@@ -14,9 +14,11 @@ A step moves 4 bytes per fp32 parameter each way; at 10M parameters that is 40 M
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextvars
+import functools
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,10 +43,10 @@ __all__ = [
     "ingest_layout",
     "ingest_tensors",
     "off_loop",
-    "one_thread_on_loop",
     "settle_and_release",
     "step_applied",
     "step_applied_event",
+    "torch_threads",
 ]
 
 #: The last bytes of a streamed reply are sent as a copy, see TensorStreamResponse.
@@ -60,31 +62,51 @@ INLINE_NUMEL = 1 << 16
 T = TypeVar("T")
 
 
-def one_thread_on_loop() -> None:
-    """Run the calling thread's (the event loop's) torch operations on one intra-op thread;
-    every other thread keeps its count.
+#: The one thread that runs PyTorch on every core (see torch_threads); None until then.
+_compute: ThreadPoolExecutor | None = None
+#: Its intra-op threads: PyTorch's default count when the service started.
+compute_threads = 0
 
-    Inline work is tiny (below the ops' own parallel grain, mostly), and a parallel region
-    is a barrier: where the client shares the cores, waking a pool thread that has no core
-    free costs more than the whole step (measured: a 10K-parameter step 2.1 ms on one
-    thread against 2.9 to 5.4 ms on two, on 2 cores). Steppers that step in worker threads
-    keep every core. PyTorch keeps the count per thread, and a thread that has not run an
-    operation yet takes the value last set anywhere: so it is set back from another thread.
+
+def torch_threads() -> None:
+    """Give PyTorch's intra-op parallelism (OpenMP) to one thread, the compute thread that
+    steps CPU steppers too big to step inline; every other thread, the calling one (the
+    event loop) included, runs PyTorch on one thread. Called on the event loop at startup.
+
+    Measured on the 2-core VM: once two threads have run parallel PyTorch operations, two
+    OpenMP pools exist, OpenMP stops spinning between parallel regions (more pool threads
+    than cores) and every region pays a wake-up: a fused Adam step of 10M parameters in 129
+    tensors takes 17 to 19 ms instead of 8. On the event loop, a parallel region in a tiny
+    inline step costs more than the step where the client shares the cores (a 10K-parameter
+    step: 2.9 to 5.4 ms, against 2.1 ms on one thread). PyTorch keeps the count per thread,
+    and a thread that has not run an operation yet takes the value last set anywhere.
     """
-    n = torch.get_num_threads()
-    if n == 1:
-        return
-    torch.set_num_threads(1)
-    restore = threading.Thread(target=torch.set_num_threads, args=(n,), name="torch-threads")
-    restore.start()
-    restore.join()
+    global _compute, compute_threads
+    if _compute is None:
+        n = compute_threads = torch.get_num_threads()
+
+        def keep_every_core() -> None:
+            torch.get_num_threads()  # this thread's count is now its own ...
+            torch.set_num_threads(n)  # ... and stays n when the default changes below
+
+        _compute = ThreadPoolExecutor(1, "adamscope-torch", initializer=keep_every_core)
+        _compute.submit(lambda: None).result()
+    torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread, and every thread that starts from now on
 
 
 async def off_loop(stepper: Stepper, work: Callable[[], T]) -> T:
-    """Run engine work for ``stepper``: inline when it is tiny and on the CPU, else in the
-    thread pool so that heavy (or GPU) work never blocks the event loop."""
-    if stepper.device.type == "cpu" and stepper.numel <= INLINE_NUMEL:
-        return work()
+    """Run engine work for ``stepper`` where it runs best: inline when it is tiny and on the
+    CPU; larger CPU work on the compute thread (all cores, one at a time, see
+    torch_threads); GPU work in the thread pool (it launches kernels, the GPU computes).
+    Heavy or GPU work never blocks the event loop."""
+    if stepper.device.type == "cpu":
+        if stepper.numel <= INLINE_NUMEL:
+            return work()
+        if _compute is not None:
+            context = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(
+                _compute, functools.partial(context.run, work))
     return await run_in_threadpool(work)
 
 

@@ -188,7 +188,8 @@ async def step(
         target = stepper.step_count + 1
 
         def apply() -> StepOutcome | None:
-            grads = {n: widen(stepper, n, g) for n, g in received.items()}
+            grads = (received if lossy is None else
+                     {n: widen(stepper, n, g) for n, g in received.items()})
             if contributors is not None and worker is not None:
                 if groups is not None:
                     raise InvalidSpec("contributions cannot change options; use PATCH")

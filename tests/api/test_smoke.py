@@ -9,6 +9,8 @@ import torch
 from fastapi.testclient import TestClient
 from starlette.concurrency import run_in_threadpool
 
+from service.api import stream
+
 
 def test_health(app_client):
     r = app_client.get("/healthz")
@@ -22,17 +24,19 @@ def test_live_server_health(live_server):
     assert httpx.get(f"{live_server.url}/healthz").json()["steppers"] >= 0
 
 
-def test_the_event_loop_runs_torch_on_one_thread_and_workers_keep_every_core(
-        app_client: TestClient) -> None:
-    """Tiny steppers step inline on the event loop: no parallel regions there; steppers
-    stepped in worker threads (and every thread started later) keep the default count."""
-    n = torch.get_num_threads()
+def test_only_the_compute_thread_runs_torch_on_every_core(app_client: TestClient) -> None:
+    """One thread (the compute thread, where CPU steppers step) has PyTorch's intra-op
+    threads; the event loop, the thread pool and every thread started later run PyTorch on
+    one thread, so that no second OpenMP pool slows every parallel region down."""
+    n = stream.compute_threads  # PyTorch's default when the first app started
     if n == 1:
         pytest.skip("one intra-op thread here: nothing to tell apart")
+    assert stream._compute is not None
+    assert stream._compute.submit(torch.get_num_threads).result() == n
     assert app_client.portal.call(torch.get_num_threads) == 1
-    assert app_client.portal.call(run_in_threadpool, torch.get_num_threads) == n
+    assert app_client.portal.call(run_in_threadpool, torch.get_num_threads) == 1
     later: list[int] = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     t.start()
     t.join()
-    assert later == [n] and torch.get_num_threads() == n
+    assert later == [1]
