@@ -366,6 +366,7 @@ def _backlog(registry: Registry, hub: EventHub, sub: Subscription,
     for s in registry.list():
         if not sub.wants(s.name):
             continue
+        s.settle()  # (a worker thread) its last step is in the history
         obs = history_of(s)
         if obs is None:
             continue

@@ -33,7 +33,7 @@ from ..errors import problems
 from .access import require
 from .durability import persist_after
 from .steppers import NAME_PROBLEMS, registry
-from .stream import off_loop
+from .stream import off_loop, settled
 
 __all__ = ["known_signals", "observer", "render_json", "router"]
 
@@ -112,7 +112,7 @@ async def get_history(
     format: Annotated[Literal["json", "csv"] | None, Query(
         description="json (default) or csv; csv is also chosen by Accept: text/csv")] = None,
 ) -> Response:
-    stepper = registry(request).get(name)
+    stepper = await settled(registry(request).get(name))
     _check_signals(stepper, signal, ["query", "signal"])
     for t in tensor or []:
         if t != "*" and t not in stepper.index:
@@ -165,7 +165,7 @@ Limit = Annotated[int, Query(ge=0, le=10_000, description="latest events to list
     responses=problems(*NAME_PROBLEMS),
 )
 async def get_alerts(name: str, request: Request, limit: Limit = 100) -> Response:
-    return json_response(_report(registry(request).get(name), limit))
+    return json_response(_report(await settled(registry(request).get(name)), limit))
 
 
 @router.put(
@@ -197,7 +197,7 @@ async def put_alerts(name: str, body: AlertRules, request: Request) -> Response:
     responses=problems(*NAME_PROBLEMS, "malformed_body"),
 )
 async def post_loss(name: str, body: LossReport, request: Request) -> Response:
-    stepper = registry(request).get(name)
+    stepper = await settled(registry(request).get(name))
     step = stepper.step_count if body.step is None else body.step
     now = time.time()
     observer(stepper).history.record_loss(step, body.loss, now)

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..engine.history import LATENCY_BUCKETS, history_of
 from .access import endpoints, require, visible
+from .stream import settled
 
 __all__ = ["CONTENT_TYPE", "RequestMetrics", "RequestStats", "router"]
 
@@ -255,4 +256,6 @@ def render(request: Request) -> str:
                      "description": "Prometheus text exposition format 0.0.4"}},
 )
 async def metrics(request: Request) -> Response:
+    for stepper in request.app.state.registry.list():
+        await settled(stepper)  # its last step counted
     return Response(render(request), media_type=CONTENT_TYPE)

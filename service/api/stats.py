@@ -66,7 +66,7 @@ from .durability import persistence
 from .options import group_updates_from_json
 from .query import parse_query, query_doc
 from .steppers import NAME_PROBLEMS, registry
-from .stream import TensorStreamResponse, ingest_tensors, off_loop
+from .stream import TensorStreamResponse, ingest_tensors, off_loop, settled
 from .wire import OCTET, binary_body_doc, meta_json
 
 __all__ = ["META_DRY_RUN", "json_safe", "router"]
@@ -237,7 +237,7 @@ async def stats(name: str, request: Request) -> Response:
     responses=problems(*NAME_PROBLEMS),
 )
 async def signals(name: str, request: Request) -> Response:
-    stepper = registry(request).get(name)
+    stepper = await settled(registry(request).get(name))
     current = stepper.signals
     # Every step (and every failure) replaces the signals dict, never changes it in place:
     # the same dict object is the same reply.

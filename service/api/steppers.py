@@ -33,7 +33,7 @@ from .access import authorize_name, require, visible
 from .cache import cached_json
 from .durability import persist_after, persistence, summary
 from .options import options_from_model
-from .stream import gate
+from .stream import gate, settled
 from .wire import (
     OCTET,
     binary_body_doc,
@@ -173,14 +173,14 @@ async def create_stepper(request: Request) -> dict[str, Any]:
 @router.get("/steppers", response_model=StepperList, summary="List steppers",
             dependencies=[Depends(require("read"))])
 async def list_steppers(request: Request) -> dict[str, Any]:
-    return {"steppers": [summary(request, s) for s in registry(request).list()
+    return {"steppers": [summary(request, await settled(s)) for s in registry(request).list()
                          if visible(request, s.name)]}
 
 
 @router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
             responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("read"))])
 async def get_stepper(name: str, request: Request) -> Response:
-    stepper = registry(request).get(name)
+    stepper = await settled(registry(request).get(name))
     durable = persistence(request).describe(stepper)
     return cached_json(stepper, "summary", json.dumps(durable, sort_keys=True, default=str),
                        lambda: {**stepper.summary(), **durable, **summary_fields(stepper)})

@@ -44,6 +44,7 @@ __all__ = [
     "ingest_tensors",
     "off_loop",
     "settle_and_release",
+    "settled",
     "step_applied",
     "step_applied_event",
     "torch_threads",
@@ -128,15 +129,26 @@ def step_applied(stepper: Stepper) -> None:
         event.set()
 
 
+async def settled(stepper: Stepper) -> Stepper:
+    """``stepper`` once its last step's signals and history are recorded: every read of
+    them (signals, history, alerts, summaries, metrics) waits for this. The step route
+    records them after its reply has left (:func:`settle_and_release`); a read that
+    arrives meanwhile waits where that work runs, never blocking the event loop for it."""
+    if stepper.unsettled:
+        await off_loop(stepper, stepper.settle)
+    return stepper
+
+
 async def settle_and_release(stepper: Stepper, lock: asyncio.Lock) -> None:
     """Open a mutating request's gate once the stepper has settled: the step's deferred
     after-step observers (its signals and history; :meth:`Stepper.settle`) run after its
     reply has left and before anyone can write the gradient buffers they read."""
     try:
         await off_loop(stepper, stepper.settle)
+    except BaseException:
+        stepper.settle()  # cancelled: wait for a settle still running in a worker
+        raise
     finally:
-        with stepper.lock:  # a settle still running in a worker (if cancelled) ends first
-            stepper.settle()
         lock.release()
 
 

@@ -23,21 +23,13 @@ class Registry:
         self.hooks: list[Callable[[Stepper], object]] = []
 
     def get(self, name: str) -> Stepper:
-        """The stepper, settled: a step whose after-step observers were deferred (its
-        signals and history; :meth:`Stepper.settle`) is complete before anyone reads it."""
         try:
-            stepper = self._steppers[name]
+            return self._steppers[name]
         except KeyError:
             raise StepperNotFound(f"no stepper named {name!r}", stepper=name) from None
-        stepper.settle()
-        return stepper
 
     def list(self) -> list[Stepper]:
-        """Every stepper by name, each settled as :meth:`get` does."""
-        out = [self._steppers[k] for k in sorted(self._steppers)]
-        for stepper in out:
-            stepper.settle()
-        return out
+        return [self._steppers[k] for k in sorted(self._steppers)]
 
     def create(self, name: str, build: Callable[[], Stepper]) -> Stepper:
         """Register the stepper ``build()`` returns under ``name`` unless the name is taken.

@@ -190,6 +190,7 @@ class Stepper:
         self.defer_after_step = False
         #: (step, gradients, seconds of the step so far) awaiting the after-step observers.
         self._unsettled: tuple[int, Mapping[str, torch.Tensor], float] | None = None
+        self._settling = False
         self._step_seconds = 0.0
         self._after_started = 0.0
         self.lock = threading.RLock()
@@ -447,24 +448,34 @@ class Stepper:
         self._touch()
         return outcome
 
+    @property
+    def unsettled(self) -> bool:
+        """Whether the last step's after-step observers are pending or running."""
+        return self._unsettled is not None or self._settling
+
     def settle(self) -> None:
-        """Run the after-step observers of the last step if they are still pending (a
-        deferred step's signals and history); a no-op otherwise."""
-        if self._unsettled is not None:
+        """Return once the after-step observers of the last step have run (a deferred
+        step's signals and history): run them if they are pending, wait for them if
+        another thread is running them; a no-op otherwise."""
+        if self.unsettled:
             with self.lock:
                 self._settle()
 
     def _settle(self) -> None:
         """:meth:`settle` with the lock held: every mutation calls it first, so the
         observers see the step exactly as it left PyTorch."""
-        pending, self._unsettled = self._unsettled, None
-        if pending is None:
+        if self._unsettled is None:
             return
+        self._settling = True  # before the pending work leaves _unsettled: see unsettled
+        pending, self._unsettled = self._unsettled, None
         step, grads, self._step_seconds = pending
         self.observed_step = step
         self._after_started = time.perf_counter()
-        with torch.no_grad():
-            self._notify("after_step", grads)
+        try:
+            with torch.no_grad():
+                self._notify("after_step", grads)
+        finally:
+            self._settling = False
 
     def engine_seconds(self) -> float:
         """For an ``after_step`` observer: the engine time of the observed step so far (its
