@@ -151,35 +151,9 @@ def _range(raw: str | None, what: str) -> tuple[float, float] | None:
     return values[0], values[1]
 
 
-def stats_spec(
-    quantiles: Annotated[str | None, Query(
-        description="comma-separated quantiles in [0, 1] (default 0.01,0.5,0.99; empty: none)"
-    )] = None,
-    bins: Annotated[int, Query(ge=0, le=MAX_BINS, description="histogram bins (0: none)")]
-    = 32,
-    hist_range: Annotated[str | None, Query(
-        alias="range", description="histogram range 'lo,hi' (default: min,max)")] = None,
-    log: Annotated[bool, Query(description="also a histogram of log10|x| (zeros and "
-                                           "negatives counted beside it)")] = False,
-    log_range: Annotated[str | None, Query(description="log histogram range 'lo,hi' in "
-                                                       "log10 units (default: data)")] = None,
-) -> StatsSpec:
-    qs = DEFAULT_QUANTILES if quantiles is None else _floats(quantiles, "quantiles")
-    try:
-        return StatsSpec(qs, bins, _range(hist_range, "range"), log,
-                         _range(log_range, "log_range"))
-    except ValueError as e:
-        raise _invalid(str(e)) from None
-
-
-Spec = Annotated[StatsSpec, Depends(stats_spec)]
-Names = Annotated[list[str] | None, Query(alias="name", description="parameters; all if none")]
-
-# ---------------------------------------------------------------------- stats, signals
-
-
-class StatsQuery(BaseModel):
-    """The statistics' query (validated in one pass: dashboards poll it)."""
+class SpecQuery(BaseModel):
+    """What the statistics describe, as the query of /stats and /dry-run carries it
+    (validated in one pass, see service/api/query.py)."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -193,15 +167,28 @@ class StatsQuery(BaseModel):
                                          "counted beside it)")
     log_range: str | None = Field(None, description="log histogram range 'lo,hi' in log10 "
                                                     "units (default: data)")
+
+    def spec(self) -> StatsSpec:
+        qs = (DEFAULT_QUANTILES if self.quantiles is None
+              else _floats(self.quantiles, "quantiles"))
+        try:
+            return StatsSpec(qs, self.bins, _range(self.hist_range, "range"), self.log,
+                             _range(self.log_range, "log_range"))
+        except ValueError as e:
+            raise _invalid(str(e)) from None
+
+
+# ---------------------------------------------------------------------- stats, signals
+
+
+class StatsQuery(SpecQuery):
+    """The statistics' query (dashboards poll it)."""
+
     names: list[str] | None = Field(None, alias="name",
                                     description="parameters; all if none")
     keys: list[str] | None = Field(None, alias="key", description=(
         "tensors to describe: " + ", ".join(VIEW_KEYS) + f" (default {', '.join(DEFAULT_KEYS)})"))
     aggregate: bool = Field(True, description="also aggregate per key")
-
-    def spec(self) -> StatsSpec:
-        return stats_spec(self.quantiles, self.bins, self.hist_range, self.log,
-                          self.log_range)
 
 
 @router.get(
@@ -361,6 +348,11 @@ def _report(run: DryRun, spec: StatsSpec) -> dict[str, Any]:
     }
 
 
+class DryRunQuery(SpecQuery):
+    return_update: bool = Field(False, description="answer with the would-be tensors as "
+                                                   "safetensors")
+
+
 @router.post(
     "/steppers/{name}/dry-run",
     summary="What a step with these gradients would do, without doing it",
@@ -377,15 +369,14 @@ def _report(run: DryRun, spec: StatsSpec) -> dict[str, Any]:
                    "unsupported_media_type", "unknown_parameter", "shape_mismatch",
                    "dtype_mismatch", "invalid_hyperparameter", "invalid_state"),
     },
-    openapi_extra=binary_body_doc(
+    openapi_extra={**binary_body_doc(
         "safetensors of gradients by parameter name, as for a step (optional "
         f"__metadata__['{META_GROUPS}'] option changes included)"),
+        "parameters": query_doc(DryRunQuery)},
 )
-async def dry_run_route(
-    name: str, request: Request, spec: Spec,
-    return_update: Annotated[bool, Query(description="answer with the would-be tensors as "
-                                                     "safetensors")] = False,
-) -> Response:
+async def dry_run_route(name: str, request: Request) -> Response:
+    q = parse_query(request, DryRunQuery)
+    spec, return_update = q.spec(), q.return_update
     stepper = registry(request).get(name)
 
     def destination(entry: codec.Entry) -> torch.Tensor:

@@ -236,14 +236,19 @@ async def _read_header(request: Request
     return reader, bytes(head), declared, limit
 
 
+def _check_declared(declared: int | None, head: bytes, length: int) -> None:
+    """A body whose Content-Length disagrees with the data its header lays out."""
+    if declared is not None and declared != 8 + len(head) + length:
+        raise codec.CodecError(
+            f"tensor data covers {length} bytes but the body carries {declared - 8 - len(head)}"
+        )
+
+
 def _parse_checked(head: bytes, declared: int | None, limit: int
                    ) -> tuple[list[codec.Entry], dict[str, str], int]:
     entries, metadata, length = codec.parse_header(head)
     n = len(head)
-    if declared is not None and declared != 8 + n + length:
-        raise codec.CodecError(
-            f"tensor data covers {length} bytes but the body carries {declared - 8 - n}"
-        )
+    _check_declared(declared, head, length)
     if 8 + n + length > limit:  # a chunked body's header: refuse before allocating for it
         raise ApiError("payload_too_large", f"body of {8 + n + length} bytes (as its header "
                        f"lays it out) exceeds the limit of {limit} bytes", limit=limit)
@@ -325,11 +330,7 @@ async def ingest_layout(
     reader, head, declared, limit = await _read_header(request)
     if known is not None and known.key == key and known.header == head:
         length = known.data.nbytes
-        if declared is not None and declared != 8 + len(head) + length:
-            raise codec.CodecError(
-                f"tensor data covers {length} bytes but the body carries "
-                f"{declared - 8 - len(head)}"
-            )
+        _check_declared(declared, head, length)
         await _read_data(reader, [known.data], head, length)
         return known
     entries, metadata, length = _parse_checked(head, declared, limit)

@@ -35,6 +35,7 @@ from .stream import (
     ingest_tensors,
     off_loop,
     settle_and_release,
+    settled,
     step_applied,
     step_applied_event,
 )
@@ -217,10 +218,10 @@ async def step(
             outcome = StepOutcome(target, *(
                 (recorded["stepped"], recorded["skipped"]) if recorded else ([], [])))
         if not return_params:
-            settled = lock
+            held = lock
             lock = None  # released once the reply has left, as below
             return JSONResponse(_result(name, outcome).model_dump(), background=BackgroundTask(
-                settle_and_release, stepper, settled))
+                settle_and_release, stepper, held))
         if outcome.step != stepper.step_count:
             raise StepConflict(
                 f"step {outcome.step} was applied, but stepper {name!r} has moved on to step "
@@ -281,7 +282,7 @@ async def commit(name: str, request: Request) -> dict[str, Any]:
         outcome = await off_loop(stepper, stepper.commit)
         await persist_after(request, stepper, "step")
         step_applied(stepper)
-        await off_loop(stepper, stepper.settle)
+        await settled(stepper)
     return _result(name, outcome).model_dump()
 
 

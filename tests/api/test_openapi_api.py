@@ -204,3 +204,9 @@ def test_repeated_query_names_are_lists_and_a_single_value_is_the_last(
     body = r.json()
     assert set(body["tensors"]) == {"w"} and body["keys"] == ["param", "exp_avg"]
     assert len(body["tensors"]["w"]["param"]["hist"]["counts"]) == 3
+
+
+def test_the_dry_run_documents_its_query_parameters(openapi: dict[str, Any]) -> None:
+    params = {p["name"] for p in openapi["paths"]["/v1/steppers/{name}/dry-run"]["post"]
+              ["parameters"] if p["in"] == "query"}
+    assert params == {"quantiles", "bins", "range", "log", "log_range", "return_update"}
