@@ -42,6 +42,7 @@ from client import codec
 from client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
 
 from .errors import EngineError, InvalidCheckpoint, StepperExists
+from .memory import stage_on_host
 from .options import OPTIMIZERS, OPTION_NAMES
 from .stepper import STATE_KEYS, GroupDef, Stepper
 
@@ -163,6 +164,8 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
             META_STEP: str(stepper.step_count),
             META_STEPPER: stepper.name,
         }
+        if stepper.device.type != "cpu":  # one batched copy to the host, one wait
+            tensors = stage_on_host(tensors)
         head, views = codec.encode_parts(tensors, metadata)
         size = sink([head, *views])
         version = stepper.version
