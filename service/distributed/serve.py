@@ -82,7 +82,7 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
         except Exception as e:  # noqa: BLE001 - a slot that could not start, said once
             print(f"adamscope: error: the distributed service did not start: {e}",
                   file=sys.stderr, flush=True)
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
             return 1
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         deadline = time.monotonic() + ready_timeout
@@ -94,7 +94,7 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
                 if r.status_code == 503 and r.json().get("status") == "failed":
                     print(f"adamscope: error: the slots did not start: {r.json().get('error')}",
                           file=sys.stderr, flush=True)
-                    serve.shutdown()
+                    serve.shutdown()  # type: ignore[no-untyped-call]
                     return 1
             except (httpx.TransportError, ValueError):
                 pass

@@ -59,6 +59,11 @@ __all__ = [
     "write",
 ]
 
+#: A GPU stepper's checkpoint up to this size is copied to the host in one batch (one
+#: page-locked buffer, one wait); a larger one tensor by tensor, where the copies' time
+#: dwarfs their waits, and no page-locked buffer of its size (which PyTorch's host
+#: allocator would round up to a power of two and keep cached) is taken.
+STAGE_LIMIT = 512 * 2**20
 FORMAT = "adamscope-checkpoint"
 FORMAT_VERSION = 1
 PARAM_PREFIX = "param/"
@@ -164,8 +169,9 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
             META_STEP: str(stepper.step_count),
             META_STEPPER: stepper.name,
         }
-        if stepper.device.type != "cpu":  # one batched copy to the host, one wait
-            tensors = stage_on_host(tensors)
+        if stepper.device.type != "cpu" and sum(
+                t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT:
+            tensors = stage_on_host(tensors)  # one batched copy to the host, one wait
         head, views = codec.encode_parts(tensors, metadata)
         size = sink([head, *views])
         version = stepper.version

@@ -2,12 +2,14 @@
 
 A step must be atomic, and a CUDA out-of-memory error inside PyTorch's ``step()`` can come
 after some state was updated (``_foreach_sqrt``'s temporaries are allocated after the
-moments). So before it touches anything the stepper asks the allocator for the memory the
-step will allocate (:func:`reserve`: the state a first step creates plus the workspace of
+moments). So before a step of a new kind (the first, one that creates state, one with other
+parameters or options) touches anything, the stepper asks the allocator for the memory it
+will allocate (:func:`reserve`: the state it creates plus the workspace of
 :mod:`.footprint`) and frees it at once; the caching allocator keeps the block, which the
 step's own allocations then reuse. Failing there, the step is refused with nothing changed.
-An allocation can still fail inside the update when another thread took that memory in
-between; the stepper then says so (``partial``) rather than pretend.
+Later steps of the same kind find their temporaries' blocks cached by the one before. An
+allocation can still fail inside the update when another stepper or request took that
+cached memory in between; the stepper then says so (``partial``) rather than pretend.
 
 A checkpoint of a GPU stepper reads every tensor back to the host; one ``.cpu()`` per tensor
 is one synchronous copy each, all under the stepper's lock. :func:`stage_on_host` queues

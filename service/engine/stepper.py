@@ -237,8 +237,9 @@ class Stepper:
         self.steps = StepMirror()
         self._nbytes = {n: p.numel() * p.element_size()
                         for n, p in zip(names, self.params, strict=True)}
+        #: The kind of step (stepped names, fresh states) whose working set the allocator
+        #: is known to hold: the last one that succeeded (see _working_set).
         self._working_key: tuple[Any, ...] | None = None
-        self._working_bytes = 0
 
     def _touch(self) -> None:
         self.version += 1
@@ -498,7 +499,8 @@ class Stepper:
         try:
             # Everything the step allocates first: a failure here leaves nothing changed.
             on_device = {n: self._to_device(n, g) for n, g in grads.items()}
-            reserve(self.device, self._working_set(on_device, fresh, new_options))
+            working, kind = self._working_set(on_device, fresh, new_options)
+            reserve(self.device, working)
             if new_options is not None:
                 self._apply_options(new_options)
             for n, p in zip(self.names, self.params, strict=True):
@@ -518,6 +520,7 @@ class Stepper:
                 # The pinned staging buffers are reused by the next request.
                 torch.cuda.current_stream(self.device).synchronize()
         self.step_count = step
+        self._working_key = kind
         if self.device.type != "cpu" or self.steps.mirror_cpu:
             self.steps.advance(self._live_states())
         self._unsettled = (step, on_device, time.perf_counter() - started)
@@ -537,14 +540,18 @@ class Stepper:
         return [state.get(p, {}) for p in self.params]
 
     def _working_set(self, grads: Mapping[str, torch.Tensor], fresh: set[int],
-                     options: Sequence[Mapping[str, Any]] | None) -> int:
-        """Device bytes the next ``optimizer.step()`` allocates: the state it creates for
-        parameters without one, and its workspace (:mod:`.footprint`)."""
+                     options: Sequence[Mapping[str, Any]] | None
+                     ) -> tuple[int, tuple[Any, ...] | None]:
+        """Device bytes the next ``optimizer.step()`` allocates (the state it creates for
+        parameters without one, and its workspace: :mod:`.footprint`), and the key of this
+        kind of step. 0 when the last step that succeeded was of the same kind: its
+        temporaries' blocks are in the caching allocator then, ready for this one (probing
+        again would cache a second copy of the workspace and cost every step)."""
         if self.device.type == "cpu":
-            return 0
-        key = (tuple(grads), tuple(sorted(fresh)), options is None)
-        if options is None and self._working_key == key:
-            return self._working_bytes
+            return 0, None
+        key = (tuple(grads), tuple(sorted(fresh)))
+        if options is None and key == self._working_key:
+            return 0, key
         groups = self.optimizer.param_groups
         created, workspace = 0, 0
         for gi, names in enumerate(self.group_names):
@@ -554,9 +561,7 @@ class Stepper:
                                     if n in grads and self.index[n] in fresh),
                                    bool(opts["amsgrad"]))
             workspace = max(workspace, workspace_bytes(sizes, opts, self.device.type))
-        if options is None:
-            self._working_key, self._working_bytes = key, created + workspace
-        return created + workspace
+        return created + workspace, key
 
     def _undo(self, error: BaseException, fresh: set[int],
               old_options: list[dict[str, Any]] | None) -> DeviceOutOfMemory:

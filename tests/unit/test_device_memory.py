@@ -138,6 +138,18 @@ def test_options_changed_by_a_failed_step_are_put_back(monkeypatch: pytest.Monke
     assert snapshot(s) == before
 
 
+def test_a_dry_run_that_does_not_fit_is_507_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.engine.dryrun import dry_run
+
+    s = make()
+    s.step(grads(1))
+    before = snapshot(s)
+    fail_on(monkeypatch, torch.optim.Adam, "step")
+    with pytest.raises(DeviceOutOfMemory, match="dry run of 's'"):
+        dry_run(s, grads(2))
+    assert snapshot(s) == before
+
+
 def test_parameters_that_do_not_fit_create_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     fail_on(monkeypatch, stepper_module, "_placed", call=2)
     with pytest.raises(DeviceOutOfMemory) as info:
