@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     notes: list[str] = []
     install(args.wheels, RAY, notes)
+    absent = missing(RAY)
+    notes.append("packages missing: " + (", ".join(PIP.get(m, m) for m in absent) or "none"))
     parts = [Part("device and driver", 60), Part("gpu-marked tests", 140),
              Part("CPU tiers that differ on a CUDA host", 50),
              Part("bench_step.py --device cuda (1M, 10M, 50M)", 90),
@@ -256,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                 part.status = "not run: the time budget was spent"
                 continue
             part.box = min(part.box, left)
-            step(part)
+            try:
+                step(part)
+            except Exception as e:  # noqa: BLE001 - the report is written whatever happens
+                part.status = f"ERROR in the check itself: {type(e).__name__}: {e}"
     text = render(parts, notes, started)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,9 @@ from client import Client  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(600)]
 
-CASES = cases(["foreach", "fused"], [(torch.float32,)], plain_and_all_on)
+#: Both keep the step counts on the GPU: fused, and foreach with capturable=True.
+CASES = (cases(["fused"], [(torch.float32,)], plain_and_all_on)
+         + cases(["foreach"], [(torch.float32,)], plain_and_all_on, {"capturable": True}))
 
 
 @pytest.fixture(scope="module")
