@@ -23,11 +23,14 @@ Parameters are laid out like a small transformer (per layer: attention and MLP w
 biases, layer norms; plus an embedding holding the remainder), so 10M parameters come as
 about 130 tensors of mixed sizes rather than one big block.
 
-A second table sets the local step against the device's memory bandwidth: Adam reads the
-parameter, gradient, m and v and writes the parameter, m and v (28 bytes per fp32
-parameter), so the step cannot beat 28 bytes x params / the device's copy rate. With
-``--device cuda`` it adds the pinned host-to-device and device-to-host copy rates, which
-bound how fast gradients reach the GPU and parameters come back.
+A second table sets the local step and the server's step against the device's memory
+bandwidth: Adam reads the parameter, gradient, m and v and writes the parameter, m and v (28
+bytes per fp32 parameter), so the step cannot beat 28 bytes x params / the device's copy
+rate. The server's step is its engine time per timed step (``adamscope_step_duration_seconds``
+on ``/metrics``: the gradients' copy to the device, PyTorch's update and the wait for it,
+plus the per-step signals unless ``--no-signals``). With ``--device cuda`` it adds the
+pinned host-to-device and device-to-host copy rates, which bound how fast gradients reach the
+GPU and parameters come back.
 """
 
 from __future__ import annotations
@@ -159,10 +162,11 @@ class Echo:
 
 @contextmanager
 def server(device: str, timeout: float = 60, data_parent: str | None = None,
-           extra: tuple[str, ...] = (), stop_timeout: float = 15) -> Iterator[str]:
-    """``adamscope serve`` (with ``extra`` arguments) in a subprocess on 127.0.0.1; yields
-    its URL, stops it after. Its data directory is a temporary one (inside ``data_parent``
-    when given)."""
+           extra: tuple[str, ...] = (), stop_timeout: float = 15,
+           env: dict[str, str] | None = None) -> Iterator[str]:
+    """``adamscope serve`` (with ``extra`` arguments, and ``env`` added to its environment)
+    in a subprocess on 127.0.0.1; yields its URL, stops it after. Its data directory is a
+    temporary one (inside ``data_parent`` when given)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
@@ -171,7 +175,7 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None,
         # The server's output goes to a file: a pipe nobody reads would fill and block it.
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    text=True)
+                                    text=True, env={**os.environ, **(env or {})})
             url = f"http://127.0.0.1:{port}"
             try:
                 deadline = time.monotonic() + timeout
@@ -200,6 +204,20 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None,
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def engine_time(client: Client, name: str) -> tuple[float, int]:
+    """The server's summed engine seconds and step count for stepper ``name``, from its
+    Prometheus text on /metrics."""
+    total, count = 0.0, 0
+    text = httpx.get(f"{client.url}/metrics", timeout=60).text
+    label = f'{{stepper="{name}"}}'
+    for line in text.splitlines():
+        if line.startswith(f"adamscope_step_duration_seconds_sum{label}"):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"adamscope_step_duration_seconds_count{label}"):
+            count = int(float(line.rsplit(" ", 1)[1]))
+    return total, count
 
 
 def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, steps: int
@@ -254,8 +272,11 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
     remote_ms: list[float] = []
     local_ms: list[float] = []
     floor_ms: list[float] = []
+    engine_before = (0.0, 0)
     try:
         for i in range(warmup + steps):
+            if i == warmup:
+                engine_before = engine_time(client, name)
             order = [timed_remote, timed_local, timed_floor]
             order = order[i % 3:] + order[: i % 3]  # rotate who goes first
             took = {f: f() for f in order}
@@ -263,6 +284,7 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
                 remote_ms.append(took[timed_remote] * 1e3)
                 local_ms.append(took[timed_local] * 1e3)
                 floor_ms.append(took[timed_floor] * 1e3)
+        engine_after = engine_time(client, name)
         identical = all(torch.equal(r, lo.detach().cpu())
                         for r, lo in zip(remote_params, local_params, strict=True))
     finally:
@@ -274,6 +296,8 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
         "remote": remote_ms,
         "local": local_ms,
         "floor": floor_ms,
+        "server_ms": (engine_after[0] - engine_before[0]) * 1e3
+        / max(1, engine_after[1] - engine_before[1]),
         "identical": identical,
     }
 
@@ -322,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the service keeps the stepper and the local Adam runs")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per size")
+    parser.add_argument("--no-signals", action="store_true",
+                        help="serve without per-step signals (ADAMSCOPE_SIGNALS=false): the "
+                        "server's step is then the copy, PyTorch's update and its wait")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -330,15 +357,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
           f"threads, device {args.device}, impl {args.impl} {IMPLS[args.impl]}, fp32, "
           f"{args.steps} timed steps after {args.warmup} warmup, remote/local/floor interleaved")
-    print("floor = plain-socket echo of the same bytes + one local fused Adam step")
+    print("floor = plain-socket echo of the same bytes + one local fused Adam step"
+          + ("; server without per-step signals" if args.no_signals else ""))
     header = (f"{'params':>11} {'tensors':>7}   {'remote ms median [min, max]':>29}   "
               f"{'local ms median [min, max]':>29}   {'floor ms median [min, max]':>29}   "
               f"{'remote/local':>12} {'remote/floor':>12}  identical")
     print(header)
     print("-" * len(header))
     all_identical = True
-    limits: list[tuple[int, float, dict[str, float]]] = []
-    with server(args.device) as url, Client(url) as client:
+    limits: list[tuple[int, float, float, dict[str, float]]] = []
+    env = {"ADAMSCOPE_SIGNALS": "false"} if args.no_signals else None
+    with server(args.device, env=env) as url, Client(url) as client:
         for numel in args.sizes:
             res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
             remote, local, floor = res["remote"], res["local"], res["floor"]
@@ -351,14 +380,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
                   f"  {res['identical']}", flush=True)
             limits.append((int(str(res["numel"])), statistics.median(local),
-                           device_limits(numel, args.device)))
+                           float(str(res["server_ms"])), device_limits(numel, args.device)))
     print(f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
-          "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate")
+          "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate; "
+          "server step = the service's engine time per step (mean, /metrics)")
     print(f"{'params':>11}   {'copy GB/s':>9}   {'28 B/param ms':>13}   {'local step ms':>13}"
-          f"   {'step / limit':>12}" + ("   H2D GB/s   D2H GB/s" if args.device != "cpu" else ""))
-    for n, local_ms, lim in limits:
+          f"   {'step / limit':>12}   {'server step ms':>14}   {'server / limit':>14}"
+          + ("   H2D GB/s   D2H GB/s" if args.device != "cpu" else ""))
+    for n, local_ms, server_ms, lim in limits:
         line = (f"{n:>11,}   {lim['copy_gbs']:>9.1f}   {lim['adam_floor_ms']:>13.2f}   "
-                f"{local_ms:>13.2f}   {local_ms / lim['adam_floor_ms']:>11.2f}x")
+                f"{local_ms:>13.2f}   {local_ms / lim['adam_floor_ms']:>11.2f}x   "
+                f"{server_ms:>14.2f}   {server_ms / lim['adam_floor_ms']:>13.2f}x")
         if "h2d_gbs" in lim:
             line += f"   {lim['h2d_gbs']:>8.1f}   {lim['d2h_gbs']:>8.1f}"
         print(line, flush=True)

@@ -35,7 +35,8 @@ Every rejected request comes back as RFC 9457 ``application/problem+json`` with 
             ├── PersistenceFailedError (500)   persistence_failed: applied, not on disk
             └── InsufficientStorageError (507) not worth retrying: a quota is full
                 ├── StepperLimitError          stepper_limit
-                └── MemoryBudgetExceededError  memory_budget_exceeded
+                ├── MemoryBudgetExceededError  memory_budget_exceeded
+                └── DeviceOutOfMemoryError     device_out_of_memory: the GPU is full
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "AdamscopeError",
     "BadRequestError",
     "ConflictError",
+    "DeviceOutOfMemoryError",
     "DeviceUnavailableError",
     "DtypeMismatchError",
     "DuplicateNameError",
@@ -111,6 +113,7 @@ CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "Internal server error"),
     "stepper_limit": (507, "Stepper limit reached"),
     "memory_budget_exceeded": (507, "Memory budget exceeded"),
+    "device_out_of_memory": (507, "Device out of memory"),
 }
 
 
@@ -265,6 +268,11 @@ class MemoryBudgetExceededError(InsufficientStorageError):
     pass
 
 
+class DeviceOutOfMemoryError(InsufficientStorageError):
+    """The stepper's device ran out of memory; the request changed nothing (unless the
+    problem says ``partial``: PyTorch's update had begun, see the service's docs)."""
+
+
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "malformed_body": MalformedBodyError,
     "unauthorized": UnauthorizedError,
@@ -291,6 +299,7 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "persistence_failed": PersistenceFailedError,
     "stepper_limit": StepperLimitError,
     "memory_budget_exceeded": MemoryBudgetExceededError,
+    "device_out_of_memory": DeviceOutOfMemoryError,
 }
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -16,6 +16,7 @@ __all__ = [
     "ALERT_KINDS",
     "API_PREFIX",
     "ActiveAlert",
+    "MemoryFootprint",
     "AlertEvent",
     "AlertRule",
     "AlertRules",
@@ -39,6 +40,7 @@ __all__ = [
     "Hyperparameters",
     "HyperparametersPatch",
     "JsonTensor",
+    "MemoryFootprint",
     "ParamInfo",
     "ParamSpec",
     "Problem",
@@ -221,6 +223,18 @@ class GroupInfo(_Model):
     decoupled_weight_decay: bool
 
 
+class MemoryFootprint(_Model):
+    """Bytes a stepper holds once every parameter has stepped (what the memory budget
+    counts, ``total``; see the README's memory section)."""
+
+    state: int = Field(description="parameters and Adam state (exp_avg, exp_avg_sq, ...)")
+    gradients: int = Field(description="the buffer a step's gradients are received into")
+    workspace: int = Field(description="temporaries PyTorch's step allocates and frees")
+    pinned: int = Field(description="page-locked host buffers of a GPU stepper")
+    on_device: int = Field(description="state + gradients + workspace, on its device")
+    total: int = Field(description="on_device + pinned")
+
+
 class StepperSummary(_Model):
     name: str
     optimizer: Literal["adam", "adamw"]
@@ -228,6 +242,8 @@ class StepperSummary(_Model):
     step: int = Field(description="number of step requests applied to this stepper")
     numel: int
     state_bytes: int = Field(description="bytes held by parameters and Adam state")
+    footprint: MemoryFootprint | None = Field(
+        None, description="the memory the stepper holds, by kind, under its current options")
     params: list[ParamInfo]
     groups: list[GroupInfo]
     created_at: float

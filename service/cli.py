@@ -2,7 +2,9 @@
 
 ``adamscope serve`` runs the service with uvicorn; ``--per-gpu`` runs one worker process per
 visible GPU (steppers live in a worker's memory, so each GPU gets its own port: the base port
-plus the GPU index, and its own data subdirectory).
+plus the GPU index, and its own data subdirectory). Worker ``i`` sees only the ``i``-th GPU
+visible to the parent (the ``i``-th entry of its ``CUDA_VISIBLE_DEVICES`` when that is set),
+as its ``cuda:0``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .cli_inspect import add_commands as add_inspect_commands
 from .cli_snapshots import add_commands, add_serve_option, parse_durability
 from .settings import DEFAULT_PORT, Settings
 
-__all__ = ["main"]
+__all__ = ["main", "visible_devices", "worker_commands", "worker_device"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -123,27 +125,66 @@ def _error(message: str) -> None:
     print(f"adamscope: error: {message}", file=sys.stderr, flush=True)
 
 
+def visible_devices(parent: str | None, count: int) -> list[str]:
+    """What each of the ``count`` GPUs this process sees is called in its
+    ``CUDA_VISIBLE_DEVICES`` (``parent``: its value, None when unset): the i-th visible
+    GPU is the i-th entry (an index or a ``GPU-``/``MIG-`` UUID, as schedulers hand
+    them out), or index ``i`` when the variable is unset."""
+    if parent is None:
+        return [str(i) for i in range(count)]
+    entries = [e.strip() for e in parent.split(",") if e.strip()]
+    if len(entries) < count:
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={parent!r} names {len(entries)} device(s) "
+                         f"but {count} are visible")
+    return entries[:count]
+
+
+def worker_device(device: str | None) -> str | None:
+    """The ``--device`` of a worker that sees its one GPU as ``cuda:0``: ``cuda:N`` of
+    the parent's numbering names a GPU the worker cannot see."""
+    if device is not None and device.split(":", 1)[0] == "cuda":
+        return "cuda"
+    return device
+
+
+def worker_commands(args: argparse.Namespace, base_port: int, data_dir: Path, count: int,
+                    parent_visible: str | None) -> list[tuple[list[str], dict[str, str]]]:
+    """Each ``--per-gpu`` worker's command line and the environment it adds: worker ``i``
+    sees only the parent's ``i``-th visible GPU, on port ``base_port + i``."""
+    visible = visible_devices(parent_visible, count) if count else [None]
+    out = []
+    for i, entry in enumerate(visible):
+        cmd = [sys.executable, "-m", "service.cli", "serve",
+               "--port", str(base_port + i), "--data-dir", str(data_dir / f"worker{i}")]
+        for flag in ("host", "device", "log_level", "max_body_bytes", "durability",
+                     *_ACCESS_FLAGS):
+            value = getattr(args, flag)
+            if flag == "device" and count:
+                value = worker_device(value)
+            if value is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        if args.insecure_no_auth:
+            cmd.append("--insecure-no-auth")
+        out.append((cmd, {} if entry is None else {"CUDA_VISIBLE_DEVICES": entry}))
+    return out
+
+
 def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> int:
     import torch
 
     count = torch.cuda.device_count()
     if count == 0:
         print("--per-gpu: no CUDA device visible; serving one CPU worker", file=sys.stderr)
-    workers = []
-    for i in range(max(count, 1)):
-        env = dict(os.environ)
-        if count:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        cmd = [sys.executable, "-m", "service.cli", "serve",
-               "--port", str(base_port + i), "--data-dir", str(data_dir / f"worker{i}")]
-        for flag in ("host", "device", "log_level", "max_body_bytes", "durability",
-                     *_ACCESS_FLAGS):
-            value = getattr(args, flag)
-            if value is not None:
-                cmd += [f"--{flag.replace('_', '-')}", str(value)]
-        if args.insecure_no_auth:
-            cmd.append("--insecure-no-auth")
-        workers.append(subprocess.Popen(cmd, env=env))
+    elif args.device is not None and worker_device(args.device) != args.device:
+        print(f"--per-gpu: each worker sees its one GPU as cuda:0; --device {args.device} "
+              "is passed on as cuda", file=sys.stderr)
+    try:
+        plan = worker_commands(args, base_port, data_dir, count,
+                               os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except ValueError as e:
+        _error(f"--per-gpu: {e}")
+        return 2
+    workers = [subprocess.Popen(cmd, env={**os.environ, **env}) for cmd, env in plan]
 
     def stop(signum: int, frame: object) -> None:
         for w in workers:
@@ -176,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest parameter a stepper may hold, in elements")
     serve.add_argument("--max-steppers", type=int, help="most steppers at once")
     serve.add_argument("--memory-budget-bytes", type=int,
-                       help="bytes for all steppers' parameters and Adam state")
+                       help="bytes all steppers may hold: each one's footprint (parameters, "
+                       "Adam state, gradient buffer, step workspace, pinned host buffers)")
     serve.add_argument("--per-gpu", action="store_true",
                        help="one worker per visible GPU on ports PORT, PORT+1, ...")
     ray = serve.add_argument_group(
@@ -188,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--slots", type=int, default=0,
                      help="slot actors to run (default: one per GPU in the cluster, or 2)")
     ray.add_argument("--slot-gpus", type=float, default=0.0,
-                     help="GPUs per slot actor (default: 1 when the cluster has GPUs)")
+                     help="GPUs per slot actor (default: with GPUs in the cluster, 1 when "
+                     "there are as many GPUs as slots, else the GPUs shared evenly, e.g. "
+                     "0.5 for --slots 2 on one GPU); slots Ray could never place are "
+                     "refused at start")
     ray.add_argument("--slot-cpus", type=float, default=0.0, help="CPUs per slot actor")
     ray.add_argument("--slot-bind", help="address each slot's service listens on (default "
                      "127.0.0.1 for a local Ray; 'auto': its node's address)")

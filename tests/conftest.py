@@ -25,6 +25,12 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The CPU tiers run on the CPU wherever they run. Without a device, the service puts its
+# steppers on a GPU where one is available (its default device is then cuda), and every
+# test that compares a server without --device (spawned, or Settings() without one) with
+# CPU references would test something else on a GPU host. Tests of the GPU name "cuda".
+os.environ["ADAMSCOPE_DEVICE"] = "cpu"
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -3,10 +3,13 @@
 * ``max_tensor_elements``: no parameter may have more elements (413 ``tensor_too_large``),
   checked from the spec's shapes before anything is allocated.
 * ``max_steppers``: creating one more stepper than this is refused (507 ``stepper_limit``).
-* ``memory_budget_bytes``: the bytes all steppers' parameters and Adam state take *after
-  their first step* (parameters, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` where the
-  group has ``amsgrad``, and the 4-byte ``step`` scalar per parameter: 3x or 4x the
-  parameter bytes) may not exceed this (507 ``memory_budget_exceeded``).
+* ``memory_budget_bytes``: the memory all steppers hold *once every parameter has stepped*
+  may not exceed this (507 ``memory_budget_exceeded``): each stepper's footprint total
+  (:mod:`service.engine.footprint`): parameters and Adam state (3x or 4x the parameter
+  bytes, ``max_exp_avg_sq`` where the group has ``amsgrad``, plus a 4-byte ``step`` per
+  parameter), the gradient buffer (1x), the workspace PyTorch's step allocates (by
+  implementation) and, on a GPU, the page-locked host buffers (2x). The summary's
+  ``footprint`` shows the same figures.
 
 The admission check runs twice at creation: once before the parameters are allocated (so an
 over-budget JSON spec of zeros never allocates them), and once inside the registry's
@@ -16,13 +19,16 @@ creation lock (so racing creates cannot both pass). A refused create registers n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from client import codec
 from client.protocol import CreateStepper
 
 from ..engine import Registry, Stepper
 from ..engine.errors import StepperNotFound
+from ..engine.footprint import STEP_BYTES, footprint, state_bytes
+from ..engine.options import default_options
 from ..errors import ApiError
 from ..settings import Settings
 
@@ -31,14 +37,13 @@ __all__ = [
     "admit",
     "amsgrad_by_param",
     "check_tensor_elements",
+    "checkpoint_bytes",
     "json_spec_sizes",
     "projected_bytes",
     "spec_bytes",
+    "spec_groups",
     "stepper_bytes",
 ]
-
-#: PyTorch keeps each parameter's ``step`` as a float32 scalar tensor.
-STEP_BYTES = 4
 
 
 def check_tensor_elements(settings: Settings, name: str, shape: Sequence[int]) -> None:
@@ -52,8 +57,9 @@ def check_tensor_elements(settings: Settings, name: str, shape: Sequence[int]) -
 
 
 def projected_bytes(sizes: Iterable[tuple[int, bool]]) -> int:
-    """Parameters plus Adam state after the first step, from (parameter bytes, amsgrad)."""
-    return sum(nbytes * (4 if amsgrad else 3) + STEP_BYTES for nbytes, amsgrad in sizes)
+    """Parameters plus Adam state after the first step, from (parameter bytes, amsgrad):
+    the ``state`` part of a footprint."""
+    return sum(state_bytes([nbytes], amsgrad) for nbytes, amsgrad in sizes)
 
 
 def amsgrad_by_param(spec: CreateStepper) -> Callable[[str], bool]:
@@ -64,10 +70,32 @@ def amsgrad_by_param(spec: CreateStepper) -> Callable[[str], bool]:
     return lambda name: per_param.get(name, base)
 
 
-def spec_bytes(spec: CreateStepper, sizes: Iterable[tuple[str, int]]) -> int:
-    """Projected bytes of a new stepper from (parameter name, parameter bytes)."""
-    amsgrad = amsgrad_by_param(spec)
-    return projected_bytes((nbytes, amsgrad(n)) for n, nbytes in sizes)
+def spec_groups(spec: CreateStepper) -> list[tuple[list[str], dict[str, Any]]]:
+    """The spec's param groups as (parameter names, options by PyTorch's names), each
+    option the group's, else the spec's, else PyTorch's default."""
+    base = default_options(spec.optimizer)
+    base.update(spec.hyperparameters.model_dump(exclude_none=True))
+    if not spec.groups:
+        return [([p.name for p in spec.params], base)]
+    return [(list(g.params), {**base, **g.model_dump(exclude_none=True, exclude={"params"})})
+            for g in spec.groups]
+
+
+def spec_bytes(spec: CreateStepper, sizes: Iterable[tuple[str, int]], device: str) -> int:
+    """Footprint total of a new stepper on ``device`` from (parameter name, bytes)."""
+    nbytes = dict(sizes)
+    return footprint((([nbytes[n] for n in names if n in nbytes], options)
+                      for names, options in spec_groups(spec)), device).total
+
+
+def checkpoint_bytes(params: Iterable[tuple[str, int]],
+                     groups: Iterable[tuple[Iterable[str], Mapping[str, Any]]],
+                     device: str) -> int:
+    """Footprint total of a stepper rebuilt from a checkpoint on ``device``: its parameters'
+    (name, bytes) and its groups' (names, options)."""
+    nbytes = dict(params)
+    return footprint((([nbytes[n] for n in names if n in nbytes], options)
+                      for names, options in groups), device).total
 
 
 def json_spec_sizes(settings: Settings, spec: CreateStepper) -> list[tuple[str, int]]:
@@ -84,13 +112,8 @@ def json_spec_sizes(settings: Settings, spec: CreateStepper) -> list[tuple[str, 
 
 
 def stepper_bytes(stepper: Stepper) -> int:
-    """A hosted stepper's projected bytes under its current options (no lock taken: shapes
-    never change and reading a group's ``amsgrad`` flag is atomic)."""
-    groups = stepper.optimizer.param_groups
-    return projected_bytes(
-        (p.numel() * p.element_size(), bool(groups[stepper.group_of[n]]["amsgrad"]))
-        for n, p in zip(stepper.names, stepper.params, strict=True)
-    )
+    """A hosted stepper's footprint total under its current options."""
+    return stepper.footprint().total
 
 
 def _exists(registry: Registry, name: str) -> bool:
@@ -122,7 +145,8 @@ def admit(settings: Settings, registry: Registry, name: str, new_bytes: int,
         if used + new_bytes > budget:
             raise ApiError(
                 "memory_budget_exceeded",
-                f"stepper {name!r} needs {new_bytes} bytes for its parameters and Adam "
-                f"state; {used} of the {budget}-byte budget (memory_budget_bytes) are in use",
+                f"stepper {name!r} needs {new_bytes} bytes (parameters, Adam state, "
+                f"gradient buffer and step workspace); {used} of the {budget}-byte budget "
+                f"(memory_budget_bytes) are in use",
                 needed=new_bytes, used=used, budget=budget,
             )

@@ -192,9 +192,10 @@ async def import_stepper(
         resolve_device(device, settings.default_device())  # 422 before anything is built
     for pname, t in ckpt.params:
         quota.check_tensor_elements(settings, pname, list(t.shape))
-    amsgrad = {n: bool(g.options.get("amsgrad")) for g in ckpt.groups for n in g.params}
-    needed = quota.projected_bytes((t.numel() * t.element_size(), amsgrad.get(n, False))
-                                   for n, t in ckpt.params)
+    needed = quota.checkpoint_bytes(
+        [(n, t.numel() * t.element_size()) for n, t in ckpt.params],
+        [(g.params, g.options) for g in ckpt.groups],
+        device or ckpt.device)
 
     def admit(new: str) -> None:
         quota.admit(settings, registry(request), new, needed)

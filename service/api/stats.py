@@ -367,7 +367,8 @@ class DryRunQuery(SpecQuery):
                              f"['{META_DRY_RUN}']"},
         **problems(*NAME_PROBLEMS, "malformed_body", "payload_too_large",
                    "unsupported_media_type", "unknown_parameter", "shape_mismatch",
-                   "dtype_mismatch", "invalid_hyperparameter", "invalid_state"),
+                   "dtype_mismatch", "invalid_hyperparameter", "invalid_state",
+                   "device_out_of_memory"),
     },
     openapi_extra={**binary_body_doc(
         "safetensors of gradients by parameter name, as for a step (optional "

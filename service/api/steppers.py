@@ -24,7 +24,13 @@ from client.protocol import (
 )
 
 from ..engine import GroupDef, Registry, Stepper
-from ..engine.errors import DtypeMismatch, DuplicateName, InvalidSpec, ShapeMismatch
+from ..engine.errors import (
+    DtypeMismatch,
+    DuplicateName,
+    InvalidSpec,
+    ShapeMismatch,
+    StepperNotFound,
+)
 from ..engine.history import summary_fields
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
@@ -33,7 +39,7 @@ from .access import authorize_name, require, visible
 from .cache import cached_json
 from .durability import persist_after, persistence, summary
 from .options import options_from_model
-from .stream import gate, settled
+from .stream import forget_layout, gate, settled
 from .wire import (
     OCTET,
     binary_body_doc,
@@ -127,7 +133,7 @@ def _params_from_body(
                        "invalid_hyperparameter", "invalid_spec", "duplicate_name",
                        "unknown_parameter", "shape_mismatch", "dtype_mismatch",
                        "device_unavailable", "forbidden", "tensor_too_large", "stepper_limit",
-                       "memory_budget_exceeded"),
+                       "memory_budget_exceeded", "device_out_of_memory"),
 )
 async def create_stepper(request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
@@ -137,7 +143,8 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         spec = _validate(CreateStepper, json_object(body))
         authorize_name(request, spec.name)
         sizes = quota.json_spec_sizes(settings, spec)  # before zeros are allocated
-        quota.admit(settings, registry(request), spec.name, quota.spec_bytes(spec, sizes),
+        quota.admit(settings, registry(request), spec.name,
+                    quota.spec_bytes(spec, sizes, spec.device or settings.default_device()),
                     precheck=True)
         params = _params_from_json(spec, settings.max_body_bytes)
     elif kind == OCTET:
@@ -159,7 +166,8 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         groups = [GroupDef(list(g.params), options_from_model(g, exclude={"params"}))
                   for g in spec.groups]
     device = resolve_device(spec.device, settings.default_device())
-    new_bytes = quota.spec_bytes(spec, [(n, t.numel() * t.element_size()) for n, t in params])
+    new_bytes = quota.spec_bytes(spec, [(n, t.numel() * t.element_size()) for n, t in params],
+                                 device.type)
 
     def build() -> Stepper:
         quota.admit(settings, registry(request), spec.name, new_bytes)  # under the lock
@@ -189,7 +197,16 @@ async def get_stepper(name: str, request: Request) -> Response:
 @router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
                responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("admin"))])
 async def delete_stepper(name: str, request: Request) -> Response:
+    try:
+        stepper: Stepper | None = registry(request).get(name)
+    except StepperNotFound:
+        stepper = None  # a stored stepper that could not be restored: its files go
     await run_in_threadpool(persistence(request).delete, name)
+    if stepper is not None:
+        # Its buffers go now, and PyTorch's caches hand the memory back: page-locked host
+        # memory would otherwise stay cached in this process for good.
+        forget_layout(stepper)
+        await run_in_threadpool(stepper.release_buffers)
     return Response(status_code=204)
 
 
@@ -199,7 +216,7 @@ async def delete_stepper(name: str, request: Request) -> Response:
     summary="Change options between steps (lr for schedulers, ...)",
     dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, "malformed_body", "invalid_hyperparameter",
-                       "invalid_state"),
+                       "invalid_state", "device_out_of_memory"),
 )
 async def patch_hyperparameters(
     name: str, patch: HyperparametersPatch, request: Request

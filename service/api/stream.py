@@ -32,6 +32,8 @@ from client import codec
 from client.protocol import META_STEP, META_STEPPER
 
 from ..engine import Stepper
+from ..engine.errors import DeviceOutOfMemory
+from ..engine.memory import is_out_of_memory
 from ..errors import ApiError
 from .wire import OCTET, declared_length, media_type
 
@@ -39,6 +41,7 @@ __all__ = [
     "BodyReader",
     "TensorStreamResponse",
     "WireLayout",
+    "forget_layout",
     "gate",
     "ingest_layout",
     "ingest_tensors",
@@ -47,6 +50,7 @@ __all__ = [
     "settled",
     "step_applied",
     "step_applied_event",
+    "step_layouts",
     "torch_threads",
 ]
 
@@ -307,7 +311,13 @@ def layout_buffer(entries: list[codec.Entry], length: int, pin: bool
     an entry's offset does not suit its dtype (a view needs its elements aligned)."""
     if any(e.begin % e.dtype.itemsize for e in entries):
         return None
-    flat = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
+    try:
+        flat = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceOutOfMemory(f"out of page-locked host memory for a {length}-byte body "
+                                f"({e})") from None
     tensors = {e.name: flat[e.begin:e.end].view(e.dtype).view(e.shape) for e in entries}
     return tensors, codec.byte_view(flat)
 
@@ -336,9 +346,12 @@ async def ingest_layout(
     entries, metadata, length = _parse_checked(head, declared, limit)
     for e in entries:
         check(e)
-    laid = layout_buffer(entries, length, pin)
+    # Page-locked memory is slow to allocate (the driver maps it): never on the event loop.
+    laid = await run_in_threadpool(layout_buffer, entries, length, pin) if pin else \
+        layout_buffer(entries, length, pin)
     if laid is None:
-        tensors = {e.name: fallback(e) for e in entries}
+        tensors = (await run_in_threadpool(lambda: {e.name: fallback(e) for e in entries})
+                   if pin else {e.name: fallback(e) for e in entries})
         ordered = sorted(entries, key=lambda e: e.begin)
         await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head,
                          length)
@@ -346,6 +359,16 @@ async def ingest_layout(
     tensors, data = laid
     await _read_data(reader, [data], head, length)
     return WireLayout(head, metadata, tensors, data, key)
+
+
+#: Each stepper's last step body layout: the next step with the same header is read
+#: straight into its buffer (see ingest_layout).
+step_layouts: weakref.WeakKeyDictionary[Stepper, WireLayout] = weakref.WeakKeyDictionary()
+
+
+def forget_layout(stepper: Stepper) -> None:
+    """Drop the stepper's step body buffer (page-locked on a GPU stepper): it was deleted."""
+    step_layouts.pop(stepper, None)
 
 
 class TensorStreamResponse(Response):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import math
-import weakref
 from typing import Annotated, Any, Literal
 
 import torch
@@ -38,6 +37,7 @@ from .stream import (
     settled,
     step_applied,
     step_applied_event,
+    step_layouts,
 )
 from .wire import (
     OCTET,
@@ -146,7 +146,8 @@ class StepQuery(BaseModel):
         202: {"model": StepResult,
               "description": "a contribution was recorded; the step waits for the others"},
         **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
-                   "invalid_state", "invalid_spec", "step_conflict", "persistence_failed"),
+                   "invalid_state", "invalid_spec", "step_conflict", "persistence_failed",
+                   "device_out_of_memory"),
     },
     openapi_extra={**binary_body_doc(
         "safetensors of gradients by parameter name; a parameter without one does not step "
@@ -177,11 +178,11 @@ async def step(
     try:
         lossy = codec.dtype_from_name(wire_dtype) if wire_dtype else None
         got = await ingest_layout(
-            request, _layouts.get(stepper), lossy,
+            request, step_layouts.get(stepper), lossy,
             lambda e: stepper.check_gradient(e.name, e.shape, e.dtype, lossy),
             lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda")
         if isinstance(got, WireLayout):
-            _layouts[stepper] = got
+            step_layouts[stepper] = got
             received, metadata = got.tensors, dict(got.metadata)
         else:
             received, metadata = got
@@ -253,9 +254,6 @@ async def step(
             await settle_and_release(stepper, lock)
 
 
-#: Each stepper's last step body layout: the next step with the same header is read
-#: straight into its buffer (see ingest_layout).
-_layouts: weakref.WeakKeyDictionary[Stepper, WireLayout] = weakref.WeakKeyDictionary()
 
 
 def _result(name: str, outcome: StepOutcome) -> StepResult:
@@ -274,7 +272,8 @@ def _pending(stepper: Stepper) -> JSONResponse:
     summary="Accumulate mode: apply the pending step with the contributions so far",
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
-    responses=problems(*NAME_PROBLEMS, "step_conflict", "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "step_conflict", "persistence_failed",
+                       "device_out_of_memory"),
 )
 async def commit(name: str, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
@@ -309,7 +308,8 @@ async def get_params(name: str, request: Request, names: Names = None,
     "/steppers/{name}/params",
     summary="Overwrite some or all parameter values",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS),
+    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS,
+                       "device_out_of_memory"),
     openapi_extra=binary_body_doc(
         "safetensors of values by parameter name, or JSON {\"params\": {name: nested list}}",
         {"type": "object", "properties": {"params": {"type": "object"}}},
@@ -375,7 +375,7 @@ async def get_state(
     summary="Load Adam state (all, some parameters, or single tensors) and options",
     dependencies=[Depends(require("write"))],
     responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_state",
-                       "invalid_hyperparameter"),
+                       "invalid_hyperparameter", "device_out_of_memory"),
     openapi_extra=binary_body_doc(
         "safetensors named '<param>.<key>' (key: step, exp_avg, exp_avg_sq, max_exp_avg_sq); "
         f"optional __metadata__['{META_GROUPS}'] with every group's options (as in a PyTorch "

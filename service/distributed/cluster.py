@@ -2,10 +2,17 @@
 
 A **slot** is a numbered place for steppers with its own files on the shared data
 directory (``<data dir>/hosts/slot-<k>``) and one live :class:`~.host.SlotHost` actor at
-a time. Placement puts a new stepper on the slot with the most room (free GPU memory on
-GPU hosts, else the memory budget, else the fewest bytes held); a stepper larger than
-the room of one slot, or created with ``?shards=N``, is split by parameter tensors over
-several slots (:class:`ShardedRecord`, kept in ``<data dir>/sharded/<name>.json``).
+a time. Placement puts a new stepper on the slot with the most room (on a GPU slot the
+device memory free when it started less the footprints of the steppers placed since, see
+:func:`~.resources.slot_capacity`; the memory budget less the footprints held; else the
+fewest bytes held); a stepper larger than the room of one slot, or created with
+``?shards=N``, is split by parameter tensors over several slots (:class:`ShardedRecord`,
+kept in ``<data dir>/sharded/<name>.json``). A stepper being created counts against its
+slot from the moment it is placed.
+
+Every call to an actor has a timeout: an actor Ray cannot place (its resources are taken)
+fails the start after ``place_timeout`` seconds saying so, a service that does not come up
+after ``start_timeout``, any other call after ``call_timeout``.
 
 Recovery: a slot whose actor is found dead (a failed request or the monitor's ping) gets
 a new actor, started on any node that has the resources; it restores the slot's steppers
@@ -20,16 +27,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.footprint import Footprint
 from ..persistence.store import atomic_write
 from .host import SlotHost, slot_dir
+from .resources import slot_capacity
 
-__all__ = ["Cluster", "ClusterConfig", "ShardedRecord", "host_actor_class"]
+__all__ = ["Cluster", "ClusterConfig", "ShardedRecord", "SlotStartError", "host_actor_class"]
 
 log = logging.getLogger("adamscope.distributed")
 
@@ -49,6 +59,9 @@ class ClusterConfig:
     num_cpus: float = 0.0  # Ray resources per slot actor
     num_gpus: float = 0.0
     namespace: str = "adamscope"
+    place_timeout: float = 120.0  # seconds for Ray to place a slot's actor
+    start_timeout: float = 600.0  # seconds for its service to start (restoring steppers)
+    call_timeout: float = 60.0  # seconds for any other call to an actor
 
     @property
     def data_dir(self) -> Path:
@@ -60,6 +73,10 @@ def host_actor_class(config: ClusterConfig) -> Any:
 
     return ray.remote(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                       max_restarts=0)(SlotHost)
+
+
+class SlotStartError(RuntimeError):
+    """A slot's actor could not be placed or its service did not start."""
 
 
 @dataclass
@@ -105,19 +122,37 @@ class Slot:
     steppers: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: str = "starting"  # starting | ok | recovering | failed
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Device bytes its steppers may take in all (None: not a GPU slot); set at start.
+    capacity: int | None = None
 
     @property
     def url(self) -> str:
         return str(self.info["url"])
 
+    @property
+    def device_type(self) -> str:
+        return str(self.info.get("device") or "cpu").split(":", 1)[0]
+
     def held_bytes(self) -> int:
+        """Footprint totals of its steppers (those being created included)."""
         return sum(int(s.get("bytes", 0)) for s in self.steppers.values())
+
+    def held_device_bytes(self) -> int:
+        return sum(int(s.get("device_bytes", s.get("bytes", 0)))
+                   for s in self.steppers.values())
+
+    def started(self, info: dict[str, Any], steppers: dict[str, dict[str, Any]],
+                gpu_share: float) -> None:
+        """Its (new) actor's service is up: what it runs on and holds now."""
+        self.info, self.steppers = info, steppers
+        self.capacity = slot_capacity(info, self.held_device_bytes(), gpu_share)
 
     def describe(self) -> dict[str, Any]:
         keep = ("url", "pid", "node", "address", "device", "device_free_bytes",
                 "device_total_bytes")
         return {"slot": self.index, "state": self.state, "generation": self.generation,
                 "steppers": len(self.steppers), "bytes": self.held_bytes(),
+                "device_bytes": self.held_device_bytes(), "capacity_bytes": self.capacity,
                 **{k: self.info.get(k) for k in keep}}
 
 
@@ -149,14 +184,65 @@ class Cluster:
             namespace=self.config.namespace,
         ).remote(index, self.config.settings, self.config.bind)
 
+    async def _call(self, slot: Slot, method: str, timeout: float | None = None,
+                    *args: Any) -> Any:
+        """``slot.actor.<method>(*args)``, at most ``timeout`` seconds (default:
+        call_timeout)."""
+        limit = self.config.call_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(getattr(slot.actor, method).remote(*args), limit)
+        except TimeoutError:
+            raise TimeoutError(f"slot {slot.index}: {method}() did not answer in "
+                               f"{limit:.0f} s") from None
+
+    def _unplaced(self, index: int) -> str:
+        """Why a slot's actor may not have been placed, for the error."""
+        want = f"{self.config.num_gpus:g} GPU and {self.config.num_cpus:g} CPU"
+        try:
+            import ray
+
+            have = ray.cluster_resources()  # type: ignore[no-untyped-call]
+            free = ray.available_resources()  # type: ignore[no-untyped-call]
+            where = (f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
+                     f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now")
+        except Exception:  # noqa: BLE001 - the message only
+            where = ""
+        return (f"slot {index}: Ray did not place its actor in {self.config.place_timeout:.0f}"
+                f" s: it asks for {want}{where} (see `ray status`; --slots, --slot-gpus and "
+                "--slot-cpus set what slots ask for)")
+
+    async def _start_actor(self, slot: Slot, deadline: float) -> None:
+        """Wait for ``slot``'s new actor: placed by Ray, its service up, its state read."""
+        try:
+            await self._call(slot, "__ray_ready__", max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise SlotStartError(self._unplaced(slot.index)) from None
+        try:
+            await self._call(slot, "wait_started", self.config.start_timeout + 5,
+                             self.config.start_timeout)
+        except TimeoutError as e:
+            raise SlotStartError(str(e)) from None
+        slot.started(await self._call(slot, "info"), await self._call(slot, "steppers"),
+                     self.config.num_gpus)
+
     async def start(self) -> None:
+        """Start every slot's actor (in parallel); raises :class:`SlotStartError` (and
+        removes the actors it started) when one cannot be placed or does not start."""
+        import ray
+
         count = max(self.config.slots, self._existing_slots())
         self.slots = [Slot(i) for i in range(count)]
         for s in self.slots:
             s.actor = self._spawn(s.index)
+        deadline = time.monotonic() + self.config.place_timeout
+        try:
+            await asyncio.gather(*(self._start_actor(s, deadline) for s in self.slots))
+        except BaseException:
+            for s in self.slots:
+                with contextlib.suppress(Exception):
+                    ray.kill(s.actor, no_restart=True)
+            raise
         for s in self.slots:
-            s.info = await s.actor.info.remote()
-            s.steppers = await s.actor.steppers.remote()
             s.state = "ok"
         self._load_sharded()
         log.info("distributed: %d slots up: %s", len(self.slots),
@@ -221,8 +307,7 @@ class Cluster:
                 ray.kill(slot.actor, no_restart=True)
             try:
                 slot.actor = self._spawn(index)
-                slot.info = await slot.actor.info.remote()
-                slot.steppers = await slot.actor.steppers.remote()
+                await self._start_actor(slot, time.monotonic() + self.config.place_timeout)
             except Exception as e:  # noqa: BLE001 - reported in the slot's state
                 slot.state = "failed"
                 slot.generation += 1
@@ -258,7 +343,7 @@ class Cluster:
         for s in self.slots if index is None else [self.slots[index]]:
             if s.state == "ok":
                 try:
-                    s.steppers = await s.actor.steppers.remote()
+                    s.steppers = await self._call(s, "steppers")
                 except Exception:  # noqa: BLE001 - the monitor will recover it
                     log.warning("slot %d did not answer", s.index)
 
@@ -269,13 +354,39 @@ class Cluster:
                 return s.index
         return None
 
-    def room(self, slot: Slot) -> int | None:
-        """Bytes a new stepper may still take on the slot (None: no limit known)."""
-        free = slot.info.get("device_free_bytes")
+    def rooms(self, slot: Slot) -> tuple[int | None, int | None]:
+        """(device bytes, budget bytes) a new stepper may still take on the slot (None: no
+        limit of that kind): its capacity less the device footprints held, and the memory
+        budget less the footprint totals held. Steppers being created count."""
+        device = None if slot.capacity is None else slot.capacity - slot.held_device_bytes()
         budget = slot.info.get("budget_bytes")
-        limits = [int(x) for x in (free, budget - slot.held_bytes() if budget else None)
-                  if x is not None]
+        return device, None if budget is None else int(budget) - slot.held_bytes()
+
+    def room(self, slot: Slot) -> int | None:
+        """The smaller of :meth:`rooms` (None: no limit known)."""
+        limits = [x for x in self.rooms(slot) if x is not None]
         return min(limits) if limits else None
+
+    def share(self, slot: Slot, need: Footprint) -> float:
+        """How much of a stepper of footprint ``need`` fits the slot (1.0: all of it)."""
+        device, budget = self.rooms(slot)
+        parts = [math.inf]
+        if device is not None:
+            parts.append(max(device, 0) / max(need.on_device, 1))
+        if budget is not None:
+            parts.append(max(budget, 0) / max(need.total, 1))
+        return min(parts)
+
+    def reserve(self, name: str, plan: list[Shard], sizes: list[tuple[str, int]],
+                need: Callable[[list[int], str], Footprint]) -> None:
+        """Count the stepper ``plan`` places against its slots from now (until a refresh
+        reads what the slots really hold)."""
+        nbytes = dict(sizes)
+        for sh in plan:
+            slot = self.slots[sh.slot]
+            fp = need([nbytes[n] for n in sh.params], slot.device_type)
+            slot.steppers.setdefault(name, {"params": list(sh.params), "bytes": fp.total,
+                                            "device_bytes": fp.on_device, "pending": True})
 
     def ranked(self) -> list[Slot]:
         """Live slots, the roomiest first (fewest bytes held, then fewest steppers)."""
@@ -283,28 +394,29 @@ class Cluster:
         return sorted(live, key=lambda s: (-(self.room(s) or 0), s.held_bytes(),
                                            len(s.steppers), s.index))
 
-    def plan(self, sizes: list[tuple[str, int]], footprint: float, shards: int | None
-             ) -> list[Shard]:
+    def plan(self, sizes: list[tuple[str, int]], need: Callable[[list[int], str], Footprint],
+             shards: int | None) -> list[Shard]:
         """Where a new stepper's tensors go: one slot when it fits (and ``shards`` is not
         asked), else ``shards`` (or as many as needed) slots, tensors placed largest first
-        on the slot with the fewest bytes so far. ``footprint`` turns parameter bytes into
-        the bytes a stepper holds (parameters, gradient, Adam state)."""
+        on the slot with the fewest bytes so far. ``need(parameter bytes, device type)`` is
+        the footprint of a stepper of those parameters (:mod:`service.engine.footprint`)."""
         ranked = self.ranked()
         if not ranked:
             raise RuntimeError("no slot is serving")
-        total = sum(b for _, b in sizes) * footprint
+        whole = [b for _, b in sizes]
         if shards is None:
-            room = self.room(ranked[0])
-            if room is None or total <= room:
+            if self.share(ranked[0], need(whole, ranked[0].device_type)) >= 1:
                 return [Shard(ranked[0].index, [n for n, _ in sizes])]
-            rooms = [self.room(s) or 0 for s in ranked]
             shards, have = 0, 0.0
-            while have < total and shards < len(ranked):
-                have += rooms[shards]
+            while have < 1 and shards < len(ranked):
+                have += self.share(ranked[shards], need(whole, ranked[shards].device_type))
                 shards += 1
-            if have < total:
-                raise MemoryError(f"the stepper needs about {int(total):,} bytes; all "
-                                  f"{len(ranked)} slots together have {int(have):,}")
+            if have < 1:
+                fp = need(whole, ranked[0].device_type)
+                raise MemoryError(
+                    f"the stepper needs about {fp.on_device:,} bytes on its device "
+                    f"({fp.total:,} with its host buffers); all {len(ranked)} slots together "
+                    f"hold about {have:.0%} of it")
         shards = max(1, min(shards, len(ranked), len(sizes)))
         chosen = [Shard(s.index, []) for s in ranked[:shards]]
         load = [0] * shards

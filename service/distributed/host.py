@@ -58,13 +58,21 @@ class SlotHost:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        name=f"adamscope-slot-{slot}", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 600  # restoring a large slot from disk takes a while
+
+    def wait_started(self, timeout: float = 600.0) -> bool:
+        """Return once the service serves (restoring a large slot from disk takes a while);
+        raises when it failed or did not start in ``timeout`` seconds. The constructor
+        returns before this, so that the cluster can tell an actor Ray could not place
+        from a service that is slow to start."""
+        deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive():
-                raise RuntimeError(f"slot {slot}: the service did not start")
+                raise RuntimeError(f"slot {self.slot}: the service did not start")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"slot {slot}: the service did not start in time")
+                raise RuntimeError(f"slot {self.slot}: the service did not start in "
+                                   f"{timeout:.0f} s")
             time.sleep(0.02)
+        return True
 
     def info(self) -> dict[str, Any]:
         """Where this slot's service listens and what it runs on."""
@@ -81,12 +89,14 @@ class SlotHost:
                 "budget_bytes": self.settings.memory_budget_bytes}
 
     def steppers(self) -> dict[str, dict[str, Any]]:
-        """The steppers this slot holds: name -> parameter names and the bytes of their
-        parameters and Adam state (what the memory budget counts)."""
+        """The steppers this slot holds: name -> parameter names, their footprint total
+        (what the memory budget counts) and the part of it on the device."""
         registry = getattr(self.app.state, "registry", None)
         out: dict[str, dict[str, Any]] = {}
         for s in registry.list() if registry is not None else []:
-            out[s.name] = {"params": list(s.names), "bytes": s.summary()["state_bytes"]}
+            fp = s.footprint()
+            out[s.name] = {"params": list(s.names), "bytes": fp.total,
+                           "device_bytes": fp.on_device}
         return out
 
     def ping(self) -> bool:

@@ -45,7 +45,9 @@ from client import codec
 from client.protocol import META_SPEC
 
 from ..api.history import render_json
-from .cluster import Cluster, ClusterConfig, ShardedRecord
+from ..engine.footprint import Footprint, footprint
+from ..engine.options import default_options
+from .cluster import Cluster, ClusterConfig, ShardedRecord, SlotStartError
 from .shards import Body, merge, owner, parse, split
 
 __all__ = ["build_app"]
@@ -58,9 +60,6 @@ _DROP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer
                  "te", "upgrade", "proxy-authorization", "expect"}
 _DROP_REPLY = {"content-length", "connection", "keep-alive", "transfer-encoding", "server",
                "date"}
-#: Bytes of Adam's footprint per parameter byte: the parameter, its gradient, exp_avg and
-#: exp_avg_sq (amsgrad adds max_exp_avg_sq).
-FOOTPRINT = 4.0
 _TRANSPORT_ERRORS = (httpx.TransportError,)
 
 
@@ -86,6 +85,8 @@ class Ingress:
         self.subscribers: set[asyncio.Queue[bytes]] = set()
         self.cluster.listeners.append(self._on_cluster_event)
         self._started: asyncio.Task[None] | None = None
+        #: Why the slots did not start (the service then answers 503 saying so).
+        self.start_error: str | None = None
 
     async def ready(self) -> None:
         """Start the slots (once; again after a failed start)."""
@@ -264,8 +265,15 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # At startup, not in a request: a request's cancellation (its client gave up)
-        # would cancel the actor calls it started.
-        await ingress.ready()
+        # would cancel the actor calls it started. A start that fails is reported by every
+        # answer (and /healthz, which `adamscope serve --ray` waits on), not retried: the
+        # slots' resources cannot be had, or their services do not start.
+        try:
+            await ingress.ready()
+        except Exception as e:  # noqa: BLE001 - reported, see above
+            ingress.start_error = str(e) if isinstance(e, SlotStartError) else \
+                f"{type(e).__name__}: {e}"
+            log.error("distributed: the slots did not start: %s", ingress.start_error)
         yield
         await ingress.http.aclose()
 
@@ -276,6 +284,13 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
     @app.middleware("http")
     async def started(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                       ) -> Response:
+        if ingress.start_error is not None:
+            if request.url.path == "/healthz":
+                return JSONResponse({"status": "failed", "mode": "ray",
+                                     "error": ingress.start_error,
+                                     "slots": ingress.cluster.describe()}, status_code=503)
+            return problem(503, "slot_unavailable",
+                           f"the slots did not start: {ingress.start_error}")
         await ingress.ready()
         return await call_next(request)
 
@@ -332,13 +347,14 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
         if ingress.cluster.slot_of(name) is not None or name in ingress.cluster.sharded:
             return problem(409, "stepper_exists", f"a stepper named {name!r} already exists",
                            stepper=name)
-        amsgrad = bool((spec.get("hyperparameters") or {}).get("amsgrad"))
+        need = _need(spec)
         try:
-            plan = ingress.cluster.plan(sizes, FOOTPRINT + amsgrad, shards)
+            plan = ingress.cluster.plan(sizes, need, shards)
         except MemoryError as e:
             return problem(507, "memory_budget_exceeded", str(e))
         except RuntimeError as e:
             return problem(503, "slot_unavailable", str(e))
+        ingress.cluster.reserve(name, plan, sizes, need)
         if len(plan) == 1:
             status, headers, content = await ingress.call(
                 plan[0].slot, request, "POST", request.url.path,
@@ -530,6 +546,21 @@ def _shard_create_body(spec: dict[str, Any], tensors: Body | None, params: list[
     return split(tensors, [order], {**tensors.metadata, META_SPEC: json.dumps(sub)})[0]
 
 
+def _need(spec: dict[str, Any]) -> Callable[[list[int], str], Footprint]:
+    """The footprint of (part of) the stepper ``spec`` describes, by parameter bytes and
+    device type: its options as the spec sets them over PyTorch's defaults (for several
+    groups, the options of any group that needs more: amsgrad, an L2 decay, maximize)."""
+    kind = spec.get("optimizer") if spec.get("optimizer") in ("adam", "adamw") else "adam"
+    options = default_options(str(kind))
+    options.update({k: v for k, v in (spec.get("hyperparameters") or {}).items()
+                    if v is not None})
+    for g in spec.get("groups") or []:
+        for k, v in g.items():
+            if k != "params" and v is not None and (k not in options or not options[k]):
+                options[k] = v
+    return lambda sizes, device: footprint([(sizes, options)], device)
+
+
 # ---------------------------------------------------------------------- summaries
 
 
@@ -542,6 +573,9 @@ def _merge_summaries(record: ShardedRecord | None, parts: list[dict[str, Any]]
     out["params"] = [by_param[n] for n in record.params if n in by_param]
     out["numel"] = sum(int(p.get("numel", 0)) for p in parts)
     out["state_bytes"] = sum(int(p.get("state_bytes", 0)) for p in parts)
+    prints = [p["footprint"] for p in parts if p.get("footprint")]
+    if prints:  # every shard is a stepper of its own, with its own buffers: they add up
+        out["footprint"] = {k: sum(int(f.get(k, 0)) for f in prints) for k in prints[0]}
     out["step"] = min(int(p.get("step", 0)) for p in parts)
     out["updated_at"] = max(float(p.get("updated_at", 0)) for p in parts)
     groups = [dict(g) for g in parts[0].get("groups", [])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 
 from .cluster import ClusterConfig
+from .resources import SlotResourceError, slot_request
 
 __all__ = ["deployment", "run"]
 
@@ -63,14 +65,25 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
     init["address"] = address or "local"
     ray.init(**init)
     try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        if config.num_gpus == 0 and gpus >= 1:
-            config = dataclasses.replace(config, num_gpus=1.0)
-        if config.slots <= 0:
-            config = dataclasses.replace(config, slots=int(gpus) if gpus >= 1 else 2)
+        try:
+            want = slot_request(config.slots, config.num_gpus, config.num_cpus,
+                                ray.cluster_resources())  # type: ignore[no-untyped-call]
+        except SlotResourceError as e:
+            print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        config = dataclasses.replace(config, slots=want.slots, num_gpus=want.num_gpus,
+                                     num_cpus=want.num_cpus)
+        log.info("distributed: %d slots of %g GPU / %g CPU each", want.slots, want.num_gpus,
+                 want.num_cpus)
         serve.start(http_options={"host": host, "port": port},
                     logging_config={"log_level": "WARNING"})
-        handle = serve.run(deployment(config), name="adamscope", route_prefix="/")
+        try:
+            handle = serve.run(deployment(config), name="adamscope", route_prefix="/")
+        except Exception as e:  # noqa: BLE001 - a slot that could not start, said once
+            print(f"adamscope: error: the distributed service did not start: {e}",
+                  file=sys.stderr, flush=True)
+            serve.shutdown()  # type: ignore[no-untyped-call]
+            return 1
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         deadline = time.monotonic() + ready_timeout
         while True:  # the first request starts the slots
@@ -78,7 +91,12 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
                 r = httpx.get(f"{url}/healthz", timeout=ready_timeout)
                 if r.status_code == 200:
                     break
-            except httpx.TransportError:
+                if r.status_code == 503 and r.json().get("status") == "failed":
+                    print(f"adamscope: error: the slots did not start: {r.json().get('error')}",
+                          file=sys.stderr, flush=True)
+                    serve.shutdown()  # type: ignore[no-untyped-call]
+                    return 1
+            except (httpx.TransportError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 log.error("the distributed service did not become ready in time")

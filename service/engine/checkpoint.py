@@ -42,6 +42,7 @@ from client import codec
 from client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
 
 from .errors import EngineError, InvalidCheckpoint, StepperExists
+from .memory import stage_on_host
 from .options import OPTIMIZERS, OPTION_NAMES
 from .stepper import STATE_KEYS, GroupDef, Stepper
 
@@ -58,6 +59,11 @@ __all__ = [
     "write",
 ]
 
+#: A GPU stepper's checkpoint up to this size is copied to the host in one batch (one
+#: page-locked buffer, one wait); a larger one tensor by tensor, where the copies' time
+#: dwarfs their waits, and no page-locked buffer of its size (which PyTorch's host
+#: allocator would round up to a power of two and keep cached) is taken.
+STAGE_LIMIT = 512 * 2**20
 FORMAT = "adamscope-checkpoint"
 FORMAT_VERSION = 1
 PARAM_PREFIX = "param/"
@@ -163,6 +169,9 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
             META_STEP: str(stepper.step_count),
             META_STEPPER: stepper.name,
         }
+        if stepper.device.type != "cpu" and sum(
+                t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT:
+            tensors = stage_on_host(tensors)  # one batched copy to the host, one wait
         head, views = codec.encode_parts(tensors, metadata)
         size = sink([head, *views])
         version = stepper.version

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .options import OPTIMIZERS
+from .errors import DeviceOutOfMemory
+from .memory import is_out_of_memory
+from .options import OPTIMIZERS, quiet_capturable
 from .signals import Entry, begin, empty_signals, finish, observer_of
 from .stepper import Stepper
 
@@ -79,7 +81,7 @@ def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
         return DryRun(step, [], skipped, {}, {}, {}, {}, {**empty_signals(), "step": step})
     groups = [{**opts, "params": [clones[n] for n in names if group_of[n] == gi]}
               for gi, opts in enumerate(options)]
-    optimizer = OPTIMIZERS[stepper.kind]([g for g in groups if g["params"]])
+    optimizer = quiet_capturable(OPTIMIZERS[stepper.kind]([g for g in groups if g["params"]]))
     on_device: dict[str, torch.Tensor] = {}
     for n in names:
         if states[n]:
@@ -95,7 +97,13 @@ def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
     signals = {**empty_signals(), "step": step}
     with torch.no_grad():
         pending = begin(entries(), cache, None, valid) if entries() else None
-    optimizer.step()
+    try:
+        optimizer.step()
+    except Exception as e:  # the clones are the dry run's own: nothing else changed
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceOutOfMemory(f"out of device memory for a dry run of {stepper.name!r} "
+                                f"({e})", partial=False) from None
     if pending is not None:
         with torch.no_grad():
             signals, _ = finish(pending, entries(), step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "DeviceOutOfMemory",
     "DeviceUnavailable",
     "DtypeMismatch",
     "DuplicateName",
@@ -79,3 +80,10 @@ class DeviceUnavailable(EngineError):
 
 class InvalidCheckpoint(EngineError):
     code = "invalid_checkpoint"
+
+
+class DeviceOutOfMemory(EngineError):
+    """The device (or its pinned host memory) could not hold what the request needs; raised
+    with nothing changed, or with ``partial=True`` when PyTorch's update had begun."""
+
+    code = "device_out_of_memory"

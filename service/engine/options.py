@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import DeviceUnavailable, InvalidHyperparameter
+from .errors import DeviceOutOfMemory, DeviceUnavailable, InvalidHyperparameter
+from .memory import is_out_of_memory
 
 __all__ = [
     "OPTIMIZERS",
@@ -22,6 +23,7 @@ __all__ = [
     "STRUCTURAL_OPTIONS",
     "SUPPORTED_DTYPES",
     "default_options",
+    "quiet_capturable",
     "resolve_device",
     "validate_options",
 ]
@@ -56,6 +58,23 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
 _ACCEPTED = {kind: set(inspect.signature(cls.__init__).parameters)
              for kind, cls in OPTIMIZERS.items()}
 _ABSENT_DEFAULTS: dict[str, Any] = {"decoupled_weight_decay": False}
+
+
+def quiet_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` with PyTorch's capturable warning marked as given.
+
+    Where an accelerator is available, ``Optimizer.step`` warns once per instance that
+    every group has ``capturable=True`` but the step runs outside graph capture. The
+    service never graph-captures: a user asks for ``capturable=True`` for its placement
+    (steps on the device) and its numerics, which the stepper must reproduce. Under
+    ``filterwarnings=error`` that warning would fail a step. PyTorch keeps the "warned
+    already" flag per instance (``_warned_capturable_if_run_uncaptured``); a new instance
+    starts with it set in every release since 1.12, but an instance rebuilt from its
+    ``__getstate__`` (pickling, ``copy.deepcopy``) starts without it. The service sets it
+    on every optimizer it owns so that no path can warn.
+    """
+    optimizer._warned_capturable_if_run_uncaptured = True
+    return optimizer
 
 
 def _group_options(kind: str, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,12 +133,14 @@ def validate_options(
     kinds = {(t.dtype, t.device) for t in probe_like} or {(torch.float32, torch.device("cpu"))}
     probes = [torch.zeros(1, dtype=dt, device=dev, requires_grad=True) for dt, dev in kinds]
     try:
-        optim = OPTIMIZERS[kind](probes, **kwargs)
+        optim = quiet_capturable(OPTIMIZERS[kind](probes, **kwargs))
         if probe_step:
             for p in probes:
                 p.grad = torch.zeros_like(p)
             optim.step()
     except (ValueError, RuntimeError, TypeError, KeyError, AssertionError) as e:
+        if is_out_of_memory(e):  # the probe's one element did not fit: not the options' fault
+            raise DeviceOutOfMemory(f"out of device memory checking the options ({e})") from None
         raise InvalidHyperparameter(str(e)) from None
     group = optim.param_groups[0]
     return _group_options(kind, group)

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -82,7 +81,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .stats import Factors, adam_factors, real_flat, wide_dtype
+from .stats import Factors, adam_factors, real_flat, upload, wide_dtype
+from .steps import rounded_scalar as _rounded
 
 if TYPE_CHECKING:
     from .stepper import Stepper
@@ -221,6 +221,16 @@ class Layout:
     #: Pooled sample buffers by (role, dtype), with each tensor's slot in it.
     buffers: dict[tuple[str, torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]] = field(
         default_factory=dict)
+    #: Constant tensors on the layout's device (quantile levels, weights), made once.
+    constants: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+
+    def constant(self, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as a tensor of ``dtype`` on the layout's device, uploaded once."""
+        key = (tuple(values), dtype)
+        found = self.constants.get(key)
+        if found is None:
+            found = self.constants[key] = upload(values, dtype, self.device)
+        return found
 
     def buffer(self, role: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The pooled buffer of ``role`` and the views of it each tensor's sample fills
@@ -279,27 +289,27 @@ def _build_layout(entries: Sequence[Entry]) -> Layout:
     device = entries[0].param.device
     counts = [p.count for p in plans]
     seg = torch.repeat_interleave(torch.arange(len(entries), device=device),
-                                  torch.tensor(counts, device=device))
+                                  upload(counts, torch.int64, device))
     offsets = [0]
     for c in counts[:-1]:
         offsets.append(offsets[-1] + c)
     layout = Layout(
         key=_layout_key(entries), names=[e.name for e in entries], plans=plans, numels=numels,
         dtypes=dtypes, cdtype=cdtype, device=device, seg=seg,
-        offsets=torch.tensor(offsets, device=device),
-        lengths=torch.tensor(counts, device=device),
+        offsets=upload(offsets, torch.int64, device),
+        lengths=upload(counts, torch.int64, device),
         weights=[n / max(1, p.count) for n, p in zip(numels, plans, strict=True)],
         exact=[p.exact for p in plans],
     )
     for d in sorted(set(dtypes), key=str):
-        seg_mask = torch.tensor([x == d for x in dtypes], device=device)
+        seg_mask = upload([x == d for x in dtypes], torch.bool, device)
         layout.seg_is[d] = seg_mask
         if d != cdtype:
             layout.narrow.append((d, None if all(x == d for x in dtypes) else seg_mask[seg]))
     wides = {d: wide_dtype(d) for d in dtypes}
     for w in sorted(set(wides.values()), key=str):
         if w != cdtype:
-            mask = torch.tensor([wides[x] == w for x in dtypes], device=device)
+            mask = upload([wides[x] == w for x in dtypes], torch.bool, device)
             everywhere = all(wides[x] == w for x in dtypes)
             layout.narrow_wide.append((w, None if everywhere else mask[seg]))
     return layout
@@ -334,26 +344,6 @@ def _gather(layout: Layout, tensors: Sequence[torch.Tensor], role: str,
 Scalar = float | torch.Tensor
 
 
-def _rounded(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (to nearest, ties to even), in plain Python."""
-    if dtype == torch.float64 or not math.isfinite(value):
-        return value
-    # Through float32 first, as PyTorch converts a Python scalar to a 16-bit dtype.
-    try:
-        single = float(struct.unpack("f", struct.pack("f", value))[0])
-        if dtype == torch.float16:
-            return float(struct.unpack("e", struct.pack("e", single))[0])
-    except OverflowError:
-        return math.copysign(math.inf, value)
-    if dtype != torch.bfloat16 or not math.isfinite(single):
-        return single
-    bits = struct.unpack("I", struct.pack("f", single))[0]
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return float(struct.unpack("f", struct.pack("I", bits & 0xFFFFFFFF))[0])
-
-
-
-
 def _per_seg(layout: Layout, values: Sequence[float], rounding: str = "") -> Scalar:
     """Per-tensor constants, rounded as PyTorch rounds a Python scalar it combines with
     that tensor: ``"storage"`` to the tensor's dtype (a scalar it adds), ``"opmath"`` to
@@ -363,8 +353,7 @@ def _per_seg(layout: Layout, values: Sequence[float], rounding: str = "") -> Sca
                for v, d in zip(values, layout.dtypes, strict=True)]
     if len(set(rounded)) == 1 or all(math.isnan(v) for v in rounded):
         return rounded[0]
-    return torch.tensor(rounded, dtype=torch.float64, device=layout.device).to(
-        layout.cdtype)[layout.seg]
+    return upload(rounded, torch.float64, layout.device).to(layout.cdtype)[layout.seg]
 
 
 # ---------------------------------------------------------------------- the cache
@@ -483,7 +472,9 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
     if uniform:
         vs = _gather(layout, sources, role, layout.dtypes[0])
         root = vs.sqrt() / bc2s[0]
-        lr = torch.tensor(ss[0], dtype=wide, device=vs.device) / root.add(eps[0]).to(wide)
+        # A 0-dim CPU tensor: a true division (not reciprocal * scalar, as a Python float
+        # would give), its value passed to the kernel as an argument (no upload, no sync).
+        lr = torch.tensor(ss[0], dtype=wide) / root.add(eps[0]).to(wide)
         return lr, root < eps[0], vs.to(layout.cdtype)
     vs = _gather(layout, sources, role)
     c_eps = _per_seg(layout, eps, "storage")
@@ -492,7 +483,7 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
     denom = _round(root + c_eps, layout.narrow)
     step_size = _per_seg(layout, ss, "opmath")
     if not isinstance(step_size, torch.Tensor):  # a true division, not reciprocal * scalar
-        step_size = torch.tensor(step_size, dtype=denom.dtype, device=denom.device)
+        step_size = torch.tensor(step_size, dtype=denom.dtype)  # 0-dim on the CPU: no sync
     return _round(step_size / denom, layout.narrow_wide), root < c_eps, vs
 
 
@@ -503,9 +494,11 @@ def _v_source(e: Entry) -> torch.Tensor:
 
 
 def begin(entries: Sequence[Entry], cache: SignalCache | None,
-          layout: Layout | None = None, valid: Sequence[bool] | None = None) -> Pending:
+          layout: Layout | None = None, valid: Sequence[bool] | None = None,
+          steps: Sequence[float | None] | None = None) -> Pending:
     """Capture, before the step, what the signals compare against: the gradient and
-    parameter samples, the previous effective LR and the second-moment shock."""
+    parameter samples, the previous effective LR and the second-moment shock. ``steps``:
+    each entry's state step if the caller knows them (else read from the states)."""
     layout = layout or _build_layout(entries)
     g = _gather(layout, [e.grad for e in entries], "g")
     p0 = _gather(layout, [e.param for e in entries], "p0")
@@ -513,7 +506,8 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
     with_state = [bool(e.state) and "exp_avg_sq" in e.state for e in entries]
     if not any(with_state):
         return Pending(layout, g, p0, nan, nan)
-    steps = [t if ok else None for t, ok in zip(_steps(entries), with_state, strict=True)]
+    known = _steps(entries) if steps is None else steps
+    steps = [t if ok else None for t, ok in zip(known, with_state, strict=True)]
     v_prev = _gather(layout, [e.state["exp_avg_sq"] if ok else e.param
                               for e, ok in zip(entries, with_state, strict=True)], "v0")
     # Second-moment shock: the new gradient (as v will see it) against v_hat(t-1).
@@ -536,7 +530,7 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
                                for e, ok in zip(entries, with_state, strict=True)],
                       entries, steps, "vs0")[0]
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
-        use = torch.tensor(ok_cache, device=layout.device)[layout.seg]
+        use = upload(ok_cache, torch.bool, layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
     return Pending(layout, g, p0, lr_prev, shock)
 
@@ -571,7 +565,7 @@ def _quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
     non-NaN elements ((R, S, Q), NaN for a segment without any), and the pooled
     (aggregate) quantiles ((R, Q): weighted inverse CDF, or linear interpolation when
     every tensor is taken whole)."""
-    q = torch.tensor(qs, dtype=torch.float64, device=x.device)
+    q = layout.constant(qs, torch.float64)
     if layout.single:  # the aggregate of one tensor is that tensor
         per = torch.nanquantile(x.double(), q, dim=1).t()
         return per[:, None, :], per
@@ -589,7 +583,7 @@ def _quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
     total = valid.sum(1, keepdim=True)
     if all(layout.exact):
         return per, torch.nanquantile(x.double(), q, dim=1).t()
-    weights = torch.tensor(layout.weights, dtype=torch.float64, device=x.device)
+    weights = layout.constant(layout.weights, torch.float64)
     w = weights[layout.seg[order]].masked_fill(torch.isnan(glob), 0.0)
     cum = torch.cumsum(w, 1)
     idx = torch.searchsorted(cum, q[None, :] * cum[:, -1:]).clamp(max=x.shape[1] - 1)
@@ -597,9 +591,10 @@ def _quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
     return per, pooled
 
 
-def finish(pending: Pending, entries: Sequence[Entry], step: int
-           ) -> tuple[dict[str, Any], SignalCache]:
-    """The signals of the step just taken, and the cache for the next one."""
+def finish(pending: Pending, entries: Sequence[Entry], step: int,
+           steps: Sequence[float | None] | None = None) -> tuple[dict[str, Any], SignalCache]:
+    """The signals of the step just taken, and the cache for the next one (``steps``:
+    each entry's state step now, if the caller knows them)."""
     layout = pending.layout
     states = [e.state for e in entries]
     p1 = _gather(layout, [e.param for e in entries], "p1")
@@ -608,7 +603,7 @@ def finish(pending: Pending, entries: Sequence[Entry], step: int
     amsgrad = [bool(e.group["amsgrad"]) and "max_exp_avg_sq" in s
                for e, s in zip(entries, states, strict=True)]
     lr, below_eps, vs = _lr_eff(layout, [_v_source(e) for e in entries], entries,
-                                _steps(entries), "vs1")
+                                _steps(entries) if steps is None else steps, "vs1")
     g, p0 = pending.g, pending.p0
     comparable = ~torch.isnan(lr + pending.lr_prev)
     squares = torch.stack([g, p1, p1 - p0, p0, m])
@@ -831,7 +826,8 @@ class SignalObserver:
             entries = self._entries = self.entries(stepper, grads)
             if entries:
                 with torch.no_grad():
-                    self._pending = begin(entries, self.cache, self.layout_for(entries))
+                    self._pending = begin(entries, self.cache, self.layout_for(entries),
+                                          steps=_known_steps(stepper, entries))
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(stepper, e)
 
@@ -847,7 +843,8 @@ class SignalObserver:
             with torch.no_grad():
                 if not all(e.state for e in entries):  # states the step created
                     entries = self.entries(stepper, grads)
-                stepper.signals, self.cache = finish(pending, entries, step)
+                stepper.signals, self.cache = finish(pending, entries, step,
+                                                     _known_steps(stepper, entries))
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(stepper, e, step)
 
@@ -856,6 +853,12 @@ class SignalObserver:
         self.cache = SignalCache()
         stepper.signals = {**empty_signals(), "step": step, "time": time.time(),
                            "error": f"{type(error).__name__}: {error}"}
+
+
+def _known_steps(stepper: Stepper, entries: Sequence[Entry]) -> list[float | None]:
+    """The entries' state steps from the stepper's mirror (no device read per step)."""
+    steps = stepper.param_steps()
+    return [steps[stepper.index[e.name]] for e in entries]
 
 
 def observer_of(stepper: Stepper) -> SignalObserver | None:

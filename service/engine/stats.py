@@ -71,6 +71,7 @@ __all__ = [
     "real_flat",
     "sample_plan",
     "strided_sample",
+    "upload",
     "view_of",
     "wide_dtype",
 ]
@@ -287,6 +288,24 @@ def _finite_part(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x[fin], nan, x.numel() - n_fin - nan
 
 
+def upload(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on ``device`` without waiting for the device: a tensor
+    made with ``torch.tensor(..., device="cuda")`` is copied from pageable memory and
+    synchronizes with every kernel queued before it; this copies from page-locked memory,
+    queued behind them."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _reductions(x: torch.Tensor) -> list[float]:
+    """min, max, sum, L2 norm and non-zero count of a non-empty ``x``, in one transfer."""
+    lo, hi = torch.aminmax(x)
+    parts = [lo, hi, x.sum(), torch.linalg.vector_norm(x), torch.count_nonzero(x).to(x.dtype)]
+    return [float(v) for v in torch.stack(parts).tolist()]
+
+
 def _summarize_chunk(x: torch.Tensor, scratch: torch.Tensor | None = None
                      ) -> tuple[Summary, torch.Tensor]:
     """Exact reductions of one chunk (wide dtype), and its finite values. ``scratch``: a
@@ -294,17 +313,15 @@ def _summarize_chunk(x: torch.Tensor, scratch: torch.Tensor | None = None
     s = Summary(numel=x.numel())
     if x.numel() == 0:
         return s, x
-    lo, hi = torch.aminmax(x)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # NaN propagates through aminmax
+    values = _reductions(x)  # one device sync
+    if not (math.isfinite(values[0]) and math.isfinite(values[1])):
+        # A NaN propagates through aminmax, an Inf is an extreme: the sums are of no use.
         x, s.nan, s.inf = _finite_part(x)
         if x.numel():
-            lo, hi = torch.aminmax(x)
+            values = _reductions(x)
     s.finite = x.numel()
     if s.finite == 0:
         return s, x
-    total = x.sum()
-    parts = [lo, hi, total, torch.linalg.vector_norm(x), torch.count_nonzero(x).to(x.dtype)]
-    values = torch.stack(parts).tolist()  # one device sync
     s.min, s.max = values[0], values[1]
     s.mean = values[2] / s.finite
     s.sumsq = values[3] ** 2
@@ -330,7 +347,7 @@ def _order_statistics(x: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     wanted = sorted(set(ks))
     if n <= _SORT_LIMIT or x.device.type != "cpu":
         ordered = torch.sort(x).values
-        picked = ordered[torch.tensor(wanted, device=x.device)].tolist()
+        picked = ordered[upload(wanted, torch.int64, x.device)].tolist()
         return dict(zip(wanted, picked, strict=True))
     out: dict[int, float] = {}
     for k in wanted:
@@ -385,15 +402,15 @@ def _histogram(x: torch.Tensor, edges: Sequence[float]) -> dict[str, Any]:
     """Counts of the finite values ``x`` in ``[e_i, e_i+1)`` (last bin closed), in float64."""
     bins = len(edges) - 1
     xd = x.to(torch.float64)
-    lo, hi = edges[0], edges[-1]
-    below = int((xd < lo).sum())
-    above = int((xd > hi).sum())
-    if below or above:
-        xd = xd[(xd >= lo) & (xd <= hi)]
-    inner = torch.tensor(edges[1:-1], dtype=torch.float64, device=x.device)
-    idx = torch.bucketize(xd, inner, right=True)
-    counts = torch.bincount(idx, minlength=bins)
-    return {"edges": list(edges), "counts": counts.tolist(), "below": below, "above": above}
+    below, above = xd < edges[0], xd > edges[-1]
+    inner = upload(edges[1:-1], torch.float64, x.device)
+    # Values outside the range go to an extra bin that is dropped: the counts, ``below``
+    # and ``above`` come back in one transfer.
+    idx = torch.bucketize(xd, inner, right=True).masked_fill_(below | above, bins)
+    counts = torch.bincount(idx, minlength=bins + 1)
+    host = torch.cat([counts[:bins], below.sum().view(1), above.sum().view(1)]).tolist()
+    return {"edges": list(edges), "counts": host[:bins], "below": host[bins],
+            "above": host[bins + 1]}
 
 
 def _histograms(x: torch.Tensor, summary: Summary, spec: StatsSpec) -> dict[str, Any]:
@@ -413,16 +430,19 @@ def _histograms(x: torch.Tensor, summary: Summary, spec: StatsSpec) -> dict[str,
     if spec.log:
         xd = x.to(torch.float64)
         logs = torch.log10(xd[xd != 0].abs())
+        negative = (x < 0).sum().to(torch.float64)
         if spec.log_range is not None:
             edges = _edges(*spec.log_range, spec.bins)
+            n_neg = int(negative)
         elif logs.numel():
-            lo, hi = torch.aminmax(logs)
-            edges = _edges(float(lo), float(hi), spec.bins)
+            lo, hi, n = torch.stack([*torch.aminmax(logs), negative]).tolist()
+            edges, n_neg = _edges(lo, hi, spec.bins), int(n)
         else:
-            edges = []
+            edges, n_neg = [], int(negative)
         h = _histogram(logs, edges) if edges else {"edges": [], "counts": [], "below": 0,
                                                    "above": 0}
-        out["log_hist"] = {**h, "zeros": int((x == 0).sum()), "negative": int((x < 0).sum())}
+        # x holds finite values: the zeros are what the log left out.
+        out["log_hist"] = {**h, "zeros": x.numel() - logs.numel(), "negative": n_neg}
     return out
 
 
@@ -596,7 +616,7 @@ def view_of(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, A
     if key == "lr_eff":
         def lr_eff(v: torch.Tensor) -> torch.Tensor:
             denom = _denominator(v, f, wide)
-            numerator = torch.tensor(step_size, dtype=wide, device=denom.device)
+            numerator = torch.tensor(step_size, dtype=wide)  # 0-dim CPU: an argument, no sync
             return torch.div(numerator, denom, out=denom)
         return View((v_src,), lr_eff, wide)
 

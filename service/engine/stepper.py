@@ -12,13 +12,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .errors import (
+    DeviceOutOfMemory,
     DtypeMismatch,
     DuplicateName,
     InvalidHyperparameter,
@@ -28,14 +30,18 @@ from .errors import (
     StepConflict,
     UnknownParameter,
 )
+from .footprint import Footprint, footprint, state_bytes, workspace_bytes
+from .memory import is_out_of_memory, release_cached, reserve
 from .options import (
     OPTIMIZERS,
     OPTION_NAMES,
     STRUCTURAL_OPTIONS,
     SUPPORTED_DTYPES,
     default_options,
+    quiet_capturable,
     validate_options,
 )
+from .steps import StepMirror
 
 __all__ = ["JOURNAL_KEYS", "STATE_KEYS", "GroupDef", "StepObserver", "StepOutcome", "Stepper"]
 
@@ -89,6 +95,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
+
+
+def _placed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A parameter's own leaf tensor on ``device`` (the allocation a create makes)."""
+    return t.detach().to(device, copy=True).requires_grad_(True)
+
+
+def _out_of_memory(error: BaseException, what: str, **extra: Any) -> DeviceOutOfMemory:
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DeviceOutOfMemory(f"out of device memory {what} ({first})", **extra)
+
+
+@contextmanager
+def _memory_for(what: str) -> Iterator[None]:
+    """Turn an allocation failure into :class:`DeviceOutOfMemory` (a 507): for mutations
+    that allocate everything before they change anything."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise _out_of_memory(e, what) from None
 
 
 class Stepper:
@@ -157,9 +185,12 @@ class Stepper:
         self.index = {n: i for i, n in enumerate(names)}
         # Leaf tensors that require grad, like nn.Parameter: the optimizer sees exactly what a
         # local training loop would give it.
-        self.params: list[torch.Tensor] = [
-            by_name[n].detach().to(device, copy=True).requires_grad_(True) for n in names
-        ]
+        try:
+            self.params: list[torch.Tensor] = [_placed(by_name[n], device) for n in names]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise _out_of_memory(e, f"placing the parameters of {name!r} on {device}") from None
         self.group_of: dict[str, int] = {}
         # Each group keeps its parameters in the order given: that order defines PyTorch's
         # state_dict indices (group 0's parameters first, then group 1's, ...).
@@ -170,7 +201,7 @@ class Stepper:
                 self.group_of[n] = gi
             torch_groups.append({"params": [self.params[self.index[n]] for n in g.params],
                                  **opts})
-        self.optimizer: torch.optim.Optimizer = OPTIMIZERS[kind](torch_groups)
+        self.optimizer: torch.optim.Optimizer = quiet_capturable(OPTIMIZERS[kind](torch_groups))
         self.numel = sum(p.numel() for p in self.params)
         self.step_count = 0
         #: Bumped by every mutation: readers can cache anything derived from (name, version).
@@ -202,6 +233,13 @@ class Stepper:
         self._grad_staging: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._device_grads: dict[str, torch.Tensor] = {}
         self._host_mirrors: dict[str, torch.Tensor] = {}
+        #: Each parameter's ``step`` as a float, kept without a device sync (.steps).
+        self.steps = StepMirror()
+        self._nbytes = {n: p.numel() * p.element_size()
+                        for n, p in zip(names, self.params, strict=True)}
+        #: The kind of step (stepped names, fresh states) whose working set the allocator
+        #: is known to hold: the last one that succeeded (see _working_set).
+        self._working_key: tuple[Any, ...] | None = None
 
     def _touch(self) -> None:
         self.version += 1
@@ -231,7 +269,12 @@ class Stepper:
         buf = self._grad_staging.get((name, dtype))
         if buf is None:
             pin = self.device.type == "cuda"
-            buf = torch.empty(p.shape, dtype=dtype, pin_memory=pin)
+            try:
+                buf = torch.empty(p.shape, dtype=dtype, pin_memory=pin)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise _out_of_memory(e, f"staging the gradient of {name!r}") from None
             self._grad_staging[(name, dtype)] = buf
         return buf
 
@@ -249,12 +292,36 @@ class Stepper:
                 p = self.params[self.index[n]]
                 mirror = self._host_mirrors.get(n)
                 if mirror is None:
-                    mirror = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                    try:
+                        mirror = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                    except Exception as e:
+                        if not is_out_of_memory(e):
+                            raise
+                        raise _out_of_memory(e, "for the reply's host buffers") from None
                     self._host_mirrors[n] = mirror
                 mirror.copy_(p.detach(), non_blocking=True)
                 out[n] = mirror
             torch.cuda.current_stream(self.device).synchronize()
             return out
+
+    def release_buffers(self) -> None:
+        """Drop the reusable buffers (page-locked host memory on a GPU stepper) and hand
+        PyTorch's cached blocks back: the stepper has been deleted. A request still in
+        flight on it allocates what it needs again."""
+        with self.lock:
+            self._grad_staging.clear()
+            self._device_grads.clear()
+            self._host_mirrors.clear()
+            self.steps.forget()
+        release_cached(self.device)
+
+    def footprint(self) -> Footprint:
+        """The memory this stepper holds once every parameter has stepped, under its
+        current options (:mod:`.footprint`; no lock taken: shapes never change and reading
+        a group's options is atomic)."""
+        groups = self.optimizer.param_groups
+        return footprint((([self._nbytes[n] for n in names], groups[gi])
+                          for gi, names in enumerate(self.group_names)), self.device.type)
 
     def _to_device(self, name: str, g: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -351,7 +418,11 @@ class Stepper:
             {**opts, "params": [self.index[n] for n in self.group_names[gi]]}
             for gi, opts in enumerate(options)
         ]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        with _memory_for(f"loading the state of {self.name!r}"):
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        quiet_capturable(self.optimizer)
+        self.steps.forget()
+        self._working_key = None
 
     # ------------------------------------------------------------------ mutations
 
@@ -419,17 +490,29 @@ class Stepper:
                 {i: s for i, s in enumerate(self._state_by_index())}, new_options
             )
         self._settle()
-        # Device copies first: an allocation failure here leaves nothing half-done.
-        on_device = {n: self._to_device(n, g) for n, g in grads.items()}
-        if new_options is not None:
-            self._apply_options(new_options)
-        for n, p in zip(self.names, self.params, strict=True):
-            p.grad = on_device.get(n)
-        step = self.observed_step = self.step_count + 1
-        started = time.perf_counter()
+        states = self._live_states()
+        if self.device.type != "cpu" or self.steps.mirror_cpu:
+            self.steps.ensure(states)  # so that an interrupted update can be recognized
+        fresh = {i for i, st in enumerate(states) if not st}
+        old_options = None if new_options is None else [
+            self._group_options(gi) for gi in range(len(self.optimizer.param_groups))]
         try:
+            # Everything the step allocates first: a failure here leaves nothing changed.
+            on_device = {n: self._to_device(n, g) for n, g in grads.items()}
+            working, kind = self._working_set(on_device, fresh, new_options)
+            reserve(self.device, working)
+            if new_options is not None:
+                self._apply_options(new_options)
+            for n, p in zip(self.names, self.params, strict=True):
+                p.grad = on_device.get(n)
+            step = self.observed_step = self.step_count + 1
+            started = time.perf_counter()
             self._notify("before_step", on_device)
             self.optimizer.step()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise self._undo(e, fresh, old_options) from None
         finally:
             for p in self.params:
                 p.grad = None
@@ -437,6 +520,9 @@ class Stepper:
                 # The pinned staging buffers are reused by the next request.
                 torch.cuda.current_stream(self.device).synchronize()
         self.step_count = step
+        self._working_key = kind
+        if self.device.type != "cpu" or self.steps.mirror_cpu:
+            self.steps.advance(self._live_states())
         self._unsettled = (step, on_device, time.perf_counter() - started)
         if not self.defer_after_step:
             self._settle()
@@ -447,6 +533,61 @@ class Stepper:
             self._remember(key, outcome)
         self._touch()
         return outcome
+
+    def _live_states(self) -> list[dict[str, Any]]:
+        """Each parameter's state dict as the optimizer holds it ({} without state)."""
+        state = self.optimizer.state
+        return [state.get(p, {}) for p in self.params]
+
+    def _working_set(self, grads: Mapping[str, torch.Tensor], fresh: set[int],
+                     options: Sequence[Mapping[str, Any]] | None
+                     ) -> tuple[int, tuple[Any, ...] | None]:
+        """Device bytes the next ``optimizer.step()`` allocates (the state it creates for
+        parameters without one, and its workspace: :mod:`.footprint`), and the key of this
+        kind of step. 0 when the last step that succeeded was of the same kind: its
+        temporaries' blocks are in the caching allocator then, ready for this one (probing
+        again would cache a second copy of the workspace and cost every step)."""
+        if self.device.type == "cpu":
+            return 0, None
+        key = (tuple(grads), tuple(sorted(fresh)))
+        if options is None and key == self._working_key:
+            return 0, key
+        groups = self.optimizer.param_groups
+        created, workspace = 0, 0
+        for gi, names in enumerate(self.group_names):
+            opts = groups[gi] if options is None else options[gi]
+            sizes = [self._nbytes[n] for n in names if n in grads]
+            created += state_bytes((self._nbytes[n] for n in names
+                                    if n in grads and self.index[n] in fresh),
+                                   bool(opts["amsgrad"]))
+            workspace = max(workspace, workspace_bytes(sizes, opts, self.device.type))
+        return created + workspace, key
+
+    def _undo(self, error: BaseException, fresh: set[int],
+              old_options: list[dict[str, Any]] | None) -> DeviceOutOfMemory:
+        """After an allocation failed during a step: put back what can be put back and say
+        whether anything changed (see :mod:`.memory`)."""
+        self.observed_step = self.step_count
+        states = self._live_states()
+        began = self.steps.moved(states, fresh)
+        if began is False:
+            for i in fresh:  # the state a first step was creating
+                self.optimizer.state.pop(self.params[i], None)
+            try:
+                if old_options is not None:
+                    self._apply_options(old_options)
+            except Exception:  # noqa: BLE001 - reported as a partial change below
+                log.exception("stepper %r: could not restore its options", self.name)
+                began = None
+        if began is False:
+            return _out_of_memory(error, f"for a step of {self.name!r}; nothing was changed",
+                                  partial=False)
+        self._touch()
+        log.error("stepper %r ran out of device memory inside PyTorch's update: its "
+                  "parameters and state may be partly updated", self.name)
+        return _out_of_memory(
+            error, f"inside PyTorch's update of {self.name!r}: its parameters and state may "
+            "be partly updated; restore a snapshot or load its state again", partial=True)
 
     @property
     def unsettled(self) -> bool:
@@ -583,6 +724,7 @@ class Stepper:
         else:
             for g, opts in zip(self.optimizer.param_groups, options, strict=True):
                 g.update(opts)
+        self._working_key = None
 
     def set_hyperparameters(self, updates: Mapping[str, Any], group: int | None = None) -> None:
         """Change options of one group or all groups, validated by PyTorch first."""
@@ -604,7 +746,8 @@ class Stepper:
             self._settle()
             for name, t in tensors.items():
                 self._check_tensor(name, t, "value")
-            staged = {n: t.to(self.device) for n, t in tensors.items()}
+            with _memory_for(f"for new values of {self.name!r}"):
+                staged = {n: t.to(self.device) for n, t in tensors.items()}
             with torch.no_grad():
                 for n, t in staged.items():
                     self.params[self.index[n]].copy_(t)
@@ -629,7 +772,8 @@ class Stepper:
                 p = self._param(name)
                 target = dict(new_state.get(self.index[name], {}))
                 for key, t in entries.items():
-                    target[key] = self._checked_state_tensor(name, p, key, t)
+                    with _memory_for(f"for the state of {self.name!r}"):
+                        target[key] = self._checked_state_tensor(name, p, key, t)
                 if target:
                     new_state[self.index[name]] = target
             options = self._validated_group_updates(group_options) or [
@@ -685,6 +829,8 @@ class Stepper:
                 self._param(n)
             for n in drop:
                 self.optimizer.state.pop(self.params[self.index[n]], None)
+            self.steps.forget()
+            self._working_key = None
             self._touch()
 
     # ------------------------------------------------------------------ reads
@@ -724,9 +870,14 @@ class Stepper:
             self._param(n)
         return list(dict.fromkeys(names))
 
+    def param_steps(self) -> list[float | None]:
+        """Each parameter's state step (None without state), in parameter order, without a
+        device sync per parameter (:mod:`.steps`)."""
+        with self.lock:
+            return self.steps.values(self._live_states())
+
     def param_step(self, name: str) -> float | None:
-        s = self.optimizer.state.get(self.params[self.index[name]], {})
-        return float(s["step"].item()) if "step" in s else None
+        return self.param_steps()[self.index[name]]
 
     def bias_correction(self, step: float | None = None) -> dict[str, Any]:
         """Bias-correction factors as ``_single_tensor_adam`` computes them (Python floats).
@@ -741,8 +892,7 @@ class Stepper:
             groups = [self._factors(g, t_groups) for g in self.optimizer.param_groups]
             params: dict[str, Any] = {}
             if step is None:
-                for n in self.names:
-                    t = self.param_step(n)
+                for n, t in zip(self.names, self.param_steps(), strict=True):
                     if t is not None:
                         g = self.optimizer.param_groups[self.group_of[n]]
                         params[n] = self._factors(g, t)
@@ -769,7 +919,8 @@ class Stepper:
         with self.lock:
             params = []
             nbytes = 0
-            for n, p in zip(self.names, self.params, strict=True):
+            steps = self.param_steps()
+            for n, p, t in zip(self.names, self.params, steps, strict=True):
                 s = self.optimizer.state.get(p, {})
                 nbytes += p.numel() * p.element_size()
                 nbytes += sum(v.numel() * v.element_size() for v in s.values()
@@ -780,7 +931,7 @@ class Stepper:
                     "dtype": _dtype_name(p.dtype),
                     "numel": p.numel(),
                     "group": self.group_of[n],
-                    "step": float(s["step"].item()) if "step" in s else None,
+                    "step": t,
                     "state": [k for k in STATE_KEYS if k in s],
                 })
             groups = []
@@ -796,6 +947,7 @@ class Stepper:
                 "step": self.step_count,
                 "numel": sum(p.numel() for p in self.params),
                 "state_bytes": nbytes,
+                "footprint": self.footprint().as_dict(),
                 "params": params,
                 "groups": groups,
                 "created_at": self.created_at,

@@ -46,8 +46,24 @@ from service.settings import Settings
 
 MAX_ELEMENTS = 100
 MAX_STEPPERS = 3
-#: Room for exactly: a 10-float32 Adam stepper (124 bytes) and a 10-float32 AMSGrad one (164).
-BUDGET = (3 * 40 + STEP_BYTES) + (4 * 40 + STEP_BYTES)
+
+
+def cpu_footprint(state: int, largest: int, param_bytes: int, copies: int = 2) -> int:
+    """A CPU stepper's footprint total as service.engine.footprint defines it: parameters
+    and state, the gradient buffer (the parameter bytes) and the for-loop step's workspace
+    (``copies`` temporaries of the largest tensor: denom's two, a third for maximize or L2
+    weight decay)."""
+    return state + param_bytes + copies * largest
+
+
+#: A 10-float32 Adam stepper: state 3 * 40 + 4, gradients 40, workspace 2 * 40.
+ADAM10 = cpu_footprint(3 * 40 + STEP_BYTES, 40, 40)
+#: A 10-float32 AMSGrad stepper: state 4 * 40 + 4, gradients 40, workspace 2 * 40.
+AMS10 = cpu_footprint(4 * 40 + STEP_BYTES, 40, 40)
+#: A 1-float32 Adam stepper.
+TINY = cpu_footprint(3 * 4 + STEP_BYTES, 4, 4)
+#: Room for exactly: a 10-float32 Adam stepper and a 10-float32 AMSGrad one.
+BUDGET = ADAM10 + AMS10
 
 
 @pytest.fixture
@@ -58,9 +74,9 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def spec(name: str, *shapes: list[int], amsgrad: bool = False, dtype: str = "float32",
-         groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+         groups: list[dict[str, Any]] | None = None, **options: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "name": name, "hyperparameters": {"lr": 0.1, "amsgrad": amsgrad},
+        "name": name, "hyperparameters": {"lr": 0.1, "amsgrad": amsgrad, **options},
         "params": [{"name": f"p{i}", "shape": s, "dtype": dtype} for i, s in enumerate(shapes)],
     }
     if groups is not None:
@@ -147,29 +163,48 @@ def test_racing_creates_never_exceed_the_limit(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- memory budget
 
 
-@pytest.mark.parametrize(("s", "nbytes"), [
-    (spec("adam", [10]), 3 * 40 + STEP_BYTES),
-    (spec("ams", [10], amsgrad=True), 4 * 40 + STEP_BYTES),
-    (spec("bf16", [2, 3], [5], dtype="bfloat16"), 3 * 12 + 3 * 10 + 2 * STEP_BYTES),
-    (spec("cplx", [4], dtype="complex64"), 3 * 32 + STEP_BYTES),
+@pytest.mark.parametrize(("s", "nbytes", "state"), [
+    (spec("adam", [10]), ADAM10, 3 * 40 + STEP_BYTES),
+    (spec("ams", [10], amsgrad=True), AMS10, 4 * 40 + STEP_BYTES),
+    (spec("bf16", [2, 3], [5], dtype="bfloat16"),
+     cpu_footprint(3 * 12 + 3 * 10 + 2 * STEP_BYTES, 12, 22), 3 * 12 + 3 * 10 + 2 * STEP_BYTES),
+    (spec("cplx", [4], dtype="complex64"), cpu_footprint(3 * 32 + STEP_BYTES, 32, 32),
+     3 * 32 + STEP_BYTES),
     (spec("mixed", [10], [5], groups=[{"params": ["p0"]}, {"params": ["p1"], "amsgrad": True}]),
+     cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
      (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES)),
     (spec("mixed2", [10], [5], amsgrad=True,
           groups=[{"params": ["p0"], "amsgrad": False}, {"params": ["p1"]}]),
+     cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
      (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES)),
+    # foreach: one sqrt temporary per tensor (all of them); fused: no workspace
+    (spec("foreach", [10], [5], foreach=True), (3 * 60 + 2 * STEP_BYTES) + 60 + 60,
+     3 * 60 + 2 * STEP_BYTES),
+    (spec("fused", [10], fused=True), ADAM10 - 2 * 40, 3 * 40 + STEP_BYTES),
+    # Adam's L2 weight decay copies the gradient (a third temporary); AdamW's is in place
+    (spec("l2", [10], weight_decay=0.1), cpu_footprint(3 * 40 + STEP_BYTES, 40, 40, 3),
+     3 * 40 + STEP_BYTES),
+    ({**spec("decoupled", [10], weight_decay=0.1), "optimizer": "adamw"}, ADAM10,
+     3 * 40 + STEP_BYTES),
 ])
-def test_projection_equals_the_state_bytes_after_the_first_step(
-    tmp_path: Path, s: dict[str, Any], nbytes: int
+def test_the_budget_counts_the_footprint_the_summary_reports(
+    tmp_path: Path, s: dict[str, Any], nbytes: int, state: int
 ) -> None:
-    """The budget counts each stepper as it will be after its first step, exactly as its
-    summary reports ``state_bytes`` then."""
+    """The budget counts each stepper's footprint as it will be once every parameter has
+    stepped: its state (exactly the summary's ``state_bytes`` after the first step), its
+    gradient buffer and its step's workspace, as the summary's ``footprint`` reports.
+    (It counted the state alone before: the gradient buffer and the workspace are memory
+    the stepper takes too.)"""
     with TestClient(create_app(Settings(data_dir=tmp_path, device="cpu",
                                         memory_budget_bytes=nbytes))) as c:
         create(c, s)
-        assert c.get(f"{V1}/{s['name']}").json()["state_bytes"] < nbytes  # no state yet
+        summary = c.get(f"{V1}/{s['name']}").json()
+        assert summary["footprint"]["total"] == nbytes
+        assert summary["footprint"]["state"] == state and summary["footprint"]["pinned"] == 0
+        assert summary["state_bytes"] < state  # no state yet
         grads = {k: torch.ones_like(v) for k, v in zeros(s).items()}
         assert step(c, s["name"], grads).status_code == 200
-        assert c.get(f"{V1}/{s['name']}").json()["state_bytes"] == nbytes
+        assert c.get(f"{V1}/{s['name']}").json()["state_bytes"] == state
         assert_problem(c.post(V1, json=spec("tiny", [1])), "memory_budget_exceeded",
                        f"{nbytes} of the {nbytes}-byte budget")
 
@@ -184,9 +219,9 @@ def test_the_memory_budget_is_507_and_a_delete_frees_it(app_client: TestClient) 
         r = (app_client.post(V1, json=extra) if form == "json"
              else app_client.post(V1, content=create_body(extra, zeros(extra)), headers=OCTET))
         body = assert_problem(r, "memory_budget_exceeded",
-                              f"stepper 'c' needs {3 * 4 + STEP_BYTES} bytes",
+                              f"stepper 'c' needs {TINY} bytes",
                               f"{BUDGET} of the {BUDGET}-byte budget (memory_budget_bytes)")
-        assert body["needed"] == 16 and body["used"] == BUDGET and body["budget"] == BUDGET
+        assert body["needed"] == TINY and body["used"] == BUDGET and body["budget"] == BUDGET
     assert registered(app_client) == ["a", "b"]
     assert (snapshot(app_client, "a"), snapshot(app_client, "b")) == before
     assert app_client.delete(f"{V1}/a").status_code == 204
@@ -195,9 +230,10 @@ def test_the_memory_budget_is_507_and_a_delete_frees_it(app_client: TestClient) 
 
 def test_switching_amsgrad_on_counts_for_later_creates(app_client: TestClient) -> None:
     create(app_client, spec("a", [10]))
-    create(app_client, spec("b", [10]))  # 2 x 124 of 288 used: 40 left
+    create(app_client, spec("b", [10]))  # 2 x ADAM10 used: AMS10 - ADAM10 = 40 left
+    assert BUDGET - 2 * ADAM10 >= TINY
     r = app_client.patch(f"{V1}/a/hyperparameters", json={"amsgrad": True})
-    assert r.status_code == 200, r.text  # a now counts 164: 0 left
+    assert r.status_code == 200, r.text  # a now counts AMS10: 0 left
     assert_problem(app_client.post(V1, json=spec("c", [1])), "memory_budget_exceeded",
                    f"{BUDGET} of the {BUDGET}-byte budget")
 

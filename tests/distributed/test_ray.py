@@ -475,3 +475,27 @@ def test_slots_off_loopback_need_tokens(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "slot services: refusing to serve on auto without access tokens" in err
     assert not (tmp_path / "hosts").exists()
+
+
+def test_slots_ray_could_never_place_are_refused_at_start(tmp_path: Path) -> None:
+    """Two slots of one GPU each on a cluster without (enough) GPUs: before, the second
+    actor waited for a GPU forever and so did /healthz; now the CLI exits at once saying
+    why, having deployed nothing."""
+    import subprocess
+
+    from conftest import ROOT, free_port
+
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        pytest.skip("two GPUs here: two slots of one GPU each can be placed")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--ray", "--slots", "2",
+         "--slot-gpus", "1", "--port", str(free_port()), "--data-dir", str(tmp_path),
+         "--log-level", "warning"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (f"2 slot(s) of 1 GPU each cannot be placed: the Ray cluster has {gpus} GPU(s)"
+            in result.stderr)
+    assert time.monotonic() - started < 240
+    assert not (tmp_path / "hosts").exists()
