@@ -26,6 +26,7 @@ from client.protocol import (
 )
 
 from ..engine import checkpoint as checkpoints
+from ..engine.errors import InvalidCheckpoint, InvalidSpec
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
 from . import quota
@@ -192,6 +193,11 @@ async def import_stepper(
         resolve_device(device, settings.default_device())  # 422 before anything is built
     for pname, t in ckpt.params:
         quota.check_tensor_elements(settings, pname, list(t.shape))
+    try:
+        checkpoints.check_header_room([(n, list(t.shape)) for n, t in ckpt.params],
+                                      len(ckpt.groups))
+    except InvalidSpec as e:
+        raise InvalidCheckpoint(e.detail) from None
     amsgrad = {n: bool(g.options.get("amsgrad")) for g in ckpt.groups for n in g.params}
     needed = quota.projected_bytes((t.numel() * t.element_size(), amsgrad.get(n, False))
                                    for n, t in ckpt.params)

@@ -24,6 +24,7 @@ from client.protocol import (
 )
 
 from ..engine import GroupDef, Registry, Stepper
+from ..engine.checkpoint import check_header_room
 from ..engine.errors import DtypeMismatch, DuplicateName, InvalidSpec, ShapeMismatch
 from ..engine.history import summary_fields
 from ..engine.options import resolve_device
@@ -136,6 +137,7 @@ async def create_stepper(request: Request) -> dict[str, Any]:
     if kind == "application/json":
         spec = _validate(CreateStepper, json_object(body))
         authorize_name(request, spec.name)
+        check_header_room([(p.name, p.shape or []) for p in spec.params], len(spec.groups or [0]))
         sizes = quota.json_spec_sizes(settings, spec)  # before zeros are allocated
         quota.admit(settings, registry(request), spec.name, quota.spec_bytes(spec, sizes),
                     precheck=True)
@@ -148,6 +150,7 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         spec = _validate(CreateStepper, raw)
         authorize_name(request, spec.name)
         params = _params_from_body(spec, tensors)
+        check_header_room([(n, list(t.shape)) for n, t in params], len(spec.groups or [0]))
         for pname, t in params:
             quota.check_tensor_elements(settings, pname, list(t.shape))
     else:

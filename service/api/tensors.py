@@ -214,9 +214,8 @@ async def step(
             await lock.acquire()
             if stepper.step_count < target:
                 return _pending(stepper)
-            recorded = stepper.journal.get("keys", {}).get(idempotency_key or "")
-            outcome = StepOutcome(target, *(
-                (recorded["stepped"], recorded["skipped"]) if recorded else ([], [])))
+            recorded = stepper.recorded(idempotency_key) if idempotency_key else None
+            outcome = recorded or StepOutcome(target, [], [])
         if not return_params:
             held = lock
             lock = None  # released once the reply has left, as below

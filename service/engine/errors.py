@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CheckpointTooLarge",
     "DeviceUnavailable",
     "DtypeMismatch",
     "DuplicateName",
@@ -79,3 +80,9 @@ class DeviceUnavailable(EngineError):
 
 class InvalidCheckpoint(EngineError):
     code = "invalid_checkpoint"
+
+
+class CheckpointTooLarge(EngineError):
+    """A checkpoint that no safetensors reader would accept back (never written)."""
+
+    code = "persistence_failed"

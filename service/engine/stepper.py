@@ -28,6 +28,7 @@ from .errors import (
     StepConflict,
     UnknownParameter,
 )
+from .journal import JOURNAL_KEYS, KeyJournal
 from .options import (
     OPTIMIZERS,
     OPTION_NAMES,
@@ -78,8 +79,6 @@ class StepObserver(Protocol):
     def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None: ...
 
 
-#: Idempotency keys remembered per stepper (oldest forgotten first); persisted with it.
-JOURNAL_KEYS = 4096
 MAX_CONTRIBUTORS = 1024
 
 
@@ -178,6 +177,8 @@ class Stepper:
         #: JSON-serializable engine bookkeeping saved with every checkpoint and restored with
         #: it ("extra" in the checkpoint metadata); change it under ``lock`` with a mutation.
         self.journal: dict[str, Any] = {}
+        #: The idempotency keys of the last applied steps (persisted with every checkpoint).
+        self.keys = KeyJournal(names)
         #: Contributions collected for the next step (accumulate mode); never persisted.
         self._round: dict[str, Any] = {}
         #: Called around every optimizer step (statistics, history).
@@ -386,11 +387,17 @@ class Stepper:
     def _replay(self, key: str | None) -> StepOutcome | None:
         if key is None:
             return None
-        done = self.journal.get("keys", {}).get(key)
+        done = self.keys.lookup(key)
         if done is None:
             return None
-        return StepOutcome(done["step"], list(done["stepped"]), list(done["skipped"]),
-                           replayed=True)
+        return StepOutcome(*done, replayed=True)
+
+    def recorded(self, key: str) -> StepOutcome | None:
+        """The outcome of the step ``key`` applied, if the journal still holds it. Takes no
+        lock (the event loop calls it): the lookup is one dict read of an entry that is
+        never changed in place."""
+        done = self.keys.lookup(key)
+        return None if done is None else StepOutcome(*done)
 
     def _check_expected(self, expected_step: int | None) -> None:
         if expected_step is not None and expected_step != self.step_count:
@@ -400,11 +407,7 @@ class Stepper:
             )
 
     def _remember(self, key: str, outcome: StepOutcome) -> None:
-        keys = self.journal.setdefault("keys", {})
-        keys[key] = {"step": outcome.step, "stepped": outcome.stepped,
-                     "skipped": outcome.skipped}
-        while len(keys) > JOURNAL_KEYS:
-            keys.pop(next(iter(keys)))
+        self.keys.remember(key, outcome.step, outcome.stepped)
 
     def _apply(
         self,
