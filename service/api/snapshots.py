@@ -29,7 +29,7 @@ from ..engine import checkpoint as checkpoints
 from ..engine.errors import InvalidCheckpoint, InvalidSpec
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
-from . import quota
+from . import budget, quota
 from .access import authorize_name, require
 from .durability import persistence, summary
 from .steppers import NAME_PROBLEMS, registry
@@ -165,9 +165,9 @@ async def delete_snapshot(name: str, snap: Snap, request: Request) -> Response:
         "(safetensors with the adamscope.checkpoint header)"
     ),
     responses=problems("malformed_body", "payload_too_large", "unsupported_media_type",
-                       "request_validation_error", "invalid_checkpoint", "stepper_exists",
-                       "device_unavailable", "forbidden", "tensor_too_large", "stepper_limit",
-                       "memory_budget_exceeded", "persistence_failed"),
+                       "request_timeout", "request_validation_error", "invalid_checkpoint",
+                       "stepper_exists", "device_unavailable", "forbidden", "tensor_too_large",
+                       "stepper_limit", "memory_budget_exceeded", "persistence_failed"),
 )
 async def import_stepper(
     request: Request,
@@ -202,8 +202,12 @@ async def import_stepper(
     needed = quota.projected_bytes((t.numel() * t.element_size(), amsgrad.get(n, False))
                                    for n, t in ckpt.params)
 
+    target = resolve_device(device, settings.default_device()) if device is not None else None
+
     def admit(new: str) -> None:
         quota.admit(settings, registry(request), new, needed)
+        where = target or persistence(request).restore_device(ckpt.device)
+        budget.check_room(registry(request), new, where, needed)
 
     stepper = await run_in_threadpool(persistence(request).import_checkpoint, ckpt, new_name,
                                       device, admit)

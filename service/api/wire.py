@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import torch
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from client import codec
 from client.protocol import META_STEP, META_STEPPER
@@ -19,11 +20,13 @@ __all__ = [
     "OCTET",
     "TensorFormat",
     "binary_body_doc",
+    "body_chunks",
     "declared_length",
     "decode_tensors",
     "json_object",
     "json_tensors",
     "read_body",
+    "read_json_object",
     "tensor_response",
     "wants_json",
 ]
@@ -59,13 +62,29 @@ def declared_length(request: Request, limit: int) -> int | None:
     return size
 
 
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; 408 ``request_timeout`` when the client sends
+    nothing for ``body_timeout`` seconds (a slow sender cannot hold a request open)."""
+    timeout: float = request.app.state.settings.body_timeout
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError("request_timeout", f"the body stalled: no bytes arrived for "
+                           f"{timeout:g} s (body_timeout)", timeout=timeout) from None
+        yield chunk
+
+
 async def read_body(request: Request) -> bytearray:
     """The whole request body (small JSON and create bodies), refused with 413 once it
     passes ``max_body_bytes``; tensor bodies are streamed in place (``stream.py``)."""
     limit: int = request.app.state.settings.max_body_bytes
     declared_length(request, limit)
     buf = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         if len(buf) + len(chunk) > limit:
             raise ApiError("payload_too_large",
                            f"body exceeds the limit of {limit} bytes", limit=limit)
@@ -79,11 +98,24 @@ def decode_tensors(body: bytes | bytearray) -> tuple[dict[str, torch.Tensor], di
     return codec.decode(body)
 
 
+#: A JSON body longer than this is parsed in a worker thread, off the event loop.
+INLINE_JSON_BYTES = 64 * 1024
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body (see :func:`json_object`), parsed off the event loop
+    when it is large."""
+    body = await read_body(request)
+    if len(body) <= INLINE_JSON_BYTES:
+        return json_object(body)
+    return await run_in_threadpool(json_object, body)
+
+
 def json_object(body: bytes | bytearray) -> dict[str, Any]:
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError("malformed_body", f"body is not valid JSON: {e}") from None
+        value = codec.load_json(body, "body")
+    except codec.CodecError as e:
+        raise ApiError("malformed_body", str(e)) from None
     if not isinstance(value, dict):
         raise ApiError("malformed_body", "JSON body must be an object")
     return value
@@ -94,9 +126,9 @@ def meta_json(metadata: Mapping[str, str], key: str) -> Any:
     if raw is None:
         return None
     try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise ApiError("malformed_body", f"metadata {key!r} is not valid JSON: {e}") from None
+        return codec.load_json(raw, f"metadata {key!r}")
+    except codec.CodecError as e:
+        raise ApiError("malformed_body", str(e)) from None
 
 
 def wants_json(request: Request, format: TensorFormat | None) -> bool:

@@ -255,7 +255,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+    """A finite number that fits a float64 and, if an integer, an int64."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    return -_INT64 <= x <= _INT64 if isinstance(x, int) else math.isfinite(x)
+
+
+_INT64 = 2**63 - 1
 
 
 def _str_list(x: Any) -> bool:
@@ -269,13 +275,14 @@ def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
            f"not an adamscope checkpoint: __metadata__ lacks {META_CHECKPOINT!r}")
     assert raw is not None
     try:
-        h = json.loads(raw)
-    except ValueError as e:
-        raise InvalidCheckpoint(f"checkpoint header is not valid JSON: {e}") from None
+        h = codec.load_json(raw, "checkpoint header")
+    except codec.CodecError as e:
+        raise InvalidCheckpoint(str(e)) from None
     _check(isinstance(h, dict), "checkpoint header must be a JSON object")
     _check(h.get("format") == FORMAT, f"checkpoint format is {h.get('format')!r}, not {FORMAT!r}")
     version = h.get("version")
-    _check(_is_int(version) and version >= 1, f"invalid checkpoint format version {version!r}")
+    _check(_is_int(version) and 1 <= version <= _INT64,
+           f"invalid checkpoint format version {version!r}")
     _check(version <= FORMAT_VERSION,
            f"checkpoint format version {version} is newer than this service reads "
            f"({FORMAT_VERSION}): upgrade adamscope")
@@ -299,12 +306,14 @@ def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
         for key, value in g["options"].items():
             _check(key in OPTION_NAMES, f"checkpoint group has unknown option {key!r}")
             ok = (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
-                  if key == "betas" else value is None or isinstance(value, bool | int | float))
+                  if key == "betas" else value is None or isinstance(value, bool)
+                  or _is_number(value))
             _check(ok, f"checkpoint option {key}={value!r} has the wrong type")
     step = h.get("step")
-    _check(_is_int(step) and step >= 0, f"checkpoint step must be an integer >= 0, got {step!r}")
+    _check(_is_int(step) and 0 <= step <= _INT64,
+           f"checkpoint step must be an integer in 0..2**63-1, got {step!r}")
     for key in ("created_at", "updated_at", "saved_at"):
-        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a number")
+        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a finite number")
     _check(isinstance(h.get("extra", {}), dict), "checkpoint 'extra' must be an object")
     _check(isinstance(h.get("idempotency", {}), dict),
            "checkpoint 'idempotency' must be an object")
@@ -351,9 +360,9 @@ def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
     raw = read(n)
     _check(len(raw) == n, "file ends inside its safetensors header")
     try:
-        head = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidCheckpoint(f"safetensors header is not valid JSON: {e}") from None
+        head = codec.load_json(raw, "safetensors header")
+    except codec.CodecError as e:
+        raise InvalidCheckpoint(str(e)) from None
     _check(isinstance(head, dict), "safetensors header must be a JSON object")
     metadata = head.get("__metadata__")
     _check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),

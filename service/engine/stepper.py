@@ -223,6 +223,29 @@ class Stepper:
             dtype = p.dtype
         self._check_spec(name, shape, dtype, "gradient")
 
+    def check_value(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """Raise as :meth:`put_params` would for a value of this shape and dtype."""
+        self._check_spec(name, shape, dtype, "value")
+
+    def check_state_shape(self, name: str, key: str, shape: Sequence[int]) -> None:
+        """Raise as :meth:`put_state` would for a state tensor of this shape (before any
+        byte of it has been read or allocated)."""
+        p = self._param(name)
+        if key not in STATE_KEYS:
+            raise InvalidState(
+                f"unknown state key {key!r} for {name!r}; expected one of {', '.join(STATE_KEYS)}",
+                parameter=name,
+            )
+        if key == "step":
+            if math.prod(shape) != 1 or len(shape) > 1:
+                raise ShapeMismatch(f"step of {name!r} must be a scalar, got shape {list(shape)}",
+                                    parameter=name)
+        elif tuple(shape) != tuple(p.shape):
+            raise ShapeMismatch(
+                f"{key} for {name!r} has shape {list(shape)}, parameter has {list(p.shape)}",
+                parameter=name,
+            )
+
     def grad_buffer(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The reusable host buffer a gradient for ``name`` is received into (pinned when the
         stepper lives on an accelerator, so the copy to the device can be asynchronous);

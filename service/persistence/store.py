@@ -163,7 +163,9 @@ class Store:
     def _inside(self, path: Path, parent: Path) -> Path:
         resolved = path.resolve()
         if resolved.parent != parent.resolve():
-            raise PersistenceFailed(f"refusing {path}: it resolves outside {parent}")
+            log.error("refusing %s: it resolves outside %s", path, parent)
+            raise PersistenceFailed(f"refusing {path.name!r}: it resolves outside the data "
+                                    "directory")
         return path
 
     def _component(self, name: str, what: str) -> str:
