@@ -10,8 +10,9 @@ At each of ``--steps`` the checkpoint is written the way the service writes it (
 temporary file, fsynced, renamed over ``checkpoint.safetensors``) ``--writes`` times; printed
 per point: the file and header sizes, the median and max write time, the keys the journal
 holds, and a check that the file loads back with the reference ``safetensors`` library and
-with the service's own reader. ``--skip F`` leaves a random fraction F of the tensors without
-a gradient in each step (every step a different stepped set: the journal's worst case).
+with the service's own reader (the script exits 1 if one does not). ``--skip F`` leaves a
+random fraction F of the tensors without a gradient in each step (every step a different
+stepped set: the journal's worst case).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> int:
                                                                        "foreach": True})
     grads = {n: torch.randn(args.numel, generator=g) for n in names}
     pick = torch.Generator().manual_seed(1)
+    unreadable = 0
     with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
         store = Store(Path(tmp))
         store.open()
@@ -117,10 +119,12 @@ def main() -> int:
             path = store.checkpoint_path(stepper.name)
             keys = len(stepper.keys) if hasattr(stepper, "keys") else len(
                 stepper.journal.get("keys", {}))
+            verdict = reads_back(path)
+            unreadable += verdict != "ok"
             print(f"{target:>6}{size / 1024:>10.0f}{header_size(path) / 1024:>12.0f}"
                   f"{statistics.median(times) * 1e3:>11.1f}{max(times) * 1e3:>8.1f}"
-                  f"{keys:>6}  {reads_back(path)}", flush=True)
-    return 0
+                  f"{keys:>6}  {verdict}", flush=True)
+    return 1 if unreadable else 0
 
 
 if __name__ == "__main__":

@@ -219,8 +219,10 @@ def load_json(raw: str | bytes | bytearray | memoryview, what: str = "JSON",
             raise
         raise CodecError(f"{what} is not valid JSON: {e}") from None
     else:
-        brackets = text.count(b"[" if isinstance(text, bytes) else "[") + text.count(
-            b"{" if isinstance(text, bytes) else "{")
+        if isinstance(text, bytes):
+            brackets = text.count(b"[") + text.count(b"{")
+        else:
+            brackets = text.count("[") + text.count("{")
         deep = brackets > MAX_JSON_DEPTH and _too_deep(value)
     if deep:
         raise CodecError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")

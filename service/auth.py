@@ -264,7 +264,7 @@ def _empty_environment_list() -> bool:
     if raw is None:
         return False
     try:
-        return json.loads(raw) == []
+        return bool(json.loads(raw) == [])
     except ValueError:
         return False
 

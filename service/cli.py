@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest parameter a stepper may hold, in elements")
     serve.add_argument("--max-steppers", type=int, help="most steppers at once")
     serve.add_argument("--memory-budget-bytes", type=int,
-                       help="bytes for all steppers' parameters and Adam state")
+                       help="bytes for all steppers' parameters and Adam state (default: "
+                       "none; every new stepper must also fit the memory its device has "
+                       "available, keeping 10%% free)")
     serve.add_argument("--per-gpu", action="store_true",
                        help="one worker per visible GPU on ports PORT, PORT+1, ...")
     ray = serve.add_argument_group(

@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     )
     max_steppers: int | None = Field(None, ge=1, description="most steppers at once (507)")
     memory_budget_bytes: int | None = Field(
-        None, ge=1, description="bytes for all steppers' parameters and Adam state (507)"
+        None, ge=1, description="bytes for all steppers' parameters and Adam state (507); "
+        "set or not, every new stepper must also fit the memory its device has available "
+        "(service.api.budget)"
     )
     # Durability (service.persistence): the policy of steppers created without one.
     durability: Durability = Field(
