@@ -20,7 +20,6 @@ import asyncio
 import contextvars
 import functools
 import json
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from client.protocol import META_STEP, META_STEPPER
 
 from ..engine import Stepper
 from ..errors import ApiError
-from .wire import OCTET, body_chunks, declared_length, media_type
+from .wire import OCTET, BodyStream, declared_length, media_type
 
 __all__ = [
     "BodyReader",
@@ -214,22 +213,12 @@ class BodyReader:
         self.received = 0
         self._done = False
 
-    async def _next_chunk(self, deadline: float | None) -> bytes:
-        if deadline is None:
-            return await self._chunks.__anext__()
-        remaining = deadline - time.monotonic()
-        try:
-            return await asyncio.wait_for(self._chunks.__anext__(), max(remaining, 0.0))
-        except TimeoutError:
-            raise ApiError("request_timeout", "the safetensors header did not arrive in "
-                           "time (body_timeout)") from None
-
-    async def _fill(self, deadline: float | None = None) -> bool:
+    async def _fill(self) -> bool:
         while not self._pending.nbytes:
             if self._done:
                 return False
             try:
-                chunk = await self._next_chunk(deadline)
+                chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 self._done = True
                 return False
@@ -253,13 +242,13 @@ class BodyReader:
             filled += n
         return True
 
-    async def read_bytes(self, size: int, deadline: float) -> bytes | None:
+    async def read_bytes(self, size: int) -> bytes | None:
         """The next ``size`` bytes, held only as they arrive (a length the client declares
-        reserves nothing), all by ``deadline`` (monotonic); None if the body ends first."""
+        reserves nothing); None if the body ends first."""
         parts: list[bytes] = []
         got = 0
         while got < size:
-            if not await self._fill(deadline):
+            if not await self._fill():
                 return None
             n = min(self._pending.nbytes, size - got)
             parts.append(bytes(self._pending[:n]))
@@ -288,9 +277,10 @@ async def _read_header(request: Request, header_bytes: int
     declared = declared_length(request, limit)
     if declared == 0:
         raise ApiError("malformed_body", "empty body: expected a safetensors buffer")
-    deadline = time.monotonic() + settings.body_timeout
-    reader = BodyReader(body_chunks(request), limit)
-    prefix = await reader.read_bytes(8, deadline)
+    stream = BodyStream(request)
+    stream.deadline(stream.timeout)  # the whole header, however it is dribbled
+    reader = BodyReader(stream, limit)
+    prefix = await reader.read_bytes(8)
     if prefix is None:
         raise codec.CodecError("body too short for a safetensors header (need at least 8 bytes)")
     n = codec.header_length(prefix)
@@ -301,11 +291,12 @@ async def _read_header(request: Request, header_bytes: int
         raise codec.CodecError(
             f"safetensors header claims {n} bytes but the body has only {declared - 8}"
         )
-    head = await reader.read_bytes(n, deadline)
+    head = await reader.read_bytes(n)
     if head is None:
         raise codec.CodecError(
             f"safetensors header claims {n} bytes but the body has only {reader.received - 8}"
         )
+    stream.deadline(None)  # the data: only the idle timeout
     return reader, head, declared, limit
 
 
