@@ -24,6 +24,7 @@ SUITE = [
     ["bench_small.py"] + (["--steps", "100"] if QUICK else []),
     ["bench_reads.py"] + (["--seconds", "2"] if QUICK else []),
     ["bench_durability.py"] + (["--seconds", "1"] if QUICK else []),
+    ["bench_checkpoint.py"] + (["--steps", "100", "1000", "--writes", "2"] if QUICK else []),
 ]
 try:  # the distributed mode's overhead, where Ray Serve is installed (the test extra has it)
     import ray.serve  # noqa: F401

@@ -28,7 +28,11 @@ import torch
 __all__ = [
     "CodecError",
     "Entry",
+    "MAX_DIMS",
+    "MAX_JSON_DEPTH",
     "byte_view",
+    "check_shape",
+    "load_json",
     "encode_parts",
     "header_length",
     "parse_header",
@@ -66,6 +70,14 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 
 #: Same ceiling as the reference implementation: a larger header is rejected unread.
 MAX_HEADER_BYTES = 100_000_000
+#: Deepest nesting accepted in any JSON received (a tensor's data nests once per dimension,
+#: a safetensors header three levels): deeper input is refused before anything recurses
+#: into it (Python's own parser would raise RecursionError near 1,000 levels).
+MAX_JSON_DEPTH = 64
+#: Most dimensions a tensor may have, and the most elements its non-empty dimensions may
+#: span (so that its size in bytes, strides and offsets all fit PyTorch's int64).
+MAX_DIMS = 64
+MAX_SPAN = 2**60
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is LE
     raise ImportError("the safetensors wire codec assumes a little-endian host")
@@ -177,6 +189,71 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests deeper than MAX_JSON_DEPTH (walked level by level, no
+    recursion)."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        deeper: list[Any] = []
+        for v in level:
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+            deeper += [x for x in items if isinstance(x, list | dict)]
+        if not deeper:
+            return False
+        level = deeper
+    return True
+
+
+def load_json(raw: str | bytes | bytearray | memoryview, what: str = "JSON",
+              object_pairs_hook: Any = None) -> Any:
+    """``json.loads`` for anything received: malformed, non-UTF-8 or deeper than
+    :data:`MAX_JSON_DEPTH` JSON is a :class:`CodecError` saying ``what`` was wrong."""
+    text = bytes(raw) if isinstance(raw, bytearray | memoryview) else raw
+    try:
+        value = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        value = None
+        deep = True
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CodecError):
+            raise
+        raise CodecError(f"{what} is not valid JSON: {e}") from None
+    else:
+        if isinstance(text, bytes):
+            brackets = text.count(b"[") + text.count(b"{")
+        else:
+            brackets = text.count("[") + text.count("{")
+        deep = brackets > MAX_JSON_DEPTH and _too_deep(value)
+    if deep:
+        raise CodecError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def check_shape(shape: Any, what: str) -> list[int]:
+    """``shape`` as a list of dimensions PyTorch can hold, or a :class:`CodecError`: at
+    most :data:`MAX_DIMS` non-negative integers whose non-zero ones multiply to at most
+    :data:`MAX_SPAN` (a larger tensor fits no machine; past int64 PyTorch itself fails)."""
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CodecError(f"{what} has an invalid shape {_brief(shape)}: expected a list of "
+                         "integers >= 0")
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{what} has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    span = 1
+    for d in shape:
+        span *= d or 1
+        if span > MAX_SPAN:
+            raise CodecError(f"{what} has shape {_brief(shape)}, which spans more than "
+                             f"{MAX_SPAN} elements")
+    return shape
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...]"
+
+
 def header_length(prefix: bytes | memoryview) -> int:
     """The header length a body's first 8 bytes declare (checked against the ceiling)."""
     if len(prefix) < 8:
@@ -193,12 +270,7 @@ def parse_header(raw: bytes | memoryview) -> tuple[list[Entry], dict[str, str], 
     The entries are checked to tile ``[0, data length)`` exactly (no gaps or overlaps), so a
     reader only has to check that the body's data section has exactly that length.
     """
-    try:
-        header = json.loads(bytes(raw), object_pairs_hook=_reject_duplicates)
-    except CodecError:
-        raise
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CodecError(f"safetensors header is not valid JSON: {e}") from None
+    header = load_json(raw, "safetensors header", _reject_duplicates)
     if not isinstance(header, dict):
         raise CodecError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -238,21 +310,17 @@ def _check_entry(name: str, entry: Any) -> tuple[torch.dtype, list[int], int, in
     if not isinstance(entry, dict):
         raise CodecError(f"header entry for {name!r} must be an object")
     tag = entry.get("dtype")
-    if tag not in SAFETENSORS_DTYPES:
-        raise CodecError(f"tensor {name!r} has unsupported dtype {tag!r}")
+    if not isinstance(tag, str) or tag not in SAFETENSORS_DTYPES:
+        raise CodecError(f"tensor {name!r} has unsupported dtype {_brief(tag)}")
     dtype = SAFETENSORS_DTYPES[tag]
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}")
+    shape = check_shape(entry.get("shape"), f"tensor {name!r}")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise CodecError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise CodecError(f"tensor {name!r} has invalid data_offsets {_brief(offsets)}")
     begin, end = offsets
     expected = math.prod(shape) * dtype.itemsize
     if begin < 0 or end < begin or end - begin != expected:
@@ -337,6 +405,8 @@ def tensor_from_json(
     data: Any, dtype: torch.dtype, shape: Iterable[int] | None = None
 ) -> torch.Tensor:
     """Rebuild a tensor from nested-list ``data`` (the inverse of :func:`tensor_to_json`)."""
+    if shape is not None:
+        shape = check_shape(shape if isinstance(shape, list) else list(shape), "tensor data")
     values = _from_jsonable(data, dtype.is_complex)
     try:
         t = torch.tensor(values, dtype=torch.float64 if not dtype.is_complex else torch.complex128)
@@ -344,11 +414,8 @@ def tensor_from_json(
         raise CodecError(f"tensor data is not a regular nested list of numbers: {e}") from None
     t = t.to(dtype)
     if shape is not None:
-        shape = list(shape)
         # Nested lists cannot spell an empty (0, 3) tensor: its data is [], of shape (0,).
-        if t.numel() == 0 and 0 in shape and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
+        if t.numel() == 0 and 0 in shape:
             t = t.reshape(shape)
         if list(t.shape) != shape:
             raise CodecError(f"tensor data has shape {list(t.shape)}, expected {shape}")

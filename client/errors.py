@@ -14,6 +14,7 @@ Every rejected request comes back as RFC 9457 ``application/problem+json`` with 
         ├── NotFoundError (404)
         │   ├── StepperNotFoundError           stepper_not_found
         │   └── SnapshotNotFoundError          snapshot_not_found
+        ├── RequestTimeoutError (408)         request_timeout: the body stalled
         ├── ConflictError (409)
         │   ├── StepperExistsError             stepper_exists
         │   └── SnapshotExistsError            snapshot_exists
@@ -66,6 +67,7 @@ __all__ = [
     "PersistenceFailedError",
     "PayloadTooLargeError",
     "ProtocolError",
+    "RequestTimeoutError",
     "RequestValidationError",
     "ServerError",
     "ShapeMismatchError",
@@ -91,6 +93,7 @@ CODES: dict[str, tuple[int, str]] = {
     "stepper_not_found": (404, "Stepper not found"),
     "not_found": (404, "Not found"),
     "method_not_allowed": (405, "Method not allowed"),
+    "request_timeout": (408, "Request timeout"),
     "stepper_exists": (409, "Stepper already exists"),
     "step_conflict": (409, "Step conflict"),
     "snapshot_not_found": (404, "Snapshot not found"),
@@ -190,6 +193,10 @@ class StepConflictError(ConflictError):
         return int(value) if value is not None else None
 
 
+class RequestTimeoutError(APIStatusError):
+    """The request's body stopped arriving (``body_timeout``); nothing was applied."""
+
+
 class PayloadTooLargeError(APIStatusError):
     pass
 
@@ -281,6 +288,7 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "stepper_exists": StepperExistsError,
     "step_conflict": StepConflictError,
     "payload_too_large": PayloadTooLargeError,
+    "request_timeout": RequestTimeoutError,
     "tensor_too_large": TensorTooLargeError,
     "request_validation_error": RequestValidationError,
     "json_too_large": JsonTooLargeError,

@@ -62,6 +62,8 @@ API_PREFIX = "/v1"
 
 #: Stepper names: URL- and filesystem-safe, never a path.
 STEPPER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: Largest integer a step, count or dimension may be (PyTorch's and numpy's int64).
+INT64_MAX = 2**63 - 1
 
 #: Every keyword ``torch.optim.Adam`` / ``AdamW`` accepts besides ``params``.
 HYPERPARAMETER_NAMES = (
@@ -157,7 +159,7 @@ class Durability(_Model):
     """
 
     mode: Literal["every_step", "every_n", "interval", "manual"] = "every_step"
-    n: int | None = Field(None, ge=1, description="every_n: steps between writes")
+    n: int | None = Field(None, ge=1, le=INT64_MAX, description="every_n: steps between writes")
     seconds: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="interval: longest time a change waits"
     )
@@ -381,8 +383,9 @@ class AlertRule(_Floats):
                     "aggregate signals")
     threshold: float | None = Field(None, allow_inf_nan=False,
                                     description="required for swing, above and below")
-    after_step: int = Field(0, ge=0, description="only evaluated at steps after this one "
-                                                 "(skip the bias-correction warm-up)")
+    after_step: int = Field(0, ge=0, le=INT64_MAX,
+                            description="only evaluated at steps after this one "
+                                        "(skip the bias-correction warm-up)")
     name: str | None = Field(None, min_length=1, max_length=200,
                              description="label of the rule; derived from it when omitted")
 
@@ -457,7 +460,8 @@ class AlertsReport(_Floats):
 class LossReport(_Floats):
     """``POST .../loss``: a training loss to record in the history (NaN/Inf allowed)."""
 
-    step: int | None = Field(None, ge=0, description="the step it belongs to; default: the "
+    step: int | None = Field(None, ge=0, le=INT64_MAX,
+                             description="the step it belongs to; default: the "
                                                      "stepper's current step")
     loss: float
 
@@ -503,7 +507,12 @@ class Identity(_Model):
 
     name: str = Field(description="the token's label (its configured name)")
     scope: Literal["read", "write", "admin"] = Field(description="read < write < admin")
-    prefix: str | None = Field(description="only steppers whose name starts with this are "
-                                           "reachable; null: all")
+    prefix: str | None = Field(description="the token's stepper-name namespace: the name "
+                                           "itself and names continuing it after a separator "
+                                           "(- . _); null: all")
+    reaches: str | None = Field(None, description="which steppers the token reaches, in words "
+                                                  "(e.g. \"the stepper 'team-a' and steppers "
+                                                  "whose name starts with 'team-a-', 'team-a.' "
+                                                  "or 'team-a_'\")")
     tokens: bool = Field(description="whether the service checks tokens (false: every "
                                      "client on its loopback address is an admin)")

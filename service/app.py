@@ -21,12 +21,12 @@ from . import __version__
 from .api import access as api_access
 from .api import dashboard, events, history, identity, metrics, snapshots, steppers, tensors
 from .api import stats as api_stats
-from .api.access import require
+from .api.access import AccessDenied, authenticate, require
 from .api.durability import flusher
 from .api.stream import torch_threads
 from .auth import banner, load_access
 from .engine import Registry
-from .errors import install_error_handlers
+from .errors import clean_detail, install_error_handlers
 from .persistence import Persistence
 from .settings import Settings
 
@@ -114,8 +114,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_models(app, CreateStepper)
 
     @app.get("/healthz", tags=["service"], summary="Liveness and basic facts",
+             description="Public. Steppers whose restore failed are counted for everyone, "
+                         "and named only to a caller whose token could list them.",
              dependencies=[Depends(require("public"))])
     async def healthz(request: Request) -> dict[str, Any]:
+        persistence: dict[str, Any] = request.app.state.persistence.health()
+        try:
+            who = authenticate(request.app.state.access, request.headers.get("authorization"))
+        except AccessDenied:
+            who = None
+        failed = persistence["failed"]
         return {
             "status": "ok",
             "version": __version__,
@@ -123,7 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "default_device": settings.default_device(),
             "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             "steppers": len(request.app.state.registry),
-            "persistence": request.app.state.persistence.health(),
+            "persistence": {
+                **persistence,
+                "failed": [{**f, "error": clean_detail(f["error"])} for f in failed
+                           if who is not None and who.reaches(f["stepper"])],
+                "failed_count": len(failed),
+            },
         }
 
     api_access.install(app, access)  # last: every route must declare its scope

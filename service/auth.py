@@ -6,6 +6,16 @@ Tokens come from ``Settings.tokens`` (``ADAMSCOPE_TOKENS``, JSON) and from the f
 or TOML). Each has a scope, ``read`` < ``write`` < ``admin`` (a scope includes the ones below
 it), and optionally a stepper-name ``prefix`` it is restricted to.
 
+A prefix is a namespace with a hard boundary: ``team-a`` reaches ``team-a`` and the names
+that continue it after a separator (``team-a-run1``, ``team-a.run1``, ``team-a_run1``),
+never ``team-abc`` (another team whose name merely starts the same). A prefix that ends
+with a separator (``team-a-``) reaches the names that continue it. :meth:`Principal.reach`
+says it in words, for ``/v1/whoami`` and every 403.
+
+``ADAMSCOPE_TOKENS`` set to an empty list stops the service at start, as a tokens file
+listing none does: an empty list is a configuration mistake, not a wish to run without
+tokens (for that, leave the setting out).
+
 Presented tokens are compared in constant time against every configured token (SHA-256
 digests through :func:`hmac.compare_digest`, no early exit), and no token value is ever put
 in a log line, an error message or a ``repr``: entries are identified by their label.
@@ -19,6 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable
@@ -58,6 +69,9 @@ MIN_TOKEN_LENGTH = 16
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 #: A prefix is the beginning of a stepper name (see STEPPER_NAME_PATTERN).
 _PREFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: Where a name prefix may end: a prefix without one at its end reaches the names that
+#: continue it after one of these (see Principal.reaches).
+SEPARATORS = "-._"
 
 
 class TokenConfigError(ValueError):
@@ -76,7 +90,8 @@ class TokenSpec(BaseModel):
     scope: Scope = Field(description="read < write < admin")
     prefix: str | None = Field(
         None, pattern=_PREFIX_PATTERN,
-        description="only steppers whose name starts with this are reachable",
+        description="only steppers in this namespace are reachable: the name itself and "
+                    "names continuing it after a separator (- . _)",
     )
     name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$",
                              description="label for logs and error messages")
@@ -105,7 +120,26 @@ class Principal:
         return RANK[self.scope] >= RANK[required]
 
     def reaches(self, stepper: str) -> bool:
-        return self.prefix is None or stepper.startswith(self.prefix)
+        """Whether ``stepper`` is in the token's namespace: the prefix ends at a separator,
+        so ``team-a`` reaches ``team-a`` and ``team-a-x`` but never ``team-abc``."""
+        prefix = self.prefix
+        if prefix is None:
+            return True
+        if prefix[-1] in SEPARATORS:
+            return stepper.startswith(prefix)
+        return stepper == prefix or (stepper.startswith(prefix)
+                                     and stepper[len(prefix)] in SEPARATORS)
+
+    def reach(self) -> str:
+        """What :meth:`reaches` allows, in words."""
+        prefix = self.prefix
+        if prefix is None:
+            return "every stepper"
+        if prefix[-1] in SEPARATORS:
+            return f"steppers whose name starts with {prefix!r}"
+        return (f"the stepper {prefix!r} and steppers whose name starts with "
+                + ", ".join(repr(prefix + s) for s in SEPARATORS[:-1])
+                + f" or {prefix + SEPARATORS[-1]!r}")
 
 
 #: Every client of a service without tokens (which then serves loopback only).
@@ -224,8 +258,23 @@ def load_tokens_file(path: Path) -> list[TokenSpec]:
     return tokens
 
 
+def _empty_environment_list() -> bool:
+    """Whether ``ADAMSCOPE_TOKENS`` is set to a JSON list with nothing in it."""
+    raw = os.environ.get("ADAMSCOPE_TOKENS")
+    if raw is None:
+        return False
+    try:
+        return bool(json.loads(raw) == [])
+    except ValueError:
+        return False
+
+
 def load_access(settings: Settings) -> TokenTable:
     """The token table of ``settings``: ``tokens`` then ``tokens_file``'s entries."""
+    if not settings.tokens and _empty_environment_list():
+        raise TokenConfigError(
+            "ADAMSCOPE_TOKENS lists no tokens: give at least one, or leave the variable out "
+            "to serve without tokens (loopback only)")
     entries: list[tuple[TokenSpec, str]] = [
         (spec, f"ADAMSCOPE_TOKENS[{i}]") for i, spec in enumerate(settings.tokens)
     ]

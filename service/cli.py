@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-steppers", type=int, help="most steppers at once")
     serve.add_argument("--memory-budget-bytes", type=int,
                        help="bytes all steppers may hold: each one's footprint (parameters, "
-                       "Adam state, gradient buffer, step workspace, pinned host buffers)")
+                       "Adam state, gradient buffer, step workspace, pinned host buffers); "
+                       "default: none, but every new stepper must also fit the memory its "
+                       "device has available, keeping 10%% free")
     serve.add_argument("--per-gpu", action="store_true",
                        help="one worker per visible GPU on ports PORT, PORT+1, ...")
     ray = serve.add_argument_group(

@@ -5,11 +5,19 @@ Engine errors, codec errors, FastAPI's request validation errors, Starlette's HT
 
     {"type": "urn:adamscope:problem:<code>", "title": ..., "status": ..., "detail": ...,
      "code": "<code>", "instance": "<path>", ...extra}
+
+A ``detail`` is for the client: it never carries a stack trace, a source or library path or
+a memory address (PyTorch's C++ errors carry all three; :func:`clean_detail` removes them
+from every detail), and is cut at :data:`MAX_DETAIL` characters. An unexpected exception is
+logged with its traceback under a short reference, and the client gets only the reference.
+The allocator's own failure (the machine is out of memory) is 507, not a crash.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,11 +32,38 @@ from client.protocol import Problem
 
 from .engine.errors import EngineError
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "ApiError", "install_error_handlers", "problem_response",
-           "problems"]
+__all__ = ["MAX_DETAIL", "PROBLEM_MEDIA_TYPE", "ApiError", "clean_detail",
+           "install_error_handlers", "problem_response", "problems"]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("adamscope")
+
+#: Longest ``detail`` sent; a longer one (quoting a huge input, say) is cut.
+MAX_DETAIL = 2000
+#: A C++ backtrace (c10::Error's "Exception raised from ... frame #0: ...") or a Python
+#: traceback, to the end of the text.
+_TRACE = re.compile(r"\s*(?:Exception raised from |frame #\d+:|Traceback \(most recent call)"
+                    r".*", re.DOTALL)
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+#: Paths of source files and libraries (PyTorch quotes its own, and site-packages').
+_SOURCE_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][\w.+~-]+){2,}\.(?:py|pyc|so|dylib"
+                          r"|dll|cpp|cc|cu|cuh|h|hpp)\b(?::\d+)?")
+
+
+def clean_detail(text: str) -> str:
+    """``text`` without stack traces, source paths or addresses, at most MAX_DETAIL long."""
+    text = _TRACE.sub("", text)
+    text = _ADDRESS.sub("0x...", text)
+    text = _SOURCE_PATH.sub("<source>", text)
+    if len(text) > MAX_DETAIL:
+        text = text[:MAX_DETAIL] + "... (cut)"
+    return text
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """The CPU allocator's failure (PyTorch raises RuntimeError, Python MemoryError)."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 class ApiError(Exception):
@@ -49,7 +84,7 @@ def problem_response(
         "type": f"urn:adamscope:problem:{code}",
         "title": title,
         "status": status,
-        "detail": detail,
+        "detail": clean_detail(detail),
         "code": code,
     }
     if instance:
@@ -113,6 +148,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response("internal_error", f"{type(exc).__name__}: {exc}",
-                                request.url.path)
+        if _out_of_memory(exc):
+            log.warning("out of memory on %s %s: %s", request.method, request.url.path,
+                        clean_detail(str(exc)))
+            return problem_response(
+                "memory_budget_exceeded", "the machine could not allocate the memory this "
+                "request needs; nothing was changed (free memory or lower "
+                "memory_budget_bytes)", request.url.path)
+        reference = secrets.token_hex(4)
+        log.error("unhandled error %s on %s %s", reference, request.method, request.url.path,
+                  exc_info=exc)
+        return problem_response(
+            "internal_error", f"internal error {reference}: the service's log has the "
+            "details (please report it)", request.url.path, reference=reference)

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 2**30, ge=1, description="largest request body accepted (413 above it)"
     )
+    body_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False,
+        description="seconds to wait for the next bytes of a request body, and for a whole "
+        "safetensors header, before answering 408 request_timeout",
+    )
     max_json_elements: int = Field(
         1_000_000, ge=1, description="largest tensor read or written as JSON instead of safetensors"
     )
@@ -48,7 +53,10 @@ class Settings(BaseSettings):
     )
     max_steppers: int | None = Field(None, ge=1, description="most steppers at once (507)")
     memory_budget_bytes: int | None = Field(
-        None, ge=1, description="bytes for all steppers' parameters and Adam state (507)"
+        None, ge=1, description="bytes all steppers' footprints may take (parameters, Adam state, "
+        "gradient buffer, step workspace, pinned host buffers; 507); "
+        "set or not, every new stepper must also fit the memory its device has available "
+        "(service.api.budget)"
     )
     # Durability (service.persistence): the policy of steppers created without one.
     durability: Durability = Field(

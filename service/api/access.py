@@ -44,6 +44,7 @@ __all__ = [
     "AccessDenied",
     "AuthenticationMiddleware",
     "Endpoint",
+    "authenticate",
     "authorize_name",
     "endpoints",
     "install",
@@ -82,8 +83,8 @@ class AccessDenied(ApiError):
 def _prefix_denied(p: Principal, stepper: str) -> AccessDenied:
     return AccessDenied(
         "forbidden",
-        f"token {p.label!r} only reaches steppers whose name starts with {p.prefix!r}; "
-        f"{stepper!r} does not", prefix=p.prefix,
+        f"token {p.label!r} only reaches {p.reach()}; {stepper!r} does not",
+        prefix=p.prefix,
     )
 
 

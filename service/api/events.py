@@ -43,6 +43,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from client.protocol import INT64_MAX
+
 from ..engine import Registry, Stepper
 from ..engine.history import HistoryConfig, HistoryObserver, attach_history, history_of
 from ..engine.signals import observer_of
@@ -276,7 +278,7 @@ async def events(
     heartbeat: Annotated[float | None, Query(
         ge=0.01, le=3600, description="seconds between keep-alive comments")] = None,
     max_events: Annotated[int | None, Query(
-        ge=1, description="close the stream after this many step events")] = None,
+        ge=1, le=INT64_MAX, description="close the stream after this many step events")] = None,
     duration: Annotated[float | None, Query(
         ge=0, le=86_400, description="close the stream after this many seconds")] = None,
     last_event_id: Annotated[str | None, Header(

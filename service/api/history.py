@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from pydantic import ConfigDict, TypeAdapter
 
 from client.protocol import (
+    INT64_MAX,
     AlertRules,
     AlertsReport,
     HistoryReport,
@@ -107,8 +108,10 @@ async def get_history(
     request: Request,
     signal: Signals = None,
     tensor: Tensors = None,
-    since: Annotated[int | None, Query(ge=0, description="only steps after this one")] = None,
-    limit: Annotated[int | None, Query(ge=1, description="only the last N steps")] = None,
+    since: Annotated[int | None, Query(ge=0, le=INT64_MAX,
+                                       description="only steps after this one")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=INT64_MAX,
+                                       description="only the last N steps")] = None,
     format: Annotated[Literal["json", "csv"] | None, Query(
         description="json (default) or csv; csv is also chosen by Accept: text/csv")] = None,
 ) -> Response:

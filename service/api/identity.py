@@ -25,5 +25,5 @@ router = APIRouter(tags=["service"])
             dependencies=[Depends(require("read"))])
 async def whoami(request: Request) -> dict[str, Any]:
     p = principal(request)
-    return {"name": p.label, "scope": p.scope, "prefix": p.prefix,
+    return {"name": p.label, "scope": p.scope, "prefix": p.prefix, "reaches": p.reach(),
             "tokens": request.app.state.access.enabled}

@@ -26,7 +26,7 @@ from client import codec
 from client.protocol import CreateStepper
 
 from ..engine import Registry, Stepper
-from ..engine.errors import StepperNotFound
+from ..engine.errors import InvalidSpec, StepperNotFound
 from ..engine.footprint import STEP_BYTES, footprint, state_bytes
 from ..engine.options import default_options
 from ..errors import ApiError
@@ -106,6 +106,10 @@ def json_spec_sizes(settings: Settings, spec: CreateStepper) -> list[tuple[str, 
         if p.shape is None or any(d < 0 for d in p.shape):
             continue
         check_tensor_elements(settings, p.name, p.shape)
+        try:  # e.g. [2**64, 0]: no elements, yet more than PyTorch can lay out
+            codec.check_shape(p.shape, f"parameter {p.name!r}")
+        except codec.CodecError as e:
+            raise InvalidSpec(str(e), parameter=p.name) from None
         itemsize = codec.dtype_from_name(p.dtype or "float32").itemsize
         out.append((p.name, math.prod(p.shape) * itemsize))
     return out

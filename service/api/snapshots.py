@@ -26,9 +26,10 @@ from client.protocol import (
 )
 
 from ..engine import checkpoint as checkpoints
+from ..engine.errors import InvalidCheckpoint, InvalidSpec
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
-from . import quota
+from . import budget, quota
 from .access import authorize_name, require
 from .durability import persistence, summary
 from .steppers import NAME_PROBLEMS, registry
@@ -164,9 +165,9 @@ async def delete_snapshot(name: str, snap: Snap, request: Request) -> Response:
         "(safetensors with the adamscope.checkpoint header)"
     ),
     responses=problems("malformed_body", "payload_too_large", "unsupported_media_type",
-                       "request_validation_error", "invalid_checkpoint", "stepper_exists",
-                       "device_unavailable", "forbidden", "tensor_too_large", "stepper_limit",
-                       "memory_budget_exceeded", "persistence_failed"),
+                       "request_timeout", "request_validation_error", "invalid_checkpoint",
+                       "stepper_exists", "device_unavailable", "forbidden", "tensor_too_large",
+                       "stepper_limit", "memory_budget_exceeded", "persistence_failed"),
 )
 async def import_stepper(
     request: Request,
@@ -192,13 +193,22 @@ async def import_stepper(
         resolve_device(device, settings.default_device())  # 422 before anything is built
     for pname, t in ckpt.params:
         quota.check_tensor_elements(settings, pname, list(t.shape))
+    try:
+        checkpoints.check_header_room([(n, list(t.shape)) for n, t in ckpt.params],
+                                      len(ckpt.groups))
+    except InvalidSpec as e:
+        raise InvalidCheckpoint(e.detail) from None
     needed = quota.checkpoint_bytes(
         [(n, t.numel() * t.element_size()) for n, t in ckpt.params],
         [(g.params, g.options) for g in ckpt.groups],
         device or ckpt.device)
 
+    target = resolve_device(device, settings.default_device()) if device is not None else None
+
     def admit(new: str) -> None:
         quota.admit(settings, registry(request), new, needed)
+        where = target or persistence(request).restore_device(ckpt.device)
+        budget.check_room(registry(request), new, where, needed)
 
     stepper = await run_in_threadpool(persistence(request).import_checkpoint, ckpt, new_name,
                                       device, admit)

@@ -242,7 +242,17 @@ _signals_cache: weakref.WeakKeyDictionary[Stepper, tuple[dict[str, Any], bytes]]
 
 # ---------------------------------------------------------------------- slice
 
-_INDEX_ITEM = re.compile(r"^\s*(-?\d+)?\s*(:\s*(-?\d+)?\s*(:\s*(\d+)?\s*)?)?$")
+# At most 19 digits: every index fits int64 (checked in _index_int), and int() is never
+# asked to read thousands of digits.
+_INDEX_ITEM = re.compile(r" *(-?[0-9]{1,19})? *(: *(-?[0-9]{1,19})? *(: *([0-9]{1,19})? *)?)?")
+_INT64_MAX = 2**63 - 1
+
+
+def _index_int(text: str) -> int:
+    value = int(text)
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        raise _invalid(f"index {value} is outside the int64 range")
+    return value
 
 
 def parse_index(raw: str) -> tuple[int | slice, ...]:
@@ -250,17 +260,18 @@ def parse_index(raw: str) -> tuple[int | slice, ...]:
     must be positive)."""
     items: list[int | slice] = []
     for part in raw.split(","):
-        m = _INDEX_ITEM.match(part)
+        m = _INDEX_ITEM.fullmatch(part)
         if m is None or not part.strip():
-            raise _invalid(f"index item {part!r} is not an int or a slice a:b[:c]")
+            raise _invalid(f"index item {part[:40]!r} is not an int or a slice a:b[:c]")
         start, colon, stop, _, step = m.groups()
         if colon is None:
-            items.append(int(start))
+            items.append(_index_int(start))
             continue
         if step is not None and int(step) == 0:
             raise _invalid("a slice step must be positive")
-        items.append(slice(int(start) if start else None, int(stop) if stop else None,
-                           int(step) if step else None))
+        items.append(slice(_index_int(start) if start else None,
+                           _index_int(stop) if stop else None,
+                           _index_int(step) if step else None))
     return tuple(items)
 
 
@@ -303,7 +314,7 @@ async def slice_tensor(
                 raise InvalidState(f"{key} of {param!r}: {view}", parameter=param)
             try:
                 probe = torch.empty(shape, device="meta")[selection]
-            except IndexError as e:
+            except (IndexError, RuntimeError) as e:  # RuntimeError: a size past int64
                 raise _invalid(f"index {index or rows!r} on shape {shape}: {e}") from None
             if probe.numel() > limit:
                 raise ApiError("json_too_large", f"{probe.numel()} elements exceed the JSON "
@@ -366,8 +377,8 @@ class DryRunQuery(SpecQuery):
                              f"(the would-be state), the report in __metadata__"
                              f"['{META_DRY_RUN}']"},
         **problems(*NAME_PROBLEMS, "malformed_body", "payload_too_large",
-                   "unsupported_media_type", "unknown_parameter", "shape_mismatch",
-                   "dtype_mismatch", "invalid_hyperparameter", "invalid_state",
+                   "unsupported_media_type", "request_timeout", "unknown_parameter",
+                   "shape_mismatch", "dtype_mismatch", "invalid_hyperparameter", "invalid_state",
                    "device_out_of_memory"),
     },
     openapi_extra={**binary_body_doc(
@@ -384,7 +395,7 @@ async def dry_run_route(name: str, request: Request) -> Response:
         stepper.check_gradient(entry.name, entry.shape, entry.dtype)
         return torch.empty(entry.shape, dtype=entry.dtype)
 
-    grads, metadata = await ingest_tensors(request, destination)
+    grads, metadata = await ingest_tensors(request, stepper, destination)
     groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
 
     def run() -> tuple[DryRun, dict[str, Any]]:
@@ -413,7 +424,7 @@ _SNAP = re.compile(SNAPSHOT_NAME_PATTERN)
 
 def _operand_name(raw: str, what: str) -> tuple[str, str | None]:
     stepper, _, snap = raw.partition("/")
-    if not _STEPPER.match(stepper) or (snap and not _SNAP.match(snap)):
+    if not _STEPPER.fullmatch(stepper) or (snap and not _SNAP.fullmatch(snap)):
         raise _invalid(f"{what} must be 'stepper' or 'stepper/snapshot', got {raw!r}")
     return stepper, snap or None
 

@@ -24,6 +24,7 @@ from client.protocol import (
 )
 
 from ..engine import GroupDef, Registry, Stepper
+from ..engine.checkpoint import check_header_room
 from ..engine.errors import (
     DtypeMismatch,
     DuplicateName,
@@ -34,13 +35,14 @@ from ..engine.errors import (
 from ..engine.history import summary_fields
 from ..engine.options import resolve_device
 from ..errors import ApiError, problems
-from . import quota
+from . import budget, quota
 from .access import authorize_name, require, visible
 from .cache import cached_json
 from .durability import persist_after, persistence, summary
 from .options import options_from_model
 from .stream import forget_layout, gate, settled
 from .wire import (
+    INLINE_JSON_BYTES,
     OCTET,
     binary_body_doc,
     decode_tensors,
@@ -128,7 +130,7 @@ def _params_from_body(
         f"__metadata__['{META_SPEC}']; or a CreateStepper JSON body (zeros or small 'data').",
         {"$ref": "#/components/schemas/CreateStepper"},
     ),
-    responses=problems("malformed_body", "stepper_exists", "payload_too_large",
+    responses=problems("malformed_body", "stepper_exists", "payload_too_large", "request_timeout",
                        "unsupported_media_type", "request_validation_error",
                        "invalid_hyperparameter", "invalid_spec", "duplicate_name",
                        "unknown_parameter", "shape_mismatch", "dtype_mismatch",
@@ -140,21 +142,25 @@ async def create_stepper(request: Request) -> dict[str, Any]:
     body = await read_body(request)
     kind = media_type(request)
     if kind == "application/json":
-        spec = _validate(CreateStepper, json_object(body))
+        spec = _validate(CreateStepper, await run_in_threadpool(json_object, body)
+                         if len(body) > INLINE_JSON_BYTES else json_object(body))
         authorize_name(request, spec.name)
+        check_header_room([(p.name, p.shape or []) for p in spec.params], len(spec.groups or [0]))
+        device = resolve_device(spec.device, settings.default_device())
         sizes = quota.json_spec_sizes(settings, spec)  # before zeros are allocated
-        quota.admit(settings, registry(request), spec.name,
-                    quota.spec_bytes(spec, sizes, spec.device or settings.default_device()),
-                    precheck=True)
+        planned = quota.spec_bytes(spec, sizes, device.type)
+        quota.admit(settings, registry(request), spec.name, planned, precheck=True)
+        budget.check_room(registry(request), spec.name, device, planned)
         params = _params_from_json(spec, settings.max_body_bytes)
     elif kind == OCTET:
-        tensors, metadata = decode_tensors(body)
+        tensors, metadata = await run_in_threadpool(decode_tensors, body)
         raw = meta_json(metadata, META_SPEC)
         if raw is None:
             raise InvalidSpec(f"safetensors body lacks __metadata__['{META_SPEC}']")
         spec = _validate(CreateStepper, raw)
         authorize_name(request, spec.name)
         params = _params_from_body(spec, tensors)
+        check_header_room([(n, list(t.shape)) for n, t in params], len(spec.groups or [0]))
         for pname, t in params:
             quota.check_tensor_elements(settings, pname, list(t.shape))
     else:
@@ -171,6 +177,7 @@ async def create_stepper(request: Request) -> dict[str, Any]:
 
     def build() -> Stepper:
         quota.admit(settings, registry(request), spec.name, new_bytes)  # under the lock
+        budget.check_room(registry(request), spec.name, device, new_bytes)
         return Stepper(spec.name, spec.optimizer, device, params, hyper, groups)
 
     stepper = await run_in_threadpool(persistence(request).create, spec.name, build,

@@ -7,6 +7,9 @@ A step moves 4 bytes per fp32 parameter each way; at 10M parameters that is 40 M
   validated before any data is read), then each tensor's bytes are copied from the
   received chunks straight into its destination (the stepper's reusable gradient buffer),
   never joined into one body first;
+- a header is never larger than the stepper it addresses can need (:func:`header_limit`),
+  is held only as its bytes arrive (a declared length reserves nothing), must arrive within
+  ``body_timeout`` seconds, and is parsed and checked off the event loop when it is large;
 - a reply is the safetensors header followed by the tensors' own memory, sent as views
   (no serialization copy), while the stepper's write gate keeps the tensors unchanged.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +39,7 @@ from ..engine import Stepper
 from ..engine.errors import DeviceOutOfMemory
 from ..engine.memory import is_out_of_memory
 from ..errors import ApiError
-from .wire import OCTET, declared_length, media_type
+from .wire import OCTET, BodyStream, declared_length, media_type
 
 __all__ = [
     "BodyReader",
@@ -43,6 +47,7 @@ __all__ = [
     "WireLayout",
     "forget_layout",
     "gate",
+    "header_limit",
     "ingest_layout",
     "ingest_tensors",
     "off_loop",
@@ -58,6 +63,42 @@ __all__ = [
 TAIL_COPY_BYTES = 1 << 20
 
 _gates: weakref.WeakKeyDictionary[Stepper, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+#: A safetensors header longer than this is parsed and checked in a worker thread.
+INLINE_HEADER_BYTES = 64 * 1024
+#: Header bytes any body may spend beyond its tensors' entries: metadata such as each
+#: group's options, and whatever a client adds.
+HEADER_SLACK = 64 * 1024
+#: Longest header entry of one tensor beyond its name and shape (punctuation, the longest
+#: dtype tag, two 20-digit offsets) plus its place in a PyTorch state_dict's param_groups.
+_ENTRY_BYTES = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20
+_limits: weakref.WeakKeyDictionary[Stepper, int] = weakref.WeakKeyDictionary()
+
+
+def header_limit(stepper: Stepper) -> int:
+    """The largest safetensors header a body for ``stepper`` can need: one entry per state
+    tensor of every parameter (``"<name>.max_exp_avg_sq"``, the longest key), each name
+    twice more in the metadata (a state_dict's ``param_names`` and ``params``, escaped),
+    plus :data:`HEADER_SLACK`. A header beyond it is refused before it is read."""
+    limit = _limits.get(stepper)
+    if limit is None:
+        limit = HEADER_SLACK + 4096 * len(stepper.group_names)
+        for name, p in zip(stepper.names, stepper.params, strict=True):
+            quoted = len(json.dumps(name))
+            dims = sum(len(str(d)) + 1 for d in p.shape)
+            limit += 4 * (quoted + len(".max_exp_avg_sq") + dims + _ENTRY_BYTES)
+            limit += 2 * (2 * quoted + 24)
+        limit = _limits[stepper] = min(limit, codec.MAX_HEADER_BYTES)
+    return limit
+
+
+async def _off_loop_if(large: bool, work: Callable[[], T]) -> T:
+    """``work()`` in a worker thread when ``large`` (a big header's parse and checks would
+    stall every other request on the event loop), else right here."""
+    if not large:
+        return work()
+    return await run_in_threadpool(work)
 
 
 #: Steppers at most this large step on the event loop itself: their update takes tens of
@@ -205,6 +246,20 @@ class BodyReader:
             filled += n
         return True
 
+    async def read_bytes(self, size: int) -> bytes | None:
+        """The next ``size`` bytes, held only as they arrive (a length the client declares
+        reserves nothing); None if the body ends first."""
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            if not await self._fill():
+                return None
+            n = min(self._pending.nbytes, size - got)
+            parts.append(bytes(self._pending[:n]))
+            self._pending = self._pending[n:]
+            got += n
+        return b"".join(parts)
+
     async def at_end(self) -> bool:
         return not await self._fill()
 
@@ -213,31 +268,40 @@ def fresh_tensor(entry: codec.Entry) -> torch.Tensor:
     return torch.empty(entry.shape, dtype=entry.dtype)
 
 
-async def _read_header(request: Request
+async def _read_header(request: Request, header_bytes: int
                        ) -> tuple[BodyReader, bytes, int | None, int]:
-    """Check the body's type and declared size, read its safetensors prefix and header:
-    ``(reader, header bytes, declared length, limit)``."""
+    """Check the body's type and declared size, read its safetensors prefix and header (at
+    most ``header_bytes`` long, complete within ``body_timeout``): ``(reader, header bytes,
+    declared length, limit)``."""
     kind = media_type(request)
     if kind not in (OCTET, ""):
         raise ApiError("unsupported_media_type", f"Content-Type {kind!r}: send {OCTET}")
-    limit: int = request.app.state.settings.max_body_bytes
+    settings = request.app.state.settings
+    limit: int = settings.max_body_bytes
     declared = declared_length(request, limit)
     if declared == 0:
         raise ApiError("malformed_body", "empty body: expected a safetensors buffer")
-    reader = BodyReader(request.stream(), limit)
-    if not await reader.read_into(prefix := memoryview(bytearray(8))):
+    stream = BodyStream(request)
+    stream.deadline(stream.timeout)  # the whole header, however it is dribbled
+    reader = BodyReader(stream, limit)
+    prefix = await reader.read_bytes(8)
+    if prefix is None:
         raise codec.CodecError("body too short for a safetensors header (need at least 8 bytes)")
     n = codec.header_length(prefix)
+    if n > header_bytes:
+        raise ApiError("payload_too_large", f"safetensors header of {n} bytes: a body for this "
+                       f"stepper needs at most {header_bytes}", limit=header_bytes)
     if declared is not None and 8 + n > declared:
         raise codec.CodecError(
             f"safetensors header claims {n} bytes but the body has only {declared - 8}"
         )
-    head = bytearray(n)
-    if not await reader.read_into(memoryview(head)):
+    head = await reader.read_bytes(n)
+    if head is None:
         raise codec.CodecError(
             f"safetensors header claims {n} bytes but the body has only {reader.received - 8}"
         )
-    return reader, bytes(head), declared, limit
+    stream.deadline(None)  # the data: only the idle timeout
+    return reader, head, declared, limit
 
 
 def _check_declared(declared: int | None, head: bytes, length: int) -> None:
@@ -275,18 +339,25 @@ async def _read_data(reader: BodyReader, views: list[memoryview], head: bytes,
 
 async def ingest_tensors(
     request: Request,
+    stepper: Stepper,
     destination: Callable[[codec.Entry], torch.Tensor] = fresh_tensor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors request body straight into the tensors ``destination`` names.
+    """Read a safetensors request body for ``stepper`` straight into the tensors
+    ``destination`` names.
 
     ``destination(entry)`` is called for every tensor of the header before any data is
     read; it returns the (CPU, contiguous) tensor to fill, or raises to reject the request.
     A body that ends early, runs long or contradicts its header is ``malformed_body``; in
     every failure case the destinations may hold partial data but nothing else changed.
     """
-    reader, head, declared, limit = await _read_header(request)
-    entries, metadata, length = _parse_checked(head, declared, limit)
-    tensors = {e.name: destination(e) for e in entries}
+    reader, head, declared, limit = await _read_header(request, header_limit(stepper))
+
+    def parse() -> tuple[list[codec.Entry], dict[str, str], int, dict[str, torch.Tensor]]:
+        entries, metadata, length = _parse_checked(head, declared, limit)
+        return entries, metadata, length, {e.name: destination(e) for e in entries}
+
+    entries, metadata, length, tensors = await _off_loop_if(
+        len(head) > INLINE_HEADER_BYTES, parse)
     ordered = sorted(entries, key=lambda e: e.begin)
     await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head,
                      length)
@@ -329,6 +400,7 @@ async def ingest_layout(
     check: Callable[[codec.Entry], None],
     fallback: Callable[[codec.Entry], torch.Tensor] = fresh_tensor,
     pin: bool = False,
+    header_bytes: int = codec.MAX_HEADER_BYTES,
 ) -> WireLayout | tuple[dict[str, torch.Tensor], dict[str, str]]:
     """:func:`ingest_tensors` for bodies that repeat (every step of a training loop sends
     the same header): when the header is ``known``'s, byte for byte, and ``key`` is its
@@ -336,16 +408,22 @@ async def ingest_layout(
     (``check`` passed for that header). Else the header is parsed and every entry goes
     through ``check`` (which raises to reject) before a new buffer (pinned with ``pin``) is
     laid out for it; a layout no one buffer suits is read into ``fallback(entry)`` for each
-    entry and returned as ``(tensors, metadata)``."""
-    reader, head, declared, limit = await _read_header(request)
+    entry and returned as ``(tensors, metadata)``. A header longer than ``header_bytes``
+    is refused (413) before it is read."""
+    reader, head, declared, limit = await _read_header(request, header_bytes)
     if known is not None and known.key == key and known.header == head:
         length = known.data.nbytes
         _check_declared(declared, head, length)
         await _read_data(reader, [known.data], head, length)
         return known
-    entries, metadata, length = _parse_checked(head, declared, limit)
-    for e in entries:
-        check(e)
+
+    def parse() -> tuple[list[codec.Entry], dict[str, str], int]:
+        entries, metadata, length = _parse_checked(head, declared, limit)
+        for e in entries:
+            check(e)
+        return entries, metadata, length
+
+    entries, metadata, length = await _off_loop_if(len(head) > INLINE_HEADER_BYTES, parse)
     # Page-locked memory is slow to allocate (the driver maps it): never on the event loop.
     laid = await run_in_threadpool(layout_buffer, entries, length, pin) if pin else \
         layout_buffer(entries, length, pin)

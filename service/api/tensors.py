@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -16,7 +17,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from client import codec
-from client.protocol import META_GROUPS, StepResult
+from client.protocol import INT64_MAX, META_GROUPS, StepResult
 
 from ..engine import STATE_KEYS, StepOutcome, Stepper
 from ..engine.errors import InvalidSpec, InvalidState, StepConflict
@@ -30,6 +31,7 @@ from .stream import (
     TensorStreamResponse,
     WireLayout,
     gate,
+    header_limit,
     ingest_layout,
     ingest_tensors,
     off_loop,
@@ -43,11 +45,10 @@ from .wire import (
     OCTET,
     TensorFormat,
     binary_body_doc,
-    json_object,
     json_tensors,
     media_type,
     meta_json,
-    read_body,
+    read_json_object,
     tensor_response,
     wants_json,
 )
@@ -56,7 +57,8 @@ __all__ = ["router", "split_state_key"]
 
 router = APIRouter(tags=["tensors"])
 
-BODY_PROBLEMS = ("malformed_body", "payload_too_large", "unsupported_media_type")
+BODY_PROBLEMS = ("malformed_body", "payload_too_large", "unsupported_media_type",
+                 "request_timeout")
 TENSOR_PROBLEMS = ("unknown_parameter", "shape_mismatch", "dtype_mismatch")
 
 Names = Annotated[list[str] | None, Query(alias="name", description="parameter names; all if none")]
@@ -110,8 +112,24 @@ def _json_tensor_in(value: Any, dtype: torch.dtype, shape: list[int] | None) -> 
     return t
 
 
-async def _body_tensors(request: Request) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return await ingest_tensors(request)
+def _value_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor]:
+    """Where a parameter value is received: checked against the parameter first, so a body
+    can never make the service hold more than the stepper's own size."""
+    def destination(entry: codec.Entry) -> torch.Tensor:
+        stepper.check_value(entry.name, entry.shape, entry.dtype)
+        return torch.empty(entry.shape, dtype=entry.dtype)
+
+    return destination
+
+
+def _state_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor]:
+    """Where a state tensor ``<param>.<key>`` is received: its key and shape checked first."""
+    def destination(entry: codec.Entry) -> torch.Tensor:
+        pname, which = split_state_key(entry.name)
+        stepper.check_state_shape(pname, which, entry.shape)
+        return torch.empty(entry.shape, dtype=entry.dtype)
+
+    return destination
 
 
 class StepQuery(BaseModel):
@@ -124,11 +142,13 @@ class StepQuery(BaseModel):
         None, description="LOSSY: gradients may arrive, and parameters are returned, in this "
                           "16-bit dtype (half the bytes); the stepper itself keeps full precision")
     expected_step: int | None = Field(
-        None, ge=0, description="the step the stepper must be at, else 409 step_conflict")
+        None, ge=0, le=INT64_MAX,
+        description="the step the stepper must be at, else 409 step_conflict")
     contributors: int | None = Field(
         None, ge=1, le=1024, description="accumulate mode: apply the step once this many "
                                          "workers contributed, with the mean of their gradients")
-    worker: int | None = Field(None, ge=0, description="accumulate mode: this worker's id")
+    worker: int | None = Field(None, ge=0, le=INT64_MAX,
+                               description="accumulate mode: this worker's id")
     wait: float = Field(0.0, ge=0, le=600, description="accumulate mode: seconds to wait for "
                                                        "the step to be applied before "
                                                        "answering 202 (pending)")
@@ -180,7 +200,8 @@ async def step(
         got = await ingest_layout(
             request, step_layouts.get(stepper), lossy,
             lambda e: stepper.check_gradient(e.name, e.shape, e.dtype, lossy),
-            lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda")
+            lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda",
+            header_bytes=header_limit(stepper))
         if isinstance(got, WireLayout):
             step_layouts[stepper] = got
             received, metadata = got.tensors, dict(got.metadata)
@@ -215,9 +236,8 @@ async def step(
             await lock.acquire()
             if stepper.step_count < target:
                 return _pending(stepper)
-            recorded = stepper.journal.get("keys", {}).get(idempotency_key or "")
-            outcome = StepOutcome(target, *(
-                (recorded["stepped"], recorded["skipped"]) if recorded else ([], [])))
+            recorded = stepper.recorded(idempotency_key) if idempotency_key else None
+            outcome = recorded or StepOutcome(target, [], [])
         if not return_params:
             held = lock
             lock = None  # released once the reply has left, as below
@@ -318,7 +338,7 @@ async def get_params(name: str, request: Request, names: Names = None,
 async def put_params(name: str, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
     if media_type(request) == "application/json":
-        raw = json_object(await read_body(request)).get("params")
+        raw = (await read_json_object(request)).get("params")
         if not isinstance(raw, dict):
             raise ApiError("malformed_body", "JSON body must be {\"params\": {name: values}}")
         tensors = {}
@@ -326,7 +346,7 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
             shape, dtype = stepper.param_meta(pname)
             tensors[pname] = _json_tensor_in(value, dtype, shape)
     else:
-        tensors, _ = await _body_tensors(request)
+        tensors, _ = await ingest_tensors(request, stepper, _value_destination(stepper))
     async with gate(stepper):
         await run_in_threadpool(stepper.put_params, tensors)
         await persist_after(request, stepper)
@@ -392,7 +412,7 @@ async def put_state(
     stepper = registry(request).get(name)
     nested: dict[str, dict[str, torch.Tensor]] = {}
     if media_type(request) == "application/json":
-        body = json_object(await read_body(request))
+        body = await read_json_object(request)
         raw_state = body.get("state", {})
         if not isinstance(raw_state, dict):
             raise ApiError("malformed_body", "'state' must map parameter names to objects")
@@ -407,7 +427,7 @@ async def put_state(
             }
         groups = group_updates_from_json(body.get("param_groups"))
     else:
-        tensors, metadata = await _body_tensors(request)
+        tensors, metadata = await ingest_tensors(request, stepper, _state_destination(stepper))
         for key, t in tensors.items():
             pname, which = split_state_key(key)
             nested.setdefault(pname, {})[which] = t

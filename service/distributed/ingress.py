@@ -298,8 +298,10 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
     async def healthz() -> dict[str, Any]:
         slots = ingress.cluster.describe()
         ok = all(s["state"] == "ok" for s in slots)
+        # Public: counts only, never stepper names (a caller without a token could not list
+        # them).
         return {"status": "ok" if ok else "degraded", "mode": "ray", "slots": slots,
-                "sharded": sorted(ingress.cluster.sharded)}
+                "sharded": len(ingress.cluster.sharded)}
 
     @app.get(f"{API}/steppers")
     async def list_steppers(request: Request) -> Response:
@@ -498,7 +500,7 @@ def _creation(kind: str, body: bytes) -> tuple[str | None, list[tuple[str, int]]
                                                dict[str, Any], Body | None]:
     """(name, [(param, bytes)], spec, parsed tensor body) of a create request."""
     if kind == "application/json":
-        spec = json.loads(body)
+        spec = codec.load_json(body, "body")
         sizes = []
         for p in spec.get("params") or []:
             dtype = codec.dtype_from_name(p.get("dtype") or "float32")
@@ -508,7 +510,7 @@ def _creation(kind: str, body: bytes) -> tuple[str | None, list[tuple[str, int]]
             sizes.append((p["name"], numel * dtype.itemsize))
         return spec.get("name"), sizes, spec, None
     parsed = parse(body)
-    spec = json.loads(parsed.metadata[META_SPEC])
+    spec = codec.load_json(parsed.metadata[META_SPEC], f"metadata {META_SPEC!r}")
     sizes = [(e.name, e.nbytes) for e in parsed.entries]
     order = [p["name"] for p in spec.get("params") or []]
     if order:
@@ -721,7 +723,7 @@ def _json_reply(reply: tuple[int, dict[str, str], bytes]) -> Response:
 def _split_put(record: ShardedRecord, kind: str, raw: bytes, key: str
                ) -> list[bytes] | Response:
     if kind == "application/json":
-        data = json.loads(raw)
+        data = codec.load_json(raw, "body")
         values = data.get(key)
         if not isinstance(values, dict):
             raise ValueError(f"JSON body must be {{{key!r}: {{name: ...}}}}")
@@ -1095,7 +1097,7 @@ async def _sharded_snapshots(ingress: Ingress, record: ShardedRecord, rest: str,
     if rest == "snapshots" and request.method == "POST":
         # One name on every shard: the caller's, or one chosen here.
         try:
-            asked = json.loads(raw).get("name") if raw else None
+            asked = codec.load_json(raw, "body").get("name") if raw else None
         except (ValueError, AttributeError):
             return problem(400, "malformed_body", "the body must be JSON {\"name\": ...}")
         snap = asked or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime()) + \

@@ -15,10 +15,19 @@ It is a plain safetensors file that any safetensors reader opens:
        "groups": [{"params": ["w", "b"], "options": {"lr": 0.001, "betas": [0.9, 0.999],
                    ...every torch.optim.Adam option...}}],
        "step": 12, "created_at": ..., "updated_at": ..., "saved_at": ...,  # Unix seconds
-       "torch": "2.13.0", "extra": {...}}         # extra: the stepper's journal
+       "torch": "2.13.0", "extra": {...},         # extra: engine bookkeeping
+       "idempotency": {...}}                      # the keys of the last keyed steps
 
-  plus whatever the caller annotates (the service adds ``durability`` and, for snapshots,
+  (``idempotency`` is :class:`~.journal.KeyJournal`'s compact form: its size does not grow
+  with the run, so neither do the header and the time a write takes), plus whatever the
+  caller annotates (the service adds ``durability`` and, for snapshots,
   ``snapshot``), and ``adamscope.step`` / ``adamscope.stepper`` as on every tensor body.
+
+Every checkpoint the service writes stays readable by it and by the reference
+``safetensors`` library (whose header ceiling is :data:`client.codec.MAX_HEADER_BYTES`):
+:func:`check_header_room` refuses, at creation, a stepper whose names would make the header
+of its checkpoint (with every state tensor and a full journal) larger than that, and
+:func:`write` refuses to write one that is.
 
 Restoring goes through the stepper's own state load (``Optimizer.load_state_dict``), so a
 restored stepper continues bit for bit like one that never stopped. Nothing is unpickled:
@@ -29,10 +38,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +51,8 @@ import torch
 from client import codec
 from client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
 
-from .errors import EngineError, InvalidCheckpoint, StepperExists
+from .errors import CheckpointTooLarge, EngineError, InvalidCheckpoint, InvalidSpec, StepperExists
+from .journal import DIGEST_BYTES, JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal
 from .memory import stage_on_host
 from .options import OPTIMIZERS, OPTION_NAMES
 from .stepper import STATE_KEYS, GroupDef, Stepper
@@ -52,6 +63,8 @@ __all__ = [
     "Checkpoint",
     "Encoded",
     "build",
+    "check_header_room",
+    "header_bound",
     "decode",
     "encode",
     "header_from_prefix",
@@ -70,7 +83,8 @@ PARAM_PREFIX = "param/"
 STATE_PREFIX = "state/"
 #: Header keys the engine writes; annotations may not replace them.
 RESERVED = frozenset({"format", "version", "stepper", "optimizer", "device", "params", "groups",
-                      "step", "created_at", "updated_at", "saved_at", "torch", "extra"})
+                      "step", "created_at", "updated_at", "saved_at", "torch", "extra",
+                      "idempotency"})
 _NAME = re.compile(STEPPER_NAME_PATTERN)
 _PARAM_NAME = re.compile(r"[^\x00-\x1f]{1,512}")  # as ParamSpec allows
 
@@ -162,6 +176,7 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
             "saved_at": time.time(),
             "torch": torch.__version__,
             "extra": stepper.journal,
+            "idempotency": stepper.keys.to_json(),
             **(annotations or {}),
         }
         metadata = {
@@ -173,6 +188,11 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
                 t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT:
             tensors = stage_on_host(tensors)  # one batched copy to the host, one wait
         head, views = codec.encode_parts(tensors, metadata)
+        if len(head) - 8 > codec.MAX_HEADER_BYTES:
+            raise CheckpointTooLarge(
+                f"the checkpoint of {stepper.name!r} would have a {len(head) - 8}-byte header, "
+                f"over the {codec.MAX_HEADER_BYTES} bytes safetensors readers accept; it was "
+                "not written", stepper=stepper.name)
         size = sink([head, *views])
         version = stepper.version
     # The header as written (the journal copied by the JSON round trip).
@@ -191,6 +211,46 @@ def encode(stepper: Stepper, annotations: Mapping[str, Any] | None = None) -> En
     return Encoded(out[0], enc.header, enc.version, enc.size)
 
 
+# ---------------------------------------------------------------------- header room
+
+#: Header bytes set aside for what is not per parameter: each group's options, the alert
+#: rules and annotations in ``extra``, timestamps and the like.
+HEADER_ALLOWANCE = 256 * 1024
+#: Longest header entry of one tensor beyond its name and shape: the JSON punctuation, the
+#: longest dtype tag and two 20-digit offsets.
+_ENTRY_BYTES = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20
+_STATE_SUFFIXES = ("/step", "/exp_avg", "/exp_avg_sq", "/max_exp_avg_sq")
+
+
+def header_bound(params: Sequence[tuple[str, Sequence[int]]], groups: int) -> int:
+    """An upper bound on the header size of a checkpoint of a stepper with these parameter
+    names and shapes: every state tensor present and the idempotency journal full."""
+    entries = 0
+    names = 0
+    for name, shape in params:
+        quoted = len(json.dumps(name))
+        dims = sum(len(str(d)) + 1 for d in shape)
+        entries += quoted + len(PARAM_PREFIX) + dims + _ENTRY_BYTES
+        entries += sum(quoted + len(STATE_PREFIX) + len(k) + dims + _ENTRY_BYTES
+                       for k in _STATE_SUFFIXES)
+        names += 2 * (quoted + 1)  # in "params" and in its group's "params"
+    per_key = 4 * DIGEST_BYTES // 3 + 1 + 21 + 6  # a digest, a step and a set reference
+    journal = JOURNAL_KEYS * per_key + 2 * (SETS_BUDGET + math.ceil(len(params) / 8)) + 64
+    # The checkpoint header is JSON inside a JSON string: escaping may double it.
+    return entries + 2 * (names + HEADER_ALLOWANCE * max(1, groups)) + journal + 8
+
+
+def check_header_room(params: Sequence[tuple[str, Sequence[int]]], groups: int = 1) -> None:
+    """422 ``invalid_spec`` unless every checkpoint of such a stepper stays readable: its
+    header under the ceiling of safetensors readers, whatever its state and journal."""
+    bound = header_bound(params, groups)
+    if bound > codec.MAX_HEADER_BYTES:
+        raise InvalidSpec(
+            f"{len(params)} parameters with these names would make the stepper's checkpoint "
+            f"header up to {bound} bytes, over the {codec.MAX_HEADER_BYTES} bytes safetensors "
+            "readers accept: use fewer parameters or shorter names")
+
+
 # ---------------------------------------------------------------------- bytes -> checkpoint
 
 
@@ -204,7 +264,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+    """A finite number that fits a float64 and, if an integer, an int64."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    return -_INT64 <= x <= _INT64 if isinstance(x, int) else math.isfinite(x)
+
+
+_INT64 = 2**63 - 1
 
 
 def _str_list(x: Any) -> bool:
@@ -218,13 +284,14 @@ def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
            f"not an adamscope checkpoint: __metadata__ lacks {META_CHECKPOINT!r}")
     assert raw is not None
     try:
-        h = json.loads(raw)
-    except ValueError as e:
-        raise InvalidCheckpoint(f"checkpoint header is not valid JSON: {e}") from None
+        h = codec.load_json(raw, "checkpoint header")
+    except codec.CodecError as e:
+        raise InvalidCheckpoint(str(e)) from None
     _check(isinstance(h, dict), "checkpoint header must be a JSON object")
     _check(h.get("format") == FORMAT, f"checkpoint format is {h.get('format')!r}, not {FORMAT!r}")
     version = h.get("version")
-    _check(_is_int(version) and version >= 1, f"invalid checkpoint format version {version!r}")
+    _check(_is_int(version) and 1 <= version <= _INT64,
+           f"invalid checkpoint format version {version!r}")
     _check(version <= FORMAT_VERSION,
            f"checkpoint format version {version} is newer than this service reads "
            f"({FORMAT_VERSION}): upgrade adamscope")
@@ -248,13 +315,17 @@ def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
         for key, value in g["options"].items():
             _check(key in OPTION_NAMES, f"checkpoint group has unknown option {key!r}")
             ok = (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
-                  if key == "betas" else value is None or isinstance(value, bool | int | float))
+                  if key == "betas" else value is None or isinstance(value, bool)
+                  or _is_number(value))
             _check(ok, f"checkpoint option {key}={value!r} has the wrong type")
     step = h.get("step")
-    _check(_is_int(step) and step >= 0, f"checkpoint step must be an integer >= 0, got {step!r}")
+    _check(_is_int(step) and 0 <= step <= _INT64,
+           f"checkpoint step must be an integer in 0..2**63-1, got {step!r}")
     for key in ("created_at", "updated_at", "saved_at"):
-        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a number")
+        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a finite number")
     _check(isinstance(h.get("extra", {}), dict), "checkpoint 'extra' must be an object")
+    _check(isinstance(h.get("idempotency", {}), dict),
+           "checkpoint 'idempotency' must be an object")
     h.setdefault("extra", {})
     return h  # type: ignore[no-any-return]
 
@@ -298,9 +369,9 @@ def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
     raw = read(n)
     _check(len(raw) == n, "file ends inside its safetensors header")
     try:
-        head = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidCheckpoint(f"safetensors header is not valid JSON: {e}") from None
+        head = codec.load_json(raw, "safetensors header")
+    except codec.CodecError as e:
+        raise InvalidCheckpoint(str(e)) from None
     _check(isinstance(head, dict), "safetensors header must be a JSON object")
     metadata = head.get("__metadata__")
     _check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
@@ -311,9 +382,25 @@ def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- checkpoint -> stepper
 
 
-def _finish(stepper: Stepper, ckpt: Checkpoint, *, restore_times: bool) -> None:
+def _journals(ckpt: Checkpoint) -> tuple[dict[str, Any], KeyJournal]:
+    """The checkpoint's ``extra`` bookkeeping and idempotency journal, validated."""
+    extra = copy.deepcopy(ckpt.header.get("extra", {}))
+    keys = KeyJournal([n for n, _ in ckpt.params])
+    try:
+        if "idempotency" in ckpt.header:
+            keys.load_json(ckpt.header["idempotency"])
+        else:  # written before the compact journal: its keys sat in "extra"
+            legacy = extra.pop("keys", None)
+            keys.load_legacy(legacy if isinstance(legacy, dict) else {})
+    except JournalError as e:
+        raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e}") from None
+    return extra, keys
+
+
+def _finish(stepper: Stepper, ckpt: Checkpoint, journals: tuple[dict[str, Any], KeyJournal],
+            *, restore_times: bool) -> None:
     stepper.step_count = ckpt.step
-    stepper.journal = copy.deepcopy(ckpt.header.get("extra", {}))
+    stepper.journal, stepper.keys = journals
     if restore_times:
         stepper.created_at = float(ckpt.header["created_at"])
         stepper.updated_at = float(ckpt.header["updated_at"])
@@ -326,11 +413,12 @@ def build(ckpt: Checkpoint, device: torch.device, name: str | None = None) -> St
     state tensor); a checkpoint that does not load raises :class:`InvalidCheckpoint`.
     """
     options = [g.options for g in ckpt.groups]
+    journals = _journals(ckpt)
     try:
         stepper = Stepper(name or ckpt.name, ckpt.kind, device, ckpt.params, {}, ckpt.groups)
         with stepper.lock:
             stepper.put_state(ckpt.state, options, replace=True)
-            _finish(stepper, ckpt, restore_times=True)
+            _finish(stepper, ckpt, journals, restore_times=True)
     except (InvalidCheckpoint, StepperExists):
         raise
     except EngineError as e:
@@ -368,10 +456,11 @@ def load_into(stepper: Stepper, ckpt: Checkpoint) -> None:
     layout and the whole state are validated before anything changes."""
     with stepper.lock:
         _check_layout(stepper, ckpt)
+        journals = _journals(ckpt)
         try:
             stepper.put_state(ckpt.state, [g.options for g in ckpt.groups], replace=True)
         except EngineError as e:
             raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e.detail}"
                                     ) from None
         stepper.put_params(dict(ckpt.params))
-        _finish(stepper, ckpt, restore_times=False)
+        _finish(stepper, ckpt, journals, restore_times=False)

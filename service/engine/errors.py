@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CheckpointTooLarge",
     "DeviceOutOfMemory",
     "DeviceUnavailable",
     "DtypeMismatch",
@@ -87,3 +88,9 @@ class DeviceOutOfMemory(EngineError):
     with nothing changed, or with ``partial=True`` when PyTorch's update had begun."""
 
     code = "device_out_of_memory"
+
+
+class CheckpointTooLarge(EngineError):
+    """A checkpoint that no safetensors reader would accept back (never written)."""
+
+    code = "persistence_failed"

@@ -31,6 +31,7 @@ from .errors import (
     UnknownParameter,
 )
 from .footprint import Footprint, footprint, state_bytes, workspace_bytes
+from .journal import JOURNAL_KEYS, KeyJournal
 from .memory import is_out_of_memory, release_cached, reserve
 from .options import (
     OPTIMIZERS,
@@ -84,8 +85,6 @@ class StepObserver(Protocol):
     def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None: ...
 
 
-#: Idempotency keys remembered per stepper (oldest forgotten first); persisted with it.
-JOURNAL_KEYS = 4096
 MAX_CONTRIBUTORS = 1024
 
 
@@ -209,6 +208,8 @@ class Stepper:
         #: JSON-serializable engine bookkeeping saved with every checkpoint and restored with
         #: it ("extra" in the checkpoint metadata); change it under ``lock`` with a mutation.
         self.journal: dict[str, Any] = {}
+        #: The idempotency keys of the last applied steps (persisted with every checkpoint).
+        self.keys = KeyJournal(names)
         #: Contributions collected for the next step (accumulate mode); never persisted.
         self._round: dict[str, Any] = {}
         #: Called around every optimizer step (statistics, history).
@@ -259,6 +260,29 @@ class Stepper:
         if wire_dtype is not None and dtype == wire_dtype and p.is_floating_point():
             dtype = p.dtype
         self._check_spec(name, shape, dtype, "gradient")
+
+    def check_value(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """Raise as :meth:`put_params` would for a value of this shape and dtype."""
+        self._check_spec(name, shape, dtype, "value")
+
+    def check_state_shape(self, name: str, key: str, shape: Sequence[int]) -> None:
+        """Raise as :meth:`put_state` would for a state tensor of this shape (before any
+        byte of it has been read or allocated)."""
+        p = self._param(name)
+        if key not in STATE_KEYS:
+            raise InvalidState(
+                f"unknown state key {key!r} for {name!r}; expected one of {', '.join(STATE_KEYS)}",
+                parameter=name,
+            )
+        if key == "step":
+            if math.prod(shape) != 1 or len(shape) > 1:
+                raise ShapeMismatch(f"step of {name!r} must be a scalar, got shape {list(shape)}",
+                                    parameter=name)
+        elif tuple(shape) != tuple(p.shape):
+            raise ShapeMismatch(
+                f"{key} for {name!r} has shape {list(shape)}, parameter has {list(p.shape)}",
+                parameter=name,
+            )
 
     def grad_buffer(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The reusable host buffer a gradient for ``name`` is received into (pinned when the
@@ -457,11 +481,17 @@ class Stepper:
     def _replay(self, key: str | None) -> StepOutcome | None:
         if key is None:
             return None
-        done = self.journal.get("keys", {}).get(key)
+        done = self.keys.lookup(key)
         if done is None:
             return None
-        return StepOutcome(done["step"], list(done["stepped"]), list(done["skipped"]),
-                           replayed=True)
+        return StepOutcome(*done, replayed=True)
+
+    def recorded(self, key: str) -> StepOutcome | None:
+        """The outcome of the step ``key`` applied, if the journal still holds it. Takes no
+        lock (the event loop calls it): the lookup is one dict read of an entry that is
+        never changed in place."""
+        done = self.keys.lookup(key)
+        return None if done is None else StepOutcome(*done)
 
     def _check_expected(self, expected_step: int | None) -> None:
         if expected_step is not None and expected_step != self.step_count:
@@ -471,11 +501,7 @@ class Stepper:
             )
 
     def _remember(self, key: str, outcome: StepOutcome) -> None:
-        keys = self.journal.setdefault("keys", {})
-        keys[key] = {"step": outcome.step, "stepped": outcome.stepped,
-                     "skipped": outcome.skipped}
-        while len(keys) > JOURNAL_KEYS:
-            keys.pop(next(iter(keys)))
+        self.keys.remember(key, outcome.step, outcome.stepped)
 
     def _apply(
         self,

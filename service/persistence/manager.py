@@ -48,6 +48,17 @@ log = logging.getLogger("adamscope.persistence")
 STEP, CHANGE, RESTORE = "step", "change", "restore"
 
 
+def _reason(e: BaseException) -> str:
+    """Why a file operation failed, for clients: never the data directory's paths (an
+    OSError's text names the file), never a stack trace."""
+    if isinstance(e, EngineError):
+        return e.detail
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    first = str(e).split("\n", 1)[0]
+    return f"{type(e).__name__}: {first}"[:500]
+
+
 @dataclass
 class Track:
     """What is on disk for one hosted stepper."""
@@ -102,6 +113,10 @@ class Persistence:
             raise StepperNotFound(f"no stepper named {stepper.name!r}", stepper=stepper.name)
         return track
 
+    def restore_device(self, stored: str) -> torch.device:
+        """Where a checkpoint saved on ``stored`` is restored or imported here."""
+        return self._device(stored)
+
     def _device(self, stored: str) -> torch.device:
         try:
             return resolve_device(stored, self.default_device)
@@ -139,7 +154,7 @@ class Persistence:
             log.error("could not write the checkpoint of %r: %s", stepper.name, e)
             raise PersistenceFailed(
                 f"the change to {stepper.name!r} was applied in memory but could not be written "
-                f"to the data directory: {e.strerror or e}; it is written with the next change",
+                f"to the data directory: {_reason(e)}; it is written with the next change",
                 stepper=stepper.name,
             ) from None
         track.persisted_version = enc.version
@@ -163,7 +178,7 @@ class Persistence:
                 stepper = checkpoints.build(ckpt, self._device(ckpt.device))
                 self.registry.create(name, lambda s=stepper: s)  # type: ignore[misc]
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-                detail = e.detail if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+                detail = _reason(e)
                 log.error("could not restore stepper %r from %s: %s", name, path, detail)
                 self.failed[name] = detail
                 continue
@@ -207,7 +222,7 @@ class Persistence:
             try:
                 self.store.remove_stepper(name)
             except OSError as e:
-                raise PersistenceFailed(f"could not remove the files of {name!r}: {e}",
+                raise PersistenceFailed(f"could not remove the files of {name!r}: {_reason(e)}",
                                         stepper=name) from None
             self.failed.pop(name, None)
             if self._tracks.pop(name, None) is not None:
@@ -342,8 +357,9 @@ class Persistence:
             try:
                 size = self.store.write_snapshot(name, snap, enc.data)
             except OSError as e:
-                raise PersistenceFailed(f"could not write snapshot {snap!r} of {name!r}: {e}",
-                                        stepper=name) from None
+                raise PersistenceFailed(
+                    f"could not write snapshot {snap!r} of {name!r}: {_reason(e)}",
+                    stepper=name) from None
             return self._snapshot_info(name, snap, enc.header, size)
 
     def list_snapshots(self, stepper: Stepper) -> list[dict[str, Any]]:
@@ -359,7 +375,7 @@ class Persistence:
                         size = path.stat().st_size
                     out.append(self._snapshot_info(name, snap, header, size))
                 except (OSError, EngineError) as e:
-                    detail = e.detail if isinstance(e, EngineError) else str(e)
+                    detail = _reason(e)
                     out.append(self._snapshot_info(name, snap, None, 0, detail))
         out.sort(key=lambda s: (s["created_at"] is None, s["created_at"] or 0, s["name"]))
         return out

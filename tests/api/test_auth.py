@@ -407,6 +407,44 @@ def test_prefix_restricts_every_stepper_route_existing_or_not(served: TestClient
         assert "team-b-new" not in registered(served)
 
 
+@pytest.mark.parametrize(("prefix", "name", "reached"), [
+    ("team-a", "team-a", True), ("team-a", "team-a-run1", True),
+    ("team-a", "team-a.run1", True), ("team-a", "team-a_run1", True),
+    ("team-a", "team-abc", False), ("team-a", "team-ab-x", False), ("team-a", "team-", False),
+    ("team-a", "team", False), ("team-a-", "team-a-run1", True), ("team-a-", "team-a", False),
+    ("team-a-", "team-abc", False), ("team.", "team.x", True), ("team.", "team-x", False),
+    (None, "anything", True),
+])
+def test_a_prefix_ends_at_a_separator(prefix: str | None, name: str, reached: bool) -> None:
+    """A prefix is a namespace: 'team-a' must never reach another team's 'team-abc'."""
+    assert auth.Principal("t", "read", prefix).reaches(name) is reached
+
+
+def test_team_boundaries_hold_over_http_and_whoami_says_what_a_token_reaches(
+    tmp_path: Path,
+) -> None:
+    team = "team-a-unseparated-0123456789"
+    settings = Settings(data_dir=tmp_path / "data", device="cpu", tokens=[
+        *CONFIG, {"token": team, "scope": "admin", "prefix": "team-a", "name": "a-team"}])
+    with TestClient(create_app(settings)) as client:
+        with calling_as(client, "admin"):
+            for n in ("team-a", "team-a-run1", "team-abc"):
+                create(client, {**SPEC, "name": n}, initial_values())
+        client.headers["authorization"] = f"Bearer {team}"
+        assert registered(client) == ["team-a", "team-a-run1"]
+        assert client.get(f"{V1}/team-a-run1").status_code == 200
+        body = assert_problem(client.get(f"{V1}/team-abc"), "forbidden",
+                              "token 'a-team' only reaches the stepper 'team-a' and steppers "
+                              "whose name starts with 'team-a-', 'team-a.' or 'team-a_'; "
+                              "'team-abc' does not")
+        assert body["prefix"] == "team-a"
+        assert_problem(client.post(V1, json={**SPEC, "name": "team-abd"}), "forbidden")
+        who = client.get("/v1/whoami").json()
+        assert who["prefix"] == "team-a" and who["reaches"] == (
+            "the stepper 'team-a' and steppers whose name starts with 'team-a-', 'team-a.' "
+            "or 'team-a_'")
+
+
 @pytest.mark.parametrize(("kind", "visible"), [
     ("read", [NAME, OTHER]), ("admin", [NAME, OTHER]),
     ("prefix_ok", [NAME]), ("wrong_prefix", [OTHER]),
@@ -740,6 +778,22 @@ def test_cli_reports_token_errors_and_exits_2(
     assert "ADAMSCOPE_TOKENS takes a JSON list" in err and "line 1 column" in err
     assert TOKEN not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_an_empty_token_list_in_the_environment_stops_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    no_token_env: None,
+) -> None:
+    """ADAMSCOPE_TOKENS='[]' is a mistake (a template that rendered nothing), not a wish to
+    run without tokens: it stops the service, as an empty tokens file does."""
+    monkeypatch.setenv("ADAMSCOPE_TOKENS", " [ ] ")
+    with pytest.raises(TokenConfigError, match="ADAMSCOPE_TOKENS lists no tokens"):
+        create_app(Settings(device="cpu", data_dir=tmp_path / "d"))
+    assert cli.main(["serve", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "ADAMSCOPE_TOKENS lists no tokens" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    monkeypatch.delenv("ADAMSCOPE_TOKENS")  # left out: loopback only, as documented
+    assert not load_access(Settings(device="cpu")).enabled
 
 
 def test_create_app_fails_fast_on_a_bad_tokens_file(tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def _cases() -> list[Bad]:
         Bad("step-trailing", "POST", step_r, "malformed_body",
             "covers 36 bytes but the body carries 37", raw(valid + b"\0")),
         Bad("step-header-claims-too-much", "POST", step_r, "malformed_body", "claims",
-            raw(struct.pack("<Q", 1 << 20) + valid[8:])),
+            raw(struct.pack("<Q", 1 << 14) + valid[8:])),
         Bad("step-bad-meta-json", "POST", step_r, "malformed_body",
             "metadata 'adamscope.param_groups' is not valid JSON",
             st({"w": w}, {META_GROUPS: "[{"})),

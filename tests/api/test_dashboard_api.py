@@ -110,13 +110,15 @@ def test_whoami_without_tokens_is_the_local_admin(app_client: TestClient) -> Non
     r = app_client.get("/v1/whoami")
     assert r.status_code == 200, r.text
     assert r.json() == {"name": "anonymous (no tokens configured)", "scope": "admin",
-                        "prefix": None, "tokens": False}
+                        "prefix": None, "reaches": "every stepper", "tokens": False}
 
 
 @pytest.mark.parametrize(("token", "expected"), [
-    (READ, {"name": "viewer", "scope": "read", "prefix": None}),
-    (ADMIN, {"name": "operator", "scope": "admin", "prefix": None}),
-    (TEAM, {"name": "ADAMSCOPE_TOKENS[2]", "scope": "write", "prefix": "team-a-"}),
+    (READ, {"name": "viewer", "scope": "read", "prefix": None, "reaches": "every stepper"}),
+    (ADMIN, {"name": "operator", "scope": "admin", "prefix": None,
+             "reaches": "every stepper"}),
+    (TEAM, {"name": "ADAMSCOPE_TOKENS[2]", "scope": "write", "prefix": "team-a-",
+            "reaches": "steppers whose name starts with 'team-a-'"}),
 ])
 def test_whoami_names_the_tokens_scope_and_prefix(guarded: TestClient, token: str,
                                                  expected: dict[str, object]) -> None:

@@ -200,7 +200,8 @@ def test_restart_restores_every_stepper_exactly(restart: Any, settings: Settings
     w2_at_3 = disk(settings, "w2")
 
     client = restart()  # graceful: the unwritten 4th step of w2 is flushed
-    assert client.get("/healthz").json()["persistence"] == {"restored": 3, "failed": []}
+    assert client.get("/healthz").json()["persistence"] == {"restored": 3, "failed": [],
+                                                             "failed_count": 0}
     assert registered(client) == sorted(before)
     for n, seen in before.items():
         now = observed(client, n)

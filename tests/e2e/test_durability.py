@@ -320,7 +320,7 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
                            s.durability) for s in c.list()}
 
     with spawn_server(data, "--device", "cpu") as url, Client(url) as c:
-        assert c.health()["persistence"] == {"restored": 5, "failed": []}
+        assert c.health()["persistence"] == {"restored": 5, "failed": [], "failed_count": 0}
         after = {s.name: (c.get_params(s.name), c.get_state(s.name), s.step,
                           s.durability) for s in c.list()}
         assert set(after) == set(before) == {*policies, "s-default", "copy"}

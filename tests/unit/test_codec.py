@@ -388,7 +388,7 @@ def test_json_scalar_shape_check() -> None:
         ([[1.0, 2.0], [3.0]], None, "not a regular nested list of numbers"),
         ([1.0, 2.0, 3.0], [2], r"tensor data has shape \[3\], expected \[2\]"),
         ([], [2, 3], r"tensor data has shape \[0\], expected \[2, 3\]"),
-        ([], [-1, 0], r"tensor data has shape \[0\], expected \[-1, 0\]"),
+        ([], [-1, 0], r"tensor data has an invalid shape \[-1, 0\]"),
     ],
     ids=["string", "bool", "null", "object", "ragged", "shape", "empty-vs-full", "negative"],
 )

@@ -68,8 +68,9 @@ async function identify() {
   const id = state.identity;
   $("auth-needed").hidden = true;
   $("identity").textContent = id.tokens
-    ? `${id.name} · ${id.scope}${id.prefix ? ` · steppers ${id.prefix}*` : ""}`
+    ? `${id.name} · ${id.scope}${id.prefix ? ` · namespace ${id.prefix}` : ""}`
     : "no tokens configured · admin";
+  $("identity").title = id.reaches ? `reaches ${id.reaches}` : "";
   document.body.dataset.scope = id.scope;
   return true;
 }
