@@ -254,8 +254,13 @@ def test_an_allocator_failure_is_507_not_a_crash(settings: Settings) -> None:
 # ---------------------------------------------------------------------- memory
 
 
-def _bytes_of(numel: int, itemsize: int = 4) -> int:
-    return numel * itemsize * 3 + 4  # parameter, exp_avg, exp_avg_sq, step
+def _bytes_of(numel: int, itemsize: int = 4, count: int = 1) -> int:
+    """The footprint total (service.engine.footprint) of ``count`` such parameters of a
+    default CPU Adam: what the machine-memory check compares with what is left."""
+    from service.engine.footprint import footprint
+    from service.engine.options import default_options
+
+    return footprint([([numel * itemsize] * count, default_options("adam"))], "cpu").total
 
 
 def test_a_create_the_machine_cannot_hold_is_507_before_anything_is_allocated(
@@ -268,7 +273,7 @@ def test_a_create_the_machine_cannot_hold_is_507_before_anything_is_allocated(
     r = app_client.post(V1, json=spec)
     body = assert_clean_problem(r)
     assert body["code"] == "memory_budget_exceeded" and r.status_code == 507
-    assert body["needed"] == 64 * _bytes_of(2**32, 8)
+    assert body["needed"] == _bytes_of(2**32, 8, count=64)
     assert f"needs {body['needed']} bytes on cpu" in body["detail"]
     assert f"{body['left']} bytes are left" in body["detail"]
     assert app_client.get(V1).json()["steppers"] == []
