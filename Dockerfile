@@ -32,7 +32,7 @@ COPY client ./client
 # can never swap the CUDA build for another one, and fail the build if it would have to.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/keep-torch.txt \
     && pip install --no-cache-dir --constraint /tmp/keep-torch.txt . \
-    && python -c "import torch, service, client; assert torch.version.cuda, 'torch lost CUDA'" \
+    && python -c "import torch, adamscope.service.app; assert torch.version.cuda, 'torch lost CUDA'" \
     && rm -rf /tmp/keep-torch.txt build ./*.egg-info
 
 # An unprivileged user with a numeric id (so `USER` needs no passwd lookup on the host side).

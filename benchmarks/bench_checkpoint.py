@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from service.engine import Stepper
-from service.engine import checkpoint as checkpoints
-from service.persistence.store import Store
+from adamscope.service.engine import Stepper
+from adamscope.service.engine import checkpoint as checkpoints
+from adamscope.service.persistence.store import Store
 
 LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
          "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",

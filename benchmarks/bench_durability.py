@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from bench_step import server as step_server
 
-from client import Client
+from adamscope.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 10

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from bench_step import IMPLS, fmt, model, parse_size, server
 
-from client import Client, RemoteAdam
+from adamscope.client import Client, RemoteAdam
 
 
 def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, steps: int

@@ -21,7 +21,7 @@ import httpx
 import torch
 from bench_step import server, transformer_shapes
 
-from client import Client
+from adamscope.client import Client
 
 HERE = Path(__file__).resolve().parent
 ENDPOINTS = [

@@ -27,7 +27,7 @@ import time
 import torch
 from bench_step import server
 
-from client import Client, RemoteAdam
+from adamscope.client import Client, RemoteAdam
 
 IMPL = {"fused": True}
 

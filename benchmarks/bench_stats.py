@@ -31,9 +31,9 @@ import httpx
 import torch
 from bench_step import parse_size, server
 
-from client import Client
-from service.engine import Stepper
-from service.engine.signals import attach_signals, observer_of
+from adamscope.client import Client
+from adamscope.service.engine import Stepper
+from adamscope.service.engine.signals import attach_signals, observer_of
 
 
 def timed(fn: Callable[[], httpx.Response]) -> tuple[float, int]:

@@ -10,7 +10,7 @@ number of bytes (request and reply) between two processes on loopback (``recv_in
 preallocated buffer, ``sendall`` it back), plus one local fused Adam step (the fastest exact
 PyTorch implementation) of the same parameters.
 
-The server is ``python -m service.cli serve`` in a subprocess on 127.0.0.1 and an ephemeral
+The server is ``python -m adamscope.service.cli serve`` in a subprocess on 127.0.0.1 and an ephemeral
 port. A remote step is everything a training loop waits for in ``RemoteAdam.step()``:
 encoding the gradients as safetensors, the HTTP round trip, PyTorch's Adam step in the
 service, the updated parameters coming back and being copied into the local tensors. A
@@ -52,7 +52,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from client import Client, RemoteAdam
+from adamscope.client import Client, RemoteAdam
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = {
@@ -169,7 +169,7 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None,
     temporary one (inside ``data_parent`` when given)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--data-dir", data, "--device", device,
                "--log-level", "warning", *extra]
         # The server's output goes to a file: a pipe nobody reads would fill and block it.

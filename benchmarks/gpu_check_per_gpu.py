@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client import codec  # noqa: E402
+from adamscope.client import codec  # noqa: E402
 
 
 def gpu_uuids() -> list[str]:
@@ -86,7 +86,7 @@ def scenario(title: str, visible: str | None, expected: list[str], uuids: list[s
     port = free_port_block(len(expected))
     ok = True
     with tempfile.TemporaryDirectory() as data:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--per-gpu",
+        proc = subprocess.Popen([sys.executable, "-m", "adamscope.service.cli", "serve", "--per-gpu",
                                  "--device", "cuda", "--port", str(port), "--data-dir", data,
                                  "--log-level", "warning"], cwd=ROOT, env=env,
                                 start_new_session=True)

@@ -1,6 +1,6 @@
 """adamscope client: sync and async clients, and drop-in remote Adam optimizers.
 
->>> from client import Client, AsyncClient, RemoteAdam, RemoteAdamW
+>>> from adamscope.client import Client, AsyncClient, RemoteAdam, RemoteAdamW
 """
 
 from ._base import StepReply

@@ -31,8 +31,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from client import Client, RemoteAdam
-from client.errors import AdamscopeError, StepperNotFoundError
+from adamscope import Client, RemoteAdam
+from adamscope.client.errors import AdamscopeError, StepperNotFoundError
 
 IN_FEATURES, HIDDEN, BATCH, SAMPLES = 16, 64, 64, 1024
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}

@@ -1,5 +1,5 @@
-"""adamscope service: Adam steppers behind a REST API."""
+"""adamscope service: Adam steppers behind a REST API (installed as ``adamscope.service``)."""
 
-__version__ = "0.1.0"
+from adamscope import __version__
 
 __all__ = ["__version__"]

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from client.protocol import API_PREFIX, CreateStepper
+from adamscope.client.protocol import API_PREFIX, CreateStepper
 
 from . import __version__
 from .api import access as api_access

@@ -154,7 +154,7 @@ def worker_commands(args: argparse.Namespace, base_port: int, data_dir: Path, co
     visible = visible_devices(parent_visible, count) if count else [None]
     out = []
     for i, entry in enumerate(visible):
-        cmd = [sys.executable, "-m", "service.cli", "serve",
+        cmd = [sys.executable, "-m", "adamscope.service.cli", "serve",
                "--port", str(base_port + i), "--data-dir", str(data_dir / f"worker{i}")]
         for flag in ("host", "device", "log_level", "max_body_bytes", "durability",
                      *_ACCESS_FLAGS):

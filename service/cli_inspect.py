@@ -67,8 +67,8 @@ class CommandError(Exception):
 
 def _run(action: Callable[[Any, argparse.Namespace], str | None]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        from client import Client
-        from client.errors import AdamscopeError
+        from adamscope.client import Client
+        from adamscope.client.errors import AdamscopeError
 
         try:
             with Client(args.url, token=args.token) as client:
@@ -106,7 +106,7 @@ def _ls(c: Any, a: argparse.Namespace) -> str:
 
 
 def _show(c: Any, a: argparse.Namespace) -> str:
-    from client.progress import human_bytes
+    from adamscope.client.progress import human_bytes
 
     s = c.get(a.name)
     lines = [f"{BOLD if a.color else ''}{s.name}{RESET if a.color else ''}: {s.optimizer} on "
@@ -329,7 +329,7 @@ def client_command(sub: Any, name: str, help: str,
                    ) -> argparse.ArgumentParser:
     """A sub-command that runs ``action(client, args)`` against the service (``--url``,
     ``--token``) and prints what it returns; the inspection and snapshot commands."""
-    from client._base import DEFAULT_URL
+    from adamscope.client._base import DEFAULT_URL
 
     p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
     p.add_argument("--url", default=None,

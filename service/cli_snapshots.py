@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.protocol import Durability
+from adamscope.client.protocol import Durability
 
 from .cli_inspect import client_command, when
 
@@ -53,7 +53,7 @@ def _durability_arg(text: str) -> str:
 
 
 def _size(n: int) -> str:
-    from client.progress import human_bytes
+    from adamscope.client.progress import human_bytes
 
     return human_bytes(n)
 

@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from client.codec import CodecError
-from client.errors import CODES
-from client.protocol import Problem
+from adamscope.client.codec import CodecError
+from adamscope.client.errors import CODES
+from adamscope.client.protocol import Problem
 
 from .engine.errors import EngineError
 

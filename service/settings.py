@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.protocol import Durability
+from adamscope.client.protocol import Durability
 
 from .auth import TokenSpec
 

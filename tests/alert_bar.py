@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from client.protocol import AlertRule
+from adamscope.client.protocol import AlertRule
 
 BETAS = (0.9, 0.99)
 LR = 1e-3

@@ -20,8 +20,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +104,7 @@ def spawn_server(data_dir: Path, *extra: str, timeout: float = 60,
                  stop_timeout: float = 15) -> Iterator[str]:
     """``adamscope serve`` as a separate process (the console script's code path)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from service import cli
+from adamscope.service import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -200,7 +200,7 @@ def test_readme_shows_the_ci_test_command_verbatim() -> None:
 def test_pyproject_declares_the_distribution() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "adamscope"
-    assert project["scripts"] == {"adamscope": "service.cli:main"}
+    assert project["scripts"] == {"adamscope": "adamscope.service.cli:main"}
     deps = [d.replace(" ", "") for d in project["dependencies"]]
     torch_deps = [d for d in deps if d.startswith("torch") and d[5:6] in {"", ">", "=", "<", "~",
                                                                           "!", "["}]
@@ -215,7 +215,7 @@ def test_pyproject_declares_the_distribution() -> None:
 def test_installed_console_script_is_the_cli() -> None:
     dist = importlib.metadata.distribution("adamscope")
     scripts = {e.name: e for e in dist.entry_points if e.group == "console_scripts"}
-    assert scripts["adamscope"].value == "service.cli:main"
+    assert scripts["adamscope"].value == "adamscope.service.cli:main"
     assert scripts["adamscope"].load() is cli.main
 
 
@@ -224,7 +224,7 @@ def test_installed_console_script_is_the_cli() -> None:
     (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
 ])
 def test_cli_help(args: list[str], expected: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "service.cli", *args, "--help"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "adamscope.service.cli", *args, "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for word in expected:
@@ -284,6 +284,8 @@ def imported_modules(source: str) -> list[str]:
 def test_client_never_imports_the_service() -> None:
     offenders = {str(f.relative_to(ROOT)): mods for f in python_files("client")
                  if (mods := [m for m in imported_modules(f.read_text())
-                              if m == "service" or m.startswith("service.")])}
+                              if m.split(".")[0] == "service"
+                              or m.startswith(("adamscope.service", "adamscope.service."))])}
     assert offenders == {}
-    assert "service.cli" in imported_modules("import service.cli\nfrom service import app")
+    assert "adamscope.service.cli" in imported_modules(
+        "import adamscope.service.cli\nfrom adamscope.service import app")

@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from client.protocol import INT64_MAX
+from adamscope.client.protocol import INT64_MAX
 
 from ..engine import Registry, Stepper
 from ..engine.history import HistoryConfig, HistoryObserver, attach_history, history_of

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ConfigDict, TypeAdapter
 
-from client.protocol import (
+from adamscope.client.protocol import (
     INT64_MAX,
     AlertRules,
     AlertsReport,

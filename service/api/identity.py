@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from client.protocol import Identity
+from adamscope.client.protocol import Identity
 
 from .access import principal, require
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.protocol import Hyperparameters
+from adamscope.client.protocol import Hyperparameters
 
 from ..engine.errors import InvalidHyperparameter
 

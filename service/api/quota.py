@@ -22,8 +22,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from client import codec
-from client.protocol import CreateStepper
+from adamscope.client import codec
+from adamscope.client.protocol import CreateStepper
 
 from ..engine import Registry, Stepper
 from ..engine.errors import InvalidSpec, StepperNotFound

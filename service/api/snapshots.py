@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from client.protocol import (
+from adamscope.client.protocol import (
     SNAPSHOT_NAME_PATTERN,
     STEPPER_NAME_PATTERN,
     CheckpointInfo,

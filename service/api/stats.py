@@ -34,8 +34,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from client import codec
-from client.protocol import (
+from adamscope.client import codec
+from adamscope.client.protocol import (
     META_GROUPS,
     SNAPSHOT_NAME_PATTERN,
     STEPPER_NAME_PATTERN,

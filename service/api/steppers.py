@@ -13,8 +13,8 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from client import codec
-from client.protocol import (
+from adamscope.client import codec
+from adamscope.client.protocol import (
     META_SPEC,
     BiasCorrectionReport,
     CreateStepper,

@@ -32,8 +32,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from client import codec
-from client.protocol import META_STEP, META_STEPPER
+from adamscope.client import codec
+from adamscope.client.protocol import META_STEP, META_STEPPER
 
 from ..engine import Stepper
 from ..engine.errors import DeviceOutOfMemory

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from client import codec
-from client.protocol import INT64_MAX, META_GROUPS, StepResult
+from adamscope.client import codec
+from adamscope.client.protocol import INT64_MAX, META_GROUPS, StepResult
 
 from ..engine import STATE_KEYS, StepOutcome, Stepper
 from ..engine.errors import InvalidSpec, InvalidState, StepConflict

@@ -11,8 +11,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from client import codec
-from client.protocol import META_STEP, META_STEPPER
+from adamscope.client import codec
+from adamscope.client.protocol import META_STEP, META_STEPPER
 
 from ..errors import ApiError
 

@@ -41,8 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from client import codec
-from client.protocol import META_SPEC
+from adamscope.client import codec
+from adamscope.client.protocol import META_SPEC
 
 from ..api.history import render_json
 from ..engine.footprint import Footprint, footprint

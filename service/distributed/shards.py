@@ -14,7 +14,7 @@ import struct
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from client import codec
+from adamscope.client import codec
 
 __all__ = ["Body", "merge", "owner", "parse", "split"]
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from client.protocol import AlertRule
+from adamscope.client.protocol import AlertRule
 
 from .stepper import Stepper
 

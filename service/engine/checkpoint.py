@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from client import codec
-from client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
+from adamscope.client import codec
+from adamscope.client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
 
 from .errors import CheckpointTooLarge, EngineError, InvalidCheckpoint, InvalidSpec, StepperExists
 from .journal import DIGEST_BYTES, JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import torch
 from pydantic import ValidationError
 
-from client.protocol import Durability
+from adamscope.client.protocol import Durability
 
 from ..engine import Registry, Stepper
 from ..engine import checkpoint as checkpoints

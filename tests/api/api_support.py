@@ -16,11 +16,11 @@ import torch
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from client import codec
-from client.errors import CODES
-from client.protocol import META_GROUPS, META_SPEC
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.client.errors import CODES
+from adamscope.client.protocol import META_GROUPS, META_SPEC
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 V1 = "/v1/steppers"
 OCTET = {"content-type": "application/octet-stream"}

@@ -21,8 +21,8 @@ import schemathesis
 import torch
 from hypothesis import strategies as st
 
-from client import codec
-from client.protocol import META_GROUPS, META_SPEC
+from adamscope.client import codec
+from adamscope.client.protocol import META_GROUPS, META_SPEC
 
 __all__ = ["CHECKPOINT_FILES", "FIXTURES", "SNAP", "Fixture", "aimed_bodies", "corrupted",
            "json_bodies", "query_overrides"]

@@ -40,15 +40,15 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from test_packaging import instructions
 
-from client import AsyncClient, Client, RemoteAdam, codec
-from client.errors import ForbiddenError, UnauthorizedError
-from service import auth, cli
-from service.api import access
-from service.api.access import Endpoint, endpoints, require
-from service.app import create_app
-from service.auth import TokenConfigError, TokenTable, load_access, load_tokens_file
-from service.cli import build_parser
-from service.settings import Settings
+from adamscope.client import AsyncClient, Client, RemoteAdam, codec
+from adamscope.client.errors import ForbiddenError, UnauthorizedError
+from adamscope.service import auth, cli
+from adamscope.service.api import access
+from adamscope.service.api.access import Endpoint, endpoints, require
+from adamscope.service.app import create_app
+from adamscope.service.auth import TokenConfigError, TokenTable, load_access, load_tokens_file
+from adamscope.service.cli import build_parser
+from adamscope.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -548,7 +548,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", "serve", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "adamscope.service.cli", "serve", *args], cwd=ROOT,
                           env=env or clean_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -558,7 +558,7 @@ def spawn_cli(data_dir: Path, *args: str,
     """Run ``adamscope serve`` on 127.0.0.1, make ``requests`` (method, path, token; their
     statuses go to ``statuses``), stop it, and return everything it printed."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1", "--port",
            str(port), "--data-dir", str(data_dir), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

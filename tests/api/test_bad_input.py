@@ -34,8 +34,8 @@ from api_support import (
 )
 from fastapi.testclient import TestClient
 
-from client import codec
-from client.protocol import META_GROUPS, META_SPEC
+from adamscope.client import codec
+from adamscope.client.protocol import META_GROUPS, META_SPEC
 
 JSON = {"content-type": "application/json"}
 

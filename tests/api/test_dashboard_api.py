@@ -18,10 +18,10 @@ import pytest
 from api_support import assert_problem
 from fastapi.testclient import TestClient
 
-from service.api.dashboard import ASSETS, PAGE
-from service.app import create_app
-from service.dashboard import static
-from service.settings import Settings
+from adamscope.service.api.dashboard import ASSETS, PAGE
+from adamscope.service.app import create_app
+from adamscope.service.dashboard import static
+from adamscope.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "service" / "dashboard" / "static"
@@ -98,7 +98,7 @@ def test_the_token_is_never_put_in_a_url() -> None:
 
 def test_the_files_ship_in_the_distribution() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = data["package-data"]["service.dashboard"]
+    patterns = data["package-data"]["adamscope.service.dashboard"]
     for f in ASSETS:
         assert any(fnmatch.fnmatch(f"static/{f}", p) for p in patterns), f
 

@@ -30,11 +30,11 @@ from api_support import (
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from client import codec
-from client.errors import DeviceOutOfMemoryError, InsufficientStorageError, error_from_problem
-from service.api import stream
-from service.engine import stepper as stepper_module
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.client.errors import DeviceOutOfMemoryError, InsufficientStorageError, error_from_problem
+from adamscope.service.api import stream
+from adamscope.service.engine import stepper as stepper_module
+from adamscope.service.settings import Settings
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 

@@ -19,11 +19,11 @@ import pytest
 from api_support import SPEC, assert_problem, create, grads, initial_values, step
 from fastapi.testclient import TestClient
 
-from client._base import SSEParser
-from service.api.events import EventHub, Subscription, event_stream
-from service.app import create_app
-from service.engine.signals import SIGNALS
-from service.settings import Settings
+from adamscope.client._base import SSEParser
+from adamscope.service.api.events import EventHub, Subscription, event_stream
+from adamscope.service.app import create_app
+from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.settings import Settings
 
 VALUES = initial_values()
 

@@ -48,10 +48,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from client import Client
-from client.errors import CODES
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import Client
+from adamscope.client.errors import CODES
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

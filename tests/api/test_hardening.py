@@ -37,13 +37,13 @@ from fastapi import Depends
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from client import codec
-from client.errors import CODES
-from client.protocol import META_GROUPS, META_SPEC
-from service.api.access import require
-from service.app import create_app
-from service.engine import Registry, Stepper
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.client.errors import CODES
+from adamscope.client.protocol import META_GROUPS, META_SPEC
+from adamscope.service.api.access import require
+from adamscope.service.app import create_app
+from adamscope.service.engine import Registry, Stepper
+from adamscope.service.settings import Settings
 
 JSON = {"content-type": "application/json"}
 DEEP = 1000
@@ -257,8 +257,8 @@ def test_an_allocator_failure_is_507_not_a_crash(settings: Settings) -> None:
 def _bytes_of(numel: int, itemsize: int = 4, count: int = 1) -> int:
     """The footprint total (service.engine.footprint) of ``count`` such parameters of a
     default CPU Adam: what the machine-memory check compares with what is left."""
-    from service.engine.footprint import footprint
-    from service.engine.options import default_options
+    from adamscope.service.engine.footprint import footprint
+    from adamscope.service.engine.options import default_options
 
     return footprint([([numel * itemsize] * count, default_options("adam"))], "cpu").total
 
@@ -281,7 +281,7 @@ def test_a_create_the_machine_cannot_hold_is_507_before_anything_is_allocated(
 
 def test_the_66_byte_create_of_the_attack_is_refused(app_client: TestClient) -> None:
     """``[2147483648]`` fp32: 8 GiB of zeros and 16 GiB of state from a 66-byte body."""
-    from service.api import budget
+    from adamscope.service.api import budget
 
     needed = _bytes_of(2**31)
     available = budget.available_bytes(torch.device("cpu"))
@@ -295,7 +295,7 @@ def test_the_66_byte_create_of_the_attack_is_refused(app_client: TestClient) -> 
 
 
 def test_steppers_that_have_not_stepped_count_the_state_they_will_take() -> None:
-    from service.api import budget
+    from adamscope.service.api import budget
 
     registry = Registry()
     cpu = torch.device("cpu")

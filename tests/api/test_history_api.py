@@ -18,10 +18,10 @@ import torch
 from api_support import SPEC, V1, assert_problem, create, grads, initial_values, snapshot, step
 from fastapi.testclient import TestClient
 
-from client.protocol import AlertsReport, HistoryReport, StepperList, StepperSummary
-from service.app import create_app
-from service.engine.signals import SIGNALS
-from service.settings import Settings
+from adamscope.client.protocol import AlertsReport, HistoryReport, StepperList, StepperSummary
+from adamscope.service.app import create_app
+from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.settings import Settings
 
 NAME = SPEC["name"]
 VALUES = initial_values()

@@ -22,8 +22,8 @@ from api_support import (
 )
 from fastapi.testclient import TestClient
 
-from client import codec
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.service.settings import Settings
 
 LIMIT = 4096
 #: Parameters whose gradients alone are just under the limit: a full step body is over it.

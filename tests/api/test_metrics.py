@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service.app import create_app
-from service.engine.history import LATENCY_BUCKETS
-from service.engine.signals import SIGNALS
-from service.settings import Settings
+from adamscope.service.app import create_app
+from adamscope.service.engine.history import LATENCY_BUCKETS
+from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.settings import Settings
 
 VALUES = initial_values()
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from client.errors import CODES
+from adamscope.client.errors import CODES
 
 V1 = "/v1/steppers"
 NAMED = f"{V1}/{{name}}"

@@ -31,8 +31,8 @@ from api_support import (
 from conftest import run_uvicorn
 from fastapi.testclient import TestClient
 
-from client import Client, codec
-from client.errors import (
+from adamscope.client import Client, codec
+from adamscope.client.errors import (
     InsufficientStorageError,
     MemoryBudgetExceededError,
     PayloadTooLargeError,
@@ -40,9 +40,9 @@ from client.errors import (
     StepperLimitError,
     TensorTooLargeError,
 )
-from service.api.quota import STEP_BYTES, projected_bytes
-from service.app import create_app
-from service.settings import Settings
+from adamscope.service.api.quota import STEP_BYTES, projected_bytes
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 MAX_ELEMENTS = 100
 MAX_STEPPERS = 3

@@ -31,10 +31,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import codec
-from client.protocol import META_CHECKPOINT, META_GROUPS, META_SPEC
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.client.protocol import META_CHECKPOINT, META_GROUPS, META_SPEC
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 EXAMPLES = 50  # per endpoint
 LEAK = re.compile(r"Traceback|Exception raised from|frame #\d|0x[0-9a-fA-F]{6,}|"

@@ -3,9 +3,9 @@
 import torch
 from fastapi.testclient import TestClient
 
-from client import codec
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 
 def _step_and_read(settings: Settings) -> dict:

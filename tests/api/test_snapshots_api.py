@@ -29,10 +29,10 @@ from api_support import (
 )
 from fastapi.testclient import TestClient
 
-from client import codec
-from client.protocol import META_CHECKPOINT
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import codec
+from adamscope.client.protocol import META_CHECKPOINT
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 NAME = SPEC["name"]
 TIMES = ("created_at", "updated_at", "persisted_at")

@@ -36,12 +36,12 @@ from api_support import (
 from conftest import LiveServer
 from fastapi.testclient import TestClient
 
-from client import AsyncClient, Client, codec
-from client.errors import APIStatusError
-from client.protocol import META_GROUPS
-from service.api import stats as stats_api
-from service.app import create_app
-from service.settings import Settings
+from adamscope.client import AsyncClient, Client, codec
+from adamscope.client.errors import APIStatusError
+from adamscope.client.protocol import META_GROUPS
+from adamscope.service.api import stats as stats_api
+from adamscope.service.app import create_app
+from adamscope.service.settings import Settings
 
 NET = f"{V1}/net"
 QS = (0.01, 0.5, 0.99)

@@ -25,8 +25,8 @@ from api_support import (
 )
 from fastapi.testclient import TestClient
 
-from client import codec
-from client.protocol import StepperList, StepperSummary
+from adamscope.client import codec
+from adamscope.client.protocol import StepperList, StepperSummary
 
 
 def test_create_from_json_gives_zeros_and_a_full_summary(app_client: TestClient) -> None:

@@ -21,9 +21,9 @@ import pytest
 import torch
 from conftest import LiveServer
 
-from client import Client, RemoteAdam, codec
-from client.errors import DtypeMismatchError
-from service.api.stream import INLINE_NUMEL
+from adamscope.client import Client, RemoteAdam, codec
+from adamscope.client.errors import DtypeMismatchError
+from adamscope.service.api.stream import INLINE_NUMEL
 
 LOSSY = [torch.bfloat16, torch.float16]
 

@@ -28,8 +28,8 @@ from api_support import (
 )
 from fastapi.testclient import TestClient
 
-from client import codec
-from client.protocol import META_GROUPS, StepResult
+from adamscope.client import codec
+from adamscope.client.protocol import META_GROUPS, StepResult
 
 
 class Local:

@@ -24,9 +24,9 @@ import torch
 from browser_support import Watched, system_chromium, watched_page
 from conftest import LiveServer, run_uvicorn
 
-from client import Client, RemoteAdam
-from service.engine.history import history_of
-from service.settings import Settings
+from adamscope.client import Client, RemoteAdam
+from adamscope.service.engine.history import history_of
+from adamscope.service.settings import Settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from client import Client, RemoteAdam, RemoteAdamW
+from adamscope.client import Client, RemoteAdam, RemoteAdamW
 
 
 def unique(prefix: str) -> str:

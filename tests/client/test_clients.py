@@ -19,8 +19,8 @@ import pytest
 import torch
 from remote_support import assert_same, assert_tensor_equal, unique
 
-from client import AsyncClient, Client
-from client.errors import (
+from adamscope.client import AsyncClient, Client
+from adamscope.client.errors import (
     AdamscopeError,
     APIStatusError,
     DeviceUnavailableError,

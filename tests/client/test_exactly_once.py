@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import spawn_server
 
-from client import Client, RemoteAdam
-from client.errors import ServerError, StepConflictError, TransportError
-from client.transport import WireTransport
+from adamscope.client import Client, RemoteAdam
+from adamscope.client.errors import ServerError, StepConflictError, TransportError
+from adamscope.client.transport import WireTransport
 
 
 def unique(prefix: str) -> str:

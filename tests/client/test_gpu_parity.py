@@ -31,7 +31,7 @@ from remote_support import (
     unique,
 )
 
-from client import Client
+from adamscope.client import Client
 
 pytestmark = pytest.mark.gpu
 

@@ -29,8 +29,8 @@ from remote_support import (
     unique,
 )
 
-from client import Client
-from client.errors import InvalidHyperparameterError, StepperNotFoundError
+from adamscope.client import Client
+from adamscope.client.errors import InvalidHyperparameterError, StepperNotFoundError
 
 F32_F64 = [(torch.float32,), (torch.float64,)]
 HALF = [(torch.float16,), (torch.bfloat16,)]

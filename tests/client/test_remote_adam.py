@@ -17,8 +17,8 @@ import torch
 from remote_support import assert_params_equal, assert_same, lockstep, make_params, unique
 from torch import nn
 
-from client import Client, RemoteAdam, RemoteAdamW, RemoteOptimizerMismatch
-from client.errors import StepperNotFoundError
+from adamscope.client import Client, RemoteAdam, RemoteAdamW, RemoteOptimizerMismatch
+from adamscope.client.errors import StepperNotFoundError
 
 DATA_GEN = torch.Generator().manual_seed(123)
 X = torch.randn(16, 4, generator=DATA_GEN)
@@ -406,7 +406,7 @@ def test_tensor_lr_is_refused_rather_than_silently_rounded(live_server):
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match="tensor-valued lr"):
         RemoteAdam([p], lr=torch.tensor(0.01), url=live_server.url, name="tensor-lr-refused")
-    from client import Client
+    from adamscope.client import Client
 
     with Client(live_server.url) as c:
         assert "tensor-lr-refused" not in [s.name for s in c.list()]

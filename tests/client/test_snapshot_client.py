@@ -17,16 +17,16 @@ import torch
 from conftest import LiveServer, run_uvicorn
 from remote_support import unique
 
-from client import AsyncClient, Client
-from client.errors import (
+from adamscope.client import AsyncClient, Client
+from adamscope.client.errors import (
     InvalidCheckpointError,
     RequestValidationError,
     SnapshotExistsError,
     SnapshotNotFoundError,
     StepperExistsError,
 )
-from client.progress import Progress
-from service.settings import Settings
+from adamscope.client.progress import Progress
+from adamscope.service.settings import Settings
 
 KINDS = ["sync", "async"]
 

@@ -24,8 +24,8 @@ from remote_support import (
     unique,
 )
 
-from client import Client, RemoteAdam
-from client.errors import ShapeMismatchError, StepperNotFoundError
+from adamscope.client import Client, RemoteAdam
+from adamscope.client.errors import ShapeMismatchError, StepperNotFoundError
 
 VARIANTS = [
     pytest.param("adam", {"foreach": False, "amsgrad": True}, id="adam-forloop-amsgrad"),

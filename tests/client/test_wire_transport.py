@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from client import Client, RemoteAdam, codec
-from client.errors import ProtocolError, TransportError
-from client.transport import READINTO_EXTENSION, WIRE_EXTENSION, WireTransport
+from adamscope.client import Client, RemoteAdam, codec
+from adamscope.client.errors import ProtocolError, TransportError
+from adamscope.client.transport import READINTO_EXTENSION, WIRE_EXTENSION, WireTransport
 
 WIRE = {WIRE_EXTENSION: True}
 BIG = 8 * 1024 * 1024 + 13  # odd on purpose: no chunk or buffer size divides it

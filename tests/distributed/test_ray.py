@@ -41,8 +41,8 @@ from remote_support import (  # noqa: E402
     unique,
 )
 
-from client import Client, RemoteAdam, codec  # noqa: E402
-from client.protocol import META_SPEC  # noqa: E402
+from adamscope.client import Client, RemoteAdam, codec  # noqa: E402
+from adamscope.client.protocol import META_SPEC  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -275,7 +275,7 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
     ]
     victim = client.get(split_name).placement["shards"][1]["slot"]  # type: ignore[index]
     # The unsharded stepper goes where placement puts it; it is moved by nothing, so look.
-    from client import RemoteAdamW
+    from adamscope.client import RemoteAdamW
 
     remote_opts[1] = RemoteAdamW(list(zip(names, remote[1], strict=True)), lr=1e-2,
                                  weight_decay=0.1, client=client, name=whole_name)
@@ -330,8 +330,8 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
 def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None:
     """The ingress's splitting in isolation: every tensor lands in exactly one shard body,
     byte for byte, with the spec narrowed to it."""
-    from service.distributed.ingress import _shard_create_body
-    from service.distributed.shards import merge, parse
+    from adamscope.service.distributed.ingress import _shard_create_body
+    from adamscope.service.distributed.shards import merge, parse
 
     tensors = {"a": torch.randn(3, 4), "b.weight": torch.arange(5.0),
                "c": torch.randn(2, dtype=torch.float64)}
@@ -468,7 +468,7 @@ def test_slots_off_loopback_need_tokens(tmp_path: Path, capsys: pytest.CaptureFi
                                         ) -> None:
     """On a cluster the slots' services listen on their nodes' addresses: without tokens
     the CLI refuses, as it does for the single-process service, before starting anything."""
-    from service.cli import main
+    from adamscope.service.cli import main
 
     code = main(["serve", "--ray", "--ray-address", "auto", "--data-dir", str(tmp_path)])
     assert code == 2
@@ -490,7 +490,7 @@ def test_slots_ray_could_never_place_are_refused_at_start(tmp_path: Path) -> Non
         pytest.skip("two GPUs here: two slots of one GPU each can be placed")
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--ray", "--slots", "2",
+        [sys.executable, "-m", "adamscope.service.cli", "serve", "--ray", "--slots", "2",
          "--slot-gpus", "1", "--port", str(free_port()), "--data-dir", str(tmp_path),
          "--log-level", "warning"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "client"))
 from conftest import spawn_server  # noqa: E402
 from remote_support import Case, cases, plain_and_all_on, run_parity  # noqa: E402
 
-from client import Client  # noqa: E402
+from adamscope.client import Client  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from service.distributed.cluster import Cluster, ClusterConfig, Slot, SlotStartError
-from service.distributed.resources import (
+from adamscope.service.distributed.cluster import Cluster, ClusterConfig, Slot, SlotStartError
+from adamscope.service.distributed.resources import (
     SlotRequest,
     SlotResourceError,
     slot_capacity,
     slot_request,
 )
-from service.engine.footprint import CONTEXT_BYTES, Footprint, footprint
+from adamscope.service.engine.footprint import CONTEXT_BYTES, Footprint, footprint
 
 GiB = 2**30
 

@@ -3,7 +3,7 @@
 :class:`ForkServer` starts ``forkserver.py`` once (it imports the service, ~1.5 s) and then
 forks a fresh, complete server process on demand in a fraction of that, so a test can kill
 one with SIGKILL and start the next many times within its time budget. :func:`killable_cli`
-runs the real ``python -m service.cli serve`` and hands back its Popen for a SIGKILL.
+runs the real ``python -m adamscope.service.cli serve`` and hands back its Popen for a SIGKILL.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class ForkServer:
 @contextlib.contextmanager
 def killable_cli(data_dir: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """``adamscope serve`` (the console script's code path) as a Popen the test may kill."""
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data_dir), "--device", "cpu",
            "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -23,8 +23,8 @@ import sys
 def serve_child(sock: socket.socket, data_dir: str, args: dict[str, object]) -> None:
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from adamscope.service.app import create_app
+    from adamscope.service.settings import Settings
 
     settings = Settings(data_dir=data_dir, **args)  # type: ignore[arg-type]
     config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
@@ -39,8 +39,8 @@ def main() -> int:
     import torch._dynamo  # noqa: F401
     import uvicorn  # noqa: F401
 
-    import service.app  # noqa: F401
-    import service.settings  # noqa: F401
+    import adamscope.service.app  # noqa: F401
+    import adamscope.service.settings  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print(json.dumps({"ready": True}), flush=True)

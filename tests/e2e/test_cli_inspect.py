@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import ROOT, LiveServer
 
-from client import Client
-from service import cli
-from service.cli_inspect import render_watch
+from adamscope.client import Client
+from adamscope.service import cli
+from adamscope.service.cli_inspect import render_watch
 
 pytestmark = pytest.mark.e2e
 
@@ -172,7 +172,7 @@ def test_watch_frames_show_alerts_and_cap_tensors() -> None:
 def test_watch_through_the_console_script(live_server: LiveServer, stepped: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAMSCOPE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "watch", stepped, "--once", "--url",
+        [sys.executable, "-m", "adamscope.service.cli", "watch", stepped, "--once", "--url",
          live_server.url], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -32,10 +32,10 @@ import pytest
 import torch
 from conftest import LiveServer
 
-from client import AsyncClient, Client, codec
-from client.errors import StepperNotFoundError
-from client.protocol import META_STEP
-from service.api.stream import INLINE_NUMEL
+from adamscope.client import AsyncClient, Client, codec
+from adamscope.client.errors import StepperNotFoundError
+from adamscope.client.protocol import META_STEP
+from adamscope.service.api.stream import INLINE_NUMEL
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ Anything else (a lost acknowledged step, a torn mix of two steps) fails.
 
 Servers are forked from a fork server (complete service processes: the restart runs the
 same start-up restore as ``adamscope serve``), so the many restarts fit in seconds; other
-tests run ``python -m service.cli serve`` itself.
+tests run ``python -m adamscope.service.cli serve`` itself.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import torch
 from crash_support import Forked, ForkServer
 
-from client import codec
+from adamscope.client import codec
 
 pytestmark = pytest.mark.e2e
 
@@ -279,8 +279,8 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
     stepper; the ``adamscope`` snapshot commands work against it."""
     from conftest import spawn_server
 
-    from client import Client
-    from service import cli
+    from adamscope.client import Client
+    from adamscope.service import cli
 
     data = tmp_path / "data"
     policies = {"s-step": "every_step", "s-n": "every_n:4", "s-time": "interval:60"}

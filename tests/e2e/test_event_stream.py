@@ -26,8 +26,8 @@ from conftest import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-from client import AsyncClient, Client, RemoteAdam
-from service.engine.signals import SIGNALS
+from adamscope.client import AsyncClient, Client, RemoteAdam
+from adamscope.service.engine.signals import SIGNALS
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, spawn_server
 
-from client import Client
+from adamscope.client import Client
 
 pytestmark = pytest.mark.e2e
 

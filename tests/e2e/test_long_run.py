@@ -24,7 +24,7 @@ import pytest
 import torch
 from crash_support import ForkServer
 
-from client import codec
+from adamscope.client import codec
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import httpx
 import torch
 from conftest import LiveServer
 
-from client import Client, RemoteAdam
+from adamscope.client import Client, RemoteAdam
 
 NUMEL = 4 * 100_000  # above the inline limit: stepped and settled on the compute thread
 

@@ -1,6 +1,6 @@
 """End to end: train an MLP through `adamscope serve` and match local training bit for bit.
 
-The server is the console script's code path (``python -m service.cli serve``) in its own
+The server is the console script's code path (``python -m adamscope.service.cli serve``) in its own
 process; the training loop is an ordinary PyTorch loop with an LR scheduler (OneCycleLR,
 which also cycles Adam's beta1) and gradient clipping, once with RemoteAdam and once with
 torch.optim.Adam. Every loss, the final parameters and the full state_dict must be equal.
@@ -16,7 +16,7 @@ import torch
 from conftest import spawn_server
 from torch import nn
 
-from client import Client, RemoteAdam
+from adamscope.client import Client, RemoteAdam
 
 pytestmark = pytest.mark.e2e
 

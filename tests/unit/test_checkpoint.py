@@ -23,13 +23,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from client import codec
-from client.protocol import META_CHECKPOINT, Durability
-from service.engine import GroupDef, Registry, Stepper
-from service.engine import checkpoint as ckpt
-from service.engine.errors import InvalidCheckpoint, StepperExists, StepperNotFound
-from service.persistence import CHECKPOINT_FILE, Persistence, PersistenceFailed, Store
-from service.persistence.store import atomic_write
+from adamscope.client import codec
+from adamscope.client.protocol import META_CHECKPOINT, Durability
+from adamscope.service.engine import GroupDef, Registry, Stepper
+from adamscope.service.engine import checkpoint as ckpt
+from adamscope.service.engine.errors import InvalidCheckpoint, StepperExists, StepperNotFound
+from adamscope.service.persistence import CHECKPOINT_FILE, Persistence, PersistenceFailed, Store
+from adamscope.service.persistence.store import atomic_write
 
 CPU = torch.device("cpu")
 

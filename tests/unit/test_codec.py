@@ -17,8 +17,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from client import codec
-from client.codec import CodecError
+from adamscope.client import codec
+from adamscope.client.codec import CodecError
 
 ALL_DTYPES = [
     torch.float16,

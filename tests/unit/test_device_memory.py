@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import Stepper
-from service.engine import stepper as stepper_module
-from service.engine.errors import DeviceOutOfMemory, InvalidHyperparameter
-from service.engine.memory import is_out_of_memory, release_cached, stage_on_host
-from service.engine.options import quiet_capturable, validate_options
-from service.engine.signals import attach_signals
-from service.engine.steps import StepMirror
+from adamscope.service.engine import Stepper
+from adamscope.service.engine import stepper as stepper_module
+from adamscope.service.engine.errors import DeviceOutOfMemory, InvalidHyperparameter
+from adamscope.service.engine.memory import is_out_of_memory, release_cached, stage_on_host
+from adamscope.service.engine.options import quiet_capturable, validate_options
+from adamscope.service.engine.signals import attach_signals
+from adamscope.service.engine.steps import StepMirror
 
 CPU = torch.device("cpu")
 OOM = "CUDA out of memory. Tried to allocate 20.00 MiB"
@@ -139,7 +139,7 @@ def test_options_changed_by_a_failed_step_are_put_back(monkeypatch: pytest.Monke
 
 
 def test_a_dry_run_that_does_not_fit_is_507_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.engine.dryrun import dry_run
+    from adamscope.service.engine.dryrun import dry_run
 
     s = make()
     s.step(grads(1))
@@ -337,7 +337,7 @@ def test_a_first_step_the_gpu_cannot_hold_is_refused_before_anything_changes() -
 
 @pytest.mark.gpu
 def test_a_gpu_steppers_checkpoint_is_one_batched_copy() -> None:
-    from service.engine import checkpoint
+    from adamscope.service.engine import checkpoint
 
     s = Stepper("c", "adam", torch.device("cuda"), [("w", torch.randn(300, 7)),
                                                     ("b", torch.randn(7))],

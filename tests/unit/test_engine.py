@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from client import codec
-from service.engine import GroupDef, Stepper
-from service.engine.errors import (
+from adamscope.client import codec
+from adamscope.service.engine import GroupDef, Stepper
+from adamscope.service.engine.errors import (
     DtypeMismatch,
     DuplicateName,
     EngineError,

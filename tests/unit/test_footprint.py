@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import Stepper
-from service.engine.footprint import (
+from adamscope.service.engine import Stepper
+from adamscope.service.engine.footprint import (
     CONTEXT_BYTES,
     STEP_BYTES,
     Footprint,

@@ -21,12 +21,12 @@ import alert_bar
 import pytest
 import torch
 
-from client.protocol import AlertRule, HistoryReport
-from service.api.history import render_json
-from service.engine import Stepper
-from service.engine import checkpoint as checkpoints
-from service.engine.alerts import DEFAULT_RULES, JOURNAL_KEY, Alerts, rules_of, set_rules
-from service.engine.history import (
+from adamscope.client.protocol import AlertRule, HistoryReport
+from adamscope.service.api.history import render_json
+from adamscope.service.engine import Stepper
+from adamscope.service.engine import checkpoint as checkpoints
+from adamscope.service.engine.alerts import DEFAULT_RULES, JOURNAL_KEY, Alerts, rules_of, set_rules
+from adamscope.service.engine.history import (
     LATENCY_BUCKETS,
     History,
     HistoryConfig,
@@ -35,7 +35,7 @@ from service.engine.history import (
     history_of,
     summary_fields,
 )
-from service.engine.signals import SIGNALS, SignalObserver
+from adamscope.service.engine.signals import SIGNALS, SignalObserver
 
 NAN, INF = math.nan, math.inf
 

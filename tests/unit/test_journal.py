@@ -20,12 +20,12 @@ import struct
 import pytest
 import torch
 
-from client import codec
-from client.protocol import META_CHECKPOINT
-from service.engine import Stepper
-from service.engine import checkpoint as ckpt
-from service.engine.errors import InvalidCheckpoint, InvalidSpec
-from service.engine.journal import JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal
+from adamscope.client import codec
+from adamscope.client.protocol import META_CHECKPOINT
+from adamscope.service.engine import Stepper
+from adamscope.service.engine import checkpoint as ckpt
+from adamscope.service.engine.errors import InvalidCheckpoint, InvalidSpec
+from adamscope.service.engine.journal import JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal
 
 CPU = torch.device("cpu")
 NAMES = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(40)]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import cli
-from service.settings import Settings
+from adamscope.service import cli
+from adamscope.service.settings import Settings
 
 UUIDS = "GPU-8d3a6c4e-0b1f-4a43-9c3e-2f6f0c1d9e01,GPU-1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0"
 
@@ -52,7 +52,7 @@ def test_the_worker_commands_on_two_gpus_of_a_scheduler(tmp_path: Path) -> None:
     assert [env for _, env in plan] == [{"CUDA_VISIBLE_DEVICES": "3"},
                                         {"CUDA_VISIBLE_DEVICES": "5"}]
     for i, (cmd, _) in enumerate(plan):
-        assert cmd[:4] == [sys.executable, "-m", "service.cli", "serve"]
+        assert cmd[:4] == [sys.executable, "-m", "adamscope.service.cli", "serve"]
         flags = dict(zip(cmd[4::2], cmd[5::2], strict=False))
         assert flags["--port"] == str(9000 + i)
         assert flags["--data-dir"] == str(tmp_path / f"worker{i}")

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import GroupDef, Registry, Stepper
-from service.engine import signals as sig
-from service.engine import stats as st
-from service.engine.diff import Operand, diff
-from service.engine.dryrun import dry_run
-from service.engine.errors import ShapeMismatch, UnknownParameter
-from service.engine.signals import SIGNALS, attach_signals, observer_of
+from adamscope.service.engine import GroupDef, Registry, Stepper
+from adamscope.service.engine import signals as sig
+from adamscope.service.engine import stats as st
+from adamscope.service.engine.diff import Operand, diff
+from adamscope.service.engine.dryrun import dry_run
+from adamscope.service.engine.errors import ShapeMismatch, UnknownParameter
+from adamscope.service.engine.signals import SIGNALS, attach_signals, observer_of
 
 CPU = torch.device("cpu")
 #: Where the device-generic tests run: here, and on a GPU where there is one.

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import Stepper
-from service.engine.signals import attach_signals
-from service.engine.steps import StepMirror, rounded_scalar
+from adamscope.service.engine import Stepper
+from adamscope.service.engine.signals import attach_signals
+from adamscope.service.engine.steps import StepMirror, rounded_scalar
 
 CPU = torch.device("cpu")
 IMPLS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
@@ -154,7 +154,7 @@ def test_a_steps_signals_make_no_tensor_from_host_values_on_the_device(
     every kernel queued before it: the signals of a step never make one (constants are
     uploaded once, per-step scalars stay 0-dim CPU tensors, per-tensor values go through
     page-locked memory). Two groups with other factors and dtypes take the pooled path."""
-    from service.engine import GroupDef
+    from adamscope.service.engine import GroupDef
 
     params = [("a", torch.randn(300)), ("b", torch.randn(40, 5).double())]
     gdefs = None if groups is None else [GroupDef(["a"]), GroupDef(["b"], {"lr": 0.5})]
@@ -168,7 +168,7 @@ def test_a_steps_signals_make_no_tensor_from_host_values_on_the_device(
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if kwargs.get("device") is not None and caller.startswith("service."):
+        if kwargs.get("device") is not None and caller.startswith("adamscope."):
             made_on.append((caller, kwargs["device"]))  # PyTorch's own calls are its affair
         return original(*args, **kwargs)
 

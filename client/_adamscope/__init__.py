@@ -1,0 +1,42 @@
+"""adamscope: host, step, inspect and steer Adam optimizer state.
+
+The package users import. It re-exports the client; the service lives in
+``adamscope.service`` (``adamscope serve`` runs it)::
+
+    import adamscope
+
+    opt = adamscope.RemoteAdam(model.named_parameters(), lr=1e-3, url="http://127.0.0.1:8470")
+    with adamscope.Client("http://127.0.0.1:8470") as c:
+        c.list()
+
+(In the repository this file is ``client/_adamscope/__init__.py``: pyproject.toml maps the
+root package here, ``adamscope.client`` to ``client/`` and ``adamscope.service`` to
+``service/``.)
+"""
+
+from .client import (
+    AdamscopeError,
+    APIStatusError,
+    AsyncClient,
+    Client,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteOptimizerMismatch,
+    StepReply,
+    TransportError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIStatusError",
+    "AdamscopeError",
+    "AsyncClient",
+    "Client",
+    "RemoteAdam",
+    "RemoteAdamW",
+    "RemoteOptimizerMismatch",
+    "StepReply",
+    "TransportError",
+    "__version__",
+]
