@@ -33,7 +33,7 @@ from bench_step import parse_size, server
 
 from adamscope.client import Client
 from adamscope.service.engine import Stepper
-from adamscope.service.engine.signals import attach_signals, observer_of
+from adamscope.service.inspect.signals import attach_signals, observer_of
 
 
 def timed(fn: Callable[[], httpx.Response]) -> tuple[float, int]:

@@ -19,11 +19,11 @@ from adamscope.client.protocol import API_PREFIX, CreateStepper
 
 from . import __version__
 from .api import access as api_access
-from .api import dashboard, events, history, identity, metrics, snapshots, steppers, tensors
-from .api import stats as api_stats
+from .api.routes import dashboard, events, history, identity, metrics, snapshots, steppers, tensors
+from .api.routes import stats as api_stats
 from .api.access import AccessDenied, authenticate, require
 from .api.durability import flusher
-from .api.stream import torch_threads
+from .api.http.stream import torch_threads
 from .auth import banner, load_access
 from .engine import Registry
 from .errors import clean_detail, install_error_handlers

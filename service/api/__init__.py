@@ -1,5 +1,1 @@
-"""HTTP routes, one module per resource; each handler parses, calls the engine, replies."""
-
-from . import steppers, tensors
-
-__all__ = ["steppers", "tensors"]
+"""HTTP: routes (one module per resource), their dependencies and the per-stepper serving state."""

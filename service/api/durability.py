@@ -18,7 +18,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Stepper
-from ..engine.history import summary_fields
+from ..inspect.history import summary_fields
 from ..persistence import Persistence
 
 __all__ = ["FLUSH_TICK", "flusher", "persist_after", "persistence", "summary"]

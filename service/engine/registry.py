@@ -6,7 +6,6 @@ import threading
 from collections.abc import Callable
 
 from .errors import StepperExists, StepperNotFound
-from .signals import attach_signals
 from .stepper import Stepper
 
 __all__ = ["Registry"]
@@ -35,14 +34,14 @@ class Registry:
         """Register the stepper ``build()`` returns under ``name`` unless the name is taken.
 
         ``build`` runs under the registry lock so two racing creates cannot both succeed; it
-        does all validation, so a failed build registers nothing. Every registered stepper
-        gets its per-step signals observer (``service.engine.signals``) before the hooks run.
+        does all validation, so a failed build registers nothing. The hooks then see the
+        stepper before anyone else can (the app factory installs the one that gives every
+        stepper its signals and history: the engine itself knows nothing of inspection).
         """
         with self._lock:
             if name in self._steppers:
                 raise StepperExists(f"a stepper named {name!r} already exists", stepper=name)
             stepper = build()
-            attach_signals(stepper)
             for hook in self.hooks:
                 hook(stepper)
             self._steppers[name] = stepper

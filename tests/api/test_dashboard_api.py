@@ -18,7 +18,7 @@ import pytest
 from api_support import assert_problem
 from fastapi.testclient import TestClient
 
-from adamscope.service.api.dashboard import ASSETS, PAGE
+from adamscope.service.api.routes.dashboard import ASSETS, PAGE
 from adamscope.service.app import create_app
 from adamscope.service.dashboard import static
 from adamscope.service.settings import Settings

@@ -32,7 +32,7 @@ from starlette.requests import Request
 
 from adamscope.client import codec
 from adamscope.client.errors import DeviceOutOfMemoryError, InsufficientStorageError, error_from_problem
-from adamscope.service.api import stream
+from adamscope.service.api.http import stream
 from adamscope.service.engine import stepper as stepper_module
 from adamscope.service.settings import Settings
 

@@ -20,9 +20,9 @@ from api_support import SPEC, assert_problem, create, grads, initial_values, ste
 from fastapi.testclient import TestClient
 
 from adamscope.client._base import SSEParser
-from adamscope.service.api.events import EventHub, Subscription, event_stream
+from adamscope.service.api.routes.events import EventHub, Subscription, event_stream
 from adamscope.service.app import create_app
-from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.inspect.signals import SIGNALS
 from adamscope.service.settings import Settings
 
 VALUES = initial_values()

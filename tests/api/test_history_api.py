@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from adamscope.client.protocol import AlertsReport, HistoryReport, StepperList, StepperSummary
 from adamscope.service.app import create_app
-from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.inspect.signals import SIGNALS
 from adamscope.service.settings import Settings
 
 NAME = SPEC["name"]

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from adamscope.service.app import create_app
-from adamscope.service.engine.history import LATENCY_BUCKETS
-from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.inspect.history import LATENCY_BUCKETS
+from adamscope.service.inspect.signals import SIGNALS
 from adamscope.service.settings import Settings
 
 VALUES = initial_values()

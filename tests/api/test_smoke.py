@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from starlette.concurrency import run_in_threadpool
 
-from adamscope.service.api import stream
+from adamscope.service.api.http import stream
 
 
 def test_health(app_client):

@@ -39,7 +39,7 @@ from fastapi.testclient import TestClient
 from adamscope.client import AsyncClient, Client, codec
 from adamscope.client.errors import APIStatusError
 from adamscope.client.protocol import META_GROUPS
-from adamscope.service.api import stats as stats_api
+from adamscope.service.api.routes import stats as stats_api
 from adamscope.service.app import create_app
 from adamscope.service.settings import Settings
 

@@ -17,7 +17,7 @@ from conftest import ROOT, LiveServer
 
 from adamscope.client import Client
 from adamscope.service import cli
-from adamscope.service.cli_inspect import render_watch
+from adamscope.service.cli.inspect import render_watch
 
 pytestmark = pytest.mark.e2e
 

@@ -280,7 +280,7 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
     from conftest import spawn_server
 
     from adamscope.client import Client
-    from adamscope.service import cli
+    from adamscope.service.cli.snapshots import parse_durability
 
     data = tmp_path / "data"
     policies = {"s-step": "every_step", "s-n": "every_n:4", "s-time": "interval:60"}
@@ -294,7 +294,7 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
             Client(url) as c:
         for name, policy in policies.items():
             c.create(name, initial(), lr=0.01, foreach=False,
-                     durability=cli.parse_durability(policy).model_dump(exclude_none=True))
+                     durability=parse_durability(policy).model_dump(exclude_none=True))
             for k in range(1, 4):
                 c.step(name, grads(k))
         c.create("s-default", initial(), lr=0.01)

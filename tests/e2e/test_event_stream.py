@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from adamscope.client import AsyncClient, Client, RemoteAdam
-from adamscope.service.engine.signals import SIGNALS
+from adamscope.service.inspect.signals import SIGNALS
 
 pytestmark = pytest.mark.e2e
 

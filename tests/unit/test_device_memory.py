@@ -22,7 +22,7 @@ from adamscope.service.engine import stepper as stepper_module
 from adamscope.service.engine.errors import DeviceOutOfMemory, InvalidHyperparameter
 from adamscope.service.engine.memory import is_out_of_memory, release_cached, stage_on_host
 from adamscope.service.engine.options import quiet_capturable, validate_options
-from adamscope.service.engine.signals import attach_signals
+from adamscope.service.inspect.signals import attach_signals
 from adamscope.service.engine.steps import StepMirror
 
 CPU = torch.device("cpu")
@@ -139,7 +139,7 @@ def test_options_changed_by_a_failed_step_are_put_back(monkeypatch: pytest.Monke
 
 
 def test_a_dry_run_that_does_not_fit_is_507_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adamscope.service.engine.dryrun import dry_run
+    from adamscope.service.inspect.dryrun import dry_run
 
     s = make()
     s.step(grads(1))

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from adamscope.client.protocol import AlertRule, HistoryReport
-from adamscope.service.api.history import render_json
+from adamscope.service.api.routes.history import render_json
 from adamscope.service.engine import Stepper
 from adamscope.service.engine import checkpoint as checkpoints
-from adamscope.service.engine.alerts import DEFAULT_RULES, JOURNAL_KEY, Alerts, rules_of, set_rules
-from adamscope.service.engine.history import (
+from adamscope.service.inspect.alerts import DEFAULT_RULES, JOURNAL_KEY, Alerts, rules_of, set_rules
+from adamscope.service.inspect.history import (
     LATENCY_BUCKETS,
     History,
     HistoryConfig,
@@ -35,7 +35,7 @@ from adamscope.service.engine.history import (
     history_of,
     summary_fields,
 )
-from adamscope.service.engine.signals import SIGNALS, SignalObserver
+from adamscope.service.inspect.signals import SIGNALS, SignalObserver
 
 NAN, INF = math.nan, math.inf
 

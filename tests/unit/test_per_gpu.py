@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adamscope.service import cli
+from adamscope.service.cli import serve as cli_serve
 from adamscope.service.settings import Settings
 
 UUIDS = "GPU-8d3a6c4e-0b1f-4a43-9c3e-2f6f0c1d9e01,GPU-1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0"
@@ -27,19 +28,19 @@ UUIDS = "GPU-8d3a6c4e-0b1f-4a43-9c3e-2f6f0c1d9e01,GPU-1b2c3d4e-5f60-4172-8394-a5
 ])
 def test_each_worker_gets_the_parents_ith_visible_gpu(parent: str | None, count: int,
                                                       expected: list[str]) -> None:
-    assert cli.visible_devices(parent, count) == expected
+    assert cli_serve.visible_devices(parent, count) == expected
 
 
 def test_a_visible_list_shorter_than_the_count_is_refused() -> None:
     with pytest.raises(ValueError, match="names 1 device"):
-        cli.visible_devices("7", 2)
+        cli_serve.visible_devices("7", 2)
 
 
 @pytest.mark.parametrize(("device", "expected"), [
     (None, None), ("cpu", "cpu"), ("cuda", "cuda"), ("cuda:0", "cuda"), ("cuda:3", "cuda"),
 ])
 def test_a_worker_sees_its_gpu_as_cuda_0(device: str | None, expected: str | None) -> None:
-    assert cli.worker_device(device) == expected
+    assert cli_serve.worker_device(device) == expected
 
 
 def _args(*flags: str) -> object:
@@ -48,7 +49,7 @@ def _args(*flags: str) -> object:
 
 def test_the_worker_commands_on_two_gpus_of_a_scheduler(tmp_path: Path) -> None:
     args = _args("--device", "cuda:1", "--log-level", "warning", "--max-steppers", "4")
-    plan = cli.worker_commands(args, 9000, tmp_path, 2, "3,5")  # type: ignore[arg-type]
+    plan = cli_serve.worker_commands(args, 9000, tmp_path, 2, "3,5")  # type: ignore[arg-type]
     assert [env for _, env in plan] == [{"CUDA_VISIBLE_DEVICES": "3"},
                                         {"CUDA_VISIBLE_DEVICES": "5"}]
     for i, (cmd, _) in enumerate(plan):
@@ -61,7 +62,7 @@ def test_the_worker_commands_on_two_gpus_of_a_scheduler(tmp_path: Path) -> None:
 
 
 def test_without_a_gpu_one_cpu_worker_keeps_its_device(tmp_path: Path) -> None:
-    plan = cli.worker_commands(_args("--device", "cpu"), 9000, tmp_path, 0,  # type: ignore[arg-type]
+    plan = cli_serve.worker_commands(_args("--device", "cpu"), 9000, tmp_path, 0,  # type: ignore[arg-type]
                                "0,1")
     assert len(plan) == 1 and plan[0][1] == {}
     assert plan[0][0][plan[0][0].index("--device") + 1] == "cpu"

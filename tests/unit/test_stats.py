@@ -11,7 +11,7 @@ results are compared exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from adamscope.service.engine import GroupDef, Registry, Stepper
-from adamscope.service.engine import signals as sig
-from adamscope.service.engine import stats as st
-from adamscope.service.engine.diff import Operand, diff
-from adamscope.service.engine.dryrun import dry_run
+from adamscope.service.inspect import signals as sig
+from adamscope.service.inspect import stats as st
+from adamscope.service.inspect.diff import Operand, diff
+from adamscope.service.inspect.dryrun import dry_run
 from adamscope.service.engine.errors import ShapeMismatch, UnknownParameter
-from adamscope.service.engine.signals import SIGNALS, attach_signals, observer_of
+from adamscope.service.inspect.signals import SIGNALS, attach_signals, observer_of
 
 CPU = torch.device("cpu")
 #: Where the device-generic tests run: here, and on a GPU where there is one.
@@ -451,15 +451,23 @@ def assert_signals(got: dict[str, float], want: dict[str, float]) -> None:
             assert close(g, w, rel=REL, abs_=1e-12), (k, g, w)
 
 
+def registered(name: str, build: Callable[[], Stepper]) -> Stepper:
+    """A stepper as the service registers it: with the signals observer that a registry
+    hook attaches (the app installs that hook; the engine knows nothing of signals)."""
+    registry = Registry()
+    registry.hooks.append(attach_signals)
+    return registry.create(name, build)
+
+
 def signal_stepper() -> Stepper:
-    """Registered (the registry attaches the observer): a float32 matrix, a complex vector,
-    a bf16 vector under amsgrad with L2 weight decay, a scalar."""
+    """Registered with the observer a registry hook attaches (as the app wires it): a
+    float32 matrix, a complex vector, a bf16 vector under amsgrad with L2 weight decay, a
+    scalar."""
     params = [("w", randn((40, 7), 1)), ("c", randn((6,), 2, torch.complex64)),
               ("h", randn((9,), 3, torch.bfloat16)), ("s", randn((), 4))]
     groups = [GroupDef(["w", "c", "s"]),
               GroupDef(["h"], {"amsgrad": True, "weight_decay": 0.1, "lr": 0.05})]
-    registry = Registry()
-    return registry.create("sig", lambda: Stepper("sig", "adam", CPU, params,
+    return registered("sig", lambda: Stepper("sig", "adam", CPU, params,
                                                   {"lr": 0.01, "foreach": False}, groups))
 
 
@@ -519,7 +527,7 @@ def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(dtype: torch.dtype, am
                                                           device: str) -> None:
     """One tensor: PyTorch's own operations on the sample (any device), no segments."""
     shape = (24, 5)
-    s = Registry().create("one", lambda: Stepper("one", "adam", torch.device(device),
+    s = registered("one", lambda: Stepper("one", "adam", torch.device(device),
                                                  [("w", randn(shape, 1, dtype))],
                                                  {"lr": 0.01, "amsgrad": amsgrad,
                                                   "foreach": False, "eps": 1e-3}))
@@ -539,7 +547,7 @@ def test_signals_of_float64_tensors_in_two_groups() -> None:
     """A float64 pool with per-tensor constants: the segmented path without the float32
     order keys."""
     params = [("a", randn((30, 4), 1, torch.float64)), ("b", randn((7,), 2, torch.float64))]
-    s = Registry().create("f64", lambda: Stepper(
+    s = registered("f64", lambda: Stepper(
         "f64", "adam", CPU, params, {"lr": 0.01, "foreach": False},
         [GroupDef(["a"]), GroupDef(["b"], {"lr": 0.1, "amsgrad": True})]))
     for k in range(3):
@@ -585,7 +593,7 @@ def tiny_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("tiny_sample")
 def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
     shape = (40, 25)  # 1000 elements, 32 sampled
-    s = Registry().create("big", lambda: Stepper("big", "adam", CPU, [("w", randn(shape, 1))],
+    s = registered("big", lambda: Stepper("big", "adam", CPU, [("w", randn(shape, 1))],
                                                  {"lr": 0.01, "foreach": False}))
     s.step({"w": randn(shape, 2)})
     plan = sig.block_plan(1000, 32, 25)
@@ -645,7 +653,7 @@ def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
     # sample of the last tensor is found within ceil(8000 / 128) = 63 steps, and not at
     # once (the scan does not read every tensor every step).
     names = [f"w{i}" for i in range(8)]
-    s = Registry().create("many", lambda: Stepper(
+    s = registered("many", lambda: Stepper(
         "many", "adam", CPU, [(n, randn((40, 25), i)) for i, n in enumerate(names)],
         {"lr": 0.01, "fused": True}))
     grads = {n: randn((40, 25), 100 + i) for i, n in enumerate(names)}
@@ -672,7 +680,7 @@ def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() ->
     # The observer reuses its views of tensors it saw at the last step: a gradient buffer
     # rewritten in place and a fresh gradient tensor must both be read as they are now.
     shapes = {"w": (20, 25), "b": (50,)}  # taken whole: every signal checked exactly
-    s = Registry().create("reuse", lambda: Stepper(
+    s = registered("reuse", lambda: Stepper(
         "reuse", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
             shapes.items())], {"lr": 0.01, "foreach": False}))
     buffers = {n: randn(shape, 10 + i) for i, (n, shape) in enumerate(shapes.items())}
@@ -688,7 +696,7 @@ def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() ->
 @pytest.mark.usefixtures("tiny_sample")
 def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
     shapes = {"w": (40, 25), "b": (50,)}
-    s = Registry().create("two", lambda: Stepper(
+    s = registered("two", lambda: Stepper(
         "two", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
             shapes.items())], {"lr": 0.01, "foreach": False}))
     for k in range(2):
@@ -753,7 +761,7 @@ def lr_eff_p99_series(amsgrad: bool) -> tuple[list[float], int]:
     quiet, late = 300, 301
     shape = (256,)
     scale = randn(shape, 7).abs() + 0.5  # per-element magnitudes
-    s = Registry().create("seed", lambda: Stepper(
+    s = registered("seed", lambda: Stepper(
         "seed", "adam", CPU, [("w", torch.zeros(shape))],
         {"lr": 1e-3, "betas": (0.9, 0.99), "amsgrad": amsgrad, "foreach": False}))
     series = []
@@ -812,7 +820,7 @@ def dry_stepper(kind: str, hyper: dict[str, Any], dtype: torch.dtype,
     params = [("w", randn((12, 5), 1, dtype)), ("b", randn((5,), 2, dtype)),
               ("z", randn((3,), 3, dtype))]
     groups = [GroupDef(["w", "z"]), GroupDef(["b"], {"lr": 0.02})]
-    return Registry().create("dry", lambda: Stepper("dry", kind, torch.device(device), params,
+    return registered("dry", lambda: Stepper("dry", kind, torch.device(device), params,
                                                     {"lr": 0.01, **hyper}, groups))
 
 

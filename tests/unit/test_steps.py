@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adamscope.service.engine import Stepper
-from adamscope.service.engine.signals import attach_signals
+from adamscope.service.inspect.signals import attach_signals
 from adamscope.service.engine.steps import StepMirror, rounded_scalar
 
 CPU = torch.device("cpu")

@@ -25,16 +25,16 @@ from adamscope.client.protocol import (
     StepperSummary,
 )
 
-from ..engine import checkpoint as checkpoints
-from ..engine.errors import InvalidCheckpoint, InvalidSpec
-from ..engine.options import resolve_device
-from ..errors import ApiError, problems
-from . import budget, quota
-from .access import authorize_name, require
-from .durability import persistence, summary
+from ...engine import checkpoint as checkpoints
+from ...engine.errors import InvalidCheckpoint, InvalidSpec
+from ...engine.options import resolve_device
+from ...errors import ApiError, problems
+from .. import budget, quota
+from ..access import authorize_name, require
+from ..durability import persistence, summary
 from .steppers import NAME_PROBLEMS, registry
-from .stream import gate
-from .wire import OCTET, binary_body_doc, media_type, read_body
+from ..http.stream import gate
+from ..http.body import OCTET, binary_body_doc, media_type, read_body
 
 __all__ = ["router"]
 

@@ -36,10 +36,10 @@ from fastapi.responses import Response
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
-from ..engine.history import LATENCY_BUCKETS, history_of
-from .access import endpoints, require, visible
-from .stream import settled
+from ... import __version__
+from ...inspect.history import LATENCY_BUCKETS, history_of
+from ..access import endpoints, require, visible
+from ..http.stream import settled
 
 __all__ = ["CONTENT_TYPE", "RequestMetrics", "RequestStats", "router"]
 

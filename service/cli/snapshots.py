@@ -22,7 +22,7 @@ from typing import Any
 
 from adamscope.client.protocol import Durability
 
-from .cli_inspect import client_command, when
+from .inspect import client_command, when
 
 __all__ = ["add_commands", "parse_durability"]
 

@@ -19,15 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from adamscope.client import codec
 from adamscope.client.protocol import INT64_MAX, META_GROUPS, StepResult
 
-from ..engine import STATE_KEYS, StepOutcome, Stepper
-from ..engine.errors import InvalidSpec, InvalidState, StepConflict
-from ..errors import ApiError, problems
-from .access import require
-from .durability import persist_after
-from .options import group_updates_from_json
-from .query import parse_query, query_doc
+from ...engine import STATE_KEYS, StepOutcome, Stepper
+from ...engine.errors import InvalidSpec, InvalidState, StepConflict
+from ...errors import ApiError, problems
+from ..access import require
+from ..durability import persist_after
+from ..options import group_updates_from_json
+from ..http.query import parse_query, query_doc
 from .steppers import NAME_PROBLEMS, registry
-from .stream import (
+from ..http.stream import (
     TensorStreamResponse,
     WireLayout,
     gate,
@@ -41,7 +41,7 @@ from .stream import (
     step_applied_event,
     step_layouts,
 )
-from .wire import (
+from ..http.body import (
     OCTET,
     TensorFormat,
     binary_body_doc,

@@ -20,7 +20,7 @@ from typing import Any
 
 from adamscope.client.protocol import AlertRule
 
-from .stepper import Stepper
+from ..engine.stepper import Stepper
 
 __all__ = ["DEFAULT_RULES", "JOURNAL_KEY", "Alerts", "rules_of", "set_rules"]
 

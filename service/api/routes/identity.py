@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 
 from adamscope.client.protocol import Identity
 
-from .access import principal, require
+from ..access import principal, require
 
 __all__ = ["router"]
 

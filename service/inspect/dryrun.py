@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from .errors import DeviceOutOfMemory
-from .memory import is_out_of_memory
-from .options import OPTIMIZERS, quiet_capturable
+from ..engine.errors import DeviceOutOfMemory
+from ..engine.memory import is_out_of_memory
+from ..engine.options import OPTIMIZERS, quiet_capturable
 from .signals import Entry, begin, empty_signals, finish, observer_of
-from .stepper import Stepper
+from ..engine.stepper import Stepper
 
 __all__ = ["DryRun", "dry_run"]
 

@@ -82,10 +82,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .stats import Factors, adam_factors, real_flat, upload, wide_dtype
-from .steps import rounded_scalar as _rounded
+from ..engine.steps import rounded_scalar as _rounded
 
 if TYPE_CHECKING:
-    from .stepper import Stepper
+    from ..engine.stepper import Stepper
 
 __all__ = [
     "BLOCK",

@@ -1,4 +1,4 @@
-"""The ``adamscope`` command line.
+"""``adamscope serve``: the service in this process, one worker per GPU, or on Ray.
 
 ``adamscope serve`` runs the service with uvicorn; ``--per-gpu`` runs one worker process per
 visible GPU (steppers live in a worker's memory, so each GPU gets its own port: the base port
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .auth import (
+from ..auth import (
     TokenConfigError,
     TokenTable,
     banner,
@@ -26,17 +26,16 @@ from .auth import (
     describe_validation_error,
     load_access,
 )
-from .cli_inspect import add_commands as add_inspect_commands
-from .cli_snapshots import add_commands, add_serve_option, parse_durability
-from .settings import DEFAULT_PORT, Settings
+from .snapshots import add_serve_option, parse_durability
+from ..settings import DEFAULT_PORT, Settings
 
-__all__ = ["main", "visible_devices", "worker_commands", "worker_device"]
+__all__ = ["add_command", "visible_devices", "worker_commands", "worker_device"]
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from ..app import create_app
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
@@ -78,8 +77,8 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError:
         _error("--ray needs Ray Serve: pip install 'adamscope[ray]' (or 'ray[serve]')")
         return 2
-    from .distributed.cluster import ClusterConfig
-    from .distributed.serve import run
+    from ..distributed.cluster import ClusterConfig
+    from ..distributed.serve import run
 
     data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
     config = ClusterConfig(settings=data.model_dump(mode="json"), slots=args.slots,
@@ -196,9 +195,8 @@ def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> 
     return max(codes, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adamscope", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_command(sub: Any) -> None:
+    """The ``serve`` subcommand."""
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
@@ -241,15 +239,3 @@ def build_parser() -> argparse.ArgumentParser:
                      "127.0.0.1 for a local Ray; 'auto': its node's address)")
     add_serve_option(serve)
     serve.set_defaults(func=_serve)
-    add_commands(sub)
-    add_inspect_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,16 +25,16 @@ from adamscope.client.protocol import (
     LossReport,
 )
 
-from ..engine import Stepper
-from ..engine.alerts import rules_of, set_rules
-from ..engine.errors import UnknownParameter
-from ..engine.history import HistoryObserver, history_of
-from ..engine.signals import SIGNALS
-from ..errors import problems
-from .access import require
-from .durability import persist_after
+from ...engine import Stepper
+from ...inspect.alerts import rules_of, set_rules
+from ...engine.errors import UnknownParameter
+from ...inspect.history import HistoryObserver, history_of
+from ...inspect.signals import SIGNALS
+from ...errors import problems
+from ..access import require
+from ..durability import persist_after
 from .steppers import NAME_PROBLEMS, registry
-from .stream import off_loop, settled
+from ..http.stream import off_loop, settled
 
 __all__ = ["known_signals", "observer", "render_json", "router"]
 
@@ -60,7 +60,7 @@ def observer(stepper: Stepper) -> HistoryObserver:
     """The stepper's history (every hosted stepper has one; see service.api.events)."""
     found = history_of(stepper)
     if found is None:  # a stepper registered without the monitoring hook
-        from ..engine.history import attach_history
+        from ...inspect.history import attach_history
 
         found = attach_history(stepper)
     return found

@@ -37,7 +37,7 @@ import torch
 
 from .alerts import Alerts, rules_of
 from .signals import attach_signals
-from .stepper import Stepper
+from ..engine.stepper import Stepper
 
 __all__ = [
     "LATENCY_BUCKETS",

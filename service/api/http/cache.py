@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
 
-from ..engine import Stepper
+from ...engine import Stepper
 
 __all__ = ["cached_json"]
 

@@ -41,13 +41,13 @@ from adamscope.client.protocol import (
     STEPPER_NAME_PATTERN,
 )
 
-from ..engine import Stepper
-from ..engine import checkpoint as checkpoints
-from ..engine.diff import Operand, diff
-from ..engine.dryrun import DryRun, dry_run
-from ..engine.errors import InvalidState
-from ..engine.options import OPTION_NAMES
-from ..engine.stats import (
+from ...engine import Stepper
+from ...engine import checkpoint as checkpoints
+from ...inspect.diff import Operand, diff
+from ...inspect.dryrun import DryRun, dry_run
+from ...engine.errors import InvalidState
+from ...engine.options import OPTION_NAMES
+from ...inspect.stats import (
     DEFAULT_QUANTILES,
     EXACT_LIMIT,
     MAX_BINS,
@@ -60,14 +60,14 @@ from ..engine.stats import (
     describe_stepper,
     view_of,
 )
-from ..errors import ApiError, problems
-from .access import AccessDenied, authorize_name, principal, require
-from .durability import persistence
-from .options import group_updates_from_json
-from .query import parse_query, query_doc
+from ...errors import ApiError, problems
+from ..access import AccessDenied, authorize_name, principal, require
+from ..durability import persistence
+from ..options import group_updates_from_json
+from ..http.query import parse_query, query_doc
 from .steppers import NAME_PROBLEMS, registry
-from .stream import TensorStreamResponse, ingest_tensors, off_loop, settled
-from .wire import OCTET, binary_body_doc, meta_json
+from ..http.stream import TensorStreamResponse, ingest_tensors, off_loop, settled
+from ..http.body import OCTET, binary_body_doc, meta_json
 
 __all__ = ["META_DRY_RUN", "json_safe", "router"]
 

@@ -23,25 +23,25 @@ from adamscope.client.protocol import (
     StepperSummary,
 )
 
-from ..engine import GroupDef, Registry, Stepper
-from ..engine.checkpoint import check_header_room
-from ..engine.errors import (
+from ...engine import GroupDef, Registry, Stepper
+from ...engine.checkpoint import check_header_room
+from ...engine.errors import (
     DtypeMismatch,
     DuplicateName,
     InvalidSpec,
     ShapeMismatch,
     StepperNotFound,
 )
-from ..engine.history import summary_fields
-from ..engine.options import resolve_device
-from ..errors import ApiError, problems
-from . import budget, quota
-from .access import authorize_name, require, visible
-from .cache import cached_json
-from .durability import persist_after, persistence, summary
-from .options import options_from_model
-from .stream import forget_layout, gate, settled
-from .wire import (
+from ...inspect.history import summary_fields
+from ...engine.options import resolve_device
+from ...errors import ApiError, problems
+from .. import budget, quota
+from ..access import authorize_name, require, visible
+from ..http.cache import cached_json
+from ..durability import persist_after, persistence, summary
+from ..options import options_from_model
+from ..http.stream import forget_layout, gate, settled
+from ..http.body import (
     INLINE_JSON_BYTES,
     OCTET,
     binary_body_doc,

@@ -45,11 +45,11 @@ from starlette.types import Receive, Scope, Send
 
 from adamscope.client.protocol import INT64_MAX
 
-from ..engine import Registry, Stepper
-from ..engine.history import HistoryConfig, HistoryObserver, attach_history, history_of
-from ..engine.signals import observer_of
-from ..errors import problems
-from .access import authorize_name, principal, require
+from ...engine import Registry, Stepper
+from ...inspect.history import HistoryConfig, HistoryObserver, attach_history, history_of
+from ...inspect.signals import attach_signals
+from ...errors import problems
+from ..access import authorize_name, principal, require
 from .history import render_json
 
 __all__ = ["EventHub", "Subscription", "attach_monitoring", "router", "start_monitoring"]
@@ -148,9 +148,7 @@ def attach_monitoring(app: FastAPI, stepper: Stepper) -> HistoryObserver:
     Both are computed once the step's reply has left (``defer_after_step``): a step's
     latency is PyTorch's update, and the signals overlap the client's next forward pass."""
     hub: EventHub = app.state.events
-    signals = observer_of(stepper)
-    if signals is not None:
-        signals.enabled = app.state.settings.signals
+    attach_signals(stepper).enabled = app.state.settings.signals
     stepper.defer_after_step = True
     return attach_history(stepper, app.state.history_config, sink=hub.notify,
                           sequence=hub.next_seq)

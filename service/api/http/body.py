@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from adamscope.client import codec
 from adamscope.client.protocol import META_STEP, META_STEPPER
 
-from ..errors import ApiError
+from ...errors import ApiError
 
 __all__ = [
     "OCTET",

@@ -35,11 +35,11 @@ from starlette.types import Receive, Scope, Send
 from adamscope.client import codec
 from adamscope.client.protocol import META_STEP, META_STEPPER
 
-from ..engine import Stepper
-from ..engine.errors import DeviceOutOfMemory
-from ..engine.memory import is_out_of_memory
-from ..errors import ApiError
-from .wire import OCTET, BodyStream, declared_length, media_type
+from ...engine import Stepper
+from ...engine.errors import DeviceOutOfMemory
+from ...engine.memory import is_out_of_memory
+from ...errors import ApiError
+from .body import OCTET, BodyStream, declared_length, media_type
 
 __all__ = [
     "BodyReader",

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .stepper import Stepper
+    from ..engine.stepper import Stepper
 
 __all__ = [
     "CHUNK",

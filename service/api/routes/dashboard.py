@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from ..dashboard import static
-from .access import require
+from ...dashboard import static
+from ..access import require
 
 __all__ = ["ASSETS", "PAGE", "router"]
 
