@@ -21,6 +21,7 @@ import httpx
 import torch
 
 from . import codec
+from .constants import META_DRY_RUN, META_REPLAYED, META_SKIPPED, META_STEPPED, OPTION_NAMES
 from .errors import APIStatusError, ProtocolError, TransportError, error_from_problem
 from .progress import Progress
 from .protocol import (
@@ -312,9 +313,9 @@ def step(
 
     def receive(readinto: ReadInto) -> StepReply:
         tensors, meta = receive_tensors(readinto, into)
-        replayed = bool(json.loads(meta.get("adamscope.replayed", "false")))
-        stepped = json.loads(meta.get("adamscope.stepped", "[]"))
-        skipped = (json.loads(meta["adamscope.skipped"]) if "adamscope.skipped" in meta
+        replayed = bool(json.loads(meta.get(META_REPLAYED, "false")))
+        stepped = json.loads(meta.get(META_STEPPED, "[]"))
+        skipped = (json.loads(meta[META_SKIPPED]) if META_SKIPPED in meta
                    else [n for n in tensors if n not in set(stepped)])  # an older server
         return StepReply(int(meta[META_STEP]), stepped, skipped, tensors, replayed=replayed)
 
@@ -440,8 +441,6 @@ def _jsonable_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- state_dict mapping
 
-OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
-               "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
 def to_state_dict(
@@ -458,7 +457,7 @@ def to_state_dict(
                     for n in order if state.get(n)}
     groups = []
     for g in summary.groups:
-        opts = g.model_dump(include=set(OPTION_KEYS))
+        opts = g.model_dump(include=set(OPTION_NAMES))
         opts["betas"] = tuple(opts["betas"])
         groups.append({**opts, "params": [index[n] for n in g.params]})
     return {"state": packed_state, "param_groups": groups}
@@ -484,7 +483,7 @@ def from_state_dict(
                 "optimizer's group"
             )
         id_to_name.update(zip(saved["params"], g.params, strict=True))
-        options.append({k: saved[k] for k in OPTION_KEYS if k in saved})
+        options.append({k: saved[k] for k in OPTION_NAMES if k in saved})
     state: dict[str, dict[str, torch.Tensor]] = {}
     for pid, entries in state_dict.get("state", {}).items():
         if pid not in id_to_name:
@@ -815,7 +814,7 @@ def dry_run(name: str, grads: Mapping[str, torch.Tensor],
         for k, t in flat.items():
             pname, _, which = k.rpartition(".")
             nested.setdefault(pname, {})[which] = t
-        return DryRunReply(inspection_floats(json.loads(meta["adamscope.dry_run"])), nested)
+        return DryRunReply(inspection_floats(json.loads(meta[META_DRY_RUN])), nested)
 
     # It changes nothing, so a retry is always safe.
     return Call("POST", _path(name, "dry-run"), parse, params=params, parts=parts,

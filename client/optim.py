@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._base import OPTION_KEYS
+from .constants import OPTION_NAMES
 from .errors import ProtocolError, StepperExistsError, StepperNotFoundError, TransportError
 from .protocol import StepperSummary
 from .sync import Client
@@ -134,7 +134,7 @@ class _Remote:
         return out
 
     def _options(self) -> list[dict[str, Any]]:
-        return [{k: g[k] for k in OPTION_KEYS if k in g} for g in self.param_groups]
+        return [{k: g[k] for k in OPTION_NAMES if k in g} for g in self.param_groups]
 
     def _attach_or_create(self) -> None:
         try:
@@ -177,7 +177,7 @@ class _Remote:
             for n, p in zip(self.names, self._params, strict=True):
                 p.copy_(values[n])
         for g, remote in zip(self.param_groups, summary.groups, strict=True):
-            for k in OPTION_KEYS:
+            for k in OPTION_NAMES:
                 value = getattr(remote, k)
                 g[k] = tuple(value) if k == "betas" else value
         self._synced = self._options()

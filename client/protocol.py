@@ -12,6 +12,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .constants import (
+    API_PREFIX,
+    INT64_MAX,
+    META_CHECKPOINT,
+    META_GROUPS,
+    META_SPEC,
+    META_STEP,
+    META_STEPPER,
+    OPTION_NAMES,
+    SNAPSHOT_NAME_PATTERN,
+    STEPPER_NAME_PATTERN,
+)
+
 __all__ = [
     "ALERT_KINDS",
     "API_PREFIX",
@@ -28,7 +41,8 @@ __all__ = [
     "LossReport",
     "LossSeries",
     "Series",
-    "HYPERPARAMETER_NAMES",
+    "INT64_MAX",
+    "OPTION_NAMES",
     "STEPPER_NAME_PATTERN",
     "BiasCorrection",
     "BiasCorrectionReport",
@@ -57,38 +71,6 @@ __all__ = [
     "META_STEP",
     "META_STEPPER",
 ]
-
-API_PREFIX = "/v1"
-
-#: Stepper names: URL- and filesystem-safe, never a path.
-STEPPER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-#: Largest integer a step, count or dimension may be (PyTorch's and numpy's int64).
-INT64_MAX = 2**63 - 1
-
-#: Every keyword ``torch.optim.Adam`` / ``AdamW`` accepts besides ``params``.
-HYPERPARAMETER_NAMES = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "amsgrad",
-    "maximize",
-    "foreach",
-    "capturable",
-    "differentiable",
-    "fused",
-    "decoupled_weight_decay",
-)
-
-#: safetensors ``__metadata__`` keys (values are JSON strings).
-META_SPEC = "adamscope.spec"  # CreateStepper (without tensor data) on a create body
-META_GROUPS = "adamscope.param_groups"  # list of per-group hyperparameter dicts
-META_STEP = "adamscope.step"  # the stepper step a tensor body reflects
-META_STEPPER = "adamscope.stepper"
-META_CHECKPOINT = "adamscope.checkpoint"  # checkpoint/snapshot files: the header as JSON
-
-#: Snapshot names follow the stepper-name rules: URL- and filesystem-safe, never a path.
-SNAPSHOT_NAME_PATTERN = STEPPER_NAME_PATTERN
 
 Dtype = Literal["float16", "bfloat16", "float32", "float64", "complex64"]
 

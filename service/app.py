@@ -1,5 +1,10 @@
 """The application factory: ``create_app(settings)`` builds a FastAPI app; its lifespan
-opens the registry (and the data directory) and closes them."""
+opens the registry, the data directory and the serving state, and closes them.
+
+This is where the layers meet: the engine's registry gets a hook that gives every stepper
+it admits (created, imported or restored) its signals and history (inspection), reporting
+to the app's event hub (HTTP); the engine itself knows nothing of either.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +15,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from adamscope.client.protocol import API_PREFIX, CreateStepper
+from adamscope.client.protocol import CreateStepper
 
 from . import __version__
-from .api import access as api_access
-from .api.routes import dashboard, events, history, identity, metrics, snapshots, steppers, tensors
-from .api.routes import stats as api_stats
-from .api.access import AccessDenied, authenticate, require
+from .api import access
 from .api.durability import flusher
-from .api.http.stream import torch_threads
+from .api.events import QUEUE_SIZE, EventHub
+from .api.http.requests import install_metrics
+from .api.routes import ROUTERS
+from .api.serving import ServingState
 from .auth import banner, load_access
-from .engine import Registry
-from .errors import clean_detail, install_error_handlers
+from .engine import Registry, Stepper
+from .errors import install_error_handlers
+from .inspect.history import HistoryConfig
+from .inspect.recorder import attach_history
+from .inspect.signals import attach_signals
 from .persistence import Persistence
 from .settings import Settings
 
@@ -65,80 +72,61 @@ def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _monitor(app: FastAPI, stepper: Stepper) -> None:
+    """The registry hook: a stepper's signals and history, reporting to the event hub.
+    Both are computed once the step's reply has left (``defer_after_step``): a step's
+    latency is PyTorch's update, and the signals overlap the client's next forward pass."""
+    settings: Settings = app.state.settings
+    hub: EventHub = app.state.events
+    attach_signals(stepper).enabled = settings.signals
+    stepper.defer_after_step = True
+    attach_history(stepper, app.state.history_config, sink=hub.notify, sequence=hub.next_seq)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    serving: ServingState = app.state.serving
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    serving.compute.start()  # one thread runs PyTorch on every core; the event loop on one
+    registry = app.state.registry = Registry()
+    app.state.events.loop = asyncio.get_running_loop()
+    registry.hooks.append(lambda stepper: _monitor(app, stepper))  # restored ones too
+    log.info("adamscope %s: default device %s, data in %s", __version__,
+             settings.default_device(), settings.data_dir)
+    log.info("%s", banner(settings, app.state.access))
+    persistence = app.state.persistence = Persistence(
+        settings.data_dir, registry, settings.default_device(), settings.durability)
+    await asyncio.to_thread(persistence.restore_all)
+    background = asyncio.create_task(flusher(persistence))
+    try:
+        yield
+    finally:
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
+        written = await asyncio.to_thread(persistence.flush_all)
+        if written:
+            log.info("wrote %d stepper(s) with unwritten changes at shutdown", written)
+        app.state.registry = Registry()
+        serving.compute.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    access = load_access(settings)  # TokenConfigError here, before anything starts
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        torch_threads()  # one thread runs PyTorch on every core; the event loop on one
-        registry = app.state.registry = Registry()
-        events.start_monitoring(app, registry)  # before restore: restored steppers too
-        log.info("adamscope %s: default device %s, data in %s", __version__,
-                 settings.default_device(), settings.data_dir)
-        log.info("%s", banner(settings, access))
-        persistence = app.state.persistence = Persistence(
-            settings.data_dir, registry, settings.default_device(), settings.durability)
-        await asyncio.to_thread(persistence.restore_all)
-        background = asyncio.create_task(flusher(persistence))
-        try:
-            yield
-        finally:
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
-            written = await asyncio.to_thread(persistence.flush_all)
-            if written:
-                log.info("wrote %d stepper(s) with unwritten changes at shutdown", written)
-            app.state.registry = Registry()
-
-    app = FastAPI(
-        title="adamscope",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-    )
+    table = load_access(settings)  # TokenConfigError here, before anything starts
+    app = FastAPI(title="adamscope", version=__version__, description=DESCRIPTION,
+                  lifespan=_lifespan)
     app.state.settings = settings
+    app.state.access = table
+    app.state.serving = ServingState()
+    app.state.history_config = HistoryConfig(steps=settings.history_steps,
+                                             tensor_values=settings.history_tensor_values)
+    app.state.events = EventHub(QUEUE_SIZE, settings.events_max_tensors)
     install_error_handlers(app)
-    app.include_router(steppers.router, prefix=API_PREFIX)
-    app.include_router(tensors.router, prefix=API_PREFIX)
-    app.include_router(snapshots.router, prefix=API_PREFIX)
-    app.include_router(identity.router, prefix=API_PREFIX)
-    app.include_router(dashboard.router)
-    app.include_router(history.router, prefix=API_PREFIX)
-    app.include_router(events.router, prefix=API_PREFIX)
-    app.include_router(metrics.router)
-    app.include_router(api_stats.router, prefix=API_PREFIX)
-    events.install_events(app)
+    for router, prefix in ROUTERS:
+        app.include_router(router, prefix=prefix)
     _document_models(app, CreateStepper)
-
-    @app.get("/healthz", tags=["service"], summary="Liveness and basic facts",
-             description="Public. Steppers whose restore failed are counted for everyone, "
-                         "and named only to a caller whose token could list them.",
-             dependencies=[Depends(require("public"))])
-    async def healthz(request: Request) -> dict[str, Any]:
-        persistence: dict[str, Any] = request.app.state.persistence.health()
-        try:
-            who = authenticate(request.app.state.access, request.headers.get("authorization"))
-        except AccessDenied:
-            who = None
-        failed = persistence["failed"]
-        return {
-            "status": "ok",
-            "version": __version__,
-            "torch": torch.__version__,
-            "default_device": settings.default_device(),
-            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            "steppers": len(request.app.state.registry),
-            "persistence": {
-                **persistence,
-                "failed": [{**f, "error": clean_detail(f["error"])} for f in failed
-                           if who is not None and who.reaches(f["stepper"])],
-                "failed_count": len(failed),
-            },
-        }
-
-    api_access.install(app, access)  # last: every route must declare its scope
-    metrics.install_metrics(app)  # outermost middleware: counts refused requests too
+    access.install(app, table)  # last: every route must declare its scope
+    install_metrics(app)  # outermost middleware: counts refused requests too
     return app

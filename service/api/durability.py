@@ -18,19 +18,16 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Stepper
-from ..inspect.history import summary_fields
+from ..inspect.recorder import summary_fields
 from ..persistence import Persistence
+from .deps import persistence
 
-__all__ = ["FLUSH_TICK", "flusher", "persist_after", "persistence", "summary"]
+__all__ = ["FLUSH_TICK", "flusher", "persist_after", "summary"]
 
 log = logging.getLogger("adamscope.persistence")
 
 #: How often the background flusher looks for ``interval`` steppers that are due (seconds).
 FLUSH_TICK = 0.5
-
-
-def persistence(request: Request) -> Persistence:
-    return request.app.state.persistence  # type: ignore[no-any-return]
 
 
 async def persist_after(request: Request, stepper: Stepper, kind: str = "change") -> None:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from ..auth import (
     describe_validation_error,
     load_access,
 )
-from .snapshots import add_serve_option, parse_durability
 from ..settings import DEFAULT_PORT, Settings
+from .snapshots import add_serve_option, parse_durability
 
 __all__ = ["add_command", "visible_devices", "worker_commands", "worker_device"]
 

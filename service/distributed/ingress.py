@@ -44,7 +44,7 @@ from starlette.background import BackgroundTask
 from adamscope.client import codec
 from adamscope.client.protocol import META_SPEC
 
-from ..api.routes.history import render_json
+from ..api.http.reply import render_json
 from ..engine.footprint import Footprint, footprint
 from ..engine.options import default_options
 from .cluster import Cluster, ClusterConfig, ShardedRecord, SlotStartError

@@ -15,11 +15,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from adamscope.client import codec
+from adamscope.client.constants import META_SKIPPED, META_STEPPED
 
 __all__ = ["Body", "merge", "owner", "parse", "split"]
 
 #: Metadata keys whose values are JSON lists of parameter names, joined across shards.
-LIST_KEYS = ("adamscope.stepped", "adamscope.skipped")
+LIST_KEYS = (META_STEPPED, META_SKIPPED)
 
 
 class Body:

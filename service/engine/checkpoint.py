@@ -49,13 +49,20 @@ from typing import Any
 import torch
 
 from adamscope.client import codec
-from adamscope.client.protocol import META_CHECKPOINT, META_STEP, META_STEPPER, STEPPER_NAME_PATTERN
+from adamscope.client.constants import (
+    META_CHECKPOINT,
+    META_STEP,
+    META_STEPPER,
+    STEPPER_NAME_PATTERN,
+)
 
 from .errors import CheckpointTooLarge, EngineError, InvalidCheckpoint, InvalidSpec, StepperExists
 from .journal import DIGEST_BYTES, JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal
 from .memory import stage_on_host
 from .options import OPTIMIZERS, OPTION_NAMES
-from .stepper import STATE_KEYS, GroupDef, Stepper
+from .spec import GroupDef
+from .state import STATE_KEYS
+from .stepper import Stepper
 
 __all__ = [
     "FORMAT",

@@ -41,6 +41,7 @@ __all__ = [
     "footprint",
     "implementation",
     "state_bytes",
+    "step_working_set",
     "workspace_bytes",
 ]
 
@@ -127,3 +128,15 @@ def footprint(groups: Iterable[tuple[Sequence[int], Mapping[str, Any]]],
         workspace = max(workspace, workspace_bytes(sizes, options, kind))
     pinned = 0 if kind == "cpu" else 2 * gradients
     return Footprint(kind, state, gradients, workspace, pinned)
+
+
+def step_working_set(groups: Iterable[tuple[Sequence[tuple[int, bool]], Mapping[str, Any]]],
+                     device: str) -> int:
+    """Device bytes one ``optimizer.step()`` allocates: the state it creates and the peak
+    workspace, for param groups of ``((bytes, fresh) of each stepped parameter, options)``
+    (``fresh``: the parameter has no state yet, the step creates it)."""
+    created = workspace = 0
+    for stepped, options in groups:
+        created += state_bytes((n for n, fresh in stepped if fresh), bool(options["amsgrad"]))
+        workspace = max(workspace, workspace_bytes([n for n, _ in stepped], options, device))
+    return created + workspace

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from adamscope.client.constants import OPTION_NAMES
+
 from .errors import DeviceOutOfMemory, DeviceUnavailable, InvalidHyperparameter
 from .memory import is_out_of_memory
 
@@ -33,19 +35,6 @@ OPTIMIZERS: dict[str, type[torch.optim.Adam]] = {
     "adamw": torch.optim.AdamW,
 }
 
-OPTION_NAMES = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "amsgrad",
-    "maximize",
-    "foreach",
-    "capturable",
-    "differentiable",
-    "fused",
-    "decoupled_weight_decay",
-)
 
 #: Options that change which kernel runs or which state exists: worth a probe step.
 STRUCTURAL_OPTIONS = frozenset({"amsgrad", "foreach", "capturable", "differentiable", "fused"})

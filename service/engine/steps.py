@@ -20,32 +20,14 @@ Steps on the CPU (PyTorch's default placement) are read directly, as cheap as a 
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["StepMirror", "rounded_scalar"]
+from adamscope.client.numerics import rounded_scalar
 
-
-def rounded_scalar(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (to nearest, ties to even), in plain Python."""
-    if dtype == torch.float64 or not math.isfinite(value):
-        return value
-    # Through float32 first, as PyTorch converts a Python scalar to a 16-bit dtype.
-    try:
-        single = float(struct.unpack("f", struct.pack("f", value))[0])
-        if dtype == torch.float16:
-            return float(struct.unpack("e", struct.pack("e", single))[0])
-    except OverflowError:
-        return math.copysign(math.inf, value)
-    if dtype != torch.bfloat16 or not math.isfinite(single):
-        return single
-    bits = struct.unpack("I", struct.pack("f", single))[0]
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return float(struct.unpack("f", struct.pack("I", bits & 0xFFFFFFFF))[0])
+__all__ = ["StepMirror"]
 
 
 def _version(t: torch.Tensor) -> int | None:

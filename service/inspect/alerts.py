@@ -13,16 +13,16 @@ rules' state live in memory only.
 from __future__ import annotations
 
 import math
-import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adamscope.client.protocol import AlertRule
 
-from ..engine.stepper import Stepper
+from .optimizer import OptimizerState
 
-__all__ = ["DEFAULT_RULES", "JOURNAL_KEY", "Alerts", "rules_of", "set_rules"]
+__all__ = ["DEFAULT_RULES", "JOURNAL_KEY", "Alerts", "RuleCache", "parse_rules", "rules_of",
+           "set_rules"]
 
 #: Where a stepper's rules are kept in ``Stepper.journal`` (a list of rule dicts).
 JOURNAL_KEY = "alert_rules"
@@ -41,40 +41,41 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
 #: Signals a ``nonfinite`` rule without a signal adds up.
 FAULT_COUNTS = ("nan_count", "inf_count")
 
-#: Parsed rules per stepper, reused while its journal holds the same list object.
-_parsed: weakref.WeakKeyDictionary[Stepper, tuple[Any, list[AlertRule]]] = (
-    weakref.WeakKeyDictionary())
-
-
-def rules_of(stepper: Stepper) -> tuple[list[AlertRule], bool]:
-    """The stepper's rules and whether they are the defaults (read under its lock)."""
-    raw = stepper.journal.get(JOURNAL_KEY)
-    if raw is None:
-        return list(DEFAULT_RULES), True
-    cached = _parsed.get(stepper)
-    if cached is not None and cached[0] is raw:
-        return cached[1], False
+def parse_rules(raw: Sequence[Any]) -> list[AlertRule]:
+    """Rules as a journal keeps them (dicts); one an older version wrote that no longer
+    validates is ignored."""
     rules = []
     for r in raw:
         try:
             rules.append(AlertRule.model_validate(r))
         except ValueError:
-            continue  # a rule an older version wrote that no longer validates: ignored
-    _parsed[stepper] = (raw, rules)
-    return rules, False
+            continue
+    return rules
 
 
-def set_rules(stepper: Stepper, rules: Sequence[AlertRule] | None) -> None:
-    """Replace the stepper's rules (None: back to the defaults). A change of the stepper,
-    so it bumps its version and is written with its next checkpoint."""
-    with stepper.lock:
-        stepper.settle()  # the last step is judged by the rules it was taken under
-        if rules is None:
-            stepper.journal.pop(JOURNAL_KEY, None)
-        else:
-            stepper.journal[JOURNAL_KEY] = [r.model_dump(mode="json") for r in rules]
-        _parsed.pop(stepper, None)
-        stepper._touch()  # a mutation: readers' caches and the durability policy see it
+class RuleCache:
+    """One optimizer's rules, parsed once per change of its journal entry (a change
+    replaces the entry's list whole, so the list object says whether it changed)."""
+
+    def __init__(self) -> None:
+        self._raw: object = None
+        self._rules: list[AlertRule] = []
+
+    def of(self, journal: Mapping[str, Any]) -> tuple[list[AlertRule], bool]:
+        """The rules and whether they are the defaults."""
+        raw = journal.get(JOURNAL_KEY)
+        if raw is None:
+            return list(DEFAULT_RULES), True
+        if raw is not self._raw:
+            self._rules, self._raw = parse_rules(raw), raw
+        return self._rules, False
+
+
+def set_rules(opt: OptimizerState, rules: Sequence[AlertRule] | None) -> None:
+    """Replace the optimizer's rules (None: back to the defaults): a change of it, written
+    with its next checkpoint; its last step is judged by the rules it was taken under."""
+    opt.set_journal(JOURNAL_KEY, None if rules is None
+                    else [r.model_dump(mode="json") for r in rules])
 
 
 class Alerts:
@@ -184,3 +185,9 @@ class Alerts:
     def active_list(self) -> list[dict[str, Any]]:
         return [{"rule": r, "tensor": t, "since_step": s}
                 for (r, t), s in sorted(self.active.items(), key=lambda kv: (kv[1], kv[0][0]))]
+
+
+def rules_of(opt: OptimizerState) -> tuple[list[AlertRule], bool]:
+    """The optimizer's alert rules and whether they are the defaults (parsed now; the
+    recorder keeps them parsed between changes)."""
+    return RuleCache().of(opt.journal)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .stats import real_flat
+from adamscope.client.numerics import real_flat
 
 __all__ = ["Operand", "diff"]
 

@@ -1,14 +1,9 @@
-"""A bounded history of every stepper's per-step signals, its alerts and its step metrics.
+"""A bounded history of one stepper's per-step signals and losses, as time series.
 
-:class:`HistoryObserver` is a :class:`~service.engine.stepper.StepObserver` appended after
-the :class:`~service.engine.signals.SignalObserver` (:func:`attach_history` does both, in
-that order). After every step it copies the scalar signals the SignalObserver left in
-``stepper.signals`` into ring buffers, evaluates the stepper's alert rules on them, counts
-the step and its latency, and tells a ``sink`` (the service's live event stream) that a
-step event is ready. It never raises: a failure here must not fail a step that PyTorch has
-already applied.
-
-Cheap enough to leave on: a step costs a few small numpy row writes. Memory is bounded by
+:class:`History` keeps the scalar signals of each step (the aggregate, and per tensor) in
+ring buffers and answers queries over them (JSON, CSV, step events); the recorder
+(:mod:`.recorder`) writes a row after every step. Cheap enough to leave on: a step costs a
+few small numpy row writes. Memory is bounded by
 :class:`HistoryConfig`: ``steps`` rows of aggregate signals, and per-tensor signals for as
 many of the latest steps as ``tensor_values`` cells allow (``tensor_values // (tensors x
 signals)``, at most ``steps``), so a model with many tensors keeps a shorter per-tensor
@@ -25,29 +20,14 @@ import itertools
 import logging
 import math
 import threading
-import time
-from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from .alerts import Alerts, rules_of
-from .signals import attach_signals
-from ..engine.stepper import Stepper
-
-__all__ = [
-    "LATENCY_BUCKETS",
-    "History",
-    "HistoryConfig",
-    "HistoryObserver",
-    "attach_history",
-    "history_of",
-    "summary_fields",
-]
+__all__ = ["LATENCY_BUCKETS", "History", "HistoryConfig", "json_safe"]
 
 log = logging.getLogger("adamscope.history")
 
@@ -408,142 +388,10 @@ class History:
             return step, self.losses[step][1]
 
 
-# ---------------------------------------------------------------------- the observer
-
-#: ``sink(observer, seq)``: a step event is ready (called under the stepper's lock, in
-#: whatever thread stepped; it must only hand the news on).
-Sink = Callable[["HistoryObserver", int], None]
-
-_sequence = itertools.count(1)
-
-
-class HistoryObserver:
-    """Records each step's signals, raises alerts, and counts steps and their latency."""
-
-    def __init__(self, stepper: Stepper, config: HistoryConfig | None = None,
-                 sink: Sink | None = None,
-                 sequence: Callable[[], int] | None = None) -> None:
-        self.config = config or HistoryConfig()
-        self.name = stepper.name
-        self.stepper = stepper
-        self.history = History(stepper.name, stepper.names, self.config)
-        self.alerts = Alerts(self.config.alert_events)
-        self.sink = sink
-        self.sequence = sequence or _sequence.__next__
-        self.steps_total = 0
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.failures = 0
-
-    def before_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
-        pass
-
-    def after_step(self, stepper: Stepper, grads: Mapping[str, torch.Tensor]) -> None:
-        try:
-            self._after_step(stepper)
-        except Exception:  # noqa: BLE001 - the step is applied; never fail it from here
-            self.failures += 1
-            if self.failures == 1 or self.failures % 1000 == 0:
-                log.exception("history of %r: recording step failed (%d so far)",
-                              stepper.name, self.failures)
-
-    def _after_step(self, stepper: Stepper) -> None:
-        elapsed = stepper.engine_seconds()
-        step = stepper.observed_step
-        found = getattr(stepper, "signals", None)
-        # The SignalObserver ran first; signals of another step mean it could not compute
-        # this one's: the step is recorded without signals.
-        signals: Mapping[str, Any] = (
-            found if isinstance(found, Mapping) and found.get("step") == step else {})
-        aggregate: Mapping[str, float] = signals.get("aggregate", {})
-        tensors: Mapping[str, Mapping[str, float]] = signals.get("tensors", {})
-        when = float(signals.get("time") or time.time())
-        seq = self.sequence()
-        h = self.history
-        if h.record(step, seq, when, aggregate, tensors):
-            self.alerts.reset()
-        rules, _ = rules_of(stepper)
-        with h.lock:  # the metrics and alert state are read under the same lock
-            self.alerts.evaluate(rules, stepper.name, step, seq, when, aggregate, tensors)
-            self.steps_total += 1
-            self.latency_sum += elapsed
-            # Prometheus buckets count values <= their bound: the first bound >= elapsed
-            self.latency_buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
-        if self.sink is not None:
-            self.sink(self, seq)
-
-    # ---------------------------------------------------------------- reads
-
-    def event(self, seq: int, max_tensors: int | None = None,
-              only: Sequence[str] | None = None) -> dict[str, Any] | None:
-        """The step event ``seq`` with its alerts (None once it left the history)."""
-        event = self.history.event(seq, max_tensors, only)
-        if event is not None:
-            with self.history.lock:
-                event["alerts"] = self.alerts.at(seq)
-        return event
-
-    def events(self, after_seq: int | None = None, last: int | None = None,
-               max_tensors: int | None = None, only: Sequence[str] | None = None
-               ) -> list[dict[str, Any]]:
-        out = self.history.events(after_seq, last, max_tensors, only)
-        with self.history.lock:
-            for e in out:
-                e["alerts"] = self.alerts.at(e["seq"])
-        return out
-
-    def alerts_brief(self) -> dict[str, Any]:
-        with self.history.lock:
-            return self.alerts.brief()
-
-    def metrics(self) -> dict[str, Any]:
-        """Step count and latency histogram (cumulative buckets), read consistently."""
-        with self.history.lock:
-            cumulative = list(itertools.accumulate(self.latency_buckets))
-            return {"steps_total": self.steps_total, "latency_sum": self.latency_sum,
-                    "latency_cumulative": cumulative,  # per LATENCY_BUCKETS bound, then +Inf
-                    "alerts_total": self.alerts.count, "alerts_active": len(self.alerts.active)}
-
-
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/Inf floats as "NaN"/"Infinity"/"-Infinity", for renderers that refuse them."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
-
-
-def summary_fields(stepper: Stepper) -> dict[str, Any]:
-    """What the history adds to a stepper's summary: ``{"alerts": {count, active,
-    latest}}`` (JSON-safe), or nothing for a stepper without a history."""
-    found = history_of(stepper)
-    return {} if found is None else {"alerts": _json_safe(found.alerts_brief())}
-
-
-def history_of(stepper: Stepper) -> HistoryObserver | None:
-    """The stepper's HistoryObserver, if it has one."""
-    for o in stepper.observers:
-        if isinstance(o, HistoryObserver):
-            return o
-    return None
-
-
-def attach_history(stepper: Stepper, config: HistoryConfig | None = None, *,
-                   sink: Sink | None = None,
-                   sequence: Callable[[], int] | None = None) -> HistoryObserver:
-    """Give ``stepper`` its signals (S1's SignalObserver) and then a HistoryObserver, in
-    that order, once: a second call returns the existing observer (with ``sink`` and
-    ``sequence`` updated when given)."""
-    with stepper.lock:
-        attach_signals(stepper)  # idempotent; first in the observer list
-        found = history_of(stepper)
-        if found is not None:
-            if sink is not None:
-                found.sink = sink
-            if sequence is not None:
-                found.sequence = sequence
-            return found
-        observer = HistoryObserver(stepper, config, sink, sequence)
-        stepper.observers.append(observer)
-        return observer

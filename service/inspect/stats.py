@@ -23,32 +23,21 @@ numbers. What is exact and what is sampled:
   ``below``/``above``. The log histogram bins ``log10 |x|`` of the finite non-zero values
   the same way and reports ``zeros`` and ``negative`` beside it.
 
-Derived views of the Adam state (:data:`VIEW_KEYS`), per parameter at its own state step
-``t`` with its group's current options, computed as ``_single_tensor_adam`` (PyTorch's
-for-loop implementation, the reference) does::
-
-    bc1 = 1 - beta1 ** t;  bc2 = 1 - beta2 ** t;  step_size = lr / bc1
-    denom  = (v.sqrt() / bc2 ** 0.5).add_(eps)     # v: max_exp_avg_sq under amsgrad
-    m_hat  = m / bc1;  v_hat = v / bc2;  lr_eff = step_size / denom
-    update = -step_size * (m / denom)               # the last step's Adam update
-
-``denom`` is computed in the state's own dtype with PyTorch's operations (so it is bit for
-bit the denominator the for-loop used); the views are then widened to float32 (float64
-for float64 state) before dividing. ``update`` leaves out AdamW's decoupled decay term
-``lr * weight_decay * p``. A parameter at step 0 has no defined views.
+The views of Adam's state these describe (m_hat, lr_eff, ...) are :mod:`.views`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from ..engine.stepper import Stepper
+from adamscope.client.numerics import real_flat, upload, wide_dtype
+
+from .summary import Summary, finite_part, summarize_chunk
 
 __all__ = [
     "CHUNK",
@@ -57,23 +46,14 @@ __all__ = [
     "MAX_BINS",
     "MAX_QUANTILES",
     "SAMPLE_SIZE",
-    "STATE_VIEWS",
-    "VIEW_KEYS",
+    "Described",
     "Source",
     "StatsSpec",
-    "View",
-    "Summary",
-    "adam_factors",
     "aggregate",
     "describe",
-    "describe_stepper",
     "quantiles_of",
-    "real_flat",
     "sample_plan",
     "strided_sample",
-    "upload",
-    "view_of",
-    "wide_dtype",
 ]
 
 #: Quantiles and histograms are exact up to this many elements (torch.quantile's limit).
@@ -85,29 +65,10 @@ CHUNK = 1 << 24
 DEFAULT_QUANTILES = (0.01, 0.5, 0.99)
 MAX_QUANTILES = 32
 MAX_BINS = 512
-#: The variance comes from the sums when mean**2 <= this * variance (else two passes).
-_SHORTCUT = 16.0
 #: Below this many values order statistics come from one sort; above, from kthvalue.
 _SORT_LIMIT = 1 << 16
 
-#: Tensors the stats of a parameter can describe: the parameter, its state, derived views.
-VIEW_KEYS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_hat", "v_hat", "lr_eff",
-             "update")
-#: The raw state tensors among VIEW_KEYS.
-STATE_VIEWS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-
-def wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 (and complex128) data, else float32: the dtype stats use."""
-    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-
-
-def real_flat(t: torch.Tensor) -> torch.Tensor:
-    """A flat real view: complex tensors as their (real, imag) pairs, as Adam steps them."""
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.reshape(-1)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -225,117 +186,6 @@ class StatsSpec:
 
     def key(self) -> tuple[Any, ...]:
         return (self.quantiles, self.bins, self.hist_range, self.log, self.log_range)
-
-
-# ---------------------------------------------------------------------- moments
-
-
-@dataclass
-class Summary:
-    """Exact reductions of one tensor (or several, merged), in Python numbers."""
-
-    numel: int = 0
-    nan: int = 0
-    inf: int = 0
-    zeros: int = 0
-    finite: int = 0
-    mean: float = 0.0
-    m2: float = 0.0  # sum of squared deviations from the mean
-    sumsq: float = 0.0
-    min: float = math.inf
-    max: float = -math.inf
-
-    def merge(self, other: Summary) -> None:
-        """Chan et al.'s parallel update of mean and m2, plus the plain totals."""
-        n_a, n_b = self.finite, other.finite
-        if n_b:
-            n = n_a + n_b
-            delta = other.mean - self.mean
-            self.mean += delta * n_b / n
-            self.m2 += other.m2 + delta * delta * n_a * n_b / n
-            self.min = min(self.min, other.min)
-            self.max = max(self.max, other.max)
-        self.numel += other.numel
-        self.nan += other.nan
-        self.inf += other.inf
-        self.zeros += other.zeros
-        self.finite += other.finite
-        self.sumsq += other.sumsq
-
-    def fields(self) -> dict[str, Any]:
-        defined = self.finite > 0
-        return {
-            "numel": self.numel,
-            "finite": self.finite,
-            "nan": self.nan,
-            "inf": self.inf,
-            "zeros": self.zeros,
-            "norm": math.sqrt(self.sumsq),
-            "mean": self.mean if defined else math.nan,
-            "std": math.sqrt(max(self.m2, 0.0) / self.finite) if defined else math.nan,
-            "min": self.min if defined else math.nan,
-            "max": self.max if defined else math.nan,
-        }
-
-
-def _finite_part(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """``x`` without NaN/Inf (the same tensor when all are finite), and the counts."""
-    fin = torch.isfinite(x)
-    n_fin = int(fin.sum())
-    if n_fin == x.numel():
-        return x, 0, 0
-    nan = int(torch.isnan(x).sum())
-    return x[fin], nan, x.numel() - n_fin - nan
-
-
-def upload(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values as a tensor on ``device`` without waiting for the device: a tensor
-    made with ``torch.tensor(..., device="cuda")`` is copied from pageable memory and
-    synchronizes with every kernel queued before it; this copies from page-locked memory,
-    queued behind them."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _reductions(x: torch.Tensor) -> list[float]:
-    """min, max, sum, L2 norm and non-zero count of a non-empty ``x``, in one transfer."""
-    lo, hi = torch.aminmax(x)
-    parts = [lo, hi, x.sum(), torch.linalg.vector_norm(x), torch.count_nonzero(x).to(x.dtype)]
-    return [float(v) for v in torch.stack(parts).tolist()]
-
-
-def _summarize_chunk(x: torch.Tensor, scratch: torch.Tensor | None = None
-                     ) -> tuple[Summary, torch.Tensor]:
-    """Exact reductions of one chunk (wide dtype), and its finite values. ``scratch``: a
-    reusable buffer of at least ``x``'s size and dtype for the deviations."""
-    s = Summary(numel=x.numel())
-    if x.numel() == 0:
-        return s, x
-    values = _reductions(x)  # one device sync
-    if not (math.isfinite(values[0]) and math.isfinite(values[1])):
-        # A NaN propagates through aminmax, an Inf is an extreme: the sums are of no use.
-        x, s.nan, s.inf = _finite_part(x)
-        if x.numel():
-            values = _reductions(x)
-    s.finite = x.numel()
-    if s.finite == 0:
-        return s, x
-    s.min, s.max = values[0], values[1]
-    s.mean = values[2] / s.finite
-    s.sumsq = values[3] ** 2
-    s.zeros = s.finite - int(values[4])
-    # The spread: from the sums when the mean is small against it (the cancellation then
-    # costs at most a few bits of the norm's accuracy), else a second pass over the
-    # deviations from the mean, exact however large the mean.
-    m2 = s.sumsq - s.finite * s.mean * s.mean
-    if m2 > 0 and s.mean * s.mean * s.finite <= _SHORTCUT * m2:
-        s.m2 = m2
-    else:
-        dev = scratch[: s.finite] if scratch is not None else torch.empty_like(x)
-        s.m2 = float(torch.linalg.vector_norm(torch.sub(x, s.mean, out=dev))) ** 2
-    return s, x
 
 
 # ---------------------------------------------------------------------- order statistics
@@ -464,15 +314,15 @@ def describe(source: Source, spec: StatsSpec, keep_values: bool = False) -> Desc
     wide = wide_dtype(source.dtype)
     finite: torch.Tensor | None = None
     if source.numel <= EXACT_LIMIT:
-        summary, finite = _summarize_chunk(source.chunk(0, source.numel).to(wide))
+        summary, finite = summarize_chunk(source.chunk(0, source.numel).to(wide))
         sample, sampled = finite, False
     else:
         summary = Summary()
         scratch = torch.empty(CHUNK, dtype=wide, device=source.device)
         for c in source.chunks():
-            summary.merge(_summarize_chunk(c.to(wide), scratch)[0])
+            summary.merge(summarize_chunk(c.to(wide), scratch)[0])
         plan = sample_plan(source.numel, SAMPLE_SIZE, source.last_dim)
-        sample = _finite_part(source.sample(plan).to(wide))[0]
+        sample = finite_part(source.sample(plan).to(wide))[0]
         sampled = True
     stats = _with_distribution(summary, sample, sampled, spec)
     return Described(stats, summary, source, finite if keep_values else None)
@@ -515,153 +365,5 @@ def aggregate(parts: Sequence[Described], spec: StatsSpec) -> dict[str, Any]:
         if p.source.numel:
             n = max(1, round(SAMPLE_SIZE * p.source.numel / total))
             plan = sample_plan(p.source.numel, n, p.source.last_dim)
-            pieces.append(_finite_part(p.source.sample(plan).to(wide))[0].to(device))
+            pieces.append(finite_part(p.source.sample(plan).to(wide))[0].to(device))
     return _with_distribution(summary, torch.cat(pieces), True, spec)
-
-
-# ---------------------------------------------------------------------- Adam views
-
-
-@dataclass(frozen=True)
-class Factors:
-    """One parameter's Adam scalars at its state step, as the for-loop computes them."""
-
-    step: float
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    amsgrad: bool
-    bc1: float = field(init=False)
-    bc2: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bc1", 1 - self.beta1**self.step)
-        object.__setattr__(self, "bc2", 1 - self.beta2**self.step)
-
-    @property
-    def defined(self) -> bool:
-        return self.bc1 != 0 and self.bc2 != 0
-
-    @property
-    def step_size(self) -> float:
-        return self.lr / self.bc1
-
-    @property
-    def bc2_sqrt(self) -> float:
-        return float(self.bc2**0.5)
-
-
-def adam_factors(group: Mapping[str, Any], step: float) -> Factors:
-    beta1, beta2 = (float(b) for b in group["betas"])
-    return Factors(float(step), float(group["lr"]), beta1, beta2, float(group["eps"]),
-                   bool(group["amsgrad"]))
-
-
-def _denominator(v: torch.Tensor, f: Factors, wide: torch.dtype) -> torch.Tensor:
-    """PyTorch's for-loop denominator ``(v.sqrt() / bc2_sqrt).add_(eps)``, computed in the
-    state's dtype (bit for bit), then widened; one fresh tensor, the rest in place."""
-    return v.sqrt().div_(f.bc2_sqrt).add_(f.eps).to(wide)
-
-
-@dataclass(frozen=True)
-class View:
-    """An elementwise view of one parameter's tensors: ``fn`` of the real views of
-    ``inputs`` (identity for a stored tensor), computed in ``dtype``."""
-
-    inputs: tuple[torch.Tensor, ...]
-    fn: Callable[..., torch.Tensor] | None
-    dtype: torch.dtype
-
-    def source(self) -> Source:
-        if self.fn is None:
-            return Source.of(self.inputs[0])
-        return Source.derived(self.inputs, self.fn, self.dtype)
-
-    def select(self, index: tuple[Any, ...]) -> torch.Tensor:
-        """The view at ``index`` (ints and slices over the parameter's shape), computed on
-        the selected elements only; complex parameters gain a trailing (real, imag) axis
-        in derived views."""
-        picked = [t.detach()[index] for t in self.inputs]
-        if self.fn is None:
-            return picked[0]
-        reals = [torch.view_as_real(t) if t.is_complex() else t for t in picked]
-        return self.fn(*reals)
-
-
-def view_of(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
-            key: str) -> View | str:
-    """View ``key`` (one of :data:`VIEW_KEYS`) of one parameter, or why it has none."""
-    if key == "param":
-        return View((param,), None, param.dtype)
-    if key not in VIEW_KEYS:
-        raise ValueError(f"unknown view {key!r}; expected one of {', '.join(VIEW_KEYS)}")
-    if not state:
-        return "no Adam state yet (the parameter has not stepped)"
-    if key in STATE_VIEWS:
-        if key not in state:
-            return "amsgrad is off" if key == "max_exp_avg_sq" else f"no {key} in the state"
-        return View((state[key],), None, state[key].dtype)
-    f = adam_factors(group, float(state["step"]))
-    if not f.defined:
-        return f"state step is {f.step:g}: bias correction is 0 there, the view is undefined"
-    v_src = state["max_exp_avg_sq"] if f.amsgrad and "max_exp_avg_sq" in state \
-        else state["exp_avg_sq"]
-    wide = wide_dtype(param.dtype)
-    step_size = f.step_size
-    if key == "m_hat":
-        return View((state["exp_avg"],), lambda m: m.to(wide) / f.bc1, wide)
-    if key == "v_hat":
-        return View((v_src,), lambda v: v.to(wide) / f.bc2, wide)
-    if key == "lr_eff":
-        def lr_eff(v: torch.Tensor) -> torch.Tensor:
-            denom = _denominator(v, f, wide)
-            numerator = torch.tensor(step_size, dtype=wide)  # 0-dim CPU: an argument, no sync
-            return torch.div(numerator, denom, out=denom)
-        return View((v_src,), lr_eff, wide)
-
-    def update(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        denom = _denominator(v, f, wide)
-        return torch.div(m.to(wide), denom, out=denom).mul_(-step_size)
-    return View((state["exp_avg"], v_src), update, wide)
-
-
-# ---------------------------------------------------------------------- a stepper
-
-
-def describe_stepper(stepper: Stepper, names: Sequence[str] | None, keys: Sequence[str],
-                     spec: StatsSpec, with_aggregate: bool = True) -> dict[str, Any]:
-    """Statistics of views ``keys`` of the named parameters (all if None), per tensor and
-    aggregated per key over those tensors, read under the stepper's lock (one step)."""
-    unknown = [k for k in keys if k not in VIEW_KEYS]
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; expected some of {', '.join(VIEW_KEYS)}")
-    with stepper.lock:
-        selected = stepper._select(names)
-        tensors: dict[str, dict[str, Any]] = {n: {} for n in selected}
-        missing: list[dict[str, str]] = []
-        aggregated: dict[str, Any] = {}
-        for key in keys:  # one key at a time: the values kept for its aggregate are freed
-            parts: list[Described] = []
-            kept = 0
-            for n in selected:
-                p = stepper.params[stepper.index[n]]
-                view = view_of(p, stepper.optimizer.state.get(p, {}),
-                               stepper.optimizer.param_groups[stepper.group_of[n]], key)
-                if isinstance(view, str):
-                    missing.append({"name": n, "key": key, "reason": view})
-                    continue
-                source = view.source()
-                keep = with_aggregate and kept + source.numel <= EXACT_LIMIT
-                kept += source.numel if keep else 0
-                d = describe(source, spec, keep_values=keep)
-                tensors[n][key] = d.stats
-                parts.append(d)
-            if with_aggregate and parts:
-                aggregated[key] = aggregate(parts, spec)
-        out: dict[str, Any] = {"step": stepper.step_count, "version": stepper.version,
-                               "tensors": {n: t for n, t in tensors.items() if t},
-                               "missing": missing}
-        if with_aggregate:
-            out["aggregate"] = aggregated
-        return out

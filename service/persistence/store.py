@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from adamscope.client.protocol import STEPPER_NAME_PATTERN
+from adamscope.client.constants import STEPPER_NAME_PATTERN
 
 from ..engine.errors import EngineError
 

@@ -22,7 +22,10 @@ import torch
 from hypothesis import strategies as st
 
 from adamscope.client import codec
-from adamscope.client.protocol import META_GROUPS, META_SPEC
+from adamscope.client.constants import META_GROUPS, META_SPEC, OPTION_NAMES
+
+#: Every option PyTorch knows, and one it does not.
+FUZZED_OPTIONS = (*OPTION_NAMES, "bogus")
 
 __all__ = ["CHECKPOINT_FILES", "FIXTURES", "SNAP", "Fixture", "aimed_bodies", "corrupted",
            "json_bodies", "query_overrides"]
@@ -81,8 +84,6 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "param", "")
 SHAPES = sorted({s for fx in FIXTURES for s, _ in fx.params.values()}) + [(), (0,), (1,)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.complex64,
           torch.int64, torch.uint8, torch.bool]
-OPTION_NAMES = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach",
-                "capturable", "differentiable", "fused", "decoupled_weight_decay", "bogus")
 #: Snapshot files of the fixtures, filled in once the server runs.
 CHECKPOINT_FILES: list[bytes] = []
 
@@ -97,7 +98,7 @@ meta_values = json_values | st.sampled_from([float("nan"), float("inf"), -1.0, 1
 
 
 def group_options(values: st.SearchStrategy[Any]) -> st.SearchStrategy[list[dict[str, Any]]]:
-    return st.lists(st.dictionaries(st.sampled_from(OPTION_NAMES), values, max_size=3),
+    return st.lists(st.dictionaries(st.sampled_from(FUZZED_OPTIONS), values, max_size=3),
                     max_size=3)
 
 
@@ -119,7 +120,7 @@ def specs(draw: st.DrawFn, names: list[str]) -> dict[str, Any]:
         "name": draw(st.sampled_from(STEPPER_NAMES)),
         "optimizer": draw(st.sampled_from(["adam", "adamw", "sgd"])),
         "params": [{"name": n} for n in names],
-        "hyperparameters": draw(st.dictionaries(st.sampled_from(OPTION_NAMES), meta_values,
+        "hyperparameters": draw(st.dictionaries(st.sampled_from(FUZZED_OPTIONS), meta_values,
                                                 max_size=3)),
     }
     if draw(st.booleans()):

@@ -31,8 +31,12 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 
 from adamscope.client import codec
-from adamscope.client.errors import DeviceOutOfMemoryError, InsufficientStorageError, error_from_problem
-from adamscope.service.api.http import stream
+from adamscope.client.errors import (
+    DeviceOutOfMemoryError,
+    InsufficientStorageError,
+    error_from_problem,
+)
+from adamscope.service.api.http import ingest as ingest_module
 from adamscope.service.engine import stepper as stepper_module
 from adamscope.service.settings import Settings
 
@@ -97,11 +101,12 @@ def test_a_deleted_steppers_buffers_go(app_client: TestClient) -> None:
     stepper = app_client.app.state.registry.get("net")  # type: ignore[attr-defined]
     for k in range(2):
         assert step(app_client, "net", grads(values, k)).status_code == 200
-    assert stepper in stream.step_layouts and stepper._device_grads == {}
+    serving = app_client.app.state.serving  # type: ignore[attr-defined]
+    assert serving.of(stepper).layout is not None and stepper.buffers.device_grads == {}
     stepper.grad_buffer("w")
     assert app_client.delete(f"{V1}/net").status_code == 204
-    assert stepper not in stream.step_layouts
-    assert stepper._grad_staging == {}
+    assert stepper not in serving._steppers
+    assert stepper.buffers.staging == {}
 
 
 def _request(body: bytes) -> Request:
@@ -128,23 +133,23 @@ def test_page_locked_body_buffers_are_allocated_off_the_event_loop(
     (``pin=True``) is made in a worker thread, never on the loop (here without pinning:
     no GPU; the thread is what is checked)."""
     where: list[tuple[bool, threading.Thread]] = []
-    original = stream.layout_buffer
+    original = ingest_module.layout_buffer
 
     def recording(entries: Any, length: int, pin: bool) -> Any:
         where.append((pin, threading.current_thread()))
         return original(entries, length, False)
 
-    monkeypatch.setattr(stream, "layout_buffer", recording)
+    monkeypatch.setattr(ingest_module, "layout_buffer", recording)
     tensors = {"w": torch.randn(4, 3), "b": torch.randn(3)}
     body = codec.encode(tensors)
 
     async def ingest(pin: bool) -> tuple[Any, threading.Thread]:
-        got = await stream.ingest_layout(_request(body), None, None, lambda e: None, pin=pin)
+        got = await ingest_module.ingest_layout(_request(body), None, None, lambda e: None, pin=pin)
         return got, threading.current_thread()
 
     for pin in (True, False):
         got, loop_thread = asyncio.run(ingest(pin))
-        assert isinstance(got, stream.WireLayout)
+        assert isinstance(got, ingest_module.WireLayout)
         assert all(torch.equal(got.tensors[n], t) for n, t in tensors.items())
         assert where[-1][0] is pin
         assert (where[-1][1] is not loop_thread) is pin  # pinned: off the loop; else inline

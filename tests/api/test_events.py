@@ -20,9 +20,9 @@ from api_support import SPEC, assert_problem, create, grads, initial_values, ste
 from fastapi.testclient import TestClient
 
 from adamscope.client._base import SSEParser
-from adamscope.service.api.routes.events import EventHub, Subscription, event_stream
+from adamscope.service.api.events import EventHub, Subscription, event_stream
 from adamscope.service.app import create_app
-from adamscope.service.inspect.signals import SIGNALS
+from adamscope.service.inspect.signals import SIGNALS, signals_of
 from adamscope.service.settings import Settings
 
 VALUES = initial_values()
@@ -59,7 +59,7 @@ def two(app_client: TestClient) -> tuple[TestClient, dict[str, list[dict[str, An
     registry = app_client.app.state.registry  # type: ignore[attr-defined]
     for k, name in enumerate(["net", "other", "net", "other", "net"]):
         assert step(app_client, name, grads(VALUES, k)).status_code == 200
-        signals[name].append(copy.deepcopy(registry.get(name).signals))
+        signals[name].append(copy.deepcopy(signals_of(registry.get(name))))
     return app_client, signals
 
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from adamscope.client.protocol import AlertsReport, HistoryReport, StepperList, StepperSummary
 from adamscope.service.app import create_app
-from adamscope.service.inspect.signals import SIGNALS
+from adamscope.service.inspect.signals import SIGNALS, signals_of
 from adamscope.service.settings import Settings
 
 NAME = SPEC["name"]
@@ -34,7 +34,7 @@ def signals_after_steps(c: TestClient, n: int, name: str = NAME) -> list[dict[st
     for k in range(n):
         r = step(c, name, grads(VALUES, k))
         assert r.status_code == 200, r.text
-        out.append(copy.deepcopy(stepper.signals))
+        out.append(copy.deepcopy(signals_of(stepper)))
     return out
 
 

@@ -9,8 +9,6 @@ import torch
 from fastapi.testclient import TestClient
 from starlette.concurrency import run_in_threadpool
 
-from adamscope.service.api.http import stream
-
 
 def test_health(app_client):
     r = app_client.get("/healthz")
@@ -28,11 +26,12 @@ def test_only_the_compute_thread_runs_torch_on_every_core(app_client: TestClient
     """One thread (the compute thread, where CPU steppers step) has PyTorch's intra-op
     threads; the event loop, the thread pool and every thread started later run PyTorch on
     one thread, so that no second OpenMP pool slows every parallel region down."""
-    n = stream.compute_threads  # PyTorch's default when the first app started
+    compute = app_client.app.state.serving.compute  # type: ignore[attr-defined]
+    n = compute.threads  # PyTorch's default in this process
     if n == 1:
         pytest.skip("one intra-op thread here: nothing to tell apart")
-    assert stream._compute is not None
-    assert stream._compute.submit(torch.get_num_threads).result() == n
+    assert compute.executor is not None
+    assert compute.executor.submit(torch.get_num_threads).result() == n
     assert app_client.portal.call(torch.get_num_threads) == 1
     assert app_client.portal.call(run_in_threadpool, torch.get_num_threads) == 1
     later: list[int] = []

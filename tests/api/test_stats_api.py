@@ -37,10 +37,12 @@ from conftest import LiveServer
 from fastapi.testclient import TestClient
 
 from adamscope.client import AsyncClient, Client, codec
+from adamscope.client.constants import META_DRY_RUN, META_GROUPS
 from adamscope.client.errors import APIStatusError
-from adamscope.client.protocol import META_GROUPS
 from adamscope.service.api.routes import stats as stats_api
 from adamscope.service.app import create_app
+from adamscope.service.inspect.history import json_safe
+from adamscope.service.inspect.signals import signals_of
 from adamscope.service.settings import Settings
 
 NET = f"{V1}/net"
@@ -135,13 +137,13 @@ def test_stats_match_numpy_per_tensor_and_aggregate(net: TestClient) -> None:
 def test_stats_are_cached_until_the_stepper_changes(net: TestClient,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Any, ...]] = []
-    real = stats_api.describe_stepper
+    real = stats_api.describe_optimizer
 
     def counting(*args: Any) -> Any:
         calls.append(args[1:3])
         return real(*args)
 
-    monkeypatch.setattr(stats_api, "describe_stepper", counting)
+    monkeypatch.setattr(stats_api, "describe_optimizer", counting)
     first = net.get(f"{NET}/stats", params={"key": "lr_eff"})
     again = net.get(f"{NET}/stats", params={"key": "lr_eff"})
     assert first.status_code == again.status_code == 200
@@ -184,8 +186,8 @@ def test_signals_are_the_last_steps(app_client: TestClient) -> None:
     assert first["step"] == 1 and first["tensors"]["w"]["shock_p99"] == "NaN"
     assert step(app_client, "net", grads(2)).status_code == 200
     body = app_client.get(f"{NET}/signals").json()
-    engine = app_client.app.state.registry.get("net").signals  # type: ignore[attr-defined]
-    assert body == {"stepper": "net", **stats_api.json_safe(engine)}
+    engine = signals_of(app_client.app.state.registry.get("net"))  # type: ignore[attr-defined]
+    assert body == {"stepper": "net", **json_safe(engine)}
     # The per-step p99 is the statistic's p99 (every tensor here is small: exact).
     lr = app_client.get(f"{NET}/stats", params={"key": "lr_eff"}).json()
     for n in GROUPS:
@@ -269,7 +271,7 @@ def test_a_dry_run_is_the_next_step_bit_for_bit_and_changes_nothing(net: TestCli
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert snapshot(net, "net") == before
     tensors, meta = codec.decode(r.content)
-    body = json.loads(meta[stats_api.META_DRY_RUN])
+    body = json.loads(meta[META_DRY_RUN])
     assert {**body, "signals": None} == {**report.json(), "signals": None}
     assert body["step"] == 3 and body["stepped"] == ["w", "h"] and body["skipped"] == ["b"]
     assert step(net, "net", g, groups).status_code == 200

@@ -23,7 +23,7 @@ from conftest import LiveServer
 
 from adamscope.client import Client, RemoteAdam, codec
 from adamscope.client.errors import DtypeMismatchError
-from adamscope.service.api.http.stream import INLINE_NUMEL
+from adamscope.service.api.serving import INLINE_NUMEL
 
 LOSSY = [torch.bfloat16, torch.float16]
 

@@ -25,7 +25,7 @@ from browser_support import Watched, system_chromium, watched_page
 from conftest import LiveServer, run_uvicorn
 
 from adamscope.client import Client, RemoteAdam
-from adamscope.service.inspect.history import history_of
+from adamscope.service.inspect.recorder import history_of
 from adamscope.service.settings import Settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]

@@ -280,6 +280,7 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
     from conftest import spawn_server
 
     from adamscope.client import Client
+    from adamscope.service import cli
     from adamscope.service.cli.snapshots import parse_durability
 
     data = tmp_path / "data"

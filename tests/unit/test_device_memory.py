@@ -22,8 +22,8 @@ from adamscope.service.engine import stepper as stepper_module
 from adamscope.service.engine.errors import DeviceOutOfMemory, InvalidHyperparameter
 from adamscope.service.engine.memory import is_out_of_memory, release_cached, stage_on_host
 from adamscope.service.engine.options import quiet_capturable, validate_options
-from adamscope.service.inspect.signals import attach_signals
 from adamscope.service.engine.steps import StepMirror
+from adamscope.service.inspect.signals import attach_signals
 
 CPU = torch.device("cpu")
 OOM = "CUDA out of memory. Tried to allocate 20.00 MiB"
@@ -224,7 +224,7 @@ def test_a_deleted_steppers_buffers_go(monkeypatch: pytest.MonkeyPatch) -> None:
     released: list[torch.device] = []
     monkeypatch.setattr(stepper_module, "release_cached", released.append)
     s.release_buffers()
-    assert s._grad_staging == {} and s._device_grads == {} and s._host_mirrors == {}
+    assert s.buffers.staging == {} and s.buffers.device_grads == {} and s.buffers.host_mirrors == {}
     assert released == [CPU]
 
 
@@ -314,7 +314,7 @@ def test_a_first_step_the_gpu_cannot_hold_is_refused_before_anything_changes() -
     torch.cuda.empty_cache()
     s = Stepper("big", "adam", device, [("w", torch.zeros(n))], {"lr": 0.1, "fused": True})
     g = {"w": torch.ones(n)}
-    s._to_device("w", g["w"])  # the gradient copy, as the step makes it first
+    s.buffers.on_device("w", s.param("w"), g["w"])  # the gradient copy, as the step makes it first
     torch.cuda.synchronize()
     total = torch.cuda.get_device_properties(device).total_memory
     allowed = torch.cuda.memory_reserved(device) + 4 * n  # room for one more P, not 2P + 8
@@ -363,4 +363,4 @@ def test_a_deleted_gpu_steppers_cached_memory_is_handed_back() -> None:
     reserved = torch.cuda.memory_reserved()
     s.release_buffers()
     assert torch.cuda.memory_reserved() <= reserved - 32 * 2**20
-    assert s._host_mirrors == {} and s._device_grads == {}
+    assert s.buffers.host_mirrors == {} and s.buffers.device_grads == {}

@@ -1,7 +1,7 @@
 """The signal history, its exports and the alert rules (engine level, no HTTP).
 
 The ring buffers are fed hand-made rows where a test needs exact control; everything else
-runs a real Stepper with the real SignalObserver (service.engine.signals) and checks that
+runs a real Stepper with the real SignalObserver (adamscope.service.inspect.signals) and checks that
 the history holds exactly what the observer computed, step by step. The alert bar is here
 too: a synthetic gradient sequence whose second moment jumps late makes the effective-LR
 swing alert fire for Adam and not for AMSGrad.
@@ -22,20 +22,18 @@ import pytest
 import torch
 
 from adamscope.client.protocol import AlertRule, HistoryReport
-from adamscope.service.api.routes.history import render_json
+from adamscope.service.api.http.reply import render_json
 from adamscope.service.engine import Stepper
 from adamscope.service.engine import checkpoint as checkpoints
 from adamscope.service.inspect.alerts import DEFAULT_RULES, JOURNAL_KEY, Alerts, rules_of, set_rules
-from adamscope.service.inspect.history import (
-    LATENCY_BUCKETS,
-    History,
-    HistoryConfig,
+from adamscope.service.inspect.history import LATENCY_BUCKETS, History, HistoryConfig
+from adamscope.service.inspect.recorder import (
     HistoryObserver,
     attach_history,
     history_of,
     summary_fields,
 )
-from adamscope.service.inspect.signals import SIGNALS, SignalObserver
+from adamscope.service.inspect.signals import SIGNALS, SignalObserver, signals_of
 
 NAN, INF = math.nan, math.inf
 
@@ -301,7 +299,7 @@ def test_the_history_holds_exactly_the_signals_of_every_step() -> None:
     expected = []
     for k in range(6):
         s.step(grads(k, ("w", "b") if k != 3 else ("w",)))
-        expected.append(copy.deepcopy(s.signals))
+        expected.append(copy.deepcopy(signals_of(s)))
     q = obs.history.query(tensors=["*"])
     assert q["aggregate"]["steps"] == [1, 2, 3, 4, 5, 6]
     assert set(q["signals"]) == set(SIGNALS)
@@ -335,10 +333,10 @@ def test_deferred_observers_record_each_step_as_inline_ones_do() -> None:
         inline.step(grads(k))
         outcome = deferred.step(grads(k))
         assert outcome.step == k + 1 == deferred.step_count
-        assert deferred.signals.get("step") == (k or None)  # the last step's, not this one's
+        assert signals_of(deferred).get("step") == (k or None)  # the last step's, not this one's
         if k % 3 == 0:
             deferred.settle()
-            assert deferred.signals["step"] == k + 1
+            assert signals_of(deferred)["step"] == k + 1
         if k == 4:  # a mutation between steps: the step is recorded before it changes anything
             deferred.put_params({"b": torch.zeros(4)})
             inline.put_params({"b": torch.zeros(4)})
@@ -427,7 +425,7 @@ def test_alert_bar_a_late_jump_of_v_swings_adams_effective_lr_but_not_amsgrads(
     p99 = []
     for g in alert_bar.gradients():
         s.step({"w": g})
-        p99.append(s.signals["tensors"]["w"]["lr_eff_p99"])
+        p99.append(signals_of(s)["tensors"]["w"]["lr_eff_p99"])
     swings = [abs(b - a) / a for a, b in zip(p99, p99[1:], strict=False)]
     late = max(swings[10:])  # after the warm-up
     events = list(obs.alerts.events)

@@ -19,12 +19,15 @@ import pytest
 import torch
 
 from adamscope.service.engine import GroupDef, Registry, Stepper
-from adamscope.service.inspect import signals as sig
+from adamscope.service.engine.errors import ShapeMismatch, UnknownParameter
+from adamscope.service.inspect import signals as observer_module
 from adamscope.service.inspect import stats as st
+from adamscope.service.inspect import views
 from adamscope.service.inspect.diff import Operand, diff
 from adamscope.service.inspect.dryrun import dry_run
-from adamscope.service.engine.errors import ShapeMismatch, UnknownParameter
-from adamscope.service.inspect.signals import SIGNALS, attach_signals, observer_of
+from adamscope.service.inspect.kernels import sampling
+from adamscope.service.inspect.kernels import step as kernel_step
+from adamscope.service.inspect.signals import SIGNALS, attach_signals, observer_of, signals_of
 
 CPU = torch.device("cpu")
 #: Where the device-generic tests run: here, and on a GPU where there is one.
@@ -195,17 +198,17 @@ def test_the_sample_plan_is_deterministic_bounded_and_visits_every_column() -> N
 
 
 def test_the_signal_block_plan_takes_cache_lines_through_every_column() -> None:
-    assert sig.block_plan(100, 1000).exact and sig.block_plan(100, 1000).count == 100
+    assert sampling.block_plan(100, 1000).exact and sampling.block_plan(100, 1000).count == 100
     for numel, want, last in [(10_000, 1000, 100), (1 << 20, 2048, 4096), (999_999, 800, 3),
                               (1_000_000, 2048, 1000), (5000, 64, 0)]:
-        plan = sig.block_plan(numel, want, last)
+        plan = sampling.block_plan(numel, want, last)
         idx = plan.indices()
-        assert plan == sig.block_plan(numel, want, last) and not plan.exact
+        assert plan == sampling.block_plan(numel, want, last) and not plan.exact
         assert idx.numel() == plan.count <= want and int(idx.max()) < numel
-        assert plan.stride % sig.BLOCK == 0 and plan.block == sig.BLOCK
+        assert plan.stride % sampling.BLOCK == 0 and plan.block == sampling.BLOCK
         if last > 1:  # block starts fall on every multiple of gcd(stride, last) (<= BLOCK)
             d = math.gcd(plan.stride, last)
-            assert sig.BLOCK % d == 0
+            assert sampling.BLOCK % d == 0
             starts = {(k * plan.stride) % last for k in range(plan.blocks)}
             assert len(starts) == min(plan.blocks, last // d)
         flat = torch.arange(numel, dtype=torch.float64)
@@ -302,9 +305,9 @@ def test_views_equal_pytorchs_for_loop_bit_for_bit(steps: int, dtype: torch.dtyp
     assert ctx["state"]["step"].item() == steps
     ref = reference_views(ctx["p"], ctx["state"], ctx["group"])
     qs = (0.01, 0.5, 0.99)
-    report = st.describe_stepper(s, None, list(ref), st.StatsSpec(quantiles=qs, bins=6))
+    report = views.describe_optimizer(s, None, list(ref), st.StatsSpec(quantiles=qs, bins=6))
     for key, want in ref.items():
-        view = st.view_of(ctx["p"], ctx["state"], ctx["group"], key)
+        view = views.view_of(ctx["p"], ctx["state"], ctx["group"], key)
         assert not isinstance(view, str)
         got = view.select(())
         assert got.dtype == want.dtype and torch.equal(got, want), key
@@ -320,7 +323,7 @@ def test_the_update_view_is_the_last_steps_change() -> None:
     before = s.params[0].detach().clone()
     s.step({"w": randn((50,), 3)})
     p = s.params[0]
-    view = st.view_of(p, s.optimizer.state[p], s.optimizer.param_groups[0], "update")
+    view = views.view_of(p, s.optimizer.state[p], s.optimizer.param_groups[0], "update")
     assert not isinstance(view, str)
     change = p.detach() - before
     ulp = torch.finfo(torch.float32).eps * before.abs().max()
@@ -330,18 +333,18 @@ def test_the_update_view_is_the_last_steps_change() -> None:
 def test_views_that_do_not_exist_say_why() -> None:
     s = Stepper("m", "adam", CPU, [("w", torch.zeros(3))], {"lr": 0.1})
     p, g = s.params[0], s.optimizer.param_groups[0]
-    assert "not stepped" in str(st.view_of(p, {}, g, "lr_eff"))
+    assert "not stepped" in str(views.view_of(p, {}, g, "lr_eff"))
     s.step({"w": torch.ones(3)})
-    assert "amsgrad" in str(st.view_of(p, s.optimizer.state[p], g, "max_exp_avg_sq"))
+    assert "amsgrad" in str(views.view_of(p, s.optimizer.state[p], g, "max_exp_avg_sq"))
     s.put_state({"w": {"step": torch.tensor(0.0)}})
-    assert "step is 0" in str(st.view_of(p, s.optimizer.state[p], g, "m_hat"))
-    report = st.describe_stepper(s, None, ["param", "m_hat"], st.StatsSpec())
+    assert "step is 0" in str(views.view_of(p, s.optimizer.state[p], g, "m_hat"))
+    report = views.describe_optimizer(s, None, ["param", "m_hat"], st.StatsSpec())
     assert report["missing"] == [{"name": "w", "key": "m_hat",
-                                  "reason": st.view_of(p, s.optimizer.state[p], g, "m_hat")}]
+                                  "reason": views.view_of(p, s.optimizer.state[p], g, "m_hat")}]
     with pytest.raises(UnknownParameter):
-        st.describe_stepper(s, ["nope"], ["param"], st.StatsSpec())
+        views.describe_optimizer(s, ["nope"], ["param"], st.StatsSpec())
     with pytest.raises(ValueError):
-        st.describe_stepper(s, None, ["grad"], st.StatsSpec())
+        views.describe_optimizer(s, None, ["grad"], st.StatsSpec())
 
 
 # ---------------------------------------------------------------------- signals
@@ -475,7 +478,7 @@ def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     before = snapshot_state(s)
     s.step(grads)
     want, want_agg = expected_signals(before, s, grads)
-    signals = s.signals
+    signals = signals_of(s)
     assert signals["step"] == s.step_count
     assert set(signals["tensors"]) == set(grads)
     for n in grads:
@@ -540,7 +543,7 @@ def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(dtype: torch.dtype, am
         state["max_exp_avg_sq"] = x * x * 1e-7
     s.put_state({"w": state})
     run_and_check(s, {"w": randn(shape, 5, dtype) * 0.02})
-    assert 0 < s.signals["tensors"]["w"]["eps_dominance"] < 1  # eps=1e-3 matters here
+    assert 0 < signals_of(s)["tensors"]["w"]["eps_dominance"] < 1  # eps=1e-3 matters here
 
 
 def test_signals_of_float64_tensors_in_two_groups() -> None:
@@ -568,7 +571,7 @@ def test_gamma_compares_with_the_lr_the_previous_step_applied() -> None:
         p = s.params[s.index[n]]
         now = lr_eff_of(p, s.optimizer.state[p], s.optimizer.param_groups[s.group_of[n]])
         want = float((f64(now) > f64(prev[n])).mean())
-        assert s.signals["tensors"][n]["gamma_frac"] == want == 0.0
+        assert signals_of(s)["tensors"][n]["gamma_frac"] == want == 0.0
 
 
 def test_signals_count_nan_and_inf_exactly() -> None:
@@ -578,16 +581,16 @@ def test_signals_count_nan_and_inf_exactly() -> None:
     g["w"][0, 0] = math.nan
     g["w"][1, 1] = math.inf
     run_and_check(s, g)  # NaN: in g, m and v; Inf: in g, m and v
-    assert s.signals["tensors"]["w"]["nan_count"] == 3 == s.signals["aggregate"]["nan_count"]
-    assert s.signals["tensors"]["w"]["inf_count"] == 3 == s.signals["aggregate"]["inf_count"]
+    assert signals_of(s)["tensors"]["w"]["nan_count"] == 3 == signals_of(s)["aggregate"]["nan_count"]
+    assert signals_of(s)["tensors"]["w"]["inf_count"] == 3 == signals_of(s)["aggregate"]["inf_count"]
 
 
 @pytest.fixture
 def tiny_sample(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sig, "STEP_SAMPLE", 32)
-    monkeypatch.setattr(sig, "MIN_PER_TENSOR", 8)
-    monkeypatch.setattr(sig, "SCAN_STEP", 128)
-    monkeypatch.setattr(sig, "SCAN_PIECE", 48)
+    monkeypatch.setattr(sampling, "STEP_SAMPLE", 32)
+    monkeypatch.setattr(sampling, "MIN_PER_TENSOR", 8)
+    monkeypatch.setattr(kernel_step, "SCAN_STEP", 128)
+    monkeypatch.setattr(kernel_step, "SCAN_PIECE", 48)
 
 
 @pytest.mark.usefixtures("tiny_sample")
@@ -596,8 +599,8 @@ def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
     s = registered("big", lambda: Stepper("big", "adam", CPU, [("w", randn(shape, 1))],
                                                  {"lr": 0.01, "foreach": False}))
     s.step({"w": randn(shape, 2)})
-    plan = sig.block_plan(1000, 32, 25)
-    assert not plan.exact and s.signals["sample"] == {"w": plan.count}
+    plan = sampling.block_plan(1000, 32, 25)
+    assert not plan.exact and signals_of(s)["sample"] == {"w": plan.count}
     picked = plan.indices()
     g = randn(shape, 3)
     idx = next(i for i in range(1000) if i not in set(picked.tolist()))  # not sampled
@@ -607,19 +610,19 @@ def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
     gs, p0 = f64(g)[picked], f64(before)[picked]
     p1 = f64(s.params[0])[picked]
     scale = math.sqrt(1000 / plan.count)
-    got = s.signals["tensors"]["w"]
+    got = signals_of(s)["tensors"]["w"]
     assert close(got["grad_norm"], float(np.linalg.norm(gs)) * scale)
     assert close(got["update_norm"], float(np.linalg.norm(p1 - p0)) * scale)
     assert close(got["update_ratio"], float(np.linalg.norm(p1 - p0) / np.linalg.norm(p0)))
     # The NaN (now in m and v for good) is found within numel / SCAN_STEP steps, then
     # counted exactly over the whole tensors: g (at the step it came), m and v.
     found, last_grad = got["nan_count"], g
-    for k in range(-(-1000 // sig.SCAN_STEP)):
+    for k in range(-(-1000 // kernel_step.SCAN_STEP)):
         if found:
             break
         last_grad = randn(shape, 10 + k)
         s.step({"w": last_grad})
-        found = s.signals["tensors"]["w"]["nan_count"]
+        found = signals_of(s)["tensors"]["w"]["nan_count"]
     state = s.optimizer.state[s.params[0]]
     want = sum(int(torch.isnan(t).sum()) for t in (last_grad, state["exp_avg"],
                                                    state["exp_avg_sq"]))
@@ -631,18 +634,18 @@ def test_the_fault_scan_reads_scan_step_elements_per_step_and_covers_every_eleme
     flats = [(i, torch.arange(n, dtype=torch.float32) + 1000 * i)
              for i, n in enumerate((300, 5, 1000, 77))]
     total = sum(f.numel() for _, f in flats)
-    rounds = -(-total // sig.SCAN_STEP)
+    rounds = -(-total // kernel_step.SCAN_STEP)
     seen: list[float] = []
     for step in range(rounds):
-        pieces = sig._scan_pieces(flats, step)
-        assert sum(p.numel() for _, p in pieces) <= sig.SCAN_STEP
-        assert all(p.numel() <= sig.SCAN_PIECE for _, p in pieces)
+        pieces = kernel_step._scan_pieces(flats, step)
+        assert sum(p.numel() for _, p in pieces) <= kernel_step.SCAN_STEP
+        assert all(p.numel() <= kernel_step.SCAN_PIECE for _, p in pieces)
         for i, p in pieces:  # each piece names the tensor it is from
             assert bool(((p >= 1000 * i) & (p < 1000 * i + 1000)).all())
             seen += p.tolist()
     assert sorted(seen) == sorted(torch.cat([f for _, f in flats]).tolist())
     # Round robin: after the last window, the first again.
-    again, first = sig._scan_pieces(flats, rounds), sig._scan_pieces(flats, 0)
+    again, first = kernel_step._scan_pieces(flats, rounds), kernel_step._scan_pieces(flats, 0)
     assert [i for i, _ in again] == [i for i, _ in first]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, first, strict=True))
 
@@ -665,15 +668,15 @@ def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
     s.step(grads)
     grads["w7"].view(-1)[idx] = 0.0
     steps = 0
-    while not s.signals["aggregate"]["nan_count"]:
+    while not signals_of(s)["aggregate"]["nan_count"]:
         steps += 1
-        assert steps <= -(-8000 // sig.SCAN_STEP), "the scan missed the NaN"
+        assert steps <= -(-8000 // kernel_step.SCAN_STEP), "the scan missed the NaN"
         s.step(grads)
     assert steps > 1
     state = s.optimizer.state[s.params[-1]]
-    assert s.signals["tensors"]["w7"]["nan_count"] == sum(
+    assert signals_of(s)["tensors"]["w7"]["nan_count"] == sum(
         int(torch.isnan(t).sum()) for t in (state["exp_avg"], state["exp_avg_sq"])) == 2
-    assert all(s.signals["tensors"][n]["nan_count"] == 0 for n in names[:-1])
+    assert all(signals_of(s)["tensors"][n]["nan_count"] == 0 for n in names[:-1])
 
 
 def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() -> None:
@@ -706,13 +709,13 @@ def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
         p = s.params[s.index[n]]
         lr = f64(lr_eff_of(p, s.optimizer.state[p], s.optimizer.param_groups[0]))
         # The documented share: STEP_SAMPLE in proportion to size, at least the floor.
-        floor = max(sig.BLOCK, min(sig.MIN_PER_TENSOR, sig.STEP_SAMPLE // 2))
-        want = max(floor, round(sig.STEP_SAMPLE * lr.size / 1050))
-        plan = sig.block_plan(lr.size, want, shape[-1] if len(shape) > 1 else 0)
-        assert not plan.exact and plan.count == s.signals["sample"][n]
+        floor = max(sampling.BLOCK, min(sampling.MIN_PER_TENSOR, sampling.STEP_SAMPLE // 2))
+        want = max(floor, round(sampling.STEP_SAMPLE * lr.size / 1050))
+        plan = sampling.block_plan(lr.size, want, shape[-1] if len(shape) > 1 else 0)
+        assert not plan.exact and plan.count == signals_of(s)["sample"][n]
         sample = lr[plan.indices()]
         for q, key in ((0.01, "lr_eff_p1"), (0.5, "lr_eff_p50"), (0.99, "lr_eff_p99")):
-            assert close(s.signals["tensors"][n][key], float(np.quantile(sample, q)),
+            assert close(signals_of(s)["tensors"][n][key], float(np.quantile(sample, q)),
                          rel=QREL, abs_=0.0)
         values.append(sample)
         weights.append(np.full(plan.count, lr.size / plan.count))
@@ -720,7 +723,7 @@ def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
     pooled, cum = np.concatenate(values)[order], np.cumsum(np.concatenate(weights)[order])
     for q, key in ((0.01, "lr_eff_p1"), (0.5, "lr_eff_p50"), (0.99, "lr_eff_p99")):
         want = pooled[np.searchsorted(cum, q * cum[-1])]
-        assert s.signals["aggregate"][key] == float(want)
+        assert signals_of(s)["aggregate"][key] == float(want)
 
 
 def test_a_failing_observer_never_breaks_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -729,13 +732,13 @@ def test_a_failing_observer_never_breaks_the_step(monkeypatch: pytest.MonkeyPatc
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sig, "finish", broken)
+    monkeypatch.setattr(observer_module, "finish", broken)
     outcome = s.step(grads_for(s, 1))
     assert outcome.step == 1 == s.step_count
-    assert "boom" in s.signals["error"]
+    assert "boom" in signals_of(s)["error"]
     monkeypatch.undo()
     s.step(grads_for(s, 2))
-    assert "error" not in s.signals and s.signals["step"] == 2
+    assert "error" not in signals_of(s) and signals_of(s)["step"] == 2
 
 
 def test_attach_signals_is_idempotent_and_goes_first() -> None:
@@ -749,7 +752,7 @@ def test_attach_signals_is_idempotent_and_goes_first() -> None:
     s.observers.append(Other())
     first = attach_signals(s)
     assert attach_signals(s) is first and s.observers[0] is first and len(s.observers) == 2
-    assert s.signals["tensors"] == {}
+    assert signals_of(s)["tensors"] == {}
 
 
 # ---------------------------------------------------------------------- the seed's failure
@@ -769,8 +772,8 @@ def lr_eff_p99_series(amsgrad: bool) -> tuple[list[float], int]:
         size = 1.0 if t == 1 else 0.9 if t == late else 1e-3
         sign = 1.0 if t % 2 else -1.0
         s.step({"w": scale * size * sign})
-        series.append(s.signals["aggregate"]["lr_eff_p99"])
-        assert series[-1] == s.signals["tensors"]["w"]["lr_eff_p99"]
+        series.append(signals_of(s)["aggregate"]["lr_eff_p99"])
+        assert series[-1] == signals_of(s)["tensors"]["w"]["lr_eff_p99"]
     return series, late
 
 
@@ -862,7 +865,7 @@ def test_a_dry_run_is_bit_for_bit_the_real_step_and_changes_nothing(
             state = s.optimizer.state[p]
             assert set(run.state[n]) == set(state)
             assert all(torch.equal(run.state[n][key], state[key]) for key in state)
-        want = {k2: v for k2, v in s.signals.items() if k2 != "time"}
+        want = {k2: v for k2, v in signals_of(s).items() if k2 != "time"}
         got = {k2: v for k2, v in run.signals.items() if k2 != "time"}
         assert repr(got) == repr(want)  # repr: NaN == NaN
 

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from adamscope.client.numerics import rounded_scalar
 from adamscope.service.engine import Stepper
-from adamscope.service.inspect.signals import attach_signals
-from adamscope.service.engine.steps import StepMirror, rounded_scalar
+from adamscope.service.engine.steps import StepMirror
+from adamscope.service.inspect.signals import attach_signals, signals_of
 
 CPU = torch.device("cpu")
 IMPLS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
@@ -125,9 +126,9 @@ def test_a_stepper_reads_no_step_per_step(monkeypatch: pytest.MonkeyPatch) -> No
         assert [p["step"] for p in summary["params"]] == actual(s.optimizer, s.params)
         assert {n: f["step"] for n, f in report["params"].items()} == {
             n: float(s.optimizer.state[s.params[s.index[n]]]["step"]) for n in s.names}
-        assert s.signals["step"] == s.step_count and "error" not in s.signals
-        assert {k: v for k, v in s.signals.items() if k != "time"} == {
-            k: v for k, v in plain.signals.items() if k != "time"}
+        assert signals_of(s)["step"] == s.step_count and "error" not in signals_of(s)
+        assert {k: v for k, v in signals_of(s).items() if k != "time"} == {
+            k: v for k, v in signals_of(plain).items() if k != "time"}
     assert s.steps.reads == reads
 
 
@@ -176,7 +177,7 @@ def test_a_steps_signals_make_no_tensor_from_host_values_on_the_device(
     s.reset_state(["b"])  # a cache miss: the previous effective LR recomputed from state
     for _ in range(3):
         s.step(g)
-        assert "error" not in s.signals and s.signals["step"] == s.step_count
+        assert "error" not in signals_of(s) and signals_of(s)["step"] == s.step_count
     assert made_on == []
 
 
@@ -197,5 +198,5 @@ def test_a_gpu_steppers_device_steps_are_mirrored(impl: dict[str, Any]) -> None:
     for i in range(6):
         s.step(g if i % 3 else {"b": g["b"]})
         assert [p["step"] for p in s.summary()["params"]] == actual(s.optimizer, s.params)
-        assert "error" not in s.signals
+        assert "error" not in signals_of(s)
     assert s.steps.reads == reads

@@ -1,50 +1,34 @@
-"""HTTP plumbing shared by the routes: bodies in, tensors out, content negotiation."""
+"""Request bodies: read as they arrive, limited in size and time, and parsed.
+
+Small bodies (JSON, create and import bodies) are read whole (:func:`read_body`); tensor
+bodies are streamed in place (:mod:`.ingest`). Either way a body is refused (413) once it
+passes ``max_body_bytes`` and (408) when the client stalls (:class:`BodyStream`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import Request
-from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from adamscope.client import codec
-from adamscope.client.protocol import META_STEP, META_STEPPER
 
 from ...errors import ApiError
 
 __all__ = [
-    "OCTET",
-    "TensorFormat",
-    "binary_body_doc",
+    "INLINE_JSON_BYTES",
     "BodyStream",
     "declared_length",
     "decode_tensors",
     "json_object",
-    "json_tensors",
+    "meta_json",
     "read_body",
     "read_json_object",
-    "tensor_response",
-    "wants_json",
 ]
-
-OCTET = "application/octet-stream"
-TensorFormat = Literal["safetensors", "json"]
-
-
-def binary_body_doc(description: str, json_schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``openapi_extra`` documenting a safetensors request body (and optionally JSON)."""
-    content: dict[str, Any] = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
-    if json_schema is not None:
-        content["application/json"] = {"schema": json_schema}
-    return {"requestBody": {"required": True, "description": description, "content": content}}
-
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def declared_length(request: Request, limit: int) -> int | None:
@@ -197,36 +181,3 @@ def meta_json(metadata: Mapping[str, str], key: str) -> Any:
         return codec.load_json(raw, f"metadata {key!r}")
     except codec.CodecError as e:
         raise ApiError("malformed_body", str(e)) from None
-
-
-def wants_json(request: Request, format: TensorFormat | None) -> bool:
-    if format is not None:
-        return format == "json"
-    accept = request.headers.get("accept", "")
-    return "application/json" in accept and OCTET not in accept
-
-
-def check_json_size(request: Request, tensors: list[torch.Tensor]) -> None:
-    limit: int = request.app.state.settings.max_json_elements
-    n = sum(t.numel() for t in tensors)
-    if n > limit:
-        raise ApiError("json_too_large",
-                       f"{n} elements exceed the JSON limit of {limit}; "
-                       "request format=safetensors instead", limit=limit)
-
-
-def json_tensors(request: Request, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    check_json_size(request, list(tensors.values()))
-    return {k: codec.tensor_to_json(t) for k, t in tensors.items()}
-
-
-def tensor_response(
-    tensors: Mapping[str, torch.Tensor], stepper: str, step: int,
-    extra_metadata: Mapping[str, str] | None = None,
-) -> Response:
-    metadata = {META_STEPPER: stepper, META_STEP: str(step), **(extra_metadata or {})}
-    return Response(
-        codec.encode(tensors, metadata),
-        media_type=OCTET,
-        headers={"X-Adamscope-Step": str(step)},
-    )

@@ -1,44 +1,47 @@
-"""Rendered JSON replies cached per stepper until it changes.
+"""Rendered JSON replies of one stepper, kept until the stepper changes.
 
-Dashboards poll summaries and statistics far more often than steppers change. A reply is
-rendered once per (stepper, what, version key) and then served as bytes: ``Stepper.version``
-moves with every mutation, so a cached reply is never stale. The cache lives with the
-stepper (a weak mapping), so a deleted stepper takes its entries with it.
+Dashboards poll summaries, statistics and signals far more often than steppers change. A
+reply is rendered once per query and then served as bytes while its validity token holds
+(``Stepper.version``, moved by every mutation, and whatever else the reply depends on), so
+a cached reply is never stale. One cache per stepper, kept by the app's serving state
+(:mod:`..serving`), so a deleted stepper takes its entries with it.
 """
 
 from __future__ import annotations
 
-import json
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any
 
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import Response
-
-from ...engine import Stepper
-
-__all__ = ["cached_json"]
-
-_entries: weakref.WeakKeyDictionary[Stepper, dict[str, tuple[Hashable, bytes]]] = (
-    weakref.WeakKeyDictionary()
-)
-#: Distinct queries remembered per stepper (e.g. bias correction at several steps).
-PER_STEPPER = 32
+__all__ = ["ReplyCache"]
 
 
-def cached_json(stepper: Stepper, what: str, key: Hashable,
-                render: Callable[[], Any]) -> Response:
-    """``render()`` as a JSON response, reused while ``(stepper.version, key)`` holds."""
-    version_key = (stepper.version, key)
-    slots = _entries.setdefault(stepper, {})
-    hit = slots.get(what)
-    if hit is not None and hit[0] == version_key:
-        body = hit[1]
-    else:
-        body = json.dumps(jsonable_encoder(render()), separators=(",", ":"),
-                          allow_nan=False).encode()
-        if len(slots) >= PER_STEPPER and what not in slots:
-            slots.pop(next(iter(slots)))
-        slots[what] = (version_key, body)
-    return Response(body, media_type="application/json")
+class ReplyCache:
+    """The last rendered body of each query, at most ``size`` queries (the least recently
+    used go first)."""
+
+    def __init__(self, size: int = 48) -> None:
+        self.size = size
+        self._bodies: OrderedDict[Hashable, tuple[object, bytes]] = OrderedDict()
+
+    def get(self, query: Hashable, token: object) -> bytes | None:
+        """The body of ``query`` if it was rendered under ``token`` (the same object, or
+        an equal one)."""
+        found = self._bodies.get(query)
+        if found is None or not (found[0] is token or found[0] == token):
+            return None
+        self._bodies.move_to_end(query)
+        return found[1]
+
+    def put(self, query: Hashable, token: object, body: bytes) -> None:
+        self._bodies[query] = (token, body)
+        self._bodies.move_to_end(query)
+        while len(self._bodies) > self.size:
+            self._bodies.popitem(last=False)
+
+    def body(self, query: Hashable, token: object, render: Callable[[], bytes]) -> bytes:
+        """The body cached for ``query`` under ``token``, else ``render()`` (cached)."""
+        found = self.get(query, token)
+        if found is None:
+            found = render()
+            self.put(query, token, found)
+        return found

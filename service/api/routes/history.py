@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import ConfigDict, TypeAdapter
+from starlette.concurrency import run_in_threadpool
 
 from adamscope.client.protocol import (
     INT64_MAX,
@@ -26,42 +26,30 @@ from adamscope.client.protocol import (
 )
 
 from ...engine import Stepper
-from ...inspect.alerts import rules_of, set_rules
 from ...engine.errors import UnknownParameter
-from ...inspect.history import HistoryObserver, history_of
-from ...inspect.signals import SIGNALS
 from ...errors import problems
+from ...inspect.alerts import set_rules
+from ...inspect.recorder import HistoryObserver, attach_history, history_of
+from ...inspect.signals import SIGNALS
 from ..access import require
+from ..deps import NAME_PROBLEMS, hub, registry, serving
 from ..durability import persist_after
-from .steppers import NAME_PROBLEMS, registry
-from ..http.stream import off_loop, settled
+from ..http.reply import json_response
 
-__all__ = ["known_signals", "observer", "render_json", "router"]
+__all__ = ["known_signals", "observer", "router"]
 
 router = APIRouter(tags=["history"])
 
-_JSON = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="strings"))
 CSV = "text/csv"
 
 #: Rows (aggregate rows x signals) above which a history reply is built off the event loop.
 INLINE_CELLS = 50_000
 
 
-def render_json(value: Any) -> bytes:
-    """JSON with non-finite floats as ``"NaN"``/``"Infinity"``/``"-Infinity"``."""
-    return _JSON.dump_json(value)
-
-
-def json_response(value: Any, status_code: int = 200) -> Response:
-    return Response(render_json(value), status_code=status_code, media_type="application/json")
-
-
 def observer(stepper: Stepper) -> HistoryObserver:
     """The stepper's history (every hosted stepper has one; see service.api.events)."""
     found = history_of(stepper)
     if found is None:  # a stepper registered without the monitoring hook
-        from ...inspect.history import attach_history
-
         found = attach_history(stepper)
     return found
 
@@ -115,7 +103,7 @@ async def get_history(
     format: Annotated[Literal["json", "csv"] | None, Query(
         description="json (default) or csv; csv is also chosen by Accept: text/csv")] = None,
 ) -> Response:
-    stepper = await settled(registry(request).get(name))
+    stepper = await serving(request).settled(registry(request).get(name))
     _check_signals(stepper, signal, ["query", "signal"])
     for t in tensor or []:
         if t != "*" and t not in stepper.index:
@@ -135,8 +123,6 @@ async def get_history(
             len(stepper.names) if "*" in tensor else len(tensor))
     if cells <= INLINE_CELLS:
         return build()
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(build)
 
 
@@ -144,7 +130,7 @@ def _report(stepper: Stepper, limit: int) -> dict[str, Any]:
     obs = observer(stepper)
     # No stepper lock: a step may hold it for long, and the journal entry is replaced
     # whole, never changed in place.
-    rules, defaults = rules_of(stepper)
+    rules, defaults = obs.rules()
     with obs.history.lock:
         events = list(obs.alerts.events)[-limit:] if limit else []
         return {
@@ -168,7 +154,8 @@ Limit = Annotated[int, Query(ge=0, le=10_000, description="latest events to list
     responses=problems(*NAME_PROBLEMS),
 )
 async def get_alerts(name: str, request: Request, limit: Limit = 100) -> Response:
-    return json_response(_report(await settled(registry(request).get(name)), limit))
+    stepper = await serving(request).settled(registry(request).get(name))
+    return json_response(_report(stepper, limit))
 
 
 @router.put(
@@ -187,7 +174,7 @@ async def put_alerts(name: str, body: AlertRules, request: Request) -> Response:
         if rule.tensor not in (None, "*") and rule.tensor not in stepper.index:
             raise UnknownParameter(f"rule {i} names tensor {rule.tensor!r}, which stepper "
                                    f"{name!r} does not have", parameter=rule.tensor)
-    await off_loop(stepper, lambda: set_rules(stepper, body.rules))
+    await serving(request).off_loop(stepper, lambda: set_rules(stepper, body.rules))
     await persist_after(request, stepper)
     return json_response(_report(stepper, 100))
 
@@ -200,11 +187,9 @@ async def put_alerts(name: str, body: AlertRules, request: Request) -> Response:
     responses=problems(*NAME_PROBLEMS, "malformed_body"),
 )
 async def post_loss(name: str, body: LossReport, request: Request) -> Response:
-    stepper = await settled(registry(request).get(name))
+    stepper = await serving(request).settled(registry(request).get(name))
     step = stepper.step_count if body.step is None else body.step
     now = time.time()
     observer(stepper).history.record_loss(step, body.loss, now)
-    hub = getattr(request.app.state, "events", None)
-    if hub is not None:
-        hub.publish_loss(stepper.name, step, body.loss, now)
+    hub(request).publish_loss(stepper.name, step, body.loss, now)
     return json_response({"stepper": name, "step": step, "loss": body.loss, "time": now})

@@ -31,10 +31,10 @@ from ...engine.options import resolve_device
 from ...errors import ApiError, problems
 from .. import budget, quota
 from ..access import authorize_name, require
-from ..durability import persistence, summary
-from .steppers import NAME_PROBLEMS, registry
-from ..http.stream import gate
-from ..http.body import OCTET, binary_body_doc, media_type, read_body
+from ..deps import NAME_PROBLEMS, persistence, registry, serving, settings
+from ..durability import summary
+from ..http.body import read_body
+from ..http.media import OCTET, binary_body_doc, media_type
 
 __all__ = ["router"]
 
@@ -136,7 +136,7 @@ async def download_snapshot(name: str, snap: Snap, request: Request) -> Response
 )
 async def restore_snapshot(name: str, snap: Snap, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
-    async with gate(stepper):
+    async with serving(request).hold(stepper):
         await run_in_threadpool(persistence(request).restore_snapshot, stepper, snap)
     return summary(request, stepper)
 
@@ -178,7 +178,7 @@ async def import_stepper(
         description="device for the new stepper; default: the file's if available here, "
                     "else the service default")] = None,
 ) -> dict[str, Any]:
-    settings = request.app.state.settings
+    config = settings(request)
     kind = media_type(request)
     if kind not in (OCTET, ""):
         raise ApiError("unsupported_media_type", f"Content-Type {kind!r}: send {OCTET}")
@@ -190,9 +190,9 @@ async def import_stepper(
     new_name = name or ckpt.name
     authorize_name(request, new_name)
     if device is not None:
-        resolve_device(device, settings.default_device())  # 422 before anything is built
+        resolve_device(device, config.default_device())  # 422 before anything is built
     for pname, t in ckpt.params:
-        quota.check_tensor_elements(settings, pname, list(t.shape))
+        quota.check_tensor_elements(config, pname, list(t.shape))
     try:
         checkpoints.check_header_room([(n, list(t.shape)) for n, t in ckpt.params],
                                       len(ckpt.groups))
@@ -203,10 +203,10 @@ async def import_stepper(
         [(g.params, g.options) for g in ckpt.groups],
         device or ckpt.device)
 
-    target = resolve_device(device, settings.default_device()) if device is not None else None
+    target = resolve_device(device, config.default_device()) if device is not None else None
 
     def admit(new: str) -> None:
-        quota.admit(settings, registry(request), new, needed)
+        quota.admit(config, registry(request), new, needed)
         where = target or persistence(request).restore_device(ckpt.device)
         budget.check_room(registry(request), new, where, needed)
 

@@ -23,7 +23,7 @@ from adamscope.client.protocol import (
     StepperSummary,
 )
 
-from ...engine import GroupDef, Registry, Stepper
+from ...engine import GroupDef, Stepper
 from ...engine.checkpoint import check_header_room
 from ...engine.errors import (
     DtypeMismatch,
@@ -32,36 +32,21 @@ from ...engine.errors import (
     ShapeMismatch,
     StepperNotFound,
 )
-from ...inspect.history import summary_fields
 from ...engine.options import resolve_device
 from ...errors import ApiError, problems
+from ...inspect.recorder import summary_fields
 from .. import budget, quota
 from ..access import authorize_name, require, visible
-from ..http.cache import cached_json
-from ..durability import persist_after, persistence, summary
+from ..deps import NAME_PROBLEMS, persistence, registry, serving, settings
+from ..durability import persist_after, summary
+from ..http.body import INLINE_JSON_BYTES, decode_tensors, json_object, meta_json, read_body
+from ..http.media import OCTET, binary_body_doc, media_type
+from ..http.reply import render_json
 from ..options import options_from_model
-from ..http.stream import forget_layout, gate, settled
-from ..http.body import (
-    INLINE_JSON_BYTES,
-    OCTET,
-    binary_body_doc,
-    decode_tensors,
-    json_object,
-    media_type,
-    meta_json,
-    read_body,
-)
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["steppers"])
-
-NAME_PROBLEMS = ("stepper_not_found", "request_validation_error")
-
-
-def registry(request: Request) -> Registry:
-    return request.app.state.registry  # type: ignore[no-any-return]
-
 
 def _validate(model: type[Any], value: Any) -> Any:
     try:
@@ -138,7 +123,7 @@ def _params_from_body(
                        "memory_budget_exceeded", "device_out_of_memory"),
 )
 async def create_stepper(request: Request) -> dict[str, Any]:
-    settings = request.app.state.settings
+    config = settings(request)
     body = await read_body(request)
     kind = media_type(request)
     if kind == "application/json":
@@ -146,12 +131,12 @@ async def create_stepper(request: Request) -> dict[str, Any]:
                          if len(body) > INLINE_JSON_BYTES else json_object(body))
         authorize_name(request, spec.name)
         check_header_room([(p.name, p.shape or []) for p in spec.params], len(spec.groups or [0]))
-        device = resolve_device(spec.device, settings.default_device())
-        sizes = quota.json_spec_sizes(settings, spec)  # before zeros are allocated
+        device = resolve_device(spec.device, config.default_device())
+        sizes = quota.json_spec_sizes(config, spec)  # before zeros are allocated
         planned = quota.spec_bytes(spec, sizes, device.type)
-        quota.admit(settings, registry(request), spec.name, planned, precheck=True)
+        quota.admit(config, registry(request), spec.name, planned, precheck=True)
         budget.check_room(registry(request), spec.name, device, planned)
-        params = _params_from_json(spec, settings.max_body_bytes)
+        params = _params_from_json(spec, config.max_body_bytes)
     elif kind == OCTET:
         tensors, metadata = await run_in_threadpool(decode_tensors, body)
         raw = meta_json(metadata, META_SPEC)
@@ -162,7 +147,7 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         params = _params_from_body(spec, tensors)
         check_header_room([(n, list(t.shape)) for n, t in params], len(spec.groups or [0]))
         for pname, t in params:
-            quota.check_tensor_elements(settings, pname, list(t.shape))
+            quota.check_tensor_elements(config, pname, list(t.shape))
     else:
         raise ApiError("unsupported_media_type",
                        f"Content-Type {kind!r}: use application/json or {OCTET}")
@@ -171,12 +156,12 @@ async def create_stepper(request: Request) -> dict[str, Any]:
     if spec.groups is not None:
         groups = [GroupDef(list(g.params), options_from_model(g, exclude={"params"}))
                   for g in spec.groups]
-    device = resolve_device(spec.device, settings.default_device())
+    device = resolve_device(spec.device, config.default_device())
     new_bytes = quota.spec_bytes(spec, [(n, t.numel() * t.element_size()) for n, t in params],
                                  device.type)
 
     def build() -> Stepper:
-        quota.admit(settings, registry(request), spec.name, new_bytes)  # under the lock
+        quota.admit(config, registry(request), spec.name, new_bytes)  # under the lock
         budget.check_room(registry(request), spec.name, device, new_bytes)
         return Stepper(spec.name, spec.optimizer, device, params, hyper, groups)
 
@@ -188,17 +173,21 @@ async def create_stepper(request: Request) -> dict[str, Any]:
 @router.get("/steppers", response_model=StepperList, summary="List steppers",
             dependencies=[Depends(require("read"))])
 async def list_steppers(request: Request) -> dict[str, Any]:
-    return {"steppers": [summary(request, await settled(s)) for s in registry(request).list()
-                         if visible(request, s.name)]}
+    serve = serving(request)
+    return {"steppers": [summary(request, await serve.settled(s))
+                         for s in registry(request).list() if visible(request, s.name)]}
 
 
 @router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
             responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("read"))])
 async def get_stepper(name: str, request: Request) -> Response:
-    stepper = await settled(registry(request).get(name))
+    serve = serving(request)
+    stepper = await serve.settled(registry(request).get(name))
     durable = persistence(request).describe(stepper)
-    return cached_json(stepper, "summary", json.dumps(durable, sort_keys=True, default=str),
-                       lambda: {**stepper.summary(), **durable, **summary_fields(stepper)})
+    token = (stepper.version, json.dumps(durable, sort_keys=True, default=str))
+    body = serve.of(stepper).replies.body("summary", token, lambda: render_json(
+        {**stepper.summary(), **durable, **summary_fields(stepper)}))
+    return Response(body, media_type="application/json")
 
 
 @router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
@@ -212,7 +201,7 @@ async def delete_stepper(name: str, request: Request) -> Response:
     if stepper is not None:
         # Its buffers go now, and PyTorch's caches hand the memory back: page-locked host
         # memory would otherwise stay cached in this process for good.
-        forget_layout(stepper)
+        serving(request).forget(stepper)
         await run_in_threadpool(stepper.release_buffers)
     return Response(status_code=204)
 
@@ -230,7 +219,7 @@ async def patch_hyperparameters(
 ) -> dict[str, Any]:
     stepper = registry(request).get(name)
     updates = options_from_model(patch, exclude={"group"})
-    async with gate(stepper):
+    async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.set_hyperparameters, updates, patch.group)
         await persist_after(request, stepper)
     return summary(request, stepper)
@@ -249,5 +238,7 @@ async def bias_correction(
     step: Annotated[float | None, Query(ge=0, description="t; default: current")] = None,
 ) -> Response:
     stepper = registry(request).get(name)
-    return cached_json(stepper, "bias-correction", step,
-                       lambda: {"stepper": name, **stepper.bias_correction(step)})
+    body = serving(request).of(stepper).replies.body(
+        ("bias-correction", step), stepper.version,
+        lambda: render_json({"stepper": name, **stepper.bias_correction(step)}))
+    return Response(body, media_type="application/json")

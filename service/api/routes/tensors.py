@@ -1,59 +1,32 @@
-"""Routes that move tensors: step, parameters, Adam state."""
+"""Routes that move tensors: parameter values and Adam state, read and written."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from adamscope.client import codec
-from adamscope.client.protocol import INT64_MAX, META_GROUPS, StepResult
+from adamscope.client.constants import META_GROUPS
 
-from ...engine import STATE_KEYS, StepOutcome, Stepper
-from ...engine.errors import InvalidSpec, InvalidState, StepConflict
+from ...engine import STATE_KEYS, Stepper
+from ...engine.errors import InvalidState
 from ...errors import ApiError, problems
 from ..access import require
+from ..deps import NAME_PROBLEMS, Names, registry, serving
 from ..durability import persist_after
+from ..http.body import meta_json, read_json_object
+from ..http.ingest import ingest_tensors
+from ..http.media import OCTET, TensorFormat, binary_body_doc, media_type, wants_json
+from ..http.reply import json_tensors, tensor_response
 from ..options import group_updates_from_json
-from ..http.query import parse_query, query_doc
-from .steppers import NAME_PROBLEMS, registry
-from ..http.stream import (
-    TensorStreamResponse,
-    WireLayout,
-    gate,
-    header_limit,
-    ingest_layout,
-    ingest_tensors,
-    off_loop,
-    settle_and_release,
-    settled,
-    step_applied,
-    step_applied_event,
-    step_layouts,
-)
-from ..http.body import (
-    OCTET,
-    TensorFormat,
-    binary_body_doc,
-    json_tensors,
-    media_type,
-    meta_json,
-    read_json_object,
-    tensor_response,
-    wants_json,
-)
 
-__all__ = ["router", "split_state_key"]
+__all__ = ["BODY_PROBLEMS", "TENSOR_PROBLEMS", "router", "split_state_key"]
 
 router = APIRouter(tags=["tensors"])
 
@@ -61,19 +34,9 @@ BODY_PROBLEMS = ("malformed_body", "payload_too_large", "unsupported_media_type"
                  "request_timeout")
 TENSOR_PROBLEMS = ("unknown_parameter", "shape_mismatch", "dtype_mismatch")
 
-Names = Annotated[list[str] | None, Query(alias="name", description="parameter names; all if none")]
 Format = Annotated[TensorFormat | None, Query(
     description="safetensors (default) or json; JSON is also chosen by Accept: application/json"
 )]
-
-
-WireDtype = Literal["bfloat16", "float16"]
-
-
-def widen(stepper: Stepper, name: str, g: torch.Tensor) -> torch.Tensor:
-    """A gradient received in a lossy wire dtype, copied into the parameter-dtype buffer."""
-    buf = stepper.grad_buffer(name)
-    return g if g.dtype == buf.dtype else buf.copy_(g)
 
 
 def split_state_key(key: str) -> tuple[str, str]:
@@ -132,179 +95,6 @@ def _state_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor
     return destination
 
 
-class StepQuery(BaseModel):
-    """A step's query parameters (validated in one pass: a step is the hot path)."""
-
-    return_params: bool = Field(False, description="answer with the updated parameters")
-    only_stepped: bool = Field(
-        False, description="with return_params: only the parameters this step changed")
-    wire_dtype: WireDtype | None = Field(
-        None, description="LOSSY: gradients may arrive, and parameters are returned, in this "
-                          "16-bit dtype (half the bytes); the stepper itself keeps full precision")
-    expected_step: int | None = Field(
-        None, ge=0, le=INT64_MAX,
-        description="the step the stepper must be at, else 409 step_conflict")
-    contributors: int | None = Field(
-        None, ge=1, le=1024, description="accumulate mode: apply the step once this many "
-                                         "workers contributed, with the mean of their gradients")
-    worker: int | None = Field(None, ge=0, le=INT64_MAX,
-                               description="accumulate mode: this worker's id")
-    wait: float = Field(0.0, ge=0, le=600, description="accumulate mode: seconds to wait for "
-                                                       "the step to be applied before "
-                                                       "answering 202 (pending)")
-
-
-@router.post(
-    "/steppers/{name}/step",
-    summary="Apply one Adam step (or contribute to one)",
-    dependencies=[Depends(require("write"))],
-    response_model=StepResult,
-    responses={
-        200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-              "description": "StepResult JSON, or with return_params=true the updated "
-                             "parameters as safetensors (metadata: step, stepped, skipped)"},
-        202: {"model": StepResult,
-              "description": "a contribution was recorded; the step waits for the others"},
-        **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
-                   "invalid_state", "invalid_spec", "step_conflict", "persistence_failed",
-                   "device_out_of_memory"),
-    },
-    openapi_extra={**binary_body_doc(
-        "safetensors of gradients by parameter name; a parameter without one does not step "
-        f"(as with p.grad = None). Optional __metadata__['{META_GROUPS}']: a JSON list with "
-        "one object of option changes per param group, applied atomically before the step."
-    ), "parameters": query_doc(StepQuery)},
-)
-async def step(
-    name: str,
-    request: Request,
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=200,
-        description="a retried request with the same key is not applied again: the "
-                    "original result is returned",
-    )] = None,
-) -> Response:
-    query = parse_query(request, StepQuery)
-    return_params, only_stepped, wire_dtype = (query.return_params, query.only_stepped,
-                                               query.wire_dtype)
-    expected_step, contributors, worker, wait = (query.expected_step, query.contributors,
-                                                 query.worker, query.wait)
-    stepper = registry(request).get(name)
-    if (contributors is None) != (worker is None):
-        raise InvalidSpec("accumulate mode needs both 'contributors' and 'worker'")
-    lock: asyncio.Lock | None = gate(stepper)
-    assert lock is not None
-    await lock.acquire()
-    try:
-        lossy = codec.dtype_from_name(wire_dtype) if wire_dtype else None
-        got = await ingest_layout(
-            request, step_layouts.get(stepper), lossy,
-            lambda e: stepper.check_gradient(e.name, e.shape, e.dtype, lossy),
-            lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda",
-            header_bytes=header_limit(stepper))
-        if isinstance(got, WireLayout):
-            step_layouts[stepper] = got
-            received, metadata = got.tensors, dict(got.metadata)
-        else:
-            received, metadata = got
-        groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
-        target = stepper.step_count + 1
-
-        def apply() -> StepOutcome | None:
-            grads = (received if lossy is None else
-                     {n: widen(stepper, n, g) for n, g in received.items()})
-            if contributors is not None and worker is not None:
-                if groups is not None:
-                    raise InvalidSpec("contributions cannot change options; use PATCH")
-                return stepper.contribute(worker, contributors, grads, idempotency_key,
-                                          expected_step)
-            return stepper.step(grads, groups, key=idempotency_key, expected_step=expected_step)
-
-        outcome = await off_loop(stepper, apply)
-        await persist_after(request, stepper, "step")
-        if outcome is not None and not outcome.replayed:
-            step_applied(stepper)
-        if outcome is None:
-            if wait <= 0:
-                return _pending(stepper)
-            applied = step_applied_event(stepper)
-            lock.release()
-            lock = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(applied.wait(), wait)
-            lock = gate(stepper)
-            await lock.acquire()
-            if stepper.step_count < target:
-                return _pending(stepper)
-            recorded = stepper.recorded(idempotency_key) if idempotency_key else None
-            outcome = recorded or StepOutcome(target, [], [])
-        if not return_params:
-            held = lock
-            lock = None  # released once the reply has left, as below
-            return JSONResponse(_result(name, outcome).model_dump(), background=BackgroundTask(
-                settle_and_release, stepper, held))
-        if outcome.step != stepper.step_count:
-            raise StepConflict(
-                f"step {outcome.step} was applied, but stepper {name!r} has moved on to step "
-                f"{stepper.step_count}: the parameters of step {outcome.step} are gone",
-                current_step=stepper.step_count)
-
-        def reply_params() -> dict[str, torch.Tensor]:
-            names = outcome.stepped if only_stepped else stepper.names
-            params = stepper.host_params(names)
-            if lossy is not None:
-                params = {n: t.to(lossy) if t.is_floating_point() and t.dtype != lossy else t
-                          for n, t in params.items()}
-            return params
-
-        params = await off_loop(stepper, reply_params)
-        held = lock
-        response = TensorStreamResponse(
-            params, name, outcome.step, {"adamscope.stepped": json.dumps(outcome.stepped),
-                                         "adamscope.skipped": json.dumps(outcome.skipped),
-                                         "adamscope.replayed": json.dumps(outcome.replayed)},
-            release=lambda: settle_and_release(stepper, held),
-        )
-        # The response opens the gate once its bytes have left and the step's signals and
-        # history (deferred off the reply path) are recorded.
-        lock = None
-        return response
-    finally:
-        if lock is not None:
-            await settle_and_release(stepper, lock)
-
-
-
-
-def _result(name: str, outcome: StepOutcome) -> StepResult:
-    return StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
-                      skipped=outcome.skipped, replayed=outcome.replayed)
-
-
-def _pending(stepper: Stepper) -> JSONResponse:
-    result = StepResult(stepper=stepper.name, step=stepper.step_count, stepped=[], skipped=[],
-                        applied=False, pending=stepper.pending_contributions())
-    return JSONResponse(result.model_dump(), status_code=202)
-
-
-@router.post(
-    "/steppers/{name}/commit",
-    summary="Accumulate mode: apply the pending step with the contributions so far",
-    dependencies=[Depends(require("write"))],
-    response_model=StepResult,
-    responses=problems(*NAME_PROBLEMS, "step_conflict", "persistence_failed",
-                       "device_out_of_memory"),
-)
-async def commit(name: str, request: Request) -> dict[str, Any]:
-    stepper = registry(request).get(name)
-    async with gate(stepper):
-        outcome = await off_loop(stepper, stepper.commit)
-        await persist_after(request, stepper, "step")
-        step_applied(stepper)
-        await settled(stepper)
-    return _result(name, outcome).model_dump()
-
-
 @router.get(
     "/steppers/{name}/params",
     summary="Read parameter values",
@@ -317,7 +107,8 @@ async def get_params(name: str, request: Request, names: Names = None,
                      format: Format = None) -> Response:
     stepper = registry(request).get(name)
     # Off the event loop: the copy waits for the stepper's lock, which a long step holds.
-    step_count, tensors = await off_loop(stepper, lambda: stepper.get_params(names))
+    step_count, tensors = await serving(request).off_loop(stepper,
+                                                          lambda: stepper.get_params(names))
     if wants_json(request, format):
         return JSONResponse({"stepper": name, "step": step_count,
                              "params": json_tensors(request, tensors)})
@@ -346,8 +137,9 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
             shape, dtype = stepper.param_meta(pname)
             tensors[pname] = _json_tensor_in(value, dtype, shape)
     else:
-        tensors, _ = await ingest_tensors(request, stepper, _value_destination(stepper))
-    async with gate(stepper):
+        tensors, _ = await ingest_tensors(request, serving(request).of(stepper).header_limit,
+                                          _value_destination(stepper))
+    async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.put_params, tensors)
         await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count, "updated": list(tensors)}
@@ -376,7 +168,7 @@ async def get_state(
     )] = False,
 ) -> Response:
     stepper = registry(request).get(name)
-    step_count, state = await off_loop(
+    step_count, state = await serving(request).off_loop(
         stepper, lambda: stepper.get_state(names, keys, with_params))
     if wants_json(request, format):
         flat = [t for s in state.values() for t in s.values()]
@@ -427,12 +219,13 @@ async def put_state(
             }
         groups = group_updates_from_json(body.get("param_groups"))
     else:
-        tensors, metadata = await ingest_tensors(request, stepper, _state_destination(stepper))
+        tensors, metadata = await ingest_tensors(
+            request, serving(request).of(stepper).header_limit, _state_destination(stepper))
         for key, t in tensors.items():
             pname, which = split_state_key(key)
             nested.setdefault(pname, {})[which] = t
         groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
-    async with gate(stepper):
+    async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.put_state, nested, groups, replace)
         await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count, "updated": sorted(nested)}
@@ -446,7 +239,7 @@ async def put_state(
 )
 async def reset_state(name: str, request: Request, names: Names = None) -> dict[str, Any]:
     stepper = registry(request).get(name)
-    async with gate(stepper):
+    async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.reset_state, names)
         await persist_after(request, stepper)
     return {"stepper": name, "step": stepper.step_count,

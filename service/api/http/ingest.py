@@ -1,4 +1,4 @@
-"""Tensor bodies streamed in place, and replies streamed from tensor memory.
+"""Tensor request bodies, parsed as they arrive and read into their destinations.
 
 A step moves 4 bytes per fp32 parameter each way; at 10M parameters that is 40 MB in and
 40 MB out, so how the bytes are handled decides the step's latency. Here:
@@ -9,61 +9,33 @@ A step moves 4 bytes per fp32 parameter each way; at 10M parameters that is 40 M
   never joined into one body first;
 - a header is never larger than the stepper it addresses can need (:func:`header_limit`),
   is held only as its bytes arrive (a declared length reserves nothing), must arrive within
-  ``body_timeout`` seconds, and is parsed and checked off the event loop when it is large;
-- a reply is the safetensors header followed by the tensors' own memory, sent as views
-  (no serialization copy), while the stepper's write gate keeps the tensors unchanged.
+  ``body_timeout`` seconds, and is parsed and checked off the event loop when it is large.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import json
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from fastapi import Request
-from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from adamscope.client import codec
-from adamscope.client.protocol import META_STEP, META_STEPPER
 
 from ...engine import Stepper
 from ...engine.errors import DeviceOutOfMemory
 from ...engine.memory import is_out_of_memory
 from ...errors import ApiError
-from .body import OCTET, BodyStream, declared_length, media_type
+from .body import BodyStream, declared_length
+from .media import OCTET, media_type
 
-__all__ = [
-    "BodyReader",
-    "TensorStreamResponse",
-    "WireLayout",
-    "forget_layout",
-    "gate",
-    "header_limit",
-    "ingest_layout",
-    "ingest_tensors",
-    "off_loop",
-    "settle_and_release",
-    "settled",
-    "step_applied",
-    "step_applied_event",
-    "step_layouts",
-    "torch_threads",
-]
+__all__ = ["BodyReader", "WireLayout", "header_limit", "ingest_layout", "ingest_tensors",
+           "layout_buffer"]
 
-#: The last bytes of a streamed reply are sent as a copy, see TensorStreamResponse.
-TAIL_COPY_BYTES = 1 << 20
-
-_gates: weakref.WeakKeyDictionary[Stepper, asyncio.Lock] = weakref.WeakKeyDictionary()
-
+T = TypeVar("T")
 
 #: A safetensors header longer than this is parsed and checked in a worker thread.
 INLINE_HEADER_BYTES = 64 * 1024
@@ -73,24 +45,21 @@ HEADER_SLACK = 64 * 1024
 #: Longest header entry of one tensor beyond its name and shape (punctuation, the longest
 #: dtype tag, two 20-digit offsets) plus its place in a PyTorch state_dict's param_groups.
 _ENTRY_BYTES = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20
-_limits: weakref.WeakKeyDictionary[Stepper, int] = weakref.WeakKeyDictionary()
 
 
 def header_limit(stepper: Stepper) -> int:
     """The largest safetensors header a body for ``stepper`` can need: one entry per state
     tensor of every parameter (``"<name>.max_exp_avg_sq"``, the longest key), each name
     twice more in the metadata (a state_dict's ``param_names`` and ``params``, escaped),
-    plus :data:`HEADER_SLACK`. A header beyond it is refused before it is read."""
-    limit = _limits.get(stepper)
-    if limit is None:
-        limit = HEADER_SLACK + 4096 * len(stepper.group_names)
-        for name, p in zip(stepper.names, stepper.params, strict=True):
-            quoted = len(json.dumps(name))
-            dims = sum(len(str(d)) + 1 for d in p.shape)
-            limit += 4 * (quoted + len(".max_exp_avg_sq") + dims + _ENTRY_BYTES)
-            limit += 2 * (2 * quoted + 24)
-        limit = _limits[stepper] = min(limit, codec.MAX_HEADER_BYTES)
-    return limit
+    plus :data:`HEADER_SLACK`. A header beyond it is refused before it is read (the
+    serving state computes it once per stepper)."""
+    limit = HEADER_SLACK + 4096 * len(stepper.group_names)
+    for name, p in zip(stepper.names, stepper.params, strict=True):
+        quoted = len(json.dumps(name))
+        dims = sum(len(str(d)) + 1 for d in p.shape)
+        limit += 4 * (quoted + len(".max_exp_avg_sq") + dims + _ENTRY_BYTES)
+        limit += 2 * (2 * quoted + 24)
+    return min(limit, codec.MAX_HEADER_BYTES)
 
 
 async def _off_loop_if(large: bool, work: Callable[[], T]) -> T:
@@ -99,112 +68,6 @@ async def _off_loop_if(large: bool, work: Callable[[], T]) -> T:
     if not large:
         return work()
     return await run_in_threadpool(work)
-
-
-#: Steppers at most this large step on the event loop itself: their update takes tens of
-#: microseconds, less than the hand-off to a worker thread and back.
-INLINE_NUMEL = 1 << 16
-
-T = TypeVar("T")
-
-
-#: The one thread that runs PyTorch on every core (see torch_threads); None until then.
-_compute: ThreadPoolExecutor | None = None
-#: Its intra-op threads: PyTorch's default count when the service started.
-compute_threads = 0
-
-
-def torch_threads() -> None:
-    """Give PyTorch's intra-op parallelism (OpenMP) to one thread, the compute thread that
-    steps CPU steppers too big to step inline; every other thread, the calling one (the
-    event loop) included, runs PyTorch on one thread. Called on the event loop at startup.
-
-    Measured on the 2-core VM: once two threads have run parallel PyTorch operations, two
-    OpenMP pools exist, OpenMP stops spinning between parallel regions (more pool threads
-    than cores) and every region pays a wake-up: a fused Adam step of 10M parameters in 129
-    tensors takes 17 to 19 ms instead of 8. On the event loop, a parallel region in a tiny
-    inline step costs more than the step where the client shares the cores (a 10K-parameter
-    step: 2.9 to 5.4 ms, against 2.1 ms on one thread). PyTorch keeps the count per thread,
-    and a thread that has not run an operation yet takes the value last set anywhere.
-    """
-    global _compute, compute_threads
-    if _compute is None:
-        n = compute_threads = torch.get_num_threads()
-
-        def keep_every_core() -> None:
-            torch.get_num_threads()  # this thread's count is now its own ...
-            torch.set_num_threads(n)  # ... and stays n when the default changes below
-
-        _compute = ThreadPoolExecutor(1, "adamscope-torch", initializer=keep_every_core)
-        _compute.submit(lambda: None).result()
-    torch.get_num_threads()
-    torch.set_num_threads(1)  # this thread, and every thread that starts from now on
-
-
-async def off_loop(stepper: Stepper, work: Callable[[], T]) -> T:
-    """Run engine work for ``stepper`` where it runs best: inline when it is tiny and on the
-    CPU; larger CPU work on the compute thread (all cores, one at a time, see
-    torch_threads); GPU work in the thread pool (it launches kernels, the GPU computes).
-    Heavy or GPU work never blocks the event loop."""
-    if stepper.device.type == "cpu":
-        if stepper.numel <= INLINE_NUMEL:
-            return work()
-        if _compute is not None:
-            context = contextvars.copy_context()
-            return await asyncio.get_running_loop().run_in_executor(
-                _compute, functools.partial(context.run, work))
-    return await run_in_threadpool(work)
-
-
-_applied: weakref.WeakKeyDictionary[Stepper, asyncio.Event] = weakref.WeakKeyDictionary()
-
-
-def step_applied_event(stepper: Stepper) -> asyncio.Event:
-    """An event set when the stepper's next step has been applied (accumulate mode waits)."""
-    event = _applied.get(stepper)
-    if event is None:
-        event = _applied[stepper] = asyncio.Event()
-    return event
-
-
-def step_applied(stepper: Stepper) -> None:
-    """Wake whoever waits for the step just applied; later waiters get a fresh event."""
-    event = _applied.pop(stepper, None)
-    if event is not None:
-        event.set()
-
-
-async def settled(stepper: Stepper) -> Stepper:
-    """``stepper`` once its last step's signals and history are recorded: every read of
-    them (signals, history, alerts, summaries, metrics) waits for this. The step route
-    records them after its reply has left (:func:`settle_and_release`); a read that
-    arrives meanwhile waits where that work runs, never blocking the event loop for it."""
-    if stepper.unsettled:
-        await off_loop(stepper, stepper.settle)
-    return stepper
-
-
-async def settle_and_release(stepper: Stepper, lock: asyncio.Lock) -> None:
-    """Open a mutating request's gate once the stepper has settled: the step's deferred
-    after-step observers (its signals and history; :meth:`Stepper.settle`) run after its
-    reply has left and before anyone can write the gradient buffers they read."""
-    try:
-        await off_loop(stepper, stepper.settle)
-    except BaseException:
-        stepper.settle()  # cancelled: wait for a settle still running in a worker
-        raise
-    finally:
-        lock.release()
-
-
-def gate(stepper: Stepper) -> asyncio.Lock:
-    """The stepper's write gate: held by every request that mutates it, from the first
-    byte of its body until its reply has left, so a reply streamed from parameter memory
-    never sees the next mutation. Reads do not take it (they copy under the engine lock)."""
-    lock = _gates.get(stepper)
-    if lock is None:
-        lock = _gates[stepper] = asyncio.Lock()
-    return lock
 
 
 class BodyReader:
@@ -339,18 +202,18 @@ async def _read_data(reader: BodyReader, views: list[memoryview], head: bytes,
 
 async def ingest_tensors(
     request: Request,
-    stepper: Stepper,
+    header_bytes: int,
     destination: Callable[[codec.Entry], torch.Tensor] = fresh_tensor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors request body for ``stepper`` straight into the tensors
-    ``destination`` names.
+    """Read a safetensors request body (its header at most ``header_bytes`` long: see
+    :func:`header_limit`) straight into the tensors ``destination`` names.
 
     ``destination(entry)`` is called for every tensor of the header before any data is
     read; it returns the (CPU, contiguous) tensor to fill, or raises to reject the request.
     A body that ends early, runs long or contradicts its header is ``malformed_body``; in
     every failure case the destinations may hold partial data but nothing else changed.
     """
-    reader, head, declared, limit = await _read_header(request, header_limit(stepper))
+    reader, head, declared, limit = await _read_header(request, header_bytes)
 
     def parse() -> tuple[list[codec.Entry], dict[str, str], int, dict[str, torch.Tensor]]:
         entries, metadata, length = _parse_checked(head, declared, limit)
@@ -437,73 +300,3 @@ async def ingest_layout(
     tensors, data = laid
     await _read_data(reader, [data], head, length)
     return WireLayout(head, metadata, tensors, data, key)
-
-
-#: Each stepper's last step body layout: the next step with the same header is read
-#: straight into its buffer (see ingest_layout).
-step_layouts: weakref.WeakKeyDictionary[Stepper, WireLayout] = weakref.WeakKeyDictionary()
-
-
-def forget_layout(stepper: Stepper) -> None:
-    """Drop the stepper's step body buffer (page-locked on a GPU stepper): it was deleted."""
-    step_layouts.pop(stepper, None)
-
-
-class TensorStreamResponse(Response):
-    """A safetensors reply sent from the tensors' memory, then ``await release()`` runs.
-
-    The transport may still hold the last bytes handed to it when the final message has
-    been sent; so that none of those can be tensor memory that changes once the gate is
-    released, the last ``TAIL_COPY_BYTES`` go out as a copy, and an empty final message
-    follows it: uvicorn waits for its write buffer to drain below the low-water mark
-    (far below the copied tail) before writing that message, so every byte taken from
-    tensor memory has reached the kernel when ``release`` runs.
-    """
-
-    media_type = OCTET
-
-    def __init__(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        stepper: str,
-        step: int,
-        extra_metadata: Mapping[str, str] | None = None,
-        release: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        metadata = {META_STEPPER: stepper, META_STEP: str(step), **(extra_metadata or {})}
-        head, views = codec.encode_parts(tensors, metadata)
-        self._parts = [memoryview(head), *views]
-        self._release = release
-        length = sum(p.nbytes for p in self._parts)
-        super().__init__(None, headers={"content-length": str(length),
-                                        "x-adamscope-step": str(step)})
-
-    def _parts_with_copied_tail(self) -> list[bytes | memoryview]:
-        total = sum(p.nbytes for p in self._parts)
-        keep = max(0, total - TAIL_COPY_BYTES)
-        out: list[bytes | memoryview] = []
-        tail = bytearray()
-        pos = 0
-        for p in self._parts:
-            n = p.nbytes
-            if pos + n <= keep:
-                out.append(p)
-            elif pos >= keep:
-                tail += p
-            else:
-                out.append(p[: keep - pos])
-                tail += p[keep - pos :]
-            pos += n
-        out.append(bytes(tail))
-        return out
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
-            for part in self._parts_with_copied_tail():
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            if self._release is not None:
-                await self._release()
