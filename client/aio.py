@@ -1,4 +1,7 @@
-"""The asynchronous client (the twin of :class:`client.Client`)."""
+"""The asynchronous client (the twin of :class:`adamscope.client.Client`)."""
+
+# Long: the async twin of sync.py, mirroring it line for line (one short method per
+# endpoint; the requests are built in _calls and _inspection).
 
 from __future__ import annotations
 
@@ -7,13 +10,14 @@ import builtins
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import torch
 
-from . import _base
+from . import _base, _calls, _inspection, _sse, _state_dict
 from ._base import Call, DryRunReply, StepReply, resolve_url
+from .constants import OCTET
 from .errors import APIStatusError, TransportError
 from .progress import Progress
 from .protocol import (
@@ -28,6 +32,8 @@ from .protocol import (
 )
 
 __all__ = ["AsyncClient"]
+
+T = TypeVar("T")
 
 
 async def _aiter(parts: list[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
@@ -76,7 +82,7 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _send(self, call: Call) -> Any:
+    async def _send(self, call: Call[T]) -> T:
         """Send ``call``, retrying connection failures and 5xx with backoff where that is
         safe (a step's idempotency key is the same on every attempt)."""
         for attempt in range(self.retries + 1):
@@ -88,7 +94,7 @@ class AsyncClient:
             await asyncio.sleep(_base.retry_delay(attempt, self.backoff))
         raise AssertionError("unreachable")
 
-    async def _send_once(self, call: Call) -> Any:
+    async def _send_once(self, call: Call[T]) -> T:
         content = _aiter(call.parts) if call.parts is not None else None
         try:
             response = await self._http.request(
@@ -106,13 +112,13 @@ class AsyncClient:
     # -------------------------------------------------------------------- endpoints
 
     async def health(self) -> dict[str, Any]:
-        return await self._send(_base.health())  # type: ignore[no-any-return]
+        return await self._send(_calls.health())
 
     async def list(self) -> list[StepperSummary]:
-        return await self._send(_base.list_steppers())  # type: ignore[no-any-return]
+        return await self._send(_calls.list_steppers())
 
     async def get(self, name: str) -> StepperSummary:
-        return await self._send(_base.get(name))  # type: ignore[no-any-return]
+        return await self._send(_calls.get(name))
 
     async def create(
         self,
@@ -134,12 +140,12 @@ class AsyncClient:
         service's). ``shards`` (distributed mode only) splits the stepper by parameter
         tensors over that many slots.
         """
-        call = _base.create(name, params, optimizer, device, groups, hyperparameters,
-                            _base.durability_policy(durability), shards)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _calls.create(name, params, optimizer, device, groups, hyperparameters,
+                            _calls.durability_policy(durability), shards)
+        return await self._send(call)
 
     async def delete(self, name: str) -> None:
-        await self._send(_base.delete(name))
+        await self._send(_calls.delete(name))
 
     async def step(
         self,
@@ -159,9 +165,9 @@ class AsyncClient:
         ``param_groups`` (one dict of option changes per group) is applied atomically
         before the step, as a scheduler's ``lr`` change would be locally.
         """
-        call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
+        call = _calls.step(name, grads, return_params, param_groups, into, only_stepped,
                           wire_dtype, key, expected_step)
-        return await self._send(call)  # type: ignore[no-any-return]
+        return await self._send(call)
 
     async def contribute(
         self,
@@ -175,22 +181,22 @@ class AsyncClient:
         into: Mapping[str, torch.Tensor] | None = None,
         key: str | None = None,
     ) -> StepReply:
-        """Accumulate mode (see :meth:`client.Client.contribute`)."""
-        call = _base.step(name, grads, return_params, None, into, False, None, key, None,
+        """Accumulate mode (see :meth:`adamscope.client.Client.contribute`)."""
+        call = _calls.step(name, grads, return_params, None, into, False, None, key, None,
                           (worker, contributors, wait))
-        return await self._send(call)  # type: ignore[no-any-return]
+        return await self._send(call)
 
     async def commit(self, name: str) -> StepReply:
         """Accumulate mode: apply the pending step with the contributions so far."""
-        return await self._send(_base.commit(name))  # type: ignore[no-any-return]
+        return await self._send(_calls.commit(name))
 
     async def get_params(
         self, name: str, names: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        return await self._send(_base.get_params(name, names))  # type: ignore[no-any-return]
+        return await self._send(_calls.get_params(name, names))
 
     async def put_params(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        await self._send(_base.put_params(name, tensors))
+        await self._send(_calls.put_params(name, tensors))
 
     async def get_state(
         self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
@@ -198,8 +204,8 @@ class AsyncClient:
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
         ``with_params`` also ``"param"``, the value read together with that state."""
-        call = _base.get_state(name, names, keys, with_params)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _calls.get_state(name, names, keys, with_params)
+        return await self._send(call)
 
     async def put_state(
         self,
@@ -210,30 +216,30 @@ class AsyncClient:
         replace: bool = False,
     ) -> None:
         """Load state tensors by parameter name (any subset); ``replace`` drops the rest."""
-        await self._send(_base.put_state(name, state, param_groups, replace))
+        await self._send(_calls.put_state(name, state, param_groups, replace))
 
     async def reset_state(self, name: str, names: Sequence[str] | None = None) -> None:
-        await self._send(_base.reset_state(name, names))
+        await self._send(_calls.reset_state(name, names))
 
     async def set_hyperparameters(
         self, name: str, *, group: int | None = None, **options: Any
     ) -> StepperSummary:
-        call = _base.set_hyperparameters(name, group, options)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _calls.set_hyperparameters(name, group, options)
+        return await self._send(call)
 
     async def bias_correction(
         self, name: str, step: float | None = None
     ) -> BiasCorrectionReport:
-        return await self._send(_base.bias_correction(name, step))  # type: ignore[no-any-return]
+        return await self._send(_calls.bias_correction(name, step))
 
     async def state_dict(self, name: str) -> dict[str, Any]:
         """The stepper's state in ``torch.optim.Adam.state_dict()`` format."""
         summary = await self.get(name)
-        return _base.to_state_dict(summary, await self.get_state(name))
+        return _state_dict.to_state_dict(summary, await self.get_state(name))
 
     async def load_state_dict(self, name: str, state_dict: Mapping[str, Any]) -> None:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
-        state, options = _base.from_state_dict(await self.get(name), state_dict)
+        state, options = _state_dict.from_state_dict(await self.get(name), state_dict)
         await self.put_state(name, state, param_groups=options, replace=True)
 
 
@@ -241,7 +247,7 @@ class AsyncClient:
 
     async def checkpoint(self, name: str) -> CheckpointInfo:
         """Write the stepper's state to the service's disk now, whatever its policy."""
-        return await self._send(_base.checkpoint(name))  # type: ignore[no-any-return]
+        return await self._send(_calls.checkpoint(name))
 
     async def set_durability(
         self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
@@ -249,25 +255,25 @@ class AsyncClient:
     ) -> StepperSummary:
         """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
         ``n``), ``"interval"`` (with ``seconds``) or ``"manual"``."""
-        body = _base.durability_policy(policy, n, seconds)
+        body = _calls.durability_policy(policy, n, seconds)
         assert body is not None
-        return await self._send(_base.set_durability(name, body))  # type: ignore[no-any-return]
+        return await self._send(_calls.set_durability(name, body))
 
     async def snapshot(self, name: str, snap: str | None = None) -> SnapshotInfo:
         """Take a named snapshot of the stepper now (name chosen by the service if None)."""
-        return await self._send(_base.take_snapshot(name, snap))  # type: ignore[no-any-return]
+        return await self._send(_calls.take_snapshot(name, snap))
 
     async def snapshots(self, name: str) -> builtins.list[SnapshotInfo]:
         """The stepper's snapshots, oldest first."""
-        return await self._send(_base.list_snapshots(name))  # type: ignore[no-any-return]
+        return await self._send(_calls.list_snapshots(name))
 
     async def restore(self, name: str, snap: str) -> StepperSummary:
         """Roll the stepper back to snapshot ``snap`` (values, state, options and step)."""
-        call = _base.restore_snapshot(name, snap)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _calls.restore_snapshot(name, snap)
+        return await self._send(call)
 
     async def delete_snapshot(self, name: str, snap: str) -> None:
-        await self._send(_base.delete_snapshot(name, snap))
+        await self._send(_calls.delete_snapshot(name, snap))
 
     async def download_snapshot(
         self, name: str, snap: str, path: str | os.PathLike[str], *,
@@ -277,16 +283,16 @@ class AsyncClient:
         when it is a terminal, or with ``progress=True``). Returns the path."""
         target = Path(path)
         part = target.with_name(target.name + ".part")
-        url = _base.snapshot_file_path(name, snap)
+        url = _calls.snapshot_file_path(name, snap)
         try:
-            async with self._http.stream("GET", url, headers={"accept": _base.OCTET}) as r:
+            async with self._http.stream("GET", url, headers={"accept": OCTET}) as r:
                 if not r.is_success:
                     await r.aread()
                     _base.raise_for_problem(r)
                 total = int(r.headers.get("content-length", 0)) or None
                 with Progress(total, f"{name}/{snap}", progress) as bar, \
                         open(part, "wb") as f:
-                    async for chunk in r.aiter_bytes(_base.FILE_CHUNK):
+                    async for chunk in r.aiter_bytes(_calls.FILE_CHUNK):
                         await asyncio.to_thread(f.write, chunk)
                         bar.update(len(chunk))
             os.replace(part, target)
@@ -306,19 +312,19 @@ class AsyncClient:
         file's stepper name); a progress bar as for :meth:`download_snapshot`."""
         source = Path(path)
         data = await asyncio.to_thread(source.read_bytes)
-        url, query = _base.import_request(name, device)
+        url, query = _calls.import_request(name, device)
         try:
             with Progress(len(data), f"upload {source.name}", progress) as bar:
                 async with self._http.stream(
                     "POST", url, params=tuple(query),
                     content=_achunks(data, bar),  # type: ignore[arg-type]  # bytes-like
-                    headers=_base.upload_headers(len(data)),
+                    headers=_calls.upload_headers(len(data)),
                 ) as r:
                     await r.aread()
         except httpx.TransportError as e:
             raise TransportError(f"POST {url}: {e!r}") from e
         _base.raise_for_problem(r)
-        return _base.summary_of(r)
+        return _calls.summary_of(r)
 
     # -------------------------------------------------------------------- history and events
 
@@ -327,24 +333,24 @@ class AsyncClient:
         tensor: str | Sequence[str] | None = None, *, since: int | None = None,
         limit: int | None = None, fmt: str = "json",
     ) -> HistoryReport | str:
-        """The stepper's retained per-step signals (see :meth:`client.Client.history`)."""
-        call = _base.history(name, signal, tensor, since, limit, fmt)
-        return await self._send(call)  # type: ignore[no-any-return]
+        """The stepper's retained per-step signals (see :meth:`adamscope.client.Client.history`)."""
+        call = _inspection.history(name, signal, tensor, since, limit, fmt)
+        return await self._send(call)
 
     async def alerts(self, name: str, limit: int | None = None) -> AlertsReport:
         """The stepper's alert rules, which hold now, and its latest alert events."""
-        return await self._send(_base.alerts(name, limit))  # type: ignore[no-any-return]
+        return await self._send(_inspection.alerts(name, limit))
 
     async def set_alerts(
         self, name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None
     ) -> AlertsReport:
         """Replace the stepper's alert rules (``None``: back to the defaults)."""
-        return await self._send(_base.set_alerts(name, rules))  # type: ignore[no-any-return]
+        return await self._send(_inspection.set_alerts(name, rules))
 
     async def report_loss(self, name: str, step: int | None, loss: float) -> LossRecorded:
         """Record the training loss of ``step`` (None: the stepper's current step)."""
-        call = _base.report_loss(name, step, loss)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.report_loss(name, step, loss)
+        return await self._send(call)
 
     async def events(
         self, stepper: str | Sequence[str] | None = None, *,
@@ -353,13 +359,13 @@ class AsyncClient:
         max_events: int | None = None, duration: float | None = None,
         heartbeats: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
-        """The live event stream as an async iterator (see :meth:`client.Client.events`)."""
-        path, params, headers = _base.events_request(stepper, tensors, replay, last_event_id,
+        """The live event stream as an async iterator (see :meth:`.Client.events`)."""
+        path, params, headers = _sse.events_request(stepper, tensors, replay, last_event_id,
                                                      heartbeat, max_events, duration)
         base = self._http.timeout
         timeout = httpx.Timeout(base.connect, read=max(base.read or 0, 4 * (heartbeat or 15)),
                                 write=base.write, pool=base.pool)
-        parser = _base.SSEParser(heartbeats)
+        parser = _sse.SSEParser(heartbeats)
         try:
             async with self._http.stream("GET", path, params=tuple(params), headers=headers,
                                          timeout=timeout) as r:
@@ -386,21 +392,21 @@ class AsyncClient:
         ``v_hat``, ``lr_eff``, ``update``) per parameter and aggregated, computed where the
         state lives: ``{"step", "tensors": {param: {key: stats}}, "aggregate": {key: stats},
         "missing": [...]}``."""
-        call = _base.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
+        call = _inspection.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
                            aggregate)
-        return await self._send(call)  # type: ignore[no-any-return]
+        return await self._send(call)
 
     async def signals(self, name: str) -> dict[str, Any]:
         """The last step's signals: ``{"step", "time", "tensors": {param: {signal: value}},
         "aggregate": {signal: value}, "sample": {param: n}}``."""
-        return await self._send(_base.signals(name))  # type: ignore[no-any-return]
+        return await self._send(_inspection.signals(name))
 
     async def slice(self, name: str, param: str, key: str = "param", *,
               index: str | int | None = None, rows: str | None = None) -> torch.Tensor:
         """A selection of one tensor or view: ``index`` numpy-style (``3``, ``"0:4"``,
         ``"2,1:10:2"``) or ``rows`` (``"a:b"`` over the first dimension)."""
-        call = _base.slice_tensor(name, param, key, index, rows)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.slice_tensor(name, param, key, index, rows)
+        return await self._send(call)
 
     async def dry_run(
         self, name: str, grads: Mapping[str, torch.Tensor], *,
@@ -410,15 +416,15 @@ class AsyncClient:
         """What a step with ``grads`` would do, without doing it: statistics of the update
         and gradients and the step's signals; with ``return_update`` also the would-be
         update, parameter values and state."""
-        call = _base.dry_run(name, grads, param_groups, return_update, quantiles, bins, log)
-        return await self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.dry_run(name, grads, param_groups, return_update, quantiles, bins, log)
+        return await self._send(call)
 
     async def diff(self, a: str, b: str) -> dict[str, Any]:
         """Name-keyed diff of two steppers or snapshots (``"stepper"`` or
         ``"stepper/snapshot"``): which tensors changed and by how much."""
-        return await self._send(_base.diff(a, b))  # type: ignore[no-any-return]
+        return await self._send(_inspection.diff(a, b))
 
 
 async def _achunks(data: bytes, bar: Progress) -> AsyncIterator[memoryview]:
-    for chunk in _base.progress_chunks(data, bar):
+    for chunk in _calls.progress_chunks(data, bar):
         yield chunk

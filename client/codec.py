@@ -12,6 +12,9 @@ Nothing here unpickles anything: a tensor is only ever rebuilt from its declared
 shape and raw little-endian bytes.
 """
 
+# Long: both forms a tensor travels in (safetensors bodies and JSON) and the limits they
+# share (header size, depth, shapes): one contract, read as a whole.
+
 from __future__ import annotations
 
 import functools
@@ -361,13 +364,25 @@ def decode(
 
 # ---------------------------------------------------------------- JSON form (small tensors)
 
+#: How JSON spells the floats it has no numbers for (protobuf's convention): tensor data,
+#: signals, losses and alert values alike.
+SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def json_float(value: float) -> float | str:
+    """A float for JSON: NaN/Inf as their conventional strings."""
+    if math.isfinite(value):
+        return float(value)
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
 def _to_jsonable(x: Any) -> Any:
     if isinstance(x, list):
         return [_to_jsonable(v) for v in x]
     if isinstance(x, complex):
         return [_to_jsonable(x.real), _to_jsonable(x.imag)]
-    if isinstance(x, float) and not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, float):
+        return json_float(x)
     return x
 
 
@@ -384,17 +399,14 @@ def tensor_to_json(t: torch.Tensor) -> dict[str, Any]:
     return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": _to_jsonable(values)}
 
 
-_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
 def _from_jsonable(x: Any, is_complex: bool) -> Any:
     if isinstance(x, list):
         if is_complex and len(x) == 2 and not any(isinstance(v, list) for v in x):
             return complex(_from_jsonable(x[0], False), _from_jsonable(x[1], False))
         return [_from_jsonable(v, is_complex) for v in x]
     if isinstance(x, str):
-        if x in _SPECIAL:
-            return _SPECIAL[x]
+        if x in SPECIAL_FLOATS:
+            return SPECIAL_FLOATS[x]
         raise CodecError(f"unexpected string {x!r} in tensor data")
     if isinstance(x, bool) or not isinstance(x, int | float):
         raise CodecError(f"unexpected value {x!r} in tensor data")

@@ -17,12 +17,15 @@ __all__ = [
     "META_STEP",
     "META_STEPPED",
     "META_STEPPER",
+    "OCTET",
     "OPTION_NAMES",
     "SNAPSHOT_NAME_PATTERN",
     "STEPPER_NAME_PATTERN",
 ]
 
 API_PREFIX = "/v1"
+#: The media type of tensor bodies (safetensors).
+OCTET = "application/octet-stream"
 
 #: Stepper names: URL- and filesystem-safe, never a path.
 STEPPER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

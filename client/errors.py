@@ -34,6 +34,9 @@ Every rejected request comes back as RFC 9457 ``application/problem+json`` with 
         │   └── DeviceUnavailableError         device_unavailable
         └── ServerError (5xx)                  internal_error
             ├── PersistenceFailedError (500)   persistence_failed: applied, not on disk
+            ├── ShardsDivergedError (500)      shards_diverged: resend with the same key
+            ├── NotSupportedShardedError (501) not_supported_sharded: a sharded stepper
+            ├── SlotUnavailableError (503)     slot_unavailable: a slot is being restored
             └── InsufficientStorageError (507) not worth retrying: a quota is full
                 ├── StepperLimitError          stepper_limit
                 ├── MemoryBudgetExceededError  memory_budget_exceeded
@@ -63,6 +66,7 @@ __all__ = [
     "JsonTooLargeError",
     "MalformedBodyError",
     "MemoryBudgetExceededError",
+    "NotSupportedShardedError",
     "NotFoundError",
     "PersistenceFailedError",
     "PayloadTooLargeError",
@@ -71,6 +75,8 @@ __all__ = [
     "RequestValidationError",
     "ServerError",
     "ShapeMismatchError",
+    "ShardsDivergedError",
+    "SlotUnavailableError",
     "SnapshotExistsError",
     "SnapshotNotFoundError",
     "StepConflictError",
@@ -117,6 +123,10 @@ CODES: dict[str, tuple[int, str]] = {
     "stepper_limit": (507, "Stepper limit reached"),
     "memory_budget_exceeded": (507, "Memory budget exceeded"),
     "device_out_of_memory": (507, "Device out of memory"),
+    # The distributed mode (adamscope serve --ray): its ingress's own answers.
+    "shards_diverged": (500, "Shards diverged"),
+    "not_supported_sharded": (501, "Not supported for a sharded stepper"),
+    "slot_unavailable": (503, "Slot unavailable"),
 }
 
 
@@ -263,6 +273,20 @@ class PersistenceFailedError(ServerError):
     (disk full, I/O error); the service retries the write with the next change."""
 
 
+class ShardsDivergedError(ServerError):
+    """Some shards of a sharded stepper applied a step that others refused: send the same
+    request again (same Idempotency-Key) to complete it."""
+
+
+class NotSupportedShardedError(ServerError):
+    """The route is not available for a sharded stepper (the problem says why)."""
+
+
+class SlotUnavailableError(ServerError):
+    """A slot of the distributed service did not answer (its steppers are being restored
+    from their files): retry the request."""
+
+
 class InsufficientStorageError(ServerError):
     """507: a quota of the service is exhausted; retrying the same request cannot help."""
 
@@ -308,6 +332,9 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "stepper_limit": StepperLimitError,
     "memory_budget_exceeded": MemoryBudgetExceededError,
     "device_out_of_memory": DeviceOutOfMemoryError,
+    "shards_diverged": ShardsDivergedError,
+    "not_supported_sharded": NotSupportedShardedError,
+    "slot_unavailable": SlotUnavailableError,
 }
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -192,7 +192,7 @@ class _Remote:
 
     # ------------------------------------------------------------------ the optimizer API
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Send the gradients, run Adam remotely, copy the new parameters in place."""
         loss = None
         if closure is not None:
@@ -297,7 +297,7 @@ class RemoteAdam(_Remote, torch.optim.Adam):  # type: ignore[misc]
     - ``wire_dtype``: ``torch.bfloat16``/``torch.float16`` for a LOSSY half-size wire;
     - ``shards``: distributed mode (``serve --ray``) only: split a new stepper by parameter
       tensors over that many slots;
-    - ``client``: a :class:`client.Client` to reuse; ``device``: where the service keeps the
+    - ``client``: a :class:`.Client` to reuse; ``device``: where the service keeps the
       state (its default otherwise).
     """
 

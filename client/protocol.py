@@ -2,9 +2,12 @@
 
 The service imports these models to parse requests and build responses, and the client
 imports them to build requests and parse responses, so the two cannot drift apart.
-Bulk tensors never appear here: they travel as safetensors bodies (see ``client.codec``);
+Bulk tensors never appear here: they travel as safetensors bodies (see ``adamscope.client.codec``);
 the JSON models carry specifications, summaries and small tensors only.
 """
+
+# Long: the wire contract: every request and reply model in one module (as openai-python's
+# types/), imported by the service and the clients alike so that they cannot drift.
 
 from __future__ import annotations
 
@@ -347,7 +350,7 @@ class _Floats(_Model):
 
 
 class AlertRule(_Floats):
-    """A condition on a per-step signal (``service.engine.signals``) that raises an alert
+    """A condition on a per-step signal (``adamscope.service.inspect.signals``) that raises an alert
     event when it starts to hold (edge-triggered: once per episode, per tensor).
 
     * ``swing``: ``|x_t - x_prev| / |x_prev| > threshold`` (relative change step to step);

@@ -1,5 +1,9 @@
 """The synchronous client."""
 
+# Long: one short method per endpoint, each a call built in _calls or _inspection and
+# sent; aio.py mirrors it line for line. Split by resource, a client's surface would be
+# scattered over modules a user reads to find a method.
+
 from __future__ import annotations
 
 import builtins
@@ -7,13 +11,14 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import torch
 
-from . import _base
+from . import _base, _calls, _inspection, _sse, _state_dict
 from ._base import Call, DryRunReply, StepReply, resolve_url
+from .constants import OCTET
 from .errors import APIStatusError, TransportError
 from .progress import Progress
 from .protocol import (
@@ -29,6 +34,8 @@ from .protocol import (
 from .transport import READINTO_EXTENSION, WireTransport
 
 __all__ = ["Client"]
+
+T = TypeVar("T")
 
 
 class Client:
@@ -74,7 +81,7 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, call: Call) -> Any:
+    def _send(self, call: Call[T]) -> T:
         """Send ``call``, retrying connection failures and 5xx with backoff where that is
         safe (a step's idempotency key is the same on every attempt)."""
         for attempt in range(self.retries + 1):
@@ -86,7 +93,7 @@ class Client:
             time.sleep(_base.retry_delay(attempt, self.backoff))
         raise AssertionError("unreachable")
 
-    def _send_once(self, call: Call) -> Any:
+    def _send_once(self, call: Call[T]) -> T:
         try:
             with self._http.stream(
                 call.method, call.path, params=tuple(call.params), json=call.json_body,
@@ -105,13 +112,13 @@ class Client:
     # -------------------------------------------------------------------- endpoints
 
     def health(self) -> dict[str, Any]:
-        return self._send(_base.health())  # type: ignore[no-any-return]
+        return self._send(_calls.health())
 
     def list(self) -> list[StepperSummary]:
-        return self._send(_base.list_steppers())  # type: ignore[no-any-return]
+        return self._send(_calls.list_steppers())
 
     def get(self, name: str) -> StepperSummary:
-        return self._send(_base.get(name))  # type: ignore[no-any-return]
+        return self._send(_calls.get(name))
 
     def create(
         self,
@@ -133,12 +140,12 @@ class Client:
         service's). ``shards`` (distributed mode only) splits the stepper by parameter
         tensors over that many slots.
         """
-        call = _base.create(name, params, optimizer, device, groups, hyperparameters,
-                            _base.durability_policy(durability), shards)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _calls.create(name, params, optimizer, device, groups, hyperparameters,
+                            _calls.durability_policy(durability), shards)
+        return self._send(call)
 
     def delete(self, name: str) -> None:
-        self._send(_base.delete(name))
+        self._send(_calls.delete(name))
 
     def step(
         self,
@@ -163,9 +170,9 @@ class Client:
         ``torch.float16``) halves the bytes both ways and is LOSSY: gradients are rounded
         before the step and the returned parameters are rounded copies of the stepper's.
         """
-        call = _base.step(name, grads, return_params, param_groups, into, only_stepped,
+        call = _calls.step(name, grads, return_params, param_groups, into, only_stepped,
                           wire_dtype, key, expected_step)
-        return self._send(call)  # type: ignore[no-any-return]
+        return self._send(call)
 
     def contribute(
         self,
@@ -183,23 +190,23 @@ class Client:
         next step, applied (with the mean gradient) once all have contributed. ``wait``
         seconds to block for that; ``reply.applied`` is False if it has not happened yet.
         Retried contributions count once."""
-        call = _base.step(name, grads, return_params, None, into, False, None, key, None,
+        call = _calls.step(name, grads, return_params, None, into, False, None, key, None,
                           (worker, contributors, wait))
-        return self._send(call)  # type: ignore[no-any-return]
+        return self._send(call)
 
     def commit(self, name: str) -> StepReply:
         """Accumulate mode: apply the pending step with the contributions so far."""
-        return self._send(_base.commit(name))  # type: ignore[no-any-return]
+        return self._send(_calls.commit(name))
 
     def get_params(
         self, name: str, names: Sequence[str] | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Parameter values; those named in ``into`` are written into its tensors in place."""
-        return self._send(_base.get_params(name, names, into))  # type: ignore[no-any-return]
+        return self._send(_calls.get_params(name, names, into))
 
     def put_params(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._send(_base.put_params(name, tensors))
+        self._send(_calls.put_params(name, tensors))
 
     def get_state(
         self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
@@ -207,8 +214,8 @@ class Client:
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
         ``with_params`` also ``"param"``, the value read together with that state."""
-        call = _base.get_state(name, names, keys, with_params)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _calls.get_state(name, names, keys, with_params)
+        return self._send(call)
 
     def put_state(
         self,
@@ -219,28 +226,28 @@ class Client:
         replace: bool = False,
     ) -> None:
         """Load state tensors by parameter name (any subset); ``replace`` drops the rest."""
-        self._send(_base.put_state(name, state, param_groups, replace))
+        self._send(_calls.put_state(name, state, param_groups, replace))
 
     def reset_state(self, name: str, names: Sequence[str] | None = None) -> None:
-        self._send(_base.reset_state(name, names))
+        self._send(_calls.reset_state(name, names))
 
     def set_hyperparameters(
         self, name: str, *, group: int | None = None, **options: Any
     ) -> StepperSummary:
-        call = _base.set_hyperparameters(name, group, options)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _calls.set_hyperparameters(name, group, options)
+        return self._send(call)
 
     def bias_correction(self, name: str, step: float | None = None) -> BiasCorrectionReport:
-        return self._send(_base.bias_correction(name, step))  # type: ignore[no-any-return]
+        return self._send(_calls.bias_correction(name, step))
 
     def state_dict(self, name: str) -> dict[str, Any]:
         """The stepper's state in ``torch.optim.Adam.state_dict()`` format."""
         summary = self.get(name)
-        return _base.to_state_dict(summary, self.get_state(name))
+        return _state_dict.to_state_dict(summary, self.get_state(name))
 
     def load_state_dict(self, name: str, state_dict: Mapping[str, Any]) -> None:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
-        state, options = _base.from_state_dict(self.get(name), state_dict)
+        state, options = _state_dict.from_state_dict(self.get(name), state_dict)
         self.put_state(name, state, param_groups=options, replace=True)
 
 
@@ -248,7 +255,7 @@ class Client:
 
     def checkpoint(self, name: str) -> CheckpointInfo:
         """Write the stepper's state to the service's disk now, whatever its policy."""
-        return self._send(_base.checkpoint(name))  # type: ignore[no-any-return]
+        return self._send(_calls.checkpoint(name))
 
     def set_durability(
         self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
@@ -256,24 +263,24 @@ class Client:
     ) -> StepperSummary:
         """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
         ``n``), ``"interval"`` (with ``seconds``) or ``"manual"``."""
-        body = _base.durability_policy(policy, n, seconds)
+        body = _calls.durability_policy(policy, n, seconds)
         assert body is not None
-        return self._send(_base.set_durability(name, body))  # type: ignore[no-any-return]
+        return self._send(_calls.set_durability(name, body))
 
     def snapshot(self, name: str, snap: str | None = None) -> SnapshotInfo:
         """Take a named snapshot of the stepper now (name chosen by the service if None)."""
-        return self._send(_base.take_snapshot(name, snap))  # type: ignore[no-any-return]
+        return self._send(_calls.take_snapshot(name, snap))
 
     def snapshots(self, name: str) -> builtins.list[SnapshotInfo]:
         """The stepper's snapshots, oldest first."""
-        return self._send(_base.list_snapshots(name))  # type: ignore[no-any-return]
+        return self._send(_calls.list_snapshots(name))
 
     def restore(self, name: str, snap: str) -> StepperSummary:
         """Roll the stepper back to snapshot ``snap`` (values, state, options and step)."""
-        return self._send(_base.restore_snapshot(name, snap))  # type: ignore[no-any-return]
+        return self._send(_calls.restore_snapshot(name, snap))
 
     def delete_snapshot(self, name: str, snap: str) -> None:
-        self._send(_base.delete_snapshot(name, snap))
+        self._send(_calls.delete_snapshot(name, snap))
 
     def download_snapshot(
         self, name: str, snap: str, path: str | os.PathLike[str], *,
@@ -283,16 +290,16 @@ class Client:
         when it is a terminal, or with ``progress=True``). Returns the path."""
         target = Path(path)
         part = target.with_name(target.name + ".part")
-        url = _base.snapshot_file_path(name, snap)
+        url = _calls.snapshot_file_path(name, snap)
         try:
-            with self._http.stream("GET", url, headers={"accept": _base.OCTET}) as r:
+            with self._http.stream("GET", url, headers={"accept": OCTET}) as r:
                 if not r.is_success:
                     r.read()
                     _base.raise_for_problem(r)
                 total = int(r.headers.get("content-length", 0)) or None
                 with Progress(total, f"{name}/{snap}", progress) as bar, \
                         open(part, "wb") as f:
-                    for chunk in r.iter_bytes(_base.FILE_CHUNK):
+                    for chunk in r.iter_bytes(_calls.FILE_CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
             os.replace(part, target)
@@ -312,17 +319,17 @@ class Client:
         file's stepper name); a progress bar as for :meth:`download_snapshot`."""
         source = Path(path)
         data = source.read_bytes()
-        url, query = _base.import_request(name, device)
+        url, query = _calls.import_request(name, device)
         try:
             with Progress(len(data), f"upload {source.name}", progress) as bar, \
                     self._http.stream("POST", url, params=tuple(query),
-                                      content=_base.progress_chunks(data, bar),  # type: ignore[arg-type]
-                                      headers=_base.upload_headers(len(data))) as r:
+                                      content=_calls.progress_chunks(data, bar),  # type: ignore[arg-type]
+                                      headers=_calls.upload_headers(len(data))) as r:
                 r.read()
         except httpx.TransportError as e:
             raise TransportError(f"POST {url}: {e!r}") from e
         _base.raise_for_problem(r)
-        return _base.summary_of(r)
+        return _calls.summary_of(r)
 
     # -------------------------------------------------------------------- history and events
 
@@ -334,23 +341,23 @@ class Client:
         """The stepper's retained per-step signals: the aggregate's time series, plus those
         of ``tensor`` (names, or ``"*"`` for all), of ``signal`` (default all), for steps
         after ``since``, the last ``limit``. ``fmt="csv"`` returns the CSV text."""
-        call = _base.history(name, signal, tensor, since, limit, fmt)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.history(name, signal, tensor, since, limit, fmt)
+        return self._send(call)
 
     def alerts(self, name: str, limit: int | None = None) -> AlertsReport:
         """The stepper's alert rules, which hold now, and its latest alert events."""
-        return self._send(_base.alerts(name, limit))  # type: ignore[no-any-return]
+        return self._send(_inspection.alerts(name, limit))
 
     def set_alerts(
         self, name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None
     ) -> AlertsReport:
         """Replace the stepper's alert rules (``None``: back to the defaults)."""
-        return self._send(_base.set_alerts(name, rules))  # type: ignore[no-any-return]
+        return self._send(_inspection.set_alerts(name, rules))
 
     def report_loss(self, name: str, step: int | None, loss: float) -> LossRecorded:
         """Record the training loss of ``step`` (None: the stepper's current step) in the
         stepper's history; NaN and Inf are recorded as such."""
-        return self._send(_base.report_loss(name, step, loss))  # type: ignore[no-any-return]
+        return self._send(_inspection.report_loss(name, step, loss))
 
     def events(
         self, stepper: str | Sequence[str] | None = None, *,
@@ -368,12 +375,12 @@ class Client:
         ``last_event_id`` resumes after an event received before. The stream ends after
         ``max_events`` step events or ``duration`` seconds, or when the iterator is closed
         (``contextlib.closing`` or ``break``)."""
-        path, params, headers = _base.events_request(stepper, tensors, replay, last_event_id,
+        path, params, headers = _sse.events_request(stepper, tensors, replay, last_event_id,
                                                      heartbeat, max_events, duration)
         base = self._http.timeout
         timeout = httpx.Timeout(base.connect, read=max(base.read or 0, 4 * (heartbeat or 15)),
                                 write=base.write, pool=base.pool)
-        parser = _base.SSEParser(heartbeats)
+        parser = _sse.SSEParser(heartbeats)
         try:
             with self._http.stream("GET", path, params=tuple(params), headers=headers,
                                    timeout=timeout) as r:
@@ -400,21 +407,21 @@ class Client:
         ``v_hat``, ``lr_eff``, ``update``) per parameter and aggregated, computed where the
         state lives: ``{"step", "tensors": {param: {key: stats}}, "aggregate": {key: stats},
         "missing": [...]}``."""
-        call = _base.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
+        call = _inspection.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
                            aggregate)
-        return self._send(call)  # type: ignore[no-any-return]
+        return self._send(call)
 
     def signals(self, name: str) -> dict[str, Any]:
         """The last step's signals: ``{"step", "time", "tensors": {param: {signal: value}},
         "aggregate": {signal: value}, "sample": {param: n}}``."""
-        return self._send(_base.signals(name))  # type: ignore[no-any-return]
+        return self._send(_inspection.signals(name))
 
     def slice(self, name: str, param: str, key: str = "param", *,
               index: str | int | None = None, rows: str | None = None) -> torch.Tensor:
         """A selection of one tensor or view: ``index`` numpy-style (``3``, ``"0:4"``,
         ``"2,1:10:2"``) or ``rows`` (``"a:b"`` over the first dimension)."""
-        call = _base.slice_tensor(name, param, key, index, rows)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.slice_tensor(name, param, key, index, rows)
+        return self._send(call)
 
     def dry_run(
         self, name: str, grads: Mapping[str, torch.Tensor], *,
@@ -424,10 +431,10 @@ class Client:
         """What a step with ``grads`` would do, without doing it: statistics of the update
         and gradients and the step's signals; with ``return_update`` also the would-be
         update, parameter values and state."""
-        call = _base.dry_run(name, grads, param_groups, return_update, quantiles, bins, log)
-        return self._send(call)  # type: ignore[no-any-return]
+        call = _inspection.dry_run(name, grads, param_groups, return_update, quantiles, bins, log)
+        return self._send(call)
 
     def diff(self, a: str, b: str) -> dict[str, Any]:
         """Name-keyed diff of two steppers or snapshots (``"stepper"`` or
         ``"stepper/snapshot"``): which tensors changed and by how much."""
-        return self._send(_base.diff(a, b))  # type: ignore[no-any-return]
+        return self._send(_inspection.diff(a, b))

@@ -14,29 +14,9 @@ root package here, ``adamscope.client`` to ``client/`` and ``adamscope.service``
 ``service/``.)
 """
 
-from .client import (
-    AdamscopeError,
-    APIStatusError,
-    AsyncClient,
-    Client,
-    RemoteAdam,
-    RemoteAdamW,
-    RemoteOptimizerMismatch,
-    StepReply,
-    TransportError,
-)
+from . import client
+from .client import *  # noqa: F403 - the client's public names are adamscope's
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "APIStatusError",
-    "AdamscopeError",
-    "AsyncClient",
-    "Client",
-    "RemoteAdam",
-    "RemoteAdamW",
-    "RemoteOptimizerMismatch",
-    "StepReply",
-    "TransportError",
-    "__version__",
-]
+__all__ = [*client.__all__, "__version__"]

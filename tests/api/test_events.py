@@ -19,7 +19,7 @@ import pytest
 from api_support import SPEC, assert_problem, create, grads, initial_values, step
 from fastapi.testclient import TestClient
 
-from adamscope.client._base import SSEParser
+from adamscope.client._sse import SSEParser
 from adamscope.service.api.events import EventHub, Subscription, event_stream
 from adamscope.service.app import create_app
 from adamscope.service.inspect.signals import SIGNALS, signals_of
