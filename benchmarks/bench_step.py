@@ -10,14 +10,14 @@ number of bytes (request and reply) between two processes on loopback (``recv_in
 preallocated buffer, ``sendall`` it back), plus one local fused Adam step (the fastest exact
 PyTorch implementation) of the same parameters.
 
-The server is ``python -m adamscope.service.cli serve`` in a subprocess on 127.0.0.1 and an ephemeral
-port. A remote step is everything a training loop waits for in ``RemoteAdam.step()``:
-encoding the gradients as safetensors, the HTTP round trip, PyTorch's Adam step in the
-service, the updated parameters coming back and being copied into the local tensors. A
-local step is ``torch.optim.Adam.step()``. Both get the same parameters, gradients and
-options; remote and local steps alternate (and alternate which goes first) so that machine
-noise hits both alike. At the end the remote and local parameters are compared with
-``torch.equal``: the two runs must be bit-identical.
+The server is ``python -m adamscope.service.cli serve`` in a subprocess on 127.0.0.1 and an
+ephemeral port (:mod:`adamscope.service.testing`). A remote step is everything a training
+loop waits for in ``RemoteAdam.step()``: encoding the gradients as safetensors, the HTTP
+round trip, PyTorch's Adam step in the service, the updated parameters coming back and
+being copied into the local tensors. A local step is ``torch.optim.Adam.step()``. Both get
+the same parameters, gradients and options; remote and local steps alternate (and
+alternate which goes first) so that machine noise hits both alike. At the end the remote
+and local parameters are compared with ``torch.equal``: the two runs must be bit-identical.
 
 Parameters are laid out like a small transformer (per layer: attention and MLP weights,
 biases, layer norms; plus an embedding holding the remainder), so 10M parameters come as
@@ -53,6 +53,7 @@ import httpx
 import torch
 
 from adamscope.client import Client, RemoteAdam
+from adamscope.service.testing import spawned
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = {
@@ -100,12 +101,6 @@ def model(numel: int) -> tuple[list[tuple[int, ...]], list[str], list[torch.Tens
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     return shapes, [f"p{i}" for i in range(len(shapes))], init, grads
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 ECHO_SERVER = r"""
@@ -167,38 +162,10 @@ def server(device: str, timeout: float = 60, data_parent: str | None = None,
     """``adamscope serve`` (with ``extra`` arguments, and ``env`` added to its environment)
     in a subprocess on 127.0.0.1; yields its URL, stops it after. Its data directory is a
     temporary one (inside ``data_parent`` when given)."""
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data:
-        cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--data-dir", data, "--device", device,
-               "--log-level", "warning", *extra]
-        # The server's output goes to a file: a pipe nobody reads would fill and block it.
-        with tempfile.TemporaryFile("w+") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    text=True, env={**os.environ, **(env or {})})
-            url = f"http://127.0.0.1:{port}"
-            try:
-                deadline = time.monotonic() + timeout
-                while True:
-                    if proc.poll() is not None:
-                        log.seek(0)
-                        raise RuntimeError(f"server exited: {log.read()[-4000:]}")
-                    try:
-                        if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("server did not become healthy in time")
-                    time.sleep(0.1)
-                yield url
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=stop_timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data, \
+            spawned(data, "--device", device, *extra, timeout=timeout,
+                    stop_timeout=stop_timeout, env=env, cwd=ROOT) as running:
+        yield running.url
 
 
 def sync(device: str) -> None:

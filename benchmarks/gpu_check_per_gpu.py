@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adamscope.client import codec  # noqa: E402
+from adamscope.service.testing import serve_command, wait_healthy  # noqa: E402
 
 
 def gpu_uuids() -> list[str]:
@@ -86,24 +86,16 @@ def scenario(title: str, visible: str | None, expected: list[str], uuids: list[s
     port = free_port_block(len(expected))
     ok = True
     with tempfile.TemporaryDirectory() as data:
-        proc = subprocess.Popen([sys.executable, "-m", "adamscope.service.cli", "serve", "--per-gpu",
-                                 "--device", "cuda", "--port", str(port), "--data-dir", data,
-                                 "--log-level", "warning"], cwd=ROOT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(serve_command(port, data, "--per-gpu", "--device", "cuda"),
+                                cwd=ROOT, env=env, start_new_session=True)
         try:
-            deadline = time.monotonic() + 60
             for i in range(len(expected)):
-                while True:
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port + i}/healthz",
-                                     timeout=2).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        print(f"{title}: worker {i} did not serve on port {port + i}")
-                        return False
-                    time.sleep(0.2)
+                try:
+                    wait_healthy(f"http://127.0.0.1:{port + i}", lambda: proc.poll() is None,
+                                 timeout=60, poll=0.2)
+                except RuntimeError:
+                    print(f"{title}: worker {i} did not serve on port {port + i}")
+                    return False
             workers = {int(cmd[cmd.index("--port") + 1]) - port: pid
                        for pid, cmd in children(proc.pid).items() if "--port" in cmd}
             for i, entry in enumerate(expected):

@@ -5,15 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import uvicorn
@@ -22,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from adamscope.service.app import create_app
 from adamscope.service.settings import Settings
+from adamscope.service.testing import spawned
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,42 +91,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         yield server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def spawn_server(data_dir: Path, *extra: str, timeout: float = 60,
                  stop_timeout: float = 15) -> Iterator[str]:
     """``adamscope serve`` as a separate process (the console script's code path)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in time")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=stop_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:  # unclosed, it is a ResourceWarning (an error here)
-            proc.stdout.close()
+    with spawned(data_dir, *extra, timeout=timeout, stop_timeout=stop_timeout,
+                 cwd=ROOT) as server:
+        yield server.url

@@ -35,7 +35,7 @@ from api_support import (
     snapshot,
     step,
 )
-from conftest import free_port, run_uvicorn
+from conftest import run_uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from test_packaging import instructions
@@ -49,6 +49,7 @@ from adamscope.service.app import create_app
 from adamscope.service.auth import TokenConfigError, TokenTable, load_access, load_tokens_file
 from adamscope.service.cli import build_parser
 from adamscope.service.settings import Settings
+from adamscope.service.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

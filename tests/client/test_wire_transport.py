@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import LiveServer, free_port
+from conftest import LiveServer
 from remote_support import assert_tensor_equal, unique
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +31,7 @@ from starlette.routing import Route
 from adamscope.client import Client, RemoteAdam, codec
 from adamscope.client.errors import ProtocolError, TransportError
 from adamscope.client.transport import READINTO_EXTENSION, WIRE_EXTENSION, WireTransport
+from adamscope.service.testing import free_port
 
 WIRE = {WIRE_EXTENSION: True}
 BIG = 8 * 1024 * 1024 + 13  # odd on purpose: no chunk or buffer size divides it

@@ -20,26 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
+from adamscope.service.testing import serve_command, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-
-
-def wait_healthy(url: str, alive: Any, timeout: float = 30) -> None:
-    """Poll ``/healthz`` until it answers 200; ``alive()`` False means the server died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not alive():
-            raise RuntimeError(f"server at {url} exited before becoming healthy")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server at {url} did not become healthy in {timeout} s")
-        time.sleep(0.02)
 
 
 def pid_alive(pid: int) -> bool:
@@ -111,7 +95,7 @@ class ForkServer:
         child = Forked(answer["pid"], f"http://127.0.0.1:{answer['port']}")
         self._children.append(child)
         try:
-            wait_healthy(child.url, child.alive)
+            wait_healthy(child.url, child.alive, timeout=30, poll=0.02)
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{self.log_path.read_text()}") from None
         return child
@@ -134,9 +118,7 @@ class ForkServer:
 @contextlib.contextmanager
 def killable_cli(data_dir: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """``adamscope serve`` (the console script's code path) as a Popen the test may kill."""
-    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--data-dir", str(data_dir), "--device", "cpu",
-           "--log-level", "warning", *extra]
+    cmd = serve_command(port, data_dir, "--device", "cpu", *extra)
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
