@@ -20,7 +20,7 @@ Presented tokens are compared in constant time against every configured token (S
 digests through :func:`hmac.compare_digest`, no early exit), and no token value is ever put
 in a log line, an error message or a ``repr``: entries are identified by their label.
 
-HTTP enforcement lives in :mod:`service.api.access`; this module knows nothing of HTTP.
+HTTP enforcement lives in :mod:`adamscope.service.api.access`; this module knows nothing of HTTP.
 """
 
 from __future__ import annotations

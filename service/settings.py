@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="largest tensor read or written as JSON instead of safetensors"
     )
     log_level: str = "info"
-    # Access control (service.auth): without tokens the CLI serves loopback only.
+    # Access control (adamscope.service.auth): without tokens the CLI serves loopback only.
     tokens: list[TokenSpec] = Field(
         default_factory=list,
         description="bearer tokens, JSON list of {token, scope, prefix?, name?}",
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = Field(
         False, description="allow serving a non-loopback address without tokens"
     )
-    # Quotas (service.api.quota): None means unlimited.
+    # Quotas (adamscope.service.api.quota): None means unlimited.
     max_tensor_elements: int = Field(
         2**32, ge=1, description="largest parameter a stepper may hold, in elements (413)"
     )
@@ -56,16 +56,16 @@ class Settings(BaseSettings):
         None, ge=1, description="bytes all steppers' footprints may take (parameters, Adam state, "
         "gradient buffer, step workspace, pinned host buffers; 507); "
         "set or not, every new stepper must also fit the memory its device has available "
-        "(service.api.budget)"
+        "(adamscope.service.api.budget)"
     )
-    # Durability (service.persistence): the policy of steppers created without one.
+    # Durability (adamscope.service.persistence): the policy of steppers created without one.
     durability: Durability = Field(
         default_factory=Durability,
         description='default durability policy, e.g. {"mode": "every_n", "n": 100}',
     )
 
-    # History, alerts, live events and metrics (service.engine.history, service.api.events,
-    # service.api.metrics).
+    # History, alerts, live events and metrics (adamscope.service.inspect, api.events,
+    # api.routes.metrics).
     signals: bool = Field(
         True, description="compute per-step signals (false: steps are recorded without them; "
         "saves their cost, about 1 ms per step for a small stepper and 3 ms for 10M "

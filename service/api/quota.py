@@ -5,7 +5,7 @@
 * ``max_steppers``: creating one more stepper than this is refused (507 ``stepper_limit``).
 * ``memory_budget_bytes``: the memory all steppers hold *once every parameter has stepped*
   may not exceed this (507 ``memory_budget_exceeded``): each stepper's footprint total
-  (:mod:`service.engine.footprint`): parameters and Adam state (3x or 4x the parameter
+  (:mod:`adamscope.service.engine.footprint`): parameters and Adam state (3x or 4x the parameter
   bytes, ``max_exp_avg_sq`` where the group has ``amsgrad``, plus a 4-byte ``step`` per
   parameter), the gradient buffer (1x), the workspace PyTorch's step allocates (by
   implementation) and, on a GPU, the page-locked host buffers (2x). The summary's

@@ -1,7 +1,7 @@
 """The browser dashboard: static files (HTML, plain JavaScript, CSS) under ``static/``.
 
 They use only the public REST and SSE API, load nothing from other origins (no CDN, no
-build step) and so work offline; :mod:`service.api.dashboard` serves them.
+build step) and so work offline; :mod:`adamscope.service.api.routes.dashboard` serves them.
 """
 
 from __future__ import annotations

@@ -24,25 +24,23 @@ It is a plain safetensors file that any safetensors reader opens:
   ``snapshot``), and ``adamscope.step`` / ``adamscope.stepper`` as on every tensor body.
 
 Every checkpoint the service writes stays readable by it and by the reference
-``safetensors`` library (whose header ceiling is :data:`client.codec.MAX_HEADER_BYTES`):
+``safetensors`` library (whose header ceiling is :data:`adamscope.client.codec.MAX_HEADER_BYTES`):
 :func:`check_header_room` refuses, at creation, a stepper whose names would make the header
 of its checkpoint (with every state tensor and a full journal) larger than that, and
 :func:`write` refuses to write one that is.
 
 Restoring goes through the stepper's own state load (``Optimizer.load_state_dict``), so a
 restored stepper continues bit for bit like one that never stopped. Nothing is unpickled:
-tensors are rebuilt from dtype, shape and raw bytes by :mod:`client.codec`.
+tensors are rebuilt from dtype, shape and raw bytes by :mod:`adamscope.client.codec`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import re
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +51,22 @@ from adamscope.client.constants import (
     META_CHECKPOINT,
     META_STEP,
     META_STEPPER,
-    STEPPER_NAME_PATTERN,
 )
 
-from .errors import CheckpointTooLarge, EngineError, InvalidCheckpoint, InvalidSpec, StepperExists
-from .journal import DIGEST_BYTES, JOURNAL_KEYS, SETS_BUDGET, JournalError, KeyJournal
+from .errors import CheckpointTooLarge, EngineError, InvalidCheckpoint, StepperExists
+from .header import (
+    FORMAT,
+    FORMAT_VERSION,
+    PARAM_PREFIX,
+    RESERVED,
+    STATE_PREFIX,
+    check,
+    check_header_room,
+    header_bound,
+    parse_header,
+)
+from .journal import JournalError, KeyJournal
 from .memory import stage_on_host
-from .options import OPTIMIZERS, OPTION_NAMES
 from .spec import GroupDef
 from .state import STATE_KEYS
 from .stepper import Stepper
@@ -84,16 +91,6 @@ __all__ = [
 #: dwarfs their waits, and no page-locked buffer of its size (which PyTorch's host
 #: allocator would round up to a power of two and keep cached) is taken.
 STAGE_LIMIT = 512 * 2**20
-FORMAT = "adamscope-checkpoint"
-FORMAT_VERSION = 1
-PARAM_PREFIX = "param/"
-STATE_PREFIX = "state/"
-#: Header keys the engine writes; annotations may not replace them.
-RESERVED = frozenset({"format", "version", "stepper", "optimizer", "device", "params", "groups",
-                      "step", "created_at", "updated_at", "saved_at", "torch", "extra",
-                      "idempotency"})
-_NAME = re.compile(STEPPER_NAME_PATTERN)
-_PARAM_NAME = re.compile(r"[^\x00-\x1f]{1,512}")  # as ParamSpec allows
 
 
 @dataclass(frozen=True)
@@ -143,6 +140,40 @@ class Checkpoint:
 # ---------------------------------------------------------------------- stepper -> bytes
 
 
+def _tensors_of(stepper: Stepper) -> dict[str, torch.Tensor]:
+    """Every parameter, then every state tensor that exists, by checkpoint name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for n, p in zip(stepper.names, stepper.params, strict=True):
+        tensors[PARAM_PREFIX + n] = p.detach()
+    for n in stepper.names:
+        s = stepper.param_state(n)
+        for key in STATE_KEYS:
+            if key in s:
+                tensors[f"{STATE_PREFIX}{n}/{key}"] = s[key]
+    return tensors
+
+
+def _header_of(stepper: Stepper) -> dict[str, Any]:
+    groups = [{"params": list(stepper.group_names[gi]), "options": options}
+              for gi, options in enumerate(stepper.group_options())]
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "stepper": stepper.name,
+        "optimizer": stepper.kind,
+        "device": str(stepper.device),
+        "params": list(stepper.names),
+        "groups": groups,
+        "step": stepper.step_count,
+        "created_at": stepper.created_at,
+        "updated_at": stepper.updated_at,
+        "saved_at": time.time(),
+        "torch": torch.__version__,
+        "extra": stepper.journal,
+        "idempotency": stepper.keys.to_json(),
+    }
+
+
 def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
           annotations: Mapping[str, Any] | None = None) -> Encoded:
     """Hand the stepper's checkpoint to ``sink`` as a list of byte chunks, under its lock.
@@ -156,36 +187,8 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
     if extra_keys:
         raise ValueError(f"annotations may not replace {sorted(extra_keys)}")
     with stepper.lock:
-        tensors: dict[str, torch.Tensor] = {}
-        for n, p in zip(stepper.names, stepper.params, strict=True):
-            tensors[PARAM_PREFIX + n] = p.detach()
-        for n, p in zip(stepper.names, stepper.params, strict=True):
-            s = stepper.optimizer.state.get(p, {})
-            for key in STATE_KEYS:
-                if key in s:
-                    tensors[f"{STATE_PREFIX}{n}/{key}"] = s[key]
-        groups = [
-            {"params": list(stepper.group_names[gi]),
-             "options": {k: g[k] for k in OPTION_NAMES}}
-            for gi, g in enumerate(stepper.optimizer.param_groups)
-        ]
-        header: dict[str, Any] = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "stepper": stepper.name,
-            "optimizer": stepper.kind,
-            "device": str(stepper.device),
-            "params": list(stepper.names),
-            "groups": groups,
-            "step": stepper.step_count,
-            "created_at": stepper.created_at,
-            "updated_at": stepper.updated_at,
-            "saved_at": time.time(),
-            "torch": torch.__version__,
-            "extra": stepper.journal,
-            "idempotency": stepper.keys.to_json(),
-            **(annotations or {}),
-        }
+        tensors = _tensors_of(stepper)
+        header = {**_header_of(stepper), **(annotations or {})}
         metadata = {
             META_CHECKPOINT: json.dumps(header, separators=(",", ":")),
             META_STEP: str(stepper.step_count),
@@ -218,125 +221,6 @@ def encode(stepper: Stepper, annotations: Mapping[str, Any] | None = None) -> En
     return Encoded(out[0], enc.header, enc.version, enc.size)
 
 
-# ---------------------------------------------------------------------- header room
-
-#: Header bytes set aside for what is not per parameter: each group's options, the alert
-#: rules and annotations in ``extra``, timestamps and the like.
-HEADER_ALLOWANCE = 256 * 1024
-#: Longest header entry of one tensor beyond its name and shape: the JSON punctuation, the
-#: longest dtype tag and two 20-digit offsets.
-_ENTRY_BYTES = len('"":{"dtype":"BF16","shape":[],"data_offsets":[,]},') + 2 * 20
-_STATE_SUFFIXES = ("/step", "/exp_avg", "/exp_avg_sq", "/max_exp_avg_sq")
-
-
-def header_bound(params: Sequence[tuple[str, Sequence[int]]], groups: int) -> int:
-    """An upper bound on the header size of a checkpoint of a stepper with these parameter
-    names and shapes: every state tensor present and the idempotency journal full."""
-    entries = 0
-    names = 0
-    for name, shape in params:
-        quoted = len(json.dumps(name))
-        dims = sum(len(str(d)) + 1 for d in shape)
-        entries += quoted + len(PARAM_PREFIX) + dims + _ENTRY_BYTES
-        entries += sum(quoted + len(STATE_PREFIX) + len(k) + dims + _ENTRY_BYTES
-                       for k in _STATE_SUFFIXES)
-        names += 2 * (quoted + 1)  # in "params" and in its group's "params"
-    per_key = 4 * DIGEST_BYTES // 3 + 1 + 21 + 6  # a digest, a step and a set reference
-    journal = JOURNAL_KEYS * per_key + 2 * (SETS_BUDGET + math.ceil(len(params) / 8)) + 64
-    # The checkpoint header is JSON inside a JSON string: escaping may double it.
-    return entries + 2 * (names + HEADER_ALLOWANCE * max(1, groups)) + journal + 8
-
-
-def check_header_room(params: Sequence[tuple[str, Sequence[int]]], groups: int = 1) -> None:
-    """422 ``invalid_spec`` unless every checkpoint of such a stepper stays readable: its
-    header under the ceiling of safetensors readers, whatever its state and journal."""
-    bound = header_bound(params, groups)
-    if bound > codec.MAX_HEADER_BYTES:
-        raise InvalidSpec(
-            f"{len(params)} parameters with these names would make the stepper's checkpoint "
-            f"header up to {bound} bytes, over the {codec.MAX_HEADER_BYTES} bytes safetensors "
-            "readers accept: use fewer parameters or shorter names")
-
-
-# ---------------------------------------------------------------------- bytes -> checkpoint
-
-
-def _check(condition: bool, detail: str) -> None:
-    if not condition:
-        raise InvalidCheckpoint(detail)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    """A finite number that fits a float64 and, if an integer, an int64."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return False
-    return -_INT64 <= x <= _INT64 if isinstance(x, int) else math.isfinite(x)
-
-
-_INT64 = 2**63 - 1
-
-
-def _str_list(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(v, str) for v in x)
-
-
-def parse_header(metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The checkpoint header from a file's ``__metadata__``, every field checked."""
-    raw = metadata.get(META_CHECKPOINT)
-    _check(raw is not None,
-           f"not an adamscope checkpoint: __metadata__ lacks {META_CHECKPOINT!r}")
-    assert raw is not None
-    try:
-        h = codec.load_json(raw, "checkpoint header")
-    except codec.CodecError as e:
-        raise InvalidCheckpoint(str(e)) from None
-    _check(isinstance(h, dict), "checkpoint header must be a JSON object")
-    _check(h.get("format") == FORMAT, f"checkpoint format is {h.get('format')!r}, not {FORMAT!r}")
-    version = h.get("version")
-    _check(_is_int(version) and 1 <= version <= _INT64,
-           f"invalid checkpoint format version {version!r}")
-    _check(version <= FORMAT_VERSION,
-           f"checkpoint format version {version} is newer than this service reads "
-           f"({FORMAT_VERSION}): upgrade adamscope")
-    name = h.get("stepper")
-    _check(isinstance(name, str) and _NAME.fullmatch(name) is not None,
-           f"checkpoint names an invalid stepper {name!r}")
-    _check(h.get("optimizer") in OPTIMIZERS,
-           f"checkpoint has unknown optimizer {h.get('optimizer')!r}")
-    _check(isinstance(h.get("device"), str), "checkpoint lacks a device")
-    params = h.get("params")
-    _check(_str_list(params) and len(params) > 0 and len(set(params)) == len(params),
-           "checkpoint 'params' must list distinct parameter names")
-    for n in params:
-        _check(_PARAM_NAME.fullmatch(n) is not None, f"invalid parameter name {n!r}")
-    groups = h.get("groups")
-    _check(isinstance(groups, list) and len(groups) > 0, "checkpoint 'groups' must be a list")
-    for g in groups:
-        _check(isinstance(g, dict) and _str_list(g.get("params"))
-               and isinstance(g.get("options"), dict),
-               "each checkpoint group needs 'params' (names) and 'options' (an object)")
-        for key, value in g["options"].items():
-            _check(key in OPTION_NAMES, f"checkpoint group has unknown option {key!r}")
-            ok = (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
-                  if key == "betas" else value is None or isinstance(value, bool)
-                  or _is_number(value))
-            _check(ok, f"checkpoint option {key}={value!r} has the wrong type")
-    step = h.get("step")
-    _check(_is_int(step) and 0 <= step <= _INT64,
-           f"checkpoint step must be an integer in 0..2**63-1, got {step!r}")
-    for key in ("created_at", "updated_at", "saved_at"):
-        _check(_is_number(h.get(key)), f"checkpoint {key!r} must be a finite number")
-    _check(isinstance(h.get("extra", {}), dict), "checkpoint 'extra' must be an object")
-    _check(isinstance(h.get("idempotency", {}), dict),
-           "checkpoint 'idempotency' must be an object")
-    h.setdefault("extra", {})
-    return h  # type: ignore[no-any-return]
-
-
 def decode(data: bytes | bytearray | memoryview) -> Checkpoint:
     """Parse and validate checkpoint bytes (raises :class:`InvalidCheckpoint`)."""
     try:
@@ -351,18 +235,18 @@ def decode(data: bytes | bytearray | memoryview) -> Checkpoint:
     for key, t in tensors.items():
         if key.startswith(PARAM_PREFIX):
             n = key[len(PARAM_PREFIX):]
-            _check(n in known, f"checkpoint tensor {key!r} names no listed parameter")
+            check(n in known, f"checkpoint tensor {key!r} names no listed parameter")
             params[n] = t
         elif key.startswith(STATE_PREFIX):
             n, _, which = key[len(STATE_PREFIX):].rpartition("/")
-            _check(n in known and which in STATE_KEYS,
+            check(n in known and which in STATE_KEYS,
                    f"checkpoint tensor {key!r} is not 'state/<parameter>/<key>' with key one of "
                    + ", ".join(STATE_KEYS))
             state.setdefault(n, {})[which] = t
         else:
             raise InvalidCheckpoint(f"unexpected tensor {key!r} in checkpoint")
     missing = [n for n in names if n not in params]
-    _check(not missing, f"checkpoint lacks the values of parameter(s) {missing}")
+    check(not missing, f"checkpoint lacks the values of parameter(s) {missing}")
     return Checkpoint(header, [(n, params[n]) for n in names], state)
 
 
@@ -370,18 +254,18 @@ def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
     """A checkpoint's header read from the start of a file (``read(n)`` returns the next n
     bytes), without reading any tensor data."""
     prefix = read(8)
-    _check(len(prefix) == 8, "file too short for a safetensors header")
+    check(len(prefix) == 8, "file too short for a safetensors header")
     (n,) = struct.unpack("<Q", prefix)
-    _check(n <= codec.MAX_HEADER_BYTES, f"safetensors header of {n} bytes is too large")
+    check(n <= codec.MAX_HEADER_BYTES, f"safetensors header of {n} bytes is too large")
     raw = read(n)
-    _check(len(raw) == n, "file ends inside its safetensors header")
+    check(len(raw) == n, "file ends inside its safetensors header")
     try:
         head = codec.load_json(raw, "safetensors header")
     except codec.CodecError as e:
         raise InvalidCheckpoint(str(e)) from None
-    _check(isinstance(head, dict), "safetensors header must be a JSON object")
+    check(isinstance(head, dict), "safetensors header must be a JSON object")
     metadata = head.get("__metadata__")
-    _check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+    check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
            "safetensors __metadata__ must map strings to strings")
     return parse_header(metadata)
 

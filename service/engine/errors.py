@@ -1,6 +1,6 @@
 """Engine exceptions: each carries the stable problem ``code`` the API layer reports.
 
-The engine knows nothing of HTTP; ``service.errors`` maps codes to statuses.
+The engine knows nothing of HTTP; ``adamscope.service.errors`` maps codes to statuses.
 """
 
 from __future__ import annotations

@@ -180,7 +180,8 @@ class Stepper:
 
     def param_state(self, name: str) -> Mapping[str, Any]:
         """Its Adam state as the optimizer holds it ({} before its first step)."""
-        return self.optimizer.state.get(self.param(name), {})
+        found: Mapping[str, Any] = self.optimizer.state.get(self.param(name), {})
+        return found
 
     def param_group(self, name: str) -> Mapping[str, Any]:
         """Its param group (options by PyTorch's names, and the group's tensors)."""

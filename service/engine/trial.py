@@ -77,7 +77,8 @@ class Trial:
         """The clone's Adam state as the throwaway optimizer holds it (empty before a
         first step)."""
         assert self.optimizer is not None
-        return self.optimizer.state.get(self.params[name], {})
+        found: Mapping[str, Any] = self.optimizer.state.get(self.params[name], {})
+        return found
 
     def run(self) -> None:
         """Step the clones (a device out of memory is a 507 that changed nothing)."""

@@ -1,6 +1,6 @@
 """Alert rules on the per-step signals, evaluated after every step.
 
-A rule (:class:`client.protocol.AlertRule`) is a condition on one signal of one tensor, of
+A rule (:class:`adamscope.client.protocol.AlertRule`) is a condition on one signal of one tensor, of
 every tensor (``"*"``) or of the stepper's aggregate (``None``). Alerts are edge-triggered:
 an event is raised when a rule starts to hold for a tensor, and not again until it has
 stopped holding, so a NaN that stays in a moment raises one event, not one per step.

@@ -18,7 +18,6 @@ import csv
 import io
 import itertools
 import logging
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from adamscope.client.codec import json_float
 
 __all__ = ["LATENCY_BUCKETS", "History", "HistoryConfig", "json_safe"]
 
@@ -238,7 +239,7 @@ class History:
     ) -> dict[str, Any]:
         """Time series: the aggregate's, and those of ``tensors`` (names, or ``["*"]`` for
         all), of ``signals`` (default all), for steps after ``since``, the last ``limit``.
-        Floats may be NaN/Inf (render with :func:`service.api.history.render_json`)."""
+        Floats may be NaN/Inf (render with :func:`adamscope.service.api.http.reply.render_json`)."""
         with self.lock:
             cols = self._selected(signals)
             a = self.aggregate
@@ -390,8 +391,8 @@ class History:
 
 def json_safe(value: Any) -> Any:
     """NaN/Inf floats as "NaN"/"Infinity"/"-Infinity", for renderers that refuse them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, float):
+        return json_float(value)
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     return value

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from .alerts import AlertRule, Alerts, RuleCache
+from adamscope.client.protocol import AlertRule
+
+from .alerts import Alerts, RuleCache
 from .history import LATENCY_BUCKETS, History, HistoryConfig, json_safe
 from .optimizer import ObservedOptimizer
 from .signals import attach_signals, signals_of

@@ -2,7 +2,7 @@
 
 :class:`Persistence` owns the data directory for one service process. It restores every
 stored stepper at start-up, writes a stepper's checkpoint after a mutation when its
-:class:`~client.protocol.Durability` policy says so, takes, lists, restores and deletes
+:class:`~adamscope.client.protocol.Durability` policy says so, takes, lists, restores and deletes
 named snapshots, imports checkpoint files, and flushes unwritten changes at shutdown.
 
 Consistency: every disk operation on a stepper name, and the registry changes that go with
@@ -38,7 +38,7 @@ from ..engine.errors import (
     StepperNotFound,
 )
 from ..engine.options import resolve_device
-from .store import PersistenceFailed, SnapshotExists, Store
+from .store import PersistenceFailed, SnapshotExists, Store, failure_reason
 
 __all__ = ["Persistence", "Track"]
 
@@ -46,17 +46,6 @@ log = logging.getLogger("adamscope.persistence")
 
 #: Mutation kinds :meth:`Persistence.due` distinguishes.
 STEP, CHANGE, RESTORE = "step", "change", "restore"
-
-
-def _reason(e: BaseException) -> str:
-    """Why a file operation failed, for clients: never the data directory's paths (an
-    OSError's text names the file), never a stack trace."""
-    if isinstance(e, EngineError):
-        return e.detail
-    if isinstance(e, OSError):
-        return e.strerror or type(e).__name__
-    first = str(e).split("\n", 1)[0]
-    return f"{type(e).__name__}: {first}"[:500]
 
 
 @dataclass
@@ -154,7 +143,7 @@ class Persistence:
             log.error("could not write the checkpoint of %r: %s", stepper.name, e)
             raise PersistenceFailed(
                 f"the change to {stepper.name!r} was applied in memory but could not be written "
-                f"to the data directory: {_reason(e)}; it is written with the next change",
+                f"to the data directory: {failure_reason(e)}; it is written with the next change",
                 stepper=stepper.name,
             ) from None
         track.persisted_version = enc.version
@@ -178,7 +167,7 @@ class Persistence:
                 stepper = checkpoints.build(ckpt, self._device(ckpt.device))
                 self.registry.create(name, lambda s=stepper: s)  # type: ignore[misc]
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-                detail = _reason(e)
+                detail = failure_reason(e)
                 log.error("could not restore stepper %r from %s: %s", name, path, detail)
                 self.failed[name] = detail
                 continue
@@ -222,8 +211,8 @@ class Persistence:
             try:
                 self.store.remove_stepper(name)
             except OSError as e:
-                raise PersistenceFailed(f"could not remove the files of {name!r}: {_reason(e)}",
-                                        stepper=name) from None
+                raise PersistenceFailed(f"could not remove the files of {name!r}: "
+                                        f"{failure_reason(e)}", stepper=name) from None
             self.failed.pop(name, None)
             if self._tracks.pop(name, None) is not None:
                 self.registry.delete(name)
@@ -358,7 +347,7 @@ class Persistence:
                 size = self.store.write_snapshot(name, snap, enc.data)
             except OSError as e:
                 raise PersistenceFailed(
-                    f"could not write snapshot {snap!r} of {name!r}: {_reason(e)}",
+                    f"could not write snapshot {snap!r} of {name!r}: {failure_reason(e)}",
                     stepper=name) from None
             return self._snapshot_info(name, snap, enc.header, size)
 
@@ -375,7 +364,7 @@ class Persistence:
                         size = path.stat().st_size
                     out.append(self._snapshot_info(name, snap, header, size))
                 except (OSError, EngineError) as e:
-                    detail = _reason(e)
+                    detail = failure_reason(e)
                     out.append(self._snapshot_info(name, snap, None, 0, detail))
         out.sort(key=lambda s: (s["created_at"] is None, s["created_at"] or 0, s["name"]))
         return out

@@ -41,6 +41,7 @@ __all__ = [
     "SnapshotNotFound",
     "Store",
     "atomic_write",
+    "failure_reason",
 ]
 
 log = logging.getLogger("adamscope.persistence")
@@ -150,7 +151,7 @@ def _is_temp(name: str) -> bool:
 
 class Store:
     """Files of the data directory. Not thread-safe per name: callers serialize the
-    operations on one stepper (:class:`~service.persistence.Persistence` does)."""
+    operations on one stepper (:class:`~adamscope.service.persistence.Persistence` does)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / STEPPERS
@@ -295,3 +296,14 @@ class Store:
             if _NAME.fullmatch(snap) and f.is_file() and not f.is_symlink():
                 out.append((snap, f))
         return out
+
+
+def failure_reason(e: BaseException) -> str:
+    """Why a file operation failed, for clients: never the data directory's paths (an
+    OSError's text names the file), never a stack trace."""
+    if isinstance(e, EngineError):
+        return e.detail
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    first = str(e).split("\n", 1)[0]
+    return f"{type(e).__name__}: {first}"[:500]

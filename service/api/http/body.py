@@ -128,7 +128,7 @@ class BodyStream:
 
 async def read_body(request: Request) -> bytearray:
     """The whole request body (small JSON and create bodies), refused with 413 once it
-    passes ``max_body_bytes``; tensor bodies are streamed in place (``stream.py``)."""
+    passes ``max_body_bytes``; tensor bodies are streamed in place (:mod:`.ingest`)."""
     limit: int = request.app.state.settings.max_body_bytes
     declared_length(request, limit)
     buf = bytearray()

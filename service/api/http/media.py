@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from fastapi import Request
 
+from adamscope.client.constants import OCTET
+
 __all__ = ["OCTET", "TensorFormat", "binary_body_doc", "media_type", "wants_json"]
 
-OCTET = "application/octet-stream"
 TensorFormat = Literal["safetensors", "json"]
 
 

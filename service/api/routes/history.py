@@ -47,7 +47,7 @@ INLINE_CELLS = 50_000
 
 
 def observer(stepper: Stepper) -> HistoryObserver:
-    """The stepper's history (every hosted stepper has one; see service.api.events)."""
+    """The stepper's history (every hosted stepper has one; see the app factory's registry hook)."""
     found = history_of(stepper)
     if found is None:  # a stepper registered without the monitoring hook
         found = attach_history(stepper)

@@ -2,7 +2,7 @@
 (take, list, download, restore, delete) and importing a checkpoint file as a new stepper.
 
 A snapshot file and a downloaded one are the same self-describing safetensors checkpoint
-as the stepper's current one on disk (see :mod:`service.engine.checkpoint`).
+as the stepper's current one on disk (see :mod:`adamscope.service.engine.checkpoint`).
 """
 
 from __future__ import annotations

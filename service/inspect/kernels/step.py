@@ -141,8 +141,9 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
 
 def _v_source(e: Entry) -> torch.Tensor:
     s = e.state
-    return s["max_exp_avg_sq"] if e.group["amsgrad"] and "max_exp_avg_sq" in s \
+    v: torch.Tensor = s["max_exp_avg_sq"] if e.group["amsgrad"] and "max_exp_avg_sq" in s \
         else s["exp_avg_sq"]
+    return v
 
 
 def begin(entries: Sequence[Entry], cache: SignalCache | None,
