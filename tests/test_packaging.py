@@ -224,8 +224,8 @@ def test_installed_console_script_is_the_cli() -> None:
     (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
 ])
 def test_cli_help(args: list[str], expected: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "adamscope.service.cli", *args, "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "adamscope.service.cli", *args, "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for word in expected:
         assert word in result.stdout, f"{word} missing from help:\n{result.stdout}"
@@ -289,3 +289,95 @@ def test_client_never_imports_the_service() -> None:
     assert offenders == {}
     assert "adamscope.service.cli" in imported_modules(
         "import adamscope.service.cli\nfrom adamscope.service import app")
+
+
+# ---------------------------------------------------------------------- one import name
+
+
+def package_folders() -> dict[str, Path]:
+    """Every folder of the package (it has an __init__.py) by its installed name."""
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    out = {}
+    for name, folder in mapping.items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            if any(init.parent == ROOT / f or (ROOT / f) in init.parents
+                   for n, f in mapping.items() if n != name and len(f) > len(folder)
+                   and f.startswith(folder + "/")):
+                continue  # a nested folder that installs under another name
+            out[".".join([name, *rel.parts])] = init.parent
+    return out
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists the packages (package-dir cannot find them itself): a folder
+    left out would be missing from the wheel while the editable install still finds it."""
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]
+    assert sorted(listed) == sorted(package_folders())
+    modules = [p for folder in package_folders().values() for p in folder.glob("*.py")]
+    assert all((p.parent / "__init__.py").exists() for p in modules)
+    assert not [p for p in (ROOT / "service").rglob("*.py")
+                if not (p.parent / "__init__.py").exists()], "a module outside any package"
+
+
+def test_a_built_wheel_installs_adamscope_alone(tmp_path: Path) -> None:
+    """Nothing generic (a "client" or "service" package) lands in site-packages."""
+    import zipfile
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("adamscope-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"adamscope"}
+    top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    if top_level:
+        text = zipfile.ZipFile(wheel).read(top_level[0]).decode().split()
+        assert text == ["adamscope"]
+    for module in ("adamscope/__init__.py", "adamscope/client/__init__.py",
+                   "adamscope/service/inspect/kernels/step.py",
+                   "adamscope/service/api/routes/step.py",
+                   "adamscope/service/dashboard/static/index.html"):
+        assert module in names, module
+    assert not any(n.startswith("adamscope/client/_adamscope") for n in names)
+
+
+def test_importing_everything_never_imports_the_bare_folders() -> None:
+    """``python -m pytest`` and scripts run from the repository root put it on sys.path, so
+    a stray ``import client`` would import a second copy of the client: every module of
+    the package, imported there, must leave no top-level ``client`` or ``service``."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import adamscope\n"
+        "for m in pkgutil.walk_packages(adamscope.__path__, 'adamscope.'):\n"
+        "    if '.distributed.' in m.name and 'ray' not in sys.modules:\n"
+        "        try:\n"
+        "            import ray  # noqa: F401\n"
+        "        except ImportError:\n"
+        "            continue\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('client', 'service')))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    planted = subprocess.run([sys.executable, "-c", "import client, sys; print('client' in "
+                              "sys.modules)"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert planted.stdout.strip() == "True", "the check above would not see a stray import"
+
+
+def test_the_root_package_is_the_client() -> None:
+    import adamscope
+    import adamscope.client
+
+    assert adamscope.RemoteAdam is adamscope.client.RemoteAdam
+    assert adamscope.Client is adamscope.client.Client
+    assert adamscope.AsyncClient is adamscope.client.AsyncClient
+    assert set(adamscope.client.__all__) < set(adamscope.__all__)
+    assert not hasattr(adamscope, "watch")  # a later issue adds it

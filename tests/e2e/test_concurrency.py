@@ -35,7 +35,7 @@ from conftest import LiveServer
 from adamscope.client import AsyncClient, Client, codec
 from adamscope.client.errors import StepperNotFoundError
 from adamscope.client.protocol import META_STEP
-from adamscope.service.api.http.stream import INLINE_NUMEL
+from adamscope.service.api.serving import INLINE_NUMEL
 
 pytestmark = pytest.mark.e2e
 

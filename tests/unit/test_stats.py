@@ -581,8 +581,9 @@ def test_signals_count_nan_and_inf_exactly() -> None:
     g["w"][0, 0] = math.nan
     g["w"][1, 1] = math.inf
     run_and_check(s, g)  # NaN: in g, m and v; Inf: in g, m and v
-    assert signals_of(s)["tensors"]["w"]["nan_count"] == 3 == signals_of(s)["aggregate"]["nan_count"]
-    assert signals_of(s)["tensors"]["w"]["inf_count"] == 3 == signals_of(s)["aggregate"]["inf_count"]
+    signals = signals_of(s)
+    assert signals["tensors"]["w"]["nan_count"] == 3 == signals["aggregate"]["nan_count"]
+    assert signals["tensors"]["w"]["inf_count"] == 3 == signals["aggregate"]["inf_count"]
 
 
 @pytest.fixture
