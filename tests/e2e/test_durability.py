@@ -140,7 +140,8 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
 
 
 class Stepping(threading.Thread):
-    """Steps continuously from ``first`` until the server goes away."""
+    """Steps continuously from ``first`` until the server goes away; ``progressed`` is set
+    once its first step is acknowledged."""
 
     def __init__(self, url: str, first: int) -> None:
         super().__init__(daemon=True)
@@ -148,6 +149,7 @@ class Stepping(threading.Thread):
         self.next = first
         self.acked: list[int] = []
         self.error: BaseException | None = None
+        self.progressed = threading.Event()
 
     def run(self) -> None:
         try:
@@ -163,8 +165,10 @@ class Stepping(threading.Thread):
                     assert r.json()["step"] == k, r.text
                     self.acked.append(k)
                     self.next = k + 1
+                    self.progressed.set()
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.error = e
+            self.progressed.set()  # the test reports it
 
 
 def test_sigkill_at_random_points_loses_no_acknowledged_step(
@@ -179,7 +183,11 @@ def test_sigkill_at_random_points_loses_no_acknowledged_step(
     for _ in range(KILLS):
         stepping = Stepping(server.url, replica.step_count + 1)
         stepping.start()
-        time.sleep(rng.uniform(0.01, 0.25))
+        # A random point of a run that is stepping: after its first acknowledged step (a
+        # fixed sleep alone could end before the first step on a loaded machine), somewhere
+        # among the steps that follow it, in flight or between two.
+        assert stepping.progressed.wait(timeout=60), "no step was acknowledged in 60 s"
+        time.sleep(rng.uniform(0.0, 0.25))
         server.kill()
         stepping.join(timeout=30)
         assert not stepping.is_alive() and stepping.error is None, stepping.error
