@@ -1,5 +1,5 @@
-"""Statistics, derived views, per-step signals, dry runs and diffs (service.engine), each
-checked against an independent computation in plain torch/numpy on the full tensors.
+"""Per-step signals (adamscope.service.inspect.signals and its kernels), each checked
+against an independent computation in plain torch/numpy on the full tensors.
 
 Tolerances, where a value is not compared exactly: norms, means and standard deviations
 are accumulated in float32 by torch for float32 data (relative 1e-5 against numpy's
@@ -11,343 +11,30 @@ results are compared exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from inspect_support import (
+    CPU,
+    DEVICES,
+    QREL,
+    REL,
+    close,
+    f64,
+    grads_for,
+    randn,
+    real,
+    reference_views,
+    registered,
+)
 
-from adamscope.service.engine import GroupDef, Registry, Stepper
-from adamscope.service.engine.errors import ShapeMismatch, UnknownParameter
+from adamscope.service.engine import GroupDef, Stepper
 from adamscope.service.inspect import signals as observer_module
-from adamscope.service.inspect import stats as st
-from adamscope.service.inspect import views
-from adamscope.service.inspect.diff import Operand, diff
-from adamscope.service.inspect.dryrun import dry_run
 from adamscope.service.inspect.kernels import sampling
 from adamscope.service.inspect.kernels import step as kernel_step
 from adamscope.service.inspect.signals import SIGNALS, attach_signals, observer_of, signals_of
-
-CPU = torch.device("cpu")
-#: Where the device-generic tests run: here, and on a GPU where there is one.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-REL = 1e-5
-QREL = 1e-12
-
-
-def randn(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32,
-          scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    real = torch.complex64 if dtype.is_complex else torch.float64
-    return (torch.randn(tuple(shape), generator=g, dtype=real) * scale).to(dtype)
-
-
-def f64(t: torch.Tensor) -> np.ndarray:
-    """The real view of ``t`` as a flat float64 numpy array."""
-    t = t.detach().cpu()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.double().reshape(-1).numpy()
-
-
-def close(a: float, b: float, rel: float = REL, abs_: float = 1e-12) -> bool:
-    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_) or (math.isnan(a) and math.isnan(b))
-
-
-def assert_moments(stats: dict[str, Any], x: np.ndarray) -> None:
-    finite = x[np.isfinite(x)]
-    assert stats["numel"] == x.size
-    assert stats["nan"] == int(np.isnan(x).sum())
-    assert stats["inf"] == int(np.isinf(x).sum())
-    assert stats["finite"] == finite.size
-    assert stats["zeros"] == int((finite == 0).sum())
-    assert close(stats["norm"], float(np.linalg.norm(finite)))
-    scale = float(np.abs(finite).max()) if finite.size else 1.0
-    assert close(stats["mean"], float(finite.mean()), abs_=1e-6 * scale)
-    assert close(stats["std"], float(finite.std()), abs_=1e-6 * scale)
-    assert stats["min"] == float(finite.min())
-    assert stats["max"] == float(finite.max())
-
-
-def assert_quantiles(stats: dict[str, Any], values: np.ndarray, qs: Sequence[float]) -> None:
-    finite = values[np.isfinite(values)]
-    want = np.quantile(finite, qs)
-    got = [stats["quantiles"][repr(float(q))] for q in qs]
-    for g, w in zip(got, want, strict=True):
-        assert close(g, float(w), rel=QREL, abs_=0.0), (got, want)
-
-
-# ---------------------------------------------------------------------- describe
-
-
-def test_describe_matches_numpy_on_every_statistic() -> None:
-    x = randn((300, 41), 1)
-    x[3, 4] = math.nan
-    x[5, 5] = math.inf
-    x[6, 6] = -math.inf
-    x[0, :17] = 0
-    qs = (0.0, 0.01, 0.25, 0.5, 0.99, 1.0)
-    spec = st.StatsSpec(quantiles=qs, bins=16, log=True)
-    stats = st.describe(st.Source.of(x), spec).stats
-    a = f64(x)
-    finite = a[np.isfinite(a)]
-    assert_moments(stats, a)
-    assert_quantiles(stats, a, qs)
-    assert not stats["sampled"] and stats["sample_size"] == finite.size
-    counts, edges = np.histogram(finite, bins=16, range=(finite.min(), finite.max()))
-    assert stats["hist"]["counts"] == counts.tolist()
-    assert stats["hist"]["edges"] == edges.tolist()
-    assert stats["hist"]["below"] == stats["hist"]["above"] == 0
-    nonzero = finite[finite != 0]
-    logs = torch.log10(torch.from_numpy(np.abs(nonzero))).numpy()
-    lcounts, ledges = np.histogram(logs, bins=16, range=(logs.min(), logs.max()))
-    assert stats["log_hist"]["counts"] == lcounts.tolist()
-    assert stats["log_hist"]["edges"] == ledges.tolist()
-    assert stats["log_hist"]["zeros"] == 17
-    assert stats["log_hist"]["negative"] == int((finite < 0).sum())
-
-
-@pytest.mark.parametrize("ties", [False, True])
-def test_quantiles_of_large_tensors_select_instead_of_sorting(ties: bool) -> None:
-    n = (1 << 16) + 1001  # above the sort limit: kthvalue and the next order statistic
-    x = torch.randint(0, 7, (n,)).float() if ties else randn((n,), 9)
-    qs = (0.0, 0.01, 0.3333, 0.5, 0.99, 1.0)
-    got = st.quantiles_of(x, qs)
-    want = np.quantile(f64(x), qs)
-    assert all(close(g, float(w), rel=QREL, abs_=0.0) for g, w in zip(got, want, strict=True))
-
-
-def test_a_given_histogram_range_counts_what_falls_outside() -> None:
-    x = randn((5000,), 2, torch.float64)
-    stats = st.describe(st.Source.of(x), st.StatsSpec(bins=10, hist_range=(-1.0, 0.5))).stats
-    a = f64(x)
-    counts, _ = np.histogram(a, bins=10, range=(-1.0, 0.5))
-    assert stats["hist"]["counts"] == counts.tolist()
-    assert stats["hist"]["below"] == int((a < -1.0).sum())
-    assert stats["hist"]["above"] == int((a > 0.5).sum())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64])
-def test_describe_other_dtypes(dtype: torch.dtype) -> None:
-    x = randn((64, 9), 3, dtype)
-    stats = st.describe(st.Source.of(x), st.StatsSpec(quantiles=(0.1, 0.9))).stats
-    assert_moments(stats, f64(x))
-    assert_quantiles(stats, f64(x), (0.1, 0.9))
-
-
-def test_all_nonfinite_and_empty_tensors_have_undefined_moments() -> None:
-    x = torch.tensor([math.nan, math.inf])
-    stats = st.describe(st.Source.of(x), st.StatsSpec()).stats
-    assert (stats["nan"], stats["inf"], stats["finite"]) == (1, 1, 0)
-    assert all(math.isnan(stats[k]) for k in ("mean", "std", "min", "max"))
-    assert all(math.isnan(v) for v in stats["quantiles"].values())
-    assert st.describe(st.Source.of(torch.zeros(0)), st.StatsSpec()).stats["numel"] == 0
-
-
-def test_a_constant_tensor_gets_numpys_unit_histogram() -> None:
-    stats = st.describe(st.Source.of(torch.full((10,), 2.0)), st.StatsSpec(bins=4)).stats
-    counts, edges = np.histogram(np.full(10, 2.0), bins=4)
-    assert stats["hist"]["counts"] == counts.tolist()
-    assert stats["hist"]["edges"] == edges.tolist()
-
-
-@pytest.mark.parametrize("bad", [dict(quantiles=(1.5,)), dict(bins=-1), dict(bins=10_000),
-                                 dict(hist_range=(1.0, 1.0)), dict(log=True, bins=0),
-                                 dict(quantiles=tuple([0.5] * 40))])
-def test_a_bad_spec_is_refused(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        st.StatsSpec(**bad)
-
-
-@pytest.fixture
-def small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a few thousand elements "large": the chunked and sampled paths run quickly."""
-    monkeypatch.setattr(st, "EXACT_LIMIT", 1000)
-    monkeypatch.setattr(st, "CHUNK", 700)
-    monkeypatch.setattr(st, "SAMPLE_SIZE", 256)
-
-
-@pytest.mark.usefixtures("small_limits")
-def test_large_tensors_reduce_exactly_in_chunks_and_sample_the_distribution() -> None:
-    x = randn((120, 50), 4) + 3.0  # a mean far from 0 tests the two-pass deviations
-    x[7, 7] = math.nan
-    x[100, 3] = 0.0
-    spec = st.StatsSpec(quantiles=(0.01, 0.5, 0.99), bins=8)
-    stats = st.describe(st.Source.of(x), spec).stats
-    a = f64(x)
-    assert_moments(stats, a)
-    plan = st.sample_plan(a.size, 256, 50)
-    sample = a[plan.start::plan.stride][:plan.count]
-    assert stats["sampled"] and stats["sample_size"] == np.isfinite(sample).sum() <= 256
-    assert_quantiles(stats, sample, (0.01, 0.5, 0.99))
-    finite = sample[np.isfinite(sample)]
-    counts, _ = np.histogram(finite, bins=8, range=(stats["min"], stats["max"]))
-    assert stats["hist"]["counts"] == counts.tolist()
-
-
-def test_the_sample_plan_is_deterministic_bounded_and_visits_every_column() -> None:
-    assert st.sample_plan(100, 1000) == st.Plan(0, 1, 100)
-    for numel, size, last in [(10_000, 100, 100), (1 << 20, 4096, 4096), (999_999, 777, 3)]:
-        plan = st.sample_plan(numel, size, last)
-        assert plan == st.sample_plan(numel, size, last)
-        assert 0 < plan.count <= size and plan.start + (plan.count - 1) * plan.stride < numel
-        assert math.gcd(plan.stride, last) == 1
-        columns = {(plan.start + i * plan.stride) % last for i in range(plan.count)}
-        assert len(columns) == min(last, plan.count)
-
-
-def test_the_signal_block_plan_takes_cache_lines_through_every_column() -> None:
-    assert sampling.block_plan(100, 1000).exact and sampling.block_plan(100, 1000).count == 100
-    for numel, want, last in [(10_000, 1000, 100), (1 << 20, 2048, 4096), (999_999, 800, 3),
-                              (1_000_000, 2048, 1000), (5000, 64, 0)]:
-        plan = sampling.block_plan(numel, want, last)
-        idx = plan.indices()
-        assert plan == sampling.block_plan(numel, want, last) and not plan.exact
-        assert idx.numel() == plan.count <= want and int(idx.max()) < numel
-        assert plan.stride % sampling.BLOCK == 0 and plan.block == sampling.BLOCK
-        if last > 1:  # block starts fall on every multiple of gcd(stride, last) (<= BLOCK)
-            d = math.gcd(plan.stride, last)
-            assert sampling.BLOCK % d == 0
-            starts = {(k * plan.stride) % last for k in range(plan.blocks)}
-            assert len(starts) == min(plan.blocks, last // d)
-        flat = torch.arange(numel, dtype=torch.float64)
-        assert torch.equal(plan.view(flat).reshape(-1), flat[idx])
-
-
-def test_aggregate_is_the_concatenation() -> None:
-    parts = [randn((40, 3), 5), randn((7,), 6), randn((2, 2), 7, torch.float64)]
-    spec = st.StatsSpec(quantiles=(0.05, 0.5, 0.95), bins=5)
-    described = [st.describe(st.Source.of(t), spec, keep_values=True) for t in parts]
-    stats = st.aggregate(described, spec)
-    a = np.concatenate([f64(t) for t in parts])
-    assert_moments(stats, a)
-    assert_quantiles(stats, a, (0.05, 0.5, 0.95))
-    counts, _ = np.histogram(a, bins=5, range=(a.min(), a.max()))
-    assert stats["hist"]["counts"] == counts.tolist() and not stats["sampled"]
-
-
-@pytest.mark.usefixtures("small_limits")
-def test_aggregate_of_large_tensors_pools_proportional_samples() -> None:
-    parts = [randn((3000,), 8), randn((600,), 9)]
-    spec = st.StatsSpec(quantiles=(0.5,), bins=4)
-    stats = st.aggregate([st.describe(st.Source.of(t), spec) for t in parts], spec)
-    assert_moments(stats, np.concatenate([f64(t) for t in parts]))
-    pooled = []
-    for t in parts:
-        n = max(1, round(256 * t.numel() / 3600))
-        plan = st.sample_plan(t.numel(), n)
-        pooled.append(f64(t)[plan.start::plan.stride][:plan.count])
-    assert stats["sampled"]
-    assert_quantiles(stats, np.concatenate(pooled), (0.5,))
-
-
-# ---------------------------------------------------------------------- Adam views
-
-
-def real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def reference_views(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
-                    ) -> dict[str, torch.Tensor]:
-    """The views as _single_tensor_adam's own lines compute them (PyTorch source), on the
-    real view of complex tensors as it does."""
-    raw = {"param": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-    state = {k: real(v) if torch.is_tensor(v) else v for k, v in state.items()}
-    t = state["step"].item()
-    beta1, beta2 = group["betas"]
-    bias_correction1 = 1 - beta1**t
-    bias_correction2 = 1 - beta2**t
-    step_size = group["lr"] / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    wide = torch.float64 if p.dtype == torch.float64 else torch.float32
-    d = denom.to(wide)
-    m = state["exp_avg"].to(wide)
-    return {
-        **raw,
-        "m_hat": m / bias_correction1,
-        "v_hat": v.to(wide) / bias_correction2,
-        "lr_eff": torch.tensor(step_size, dtype=wide) / d,
-        "update": (m / d) * -step_size,
-    }
-
-
-def stepped(dtype: torch.dtype, amsgrad: bool, steps: int, seed: int = 0,
-            shape: tuple[int, ...] = (33, 5), device: str = "cpu", **hyper: Any
-            ) -> tuple[Stepper, dict[str, Any]]:
-    """A stepper that took ``steps`` steps (1000: state loaded at step 999, one step)."""
-    s = Stepper("v", "adam", torch.device(device), [("w", randn(shape, seed, dtype))],
-                {"lr": 0.01, "amsgrad": amsgrad, "foreach": False, **hyper})
-    if steps == 1000:
-        v = randn(shape, seed + 1, dtype).abs() ** 2 * 1e-3
-        state = {"step": torch.tensor(999.0), "exp_avg": randn(shape, seed + 2, dtype) * 1e-2,
-                 "exp_avg_sq": v}
-        if amsgrad:
-            state["max_exp_avg_sq"] = v * 1.5
-        s.put_state({"w": state})
-        steps = 1
-    for k in range(steps):
-        s.step({"w": randn(shape, 100 + k, dtype)})
-    p = s.params[0]
-    return s, {"p": p, "state": s.optimizer.state[p], "group": s.optimizer.param_groups[0]}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("steps", [1, 2, 1000])
-@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.float32, True),
-                                           (torch.bfloat16, True), (torch.float64, False)])
-def test_views_equal_pytorchs_for_loop_bit_for_bit(steps: int, dtype: torch.dtype,
-                                                   amsgrad: bool, device: str) -> None:
-    s, ctx = stepped(dtype, amsgrad, steps, device=device)
-    assert ctx["state"]["step"].item() == steps
-    ref = reference_views(ctx["p"], ctx["state"], ctx["group"])
-    qs = (0.01, 0.5, 0.99)
-    report = views.describe_optimizer(s, None, list(ref), st.StatsSpec(quantiles=qs, bins=6))
-    for key, want in ref.items():
-        view = views.view_of(ctx["p"], ctx["state"], ctx["group"], key)
-        assert not isinstance(view, str)
-        got = view.select(())
-        assert got.dtype == want.dtype and torch.equal(got, want), key
-        stats = report["tensors"]["w"][key]
-        assert_moments(stats, f64(want))
-        assert_quantiles(stats, f64(want), qs)
-        assert report["aggregate"][key]["quantiles"] == stats["quantiles"]
-
-
-def test_the_update_view_is_the_last_steps_change() -> None:
-    s = Stepper("u", "adam", CPU, [("w", randn((50,), 1))], {"lr": 0.01, "foreach": False})
-    s.step({"w": randn((50,), 2)})
-    before = s.params[0].detach().clone()
-    s.step({"w": randn((50,), 3)})
-    p = s.params[0]
-    view = views.view_of(p, s.optimizer.state[p], s.optimizer.param_groups[0], "update")
-    assert not isinstance(view, str)
-    change = p.detach() - before
-    ulp = torch.finfo(torch.float32).eps * before.abs().max()
-    assert torch.allclose(view.select(()), change, rtol=0, atol=2 * float(ulp))
-
-
-def test_views_that_do_not_exist_say_why() -> None:
-    s = Stepper("m", "adam", CPU, [("w", torch.zeros(3))], {"lr": 0.1})
-    p, g = s.params[0], s.optimizer.param_groups[0]
-    assert "not stepped" in str(views.view_of(p, {}, g, "lr_eff"))
-    s.step({"w": torch.ones(3)})
-    assert "amsgrad" in str(views.view_of(p, s.optimizer.state[p], g, "max_exp_avg_sq"))
-    s.put_state({"w": {"step": torch.tensor(0.0)}})
-    assert "step is 0" in str(views.view_of(p, s.optimizer.state[p], g, "m_hat"))
-    report = views.describe_optimizer(s, None, ["param", "m_hat"], st.StatsSpec())
-    assert report["missing"] == [{"name": "w", "key": "m_hat",
-                                  "reason": views.view_of(p, s.optimizer.state[p], g, "m_hat")}]
-    with pytest.raises(UnknownParameter):
-        views.describe_optimizer(s, ["nope"], ["param"], st.StatsSpec())
-    with pytest.raises(ValueError):
-        views.describe_optimizer(s, None, ["grad"], st.StatsSpec())
-
-
-# ---------------------------------------------------------------------- signals
 
 
 def lr_eff_of(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
@@ -454,14 +141,6 @@ def assert_signals(got: dict[str, float], want: dict[str, float]) -> None:
             assert close(g, w, rel=REL, abs_=1e-12), (k, g, w)
 
 
-def registered(name: str, build: Callable[[], Stepper]) -> Stepper:
-    """A stepper as the service registers it: with the signals observer that a registry
-    hook attaches (the app installs that hook; the engine knows nothing of signals)."""
-    registry = Registry()
-    registry.hooks.append(attach_signals)
-    return registry.create(name, build)
-
-
 def signal_stepper() -> Stepper:
     """Registered with the observer a registry hook attaches (as the app wires it): a
     float32 matrix, a complex vector, a bf16 vector under amsgrad with L2 weight decay, a
@@ -487,13 +166,6 @@ def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     assert set(signals["aggregate"]) == set(SIGNALS)
     assert_signals(signals["aggregate"], want_agg)
     return signals
-
-
-def grads_for(s: Stepper, k: int, names: Sequence[str] | None = None
-              ) -> dict[str, torch.Tensor]:
-    return {n: randn(tuple(s.params[s.index[n]].shape), 50 + 10 * k + i,
-                     s.params[s.index[n]].dtype)
-            for i, n in enumerate(names or s.names)}
 
 
 def test_signals_at_steps_1_2_and_1000_equal_independent_computations() -> None:
@@ -808,126 +480,20 @@ def test_seed_failure_mode_adam_swings_and_amsgrad_does_not() -> None:
     assert abs(ams[i] - ams[i - 1]) / ams[i - 1] < 0.01
 
 
-# ---------------------------------------------------------------------- dry run
 
-
-CONFIGS: list[dict[str, Any]] = [
-    {"foreach": False},
-    {"foreach": True, "amsgrad": True},
-    {"fused": True, "weight_decay": 0.1},
-    {"foreach": False, "maximize": True, "weight_decay": 0.01, "decoupled_weight_decay": True},
-]
-
-
-def dry_stepper(kind: str, hyper: dict[str, Any], dtype: torch.dtype,
-                device: str = "cpu") -> Stepper:
-    params = [("w", randn((12, 5), 1, dtype)), ("b", randn((5,), 2, dtype)),
-              ("z", randn((3,), 3, dtype))]
-    groups = [GroupDef(["w", "z"]), GroupDef(["b"], {"lr": 0.02})]
-    return registered("dry", lambda: Stepper("dry", kind, torch.device(device), params,
-                                                    {"lr": 0.01, **hyper}, groups))
-
-
-def everything(s: Stepper) -> list[torch.Tensor]:
-    out = [p.detach().clone() for p in s.params]
-    for p in s.params:
-        out += [v.clone() for _, v in sorted(s.optimizer.state.get(p, {}).items())]
-    return out
-
-
-def same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
-                                    for x, y in zip(a, b, strict=True))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,dtype,hyper", [
-    (kind, dtype, hyper)
-    for kind, dtype in [("adam", torch.float32), ("adamw", torch.bfloat16),
-                        ("adam", torch.complex64)]
-    for hyper in CONFIGS
-    if not (dtype.is_complex and hyper.get("fused"))  # fused Adam takes real tensors only
-])
-def test_a_dry_run_is_bit_for_bit_the_real_step_and_changes_nothing(
-        kind: str, dtype: torch.dtype, hyper: dict[str, Any], device: str) -> None:
-    s = dry_stepper(kind, hyper, dtype, device)
-    for k in range(2):
-        g = grads_for(s, k, ["w", "b"] if k == 0 else None)
-        untouched = everything(s)
-        version = s.version
-        run = dry_run(s, g, [{"lr": 0.005}, {}] if k == 1 else None)
-        assert same(everything(s), untouched) and s.version == version
-        real = s.step(g, [{"lr": 0.005}, {}] if k == 1 else None)
-        assert run.step == real.step and run.stepped == real.stepped
-        assert run.skipped == real.skipped
-        for n in run.stepped:
-            p = s.params[s.index[n]]
-            assert torch.equal(run.after[n], p.detach())
-            state = s.optimizer.state[p]
-            assert set(run.state[n]) == set(state)
-            assert all(torch.equal(run.state[n][key], state[key]) for key in state)
-        want = {k2: v for k2, v in signals_of(s).items() if k2 != "time"}
-        got = {k2: v for k2, v in run.signals.items() if k2 != "time"}
-        assert repr(got) == repr(want)  # repr: NaN == NaN
-
-
-def test_a_dry_run_refuses_what_a_step_refuses() -> None:
-    s = dry_stepper("adam", {"foreach": False}, torch.float32)
-    untouched = everything(s)
-    with pytest.raises(ShapeMismatch):
-        dry_run(s, {"w": torch.zeros(3)})
-    with pytest.raises(UnknownParameter):
-        dry_run(s, {"nope": torch.zeros(3)})
-    assert same(everything(s), untouched)
-
-
-def test_a_dry_run_without_gradients_steps_nothing() -> None:
-    s = dry_stepper("adam", {"foreach": False}, torch.float32)
-    run = dry_run(s, {})
-    assert (run.step, run.stepped, run.skipped) == (1, [], ["w", "b", "z"])
-    assert run.signals["tensors"] == {} and run.signals["step"] == 1
-    assert s.step_count == 0
-
-
-# ---------------------------------------------------------------------- diff
-
-
-def operand(tensors: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]],
-            label: str) -> Operand:
-    return Operand({"stepper": label, "snapshot": None, "step": 0}, tensors, groups)
-
-
-def test_diff_matches_numpy_by_name() -> None:
-    a_w, b_w = randn((20, 3), 1), randn((20, 3), 1)
-    b_w[2, 1] += 0.5
-    b_w[3, 0] = -0.25
-    nan_a = torch.tensor([math.nan, 1.0, 0.0])
-    nan_b = torch.tensor([math.nan, 1.0, -0.0])  # NaN stays NaN: unchanged; -0.0 changed
-    a = operand({"w": {"param": a_w, "exp_avg": torch.ones(2)}, "x": {"param": nan_a},
-                 "gone": {"param": torch.zeros(1)}}, [{"lr": 0.1, "betas": [0.9, 0.999]}], "a")
-    b = operand({"x": {"param": nan_b}, "w": {"param": b_w, "exp_avg": torch.ones(2),
-                                               "exp_avg_sq": torch.ones(2)},
-                 "new": {"param": torch.zeros(2, dtype=torch.float64)}},
-                [{"lr": 0.2, "betas": [0.9, 0.999]}], "b")
-    report = diff(a, b)
-    d = f64(b_w) - f64(a_w)
-    w = report["tensors"]["w"]["param"]
-    assert w["changed"] and w["changed_elements"] == int((d != 0).sum()) == 2
-    assert close(w["max_abs_diff"], float(np.abs(d).max()))
-    assert close(w["diff_norm"], float(np.linalg.norm(d)))
-    assert close(w["relative"], float(np.linalg.norm(d) / np.linalg.norm(f64(a_w))))
-    assert not report["tensors"]["w"]["exp_avg"]["changed"]
-    x = report["tensors"]["x"]["param"]
-    assert x["changed_elements"] == 1 and x["nonfinite_changed"] == 0
-    assert report["changed"] == ["w.param", "x.param"]
-    assert report["only_in_a"] == ["gone"] and report["only_in_b"] == ["new"]
-    assert report["state_only_in_one"] == [{"name": "w", "key": "exp_avg_sq", "in": "b"}]
-    assert report["options"] == [{"group": 0, "option": "lr", "a": 0.1, "b": 0.2}]
-
-
-def test_diff_reports_tensors_that_cannot_be_compared() -> None:
-    a = operand({"w": {"param": torch.zeros(3)}}, [], "a")
-    b = operand({"w": {"param": torch.zeros(4)}}, [], "b")
-    report = diff(a, b)
-    assert report["tensors"]["w"]["param"]["comparable"] is False
-    assert report["changed"] == ["w.param"]
+def test_the_signal_block_plan_takes_cache_lines_through_every_column() -> None:
+    assert sampling.block_plan(100, 1000).exact and sampling.block_plan(100, 1000).count == 100
+    for numel, want, last in [(10_000, 1000, 100), (1 << 20, 2048, 4096), (999_999, 800, 3),
+                              (1_000_000, 2048, 1000), (5000, 64, 0)]:
+        plan = sampling.block_plan(numel, want, last)
+        idx = plan.indices()
+        assert plan == sampling.block_plan(numel, want, last) and not plan.exact
+        assert idx.numel() == plan.count <= want and int(idx.max()) < numel
+        assert plan.stride % sampling.BLOCK == 0 and plan.block == sampling.BLOCK
+        if last > 1:  # block starts fall on every multiple of gcd(stride, last) (<= BLOCK)
+            d = math.gcd(plan.stride, last)
+            assert sampling.BLOCK % d == 0
+            starts = {(k * plan.stride) % last for k in range(plan.blocks)}
+            assert len(starts) == min(plan.blocks, last // d)
+        flat = torch.arange(numel, dtype=torch.float64)
+        assert torch.equal(plan.view(flat).reshape(-1), flat[idx])
