@@ -11,7 +11,7 @@ With tokens configured, two steps guard a request:
 1. :class:`AuthenticationMiddleware` (pure ASGI, before routing, before anything reads the
    body) answers 401 ``unauthorized`` with ``WWW-Authenticate: Bearer`` to any request for
    a non-public path without a valid bearer token, and records the token's
-   :class:`~service.auth.Principal` in the request scope.
+   :class:`~adamscope.service.auth.Principal` in the request scope.
 2. The route's :func:`require` dependency answers 403 ``forbidden`` when that principal's
    scope is below the route's, or when the route names a stepper (``{name}``) outside the
    token's prefix, whether or not that stepper exists (so existence does not leak).
@@ -19,14 +19,14 @@ With tokens configured, two steps guard a request:
    list shows only :func:`visible` steppers.
 
 Without tokens every request acts as an unrestricted admin (the CLI then serves loopback
-only, see :func:`service.auth.binding_problem`).
+only, see :func:`adamscope.service.auth.binding_problem`).
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real Annotated object of
 # each scope's dependency, which is built inside a function.
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request, Security
@@ -107,7 +107,7 @@ def _requirement(level: str) -> Callable[..., Awaitable[Principal | None]]:
         bearer = Annotated[HTTPAuthorizationCredentials | None,
                            Security(_bearer, scopes=[level])]
 
-        async def scoped(request: Request, _: bearer) -> Principal:  # type: ignore[valid-type]
+        async def scoped(request: Request, _: bearer) -> Principal:
             p = principal(request)
             if not p.allows(level):
                 raise AccessDenied(
@@ -160,6 +160,8 @@ class Endpoint:
     method: str
     path: str
     scope: str | None  # None: declares nothing
+    #: The function that serves it (the distributed ingress routes by it).
+    call: Callable[..., Any] | None = field(default=None, compare=False)
 
 
 def _declared(dependant: Dependant) -> list[str]:
@@ -191,9 +193,10 @@ def endpoints(app: FastAPI) -> Iterator[Endpoint]:
             level = max(levels, key=RANK.__getitem__) if levels else None
         else:
             level = "public" if path in docs else None
+        call = getattr(route, "endpoint", None)
         for method in sorted(methods or {"*"}):
             if method != "HEAD":
-                yield Endpoint(method, path, level)
+                yield Endpoint(method, path, level, call)
 
 
 # ---------------------------------------------------------------------- authentication

@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine.footprint import Footprint
 from ..persistence.store import atomic_write
-from .host import SlotHost, slot_dir
-from .resources import slot_capacity
+from .host import host_actor_class, slot_dir
+from .records import Shard, ShardedRecord, Slot
 
-__all__ = ["Cluster", "ClusterConfig", "ShardedRecord", "SlotStartError", "host_actor_class"]
+__all__ = ["Cluster", "ClusterConfig", "Shard", "ShardedRecord", "Slot", "SlotStartError"]
 
 log = logging.getLogger("adamscope.distributed")
 
@@ -68,92 +67,8 @@ class ClusterConfig:
         return Path(self.settings.get("data_dir", "adamscope-data"))
 
 
-def host_actor_class(config: ClusterConfig) -> Any:
-    import ray
-
-    return ray.remote(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-                      max_restarts=0)(SlotHost)
-
-
 class SlotStartError(RuntimeError):
     """A slot's actor could not be placed or its service did not start."""
-
-
-@dataclass
-class Shard:
-    slot: int
-    params: list[str]
-
-
-@dataclass
-class ShardedRecord:
-    """A stepper split over slots by parameter tensors; on every slot its part is a stepper
-    of the same name holding that shard's tensors."""
-
-    name: str
-    params: list[str]  # every parameter, in the stepper's order
-    shapes: dict[str, list[int]]
-    dtypes: dict[str, str]
-    shards: list[Shard]
-    created_at: float = field(default_factory=time.time)
-
-    def shard_of(self, param: str) -> int:
-        for i, s in enumerate(self.shards):
-            if param in s.params:
-                return i
-        raise KeyError(param)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
-
-    @staticmethod
-    def from_json(raw: bytes) -> ShardedRecord:
-        data = json.loads(raw)
-        data["shards"] = [Shard(**s) for s in data["shards"]]
-        return ShardedRecord(**data)
-
-
-@dataclass
-class Slot:
-    index: int
-    actor: Any = None
-    info: dict[str, Any] = field(default_factory=dict)
-    generation: int = 0
-    steppers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    state: str = "starting"  # starting | ok | recovering | failed
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: Device bytes its steppers may take in all (None: not a GPU slot); set at start.
-    capacity: int | None = None
-
-    @property
-    def url(self) -> str:
-        return str(self.info["url"])
-
-    @property
-    def device_type(self) -> str:
-        return str(self.info.get("device") or "cpu").split(":", 1)[0]
-
-    def held_bytes(self) -> int:
-        """Footprint totals of its steppers (those being created included)."""
-        return sum(int(s.get("bytes", 0)) for s in self.steppers.values())
-
-    def held_device_bytes(self) -> int:
-        return sum(int(s.get("device_bytes", s.get("bytes", 0)))
-                   for s in self.steppers.values())
-
-    def started(self, info: dict[str, Any], steppers: dict[str, dict[str, Any]],
-                gpu_share: float) -> None:
-        """Its (new) actor's service is up: what it runs on and holds now."""
-        self.info, self.steppers = info, steppers
-        self.capacity = slot_capacity(info, self.held_device_bytes(), gpu_share)
-
-    def describe(self) -> dict[str, Any]:
-        keep = ("url", "pid", "node", "address", "device", "device_free_bytes",
-                "device_total_bytes")
-        return {"slot": self.index, "state": self.state, "generation": self.generation,
-                "steppers": len(self.steppers), "bytes": self.held_bytes(),
-                "device_bytes": self.held_device_bytes(), "capacity_bytes": self.capacity,
-                **{k: self.info.get(k) for k in keep}}
 
 
 class Cluster:
@@ -167,7 +82,7 @@ class Cluster:
         self.recoveries: dict[str, list[dict[str, Any]]] = {}
         #: Called with every event the cluster publishes (the ingress's SSE fan-out).
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self._actor_class = host_actor_class(config)
+        self._actor_class = host_actor_class(config.num_cpus, config.num_gpus)
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ start and stop
@@ -201,8 +116,8 @@ class Cluster:
         try:
             import ray
 
-            have = ray.cluster_resources()  # type: ignore[no-untyped-call]
-            free = ray.available_resources()  # type: ignore[no-untyped-call]
+            have = ray.cluster_resources()
+            free = ray.available_resources()
             where = (f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
                      f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now")
         except Exception:  # noqa: BLE001 - the message only
@@ -399,7 +314,8 @@ class Cluster:
         """Where a new stepper's tensors go: one slot when it fits (and ``shards`` is not
         asked), else ``shards`` (or as many as needed) slots, tensors placed largest first
         on the slot with the fewest bytes so far. ``need(parameter bytes, device type)`` is
-        the footprint of a stepper of those parameters (:mod:`service.engine.footprint`)."""
+        the footprint of a stepper of those parameters
+        (:mod:`adamscope.service.engine.footprint`)."""
         ranked = self.ranked()
         if not ranked:
             raise RuntimeError("no slot is serving")

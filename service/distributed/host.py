@@ -1,6 +1,6 @@
 """One slot's service, inside a Ray actor.
 
-A :class:`SlotHost` runs the single-process adamscope app (:func:`service.app.create_app`)
+A :class:`SlotHost` runs the single-process adamscope app (:func:`adamscope.service.app.create_app`)
 under uvicorn on a thread of its actor, on an ephemeral port of its node's address, with
 the slot's own data directory (``<data dir>/hosts/slot-<k>``). Everything the service does
 for a stepper (steps, reads, persistence, signals, history, events) is that unchanged
@@ -8,8 +8,7 @@ code; the ingress forwards HTTP requests to it. Starting the app restores every 
 the slot's directory holds, so a replacement actor for a dead one's slot comes up with the
 dead one's steppers at their last written state.
 
-The class is plain Python: :func:`service.distributed.cluster.host_actor_class` wraps it
-with ``ray.remote``.
+The class is plain Python: :func:`host_actor_class` wraps it with ``ray.remote``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SlotHost", "slot_dir"]
+__all__ = ["SlotHost", "host_actor_class", "slot_dir"]
 
 
 def slot_dir(data_dir: str | Path, slot: int) -> Path:
@@ -106,3 +105,10 @@ class SlotHost:
         """Stop serving (writes what the durability policies still owe)."""
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def host_actor_class(num_cpus: float, num_gpus: float) -> Any:
+    """:class:`SlotHost` as a Ray actor class with these resources per actor."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(SlotHost)

@@ -14,7 +14,7 @@ cannot be had would otherwise wait for them forever, and the service with it):
 
 A slot's room (:func:`slot_capacity`) is what its device had free when its service started
 (with its own steppers added back), less what steppers placed since take by their footprint
-(:mod:`service.engine.footprint`); a slot on a shared GPU gets at most its share of the
+(:mod:`adamscope.service.engine.footprint`); a slot on a shared GPU gets at most its share of the
 device, less one CUDA context.
 """
 

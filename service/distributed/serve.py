@@ -41,7 +41,7 @@ def deployment(config: ClusterConfig) -> Any:
             self.ingress: Any = None
 
         def __serve_build_asgi_app__(self) -> Any:
-            from .ingress import build_app
+            from .app import build_app
 
             app, self.ingress = build_app(self.config)
             return app
@@ -51,6 +51,27 @@ def deployment(config: ClusterConfig) -> Any:
                 await self.ingress.cluster.stop()
 
     return AdamscopeIngress.bind(dataclasses.asdict(config))  # type: ignore[attr-defined]
+
+
+def _ready(url: str, timeout: float) -> list[dict[str, Any]] | None:
+    """The slots, once the ingress at ``url`` answers ``/healthz`` (the first request
+    starts them); None, having said why, when they did not start or not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=timeout)
+            if r.status_code == 200:
+                return list(r.json()["slots"])
+            if r.status_code == 503 and r.json().get("status") == "failed":
+                print(f"adamscope: error: the slots did not start: {r.json().get('error')}",
+                      file=sys.stderr, flush=True)
+                return None
+        except (httpx.TransportError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            log.error("the distributed service did not become ready in time")
+            return None
+        time.sleep(0.2)
 
 
 def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
@@ -67,7 +88,7 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
     try:
         try:
             want = slot_request(config.slots, config.num_gpus, config.num_cpus,
-                                ray.cluster_resources())  # type: ignore[no-untyped-call]
+                                ray.cluster_resources())
         except SlotResourceError as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -82,27 +103,13 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
         except Exception as e:  # noqa: BLE001 - a slot that could not start, said once
             print(f"adamscope: error: the distributed service did not start: {e}",
                   file=sys.stderr, flush=True)
-            serve.shutdown()  # type: ignore[no-untyped-call]
+            serve.shutdown()
             return 1
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        deadline = time.monotonic() + ready_timeout
-        while True:  # the first request starts the slots
-            try:
-                r = httpx.get(f"{url}/healthz", timeout=ready_timeout)
-                if r.status_code == 200:
-                    break
-                if r.status_code == 503 and r.json().get("status") == "failed":
-                    print(f"adamscope: error: the slots did not start: {r.json().get('error')}",
-                          file=sys.stderr, flush=True)
-                    serve.shutdown()  # type: ignore[no-untyped-call]
-                    return 1
-            except (httpx.TransportError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                log.error("the distributed service did not become ready in time")
-                return 1
-            time.sleep(0.2)
-        slots = r.json()["slots"]
+        slots = _ready(url, ready_timeout)
+        if slots is None:
+            serve.shutdown()
+            return 1
         print(f"adamscope (Ray) serving on http://{host}:{port}: {len(slots)} slots: "
               + ", ".join(f"{s['slot']}@{s['node']} pid {s['pid']} {s['device']}"
                           for s in slots), flush=True)

@@ -155,6 +155,89 @@ def test_a_sharded_stepper_shows_its_shards_and_aggregates(client: Client) -> No
     assert name not in [s.name for s in client.list()]
 
 
+#: Every read that picks a sharded stepper's tensors by name, with the query naming them
+#: (the API's ``name``, the history's ``tensor``) and what else it needs.
+NAME_FILTERED_READS: dict[str, tuple[str, dict[str, str]]] = {
+    "/v1/steppers/{name}/params": ("name", {}),
+    "/v1/steppers/{name}/state": ("name", {}),
+    "/v1/steppers/{name}/stats": ("name", {"key": "exp_avg_sq"}),
+    "/v1/steppers/{name}/slice": ("name", {"key": "exp_avg", "index": "0"}),
+    "/v1/steppers/{name}/history": ("tensor", {"signal": "grad_norm"}),
+}
+
+
+def documented_name_filters() -> set[str]:
+    """The GET routes about one stepper whose OpenAPI query names tensors."""
+    from adamscope.service.app import create_app
+    from adamscope.service.settings import Settings
+
+    paths = create_app(Settings.model_construct()).openapi()["paths"]
+    return {path for path, ops in paths.items() if "get" in ops and "{name}" in path and any(
+        p["in"] == "query" and p["name"] in ("name", "tensor")
+        for p in ops["get"].get("parameters", []))}
+
+
+def read(url: str, route: str, stepper: str, names: list[str], accept: str = "json"
+         ) -> httpx.Response:
+    by, extra = NAME_FILTERED_READS[route]
+    query = [*extra.items(), *((by, n) for n in names)]
+    if accept == "json" and route.endswith(("/params", "/state")):
+        query.append(("format", "json"))
+    return httpx.get(url + route.replace("{name}", stepper), params=query, timeout=60)
+
+
+def comparable(route: str, r: httpx.Response) -> Any:
+    """The parts of a reply that a sharded stepper and its one-slot twin share."""
+    assert r.status_code == 200, (route, r.status_code, r.text)
+    if r.headers["content-type"].startswith("application/octet-stream"):
+        tensors, _ = codec.decode(r.content)
+        return {k: (t.dtype, t.tolist()) for k, t in tensors.items()}
+    body = r.json()
+    body.pop("stepper", None)
+    if route.endswith("/stats"):
+        return body["tensors"]  # per tensor; the aggregate merges (see above)
+    if route.endswith("/history"):
+        return {n: t["values"] for n, t in body["tensors"].items()}
+    return body
+
+
+def test_every_name_filtered_read_works_on_a_sharded_stepper(client: Client) -> None:
+    """The API filters by ``name=`` (and the history by ``tensor=``): every such read of a
+    sharded stepper answers what the same stepper on one slot answers, for one tensor of
+    each shard and for tensors of both at once. (The ingress once filtered by ``names=``:
+    every shard got the filter, and the shards without the tensor refused it.)"""
+    assert documented_name_filters() == set(NAME_FILTERED_READS)
+    name, single = unique("filtered"), unique("filtered")
+    params, opt = sharded(client, name)
+    client.create(single, {f"p{i}": p.detach() for i, p in enumerate(params)}, lr=1e-2)
+    try:
+        for k in range(3):
+            grads = {f"p{i}": torch.full(s, 0.25 * (k + 1)) for i, s in enumerate(SHAPES)}
+            for i, p in enumerate(params):
+                p.grad = grads[f"p{i}"].clone()
+            opt.step()
+            client.step(single, grads)
+        shards = client.get(name).placement["shards"]  # type: ignore[index]
+        firsts = [s["params"][0] for s in shards]
+        assert len(firsts) == 2
+        for route in NAME_FILTERED_READS:
+            picks = [[firsts[0]], [firsts[1]]]
+            if not route.endswith("/slice"):  # a slice is of one tensor
+                picks.append(firsts)
+            for names in picks:
+                for accept in ("json", "safetensors"):
+                    if accept == "safetensors" and not route.endswith(("/params", "/state")):
+                        continue
+                    got = read(client.url, route, name, names, accept)
+                    want = read(client.url, route, single, names, accept)
+                    assert comparable(route, got) == comparable(route, want), (route, names)
+            unknown = read(client.url, route, name, ["nope"])
+            assert unknown.status_code == 422 and unknown.json()["code"] == "unknown_parameter"
+    finally:
+        client.delete(name)
+        client.delete(single)
+
+
 def state_bytes(url: str, name: str) -> tuple[bytes, int]:
     r = httpx.get(f"{url}/v1/steppers/{name}/state", params={"with_params": "true"},
                   timeout=60)
@@ -180,7 +263,7 @@ def test_rejected_steps_leave_every_shard_byte_identical(client: Client) -> None
         url = f"{client.url}/v1/steppers/{name}/step"
         octet = {"content-type": "application/octet-stream"}
         bad: list[tuple[str, bytes, dict[str, str], dict[str, str], int]] = [
-            ("unknown tensor", step_body({**good, "nope": torch.ones(2)}), octet, {}, 404),
+            ("unknown tensor", step_body({**good, "nope": torch.ones(2)}), octet, {}, 422),
             ("wrong shape", step_body({**good, "p0": torch.ones(7)}), octet, {}, 422),
             ("wrong dtype", step_body({**good, "p1": torch.ones(SHAPES[1],
                                                                 dtype=torch.float64)}),
@@ -483,7 +566,9 @@ def test_slots_ray_could_never_place_are_refused_at_start(tmp_path: Path) -> Non
     why, having deployed nothing."""
     import subprocess
 
-    from conftest import ROOT, free_port
+    from conftest import ROOT
+
+    from adamscope.service.testing import free_port
 
     gpus = torch.cuda.device_count()
     if gpus >= 2:

@@ -1,12 +1,6 @@
 """Per-step signals (adamscope.service.inspect.signals and its kernels), each checked
-against an independent computation in plain torch/numpy on the full tensors.
-
-Tolerances, where a value is not compared exactly: norms, means and standard deviations
-are accumulated in float32 by torch for float32 data (relative 1e-5 against numpy's
-float64); quantiles are compared at relative 1e-12 (the same order statistics, interpolated
-by two float64 formulas); histograms, counts, fractions, effective-LR tensors and dry-run
-results are compared exactly.
-"""
+against an independent computation in plain torch/numpy on the full tensors, with the
+tolerances test_stats.py states (effective-LR tensors, counts and fractions exactly)."""
 
 from __future__ import annotations
 
