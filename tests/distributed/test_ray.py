@@ -413,7 +413,7 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
 def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None:
     """The ingress's splitting in isolation: every tensor lands in exactly one shard body,
     byte for byte, with the spec narrowed to it."""
-    from adamscope.service.distributed.ingress import _shard_create_body
+    from adamscope.service.distributed.creation import _shard_create_body
     from adamscope.service.distributed.shards import merge, parse
 
     tensors = {"a": torch.randn(3, 4), "b.weight": torch.arange(5.0),
