@@ -30,7 +30,7 @@ MODULE_LINES = 400
 FUNCTION_LINES = 60
 REASON = re.compile(r"#\s*Long:\s*\S")
 #: Folders of the package, and the import name each installs as.
-PACKAGES = {"client/_root": "adamscope", "client": "adamscope.client",
+PACKAGES = {"client/_adamscope": "adamscope", "client": "adamscope.client",
             "service": "adamscope.service"}
 #: Where the repository's own folders could be imported by their bare names.
 CHECKED_TREES = ("service", "client", "tests", "benchmarks", "examples")
@@ -98,7 +98,7 @@ def module_files() -> dict[str, Path]:
             rel = path.relative_to(base)
             if any(str(path).startswith(str(ROOT / f) + "/") for f in PACKAGES
                    if len(f) > len(folder) and f.startswith(folder + "/")):
-                continue  # a nested folder mapped to another name (client/_root)
+                continue  # a nested folder mapped to another name (client/_adamscope)
             parts = list(rel.with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
