@@ -1,0 +1,277 @@
+"""Checkpoint and data-directory guards found by mutation testing (benchmarks/mutation.py):
+each test here failed for a mutant of service/engine/checkpoint.py or service/persistence/
+that the earlier tests let through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from client import codec
+from client.protocol import META_CHECKPOINT, Durability
+from service.engine import GroupDef, Registry, Stepper
+from service.engine import checkpoint as ckpt
+from service.engine.errors import (
+    DeviceUnavailable,
+    InvalidCheckpoint,
+    StepperNotFound,
+)
+from service.persistence import Persistence, PersistenceFailed, SnapshotNotFound, Store
+from service.persistence.store import AtomicFile
+
+CPU = torch.device("cpu")
+
+
+def make(name: str = "run", params: tuple[str, ...] = ("w", "b")) -> Stepper:
+    return Stepper(name, "adam", CPU, [(n, torch.ones(2, 3) * (i + 1))
+                                      for i, n in enumerate(params)], {"lr": 0.1})
+
+
+def on_disk(p: Persistence, name: str) -> dict[str, Any]:
+    with open(p.store.checkpoint_path(name), "rb") as f:
+        return ckpt.header_from_prefix(f.read)
+
+
+@pytest.fixture
+def persistence(tmp_path: Path) -> Persistence:
+    p = Persistence(tmp_path, Registry(), "cpu")
+    p.restore_all()
+    return p
+
+
+# ---------------------------------------------------------------------- checkpoint format
+
+
+def test_parameter_names_with_slashes_and_dots_round_trip() -> None:
+    names = ("enc/layer.0/w", "b")
+    stepper = make("run", names)
+    stepper.step({n: torch.ones(2, 3) for n in names})
+    back = ckpt.build(ckpt.decode(ckpt.encode(stepper).data), CPU)
+    assert back.names == list(names)
+    _, state = back.get_state()
+    assert set(state["enc/layer.0/w"]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_two_steppers_built_from_one_checkpoint_share_no_journal() -> None:
+    stepper = make()
+    stepper.step({"w": torch.ones(2, 3)}, key="k0")
+    saved = ckpt.decode(ckpt.encode(stepper).data)
+    a, b = ckpt.build(saved, CPU, "a"), ckpt.build(saved, CPU, "b")
+    assert not a.step({"w": torch.ones(2, 3)}, key="k1").replayed
+    assert not b.step({"w": torch.ones(2, 3)}, key="k1").replayed  # a's key is a's
+    assert b.step({"w": torch.ones(2, 3)}, key="k0").replayed  # the saved one is both's
+    assert ckpt.build(saved, CPU, "c").step({"w": torch.ones(2, 3)}, key="k1").step == 2
+
+
+def test_a_roll_back_drops_state_the_snapshot_did_not_have() -> None:
+    stepper = make()
+    stepper.step({"w": torch.ones(2, 3)})  # 'b' has no state yet
+    saved = ckpt.decode(ckpt.encode(stepper).data)
+    stepper.step({"w": torch.ones(2, 3), "b": torch.ones(2, 3)})
+    created = stepper.created_at
+    time.sleep(0.01)
+    ckpt.load_into(stepper, saved)
+    assert stepper.get_state(["b"])[1]["b"] == {}
+    assert stepper.step_count == 1
+    assert stepper.created_at == created  # a roll back keeps the stepper's own times
+    assert stepper.updated_at > saved.header["updated_at"]
+
+
+@pytest.mark.parametrize(("other", "problem"), [
+    (lambda: make("run", ("b", "w")),
+     "different parameter names or order; different param groups"),
+    (lambda: Stepper("run", "adam", CPU, [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))],
+                     {}, [GroupDef(["w"]), GroupDef(["b"])]), "different param groups"),
+    (lambda: Stepper("run", "adamw", CPU, [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))],
+                     {}), "optimizer 'adam' vs 'adamw'"),
+])
+def test_a_roll_back_names_what_does_not_fit(other: Any, problem: str) -> None:
+    saved = ckpt.decode(ckpt.encode(make()).data)
+    with pytest.raises(InvalidCheckpoint) as info:
+        ckpt.load_into(other(), saved)
+    assert info.value.detail == f"checkpoint of 'run' does not fit stepper 'run': {problem}"
+
+
+def _prefix_reader(data: bytes) -> Any:
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = data[pos:pos + n] if n >= 0 else data[pos:]
+        pos += len(chunk)
+        return chunk
+
+    return read
+
+
+def test_header_from_prefix_checks_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    good = ckpt.encode(make()).data
+    (n,) = struct.unpack("<Q", good[:8])
+    assert ckpt.header_from_prefix(_prefix_reader(good))["stepper"] == "run"
+    cases = [
+        (b"\x01\x02", "file too short for a safetensors header"),
+        (struct.pack("<Q", 2**64 - 1), f"safetensors header of {2**64 - 1} bytes is too large"),
+        (good[:8 + n - 1], "file ends inside its safetensors header"),
+        (struct.pack("<Q", 4) + b"[1] ", "safetensors header must be a JSON object"),
+        (struct.pack("<Q", 4) + b"{}  ", "safetensors __metadata__ must map strings to strings"),
+        (struct.pack("<Q", 2) + b"\xff\xfe", "safetensors header is not valid JSON"),
+    ]
+    for data, message in cases:
+        with pytest.raises(InvalidCheckpoint) as info:
+            ckpt.header_from_prefix(_prefix_reader(data))
+        assert info.value.detail.startswith(message), info.value.detail
+    # The ceiling itself is allowed, one byte more is not.
+    monkeypatch.setattr(codec, "MAX_HEADER_BYTES", n)
+    assert ckpt.header_from_prefix(_prefix_reader(good))["stepper"] == "run"
+    monkeypatch.setattr(codec, "MAX_HEADER_BYTES", n - 1)
+    with pytest.raises(InvalidCheckpoint, match="too large"):
+        ckpt.header_from_prefix(_prefix_reader(good))
+
+
+def test_a_state_tensor_name_lists_the_keys_it_may_end_with() -> None:
+    tensors, meta = codec.decode(ckpt.encode(make()).data)
+    tensors["state/w/momentum"] = torch.zeros(2, 3)
+    with pytest.raises(InvalidCheckpoint) as info:
+        ckpt.decode(codec.encode(tensors, meta))
+    assert info.value.detail == (
+        "checkpoint tensor 'state/w/momentum' is not 'state/<parameter>/<key>' with key one "
+        "of step, exp_avg, exp_avg_sq, max_exp_avg_sq")
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+def test_an_imported_checkpoint_keeps_its_durability_policy(persistence: Persistence) -> None:
+    data = ckpt.encode(make("src"), {"durability": {"mode": "every_n", "n": 7}}).data
+    s = persistence.import_checkpoint(ckpt.decode(data), "copy")
+    assert persistence.describe(s)["durability"] == {"mode": "every_n", "n": 7, "seconds": None}
+    assert on_disk(persistence, "copy")["durability"]["n"] == 7
+
+
+def test_an_import_on_an_unavailable_device_is_refused(persistence: Persistence) -> None:
+    data = ckpt.encode(make("src")).data
+    with pytest.raises(DeviceUnavailable):
+        persistence.import_checkpoint(ckpt.decode(data), "copy", device="cuda:99")
+    assert len(persistence.registry) == 0
+
+
+def test_restoring_logs_an_unusable_device_and_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(tmp_path)
+    store.open()
+    data = ckpt.encode(make("odd"), {"durability": {"mode": "every_n"}}).data  # n missing
+    tensors, meta = codec.decode(data)
+    header = json.loads(meta[META_CHECKPOINT])
+    header["device"] = "cuda:99"
+    store.write_checkpoint("odd", codec.encode(tensors, {**meta,
+                                                         META_CHECKPOINT: json.dumps(header)}))
+    p = Persistence(tmp_path, Registry(), "cpu", Durability(mode="manual"))
+    with caplog.at_level(logging.WARNING, logger="adamscope.persistence"):
+        p.restore_all()
+    assert p.restored == ["odd"] and p.registry.get("odd").device == CPU
+    assert p.describe(p.registry.get("odd"))["durability"]["mode"] == "manual"
+    messages = [r.getMessage() for r in caplog.records]
+    assert "device cuda:99 is not available here; restoring on cpu" in messages
+    assert ("checkpoint of 'odd' has an invalid durability policy {'mode': 'every_n'}; "
+            "using manual") in messages
+
+
+@pytest.mark.parametrize("policy", [Durability(mode="every_n", n=100),
+                                    Durability(mode="interval", seconds=3600)])
+def test_a_restored_snapshot_is_written_whatever_the_policy(
+    persistence: Persistence, policy: Durability
+) -> None:
+    s = persistence.create("run", make, policy)
+    persistence.take_snapshot(s, "zero")
+    s.step({"w": torch.ones(2, 3)})
+    persistence.checkpoint(s)
+    assert on_disk(persistence, "run")["step"] == 1
+    persistence.restore_snapshot(s, "zero")
+    assert on_disk(persistence, "run")["step"] == 0
+
+
+def test_snapshots_are_listed_by_time_with_unreadable_ones_last(
+    persistence: Persistence,
+) -> None:
+    s = persistence.create("run", make)
+    for snap in ("zz-first", "aa-second"):  # name order is not time order
+        persistence.take_snapshot(s, snap)
+        time.sleep(0.01)
+    snaps = persistence.store.snapshot_dir("run")
+    (snaps / "bb-broken.safetensors").write_bytes(b"\x01\x02")
+    (snaps / "an-old-export.bin").write_text("not a snapshot")  # not *.safetensors
+    (snaps / "dir.safetensors").mkdir()
+    os.symlink(snaps / "zz-first.safetensors", snaps / "link.safetensors")
+    listed = persistence.list_snapshots(s)
+    assert [x["name"] for x in listed] == ["zz-first", "aa-second", "bb-broken"]
+    broken = listed[-1]
+    assert broken == {"name": "bb-broken", "stepper": "run", "size": 0,
+                      "error": "file too short for a safetensors header", "step": None,
+                      "created_at": None}
+    assert listed[0]["size"] == (snaps / "zz-first.safetensors").stat().st_size
+
+
+def test_missing_snapshots_and_steppers_name_what_is_missing(
+    persistence: Persistence,
+) -> None:
+    s = persistence.create("run", make)
+    for call in (lambda: persistence.open_snapshot(s, "nope"),
+                 lambda: persistence.delete_snapshot(s, "nope")):
+        with pytest.raises(SnapshotNotFound) as info:
+            call()
+        assert info.value.extra == {"stepper": "run", "snapshot": "nope"}
+        assert info.value.detail == "stepper 'run' has no snapshot 'nope'"
+    with pytest.raises(StepperNotFound) as gone:
+        persistence.registry.delete("nope")
+    assert gone.value.extra == {"stepper": "nope"}
+
+
+def test_a_failed_removal_names_the_stepper(persistence: Persistence,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    persistence.create("run", make)
+
+    def refuse(name: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(persistence.store, "remove_stepper", refuse)
+    with pytest.raises(PersistenceFailed) as info:
+        persistence.delete("run")
+    assert info.value.extra == {"stepper": "run"}
+    assert "could not remove the files of 'run'" in info.value.detail
+    assert persistence.registry.get("run").name == "run"  # still served
+
+
+# ---------------------------------------------------------------------- the store
+
+
+def test_scan_removes_only_temporary_files(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_checkpoint("run", ckpt.encode(make()).data)
+    d = store.stepper_dir("run")
+    (d / "snapshots").mkdir()
+    keep = [d / "notes.tmp", d / ".keep", d / "snapshots" / "x.tmp", d / "snapshots" / ".keep"]
+    drop = [d / ".checkpoint.safetensors.0a1b2c.tmp", d / "snapshots" / ".s.safetensors.9f.tmp"]
+    for f in keep + drop:
+        f.write_bytes(b"x")
+    assert store.scan() == ["run"]
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in drop)
+
+
+def test_an_aborted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "c.safetensors"
+    target.write_bytes(b"old")
+    out = AtomicFile(target)
+    out.write([b"new ", memoryview(b"bytes")])
+    out.abort()
+    assert target.read_bytes() == b"old"
+    assert [f.name for f in tmp_path.iterdir()] == ["c.safetensors"]
