@@ -119,3 +119,18 @@ def test_the_list_and_snapshots_show_only_reachable_steppers(client: TestClient)
     assert_problem(client.get(f"{V1}/{THEIRS[0]}/snapshots/s1", headers=h), "forbidden")
     # The admin (no prefix) sees all three.
     assert registered(client) == sorted([OURS, *THEIRS])
+
+
+def test_refusals_name_the_request_and_the_openapi_document_describes_them(
+    client: TestClient,
+) -> None:
+    path = f"{V1}/{THEIRS[0]}"
+    forbidden = assert_problem(client.get(path, headers=auth(TEAM_A)), "forbidden")
+    unauthorized = assert_problem(client.get(path, headers={"authorization": ""}),
+                                  "unauthorized")
+    assert forbidden["instance"] == unauthorized["instance"] == path
+    doc = client.get("/openapi.json").json()
+    step_op = doc["paths"][f"{V1}/{{name}}/step"]["post"]
+    for status in ("401", "403"):
+        assert step_op["responses"][status]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
