@@ -6,6 +6,8 @@ wire.py) that the other API tests let through.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +187,52 @@ def test_the_applied_event_is_shared_until_the_step_is_applied(served: TestClien
     stream.step_applied(stepper)
     assert first.is_set()
     assert stream.step_applied_event(stepper) is not first
+
+
+def test_a_json_body_must_be_an_object(served: TestClient) -> None:
+    r = served.put(f"{V1}/{NAME}/params", content=b"[1, 2]",
+                   headers={"content-type": "application/json"})
+    assert assert_problem(r, "malformed_body")["detail"] == "JSON body must be an object"
+
+
+# ---------------------------------------------------------------------- the flusher
+
+
+def _dirty(client: TestClient, name: str) -> bool:
+    return bool(client.get(f"{V1}/{name}").json()["dirty"])
+
+
+def _wait_clean(client: TestClient, name: str, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _dirty(client, name):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_background_flusher_writes_interval_steppers_and_outlives_a_failure(
+    app_client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An 'interval' stepper changed outside any request (so no request writes it) is
+    written by the background flusher; a flush that raises is logged and the flusher
+    goes on."""
+    spec = {**SPEC, "name": "idle", "durability": {"mode": "interval", "seconds": 0.01}}
+    create(app_client, spec, initial_values())
+    persistence = app_client.app.state.persistence  # type: ignore[attr-defined]
+    real = persistence.flush_due
+    failed = []
+
+    def flaky() -> int:
+        if not failed:
+            failed.append(True)
+            raise OSError("disk on fire")
+        return int(real())
+
+    monkeypatch.setattr(persistence, "flush_due", flaky)
+    with caplog.at_level(logging.ERROR, logger="adamscope.persistence"):
+        app_client.app.state.registry.get("idle").step(  # type: ignore[attr-defined]
+            {"b": torch.ones(3)})
+        assert _wait_clean(app_client, "idle"), "the flusher never wrote the stepper"
+    assert failed and [rec.getMessage() for rec in caplog.records
+                       if rec.name == "adamscope.persistence"] == ["background flush failed"]
