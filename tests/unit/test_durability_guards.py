@@ -23,6 +23,7 @@ from service.engine import checkpoint as ckpt
 from service.engine.errors import (
     DeviceUnavailable,
     InvalidCheckpoint,
+    StepperExists,
     StepperNotFound,
 )
 from service.persistence import Persistence, PersistenceFailed, SnapshotNotFound, Store
@@ -275,3 +276,111 @@ def test_an_aborted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -
     out.abort()
     assert target.read_bytes() == b"old"
     assert [f.name for f in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_a_replaced_stepper_is_never_overwritten_by_its_predecessor(
+    persistence: Persistence,
+) -> None:
+    """A request still in flight on a deleted stepper must not write it over the new
+    stepper of the same name (nor find it registered)."""
+    old = persistence.create("run", make)
+    persistence.delete("run")
+    new = persistence.create("run", lambda: make("run", ("x",)))
+    old.step({"w": torch.ones(2, 3)})
+    assert persistence.persist(old) is None
+    assert on_disk(persistence, "run")["params"] == ["x"]
+    for call in (lambda: persistence.checkpoint(old), lambda: persistence.take_snapshot(old)):
+        with pytest.raises(StepperNotFound) as info:
+            call()
+        assert info.value.extra == {"stepper": "run"}
+    assert persistence.persist(new) is not None
+
+
+def test_one_lock_per_stepper_name(persistence: Persistence) -> None:
+    assert persistence._lock("a") is persistence._lock("a")
+    assert persistence._lock("a") is not persistence._lock("b")
+
+
+def test_a_failed_write_is_reported_and_logged(
+    persistence: Persistence, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = persistence.create("run", make)
+    d = persistence.store.stepper_dir("run")
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    d.write_bytes(b"a file where the stepper's directory belongs")
+    s.step({"w": torch.ones(2, 3)})
+    with caplog.at_level(logging.ERROR, logger="adamscope.persistence"), \
+            pytest.raises(PersistenceFailed) as info:
+        persistence.checkpoint(s)
+    assert info.value.detail == (
+        "the change to 'run' was applied in memory but could not be written to the data "
+        "directory: File exists; it is written with the next change")
+    assert info.value.extra == {"stepper": "run"}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not write the checkpoint of 'run': [Errno 17] File exists: '{d}'"]
+    assert persistence.describe(s)["dirty"] is True
+
+
+def test_restoring_reports_what_it_found(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    first = Persistence(tmp_path, Registry(), "cpu",
+                        Durability(mode="interval", seconds=3600))
+    first.restore_all()
+    for name in ("good", "refused"):
+        first.create(name, lambda n=name: make(n))  # type: ignore[misc]
+    saved_at = on_disk(first, "good")["saved_at"]
+    registry = Registry()
+
+    def quota(stepper: Stepper) -> None:
+        if stepper.name == "refused":
+            raise RuntimeError("over the limit")
+
+    registry.hooks.append(quota)
+    second = Persistence(tmp_path, registry, "cpu")
+    with caplog.at_level(logging.INFO, logger="adamscope.persistence"):
+        second.restore_all()
+    assert second.restored == ["good"]
+    assert second.failed == {"refused": "RuntimeError: over the limit"}
+    path = second.store.checkpoint_path("refused")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not restore stepper 'refused' from {path}: RuntimeError: over the limit",
+        f"restored 1 stepper(s) from {second.store.root}; 1 failed: ['refused']"]
+    good = registry.get("good")
+    assert second.describe(good) == {
+        "durability": {"mode": "interval", "n": None, "seconds": 3600.0},
+        "persisted_step": 0, "persisted_at": saved_at, "dirty": False}
+    good.step({"w": torch.ones(2, 3)})
+    assert not second.due(good, "change")  # just restored: its hour has not passed
+    with pytest.raises(StepperExists) as info:
+        second.create("refused", lambda: make("refused"))
+    assert info.value.extra == {"stepper": "refused"}
+
+
+def test_writes_happen_only_when_something_is_unwritten(persistence: Persistence) -> None:
+    s = persistence.create("run", make)
+    path = persistence.store.checkpoint_path("run")
+    before = path.stat().st_ino
+    assert not persistence.due(s, "step") and not persistence.due(s, "restore")
+    assert persistence.persist(s) is not None and path.stat().st_ino == before
+    persistence.persist(s, force=True)
+    assert path.stat().st_ino != before  # forced: written again
+
+
+def test_flush_all_counts_and_logs(persistence: Persistence,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    steppers = [persistence.create(n, lambda n=n: make(n),  # type: ignore[misc]
+                                   Durability(mode="every_n", n=100)) for n in "abc"]
+    for s in steppers:
+        s.step({"w": torch.ones(2, 3)})
+    c = persistence.store.stepper_dir("c")
+    for f in c.iterdir():
+        f.unlink()
+    c.rmdir()
+    c.write_bytes(b"not a directory")
+    with caplog.at_level(logging.ERROR, logger="adamscope.persistence"):
+        assert persistence.flush_all() == 2
+    assert caplog.records[-1].getMessage() == (
+        "the change to 'c' was applied in memory but could not be written to the data "
+        "directory: File exists; it is written with the next change")
