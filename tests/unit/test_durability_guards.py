@@ -384,3 +384,15 @@ def test_flush_all_counts_and_logs(persistence: Persistence,
     assert caplog.records[-1].getMessage() == (
         "the change to 'c' was applied in memory but could not be written to the data "
         "directory: File exists; it is written with the next change")
+
+
+def test_unnamed_snapshots_are_named_by_step_and_utc_time(
+    persistence: Persistence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = persistence.create("run", make)
+    s.step({"w": torch.ones(2, 3)})
+    fixed = time.struct_time((2024, 6, 1, 12, 30, 5, 5, 153, 0))
+    monkeypatch.setattr(time, "gmtime", lambda *a: fixed)  # the same second, every time
+    names = [persistence.take_snapshot(s)["name"] for _ in range(3)]
+    assert names == ["step1-20240601T123005Z", "step1-20240601T123005Z-2",
+                     "step1-20240601T123005Z-3"]
