@@ -396,3 +396,24 @@ def test_unnamed_snapshots_are_named_by_step_and_utc_time(
     names = [persistence.take_snapshot(s)["name"] for _ in range(3)]
     assert names == ["step1-20240601T123005Z", "step1-20240601T123005Z-2",
                      "step1-20240601T123005Z-3"]
+
+
+def test_files_are_private_and_snapshots_say_what_they_are(persistence: Persistence) -> None:
+    s = persistence.create("run", make, Durability(mode="every_n", n=3))
+    persistence.take_snapshot(s, "first")
+    snap = persistence.store.snapshot_path("run", "first")
+    for path in (persistence.store.checkpoint_path("run"), snap):
+        assert path.stat().st_mode & 0o777 == 0o600
+    with open(snap, "rb") as f:
+        header = ckpt.header_from_prefix(f.read)
+    assert header["snapshot"] == "first"
+    assert header["durability"] == {"mode": "every_n", "n": 3, "seconds": None}
+
+
+def test_a_snapshot_that_cannot_be_written_is_reported(persistence: Persistence) -> None:
+    s = persistence.create("run", make)
+    (persistence.store.stepper_dir("run") / "snapshots").write_bytes(b"in the way")
+    with pytest.raises(PersistenceFailed) as info:
+        persistence.take_snapshot(s, "first")
+    assert info.value.detail.startswith("could not write snapshot 'first' of 'run': ")
+    assert info.value.extra == {"stepper": "run"}
