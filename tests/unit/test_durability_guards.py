@@ -417,3 +417,53 @@ def test_a_snapshot_that_cannot_be_written_is_reported(persistence: Persistence)
         persistence.take_snapshot(s, "first")
     assert info.value.detail.startswith("could not write snapshot 'first' of 'run': ")
     assert info.value.extra == {"stepper": "run"}
+
+
+def test_scan_removes_only_what_it_owns_and_skips_what_is_not_a_stepper(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(tmp_path / "data")
+    data = ckpt.encode(make()).data
+    for name in ("b-run", "z-run"):
+        store.write_checkpoint(name, data)
+    root = store.root
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "checkpoint.safetensors").write_bytes(data)
+    (root / "a-link").symlink_to(outside)  # sorts first; must not be followed
+    (root / "has space").mkdir()
+    (root / "has space" / "checkpoint.safetensors").write_bytes(data)
+    (root / "a-file").write_bytes(b"x")
+    (root / ".hidden-dir").mkdir()
+    (root / ".hidden-dir" / "keep").write_bytes(b"x")
+    (root / ".notes").write_bytes(b"x")
+    (root / ".old.deleted-0a1b").mkdir()
+    (root / ".old.deleted-0a1b" / "checkpoint.safetensors").write_bytes(data)
+    (root / ".gone.deleted-2c3d").symlink_to(outside)  # a link is never removed through
+    (root / ".x.safetensors.9f.tmp").write_bytes(b"x")
+    tmp = store.stepper_dir("z-run") / ".checkpoint.safetensors.0a.tmp"
+    tmp.write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="adamscope.persistence"):
+        assert store.scan() == ["b-run", "z-run"]
+    assert not (root / ".old.deleted-0a1b").exists() and not tmp.exists()
+    assert not (root / ".x.safetensors.9f.tmp").exists()
+    assert (outside / "checkpoint.safetensors").exists()
+    assert (root / ".hidden-dir" / "keep").exists() and (root / ".notes").exists()
+    assert sorted(r.getMessage() for r in caplog.records) == sorted([
+        f"ignoring {root / 'a-file'}: not a stepper directory",
+        f"ignoring {root / 'a-link'}: not a stepper directory",
+        f"ignoring {root / 'has space'}: not a stepper directory",
+        f"removing interrupted deletion {root / '.old.deleted-0a1b'}",
+        f"removing stale temporary file {tmp}",
+    ])
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda s: s.stepper_dir("../up"), "invalid stepper name '../up'"),
+    (lambda s: s.snapshot_path("run", ".hidden"), "invalid snapshot name '.hidden'"),
+])
+def test_names_that_are_not_one_path_component_are_refused(tmp_path: Path, call: Any,
+                                                           message: str) -> None:
+    with pytest.raises(PersistenceFailed) as info:
+        call(Store(tmp_path))
+    assert info.value.detail == message
