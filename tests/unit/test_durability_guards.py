@@ -467,3 +467,109 @@ def test_names_that_are_not_one_path_component_are_refused(tmp_path: Path, call:
     with pytest.raises(PersistenceFailed) as info:
         call(Store(tmp_path))
     assert info.value.detail == message
+
+
+def _with_header(change: Any) -> bytes:
+    """A valid checkpoint of make() whose JSON header went through ``change(header)``
+    (which may return a replacement, e.g. a non-object)."""
+    tensors, meta = codec.decode(ckpt.encode(make()).data)
+    header = json.loads(meta[META_CHECKPOINT])
+    replaced = change(header)
+    raw = replaced if isinstance(replaced, str) else json.dumps(
+        header if replaced is None else replaced)
+    return codec.encode(tensors, {**meta, META_CHECKPOINT: raw})
+
+
+def _put(key: str, value: Any) -> Any:
+    return lambda h: h.__setitem__(key, value)
+
+
+def _group(key: str, value: Any) -> Any:
+    return lambda h: h["groups"][0].__setitem__(key, value)
+
+
+def _option(key: str, value: Any) -> Any:
+    return lambda h: h["groups"][0]["options"].__setitem__(key, value)
+
+
+HEADERS: list[tuple[str, Any, str]] = [
+    ("not-json", lambda h: "{", "checkpoint header is not valid JSON: "),
+    ("not-object", lambda h: [1], "checkpoint header must be a JSON object"),
+    ("format", _put("format", "x"), "checkpoint format is 'x', not 'adamscope-checkpoint'"),
+    ("version-bool", _put("version", True), "invalid checkpoint format version True"),
+    ("version-0", _put("version", 0), "invalid checkpoint format version 0"),
+    ("version-text", _put("version", "1"), "invalid checkpoint format version '1'"),
+    ("name", _put("stepper", "a b"), "checkpoint names an invalid stepper 'a b'"),
+    ("optimizer", _put("optimizer", "sgd"), "checkpoint has unknown optimizer 'sgd'"),
+    ("device", _put("device", 0), "checkpoint lacks a device"),
+    ("params-empty", _put("params", []), "checkpoint 'params' must list distinct parameter names"),
+    ("params-twice", _put("params", ["w", "w"]),
+     "checkpoint 'params' must list distinct parameter names"),
+    ("params-text", _put("params", "wb"), "checkpoint 'params' must list distinct parameter names"),
+    ("params-numbers", _put("params", [1, 2]),
+     "checkpoint 'params' must list distinct parameter names"),
+    ("param-name", _put("params", ["w", "b\x01"]), "invalid parameter name 'b\\x01'"),
+    ("groups-empty", _put("groups", []), "checkpoint 'groups' must be a list"),
+    ("groups-object", _put("groups", {"params": ["w"]}), "checkpoint 'groups' must be a list"),
+    ("group-text", _put("groups", ["w"]), "each checkpoint group needs 'params' (names) and "
+                                          "'options' (an object)"),
+    ("group-params", _group("params", "wb"), "each checkpoint group needs 'params'"),
+    ("group-options", _group("options", []), "each checkpoint group needs 'params'"),
+    ("option-unknown", _option("nesterov", True), "checkpoint group has unknown option "
+                                                  "'nesterov'"),
+    ("option-betas", _option("betas", [0.9]), "checkpoint option betas=[0.9] has the wrong "
+                                              "type"),
+    ("option-betas-text", _option("betas", ["a", "b"]), "checkpoint option betas=['a', 'b']"),
+    ("option-lr", _option("lr", "x"), "checkpoint option lr='x' has the wrong type"),
+    ("option-lr-list", _option("lr", [1]), "checkpoint option lr=[1] has the wrong type"),
+    ("step-negative", _put("step", -1), "checkpoint step must be an integer >= 0, got -1"),
+    ("step-float", _put("step", 1.5), "checkpoint step must be an integer >= 0, got 1.5"),
+    ("step-bool", _put("step", True), "checkpoint step must be an integer >= 0, got True"),
+    ("saved_at", _put("saved_at", "now"), "checkpoint 'saved_at' must be a number"),
+    ("created_at-bool", _put("created_at", True), "checkpoint 'created_at' must be a number"),
+    ("extra", _put("extra", []), "checkpoint 'extra' must be an object"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [h[1:] for h in HEADERS],
+                         ids=[h[0] for h in HEADERS])
+def test_every_header_field_is_checked(change: Any, message: str) -> None:
+    with pytest.raises(InvalidCheckpoint) as info:
+        ckpt.decode(_with_header(change))
+    assert info.value.detail.startswith(message), info.value.detail
+
+
+def test_a_header_without_extra_or_with_numbers_where_allowed_loads() -> None:
+    def edit(h: dict[str, Any]) -> None:
+        del h["extra"]
+        h["groups"][0]["options"]["betas"] = [0, 1]  # ints are numbers
+        h["created_at"] = 5
+
+    loaded = ckpt.decode(_with_header(edit))
+    assert loaded.header["extra"] == {} and loaded.header["created_at"] == 5
+
+
+def test_the_written_header_is_compact_complete_and_guarded() -> None:
+    stepper = make()
+    chunks: list[bytes] = []
+    enc = ckpt.write(stepper, lambda parts: chunks.append(b"".join(parts)) or len(chunks[0]))
+    assert enc.data == b"" and enc.size == len(chunks[0]) and enc.header["torch"] == \
+        torch.__version__
+    raw = codec.decode(chunks[0])[1][META_CHECKPOINT]
+    assert ", " not in raw and '": ' not in raw  # compact: the header is read on restore
+    with pytest.raises(ValueError) as info:
+        ckpt.encode(stepper, {"step": 5, "durability": {}, "saved_at": 1})
+    assert str(info.value) == "annotations may not replace ['saved_at', 'step']"
+
+
+def test_registry_problems_name_the_stepper() -> None:
+    registry = Registry()
+    registry.create("a", lambda: make("a"))
+    for call, error in ((lambda: registry.get("zz"), StepperNotFound),
+                        (lambda: registry.delete("zz"), StepperNotFound),
+                        (lambda: registry.create("a", lambda: make("a")), StepperExists)):
+        with pytest.raises(error) as info:
+            call()
+        assert info.value.extra["stepper"] in ("zz", "a")
+        assert info.value.detail in ("no stepper named 'zz'",
+                                     "a stepper named 'a' already exists")
