@@ -28,6 +28,7 @@ from service.engine import stepper as stepper_module
 from service.engine.errors import (
     DtypeMismatch,
     EngineError,
+    InvalidHyperparameter,
     InvalidSpec,
     InvalidState,
     ShapeMismatch,
@@ -376,3 +377,47 @@ def test_a_failing_observer_is_logged_and_never_breaks_the_step(
     local["b"].grad = grad_for(local["b"], 0, 1)
     optimizer.step()
     assert torch.equal(stepper.get_params()[1]["b"], local["b"].detach())
+
+
+# ---------------------------------------------------------------------- options at creation
+
+
+@pytest.mark.parametrize(("params", "hyper", "message"), [
+    ([("a", torch.ones(2))], {"capturable": True},
+     "If capturable=True, params and state_steps must be on supported devices"),
+    ([("c", torch.ones(2, dtype=torch.complex64))], {"fused": True},
+     "`fused=True` requires all the params to be floating point Tensors"),
+])
+def test_options_pytorch_refuses_only_when_stepping_are_refused_at_creation(
+    params: list[tuple[str, torch.Tensor]], hyper: dict[str, Any], message: str
+) -> None:
+    """The probe step: a stepper must not be created with options its first step fails."""
+    with pytest.raises(InvalidHyperparameter) as info:
+        Stepper("s", "adam", CPU, params, hyper)
+    assert info.value.detail.startswith(message)
+
+
+@pytest.mark.parametrize(("kind", "hyper", "message"), [
+    ("adam", {"momentum": 0.9, "nesterov": True}, "unknown option(s): momentum, nesterov"),
+    ("adam", {"differentiable": True}, "differentiable=True is not supported by a remote "
+                                       "optimizer: an autograd graph cannot cross the network"),
+    ("adamw", {"decoupled_weight_decay": False},
+     "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay"),
+])
+def test_options_of_our_own_are_refused_with_exact_messages(
+    kind: str, hyper: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidHyperparameter) as info:
+        Stepper("s", kind, CPU, [("a", torch.ones(2))], hyper)
+    assert info.value.detail == message
+
+
+def test_an_empty_param_group_is_accepted_as_pytorch_does() -> None:
+    stepper = Stepper("s", "adamw", CPU, [("a", torch.ones(2))], {},
+                      [GroupDef(["a"]), GroupDef([], {"lr": 0.5})])
+    local = torch.optim.AdamW([{"params": [torch.ones(2, requires_grad=True)]},
+                               {"params": [], "lr": 0.5}])
+    groups = stepper.summary()["groups"]
+    assert [g["params"] for g in groups] == [["a"], []] and groups[1]["lr"] == 0.5
+    for ours, theirs in zip(stepper.optimizer.param_groups, local.param_groups, strict=True):
+        assert {k: ours[k] for k in OPTION_NAMES} == {k: theirs[k] for k in OPTION_NAMES}
