@@ -26,6 +26,7 @@ from test_engine import grad_for, make, snapshot, stepped
 from service.engine import GroupDef, Stepper
 from service.engine import stepper as stepper_module
 from service.engine.errors import (
+    DeviceUnavailable,
     DtypeMismatch,
     EngineError,
     InvalidHyperparameter,
@@ -35,7 +36,7 @@ from service.engine.errors import (
     StepConflict,
     UnknownParameter,
 )
-from service.engine.options import OPTION_NAMES
+from service.engine.options import OPTION_NAMES, resolve_device
 
 CPU = torch.device("cpu")
 
@@ -421,3 +422,21 @@ def test_an_empty_param_group_is_accepted_as_pytorch_does() -> None:
     assert [g["params"] for g in groups] == [["a"], []] and groups[1]["lr"] == 0.5
     for ours, theirs in zip(stepper.optimizer.param_groups, local.param_groups, strict=True):
         assert {k: ours[k] for k in OPTION_NAMES} == {k: theirs[k] for k in OPTION_NAMES}
+
+
+def test_device_names_are_resolved_or_refused_with_a_reason() -> None:
+    assert resolve_device(None, "cpu") == CPU and resolve_device("cpu:0", "cuda") == CPU
+    cases = [("meta", "device type 'meta' is not supported (use cpu or cuda)"),
+             ("gpu", "invalid device 'gpu': ")]
+    if not torch.cuda.is_available():
+        cases += [("cuda", "device 'cuda' requested but CUDA is not available here"),
+                  ("cuda:1", "device 'cuda:1' requested but CUDA is not available here")]
+    else:
+        n = torch.cuda.device_count()
+        assert resolve_device("cuda", "cpu") == torch.device("cuda", torch.cuda.current_device())
+        assert resolve_device(f"cuda:{n - 1}", "cpu") == torch.device("cuda", n - 1)
+        cases += [(f"cuda:{n}", f"device 'cuda:{n}' requested but only {n} CUDA device(s)")]
+    for spec, message in cases:
+        with pytest.raises(DeviceUnavailable) as info:
+            resolve_device(spec, "cpu")
+        assert info.value.detail.startswith(message), info.value.detail
