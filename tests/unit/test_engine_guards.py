@@ -440,3 +440,16 @@ def test_device_names_are_resolved_or_refused_with_a_reason() -> None:
         with pytest.raises(DeviceUnavailable) as info:
             resolve_device(spec, "cpu")
         assert info.value.detail.startswith(message), info.value.detail
+
+
+def test_unknown_option_changes_are_all_named() -> None:
+    stepper = stepped(make("adam")[0])
+    before = snapshot(stepper)
+    for call in (lambda: stepper.set_hyperparameters({"nesterov": True, "momentum": 0.9}),
+                 lambda: stepper.step({"b": torch.ones(4)}, [{"momentum": 1, "dampening": 0}])):
+        with pytest.raises(InvalidHyperparameter) as info:
+            call()
+        assert info.value.detail.startswith("unknown option(s): ")
+        names = info.value.detail.removeprefix("unknown option(s): ").split(", ")
+        assert names == sorted(names) and len(names) == 2
+    assert snapshot(stepper) == before
