@@ -127,6 +127,8 @@ def diff(name: str, path: str) -> str:
 
 
 def classify(name: str, code: int | None, listed: dict[str, str]) -> str:
+    if mutation_tiers.out_of_scope(ROOT, name):
+        return "out_of_scope"
     if code is None:
         return "unchecked"
     if code in TYPE_CAUGHT:
@@ -144,8 +146,9 @@ def classify(name: str, code: int | None, listed: dict[str, str]) -> str:
 
 def scores(c: Counter[str]) -> tuple[float | None, float | None]:
     """(tests, overall): killed by the tests of the mutants mypy lets through, and caught
-    by tests or mypy of all mutants; listed equivalents and unchecked ones left out."""
-    tested = c["mutants"] - c["unchecked"] - c["equivalent"] - c["mypy"]
+    by tests or mypy of all mutants; listed equivalents, out-of-scope and unchecked ones
+    left out."""
+    tested = c["mutants"] - c["unchecked"] - c["equivalent"] - c["mypy"] - c["out_of_scope"]
     caught = tested + c["mypy"]
     return (100.0 * c["killed"] / tested if tested else None,
             100.0 * (c["killed"] + c["mypy"]) / caught if caught else None)
@@ -154,9 +157,9 @@ def scores(c: Counter[str]) -> tuple[float | None, float | None]:
 def _row(name: str, c: Counter[str]) -> str:
     tests, overall = scores(c)
     cells = [f"{x:.1f}" if x is not None else "-" for x in (tests, overall)]
-    return (f"{name:34} {c['mutants']:7} {c['mypy']:5} {c['killed']:6} {c['survived']:8} "
-            f"{c['equivalent']:6} {c['no_tests']:7} {c['other'] + c['unchecked']:5} "
-            f"{cells[0]:>6} {cells[1]:>7}")
+    return (f"{name:34} {c['mutants']:7} {c['out_of_scope']:5} {c['mypy']:5} {c['killed']:6} "
+            f"{c['survived']:8} {c['equivalent']:6} {c['no_tests']:7} "
+            f"{c['other'] + c['unchecked']:5} {cells[0]:>6} {cells[1]:>7}")
 
 
 def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
@@ -164,7 +167,7 @@ def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
     listed, stale = reviewed(files)
     total = Counter[str]()
     unreviewed: list[tuple[str, str]] = []
-    print(f"{'module':34} {'mutants':>7} {'mypy':>5} {'killed':>6} {'survived':>8} "
+    print(f"{'module':34} {'mutants':>7} {'skip':>5} {'mypy':>5} {'killed':>6} {'survived':>8} "
           f"{'equiv.':>6} {'no test':>7} {'other':>5} {'tests%':>6} {'overall%':>7}")
     for f in files:
         codes = by_file.get(f, {})
@@ -190,7 +193,7 @@ def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
     print(f"\nscore: tests {tests or 0:.1f}% (killed {total['killed']} of the mutants mypy "
           f"accepts, listed equivalents aside), overall {overall or 0:.1f}% (with the "
           f"{total['mypy']} mypy rejects); {total['equivalent']} equivalent listed, "
-          f"{total['unchecked']} unchecked")
+          f"{total['out_of_scope']} out of scope ('skip'), {total['unchecked']} unchecked")
     return 0 if (tests or 0) >= fail_under and not total["unchecked"] else 1
 
 

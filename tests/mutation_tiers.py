@@ -11,6 +11,7 @@ called from ``conftest.pytest_collection_modifyitems``, keeps:
 - for a mutant (``MUTANT_UNDER_TEST`` names one): the tests of its module's tier, the ones
   that ran fastest when mutmut timed them first (so a killing test comes early);
 - for mutmut's other runs (timing, clean and forced-fail runs): every tier's tests;
+- for a mutant of a function ``[tool.adamscope.mutation] out_of_scope`` names: nothing;
 - for a mutant listed as equivalent in benchmarks/mutation-survivors.md, with the hash its
   function had when it was reviewed: nothing (its tests cannot fail; a changed function,
   whose mutants may be numbered differently, runs again);
@@ -31,6 +32,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "function_hash",
     "in_tier",
     "module_path",
+    "out_of_scope",
     "reviewed",
     "select",
     "tiers",
@@ -53,11 +56,21 @@ SURVIVORS = "benchmarks/mutation-survivors.md"
 _ENTRY = re.compile(r"^\s*[-*]\s+`([^`]+__mutmut_\d+)`\s+`([0-9a-f]+)`")
 
 
-def tiers(root: Path) -> dict[str, list[str]]:
-    """Module glob -> test node-id prefixes, from ``root``'s pyproject.toml."""
+def _settings(root: Path) -> dict[str, Any]:
     data = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-    table: dict[str, list[str]] = data["tool"]["adamscope"]["mutation"]["tiers"]
+    found: dict[str, Any] = data["tool"]["adamscope"]["mutation"]
+    return found
+
+
+def tiers(root: Path) -> dict[str, list[str]]:
+    """Module globs -> test node-id prefixes, from ``root``'s pyproject.toml."""
+    table: dict[str, list[str]] = _settings(root)["tiers"]
     return table
+
+
+def out_of_scope(root: Path, mutant: str) -> bool:
+    """Whether ``mutant`` belongs to a function the configuration leaves out."""
+    return any(fnmatch.fnmatchcase(mutant, g) for g in _settings(root).get("out_of_scope", []))
 
 
 def covers(globs: str, path: str) -> bool:
@@ -128,8 +141,8 @@ def select(config: pytest.Config, items: list[pytest.Item]) -> None:
     if mutant == "":  # the fork server's warm-up (and mutmut's clean run)
         warm_up()
     table = tiers(config.rootpath)
-    if MUTANT_MARK in mutant and reviewed(config.rootpath).get(mutant, "?") == function_hash(
-            config.rootpath, mutant):
+    if MUTANT_MARK in mutant and (out_of_scope(config.rootpath, mutant) or reviewed(
+            config.rootpath).get(mutant, "?") == function_hash(config.rootpath, mutant)):
         config.hook.pytest_deselected(items=list(items))
         items[:] = []
         return
