@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from starlette.requests import Request
 
+from service.api.access import principal
 from service.auth import (
     ANONYMOUS_ADMIN,
     RANK,
@@ -146,3 +148,12 @@ def test_the_binding_refusal_and_the_banners_in_full() -> None:
                         (_spec("admin-token-9876543210", "admin"), "b")])
     assert banner(open_host, table) == ("access control: 3 bearer token(s) configured (2 "
                                         "admin, 1 read; 1 restricted to a name prefix)")
+
+
+def test_a_request_the_middleware_did_not_authenticate_fails_closed() -> None:
+    request = Request({"type": "http", "method": "GET", "path": "/v1/steppers", "headers": [],
+                       "query_string": b""})
+    with pytest.raises(RuntimeError) as info:
+        principal(request)
+    assert str(info.value) == ("/v1/steppers was not authenticated: the access middleware is "
+                               "not installed or thinks the path is public")
