@@ -522,11 +522,11 @@ HEADERS: list[tuple[str, Any, str]] = [
     ("option-betas-text", _option("betas", ["a", "b"]), "checkpoint option betas=['a', 'b']"),
     ("option-lr", _option("lr", "x"), "checkpoint option lr='x' has the wrong type"),
     ("option-lr-list", _option("lr", [1]), "checkpoint option lr=[1] has the wrong type"),
-    ("step-negative", _put("step", -1), "checkpoint step must be an integer >= 0, got -1"),
-    ("step-float", _put("step", 1.5), "checkpoint step must be an integer >= 0, got 1.5"),
-    ("step-bool", _put("step", True), "checkpoint step must be an integer >= 0, got True"),
-    ("saved_at", _put("saved_at", "now"), "checkpoint 'saved_at' must be a number"),
-    ("created_at-bool", _put("created_at", True), "checkpoint 'created_at' must be a number"),
+    ("step-negative", _put("step", -1), "checkpoint step must be an integer in 0..2**63-1, got -1"),
+    ("step-float", _put("step", 1.5), "checkpoint step must be an integer in 0..2**63-1, got 1.5"),
+    ("step-bool", _put("step", True), "checkpoint step must be an integer in 0..2**63-1, got True"),
+    ("saved_at", _put("saved_at", "now"), "checkpoint 'saved_at' must be a finite number"),
+    ("created_at-bool", _put("created_at", True), "checkpoint 'created_at' must be a finite number"),
     ("extra", _put("extra", []), "checkpoint 'extra' must be an object"),
 ]
 

@@ -24,6 +24,7 @@ import torch
 from test_engine import grad_for, make, snapshot, stepped
 
 from service.engine import GroupDef, Stepper
+from service.engine import journal as journal_module
 from service.engine import stepper as stepper_module
 from service.engine.errors import (
     DeviceUnavailable,
@@ -267,7 +268,7 @@ def test_the_summary_describes_every_parameter_group_and_byte() -> None:
 
 
 def test_the_journal_forgets_the_oldest_keys_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stepper_module, "JOURNAL_KEYS", 3)
+    monkeypatch.setattr(journal_module, "JOURNAL_KEYS", 3)
     stepper = make("adam")[0]
     g = {"b": torch.ones(4)}
     for key in ("k1", "k2", "k3", "k4"):
