@@ -73,11 +73,14 @@ def check(mutmut: dict[str, Any], tiers: dict[str, list[str]]) -> list[str]:
     files = mutated_files(mutmut)
     if not files:
         raise SystemExit("[tool.mutmut] only_mutate matches no file")
-    untiered = [f for f in files
-                if not any(fnmatch.fnmatch(f, g) for globs in tiers for g in globs.split())]
+    untiered = [
+        f for f in files if not any(fnmatch.fnmatch(f, g) for globs in tiers for g in globs.split())
+    ]
     if untiered:
-        raise SystemExit(f"no test tier for {untiered}: add them to "
-                         "[tool.adamscope.mutation.tiers] in pyproject.toml")
+        raise SystemExit(
+            f"no test tier for {untiered}: add them to "
+            "[tool.adamscope.mutation.tiers] in pyproject.toml"
+        )
     return files
 
 
@@ -87,8 +90,11 @@ def run(max_children: int, names: list[str]) -> float:
     started = time.monotonic()
     # type_check_command runs "mypy" from PATH: this interpreter's, venv activated or not.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    rc = subprocess.run([sys.executable, "-c", cli, "run", "--max-children", str(max_children),
-                         *names], cwd=ROOT, env={**os.environ, "PATH": path}).returncode
+    rc = subprocess.run(
+        [sys.executable, "-c", cli, "run", "--max-children", str(max_children), *names],
+        cwd=ROOT,
+        env={**os.environ, "PATH": path},
+    ).returncode
     elapsed = time.monotonic() - started
     if rc != 0:
         print(f"mutmut run exited with {rc}", file=sys.stderr)
@@ -150,16 +156,20 @@ def scores(c: Counter[str]) -> tuple[float | None, float | None]:
     left out."""
     tested = c["mutants"] - c["unchecked"] - c["equivalent"] - c["mypy"] - c["out_of_scope"]
     caught = tested + c["mypy"]
-    return (100.0 * c["killed"] / tested if tested else None,
-            100.0 * (c["killed"] + c["mypy"]) / caught if caught else None)
+    return (
+        100.0 * c["killed"] / tested if tested else None,
+        100.0 * (c["killed"] + c["mypy"]) / caught if caught else None,
+    )
 
 
 def _row(name: str, c: Counter[str]) -> str:
     tests, overall = scores(c)
     cells = [f"{x:.1f}" if x is not None else "-" for x in (tests, overall)]
-    return (f"{name:34} {c['mutants']:7} {c['out_of_scope']:5} {c['mypy']:5} {c['killed']:6} "
-            f"{c['survived']:8} {c['equivalent']:6} {c['no_tests']:7} "
-            f"{c['other'] + c['unchecked']:5} {cells[0]:>6} {cells[1]:>7}")
+    return (
+        f"{name:34} {c['mutants']:7} {c['out_of_scope']:5} {c['mypy']:5} {c['killed']:6} "
+        f"{c['survived']:8} {c['equivalent']:6} {c['no_tests']:7} "
+        f"{c['other'] + c['unchecked']:5} {cells[0]:>6} {cells[1]:>7}"
+    )
 
 
 def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
@@ -167,41 +177,57 @@ def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
     listed, stale = reviewed(files)
     total = Counter[str]()
     unreviewed: list[tuple[str, str]] = []
-    print(f"{'module':34} {'mutants':>7} {'skip':>5} {'mypy':>5} {'killed':>6} {'survived':>8} "
-          f"{'equiv.':>6} {'no test':>7} {'other':>5} {'tests%':>6} {'overall%':>7}")
+    print(
+        f"{'module':34} {'mutants':>7} {'skip':>5} {'mypy':>5} {'killed':>6} {'survived':>8} "
+        f"{'equiv.':>6} {'no test':>7} {'other':>5} {'tests%':>6} {'overall%':>7}"
+    )
     for f in files:
         codes = by_file.get(f, {})
         c = Counter(classify(name, code, listed) for name, code in codes.items())
-        unreviewed += [(name, f) for name, code in codes.items()
-                       if classify(name, code, listed) in ("survived", "no_tests", "other")]
+        unreviewed += [
+            (name, f)
+            for name, code in codes.items()
+            if classify(name, code, listed) in ("survived", "no_tests", "other")
+        ]
         c["mutants"] = len(codes)
         total.update(c)
         print(_row(f, c))
     print(_row("total", total))
     if stale:
-        print(f"\n{len(stale)} entries of {SURVIVORS.name} name no mutant of an unchanged "
-              f"function (the code moved or changed: review them again): "
-              + ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else ""))
+        print(
+            f"\n{len(stale)} entries of {SURVIVORS.name} name no mutant of an unchanged "
+            f"function (the code moved or changed: review them again): "
+            + ", ".join(stale[:10])
+            + (" ..." if len(stale) > 10 else "")
+        )
     if unreviewed:
-        print(f"\n{len(unreviewed)} survivors not reviewed in {SURVIVORS.relative_to(ROOT)}: "
-              "kill each with a test, or list it there with the reason it is equivalent")
+        print(
+            f"\n{len(unreviewed)} survivors not reviewed in {SURVIVORS.relative_to(ROOT)}: "
+            "kill each with a test, or list it there with the reason it is equivalent"
+        )
         for name, path in unreviewed:
             print(f"  - `{name}` `{mutation_tiers.function_hash(ROOT / 'mutants', name)}`")
             if show_diffs:
                 print("    " + diff(name, path).replace("\n", "\n    "))
     tests, overall = scores(total)
-    print(f"\nscore: tests {tests or 0:.1f}% (killed {total['killed']} of the mutants mypy "
-          f"accepts, listed equivalents aside), overall {overall or 0:.1f}% (with the "
-          f"{total['mypy']} mypy rejects); {total['equivalent']} equivalent listed, "
-          f"{total['out_of_scope']} out of scope ('skip'), {total['unchecked']} unchecked")
+    print(
+        f"\nscore: tests {tests or 0:.1f}% (killed {total['killed']} of the mutants mypy "
+        f"accepts, listed equivalents aside), overall {overall or 0:.1f}% (with the "
+        f"{total['mypy']} mypy rejects); {total['equivalent']} equivalent listed, "
+        f"{total['out_of_scope']} out of scope ('skip'), {total['unchecked']} unchecked"
+    )
     return 0 if (tests or 0) >= fail_under and not total["unchecked"] else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutant names or globs (default: all)")
-    parser.add_argument("--max-children", type=int, default=2,
-                        help="mutants tested in parallel (default 2: leave the CPU to others)")
+    parser.add_argument(
+        "--max-children",
+        type=int,
+        default=2,
+        help="mutants tested in parallel (default 2: leave the CPU to others)",
+    )
     parser.add_argument("--fresh", action="store_true", help="remove mutants/ first")
     parser.add_argument("--report-only", action="store_true", help="do not run, only report")
     parser.add_argument("--diffs", action="store_true", help="show each unreviewed diff")
@@ -217,9 +243,11 @@ def main() -> int:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"\nmutmut run: {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU, "
-              f"{args.max_children} in parallel, {os.cpu_count()} CPUs, load average "
-              f"now {load}\n")
+        print(
+            f"\nmutmut run: {elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU, "
+            f"{args.max_children} in parallel, {os.cpu_count()} CPUs, load average "
+            f"now {load}\n"
+        )
     return report(files, args.fail_under, args.diffs)
 
 

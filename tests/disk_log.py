@@ -49,8 +49,7 @@ class DiskLog:
     def clear(self) -> None:
         self.events.clear()
 
-    def index(self, kind: str, inode: tuple[int, int] | None = None,
-              start: int = 0) -> int:
+    def index(self, kind: str, inode: tuple[int, int] | None = None, start: int = 0) -> int:
         """Position of the first event of ``kind`` (on ``inode``) at or after ``start``."""
         for i, e in enumerate(self.events[start:], start):
             if e.kind == kind and (inode is None or e.inode == inode):
@@ -62,21 +61,32 @@ class DiskLog:
         file renamed onto it had its bytes fsynced before the rename, and the directory
         was fsynced between the rename and ``reply``."""
         dir_inode = inode_of(path.parent)
-        renames = [i for i, e in enumerate(self.events[:reply])
-                   if e.kind == "replace" and Path(e.paths[1]) == path]
+        renames = [
+            i
+            for i, e in enumerate(self.events[:reply])
+            if e.kind == "replace" and Path(e.paths[1]) == path
+        ]
         assert renames, f"{path} was not renamed into place before event {reply}: {self.events}"
         rename = renames[-1]
         file_inode = self.events[rename].inode
-        if not any(e.kind == "replace" and Path(e.paths[1]) == path
-                   for e in self.events[rename + 1:]):
+        if not any(
+            e.kind == "replace" and Path(e.paths[1]) == path for e in self.events[rename + 1 :]
+        ):
             assert file_inode == inode_of(path), f"{path} is not the file renamed onto it"
-        synced = [i for i, e in enumerate(self.events[:rename])
-                  if e.kind == "fsync" and e.inode == file_inode and not e.is_dir]
+        synced = [
+            i
+            for i, e in enumerate(self.events[:rename])
+            if e.kind == "fsync" and e.inode == file_inode and not e.is_dir
+        ]
         assert synced, f"{path}'s bytes were not fsynced before the rename: {self.events}"
-        dir_synced = [i for i, e in enumerate(self.events[rename:reply], rename)
-                      if e.kind == "fsync" and e.inode == dir_inode and e.is_dir]
-        assert dir_synced, (f"{path.parent} was not fsynced between the rename and event "
-                            f"{reply}: {self.events}")
+        dir_synced = [
+            i
+            for i, e in enumerate(self.events[rename:reply], rename)
+            if e.kind == "fsync" and e.inode == dir_inode and e.is_dir
+        ]
+        assert dir_synced, (
+            f"{path.parent} was not fsynced between the rename and event {reply}: {self.events}"
+        )
 
 
 @contextmanager

@@ -86,8 +86,11 @@ def module_path(mutant: str) -> str:
 def in_tier(nodeid: str, prefixes: list[str]) -> bool:
     """Whether the longest of ``prefixes`` that ``nodeid`` starts with includes it (a
     prefix written ``!prefix`` excludes)."""
-    matches = [(len(p.lstrip("!")), not p.startswith("!")) for p in prefixes
-               if nodeid.startswith(p.lstrip("!"))]
+    matches = [
+        (len(p.lstrip("!")), not p.startswith("!"))
+        for p in prefixes
+        if nodeid.startswith(p.lstrip("!"))
+    ]
     return bool(matches) and max(matches)[1]
 
 
@@ -141,8 +144,10 @@ def select(config: pytest.Config, items: list[pytest.Item]) -> None:
     if mutant == "":  # the fork server's warm-up (and mutmut's clean run)
         warm_up()
     table = tiers(config.rootpath)
-    if MUTANT_MARK in mutant and (out_of_scope(config.rootpath, mutant) or reviewed(
-            config.rootpath).get(mutant, "?") == function_hash(config.rootpath, mutant)):
+    if MUTANT_MARK in mutant and (
+        out_of_scope(config.rootpath, mutant)
+        or reviewed(config.rootpath).get(mutant, "?") == function_hash(config.rootpath, mutant)
+    ):
         config.hook.pytest_deselected(items=list(items))
         items[:] = []
         return

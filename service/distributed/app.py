@@ -68,19 +68,30 @@ def _anywhere(ingress: Ingress) -> Endpoint:
     return endpoint
 
 
-def _started(ingress: Ingress) -> Callable[[Request, Callable[[Request], Awaitable[Response]]],
-                                           Awaitable[Response]]:
+def _started(
+    ingress: Ingress,
+) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
     """Every answer says when the slots did not start (``/healthz`` with them)."""
-    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                         ) -> Response:
+
+    async def middleware(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         if ingress.start_error is not None:
             if request.url.path == "/healthz":
-                return JSONResponse({"status": "failed", "mode": "ray",
-                                     "error": ingress.start_error,
-                                     "slots": ingress.cluster.describe()}, status_code=503)
-            return problem_response("slot_unavailable",
-                                    f"the slots did not start: {ingress.start_error}",
-                                    request.url.path)
+                return JSONResponse(
+                    {
+                        "status": "failed",
+                        "mode": "ray",
+                        "error": ingress.start_error,
+                        "slots": ingress.cluster.describe(),
+                    },
+                    status_code=503,
+                )
+            return problem_response(
+                "slot_unavailable",
+                f"the slots did not start: {ingress.start_error}",
+                request.url.path,
+            )
         await ingress.ready()
         return await call_next(request)
 
@@ -100,14 +111,20 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
         try:
             await ingress.ready()
         except Exception as e:  # noqa: BLE001 - reported, see above
-            ingress.start_error = str(e) if isinstance(e, SlotStartError) else \
-                f"{type(e).__name__}: {e}"
+            ingress.start_error = (
+                str(e) if isinstance(e, SlotStartError) else f"{type(e).__name__}: {e}"
+            )
             log.error("distributed: the slots did not start: %s", ingress.start_error)
         yield
         await ingress.http.aclose()
 
-    app = FastAPI(title="adamscope (distributed)", openapi_url=None, docs_url=None,
-                  redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="adamscope (distributed)",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.ingress = ingress
     app.middleware("http")(_started(ingress))
     # The routes of the app each slot runs (its settings do not change its routes).
@@ -120,7 +137,10 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
             endpoint = _anywhere(ingress)
         app.add_route(route.path, endpoint, methods=[route.method], include_in_schema=False)
     # Anything else: a slot's service answers (its 404 and 405 problems, say).
-    app.add_route("/{path:path}", _anywhere(ingress),
-                  methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
-                  include_in_schema=False)
+    app.add_route(
+        "/{path:path}",
+        _anywhere(ingress),
+        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
     return app, ingress

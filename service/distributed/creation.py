@@ -44,11 +44,13 @@ async def create(ingress: Ingress, request: Request) -> Response:
         if shards is not None and shards < 1:
             raise ValueError
     except ValueError:
-        return problem_response("invalid_spec", "shards must be a positive integer, not "
-                                f"{raw_shards!r}", path)
+        return problem_response(
+            "invalid_spec", f"shards must be a positive integer, not {raw_shards!r}", path
+        )
     if ingress.cluster.slot_of(name) is not None or name in ingress.cluster.sharded:
-        return problem_response("stepper_exists", f"a stepper named {name!r} already exists",
-                                path, stepper=name)
+        return problem_response(
+            "stepper_exists", f"a stepper named {name!r} already exists", path, stepper=name
+        )
     need = _need(spec)
     try:
         plan = ingress.cluster.plan(sizes, need, shards)
@@ -60,18 +62,28 @@ async def create(ingress: Ingress, request: Request) -> Response:
     if len(plan) == 1:
         return await _create_on_one(ingress, request, name, plan[0], body)
     if len(spec.get("groups") or []) > 1:
-        return problem_response("invalid_spec", "a sharded stepper has one parameter group "
-                                "(its options apply to every shard); create it with one group",
-                                path)
+        return problem_response(
+            "invalid_spec",
+            "a sharded stepper has one parameter group "
+            "(its options apply to every shard); create it with one group",
+            path,
+        )
     async with ingress.lock(name):
         return await _create_sharded(ingress, request, name, plan, sizes, spec, tensors)
 
 
-async def _create_on_one(ingress: Ingress, request: Request, name: str, shard: Shard,
-                         body: bytes) -> Response:
+async def _create_on_one(
+    ingress: Ingress, request: Request, name: str, shard: Shard, body: bytes
+) -> Response:
     status, headers, content = await ingress.call(
-        shard.slot, request, "POST", request.url.path, request.query_params.multi_items(),
-        body, retry=False)
+        shard.slot,
+        request,
+        "POST",
+        request.url.path,
+        request.query_params.multi_items(),
+        body,
+        retry=False,
+    )
     await ingress.cluster.refresh(shard.slot)
     if status != 201:
         return Response(content, status_code=status, media_type=headers.get("content-type"))
@@ -80,19 +92,31 @@ async def _create_on_one(ingress: Ingress, request: Request, name: str, shard: S
     return JSONResponse(created, status_code=201)
 
 
-async def _create_sharded(ingress: Ingress, request: Request, name: str, plan: list[Shard],
-                          sizes: list[tuple[str, int]], spec: dict[str, Any],
-                          tensors: Body | None) -> Response:
+async def _create_sharded(
+    ingress: Ingress,
+    request: Request,
+    name: str,
+    plan: list[Shard],
+    sizes: list[tuple[str, int]],
+    spec: dict[str, Any],
+    tensors: Body | None,
+) -> Response:
     bodies = [_shard_create_body(spec, tensors, sh.params) for sh in plan]
-    replies = await asyncio.gather(*(
-        ingress.call(sh.slot, request, "POST", f"{API_PREFIX}/steppers", [], b, retry=False)
-        for sh, b in zip(plan, bodies, strict=True)))
+    replies = await asyncio.gather(
+        *(
+            ingress.call(sh.slot, request, "POST", f"{API_PREFIX}/steppers", [], b, retry=False)
+            for sh, b in zip(plan, bodies, strict=True)
+        )
+    )
     error = first_error(replies)
     if error is not None:  # undo the shards that were created
-        await asyncio.gather(*(
-            ingress.call(sh.slot, request, "DELETE", f"{API_PREFIX}/steppers/{name}", [],
-                         None) for sh, (status, _, _) in zip(plan, replies, strict=True)
-            if status < 300))
+        await asyncio.gather(
+            *(
+                ingress.call(sh.slot, request, "DELETE", f"{API_PREFIX}/steppers/{name}", [], None)
+                for sh, (status, _, _) in zip(plan, replies, strict=True)
+                if status < 300
+            )
+        )
         return error
     shapes, dtypes = _meta(spec, tensors)
     record = ShardedRecord(name, [n for n, _ in sizes], shapes, dtypes, plan)
@@ -104,8 +128,9 @@ async def _create_sharded(ingress: Ingress, request: Request, name: str, plan: l
     return JSONResponse(merged, status_code=201)
 
 
-def _creation(kind: str, body: bytes) -> tuple[str | None, list[tuple[str, int]],
-                                               dict[str, Any], Body | None]:
+def _creation(
+    kind: str, body: bytes
+) -> tuple[str | None, list[tuple[str, int]], dict[str, Any], Body | None]:
     """(name, [(param, bytes)], spec, parsed tensor body) of a create request."""
     if kind == "application/json":
         spec = codec.load_json(body, "body")
@@ -127,8 +152,9 @@ def _creation(kind: str, body: bytes) -> tuple[str | None, list[tuple[str, int]]
     return spec.get("name"), sizes, spec, parsed
 
 
-def _meta(spec: dict[str, Any], tensors: Body | None
-          ) -> tuple[dict[str, list[int]], dict[str, str]]:
+def _meta(
+    spec: dict[str, Any], tensors: Body | None
+) -> tuple[dict[str, list[int]], dict[str, str]]:
     shapes, dtypes = {}, {}
     if tensors is not None:
         for e in tensors.entries:
@@ -140,16 +166,19 @@ def _meta(spec: dict[str, Any], tensors: Body | None
     return shapes, dtypes
 
 
-def _shard_create_body(spec: dict[str, Any], tensors: Body | None, params: list[str]
-                       ) -> bytes:
+def _shard_create_body(spec: dict[str, Any], tensors: Body | None, params: list[str]) -> bytes:
     """One shard's create body: the spec narrowed to ``params``, with their initial values
     when the request carried tensors (``tensors``), else as JSON."""
     keep = set(params)
     sub = dict(spec)
     sub["params"] = [p for p in spec.get("params") or [] if p["name"] in keep]
     if spec.get("groups"):  # the one group, narrowed to the shard's tensors
-        sub["groups"] = [{**spec["groups"][0], "params": [
-            n for n in spec["groups"][0].get("params", []) if n in keep]}]
+        sub["groups"] = [
+            {
+                **spec["groups"][0],
+                "params": [n for n in spec["groups"][0].get("params", []) if n in keep],
+            }
+        ]
     if tensors is None:
         return json.dumps(sub).encode()
     order = [n for n in (p["name"] for p in spec.get("params") or []) if n in keep] or params
@@ -162,8 +191,7 @@ def _need(spec: dict[str, Any]) -> Callable[[list[int], str], Footprint]:
     groups, the options of any group that needs more: amsgrad, an L2 decay, maximize)."""
     kind = spec.get("optimizer") if spec.get("optimizer") in ("adam", "adamw") else "adam"
     options = default_options(str(kind))
-    options.update({k: v for k, v in (spec.get("hyperparameters") or {}).items()
-                    if v is not None})
+    options.update({k: v for k, v in (spec.get("hyperparameters") or {}).items() if v is not None})
     for g in spec.get("groups") or []:
         for k, v in g.items():
             if k != "params" and v is not None and (k not in options or not options[k]):

@@ -23,9 +23,21 @@ from ..errors import problem_response
 from . import merge
 from .ingress import Ingress, first_error
 
-__all__ = ["ClusterHandler", "SingleHandler", "anywhere", "delete_stepper", "diff", "events",
-           "forward", "healthz", "import_checkpoint", "list_steppers", "metrics", "step",
-           "summary"]
+__all__ = [
+    "ClusterHandler",
+    "SingleHandler",
+    "anywhere",
+    "delete_stepper",
+    "diff",
+    "events",
+    "forward",
+    "healthz",
+    "import_checkpoint",
+    "list_steppers",
+    "metrics",
+    "step",
+    "summary",
+]
 
 ClusterHandler = Callable[[Ingress, Request], Awaitable[Response]]
 #: Serves a request about an unsharded stepper held by slot ``slot``.
@@ -42,15 +54,26 @@ async def healthz(ingress: Ingress, request: Request) -> Response:
     slots = ingress.cluster.describe()
     ok = all(s["state"] == "ok" for s in slots)
     # Public: counts only, never stepper names (a caller without a token could not list them).
-    return JSONResponse({"status": "ok" if ok else "degraded", "mode": "ray", "slots": slots,
-                         "sharded": len(ingress.cluster.sharded)})
+    return JSONResponse(
+        {
+            "status": "ok" if ok else "degraded",
+            "mode": "ray",
+            "slots": slots,
+            "sharded": len(ingress.cluster.sharded),
+        }
+    )
 
 
 async def list_steppers(ingress: Ingress, request: Request) -> Response:
-    replies = await asyncio.gather(*(
-        ingress.call(s.index, request, "GET", request.url.path,
-                     request.query_params.multi_items(), None)
-        for s in ingress.cluster.slots if s.state == "ok"))
+    replies = await asyncio.gather(
+        *(
+            ingress.call(
+                s.index, request, "GET", request.url.path, request.query_params.multi_items(), None
+            )
+            for s in ingress.cluster.slots
+            if s.state == "ok"
+        )
+    )
     error = first_error(replies)
     if error is not None:
         return error
@@ -69,14 +92,21 @@ async def list_steppers(ingress: Ingress, request: Request) -> Response:
 
 
 async def events(ingress: Ingress, request: Request) -> Response:
-    return StreamingResponse(ingress.events(request), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+    return StreamingResponse(
+        ingress.events(request),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache"},
+    )
 
 
 async def metrics(ingress: Ingress, request: Request) -> Response:
-    replies = await asyncio.gather(*(
-        ingress.call(s.index, request, "GET", request.url.path, [], None)
-        for s in ingress.cluster.slots if s.state == "ok"))
+    replies = await asyncio.gather(
+        *(
+            ingress.call(s.index, request, "GET", request.url.path, [], None)
+            for s in ingress.cluster.slots
+            if s.state == "ok"
+        )
+    )
     error = first_error(replies)
     if error is not None:
         return error
@@ -95,13 +125,19 @@ async def diff(ingress: Ingress, request: Request) -> Response:
     """A diff of two steppers is answered by the slot holding both."""
     names = [request.query_params.get(side, "").partition("/")[0] for side in ("a", "b")]
     if any(n in ingress.cluster.sharded for n in names):
-        return problem_response("not_supported_sharded", "a diff of a sharded stepper is not "
-                                "merged; compare its shards' tensors by name instead",
-                                request.url.path)
+        return problem_response(
+            "not_supported_sharded",
+            "a diff of a sharded stepper is not "
+            "merged; compare its shards' tensors by name instead",
+            request.url.path,
+        )
     held = {slot for n in names if n and (slot := await ingress.slot_for(n)) is not None}
     if len(held) > 1:
-        return problem_response("not_supported_sharded", f"steppers {names} are on different "
-                                "slots: a diff needs both on one", request.url.path)
+        return problem_response(
+            "not_supported_sharded",
+            f"steppers {names} are on different slots: a diff needs both on one",
+            request.url.path,
+        )
     if not held:
         return await ingress.anywhere(request)  # a slot's service says what is missing
     return await ingress.forward(request, held.pop())
@@ -112,8 +148,7 @@ async def forward(ingress: Ingress, slot: int, request: Request) -> Response:
 
 
 async def summary(ingress: Ingress, slot: int, request: Request) -> Response:
-    status, headers, content = await ingress.call(slot, request, "GET", request.url.path, [],
-                                                  None)
+    status, headers, content = await ingress.call(slot, request, "GET", request.url.path, [], None)
     if status != 200:
         return Response(content, status_code=status, media_type=headers.get("content-type"))
     found = json.loads(content)

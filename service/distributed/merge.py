@@ -76,10 +76,11 @@ def summaries(record: ShardedRecord, parts: Sequence[dict[str, Any]]) -> dict[st
     briefs = [p["alerts"] for p in parts if p.get("alerts")]
     if briefs:
         latest = [b["latest"] for b in briefs if b.get("latest")]
-        out["alerts"] = {"count": sum(int(b.get("count", 0)) for b in briefs),
-                         "active": sum(int(b.get("active", 0)) for b in briefs),
-                         "latest": max(latest, key=lambda e: (e.get("step") or 0))
-                         if latest else None}
+        out["alerts"] = {
+            "count": sum(int(b.get("count", 0)) for b in briefs),
+            "active": sum(int(b.get("active", 0)) for b in briefs),
+            "latest": max(latest, key=lambda e: e.get("step") or 0) if latest else None,
+        }
     return out
 
 
@@ -92,14 +93,14 @@ def tensors(record: ShardedRecord, key: str, replies: Sequence[Reply]) -> tuple[
         joined: dict[str, Any] = {}
         for d in data:
             joined.update(d.get(key) or {})
-        return "application/json", json.dumps({**data[0], key: _in_order(record, joined)}
-                                              ).encode()
+        return "application/json", json.dumps({**data[0], key: _in_order(record, joined)}).encode()
     body = merge_bodies([parse(c) for _, _, c in replies], record.params)
     return kind.split(";")[0].strip() or "application/octet-stream", body
 
 
-def signals(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
-            ) -> dict[str, Any]:
+def signals(
+    record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """The last step's signals: per tensor from the shard that holds it; the aggregate
     combined signal by signal."""
     merged = dict(parts[0])
@@ -112,13 +113,15 @@ def signals(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[s
     merged["sample"] = _in_order(record, samples)
     steps = [int(s) for p in parts if (s := p.get("step")) is not None]
     merged["step"] = min(steps) if len(steps) == len(parts) else None
-    merged["aggregate"] = combine_signals([p.get("aggregate") or {} for p in parts],
-                                          _weights(record, shards))
+    merged["aggregate"] = combine_signals(
+        [p.get("aggregate") or {} for p in parts], _weights(record, shards)
+    )
     return merged
 
 
-def history(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
-            ) -> dict[str, Any]:
+def history(
+    record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """The history of the steps every shard recorded (they step together; a shard restored
     from disk may lack the steps its memory-only history had), its aggregate combined
     step by step, and each tensor's series from the shard that holds it."""
@@ -132,8 +135,13 @@ def history(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[s
     weights = _weights(record, shards)
     columns: dict[str, list[Any]] = {s: [] for s in signal_names}
     for st in steps:
-        rowwise = [{s: p["aggregate"]["values"].get(s, [None] * (rows[i][st] + 1))[rows[i][st]]
-                    for s in signal_names} for i, p in enumerate(parts)]
+        rowwise = [
+            {
+                s: p["aggregate"]["values"].get(s, [None] * (rows[i][st] + 1))[rows[i][st]]
+                for s in signal_names
+            }
+            for i, p in enumerate(parts)
+        ]
         combined = combine_signals(rowwise, weights)
         for s in signal_names:
             columns[s].append(combined.get(s))
@@ -146,8 +154,9 @@ def history(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[s
     return merged
 
 
-def stats(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
-          ) -> dict[str, Any]:
+def stats(
+    record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """Statistics: per tensor from its shard; each key's aggregate merged exactly where it
     can be (counts, norm, mean, std, extremes), quantiles and histograms left per tensor."""
     merged = dict(parts[0])
@@ -159,24 +168,31 @@ def stats(record: ShardedRecord, shards: Sequence[int], parts: Sequence[dict[str
     if "aggregate" in merged and len(parts) > 1:
         keys = dict.fromkeys(k for p in parts for k in (p.get("aggregate") or {}))
         merged["aggregate"] = {
-            key: {**merge_stats_aggregate([p["aggregate"][key] for p in parts
-                                           if key in (p.get("aggregate") or {})]),
-                  "shards": len(parts),
-                  "note": "merged across shards: counts, norm, mean, std, min and max are "
-                          "exact; quantiles and histograms are per tensor (ask for one "
-                          "tensor by name)"}
-            for key in keys}
+            key: {
+                **merge_stats_aggregate(
+                    [p["aggregate"][key] for p in parts if key in (p.get("aggregate") or {})]
+                ),
+                "shards": len(parts),
+                "note": "merged across shards: counts, norm, mean, std, min and max are "
+                "exact; quantiles and histograms are per tensor (ask for one "
+                "tensor by name)",
+            }
+            for key in keys
+        }
     return merged
 
 
-def alerts(record: ShardedRecord, parts: Sequence[dict[str, Any]], limit: int | None
-           ) -> dict[str, Any]:
+def alerts(
+    record: ShardedRecord, parts: Sequence[dict[str, Any]], limit: int | None
+) -> dict[str, Any]:
     """Alert reports: every shard's events in step order (the latest ``limit``), counts
     added, what holds now on any shard."""
     merged = dict(parts[0])
     if "events" in merged:
-        events = sorted((e for p in parts for e in p.get("events", [])),
-                        key=lambda e: (e.get("step") or 0, e.get("time") or 0))
+        events = sorted(
+            (e for p in parts for e in p.get("events", [])),
+            key=lambda e: (e.get("step") or 0, e.get("time") or 0),
+        )
         merged["events"] = events[-limit:] if limit else events
         merged["count"] = sum(int(p.get("count", 0)) for p in parts)
         merged["active"] = [a for p in parts for a in p.get("active", [])]

@@ -78,19 +78,32 @@ class Slot:
         return sum(int(s.get("bytes", 0)) for s in self.steppers.values())
 
     def held_device_bytes(self) -> int:
-        return sum(int(s.get("device_bytes", s.get("bytes", 0)))
-                   for s in self.steppers.values())
+        return sum(int(s.get("device_bytes", s.get("bytes", 0))) for s in self.steppers.values())
 
-    def started(self, info: dict[str, Any], steppers: dict[str, dict[str, Any]],
-                gpu_share: float) -> None:
+    def started(
+        self, info: dict[str, Any], steppers: dict[str, dict[str, Any]], gpu_share: float
+    ) -> None:
         """Its (new) actor's service is up: what it runs on and holds now."""
         self.info, self.steppers = info, steppers
         self.capacity = slot_capacity(info, self.held_device_bytes(), gpu_share)
 
     def describe(self) -> dict[str, Any]:
-        keep = ("url", "pid", "node", "address", "device", "device_free_bytes",
-                "device_total_bytes")
-        return {"slot": self.index, "state": self.state, "generation": self.generation,
-                "steppers": len(self.steppers), "bytes": self.held_bytes(),
-                "device_bytes": self.held_device_bytes(), "capacity_bytes": self.capacity,
-                **{k: self.info.get(k) for k in keep}}
+        keep = (
+            "url",
+            "pid",
+            "node",
+            "address",
+            "device",
+            "device_free_bytes",
+            "device_total_bytes",
+        )
+        return {
+            "slot": self.index,
+            "state": self.state,
+            "generation": self.generation,
+            "steppers": len(self.steppers),
+            "bytes": self.held_bytes(),
+            "device_bytes": self.held_device_bytes(),
+            "capacity_bytes": self.capacity,
+            **{k: self.info.get(k) for k in keep},
+        }

@@ -43,26 +43,45 @@ class OnStepper:
     single: SingleHandler = gateway.forward
 
 
-def _summaries(ingress: Ingress, record: ShardedRecord, shards: Sequence[int],
-               parts: Sequence[dict[str, Any]], request: Request) -> dict[str, Any]:
+def _summaries(
+    ingress: Ingress,
+    record: ShardedRecord,
+    shards: Sequence[int],
+    parts: Sequence[dict[str, Any]],
+    request: Request,
+) -> dict[str, Any]:
     """The stepper's summary, with where its shards live (as an unsharded one's has)."""
-    return {**merge.summaries(record, parts),
-            "placement": ingress.cluster.placement(record.name)}
+    return {**merge.summaries(record, parts), "placement": ingress.cluster.placement(record.name)}
 
 
-def _alerts(ingress: Ingress, record: ShardedRecord, shards: Sequence[int],
-            parts: Sequence[dict[str, Any]], request: Request) -> dict[str, Any]:
+def _alerts(
+    ingress: Ingress,
+    record: ShardedRecord,
+    shards: Sequence[int],
+    parts: Sequence[dict[str, Any]],
+    request: Request,
+) -> dict[str, Any]:
     limit = request.query_params.get("limit")
     return merge.alerts(record, parts, int(limit) if limit else None)
 
 
-def _signals(ingress: Ingress, record: ShardedRecord, shards: Sequence[int],
-             parts: Sequence[dict[str, Any]], request: Request) -> dict[str, Any]:
+def _signals(
+    ingress: Ingress,
+    record: ShardedRecord,
+    shards: Sequence[int],
+    parts: Sequence[dict[str, Any]],
+    request: Request,
+) -> dict[str, Any]:
     return merge.signals(record, shards, parts)
 
 
-def _stats(ingress: Ingress, record: ShardedRecord, shards: Sequence[int],
-           parts: Sequence[dict[str, Any]], request: Request) -> dict[str, Any]:
+def _stats(
+    ingress: Ingress,
+    record: ShardedRecord,
+    shards: Sequence[int],
+    parts: Sequence[dict[str, Any]],
+    request: Request,
+) -> dict[str, Any]:
     return merge.stats(record, shards, parts)
 
 
@@ -84,8 +103,11 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     r.steppers.patch_hyperparameters: OnStepper(sharded.fan_out(_summaries)),
     r.steppers.bias_correction: OnStepper(sharded.to_first),
     r.step.step: OnStepper(sharded.step, gateway.step),
-    r.step.commit: OnStepper(sharded.unsupported(
-        "accumulate mode is not available; sum the workers' gradients before stepping")),
+    r.step.commit: OnStepper(
+        sharded.unsupported(
+            "accumulate mode is not available; sum the workers' gradients before stepping"
+        )
+    ),
     r.tensors.get_params: OnStepper(sharded.fan_out(by=NAMES_QUERY, tensors="params")),
     r.tensors.put_params: OnStepper(sharded.put_tensors("params")),
     r.tensors.get_state: OnStepper(sharded.fan_out(by=NAMES_QUERY, tensors="state")),
@@ -95,8 +117,9 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     r.snapshots.set_durability: OnStepper(sharded.fan_out(_summaries)),
     r.snapshots.take_snapshot: OnStepper(sharded.take_snapshot),
     r.snapshots.list_snapshots: OnStepper(sharded.to_first),
-    r.snapshots.download_snapshot: OnStepper(sharded.unsupported(
-        "each shard keeps its own snapshot file; download them from the slots")),
+    r.snapshots.download_snapshot: OnStepper(
+        sharded.unsupported("each shard keeps its own snapshot file; download them from the slots")
+    ),
     r.snapshots.restore_snapshot: OnStepper(sharded.fan_out()),
     r.snapshots.delete_snapshot: OnStepper(sharded.fan_out()),
     r.history.get_history: OnStepper(sharded.history),
@@ -106,8 +129,11 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     r.stats.stats: OnStepper(sharded.fan_out(_stats, by=NAMES_QUERY)),
     r.stats.signals: OnStepper(sharded.fan_out(_signals)),
     r.slice.slice_tensor: OnStepper(sharded.to_owner(NAMES_QUERY)),
-    r.dryrun.dry_run_route: OnStepper(sharded.unsupported(
-        "a dry run of several shards is not merged; dry-run a stepper on one slot")),
+    r.dryrun.dry_run_route: OnStepper(
+        sharded.unsupported(
+            "a dry run of several shards is not merged; dry-run a stepper on one slot"
+        )
+    ),
 }
 
 #: Modules whose every route any slot answers (files, the caller's identity).
@@ -142,7 +168,8 @@ def routes(app: FastAPI) -> Iterator[Route]:
             raise RuntimeError(
                 f"the distributed ingress does not know how to serve {e.method} {e.path} "
                 f"({getattr(call, '__qualname__', call)}): add it to "
-                "adamscope.service.distributed.routing")
+                "adamscope.service.distributed.routing"
+            )
 
 
 def _documents(app: FastAPI) -> set[str | None]:

@@ -33,22 +33,37 @@ from .cluster import ShardedRecord
 from .ingress import TRANSPORT_ERRORS, Ingress, Reply, first_error
 from .shards import owner, parse, split
 
-__all__ = ["Handler", "delete", "fan_out", "history", "put_tensors", "step", "take_snapshot",
-           "to_first", "to_owner", "unsupported"]
+__all__ = [
+    "Handler",
+    "delete",
+    "fan_out",
+    "history",
+    "put_tensors",
+    "step",
+    "take_snapshot",
+    "to_first",
+    "to_owner",
+    "unsupported",
+]
 
 log = logging.getLogger("adamscope.distributed")
 
 Handler = Callable[[Ingress, ShardedRecord, Request], Awaitable[Response]]
 #: A fan-out's merge: (ingress, record, the shards asked, their JSON replies, the request)
 #: -> reply.
-JsonMerge = Callable[[Ingress, ShardedRecord, Sequence[int], Sequence[dict[str, Any]],
-                      Request], dict[str, Any]]
+JsonMerge = Callable[
+    [Ingress, ShardedRecord, Sequence[int], Sequence[dict[str, Any]], Request], dict[str, Any]
+]
 
 
 def _unknown(record: ShardedRecord, param: str, request: Request) -> Response:
-    return problem_response("unknown_parameter",
-                            f"stepper {record.name!r} has no parameter {param!r}",
-                            request.url.path, stepper=record.name, parameter=param)
+    return problem_response(
+        "unknown_parameter",
+        f"stepper {record.name!r} has no parameter {param!r}",
+        request.url.path,
+        stepper=record.name,
+        parameter=param,
+    )
 
 
 def _json(reply: Reply) -> Response:
@@ -56,8 +71,9 @@ def _json(reply: Reply) -> Response:
     return Response(content, status_code=status, media_type=headers.get("content-type"))
 
 
-def _targets(record: ShardedRecord, request: Request, by: str | None
-             ) -> tuple[list[int], list[list[tuple[str, str]]]] | Response:
+def _targets(
+    record: ShardedRecord, request: Request, by: str | None
+) -> tuple[list[int], list[list[tuple[str, str]]]] | Response:
     """The shards a request is for and each one's query: with the filter ``by``, only the
     shards holding the parameters it names, each asked about its own ("*": all)."""
     query = request.query_params.multi_items()
@@ -78,12 +94,24 @@ def _targets(record: ShardedRecord, request: Request, by: str | None
     return shards, queries
 
 
-async def _ask(ingress: Ingress, record: ShardedRecord, request: Request,
-               shards: Sequence[int], queries: Sequence[Sequence[tuple[str, str]]],
-               body: bytes | None = None) -> list[Reply]:
-    return list(await asyncio.gather(*(
-        ingress.call(record.shards[i].slot, request, request.method, request.url.path, q, body)
-        for i, q in zip(shards, queries, strict=True))))
+async def _ask(
+    ingress: Ingress,
+    record: ShardedRecord,
+    request: Request,
+    shards: Sequence[int],
+    queries: Sequence[Sequence[tuple[str, str]]],
+    body: bytes | None = None,
+) -> list[Reply]:
+    return list(
+        await asyncio.gather(
+            *(
+                ingress.call(
+                    record.shards[i].slot, request, request.method, request.url.path, q, body
+                )
+                for i, q in zip(shards, queries, strict=True)
+            )
+        )
+    )
 
 
 async def to_first(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
@@ -94,6 +122,7 @@ async def to_first(ingress: Ingress, record: ShardedRecord, request: Request) ->
 
 def to_owner(by: str) -> Handler:
     """The shard holding the one parameter the query names with ``by`` answers."""
+
     async def owned(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
         param = request.query_params.get(by)
         if param is None or param not in record.params:
@@ -111,16 +140,21 @@ def unsupported(why: str) -> Handler:
             "not_supported_sharded",
             f"{request.method} {request.url.path} is not available for sharded stepper "
             f"{record.name!r} (its tensors are on slots {[s.slot for s in record.shards]}): "
-            f"{why}", request.url.path, stepper=record.name)
+            f"{why}",
+            request.url.path,
+            stepper=record.name,
+        )
 
     return refused
 
 
-def fan_out(merge_json: JsonMerge | None = None, *, by: str | None = None,
-            tensors: str | None = None) -> Handler:
+def fan_out(
+    merge_json: JsonMerge | None = None, *, by: str | None = None, tensors: str | None = None
+) -> Handler:
     """Send the request to the shards (see :func:`_targets`) and merge their replies: as
     JSON with ``merge_json``, as tensor reads with ``tensors`` (the reply's key), else the
     first shard's reply (what every shard said alike)."""
+
     async def fanned(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
         targets = _targets(record, request, by)
         if isinstance(targets, Response):
@@ -137,29 +171,37 @@ def fan_out(merge_json: JsonMerge | None = None, *, by: str | None = None,
         if merge_json is None:
             return _json(replies[0])
         parts = [json.loads(c) for _, _, c in replies]
-        return Response(render_json(merge_json(ingress, record, shards, parts,
-                                                       request)),
-                        status_code=replies[0][0], media_type="application/json")
+        return Response(
+            render_json(merge_json(ingress, record, shards, parts, request)),
+            status_code=replies[0][0],
+            media_type="application/json",
+        )
 
     return fanned
 
 
 async def history(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
     """The JSON history (its CSV is not merged), its ``tensor`` filter as a fan-out's."""
-    if request.query_params.get("format") == "csv" or request.headers.get(
-            "accept", "").startswith("text/csv"):
-        return problem_response("not_supported_sharded",
-                                f"the CSV history of sharded stepper {record.name!r} is not "
-                                "merged; ask for JSON", request.url.path, stepper=record.name)
+    if request.query_params.get("format") == "csv" or request.headers.get("accept", "").startswith(
+        "text/csv"
+    ):
+        return problem_response(
+            "not_supported_sharded",
+            f"the CSV history of sharded stepper {record.name!r} is not merged; ask for JSON",
+            request.url.path,
+            stepper=record.name,
+        )
     return await fan_out(lambda i, r, s, p, q: merge.history(r, s, p), by="tensor")(
-        ingress, record, request)
+        ingress, record, request
+    )
 
 
 async def delete(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
     """Every shard deleted (one already gone counts as deleted), then the record."""
     n = len(record.shards)
-    replies = await ingress.fan_out(record, request, "DELETE", request.url.path, [[]] * n,
-                                    [None] * n)
+    replies = await ingress.fan_out(
+        record, request, "DELETE", request.url.path, [[]] * n, [None] * n
+    )
     if all(s in (204, 404) for s, _, _ in replies):
         ingress.cluster.drop_sharded(record.name)
         for sh in record.shards:
@@ -168,8 +210,9 @@ async def delete(ingress: Ingress, record: ShardedRecord, request: Request) -> R
     return first_error(replies) or Response(status_code=204)
 
 
-def _split_put(record: ShardedRecord, request: Request, kind: str, raw: bytes, key: str
-               ) -> list[bytes] | Response:
+def _split_put(
+    record: ShardedRecord, request: Request, kind: str, raw: bytes, key: str
+) -> list[bytes] | Response:
     if kind == "application/json":
         data = codec.load_json(raw, "body")
         values = data.get(key)
@@ -178,35 +221,48 @@ def _split_put(record: ShardedRecord, request: Request, kind: str, raw: bytes, k
         unknown = [k for k in values if k not in record.params]
         if unknown:
             return _unknown(record, unknown[0], request)
-        return [json.dumps({**data, key: {k: v for k, v in values.items() if k in sh.params}}
-                           ).encode() for sh in record.shards]
+        return [
+            json.dumps({**data, key: {k: v for k, v in values.items() if k in sh.params}}).encode()
+            for sh in record.shards
+        ]
     body = parse(raw)
     groups: list[list[str]] = [[] for _ in record.shards]
     for e in body.entries:
         param = e.name if key == "params" else owner(e.name, set(record.params))
         if param is None or param not in record.params:
-            return problem_response("unknown_parameter", f"stepper {record.name!r} has no "
-                                    f"parameter for tensor {e.name!r}", request.url.path,
-                                    stepper=record.name)
+            return problem_response(
+                "unknown_parameter",
+                f"stepper {record.name!r} has no parameter for tensor {e.name!r}",
+                request.url.path,
+                stepper=record.name,
+            )
         groups[record.shard_of(param)].append(e.name)
     return split(body, groups)
 
 
 def put_tensors(key: str) -> Handler:
     """A load of params or state (``key``): the body split by shard, sent to each."""
+
     async def put(ingress: Ingress, record: ShardedRecord, request: Request) -> Response:
         raw = await request.body()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             bodies = _split_put(record, request, kind, raw, key)
         except (ValueError, KeyError, codec.CodecError) as e:
-            return problem_response("malformed_body", f"cannot split this body by shard: {e}",
-                                    request.url.path)
+            return problem_response(
+                "malformed_body", f"cannot split this body by shard: {e}", request.url.path
+            )
         if isinstance(bodies, Response):
             return bodies
         n = len(record.shards)
-        replies = await ingress.fan_out(record, request, "PUT", request.url.path,
-                                        [request.query_params.multi_items()] * n, bodies)
+        replies = await ingress.fan_out(
+            record,
+            request,
+            "PUT",
+            request.url.path,
+            [request.query_params.multi_items()] * n,
+            bodies,
+        )
         return first_error(replies) or _json(replies[0])
 
     return put
@@ -218,45 +274,61 @@ async def take_snapshot(ingress: Ingress, record: ShardedRecord, request: Reques
     try:
         asked = codec.load_json(raw, "body").get("name") if raw else None
     except (ValueError, AttributeError):
-        return problem_response("malformed_body", "the body must be JSON {\"name\": ...}",
-                                request.url.path)
-    snap = asked or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime()) + \
-        f"-{uuid.uuid4().hex[:6]}"
+        return problem_response(
+            "malformed_body", 'the body must be JSON {"name": ...}', request.url.path
+        )
+    snap = asked or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
     n = len(record.shards)
-    replies = await ingress.fan_out(record, request, "POST", request.url.path,
-                                    [request.query_params.multi_items()] * n,
-                                    [json.dumps({"name": snap}).encode()] * n,
-                                    {"content-type": "application/json"}, retry=False)
+    replies = await ingress.fan_out(
+        record,
+        request,
+        "POST",
+        request.url.path,
+        [request.query_params.multi_items()] * n,
+        [json.dumps({"name": snap}).encode()] * n,
+        {"content-type": "application/json"},
+        retry=False,
+    )
     return first_error(replies) or _json(replies[0])
 
 
-def _check_gradients(record: ShardedRecord, request: Request, body: Any, wire: str | None
-                     ) -> Response | None:
+def _check_gradients(
+    record: ShardedRecord, request: Request, body: Any, wire: str | None
+) -> Response | None:
     for entry in body.entries:
         if entry.name not in record.params:
             return _unknown(record, entry.name, request)
         if list(entry.shape) != record.shapes[entry.name]:
             return problem_response(
-                "shape_mismatch", f"gradient {entry.name!r} has shape {list(entry.shape)}, "
-                f"the parameter {record.shapes[entry.name]}", request.url.path,
-                stepper=record.name)
+                "shape_mismatch",
+                f"gradient {entry.name!r} has shape {list(entry.shape)}, "
+                f"the parameter {record.shapes[entry.name]}",
+                request.url.path,
+                stepper=record.name,
+            )
         got = codec.dtype_name(entry.dtype)
         if got != record.dtypes[entry.name] and got != wire:
             return problem_response(
-                "dtype_mismatch", f"gradient {entry.name!r} has dtype {got}, the parameter "
-                f"{record.dtypes[entry.name]}", request.url.path, stepper=record.name)
+                "dtype_mismatch",
+                f"gradient {entry.name!r} has dtype {got}, the parameter "
+                f"{record.dtypes[entry.name]}",
+                request.url.path,
+                stepper=record.name,
+            )
     return None
 
 
-async def _current_steps(ingress: Ingress, record: ShardedRecord, request: Request
-                         ) -> list[int] | Response:
+async def _current_steps(
+    ingress: Ingress, record: ShardedRecord, request: Request
+) -> list[int] | Response:
     """The step every shard is at (known from the last step, else asked)."""
     steps = ingress.steps.get(record.name)
     if steps is not None:
         return steps
     n = len(record.shards)
-    states = await ingress.fan_out(record, request, "GET",
-                                   f"{API_PREFIX}/steppers/{record.name}", [[]] * n, [None] * n)
+    states = await ingress.fan_out(
+        record, request, "GET", f"{API_PREFIX}/steppers/{record.name}", [[]] * n, [None] * n
+    )
     return first_error(states) or [int(json.loads(c)["step"]) for _, _, c in states]
 
 
@@ -265,14 +337,21 @@ async def step(ingress: Ingress, record: ShardedRecord, request: Request) -> Res
     ``expected_step``, checked whole first (no shard sees a request that is refused)."""
     keys = {k for k, _ in request.query_params.multi_items()}
     if "contributors" in keys or "worker" in keys:
-        return problem_response("not_supported_sharded", "accumulate mode is not available "
-                                f"for sharded stepper {record.name!r}; sum the workers' "
-                                "gradients before stepping", request.url.path)
+        return problem_response(
+            "not_supported_sharded",
+            "accumulate mode is not available "
+            f"for sharded stepper {record.name!r}; sum the workers' "
+            "gradients before stepping",
+            request.url.path,
+        )
     raw = await request.body()
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != OCTET:
-        return problem_response("unsupported_media_type", "a sharded stepper steps with a "
-                                f"safetensors body, not {kind!r}", request.url.path)
+        return problem_response(
+            "unsupported_media_type",
+            f"a sharded stepper steps with a safetensors body, not {kind!r}",
+            request.url.path,
+        )
     try:
         body = parse(raw)
     except codec.CodecError as e:
@@ -289,40 +368,61 @@ async def step(ingress: Ingress, record: ShardedRecord, request: Request) -> Res
     current = min(steps)
     expected = request.query_params.get("expected_step")
     if expected is not None and int(expected) != current:
-        return problem_response("step_conflict", f"expected step {expected}, but stepper "
-                                f"{record.name!r} is at step {current}", request.url.path,
-                                stepper=record.name, current_step=current)
+        return problem_response(
+            "step_conflict",
+            f"expected step {expected}, but stepper {record.name!r} is at step {current}",
+            request.url.path,
+            stepper=record.name,
+            current_step=current,
+        )
     base = int(expected) if expected is not None else current
     return await _step_shards(ingress, record, request, body, base)
 
 
-async def _step_shards(ingress: Ingress, record: ShardedRecord, request: Request, body: Any,
-                       base: int) -> Response:
+async def _step_shards(
+    ingress: Ingress, record: ShardedRecord, request: Request, body: Any, base: int
+) -> Response:
     key = request.headers.get("idempotency-key") or f"ingress-{uuid.uuid4().hex}"
     query = [(k, v) for k, v in request.query_params.multi_items() if k != "expected_step"]
     query.append(("expected_step", str(base)))
     bodies = split(body, [sh.params for sh in record.shards])
     ingress.steps.pop(record.name, None)  # unknown until every shard has answered
     try:
-        replies = await ingress.fan_out(record, request, "POST", request.url.path,
-                                        [query] * len(record.shards), bodies,
-                                        {"idempotency-key": key})
+        replies = await ingress.fan_out(
+            record,
+            request,
+            "POST",
+            request.url.path,
+            [query] * len(record.shards),
+            bodies,
+            {"idempotency-key": key},
+        )
     except TRANSPORT_ERRORS as e:
         return problem_response(
-            "slot_unavailable", f"a shard of {record.name!r} did not answer "
+            "slot_unavailable",
+            f"a shard of {record.name!r} did not answer "
             f"({type(e).__name__}) and its slot could not be restored in time; send the same "
-            "request again (same Idempotency-Key) to complete the step", request.url.path,
-            stepper=record.name)
+            "request again (same Idempotency-Key) to complete the step",
+            request.url.path,
+            stepper=record.name,
+        )
     failed = [(i, r) for i, r in enumerate(replies) if r[0] >= 400]
     if failed and len(failed) < len(replies):
-        log.error("sharded stepper %r: shards %s refused step %d that others applied: %s",
-                  record.name, [i for i, _ in failed], base + 1,
-                  [r[2][:200] for _, r in failed])
+        log.error(
+            "sharded stepper %r: shards %s refused step %d that others applied: %s",
+            record.name,
+            [i for i, _ in failed],
+            base + 1,
+            [r[2][:200] for _, r in failed],
+        )
         return problem_response(
-            "shards_diverged", f"shards {[record.shards[i].slot for i, _ in failed]} of "
+            "shards_diverged",
+            f"shards {[record.shards[i].slot for i, _ in failed]} of "
             f"stepper {record.name!r} refused a step the others applied; send the same "
-            "request again (same Idempotency-Key) to complete it", request.url.path,
-            stepper=record.name)
+            "request again (same Idempotency-Key) to complete it",
+            request.url.path,
+            stepper=record.name,
+        )
     if failed:
         return _json(failed[0][1])
     if all(r[0] == 200 for r in replies):
@@ -341,6 +441,11 @@ def _merged_step(record: ShardedRecord, replies: Sequence[Reply]) -> Response:
         merged["replayed"] = all(bool(d.get("replayed")) for d in data)
         return JSONResponse(merged, status_code=replies[0][0])
     media, body = merge.tensors(record, "params", replies)
-    return Response(body, media_type=media,
-                    headers={"x-adamscope-shards": str(len(record.shards)),
-                             "x-adamscope-time": f"{time.time():.3f}"})
+    return Response(
+        body,
+        media_type=media,
+        headers={
+            "x-adamscope-shards": str(len(record.shards)),
+            "x-adamscope-time": f"{time.time():.3f}",
+        },
+    )

@@ -27,8 +27,11 @@ def _finite(value: Any) -> float | None:
 def combine(signal: str, values: Sequence[Any], weights: Sequence[int]) -> float | None:
     """One signal of the whole from its parts' values (``weights``: each part's elements);
     None when no part reported it."""
-    pairs = [(x, w) for x, w in ((_finite(v), w) for v, w in zip(values, weights, strict=True))
-             if x is not None]
+    pairs = [
+        (x, w)
+        for x, w in ((_finite(v), w) for v, w in zip(values, weights, strict=True))
+        if x is not None
+    ]
     if not pairs:
         return None
     rule = COMBINE.get(signal, "mean")
@@ -53,11 +56,12 @@ def _update_ratio(parts: Sequence[Mapping[str, Any]]) -> float | None:
             continue
         upd += u * u
         p0 += (u / r) ** 2
-    return (upd ** 0.5) / (p0 ** 0.5) if p0 else None
+    return (upd**0.5) / (p0**0.5) if p0 else None
 
 
-def combine_signals(parts: Sequence[Mapping[str, Any]], weights: Sequence[int]
-                    ) -> dict[str, float | None]:
+def combine_signals(
+    parts: Sequence[Mapping[str, Any]], weights: Sequence[int]
+) -> dict[str, float | None]:
     """Every signal the first part reports, combined over the parts."""
     out: dict[str, float | None] = {}
     for signal in parts[0] if parts else ():

@@ -52,8 +52,9 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         values = initial_values()
         for name in (OURS, *THEIRS):
             create(c, {**SPEC, "name": name}, values)
-            assert step(c, name, {k: torch.ones_like(v) for k, v in values.items()}
-                        ).status_code == 200
+            assert (
+                step(c, name, {k: torch.ones_like(v) for k, v in values.items()}).status_code == 200
+            )
         assert c.post(f"{V1}/{THEIRS[0]}/snapshots", json={"name": "s1"}).status_code == 201
         yield c
 
@@ -66,8 +67,9 @@ def observed(c: TestClient) -> tuple[object, ...]:
 def test_the_prefix_reaches_its_own_stepper(client: TestClient) -> None:
     h = auth(TEAM_A)
     assert client.get(f"{V1}/{OURS}", headers=h).status_code == 200
-    r = client.post(f"{V1}/{OURS}/step", content=codec.encode({"b": torch.ones(3)}),
-                    headers={**OCTET, **h})
+    r = client.post(
+        f"{V1}/{OURS}/step", content=codec.encode({"b": torch.ones(3)}), headers={**OCTET, **h}
+    )
     assert r.status_code == 200, r.text
     assert client.get(V1, headers=h).json()["steppers"][0]["name"] == OURS
 
@@ -101,13 +103,17 @@ def test_names_containing_the_prefix_elsewhere_are_out_of_reach(
 def test_creating_or_importing_such_a_name_is_refused(client: TestClient, name: str) -> None:
     before = observed(client)
     h = auth(TEAM_A)
-    assert_problem(client.post(V1, json={**SPEC, "name": name}, headers=h), "forbidden",
-                   f"'{name}' does not")
+    assert_problem(
+        client.post(V1, json={**SPEC, "name": name}, headers=h), "forbidden", f"'{name}' does not"
+    )
     exported = client.post(f"{V1}/{OURS}/snapshots", json={"name": "mine"}, headers=h)
     assert exported.status_code == 201, exported.text
     data = client.get(f"{V1}/{OURS}/snapshots/mine", headers=h).content
-    assert_problem(client.post(f"{V1}/import", params={"name": name}, content=data,
-                               headers={**OCTET, **h}), "forbidden", f"'{name}' does not")
+    assert_problem(
+        client.post(f"{V1}/import", params={"name": name}, content=data, headers={**OCTET, **h}),
+        "forbidden",
+        f"'{name}' does not",
+    )
     assert name not in registered(client)
     assert registered(client) == before[0]
 
@@ -126,11 +132,11 @@ def test_refusals_name_the_request_and_the_openapi_document_describes_them(
 ) -> None:
     path = f"{V1}/{THEIRS[0]}"
     forbidden = assert_problem(client.get(path, headers=auth(TEAM_A)), "forbidden")
-    unauthorized = assert_problem(client.get(path, headers={"authorization": ""}),
-                                  "unauthorized")
+    unauthorized = assert_problem(client.get(path, headers={"authorization": ""}), "unauthorized")
     assert forbidden["instance"] == unauthorized["instance"] == path
     doc = client.get("/openapi.json").json()
     step_op = doc["paths"][f"{V1}/{{name}}/step"]["post"]
     for status in ("401", "403"):
         assert step_op["responses"][status]["content"] == {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }

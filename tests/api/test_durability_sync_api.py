@@ -66,8 +66,9 @@ def on_disk_step(path: Path) -> int:
         return int(ckpt.header_from_prefix(f.read)["step"])
 
 
-def synced(marker: ReplyMarker, monkeypatch: pytest.MonkeyPatch,
-           send: Callable[[], Response], status: int) -> DiskLog:
+def synced(
+    marker: ReplyMarker, monkeypatch: pytest.MonkeyPatch, send: Callable[[], Response], status: int
+) -> DiskLog:
     with recording(monkeypatch) as log:
         marker.log = log
         try:
@@ -83,7 +84,9 @@ def grads() -> dict[str, torch.Tensor]:
 
 
 def test_a_step_is_synced_before_its_reply(
-    client: TestClient, marker: ReplyMarker, settings: Settings,
+    client: TestClient,
+    marker: ReplyMarker,
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = checkpoint_path(settings)
@@ -94,12 +97,21 @@ def test_a_step_is_synced_before_its_reply(
 
 
 MUTATIONS: dict[str, tuple[Callable[[TestClient], Response], int]] = {
-    "put-params": (lambda c: c.put(f"{V1}/{NAME}/params", content=codec.encode(
-        {"b": torch.zeros(3)}), headers=OCTET), 200),
-    "put-state": (lambda c: c.put(f"{V1}/{NAME}/state", content=codec.encode(
-        {"b.exp_avg": torch.full((3,), 0.5)}), headers=OCTET), 200),
-    "hyperparameters": (lambda c: c.patch(f"{V1}/{NAME}/hyperparameters",
-                                          json={"lr": 0.5}), 200),
+    "put-params": (
+        lambda c: c.put(
+            f"{V1}/{NAME}/params", content=codec.encode({"b": torch.zeros(3)}), headers=OCTET
+        ),
+        200,
+    ),
+    "put-state": (
+        lambda c: c.put(
+            f"{V1}/{NAME}/state",
+            content=codec.encode({"b.exp_avg": torch.full((3,), 0.5)}),
+            headers=OCTET,
+        ),
+        200,
+    ),
+    "hyperparameters": (lambda c: c.patch(f"{V1}/{NAME}/hyperparameters", json={"lr": 0.5}), 200),
     "reset-state": (lambda c: c.delete(f"{V1}/{NAME}/state"), 200),
     "restore": (lambda c: c.post(f"{V1}/{NAME}/snapshots/base/restore"), 200),
     "commit": (lambda c: c.post(f"{V1}/{NAME}/commit"), 200),
@@ -109,8 +121,11 @@ MUTATIONS: dict[str, tuple[Callable[[TestClient], Response], int]] = {
 
 @pytest.mark.parametrize("kind", list(MUTATIONS))
 def test_every_other_change_is_synced_before_its_reply(
-    client: TestClient, marker: ReplyMarker, settings: Settings,
-    monkeypatch: pytest.MonkeyPatch, kind: str,
+    client: TestClient,
+    marker: ReplyMarker,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     assert step(client, NAME, grads()).status_code == 200
     if kind == "commit":  # a pending contribution for commit to apply
@@ -122,13 +137,21 @@ def test_every_other_change_is_synced_before_its_reply(
 
 
 def test_create_and_import_are_synced_before_their_reply(
-    client: TestClient, marker: ReplyMarker, settings: Settings,
+    client: TestClient,
+    marker: ReplyMarker,
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     body = create_body({**SPEC, "name": "made"}, initial_values())
     log = synced(marker, monkeypatch, lambda: client.post(V1, content=body, headers=OCTET), 201)
     log.synced_before(checkpoint_path(settings, "made"), log.index("reply"))
     data: Any = client.get(f"{V1}/{NAME}/snapshots/base").content
-    log = synced(marker, monkeypatch, lambda: client.post(
-        f"{V1}/import", params={"name": "imported"}, content=data, headers=OCTET), 201)
+    log = synced(
+        marker,
+        monkeypatch,
+        lambda: client.post(
+            f"{V1}/import", params={"name": "imported"}, content=data, headers=OCTET
+        ),
+        201,
+    )
     log.synced_before(checkpoint_path(settings, "imported"), log.index("reply"))

@@ -53,7 +53,11 @@ def served(app_client: TestClient) -> TestClient:
 def test_a_retried_key_is_applied_once(served: TestClient) -> None:
     first = result(keyed(served, "k1", grads(0)))
     assert (first["step"], first["stepped"], first["skipped"], first["replayed"]) == (
-        1, ["w", "b"], ["h"], False)
+        1,
+        ["w", "b"],
+        ["h"],
+        False,
+    )
     after = snapshot(served, NAME)
     for _ in range(2):
         again = result(keyed(served, "k1", grads(0)))
@@ -97,8 +101,12 @@ def test_a_replay_with_return_params_answers_that_steps_parameters(served: TestC
     # Once the stepper has moved on, that step's parameters are gone: 409, nothing changes.
     result(step(served, NAME, grads(1)))
     moved = snapshot(served, NAME)
-    body = assert_problem(keyed(served, "k1", grads(0), return_params="true"), "step_conflict",
-                          "step 1 was applied", "has moved on to step 2")
+    body = assert_problem(
+        keyed(served, "k1", grads(0), return_params="true"),
+        "step_conflict",
+        "step 1 was applied",
+        "has moved on to step 2",
+    )
     assert body["current_step"] == 2
     assert snapshot(served, NAME) == moved
 
@@ -138,19 +146,19 @@ def test_a_retried_contribution_counts_once(served: TestClient) -> None:
 
 
 @pytest.mark.parametrize("expected", [0, 1, 3, 10**9])
-def test_a_stale_or_future_expected_step_is_a_conflict(served: TestClient,
-                                                       expected: int) -> None:
+def test_a_stale_or_future_expected_step_is_a_conflict(served: TestClient, expected: int) -> None:
     for k in range(2):
         result(step(served, NAME, grads(k)))
     before = snapshot(served, NAME)
-    for send in (lambda: step(served, NAME, grads(5), expected_step=expected),
-                 lambda: keyed(served, "k", grads(5), expected_step=expected),
-                 lambda: step(served, NAME, grads(5), expected_step=expected,
-                              return_params="true"),
-                 lambda: step(served, NAME, grads(5), expected_step=expected, contributors=2,
-                              worker=0)):
-        body = assert_problem(send(), "step_conflict", f"built on step {expected}",
-                              f"'{NAME}' is at step 2")
+    for send in (
+        lambda: step(served, NAME, grads(5), expected_step=expected),
+        lambda: keyed(served, "k", grads(5), expected_step=expected),
+        lambda: step(served, NAME, grads(5), expected_step=expected, return_params="true"),
+        lambda: step(served, NAME, grads(5), expected_step=expected, contributors=2, worker=0),
+    ):
+        body = assert_problem(
+            send(), "step_conflict", f"built on step {expected}", f"'{NAME}' is at step 2"
+        )
         assert body["current_step"] == 2
         assert snapshot(served, NAME) == before
     # The refused keyed step did not spend its key.

@@ -30,8 +30,12 @@ NAME = SPEC["name"]
 @pytest.fixture
 def served(app_client: TestClient) -> TestClient:
     create(app_client, SPEC, initial_values())
-    assert step(app_client, NAME, {n: torch.ones_like(v) for n, v in
-                                   initial_values().items()}).status_code == 200
+    assert (
+        step(
+            app_client, NAME, {n: torch.ones_like(v) for n, v in initial_values().items()}
+        ).status_code
+        == 200
+    )
     return app_client
 
 
@@ -40,11 +44,17 @@ def served(app_client: TestClient) -> TestClient:
 
 def test_state_keys_of_dotted_parameter_names(app_client: TestClient) -> None:
     """'<parameter>.<key>' splits at the last dot: 'enc.layer.0.w.exp_avg'."""
-    spec = {"name": "dotted", "optimizer": "adam",
-            "params": [{"name": "enc.layer.0.w", "shape": [3]}]}
+    spec = {
+        "name": "dotted",
+        "optimizer": "adam",
+        "params": [{"name": "enc.layer.0.w", "shape": [3]}],
+    }
     create(app_client, spec)
-    r = app_client.put(f"{V1}/dotted/state", content=codec.encode(
-        {"enc.layer.0.w.exp_avg": torch.full((3,), 0.5)}), headers=OCTET)
+    r = app_client.put(
+        f"{V1}/dotted/state",
+        content=codec.encode({"enc.layer.0.w.exp_avg": torch.full((3,), 0.5)}),
+        headers=OCTET,
+    )
     assert r.status_code == 422, r.text  # accepted by the split, refused by the engine:
     assert_problem(r, "invalid_state", "state of 'enc.layer.0.w' would lack step, exp_avg_sq")
 
@@ -52,38 +62,49 @@ def test_state_keys_of_dotted_parameter_names(app_client: TestClient) -> None:
 @pytest.mark.parametrize("key", [".exp_avg", "exp_avg"])
 def test_a_state_key_without_a_parameter_is_refused(served: TestClient, key: str) -> None:
     before = snapshot(served, NAME)
-    r = served.put(f"{V1}/{NAME}/state", content=codec.encode({key: torch.ones(3)}),
-                   headers=OCTET)
-    assert_problem(r, "invalid_state", f"state tensor {key!r} must be named "
-                   "'<parameter>.<key>' with key one of step, exp_avg, exp_avg_sq, "
-                   "max_exp_avg_sq")
+    r = served.put(f"{V1}/{NAME}/state", content=codec.encode({key: torch.ones(3)}), headers=OCTET)
+    assert_problem(
+        r,
+        "invalid_state",
+        f"state tensor {key!r} must be named "
+        "'<parameter>.<key>' with key one of step, exp_avg, exp_avg_sq, "
+        "max_exp_avg_sq",
+    )
     assert snapshot(served, NAME) == before
 
 
 # ---------------------------------------------------------------------- JSON tensors
 
 
-@pytest.mark.parametrize(("value", "fragment"), [
-    ({"data": [1, 2, 3], "shape": [1, 3]}, "tensor data has shape [3], expected [1, 3]"),
-    ({"shape": [3]}, "a JSON tensor object needs 'data'"),
-    ({"data": [1, 2, 3], "shape": "3"}, "a JSON tensor's shape must be a list, got '3'"),
-])
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ({"data": [1, 2, 3], "shape": [1, 3]}, "tensor data has shape [3], expected [1, 3]"),
+        ({"shape": [3]}, "a JSON tensor object needs 'data'"),
+        ({"data": [1, 2, 3], "shape": "3"}, "a JSON tensor's shape must be a list, got '3'"),
+    ],
+)
 def test_json_tensors_are_checked_against_what_they_declare(
     served: TestClient, value: dict[str, Any], fragment: str
 ) -> None:
     before = snapshot(served, NAME)
-    for r in (served.put(f"{V1}/{NAME}/params", json={"params": {"b": value}}),
-              served.put(f"{V1}/{NAME}/state", json={"state": {"b": {"exp_avg": value}}})):
+    for r in (
+        served.put(f"{V1}/{NAME}/params", json={"params": {"b": value}}),
+        served.put(f"{V1}/{NAME}/state", json={"state": {"b": {"exp_avg": value}}}),
+    ):
         assert assert_problem(r, "malformed_body")["detail"] == fragment
     assert snapshot(served, NAME) == before
 
 
 def test_a_json_tensor_may_declare_its_dtype_and_shape(served: TestClient) -> None:
-    r = served.put(f"{V1}/{NAME}/params", json={"params": {"b": {
-        "data": [1.5, 2.5, 3.5], "shape": [3], "dtype": "float32"}}})
+    r = served.put(
+        f"{V1}/{NAME}/params",
+        json={"params": {"b": {"data": [1.5, 2.5, 3.5], "shape": [3], "dtype": "float32"}}},
+    )
     assert r.status_code == 200, r.text
-    assert served.get(f"{V1}/{NAME}/params", params={"format": "json"}).json()[
-        "params"]["b"]["data"] == [1.5, 2.5, 3.5]
+    assert served.get(f"{V1}/{NAME}/params", params={"format": "json"}).json()["params"]["b"][
+        "data"
+    ] == [1.5, 2.5, 3.5]
 
 
 # ---------------------------------------------------------------------- limits at the edge
@@ -91,28 +112,38 @@ def test_a_json_tensor_may_declare_its_dtype_and_shape(served: TestClient) -> No
 
 @pytest.fixture
 def tight(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(data_dir=tmp_path / "d", device="cpu", max_json_elements=6,
-                        max_body_bytes=4096)
+    settings = Settings(
+        data_dir=tmp_path / "d", device="cpu", max_json_elements=6, max_body_bytes=4096
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
 
 def test_json_replies_up_to_the_element_limit(tight: TestClient) -> None:
-    create(tight, {"name": "six", "optimizer": "adam", "params": [
-        {"name": "a", "shape": [2, 3]}, {"name": "b", "shape": [1]}]})
+    create(
+        tight,
+        {
+            "name": "six",
+            "optimizer": "adam",
+            "params": [{"name": "a", "shape": [2, 3]}, {"name": "b", "shape": [1]}],
+        },
+    )
     ok = tight.get(f"{V1}/six/params", params={"name": "a", "format": "json"})
     assert ok.status_code == 200 and ok.json()["params"]["a"]["shape"] == [2, 3]
-    body = assert_problem(tight.get(f"{V1}/six/params", params={"format": "json"}),
-                          "json_too_large", "7 elements exceed the JSON limit of 6; "
-                          "request format=safetensors instead")
+    body = assert_problem(
+        tight.get(f"{V1}/six/params", params={"format": "json"}),
+        "json_too_large",
+        "7 elements exceed the JSON limit of 6; request format=safetensors instead",
+    )
     assert body["limit"] == 6
 
 
 def test_a_json_create_up_to_the_body_limit(tight: TestClient) -> None:
     """1024 float32 zeros are exactly 4096 bytes: allowed; one more element is not."""
     for n, status in ((1024, 201), (1025, 413)):
-        r = tight.post(V1, json={"name": f"z{n}", "optimizer": "adam",
-                                 "params": [{"name": "w", "shape": [n]}]})
+        r = tight.post(
+            V1, json={"name": f"z{n}", "optimizer": "adam", "params": [{"name": "w", "shape": [n]}]}
+        )
         assert r.status_code == status, r.text
 
 
@@ -122,8 +153,15 @@ def test_a_json_create_up_to_the_body_limit(tight: TestClient) -> None:
 def test_a_pending_contribution_answers_202_not_applied(served: TestClient) -> None:
     r = step(served, NAME, {"b": torch.ones(3)}, contributors=3, worker=1)
     assert r.status_code == 202
-    assert r.json() == {"stepper": NAME, "step": 1, "stepped": [], "skipped": [],
-                        "replayed": False, "applied": False, "pending": [1]}
+    assert r.json() == {
+        "stepper": NAME,
+        "step": 1,
+        "stepped": [],
+        "skipped": [],
+        "replayed": False,
+        "applied": False,
+        "pending": [1],
+    }
 
 
 # ---------------------------------------------------------------------- streamed replies
@@ -134,8 +172,15 @@ def _response(sizes: list[int]) -> TensorStreamResponse:
     return TensorStreamResponse(tensors, "s", 3)
 
 
-@pytest.mark.parametrize("sizes", [[10], [TAIL_COPY_BYTES + 100], [700_000, 700_000],
-                                   [3 * TAIL_COPY_BYTES, 5, TAIL_COPY_BYTES // 2]])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [10],
+        [TAIL_COPY_BYTES + 100],
+        [700_000, 700_000],
+        [3 * TAIL_COPY_BYTES, 5, TAIL_COPY_BYTES // 2],
+    ],
+)
 def test_a_streamed_reply_sends_its_last_bytes_as_a_copy(sizes: list[int]) -> None:
     """Everything but the last TAIL_COPY_BYTES goes out as views of tensor memory; the tail
     is one copied ``bytes`` object (so the transport holds no view when the gate opens)."""
@@ -171,8 +216,9 @@ def test_a_streamed_reply_ends_its_body_then_releases() -> None:
     headers = dict(start["headers"])
     assert headers[b"content-length"] == str(sum(len(b["body"]) for b in bodies)).encode()
     assert headers[b"x-adamscope-step"] == b"3"
-    assert all(b == {"type": "http.response.body", "body": b["body"], "more_body": True}
-               for b in bodies)
+    assert all(
+        b == {"type": "http.response.body", "body": b["body"], "more_body": True} for b in bodies
+    )
     assert end == {"type": "http.response.body", "body": b"", "more_body": False}
     assert released == [len(sent)]
     tensors, meta = codec.decode(b"".join(b["body"] for b in bodies))
@@ -196,8 +242,9 @@ def test_the_applied_event_is_shared_until_the_step_is_applied(served: TestClien
 
 
 def test_a_json_body_must_be_an_object(served: TestClient) -> None:
-    r = served.put(f"{V1}/{NAME}/params", content=b"[1, 2]",
-                   headers={"content-type": "application/json"})
+    r = served.put(
+        f"{V1}/{NAME}/params", content=b"[1, 2]", headers={"content-type": "application/json"}
+    )
     assert assert_problem(r, "malformed_body")["detail"] == "JSON body must be an object"
 
 
@@ -218,7 +265,9 @@ def _wait_clean(client: TestClient, name: str, seconds: float = 20.0) -> bool:
 
 
 def test_the_background_flusher_writes_interval_steppers_and_outlives_a_failure(
-    app_client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    app_client: TestClient,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An 'interval' stepper changed outside any request (so no request writes it) is
     written by the background flusher; a flush that raises is logged and the flusher
@@ -238,7 +287,9 @@ def test_the_background_flusher_writes_interval_steppers_and_outlives_a_failure(
     monkeypatch.setattr(persistence, "flush_due", flaky)
     with caplog.at_level(logging.ERROR, logger="adamscope.persistence"):
         app_client.app.state.registry.get("idle").step(  # type: ignore[attr-defined]
-            {"b": torch.ones(3)})
+            {"b": torch.ones(3)}
+        )
         assert _wait_clean(app_client, "idle"), "the flusher never wrote the stepper"
-    assert failed and [rec.getMessage() for rec in caplog.records
-                       if rec.name == "adamscope.persistence"] == ["background flush failed"]
+    assert failed and [
+        rec.getMessage() for rec in caplog.records if rec.name == "adamscope.persistence"
+    ] == ["background flush failed"]

@@ -47,8 +47,9 @@ def served(app_client: TestClient) -> TestClient:
     values = initial_values()
     create(app_client, SPEC, values)
     for k in range(2):
-        r = step(app_client, NAME, {n: torch.full_like(v, 0.1 * (k + 1)) for n, v in
-                                    values.items()})
+        r = step(
+            app_client, NAME, {n: torch.full_like(v, 0.1 * (k + 1)) for n, v in values.items()}
+        )
         assert r.status_code == 200, r.text
     assert app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "base"}).status_code == 201
     return app_client
@@ -60,8 +61,9 @@ def state_tensors(client: TestClient) -> dict[str, torch.Tensor]:
     return codec.decode(r.content)[0]
 
 
-def refused(client: TestClient, send: Any, *fragments: str,
-            code: str = "shape_mismatch") -> dict[str, Any]:
+def refused(
+    client: TestClient, send: Any, *fragments: str, code: str = "shape_mismatch"
+) -> dict[str, Any]:
     """``send()`` answers the problem ``code`` and changes nothing observable."""
     before = snapshot(client, NAME), registered(client)
     r: Response = send()
@@ -76,17 +78,26 @@ def as_shape(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
-def test_put_state_safetensors(served: TestClient, name: str, shape: list[int],
-                               key: str) -> None:
+def test_put_state_safetensors(served: TestClient, name: str, shape: list[int], key: str) -> None:
     bad = as_shape(state_tensors(served)[f"{name}.{key}"], shape)
-    refused(served, lambda: served.put(f"{V1}/{NAME}/state", content=codec.encode(
-        {f"{name}.{key}": bad}), headers=OCTET), f"{key} for '{name}' has shape {shape}")
+    refused(
+        served,
+        lambda: served.put(
+            f"{V1}/{NAME}/state", content=codec.encode({f"{name}.{key}": bad}), headers=OCTET
+        ),
+        f"{key} for '{name}' has shape {shape}",
+    )
 
 
 def test_put_state_max_exp_avg_sq(served: TestClient) -> None:
     bad = as_shape(state_tensors(served)["h.max_exp_avg_sq"], [2, 2])
-    refused(served, lambda: served.put(f"{V1}/{NAME}/state", content=codec.encode(
-        {"h.max_exp_avg_sq": bad}), headers=OCTET), "max_exp_avg_sq for 'h' has shape [2, 2]")
+    refused(
+        served,
+        lambda: served.put(
+            f"{V1}/{NAME}/state", content=codec.encode({"h.max_exp_avg_sq": bad}), headers=OCTET
+        ),
+        "max_exp_avg_sq for 'h' has shape [2, 2]",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
@@ -94,9 +105,13 @@ def test_put_state_json(served: TestClient, name: str, shape: list[int]) -> None
     """Nested lists of another shape, bare or declaring that shape."""
     data = as_shape(state_tensors(served)[f"{name}.exp_avg"], shape).double().tolist()
     for value in (data, {"data": data, "shape": shape}):
-        refused(served, lambda v=value: served.put(
-            f"{V1}/{NAME}/state", json={"state": {name: {"exp_avg": v}}}),
-            f"exp_avg for '{name}' has shape {shape}")
+        refused(
+            served,
+            lambda v=value: served.put(
+                f"{V1}/{NAME}/state", json={"state": {name: {"exp_avg": v}}}
+            ),
+            f"exp_avg for '{name}' has shape {shape}",
+        )
 
 
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
@@ -104,10 +119,16 @@ def test_put_state_full_load(served: TestClient, name: str, shape: list[int]) ->
     state = state_tensors(served)
     state[f"{name}.exp_avg_sq"] = as_shape(state[f"{name}.exp_avg_sq"], shape)
     groups = json.dumps([{"lr": 0.5}, {"lr": 0.5}])
-    refused(served, lambda: served.put(
-        f"{V1}/{NAME}/state", params={"replace": "true"},
-        content=codec.encode(state, {META_GROUPS: groups}), headers=OCTET),
-        f"exp_avg_sq for '{name}' has shape {shape}")
+    refused(
+        served,
+        lambda: served.put(
+            f"{V1}/{NAME}/state",
+            params={"replace": "true"},
+            content=codec.encode(state, {META_GROUPS: groups}),
+            headers=OCTET,
+        ),
+        f"exp_avg_sq for '{name}' has shape {shape}",
+    )
 
 
 def test_remote_adam_load_state_dict(served: TestClient) -> None:
@@ -115,8 +136,10 @@ def test_remote_adam_load_state_dict(served: TestClient) -> None:
     optimizer keeps its options."""
     values = initial_values()
     params = [torch.nn.Parameter(values[n].clone()) for n in ("w", "b", "h")]
-    groups = [{"params": [("w", params[0]), ("b", params[1])]},
-              {"params": [("h", params[2])], "lr": 0.05, "amsgrad": True}]
+    groups = [
+        {"params": [("w", params[0]), ("b", params[1])]},
+        {"params": [("h", params[2])], "lr": 0.05, "amsgrad": True},
+    ]
     opt = RemoteAdam(groups, lr=0.01, foreach=False, name=NAME, client=Client(http_client=served))
     sd = opt.state_dict()
     sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].reshape(3, 2)
@@ -132,10 +155,16 @@ def test_remote_adam_load_state_dict(served: TestClient) -> None:
 def test_put_params(served: TestClient, name: str, shape: list[int]) -> None:
     values = initial_values()
     bad = as_shape(values[name] + 1, shape)
-    refused(served, lambda: served.put(f"{V1}/{NAME}/params", content=codec.encode(
-        {name: bad}), headers=OCTET), f"value for '{name}' has shape {shape}")
-    refused(served, lambda: served.put(f"{V1}/{NAME}/params", json={"params": {
-        name: bad.double().tolist()}}), f"value for '{name}' has shape {shape}")
+    refused(
+        served,
+        lambda: served.put(f"{V1}/{NAME}/params", content=codec.encode({name: bad}), headers=OCTET),
+        f"value for '{name}' has shape {shape}",
+    )
+    refused(
+        served,
+        lambda: served.put(f"{V1}/{NAME}/params", json={"params": {name: bad.double().tolist()}}),
+        f"value for '{name}' has shape {shape}",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
@@ -144,13 +173,23 @@ def test_create_with_values(served: TestClient, name: str, shape: list[int]) -> 
     values = initial_values()
     values[name] = as_shape(values[name], shape)
     spec = {**SPEC, "name": "other"}  # its params declare shapes and dtypes
-    refused(served, lambda: served.post(V1, content=codec.encode(
-        values, {META_SPEC: json.dumps(spec)}), headers=OCTET),
-        f"tensor '{name}' has shape {shape}, spec says")
-    data_spec = {**spec, "params": [
-        {**p, "data": (values[p["name"]].double().tolist())} for p in SPEC["params"]]}
-    refused(served, lambda: served.post(V1, json=data_spec),
-            f"has shape {shape}, expected", code="malformed_body")
+    refused(
+        served,
+        lambda: served.post(
+            V1, content=codec.encode(values, {META_SPEC: json.dumps(spec)}), headers=OCTET
+        ),
+        f"tensor '{name}' has shape {shape}, spec says",
+    )
+    data_spec = {
+        **spec,
+        "params": [{**p, "data": (values[p["name"]].double().tolist())} for p in SPEC["params"]],
+    }
+    refused(
+        served,
+        lambda: served.post(V1, json=data_spec),
+        f"has shape {shape}, expected",
+        code="malformed_body",
+    )
 
 
 def reexported(client: TestClient, tensor: str, shape: list[int]) -> bytes:
@@ -164,21 +203,31 @@ def reexported(client: TestClient, tensor: str, shape: list[int]) -> bytes:
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
 def test_import_a_checkpoint(served: TestClient, name: str, shape: list[int]) -> None:
     data = reexported(served, f"state/{name}/exp_avg", shape)
-    refused(served, lambda: served.post(f"{V1}/import", params={"name": "imported"},
-                                        content=data, headers=OCTET),
-            f"exp_avg for '{name}' has shape {shape}", code="invalid_checkpoint")
+    refused(
+        served,
+        lambda: served.post(
+            f"{V1}/import", params={"name": "imported"}, content=data, headers=OCTET
+        ),
+        f"exp_avg for '{name}' has shape {shape}",
+        code="invalid_checkpoint",
+    )
 
 
 @pytest.mark.parametrize("tensor", ["state/{}/exp_avg", "param/{}"])
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
-def test_restore_a_snapshot(served: TestClient, settings: Settings, name: str,
-                            shape: list[int], tensor: str) -> None:
+def test_restore_a_snapshot(
+    served: TestClient, settings: Settings, name: str, shape: list[int], tensor: str
+) -> None:
     """A snapshot file changed on disk (the service wrote it, someone reshaped a tensor)."""
     data = reexported(served, tensor.format(name), shape)
     path = Path(settings.data_dir) / "steppers" / NAME / "snapshots" / "base.safetensors"
     path.write_bytes(data)
-    refused(served, lambda: served.post(f"{V1}/{NAME}/snapshots/base/restore"),
-            f"{shape}", code="invalid_checkpoint")
+    refused(
+        served,
+        lambda: served.post(f"{V1}/{NAME}/snapshots/base/restore"),
+        f"{shape}",
+        code="invalid_checkpoint",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), WRONG, ids=IDS)
@@ -189,8 +238,11 @@ def test_step_gradients(served: TestClient, name: str, shape: list[int]) -> None
     problem = f"gradient for '{name}' has shape {shape}"
     refused(served, lambda: step(served, NAME, grads), problem)
     refused(served, lambda: step(served, NAME, grads, contributors=2, worker=0), problem)
-    refused(served, lambda: served.post(f"{V1}/{NAME}/dry-run", content=codec.encode(grads),
-                                        headers=OCTET), problem)
+    refused(
+        served,
+        lambda: served.post(f"{V1}/{NAME}/dry-run", content=codec.encode(grads), headers=OCTET),
+        problem,
+    )
     # The same body layout as a good step, so the route's cached layout is in play too.
     good = {n: torch.ones_like(v) for n, v in values.items()}
     assert step(served, NAME, good).status_code == 200

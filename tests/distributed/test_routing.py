@@ -23,8 +23,7 @@ def app_routes() -> set[tuple[str, str]]:
 
 
 def test_every_route_of_the_single_process_app_has_an_entry() -> None:
-    served = {(r.method, r.path): r for r in routing.routes(create_app(
-        Settings.model_construct()))}
+    served = {(r.method, r.path): r for r in routing.routes(create_app(Settings.model_construct()))}
     assert set(served) == app_routes()
     # Every route about one stepper says how it behaves when the stepper is sharded.
     about_one = {k for k in served if "{name}" in k[1] and k[1].startswith("/v1/steppers/")}
@@ -55,13 +54,17 @@ def test_the_ingress_serves_the_apps_paths(tmp_path) -> None:
     from adamscope.service.distributed.cluster import ClusterConfig
 
     app, _ = build_app(ClusterConfig(settings={"data_dir": str(tmp_path)}, slots=1))
-    registered = {(m, r.path) for r in app.routes if hasattr(r, "methods") and r.methods
-                  for m in r.methods if m != "HEAD"}
+    registered = {
+        (m, r.path)
+        for r in app.routes
+        if hasattr(r, "methods") and r.methods
+        for m in r.methods
+        if m != "HEAD"
+    }
     assert app_routes() <= registered
 
 
-@pytest.mark.parametrize("code", ["slot_unavailable", "not_supported_sharded",
-                                  "shards_diverged"])
+@pytest.mark.parametrize("code", ["slot_unavailable", "not_supported_sharded", "shards_diverged"])
 def test_the_ingresses_codes_are_problems_the_client_knows(code: str) -> None:
     r = problem_response(code, "why", "/v1/steppers/x/step")
     body = json.loads(bytes(r.body))

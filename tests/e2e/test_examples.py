@@ -17,8 +17,13 @@ EXAMPLE = ROOT / "examples" / "remote_training.py"
 
 
 def run_example(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(EXAMPLE), "--url", url, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "--url", url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_remote_training_example(tmp_path: Path) -> None:

@@ -38,14 +38,20 @@ def test_a_prefix_reaches_the_names_that_begin_with_it(name: str) -> None:
     assert TEAM_A.reaches(name)
 
 
-@pytest.mark.parametrize("name", [
-    "x-team-a-anything",  # the prefix in the middle of the name
-    "xteam-a-net",  # glued to the end of another word
-    "team-b-team-a-net",  # after another team's prefix
-    "net-team-a-",  # at the very end
-    "team-a",  # the prefix without its separator
-    "team-b-net", "Team-a-net", "TEAM-A-NET", "",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x-team-a-anything",  # the prefix in the middle of the name
+        "xteam-a-net",  # glued to the end of another word
+        "team-b-team-a-net",  # after another team's prefix
+        "net-team-a-",  # at the very end
+        "team-a",  # the prefix without its separator
+        "team-b-net",
+        "Team-a-net",
+        "TEAM-A-NET",
+        "",
+    ],
+)
 def test_a_prefix_does_not_reach_names_that_merely_contain_it(name: str) -> None:
     assert not TEAM_A.reaches(name)
 
@@ -56,11 +62,14 @@ def test_no_prefix_reaches_every_name() -> None:
         assert all(p.reaches(n) for n in ("team-a-net", "x-team-a-anything", "net", ""))
 
 
-@pytest.mark.parametrize(("scope", "allowed"), [
-    ("read", {"public", "read"}),
-    ("write", {"public", "read", "write"}),
-    ("admin", {"public", "read", "write", "admin"}),
-])
+@pytest.mark.parametrize(
+    ("scope", "allowed"),
+    [
+        ("read", {"public", "read"}),
+        ("write", {"public", "read", "write"}),
+        ("admin", {"public", "read", "write", "admin"}),
+    ],
+)
 def test_a_scope_includes_exactly_the_ones_below_it(scope: str, allowed: set[str]) -> None:
     p = Principal("p", scope)
     assert {level for level in RANK if p.allows(level)} == allowed
@@ -71,11 +80,13 @@ def _spec(token: str, scope: str, prefix: str | None = None) -> TokenSpec:
 
 
 def test_the_table_finds_each_token_and_nothing_else() -> None:
-    table = TokenTable([
-        (_spec("read-token-0123456789", "read"), "r"),
-        (_spec("team-a-token-0123456789", "write", "team-a-"), "a"),
-        (_spec("admin-token-0123456789", "admin"), "adm"),
-    ])
+    table = TokenTable(
+        [
+            (_spec("read-token-0123456789", "read"), "r"),
+            (_spec("team-a-token-0123456789", "write", "team-a-"), "a"),
+            (_spec("admin-token-0123456789", "admin"), "adm"),
+        ]
+    )
     assert table.enabled and len(table) == 3
     assert table.lookup("read-token-0123456789") == Principal("r", "read")
     # The last entry matches too: the lookup compares every entry and keeps the match.
@@ -83,8 +94,14 @@ def test_the_table_finds_each_token_and_nothing_else() -> None:
     found = table.lookup("team-a-token-0123456789")
     assert found == Principal("a", "write", "team-a-")
     assert found is not None and not found.reaches("x-team-a-anything")
-    for presented in ("read-token-012345678", "read-token-01234567890", "READ-TOKEN-0123456789",
-                      "", "team-a-", "тoken-0123456789abcdef"):  # not even latin-1: None
+    for presented in (
+        "read-token-012345678",
+        "read-token-01234567890",
+        "READ-TOKEN-0123456789",
+        "",
+        "team-a-",
+        "тoken-0123456789abcdef",
+    ):  # not even latin-1: None
         assert table.lookup(presented) is None
     assert not TokenTable().enabled and TokenTable().lookup("anything") is None
 
@@ -95,20 +112,32 @@ TOKEN = "file-token-0123456789"
 SHAPE = '({"token", "scope", "prefix"?, "name"?})'
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("extra.json", {"tokens": [{"token": TOKEN, "scope": "read"}], "x": 1},
-     "expected a 'tokens' list and nothing else; unexpected key(s): x"),
-    ("empty-object.json", {}, "expected a 'tokens' list and nothing else"),
-    ("number.json", {"tokens": 5},
-     f"tokens must be a list of token objects {SHAPE}, not int"),
-    ("none.json", [], "lists no tokens (remove the setting to serve without tokens, on "
-                      "loopback only)"),
-    ("two.json", [{"token": "short", "scope": "owner"}],
-     "tokens[0].token: Value error, a token needs at least 16 characters; "
-     "tokens file {path}: tokens[0].scope: Input should be 'read', 'write' or 'admin'"),
-])
-def test_token_files_say_exactly_what_is_wrong(tmp_path: Path, name: str, content: object,
-                                               message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "extra.json",
+            {"tokens": [{"token": TOKEN, "scope": "read"}], "x": 1},
+            "expected a 'tokens' list and nothing else; unexpected key(s): x",
+        ),
+        ("empty-object.json", {}, "expected a 'tokens' list and nothing else"),
+        ("number.json", {"tokens": 5}, f"tokens must be a list of token objects {SHAPE}, not int"),
+        (
+            "none.json",
+            [],
+            "lists no tokens (remove the setting to serve without tokens, on loopback only)",
+        ),
+        (
+            "two.json",
+            [{"token": "short", "scope": "owner"}],
+            "tokens[0].token: Value error, a token needs at least 16 characters; "
+            "tokens file {path}: tokens[0].scope: Input should be 'read', 'write' or 'admin'",
+        ),
+    ],
+)
+def test_token_files_say_exactly_what_is_wrong(
+    tmp_path: Path, name: str, content: object, message: str
+) -> None:
     path = tmp_path / name
     path.write_text(json.dumps(content))
     with pytest.raises(TokenConfigError) as info:
@@ -121,8 +150,11 @@ def test_unreadable_token_files_say_why(tmp_path: Path) -> None:
     binary.write_bytes(b'[{"token": "caf\xe9-0123456789abcdef", "scope": "read"}]')
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
-    for path, message in [(tmp_path, "is a directory"), (binary, "not UTF-8 text"),
-                          (tmp_path / "gone.json", "no such file")]:
+    for path, message in [
+        (tmp_path, "is a directory"),
+        (binary, "not UTF-8 text"),
+        (tmp_path / "gone.json", "no such file"),
+    ]:
         with pytest.raises(TokenConfigError) as info:
             load_tokens_file(path)
         assert str(info.value) == f"tokens file {path}: {message}"
@@ -137,23 +169,41 @@ def test_the_binding_refusal_and_the_banners_in_full() -> None:
         "refusing to serve on 0.0.0.0 without access tokens: every client that can reach "
         "it would have admin rights. Configure tokens (--tokens-file PATH, "
         "ADAMSCOPE_TOKENS_FILE or ADAMSCOPE_TOKENS), bind to 127.0.0.1, or pass "
-        "--insecure-no-auth (ADAMSCOPE_INSECURE_NO_AUTH=1) to serve without authentication")
+        "--insecure-no-auth (ADAMSCOPE_INSECURE_NO_AUTH=1) to serve without authentication"
+    )
     assert banner(open_host.model_copy(update={"insecure_no_auth": True}), TokenTable()) == (
         "WARNING: no tokens configured and authentication disabled (insecure_no_auth): "
-        "serving on 0.0.0.0, every client has admin rights")
+        "serving on 0.0.0.0, every client has admin rights"
+    )
     assert banner(Settings(device="cpu"), TokenTable()) == (
-        "no tokens configured: serving on loopback only, every client has admin rights")
-    table = TokenTable([(_spec("read-token-0123456789", "read"), "r"),
-                        (_spec("admin-token-0123456789", "admin", "team-a-"), "a"),
-                        (_spec("admin-token-9876543210", "admin"), "b")])
-    assert banner(open_host, table) == ("access control: 3 bearer token(s) configured (2 "
-                                        "admin, 1 read; 1 restricted to a name prefix)")
+        "no tokens configured: serving on loopback only, every client has admin rights"
+    )
+    table = TokenTable(
+        [
+            (_spec("read-token-0123456789", "read"), "r"),
+            (_spec("admin-token-0123456789", "admin", "team-a-"), "a"),
+            (_spec("admin-token-9876543210", "admin"), "b"),
+        ]
+    )
+    assert banner(open_host, table) == (
+        "access control: 3 bearer token(s) configured (2 "
+        "admin, 1 read; 1 restricted to a name prefix)"
+    )
 
 
 def test_a_request_the_middleware_did_not_authenticate_fails_closed() -> None:
-    request = Request({"type": "http", "method": "GET", "path": "/v1/steppers", "headers": [],
-                       "query_string": b""})
+    request = Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/v1/steppers",
+            "headers": [],
+            "query_string": b"",
+        }
+    )
     with pytest.raises(RuntimeError) as info:
         principal(request)
-    assert str(info.value) == ("/v1/steppers was not authenticated: the access middleware is "
-                               "not installed or thinks the path is public")
+    assert str(info.value) == (
+        "/v1/steppers was not authenticated: the access middleware is "
+        "not installed or thinks the path is public"
+    )

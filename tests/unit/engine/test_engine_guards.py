@@ -48,10 +48,15 @@ def test_contributions_step_with_their_mean_in_worker_order_bit_for_bit() -> Non
     """Three workers; 'b' only from workers 0 and 2, 's' from none. Arrival order 2, 0, 1."""
     stepper, optimizer, local = make("adam", foreach=False)
     for k in range(2):
-        g = {n: [grad_for(p, 10 * k + w, i) for w in range(3)]
-             for i, (n, p) in enumerate(local.items())}
-        sent = {0: {"w": g["w"][0], "b": g["b"][0]}, 1: {"w": g["w"][1]},
-                2: {"w": g["w"][2], "b": g["b"][2]}}
+        g = {
+            n: [grad_for(p, 10 * k + w, i) for w in range(3)]
+            for i, (n, p) in enumerate(local.items())
+        }
+        sent = {
+            0: {"w": g["w"][0], "b": g["b"][0]},
+            1: {"w": g["w"][1]},
+            2: {"w": g["w"][2], "b": g["b"][2]},
+        }
         assert stepper.contribute(2, 3, sent[2]) is None
         assert stepper.contribute(0, 3, sent[0]) is None
         assert stepper.pending_contributions() == [0, 2]
@@ -90,8 +95,7 @@ def test_contributor_and_worker_bounds() -> None:
     assert stepper.pending_contributions() == [top - 1]
     with pytest.raises(StepConflict) as conflict:
         stepper.contribute(0, 2, g)
-    assert ("the pending step of 's' collects 1024 contributions, not 2"
-            in conflict.value.detail)
+    assert "the pending step of 's' collects 1024 contributions, not 2" in conflict.value.detail
     assert conflict.value.extra == {"current_step": 0}
     with pytest.raises(StepConflict) as again:
         stepper.contribute(top - 1, top, g)
@@ -115,29 +119,39 @@ def test_commit_applies_what_arrived_and_needs_something_pending() -> None:
 
 BAD: list[tuple[str, Callable[[Stepper], Any], type[EngineError], str]] = [
     ("gradient-shape", lambda s: s.step({"b": torch.ones(5)}), ShapeMismatch, "b"),
-    ("gradient-dtype", lambda s: s.step({"b": torch.ones(4, dtype=torch.float64)}),
-     DtypeMismatch, "b"),
+    (
+        "gradient-dtype",
+        lambda s: s.step({"b": torch.ones(4, dtype=torch.float64)}),
+        DtypeMismatch,
+        "b",
+    ),
     ("unknown", lambda s: s.step({"zz": torch.ones(4)}), UnknownParameter, "zz"),
-    ("state-key", lambda s: s.put_state({"w": {"momentum": torch.ones(3, 4)}}), InvalidState,
-     "w"),
-    ("state-shape", lambda s: s.put_state({"b": {"exp_avg": torch.ones(5)}}), ShapeMismatch,
-     "b"),
-    ("state-dtype", lambda s: s.put_state({"b": {"exp_avg": torch.ones(4, dtype=torch.int64)}}),
-     DtypeMismatch, "b"),
+    ("state-key", lambda s: s.put_state({"w": {"momentum": torch.ones(3, 4)}}), InvalidState, "w"),
+    ("state-shape", lambda s: s.put_state({"b": {"exp_avg": torch.ones(5)}}), ShapeMismatch, "b"),
+    (
+        "state-dtype",
+        lambda s: s.put_state({"b": {"exp_avg": torch.ones(4, dtype=torch.int64)}}),
+        DtypeMismatch,
+        "b",
+    ),
     ("step-shape", lambda s: s.put_state({"s": {"step": torch.ones(2)}}), ShapeMismatch, "s"),
-    ("step-dtype", lambda s: s.put_state({"s": {"step": torch.tensor(True)}}), DtypeMismatch,
-     "s"),
-    ("step-value", lambda s: s.put_state({"s": {"step": torch.tensor(-1.0)}}), InvalidState,
-     "s"),
-    ("incomplete", lambda s: s.put_state({"b": {"exp_avg": torch.ones(4)}}, replace=True),
-     InvalidState, "b"),
+    ("step-dtype", lambda s: s.put_state({"s": {"step": torch.tensor(True)}}), DtypeMismatch, "s"),
+    ("step-value", lambda s: s.put_state({"s": {"step": torch.tensor(-1.0)}}), InvalidState, "s"),
+    (
+        "incomplete",
+        lambda s: s.put_state({"b": {"exp_avg": torch.ones(4)}}, replace=True),
+        InvalidState,
+        "b",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("call", "error", "parameter"), [b[1:] for b in BAD],
-                         ids=[b[0] for b in BAD])
-def test_every_refusal_names_its_parameter(call: Callable[[Stepper], Any],
-                                           error: type[EngineError], parameter: str) -> None:
+@pytest.mark.parametrize(
+    ("call", "error", "parameter"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_every_refusal_names_its_parameter(
+    call: Callable[[Stepper], Any], error: type[EngineError], parameter: str
+) -> None:
     stepper = stepped(make("adam")[0])
     with pytest.raises(error) as info:
         call(stepper)
@@ -157,13 +171,16 @@ def test_a_parameter_without_state_does_not_end_the_completeness_check() -> None
         stepper.set_hyperparameters({"amsgrad": True})
     assert info.value.detail == (
         "state of 'b' would lack max_exp_avg_sq (amsgrad=True needs max_exp_avg_sq); send "
-        "the complete state for a parameter that has none yet")
+        "the complete state for a parameter that has none yet"
+    )
     assert info.value.extra == {"parameter": "b"}
     assert snapshot(stepper) == before
     with pytest.raises(InvalidState) as other:  # not about amsgrad: no hint in parentheses
         stepper.put_state({"w": {"exp_avg": torch.ones(3, 4)}})
-    assert other.value.detail == ("state of 'w' would lack step, exp_avg_sq; send the "
-                                  "complete state for a parameter that has none yet")
+    assert other.value.detail == (
+        "state of 'w' would lack step, exp_avg_sq; send the "
+        "complete state for a parameter that has none yet"
+    )
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])
@@ -239,24 +256,50 @@ def test_bias_correction_skips_a_parameter_that_never_stepped() -> None:
 
 
 def test_the_summary_describes_every_parameter_group_and_byte() -> None:
-    stepper = Stepper("s", "adamw", CPU, [("w", torch.ones(2, 3)), ("h", torch.ones(4).to(
-        torch.bfloat16))], {"lr": 0.01, "foreach": False},
-        [GroupDef(["h"], {"amsgrad": True, "lr": 0.5}), GroupDef(["w"])])
+    stepper = Stepper(
+        "s",
+        "adamw",
+        CPU,
+        [("w", torch.ones(2, 3)), ("h", torch.ones(4).to(torch.bfloat16))],
+        {"lr": 0.01, "foreach": False},
+        [GroupDef(["h"], {"amsgrad": True, "lr": 0.5}), GroupDef(["w"])],
+    )
     stepper.step({"h": torch.ones(4, dtype=torch.bfloat16)})
     s = stepper.summary()
     assert {k: s[k] for k in ("name", "optimizer", "device", "step", "numel")} == {
-        "name": "s", "optimizer": "adamw", "device": "cpu", "step": 1, "numel": 10}
+        "name": "s",
+        "optimizer": "adamw",
+        "device": "cpu",
+        "step": 1,
+        "numel": 10,
+    }
     # params: 6 x 4 bytes + 4 x 2; h's state: step (4) + 3 moments of 4 x 2
     assert s["state_bytes"] == 24 + 8 + 4 + 3 * 8
     assert s["params"] == [
-        {"name": "w", "shape": [2, 3], "dtype": "float32", "numel": 6, "group": 1,
-         "step": None, "state": []},
-        {"name": "h", "shape": [4], "dtype": "bfloat16", "numel": 4, "group": 0,
-         "step": 1.0, "state": ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]},
+        {
+            "name": "w",
+            "shape": [2, 3],
+            "dtype": "float32",
+            "numel": 6,
+            "group": 1,
+            "step": None,
+            "state": [],
+        },
+        {
+            "name": "h",
+            "shape": [4],
+            "dtype": "bfloat16",
+            "numel": 4,
+            "group": 0,
+            "step": 1.0,
+            "state": ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+        },
     ]
     groups = s["groups"]
     assert [(g["index"], g["params"], g["lr"], g["amsgrad"]) for g in groups] == [
-        (0, ["h"], 0.5, True), (1, ["w"], 0.01, False)]
+        (0, ["h"], 0.5, True),
+        (1, ["w"], 0.01, False),
+    ]
     assert all(set(g) == {"index", "params", *OPTION_NAMES} for g in groups)
     assert all(isinstance(g["lr"], float) and g["betas"] == (0.9, 0.999) for g in groups)
     assert all(g["decoupled_weight_decay"] is True for g in groups)
@@ -306,8 +349,12 @@ def test_observers_see_the_engine_time_of_their_step(deferred: bool) -> None:
     assert len(clock.seen) == 1 and 0.0 <= clock.seen[0] <= wall
     stepper.step({"w": torch.ones(3, 4), "s": torch.ones(())})
     stepper.settle()
-    assert clock.calls == [("before", 1, ["b"]), ("after", 1, ["b"]),
-                           ("before", 2, ["s", "w"]), ("after", 2, ["s", "w"])]
+    assert clock.calls == [
+        ("before", 1, ["b"]),
+        ("after", 1, ["b"]),
+        ("before", 2, ["s", "w"]),
+        ("after", 2, ["s", "w"]),
+    ]
 
 
 def test_a_step_returns_parameters_only_when_asked() -> None:
@@ -372,7 +419,8 @@ def test_a_failing_observer_is_logged_and_never_breaks_the_step(
         assert stepper.step({"b": grad_for(local["b"], 0, 1)}).step == 1
     assert [r.getMessage() for r in caplog.records] == [
         "step observer <broken> failed in before_step",
-        "step observer <broken> failed in after_step"]
+        "step observer <broken> failed in after_step",
+    ]
     assert all(r.exc_info is not None for r in caplog.records)
     assert len(clock.seen) == 1
     local["b"].grad = grad_for(local["b"], 0, 1)
@@ -383,12 +431,21 @@ def test_a_failing_observer_is_logged_and_never_breaks_the_step(
 # ---------------------------------------------------------------------- options at creation
 
 
-@pytest.mark.parametrize(("params", "hyper", "message"), [
-    ([("a", torch.ones(2))], {"capturable": True},
-     "If capturable=True, params and state_steps must be on supported devices"),
-    ([("c", torch.ones(2, dtype=torch.complex64))], {"fused": True},
-     "`fused=True` requires all the params to be floating point Tensors"),
-])
+@pytest.mark.parametrize(
+    ("params", "hyper", "message"),
+    [
+        (
+            [("a", torch.ones(2))],
+            {"capturable": True},
+            "If capturable=True, params and state_steps must be on supported devices",
+        ),
+        (
+            [("c", torch.ones(2, dtype=torch.complex64))],
+            {"fused": True},
+            "`fused=True` requires all the params to be floating point Tensors",
+        ),
+    ],
+)
 def test_options_pytorch_refuses_only_when_stepping_are_refused_at_creation(
     params: list[tuple[str, torch.Tensor]], hyper: dict[str, Any], message: str
 ) -> None:
@@ -398,13 +455,23 @@ def test_options_pytorch_refuses_only_when_stepping_are_refused_at_creation(
     assert info.value.detail.startswith(message)
 
 
-@pytest.mark.parametrize(("kind", "hyper", "message"), [
-    ("adam", {"momentum": 0.9, "nesterov": True}, "unknown option(s): momentum, nesterov"),
-    ("adam", {"differentiable": True}, "differentiable=True is not supported by a remote "
-                                       "optimizer: an autograd graph cannot cross the network"),
-    ("adamw", {"decoupled_weight_decay": False},
-     "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay"),
-])
+@pytest.mark.parametrize(
+    ("kind", "hyper", "message"),
+    [
+        ("adam", {"momentum": 0.9, "nesterov": True}, "unknown option(s): momentum, nesterov"),
+        (
+            "adam",
+            {"differentiable": True},
+            "differentiable=True is not supported by a remote "
+            "optimizer: an autograd graph cannot cross the network",
+        ),
+        (
+            "adamw",
+            {"decoupled_weight_decay": False},
+            "AdamW always decouples weight decay; use optimizer 'adam' for L2 decay",
+        ),
+    ],
+)
 def test_options_of_our_own_are_refused_with_exact_messages(
     kind: str, hyper: dict[str, Any], message: str
 ) -> None:
@@ -414,10 +481,12 @@ def test_options_of_our_own_are_refused_with_exact_messages(
 
 
 def test_an_empty_param_group_is_accepted_as_pytorch_does() -> None:
-    stepper = Stepper("s", "adamw", CPU, [("a", torch.ones(2))], {},
-                      [GroupDef(["a"]), GroupDef([], {"lr": 0.5})])
-    local = torch.optim.AdamW([{"params": [torch.ones(2, requires_grad=True)]},
-                               {"params": [], "lr": 0.5}])
+    stepper = Stepper(
+        "s", "adamw", CPU, [("a", torch.ones(2))], {}, [GroupDef(["a"]), GroupDef([], {"lr": 0.5})]
+    )
+    local = torch.optim.AdamW(
+        [{"params": [torch.ones(2, requires_grad=True)]}, {"params": [], "lr": 0.5}]
+    )
     groups = stepper.summary()["groups"]
     assert [g["params"] for g in groups] == [["a"], []] and groups[1]["lr"] == 0.5
     for ours, theirs in zip(stepper.optimizer.param_groups, local.param_groups, strict=True):
@@ -426,11 +495,15 @@ def test_an_empty_param_group_is_accepted_as_pytorch_does() -> None:
 
 def test_device_names_are_resolved_or_refused_with_a_reason() -> None:
     assert resolve_device(None, "cpu") == CPU and resolve_device("cpu:0", "cuda") == CPU
-    cases = [("meta", "device type 'meta' is not supported (use cpu or cuda)"),
-             ("gpu", "invalid device 'gpu': ")]
+    cases = [
+        ("meta", "device type 'meta' is not supported (use cpu or cuda)"),
+        ("gpu", "invalid device 'gpu': "),
+    ]
     if not torch.cuda.is_available():
-        cases += [("cuda", "device 'cuda' requested but CUDA is not available here"),
-                  ("cuda:1", "device 'cuda:1' requested but CUDA is not available here")]
+        cases += [
+            ("cuda", "device 'cuda' requested but CUDA is not available here"),
+            ("cuda:1", "device 'cuda:1' requested but CUDA is not available here"),
+        ]
     else:
         n = torch.cuda.device_count()
         assert resolve_device("cuda", "cpu") == torch.device("cuda", torch.cuda.current_device())
@@ -445,8 +518,10 @@ def test_device_names_are_resolved_or_refused_with_a_reason() -> None:
 def test_unknown_option_changes_are_all_named() -> None:
     stepper = stepped(make("adam")[0])
     before = snapshot(stepper)
-    for call in (lambda: stepper.set_hyperparameters({"nesterov": True, "momentum": 0.9}),
-                 lambda: stepper.step({"b": torch.ones(4)}, [{"momentum": 1, "dampening": 0}])):
+    for call in (
+        lambda: stepper.set_hyperparameters({"nesterov": True, "momentum": 0.9}),
+        lambda: stepper.step({"b": torch.ones(4)}, [{"momentum": 1, "dampening": 0}]),
+    ):
         with pytest.raises(InvalidHyperparameter) as info:
             call()
         assert info.value.detail.startswith("unknown option(s): ")

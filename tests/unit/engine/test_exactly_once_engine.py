@@ -31,7 +31,10 @@ def fresh() -> Stepper:
 def same_outcome(replay: StepOutcome, original: StepOutcome) -> None:
     assert replay.replayed and not original.replayed
     assert (replay.step, replay.stepped, replay.skipped) == (
-        original.step, original.stepped, original.skipped)
+        original.step,
+        original.stepped,
+        original.skipped,
+    )
 
 
 # ---------------------------------------------------------------------- idempotency keys
@@ -155,14 +158,15 @@ def test_a_stale_or_future_expected_step_is_refused_and_changes_nothing(expected
     for k in range(2):
         stepper.step(grads(stepper, k))
     before = snapshot(stepper)
-    for call in (lambda: stepper.step(grads(stepper, 5), expected_step=expected),
-                 lambda: stepper.step(grads(stepper, 5), key="k", expected_step=expected),
-                 lambda: stepper.contribute(0, 2, grads(stepper, 5), expected_step=expected)):
+    for call in (
+        lambda: stepper.step(grads(stepper, 5), expected_step=expected),
+        lambda: stepper.step(grads(stepper, 5), key="k", expected_step=expected),
+        lambda: stepper.contribute(0, 2, grads(stepper, 5), expected_step=expected),
+    ):
         with pytest.raises(StepConflict) as info:
             call()
         assert info.value.extra["current_step"] == 2
-        assert (f"built on step {expected}, but stepper 's' is at step 2"
-                in info.value.detail)
+        assert f"built on step {expected}, but stepper 's' is at step 2" in info.value.detail
         assert snapshot(stepper) == before
     assert stepper.pending_contributions() == []
 

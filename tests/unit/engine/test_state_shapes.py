@@ -24,8 +24,11 @@ from adamscope.service.inspect.dryrun import dry_run
 
 #: Same element count, other shape, for each parameter of test_engine.PARAMS
 #: (w: [3, 4], b: [4], s: []).
-WRONG = {"w": [(12,), (4, 3), (2, 6), (1, 3, 4)], "b": [(1, 4), (4, 1), (2, 2)],
-         "s": [(1,), (1, 1)]}
+WRONG = {
+    "w": [(12,), (4, 3), (2, 6), (1, 3, 4)],
+    "b": [(1, 4), (4, 1), (2, 2)],
+    "s": [(1,), (1, 1)],
+}
 CASES = [(n, shape) for n, shapes in WRONG.items() for shape in shapes]
 IDS = [f"{n}-{list(shape)}" for n, shape in CASES]
 
@@ -35,8 +38,9 @@ def fresh(amsgrad: bool = True) -> Stepper:
     return stepped(make("adam", foreach=False, amsgrad=amsgrad)[0])
 
 
-def refused(stepper: Stepper, call: Callable[[], Any], error: type[EngineError],
-            *fragments: str) -> None:
+def refused(
+    stepper: Stepper, call: Callable[[], Any], error: type[EngineError], *fragments: str
+) -> None:
     before = snapshot(stepper)
     with pytest.raises(error) as info:
         call()
@@ -59,8 +63,12 @@ def full_state(stepper: Stepper) -> dict[str, dict[str, torch.Tensor]]:
 def test_put_state_single_tensor(name: str, shape: tuple[int, ...], key: str) -> None:
     stepper = fresh()
     bad = reshaped(full_state(stepper)[name][key], shape)
-    refused(stepper, lambda: stepper.put_state({name: {key: bad}}), ShapeMismatch,
-            f"{key} for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: stepper.put_state({name: {key: bad}}),
+        ShapeMismatch,
+        f"{key} for {name!r} has shape {list(shape)}",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
@@ -71,8 +79,12 @@ def test_put_state_full_load(name: str, shape: tuple[int, ...]) -> None:
     state = full_state(stepper)
     state[name]["exp_avg_sq"] = reshaped(state[name]["exp_avg_sq"], shape)
     groups = [{"lr": 0.5}]  # options ride along: they must not be applied either
-    refused(stepper, lambda: stepper.put_state(state, groups, replace=True), ShapeMismatch,
-            f"exp_avg_sq for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: stepper.put_state(state, groups, replace=True),
+        ShapeMismatch,
+        f"exp_avg_sq for {name!r} has shape {list(shape)}",
+    )
 
 
 def test_put_state_full_load_from_a_local_torch_state_dict() -> None:
@@ -86,21 +98,30 @@ def test_put_state_full_load_from_a_local_torch_state_dict() -> None:
         optimizer.step()
     sd = optimizer.state_dict()
     sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].reshape(4, 3)
-    twin = torch.optim.Adam([torch.zeros(3, 4, requires_grad=True), torch.zeros(4),
-                             torch.zeros(())], foreach=False)
+    twin = torch.optim.Adam(
+        [torch.zeros(3, 4, requires_grad=True), torch.zeros(4), torch.zeros(())], foreach=False
+    )
     twin.load_state_dict(sd)  # PyTorch accepts it
     names = list(local)
     state = {names[i]: dict(s) for i, s in sd["state"].items()}
-    refused(stepper, lambda: stepper.put_state(state, replace=True), ShapeMismatch,
-            "exp_avg for 'w' has shape [4, 3], parameter has [3, 4]")
+    refused(
+        stepper,
+        lambda: stepper.put_state(state, replace=True),
+        ShapeMismatch,
+        "exp_avg for 'w' has shape [4, 3], parameter has [3, 4]",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
 def test_put_params(name: str, shape: tuple[int, ...]) -> None:
     stepper = fresh()
     value = reshaped(stepper.get_params()[1][name] + 1, shape)
-    refused(stepper, lambda: stepper.put_params({name: value}), ShapeMismatch,
-            f"value for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: stepper.put_params({name: value}),
+        ShapeMismatch,
+        f"value for {name!r} has shape {list(shape)}",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
@@ -109,10 +130,18 @@ def test_step_gradients(name: str, shape: tuple[int, ...]) -> None:
     _, params = stepper.get_params()
     grads = {n: torch.ones_like(p) for n, p in params.items()}
     grads[name] = grads[name].reshape(shape)
-    refused(stepper, lambda: stepper.step(grads, key="k1"), ShapeMismatch,
-            f"gradient for {name!r} has shape {list(shape)}")
-    refused(stepper, lambda: stepper.check_gradient(name, list(shape), torch.float32),
-            ShapeMismatch, f"gradient for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: stepper.step(grads, key="k1"),
+        ShapeMismatch,
+        f"gradient for {name!r} has shape {list(shape)}",
+    )
+    refused(
+        stepper,
+        lambda: stepper.check_gradient(name, list(shape), torch.float32),
+        ShapeMismatch,
+        f"gradient for {name!r} has shape {list(shape)}",
+    )
     # The refused step spent nothing: the same key applies a good step afterwards.
     grads[name] = torch.ones_like(params[name])
     assert not stepper.step(grads, key="k1").replayed
@@ -122,8 +151,12 @@ def test_step_gradients(name: str, shape: tuple[int, ...]) -> None:
 def test_contributed_gradients(name: str, shape: tuple[int, ...]) -> None:
     stepper = fresh()
     g = torch.ones(()).expand(shape).clone()
-    refused(stepper, lambda: stepper.contribute(0, 2, {name: g}), ShapeMismatch,
-            f"gradient for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: stepper.contribute(0, 2, {name: g}),
+        ShapeMismatch,
+        f"gradient for {name!r} has shape {list(shape)}",
+    )
     assert stepper.pending_contributions() == []
 
 
@@ -131,8 +164,12 @@ def test_contributed_gradients(name: str, shape: tuple[int, ...]) -> None:
 def test_dry_run_gradients(name: str, shape: tuple[int, ...]) -> None:
     stepper = fresh()
     g = torch.ones(()).expand(shape).clone()
-    refused(stepper, lambda: dry_run(stepper, {name: g}), ShapeMismatch,
-            f"gradient for {name!r} has shape {list(shape)}")
+    refused(
+        stepper,
+        lambda: dry_run(stepper, {name: g}),
+        ShapeMismatch,
+        f"gradient for {name!r} has shape {list(shape)}",
+    )
 
 
 def tampered(stepper: Stepper, tensor: str, shape: tuple[int, ...]) -> ckpt.Checkpoint:
@@ -152,8 +189,12 @@ def test_checkpoint_import_state(name: str, shape: tuple[int, ...], key: str) ->
         ckpt.build(bad, torch.device("cpu"))
     target = fresh()
     stepped(target, 1)
-    refused(target, lambda: ckpt.load_into(target, bad), InvalidCheckpoint,
-            f"{key} for {name!r} has shape {list(shape)}")
+    refused(
+        target,
+        lambda: ckpt.load_into(target, bad),
+        InvalidCheckpoint,
+        f"{key} for {name!r} has shape {list(shape)}",
+    )
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
@@ -162,8 +203,15 @@ def test_checkpoint_rollback_param(name: str, shape: tuple[int, ...]) -> None:
     importing it builds a stepper of that shape, whose state then no longer fits)."""
     stepper = fresh()
     bad = tampered(stepper, f"param/{name}", shape)
-    refused(stepper, lambda: ckpt.load_into(stepper, bad), InvalidCheckpoint,
-            f"parameter {name!r} is float32{list(shape)}, stepper has float32")
-    with pytest.raises(InvalidCheckpoint, match=rf"for '{name}' has shape .*, parameter has "
-                                                rf"{list(shape)}".replace("[", r"\[")):
+    refused(
+        stepper,
+        lambda: ckpt.load_into(stepper, bad),
+        InvalidCheckpoint,
+        f"parameter {name!r} is float32{list(shape)}, stepper has float32",
+    )
+    with pytest.raises(
+        InvalidCheckpoint,
+        match=rf"for '{name}' has shape .*, parameter has "
+        rf"{list(shape)}".replace("[", r"\["),
+    ):
         ckpt.build(bad, torch.device("cpu"))

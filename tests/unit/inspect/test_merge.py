@@ -19,14 +19,15 @@ from adamscope.service.inspect.summary import summarize_chunk
 
 PARAMS = {"w": ((40, 7), 1), "b": ((13,), 2)}
 #: Combined exactly from the parts' values (up to float32 sample arithmetic).
-EXACT = [s for s, rule in COMBINE.items() if rule in ("norm", "sum", "ratio")] + [
-    "exp_avg_sq_mean"]
+EXACT = [s for s, rule in COMBINE.items() if rule in ("norm", "sum", "ratio")] + ["exp_avg_sq_mean"]
 
 
 def stepped(names: list[str]) -> Stepper:
     params = [(n, randn(PARAMS[n][0], PARAMS[n][1])) for n in names]
-    s = registered("-".join(names), lambda: Stepper("-".join(names), "adam", CPU, params,
-                                                    {"lr": 0.01, "foreach": False}))
+    s = registered(
+        "-".join(names),
+        lambda: Stepper("-".join(names), "adam", CPU, params, {"lr": 0.01, "foreach": False}),
+    )
     for k in range(2):
         s.step({n: randn(PARAMS[n][0], 10 * k + PARAMS[n][1] + 5) for n in names})
     return s
@@ -39,8 +40,7 @@ def test_combined_parts_equal_the_whole() -> None:
     got = combine_signals(parts, weights)
     assert set(got) == set(whole)
     for signal in EXACT:
-        assert close(got[signal], whole[signal], rel=REL), (signal, got[signal],
-                                                             whole[signal])
+        assert close(got[signal], whole[signal], rel=REL), (signal, got[signal], whole[signal])
     # The tails are bounds of the whole's, as the rule says.
     assert got["lr_eff_p1"] <= whole["lr_eff_p1"] and got["lr_eff_p99"] >= whole["lr_eff_p99"]
 

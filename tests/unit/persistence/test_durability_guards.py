@@ -33,8 +33,13 @@ CPU = torch.device("cpu")
 
 
 def make(name: str = "run", params: tuple[str, ...] = ("w", "b")) -> Stepper:
-    return Stepper(name, "adam", CPU, [(n, torch.ones(2, 3) * (i + 1))
-                                      for i, n in enumerate(params)], {"lr": 0.1})
+    return Stepper(
+        name,
+        "adam",
+        CPU,
+        [(n, torch.ones(2, 3) * (i + 1)) for i, n in enumerate(params)],
+        {"lr": 0.1},
+    )
 
 
 def on_disk(p: Persistence, name: str) -> dict[str, Any]:
@@ -87,14 +92,32 @@ def test_a_roll_back_drops_state_the_snapshot_did_not_have() -> None:
     assert stepper.updated_at > saved.header["updated_at"]
 
 
-@pytest.mark.parametrize(("other", "problem"), [
-    (lambda: make("run", ("b", "w")),
-     "different parameter names or order; different param groups"),
-    (lambda: Stepper("run", "adam", CPU, [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))],
-                     {}, [GroupDef(["w"]), GroupDef(["b"])]), "different param groups"),
-    (lambda: Stepper("run", "adamw", CPU, [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))],
-                     {}), "optimizer 'adam' vs 'adamw'"),
-])
+@pytest.mark.parametrize(
+    ("other", "problem"),
+    [
+        (
+            lambda: make("run", ("b", "w")),
+            "different parameter names or order; different param groups",
+        ),
+        (
+            lambda: Stepper(
+                "run",
+                "adam",
+                CPU,
+                [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))],
+                {},
+                [GroupDef(["w"]), GroupDef(["b"])],
+            ),
+            "different param groups",
+        ),
+        (
+            lambda: Stepper(
+                "run", "adamw", CPU, [("w", torch.ones(2, 3)), ("b", torch.ones(2, 3))], {}
+            ),
+            "optimizer 'adam' vs 'adamw'",
+        ),
+    ],
+)
 def test_a_roll_back_names_what_does_not_fit(other: Any, problem: str) -> None:
     saved = ckpt.decode(ckpt.encode(make()).data)
     with pytest.raises(InvalidCheckpoint) as info:
@@ -107,7 +130,7 @@ def _prefix_reader(data: bytes) -> Any:
 
     def read(n: int) -> bytes:
         nonlocal pos
-        chunk = data[pos:pos + n] if n >= 0 else data[pos:]
+        chunk = data[pos : pos + n] if n >= 0 else data[pos:]
         pos += len(chunk)
         return chunk
 
@@ -121,7 +144,7 @@ def test_header_from_prefix_checks_every_field(monkeypatch: pytest.MonkeyPatch) 
     cases = [
         (b"\x01\x02", "file too short for a safetensors header"),
         (struct.pack("<Q", 2**64 - 1), f"safetensors header of {2**64 - 1} bytes is too large"),
-        (good[:8 + n - 1], "file ends inside its safetensors header"),
+        (good[: 8 + n - 1], "file ends inside its safetensors header"),
         (struct.pack("<Q", 4) + b"[1] ", "safetensors header must be a JSON object"),
         (struct.pack("<Q", 4) + b"{}  ", "safetensors __metadata__ must map strings to strings"),
         (struct.pack("<Q", 2) + b"\xff\xfe", "safetensors header is not valid JSON"),
@@ -145,7 +168,8 @@ def test_a_state_tensor_name_lists_the_keys_it_may_end_with() -> None:
         ckpt.decode(codec.encode(tensors, meta))
     assert info.value.detail == (
         "checkpoint tensor 'state/w/momentum' is not 'state/<parameter>/<key>' with key one "
-        "of step, exp_avg, exp_avg_sq, max_exp_avg_sq")
+        "of step, exp_avg, exp_avg_sq, max_exp_avg_sq"
+    )
 
 
 # ---------------------------------------------------------------------- persistence
@@ -174,8 +198,9 @@ def test_restoring_logs_an_unusable_device_and_policy(
     tensors, meta = codec.decode(data)
     header = json.loads(meta[META_CHECKPOINT])
     header["device"] = "cuda:99"
-    store.write_checkpoint("odd", codec.encode(tensors, {**meta,
-                                                         META_CHECKPOINT: json.dumps(header)}))
+    store.write_checkpoint(
+        "odd", codec.encode(tensors, {**meta, META_CHECKPOINT: json.dumps(header)})
+    )
     p = Persistence(tmp_path, Registry(), "cpu", Durability(mode="manual"))
     with caplog.at_level(logging.WARNING, logger="adamscope.persistence"):
         p.restore_all()
@@ -183,12 +208,14 @@ def test_restoring_logs_an_unusable_device_and_policy(
     assert p.describe(p.registry.get("odd"))["durability"]["mode"] == "manual"
     messages = [r.getMessage() for r in caplog.records]
     assert "device cuda:99 is not available here; restoring on cpu" in messages
-    assert ("checkpoint of 'odd' has an invalid durability policy {'mode': 'every_n'}; "
-            "using manual") in messages
+    assert (
+        "checkpoint of 'odd' has an invalid durability policy {'mode': 'every_n'}; using manual"
+    ) in messages
 
 
-@pytest.mark.parametrize("policy", [Durability(mode="every_n", n=100),
-                                    Durability(mode="interval", seconds=3600)])
+@pytest.mark.parametrize(
+    "policy", [Durability(mode="every_n", n=100), Durability(mode="interval", seconds=3600)]
+)
 def test_a_restored_snapshot_is_written_whatever_the_policy(
     persistence: Persistence, policy: Durability
 ) -> None:
@@ -216,9 +243,14 @@ def test_snapshots_are_listed_by_time_with_unreadable_ones_last(
     listed = persistence.list_snapshots(s)
     assert [x["name"] for x in listed] == ["zz-first", "aa-second", "bb-broken"]
     broken = listed[-1]
-    assert broken == {"name": "bb-broken", "stepper": "run", "size": 0,
-                      "error": "file too short for a safetensors header", "step": None,
-                      "created_at": None}
+    assert broken == {
+        "name": "bb-broken",
+        "stepper": "run",
+        "size": 0,
+        "error": "file too short for a safetensors header",
+        "step": None,
+        "created_at": None,
+    }
     assert listed[0]["size"] == (snaps / "zz-first.safetensors").stat().st_size
 
 
@@ -226,8 +258,10 @@ def test_missing_snapshots_and_steppers_name_what_is_missing(
     persistence: Persistence,
 ) -> None:
     s = persistence.create("run", make)
-    for call in (lambda: persistence.open_snapshot(s, "nope"),
-                 lambda: persistence.delete_snapshot(s, "nope")):
+    for call in (
+        lambda: persistence.open_snapshot(s, "nope"),
+        lambda: persistence.delete_snapshot(s, "nope"),
+    ):
         with pytest.raises(SnapshotNotFound) as info:
             call()
         assert info.value.extra == {"stepper": "run", "snapshot": "nope"}
@@ -237,8 +271,9 @@ def test_missing_snapshots_and_steppers_name_what_is_missing(
     assert gone.value.extra == {"stepper": "nope"}
 
 
-def test_a_failed_removal_names_the_stepper(persistence: Persistence,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_removal_names_the_stepper(
+    persistence: Persistence, monkeypatch: pytest.MonkeyPatch
+) -> None:
     persistence.create("run", make)
 
     def refuse(name: str) -> None:
@@ -311,22 +346,24 @@ def test_a_failed_write_is_reported_and_logged(
     d.rmdir()
     d.write_bytes(b"a file where the stepper's directory belongs")
     s.step({"w": torch.ones(2, 3)})
-    with caplog.at_level(logging.ERROR, logger="adamscope.persistence"), \
-            pytest.raises(PersistenceFailed) as info:
+    with (
+        caplog.at_level(logging.ERROR, logger="adamscope.persistence"),
+        pytest.raises(PersistenceFailed) as info,
+    ):
         persistence.checkpoint(s)
     assert info.value.detail == (
         "the change to 'run' was applied in memory but could not be written to the data "
-        "directory: File exists; it is written with the next change")
+        "directory: File exists; it is written with the next change"
+    )
     assert info.value.extra == {"stepper": "run"}
     assert [r.getMessage() for r in caplog.records] == [
-        f"could not write the checkpoint of 'run': [Errno 17] File exists: '{d}'"]
+        f"could not write the checkpoint of 'run': [Errno 17] File exists: '{d}'"
+    ]
     assert persistence.describe(s)["dirty"] is True
 
 
-def test_restoring_reports_what_it_found(tmp_path: Path,
-                                         caplog: pytest.LogCaptureFixture) -> None:
-    first = Persistence(tmp_path, Registry(), "cpu",
-                        Durability(mode="interval", seconds=3600))
+def test_restoring_reports_what_it_found(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = Persistence(tmp_path, Registry(), "cpu", Durability(mode="interval", seconds=3600))
     first.restore_all()
     for name in ("good", "refused"):
         first.create(name, lambda n=name: make(n))  # type: ignore[misc]
@@ -346,11 +383,15 @@ def test_restoring_reports_what_it_found(tmp_path: Path,
     path = second.store.checkpoint_path("refused")
     assert [r.getMessage() for r in caplog.records] == [
         f"could not restore stepper 'refused' from {path}: RuntimeError: over the limit",
-        f"restored 1 stepper(s) from {second.store.root}; 1 failed: ['refused']"]
+        f"restored 1 stepper(s) from {second.store.root}; 1 failed: ['refused']",
+    ]
     good = registry.get("good")
     assert second.describe(good) == {
         "durability": {"mode": "interval", "n": None, "seconds": 3600.0},
-        "persisted_step": 0, "persisted_at": saved_at, "dirty": False}
+        "persisted_step": 0,
+        "persisted_at": saved_at,
+        "dirty": False,
+    }
     good.step({"w": torch.ones(2, 3)})
     assert not second.due(good, "change")  # just restored: its hour has not passed
     with pytest.raises(StepperExists) as info:
@@ -368,10 +409,17 @@ def test_writes_happen_only_when_something_is_unwritten(persistence: Persistence
     assert path.stat().st_ino != before  # forced: written again
 
 
-def test_flush_all_counts_and_logs(persistence: Persistence,
-                                   caplog: pytest.LogCaptureFixture) -> None:
-    steppers = [persistence.create(n, lambda n=n: make(n),  # type: ignore[misc]
-                                   Durability(mode="every_n", n=100)) for n in "abc"]
+def test_flush_all_counts_and_logs(
+    persistence: Persistence, caplog: pytest.LogCaptureFixture
+) -> None:
+    steppers = [
+        persistence.create(
+            n,
+            lambda n=n: make(n),  # type: ignore[misc]
+            Durability(mode="every_n", n=100),
+        )
+        for n in "abc"
+    ]
     for s in steppers:
         s.step({"w": torch.ones(2, 3)})
     c = persistence.store.stepper_dir("c")
@@ -383,7 +431,8 @@ def test_flush_all_counts_and_logs(persistence: Persistence,
         assert persistence.flush_all() == 2
     assert caplog.records[-1].getMessage() == (
         "the change to 'c' was applied in memory but could not be written to the data "
-        "directory: File exists; it is written with the next change")
+        "directory: File exists; it is written with the next change"
+    )
 
 
 def test_unnamed_snapshots_are_named_by_step_and_utc_time(
@@ -394,8 +443,11 @@ def test_unnamed_snapshots_are_named_by_step_and_utc_time(
     fixed = time.struct_time((2024, 6, 1, 12, 30, 5, 5, 153, 0))
     monkeypatch.setattr(time, "gmtime", lambda *a: fixed)  # the same second, every time
     names = [persistence.take_snapshot(s)["name"] for _ in range(3)]
-    assert names == ["step1-20240601T123005Z", "step1-20240601T123005Z-2",
-                     "step1-20240601T123005Z-3"]
+    assert names == [
+        "step1-20240601T123005Z",
+        "step1-20240601T123005Z-2",
+        "step1-20240601T123005Z-3",
+    ]
 
 
 def test_files_are_private_and_snapshots_say_what_they_are(persistence: Persistence) -> None:
@@ -449,21 +501,27 @@ def test_scan_removes_only_what_it_owns_and_skips_what_is_not_a_stepper(
     assert not (root / ".x.safetensors.9f.tmp").exists()
     assert (outside / "checkpoint.safetensors").exists()
     assert (root / ".hidden-dir" / "keep").exists() and (root / ".notes").exists()
-    assert sorted(r.getMessage() for r in caplog.records) == sorted([
-        f"ignoring {root / 'a-file'}: not a stepper directory",
-        f"ignoring {root / 'a-link'}: not a stepper directory",
-        f"ignoring {root / 'has space'}: not a stepper directory",
-        f"removing interrupted deletion {root / '.old.deleted-0a1b'}",
-        f"removing stale temporary file {tmp}",
-    ])
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        [
+            f"ignoring {root / 'a-file'}: not a stepper directory",
+            f"ignoring {root / 'a-link'}: not a stepper directory",
+            f"ignoring {root / 'has space'}: not a stepper directory",
+            f"removing interrupted deletion {root / '.old.deleted-0a1b'}",
+            f"removing stale temporary file {tmp}",
+        ]
+    )
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda s: s.stepper_dir("../up"), "invalid stepper name '../up'"),
-    (lambda s: s.snapshot_path("run", ".hidden"), "invalid snapshot name '.hidden'"),
-])
-def test_names_that_are_not_one_path_component_are_refused(tmp_path: Path, call: Any,
-                                                           message: str) -> None:
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.stepper_dir("../up"), "invalid stepper name '../up'"),
+        (lambda s: s.snapshot_path("run", ".hidden"), "invalid snapshot name '.hidden'"),
+    ],
+)
+def test_names_that_are_not_one_path_component_are_refused(
+    tmp_path: Path, call: Any, message: str
+) -> None:
     with pytest.raises(PersistenceFailed) as info:
         call(Store(tmp_path))
     assert info.value.detail == message
@@ -475,8 +533,11 @@ def _with_header(change: Any) -> bytes:
     tensors, meta = codec.decode(ckpt.encode(make()).data)
     header = json.loads(meta[META_CHECKPOINT])
     replaced = change(header)
-    raw = replaced if isinstance(replaced, str) else json.dumps(
-        header if replaced is None else replaced)
+    raw = (
+        replaced
+        if isinstance(replaced, str)
+        else json.dumps(header if replaced is None else replaced)
+    )
     return codec.encode(tensors, {**meta, META_CHECKPOINT: raw})
 
 
@@ -503,22 +564,29 @@ HEADERS: list[tuple[str, Any, str]] = [
     ("optimizer", _put("optimizer", "sgd"), "checkpoint has unknown optimizer 'sgd'"),
     ("device", _put("device", 0), "checkpoint lacks a device"),
     ("params-empty", _put("params", []), "checkpoint 'params' must list distinct parameter names"),
-    ("params-twice", _put("params", ["w", "w"]),
-     "checkpoint 'params' must list distinct parameter names"),
+    (
+        "params-twice",
+        _put("params", ["w", "w"]),
+        "checkpoint 'params' must list distinct parameter names",
+    ),
     ("params-text", _put("params", "wb"), "checkpoint 'params' must list distinct parameter names"),
-    ("params-numbers", _put("params", [1, 2]),
-     "checkpoint 'params' must list distinct parameter names"),
+    (
+        "params-numbers",
+        _put("params", [1, 2]),
+        "checkpoint 'params' must list distinct parameter names",
+    ),
     ("param-name", _put("params", ["w", "b\x01"]), "invalid parameter name 'b\\x01'"),
     ("groups-empty", _put("groups", []), "checkpoint 'groups' must be a list"),
     ("groups-object", _put("groups", {"params": ["w"]}), "checkpoint 'groups' must be a list"),
-    ("group-text", _put("groups", ["w"]), "each checkpoint group needs 'params' (names) and "
-                                          "'options' (an object)"),
+    (
+        "group-text",
+        _put("groups", ["w"]),
+        "each checkpoint group needs 'params' (names) and 'options' (an object)",
+    ),
     ("group-params", _group("params", "wb"), "each checkpoint group needs 'params'"),
     ("group-options", _group("options", []), "each checkpoint group needs 'params'"),
-    ("option-unknown", _option("nesterov", True), "checkpoint group has unknown option "
-                                                  "'nesterov'"),
-    ("option-betas", _option("betas", [0.9]), "checkpoint option betas=[0.9] has the wrong "
-                                              "type"),
+    ("option-unknown", _option("nesterov", True), "checkpoint group has unknown option 'nesterov'"),
+    ("option-betas", _option("betas", [0.9]), "checkpoint option betas=[0.9] has the wrong type"),
     ("option-betas-text", _option("betas", ["a", "b"]), "checkpoint option betas=['a', 'b']"),
     ("option-lr", _option("lr", "x"), "checkpoint option lr='x' has the wrong type"),
     ("option-lr-list", _option("lr", [1]), "checkpoint option lr=[1] has the wrong type"),
@@ -526,14 +594,18 @@ HEADERS: list[tuple[str, Any, str]] = [
     ("step-float", _put("step", 1.5), "checkpoint step must be an integer in 0..2**63-1, got 1.5"),
     ("step-bool", _put("step", True), "checkpoint step must be an integer in 0..2**63-1, got True"),
     ("saved_at", _put("saved_at", "now"), "checkpoint 'saved_at' must be a finite number"),
-    ("created_at-bool", _put("created_at", True),
-     "checkpoint 'created_at' must be a finite number"),
+    (
+        "created_at-bool",
+        _put("created_at", True),
+        "checkpoint 'created_at' must be a finite number",
+    ),
     ("extra", _put("extra", []), "checkpoint 'extra' must be an object"),
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), [h[1:] for h in HEADERS],
-                         ids=[h[0] for h in HEADERS])
+@pytest.mark.parametrize(
+    ("change", "message"), [h[1:] for h in HEADERS], ids=[h[0] for h in HEADERS]
+)
 def test_every_header_field_is_checked(change: Any, message: str) -> None:
     with pytest.raises(InvalidCheckpoint) as info:
         ckpt.decode(_with_header(change))
@@ -554,8 +626,9 @@ def test_the_written_header_is_compact_complete_and_guarded() -> None:
     stepper = make()
     chunks: list[bytes] = []
     enc = ckpt.write(stepper, lambda parts: chunks.append(b"".join(parts)) or len(chunks[0]))
-    assert enc.data == b"" and enc.size == len(chunks[0]) and enc.header["torch"] == \
-        torch.__version__
+    assert (
+        enc.data == b"" and enc.size == len(chunks[0]) and enc.header["torch"] == torch.__version__
+    )
     raw = codec.decode(chunks[0])[1][META_CHECKPOINT]
     assert ", " not in raw and '": ' not in raw  # compact: the header is read on restore
     with pytest.raises(ValueError) as info:
@@ -566,11 +639,12 @@ def test_the_written_header_is_compact_complete_and_guarded() -> None:
 def test_registry_problems_name_the_stepper() -> None:
     registry = Registry()
     registry.create("a", lambda: make("a"))
-    for call, error in ((lambda: registry.get("zz"), StepperNotFound),
-                        (lambda: registry.delete("zz"), StepperNotFound),
-                        (lambda: registry.create("a", lambda: make("a")), StepperExists)):
+    for call, error in (
+        (lambda: registry.get("zz"), StepperNotFound),
+        (lambda: registry.delete("zz"), StepperNotFound),
+        (lambda: registry.create("a", lambda: make("a")), StepperExists),
+    ):
         with pytest.raises(error) as info:
             call()
         assert info.value.extra["stepper"] in ("zz", "a")
-        assert info.value.detail in ("no stepper named 'zz'",
-                                     "a stepper named 'a' already exists")
+        assert info.value.detail in ("no stepper named 'zz'", "a stepper named 'a' already exists")

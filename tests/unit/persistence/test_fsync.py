@@ -64,13 +64,19 @@ def test_a_new_stepper_directory_is_synced_into_its_parent(
     path = persistence.store.checkpoint_path("fresh")
     log.synced_before(path, ack)
     root = inode_of(persistence.store.root)
-    assert any(e.kind == "fsync" and e.is_dir and e.inode == root
-               for e in log.events[:ack]), log.events
+    assert any(e.kind == "fsync" and e.is_dir and e.inode == root for e in log.events[:ack]), (
+        log.events
+    )
 
 
-@pytest.mark.parametrize("policy", [Durability(mode="manual"),
-                                    Durability(mode="every_n", n=5),
-                                    Durability(mode="interval", seconds=3600)])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Durability(mode="manual"),
+        Durability(mode="every_n", n=5),
+        Durability(mode="interval", seconds=3600),
+    ],
+)
 def test_other_policies_sync_on_an_explicit_checkpoint(
     persistence: Persistence, monkeypatch: pytest.MonkeyPatch, policy: Durability
 ) -> None:
@@ -97,8 +103,11 @@ def test_snapshots_are_synced_into_a_synced_directory(
     path = persistence.store.snapshot_path("run", "first")
     log.synced_before(path, ack)
     stepper_dir = inode_of(persistence.store.stepper_dir("run"))
-    made = [i for i, e in enumerate(log.events[:ack])
-            if e.kind == "fsync" and e.is_dir and e.inode == stepper_dir]
+    made = [
+        i
+        for i, e in enumerate(log.events[:ack])
+        if e.kind == "fsync" and e.is_dir and e.inode == stepper_dir
+    ]
     assert made, "the new snapshots/ directory was not synced into the stepper's directory"
 
 
@@ -115,8 +124,7 @@ def test_atomic_write_syncs_before_and_after_the_rename(
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
-def test_removals_are_synced(persistence: Persistence, monkeypatch: pytest.MonkeyPatch
-                             ) -> None:
+def test_removals_are_synced(persistence: Persistence, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting a snapshot or a stepper syncs the directory the entry left."""
     s = persistence.create("run", lambda: make("run"))
     persistence.take_snapshot(s, "first")
