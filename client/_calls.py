@@ -88,6 +88,10 @@ def create(
                 parts=parts, params=[("shards", str(shards))] if shards is not None else [])
 
 
+def set_kind(name: str, kind: str) -> Call[StepperSummary]:
+    return Call("PATCH", path(name), summary_of, json_body={"kind": kind})
+
+
 def delete(name: str) -> Call[None]:
     return Call("DELETE", path(name), lambda r: None)
 

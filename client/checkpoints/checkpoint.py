@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 OptimizerKind = Literal["adam", "adamw"]
-CheckpointFormat = Literal["dcp", "torch", "hf", "optimizer"]
+#: Where a checkpoint was read from: a file format, a live optimizer, or a stepper.
+CheckpointFormat = Literal["dcp", "torch", "hf", "optimizer", "adamscope"]
 
 #: The per-parameter state keys of ``torch.optim.Adam``/``AdamW``, in PyTorch's order.
 STATE_KEYS: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")

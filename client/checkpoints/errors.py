@@ -6,10 +6,14 @@
     ├── NameMappingError          parameter names cannot be tied to the optimizer's entries
     └── OptimizerKindError        Adam and AdamW cannot be told apart from what was saved
 
-All subclass ``ValueError`` so that callers treating a bad file as bad input keep working.
+All subclass ``ValueError`` so that callers treating a bad file as bad input keep working,
+and :class:`~adamscope.client.errors.AdamscopeError`, the base of every error the client
+raises.
 """
 
 from __future__ import annotations
+
+from ..errors import AdamscopeError
 
 __all__ = [
     "CheckpointError",
@@ -20,7 +24,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdamscopeError, ValueError):
     """Base class: the checkpoint cannot be read or written as asked."""
 
 

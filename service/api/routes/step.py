@@ -37,7 +37,8 @@ router = APIRouter(tags=["tensors"])
         202: {"model": StepResult,
               "description": "a contribution was recorded; the step waits for the others"},
         **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
-                   "invalid_state", "invalid_spec", "step_conflict", "persistence_failed",
+                   "invalid_state", "invalid_spec", "step_conflict", "stepper_frozen",
+                   "persistence_failed",
                    "device_out_of_memory"),
     },
     openapi_extra={**binary_body_doc(
@@ -64,7 +65,7 @@ async def step(
     summary="Accumulate mode: apply the pending step with the contributions so far",
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
-    responses=problems(*NAME_PROBLEMS, "step_conflict", "persistence_failed",
+    responses=problems(*NAME_PROBLEMS, "step_conflict", "stepper_frozen", "persistence_failed",
                        "device_out_of_memory"),
 )
 async def commit(name: str, request: Request) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from checkpoint_local_job import TinyNet, make_optimizer, named_state, train
 from checkpoint_support import assert_state_equal, load_full, run_fsdp_job
-from local_job import TinyNet, make_optimizer, named_state, train
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,

@@ -3,119 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from checkpoint_support import assert_state_equal
+from checkpoint_support import HFRun, assert_state_equal, train_hf
 
 from adamscope.client.checkpoints import NameMappingError, read_checkpoint, write_torch
 
 transformers = pytest.importorskip("transformers")
-
-
-@dataclass
-class Saved:
-    """What the Trainer's own optimizer held at each save, keyed by name via identity."""
-
-    state: dict[str, dict[str, torch.Tensor]]
-    values: dict[str, torch.Tensor]
-    groups: list[tuple[list[str], dict[str, Any]]]
-
-
-@dataclass
-class HFRun:
-    out: Path
-    saved: dict[int, Saved] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-class _Dataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(index))
-        return {"input_ids": ids, "labels": ids}
-
-
-def _train(out: Path, seed: int, resume: Path | None = None) -> tuple[Any, dict[int, Saved]]:
-    saved: dict[int, Saved] = {}
-
-    class Capture(transformers.TrainerCallback):  # type: ignore[misc]
-        def on_save(
-            self,
-            args: Any,
-            state: Any,
-            control: Any,
-            model: Any = None,
-            optimizer: Any = None,
-            **_: Any,
-        ) -> None:
-            names = {id(p): n for n, p in model.named_parameters()}
-            saved[state.global_step] = Saved(
-                state={
-                    names[id(p)]: {k: v.clone() for k, v in s.items()}
-                    for p, s in optimizer.state.items()
-                },
-                values={n: p.detach().clone() for n, p in model.named_parameters()},
-                groups=[
-                    (
-                        [names[id(p)] for p in g["params"]],
-                        {k: v for k, v in g.items() if k != "params"},
-                    )
-                    for g in optimizer.param_groups
-                ],
-            )
-
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        warmup_steps=1,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the library's own chatter is not under test here
-        trainer = transformers.Trainer(
-            model=model, args=args, train_dataset=_Dataset(), callbacks=[Capture()]
-        )
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return trainer, saved
-
-
-@pytest.fixture(scope="module")
-def hf_run(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
-    out = tmp_path_factory.mktemp("hf")
-    start = time.perf_counter()
-    _, saved = _train(out, seed=0)
-    run = HFRun(out, saved, time.perf_counter() - start)
-    print(f"\nHF Trainer run (4 steps, 2 checkpoints): {run.seconds:.1f} s")
-    return run
 
 
 @pytest.mark.parametrize("step", [2, 4])
@@ -142,7 +38,7 @@ def test_trainer_resumes_from_an_export_bit_exactly(hf_run: HFRun, tmp_path: Pat
     (resume / "optimizer.pt").unlink()
     (resume / "model.safetensors").unlink()
     write_torch(ckpt, resume)
-    trainer, _ = _train(tmp_path / "out", seed=1, resume=resume)
+    trainer, _ = train_hf(tmp_path / "out", seed=1, resume=resume)
 
     final = hf_run.saved[4]
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -182,7 +78,7 @@ def test_sharded_safetensors_weights_are_read(hf_run: HFRun, tmp_path: Path) -> 
 @pytest.mark.parametrize("named", [True, False])
 def test_accelerate_save_state_directory(tmp_path: Path, named: bool) -> None:
     from accelerate import Accelerator
-    from local_job import TinyNet, make_optimizer, named_state, train
+    from checkpoint_local_job import TinyNet, make_optimizer, named_state, train
 
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_local_job import TinyNet, make_optimizer, named_state, train
 from checkpoint_support import assert_state_equal
-from local_job import TinyNet, make_optimizer, named_state, train
 from safetensors.torch import load_file, save_file
 
 from adamscope.client.checkpoints import (
