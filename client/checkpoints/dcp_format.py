@@ -312,9 +312,14 @@ def write_dcp(
                 for option, value in group.options.items():
                     optim[f"param_groups.{name}.{option}"] = value
     else:
+        # param_names too: get_state_dict lists them for an optimizer built from
+        # named_parameters(), and dcp.load then asks for them (an unnamed one ignores them).
         optim = {
             "state": {p.name: dict(p.state) for p in checkpoint if p.state},
-            "param_groups": [{**g.options, "params": list(g.names)} for g in checkpoint.groups],
+            "param_groups": [
+                {**g.options, "params": list(g.names), "param_names": list(g.names)}
+                for g in checkpoint.groups
+            ],
         }
     state_dict: dict[str, Any] = {optim_key: optim}
     values = {p.name: p.value for p in checkpoint if p.value is not None}
