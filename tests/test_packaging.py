@@ -220,8 +220,11 @@ def test_installed_console_script_is_the_cli() -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ([], ["serve"]),
+    ([], ["serve", "import-checkpoint", "export-checkpoint", "freeze", "unfreeze"]),
     (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
+    (["import-checkpoint"], ["--name", "--format", "--step-into", "--weights", "--names",
+                             "--kind", "frozen", "hosted"]),
+    (["export-checkpoint"], ["--format", "dcp", "torch", "model.safetensors"]),
 ])
 def test_cli_help(args: list[str], expected: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "adamscope.service.cli", *args, "--help"],

@@ -21,6 +21,14 @@ from .inspect import client_command
 
 __all__ = ["add_commands"]
 
+IMPORT_NOTE = (
+    "The checkpoint is read here, by this client, from a local path: torch.load with "
+    "weights_only=True only (a file that would run code is refused and nothing in it "
+    "runs), DCP metadata through an allowlist; training_args.bin and RNG files are never "
+    "opened. It reaches the service through its ordinary endpoints; the service never "
+    "opens a path. Hugging Face Trainer directories need adamscope[hf]."
+)
+
 
 def _import(c: Any, a: argparse.Namespace) -> str:
     from adamscope.client.checkpoints import read_checkpoint
@@ -67,6 +75,7 @@ def _add_import(sub: Any) -> None:
         "checkpoint a training job wrote (DCP, torch state_dict, HF Trainer)",
         _import,
     )
+    p.epilog = IMPORT_NOTE
     p.add_argument(
         "path",
         type=Path,

@@ -113,6 +113,8 @@ def _show(c: Any, a: argparse.Namespace) -> str:
              f"{s.device}, step {s.step}, {s.numel:,} parameters, "
              f"{human_bytes(s.state_bytes)} with state",
              f"created {when(s.created_at)}, updated {when(s.updated_at)}"]
+    if s.kind == "frozen":
+        lines.append("frozen: steps are refused (adamscope unfreeze NAME makes it steppable)")
     if s.durability is not None:
         lines.append(f"durability {s.durability.mode}, on disk at step "
                      f"{_num(s.persisted_step)}{' (changes not written)' if s.dirty else ''}")

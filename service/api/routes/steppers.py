@@ -218,7 +218,7 @@ async def delete_stepper(name: str, request: Request) -> Response:
     "--step-into frozen`); 'hosted' makes it steppable again (RemoteAdam, the step "
     "endpoint), e.g. to replay the steps that led to a crash. The kind is saved with the "
     "stepper's checkpoints and snapshots (restoring a snapshot restores the kind it had).",
-    dependencies=[Depends(require("write"))],
+    dependencies=[Depends(require("admin"))],
     responses=problems(*NAME_PROBLEMS, "malformed_body", "request_validation_error"),
 )
 async def patch_stepper(name: str, patch: StepperPatch, request: Request) -> dict[str, Any]:
