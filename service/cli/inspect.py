@@ -98,7 +98,8 @@ def _alerts_cell(summary: Any) -> str:
 def _ls(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS", "UPDATED")]
     for s in c.list():
-        rows.append((s.name, s.optimizer, s.device, str(s.step), f"{s.numel:,}",
+        step = f"{s.step} (frozen)" if s.kind == "frozen" else str(s.step)
+        rows.append((s.name, s.optimizer, s.device, step, f"{s.numel:,}",
                      _alerts_cell(s), when(s.updated_at)))
     if len(rows) == 1:
         return "no steppers"

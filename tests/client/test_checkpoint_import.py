@@ -337,7 +337,10 @@ def test_cli_imports_and_exports(
     )
     assert done.returncode == 0, done.stderr
     assert f"imported as frozen stepper {name} at step 3" in done.stdout
-    assert "inferred: " in done.stdout  # how the names were found is said
+    assert "inferred: names matched by position to" in done.stdout  # how names were found
+    listing = _cli(capsys, live_server.url, "ls").stdout
+    assert any(line.startswith(name) and "3 (frozen)" in line for line in listing.splitlines())
+    assert "frozen: steps are refused" in _cli(capsys, live_server.url, "show", name).stdout
     out = tmp_path / "out"
     done = _cli(capsys, live_server.url, "export-checkpoint", name, str(out), "--format", "torch")
     assert done.returncode == 0, done.stderr
