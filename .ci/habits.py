@@ -30,8 +30,11 @@ MODULE_LINES = 400
 FUNCTION_LINES = 60
 REASON = re.compile(r"#\s*Long:\s*\S")
 #: Folders of the package, and the import name each installs as.
-PACKAGES = {"client/_root": "adamscope", "client": "adamscope.client",
-            "service": "adamscope.service"}
+PACKAGES = {
+    "client/_root": "adamscope",
+    "client": "adamscope.client",
+    "service": "adamscope.service",
+}
 #: Where the repository's own folders could be imported by their bare names.
 CHECKED_TREES = ("service", "client", "tests", "benchmarks", "examples")
 WEB = ("fastapi", "starlette", "uvicorn")
@@ -56,32 +59,65 @@ class Rule:
 
 
 RULES = (
-    Rule("adamscope.service.engine",
-         (*WEB, "pydantic", "pydantic_settings", "httpx", "numpy",
-          "adamscope.service.inspect", "adamscope.service.api",
-          "adamscope.service.persistence", "adamscope.service.distributed",
-          "adamscope.service.cli", "adamscope.service.app", "adamscope.service.errors",
-          "adamscope.service.settings", "adamscope.service.auth",
-          "adamscope.service.dashboard"),
-         "stepping is torch only: no web, no pydantic, no inspection"),
-    Rule("adamscope.service.inspect",
-         (*WEB, "httpx", "adamscope.service.api", "adamscope.service.persistence",
-          "adamscope.service.distributed", "adamscope.service.cli",
-          "adamscope.service.app", "adamscope.service.errors"),
-         "inspection works on any optimizer's state: no web, no serving"),
-    Rule("adamscope.service.inspect.kernels",
-         (*WEB, "pydantic", "httpx", "adamscope.service"),
-         "the signal kernels run where the state lives (a user's training job too): "
-         "torch and adamscope.client only", allowed=("adamscope.service.inspect.kernels",)),
-    Rule("adamscope.client", (*WEB, "adamscope.service"),
-         "the client never imports the service"),
-    Rule("adamscope.service.persistence",
-         (*WEB, "adamscope.service.api", "adamscope.service.inspect",
-          "adamscope.service.distributed", "adamscope.service.cli"),
-         "persistence writes and reads steppers, nothing about HTTP"),
-    Rule("adamscope.service.api",
-         ("adamscope.service.distributed", "adamscope.service.cli"),
-         "the single-process API knows nothing of the distributed mode or the CLI"),
+    Rule(
+        "adamscope.service.engine",
+        (
+            *WEB,
+            "pydantic",
+            "pydantic_settings",
+            "httpx",
+            "numpy",
+            "adamscope.service.inspect",
+            "adamscope.service.api",
+            "adamscope.service.persistence",
+            "adamscope.service.distributed",
+            "adamscope.service.cli",
+            "adamscope.service.app",
+            "adamscope.service.errors",
+            "adamscope.service.settings",
+            "adamscope.service.auth",
+            "adamscope.service.dashboard",
+        ),
+        "stepping is torch only: no web, no pydantic, no inspection",
+    ),
+    Rule(
+        "adamscope.service.inspect",
+        (
+            *WEB,
+            "httpx",
+            "adamscope.service.api",
+            "adamscope.service.persistence",
+            "adamscope.service.distributed",
+            "adamscope.service.cli",
+            "adamscope.service.app",
+            "adamscope.service.errors",
+        ),
+        "inspection works on any optimizer's state: no web, no serving",
+    ),
+    Rule(
+        "adamscope.service.inspect.kernels",
+        (*WEB, "pydantic", "httpx", "adamscope.service"),
+        "the signal kernels run where the state lives (a user's training job too): "
+        "torch and adamscope.client only",
+        allowed=("adamscope.service.inspect.kernels",),
+    ),
+    Rule("adamscope.client", (*WEB, "adamscope.service"), "the client never imports the service"),
+    Rule(
+        "adamscope.service.persistence",
+        (
+            *WEB,
+            "adamscope.service.api",
+            "adamscope.service.inspect",
+            "adamscope.service.distributed",
+            "adamscope.service.cli",
+        ),
+        "persistence writes and reads steppers, nothing about HTTP",
+    ),
+    Rule(
+        "adamscope.service.api",
+        ("adamscope.service.distributed", "adamscope.service.cli"),
+        "the single-process API knows nothing of the distributed mode or the CLI",
+    ),
 )
 
 
@@ -96,8 +132,11 @@ def module_files() -> dict[str, Path]:
         base = ROOT / folder
         for path in sorted(base.rglob("*.py")):
             rel = path.relative_to(base)
-            if any(str(path).startswith(str(ROOT / f) + "/") for f in PACKAGES
-                   if len(f) > len(folder) and f.startswith(folder + "/")):
+            if any(
+                str(path).startswith(str(ROOT / f) + "/")
+                for f in PACKAGES
+                if len(f) > len(folder) and f.startswith(folder + "/")
+            ):
                 continue  # a nested folder mapped to another name (client/_root)
             parts = list(rel.with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -134,11 +173,15 @@ def size_offenders(files: Iterable[Path]) -> list[str]:
         rel = path.relative_to(ROOT)
         tree = ast.parse("\n".join(lines), str(path))
         if len(lines) > MODULE_LINES:
-            first = min((n.lineno for n in tree.body
-                         if isinstance(n, ast.Import | ast.ImportFrom)), default=len(lines))
+            first = min(
+                (n.lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)),
+                default=len(lines),
+            )
             if not any(REASON.search(line) for line in lines[:first]):
-                out.append(f"{rel}: {len(lines)} lines (over {MODULE_LINES}; say why with "
-                           "'# Long: ...' before the imports, or split it)")
+                out.append(
+                    f"{rel}: {len(lines)} lines (over {MODULE_LINES}; say why with "
+                    "'# Long: ...' before the imports, or split it)"
+                )
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -146,14 +189,23 @@ def size_offenders(files: Iterable[Path]) -> list[str]:
             if length <= FUNCTION_LINES:
                 continue
             body = node.body
-            start = body[1] if (len(body) > 1 and isinstance(body[0], ast.Expr)
-                                and isinstance(body[0].value, ast.Constant)
-                                and isinstance(body[0].value.value, str)) else body[0]
-            head = lines[node.lineno - 1:start.lineno - 1]
+            start = (
+                body[1]
+                if (
+                    len(body) > 1
+                    and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)
+                )
+                else body[0]
+            )
+            head = lines[node.lineno - 1 : start.lineno - 1]
             if not any(REASON.search(line) for line in head):
-                out.append(f"{rel}:{node.lineno}: {node.name}() is {length} lines (over "
-                           f"{FUNCTION_LINES}; say why with '# Long: ...' above its first "
-                           "statement, or split it)")
+                out.append(
+                    f"{rel}:{node.lineno}: {node.name}() is {length} lines (over "
+                    f"{FUNCTION_LINES}; say why with '# Long: ...' above its first "
+                    "statement, or split it)"
+                )
     return out
 
 
@@ -171,8 +223,10 @@ def layer_offenders(files: dict[str, Path]) -> list[str]:
                     chain = seen[current]
                     if rule.breaks(target) is not None:
                         path = " -> ".join([*chain, target])
-                        out.append(f"{files[current].relative_to(ROOT)}:{line}: imports "
-                                   f"{target} ({path}): {rule.why}")
+                        out.append(
+                            f"{files[current].relative_to(ROOT)}:{line}: imports "
+                            f"{target} ({path}): {rule.why}"
+                        )
                         continue
                     if target in files and target not in seen:
                         seen[target] = [*chain, target]
@@ -192,15 +246,18 @@ def bare_name_offenders() -> list[str]:
                     names = [node.module]
                 for name in names:
                     if name.split(".")[0] in ("client", "service"):
-                        out.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports "
-                                   f"{name}: use adamscope.{name} (or a relative import)")
+                        out.append(
+                            f"{path.relative_to(ROOT)}:{node.lineno}: imports "
+                            f"{name}: use adamscope.{name} (or a relative import)"
+                        )
     return out
 
 
 def offenders() -> list[str]:
     files = module_files()
-    return (size_offenders(sorted(set(files.values()))) + layer_offenders(files)
-            + bare_name_offenders())
+    return (
+        size_offenders(sorted(set(files.values()))) + layer_offenders(files) + bare_name_offenders()
+    )
 
 
 def main() -> int:

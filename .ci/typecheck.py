@@ -22,8 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / "build" / "typecheck"
 #: Folder -> where it sits in the package (nested mapped folders are left out of their parent).
-MAPPING = {"client/_adamscope": "adamscope", "client": "adamscope/client",
-           "service": "adamscope/service"}
+MAPPING = {
+    "client/_adamscope": "adamscope",
+    "client": "adamscope/client",
+    "service": "adamscope/service",
+}
 
 
 def link_tree() -> Path:
@@ -43,10 +46,20 @@ def link_tree() -> Path:
 
 def main(argv: list[str]) -> int:
     tree = link_tree()
-    command = [sys.executable, "-m", "mypy", "--strict", "--config-file",
-               str(ROOT / "pyproject.toml"), "-p", "adamscope", *argv]
-    return subprocess.run(command, cwd=tree, env={**os.environ, "MYPYPATH": str(tree)},
-                          check=False).returncode
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--strict",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "-p",
+        "adamscope",
+        *argv,
+    ]
+    return subprocess.run(
+        command, cwd=tree, env={**os.environ, "MYPYPATH": str(tree)}, check=False
+    ).returncode
 
 
 if __name__ == "__main__":

@@ -34,9 +34,17 @@ from adamscope.service.engine import Stepper
 from adamscope.service.engine import checkpoint as checkpoints
 from adamscope.service.persistence.store import Store
 
-LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-         "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-         "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+LAYER = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
 
 
 def llama_names(layers: int) -> list[str]:
@@ -78,24 +86,36 @@ def reads_back(path: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=80, help="decoder layers (80: 723 tensors)")
-    ap.add_argument("--steps", type=int, nargs="+", default=[100, 5000],
-                    help="steps at which to measure (ascending)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[100, 5000],
+        help="steps at which to measure (ascending)",
+    )
     ap.add_argument("--writes", type=int, default=5, help="checkpoint writes per point")
-    ap.add_argument("--skip", type=float, default=0.0,
-                    help="fraction of tensors left without a gradient in each step")
+    ap.add_argument(
+        "--skip",
+        type=float,
+        default=0.0,
+        help="fraction of tensors left without a gradient in each step",
+    )
     ap.add_argument("--numel", type=int, default=16, help="elements per tensor")
     ap.add_argument("--data-dir", default=None, help="parent of the temporary data directory")
     args = ap.parse_args()
     names = llama_names(args.layers)
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{len(names)} tensors of {args.numel} fp32 elements (Llama-style names), "
-          f"{args.skip:.0%} skipped per step; data under {args.data_dir or tempfile.gettempdir()}")
-    print(f"{'step':>6}{'file KiB':>10}{'header KiB':>12}{'median ms':>11}{'max ms':>8}"
-          f"{'keys':>6}  reads back")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{len(names)} tensors of {args.numel} fp32 elements (Llama-style names), "
+        f"{args.skip:.0%} skipped per step; data under {args.data_dir or tempfile.gettempdir()}"
+    )
+    print(
+        f"{'step':>6}{'file KiB':>10}{'header KiB':>12}{'median ms':>11}{'max ms':>8}"
+        f"{'keys':>6}  reads back"
+    )
     g = torch.Generator().manual_seed(0)
     params = [(n, torch.randn(args.numel, generator=g)) for n in names]
-    stepper = Stepper("llama", "adam", torch.device("cpu"), params, {"lr": 1e-3,
-                                                                       "foreach": True})
+    stepper = Stepper("llama", "adam", torch.device("cpu"), params, {"lr": 1e-3, "foreach": True})
     grads = {n: torch.randn(args.numel, generator=g) for n in names}
     pick = torch.Generator().manual_seed(1)
     unreadable = 0
@@ -117,13 +137,19 @@ def main() -> int:
                 t, size = write_once(store, stepper)
                 times.append(t)
             path = store.checkpoint_path(stepper.name)
-            keys = len(stepper.keys) if hasattr(stepper, "keys") else len(
-                stepper.journal.get("keys", {}))
+            keys = (
+                len(stepper.keys)
+                if hasattr(stepper, "keys")
+                else len(stepper.journal.get("keys", {}))
+            )
             verdict = reads_back(path)
             unreadable += verdict != "ok"
-            print(f"{target:>6}{size / 1024:>10.0f}{header_size(path) / 1024:>12.0f}"
-                  f"{statistics.median(times) * 1e3:>11.1f}{max(times) * 1e3:>8.1f}"
-                  f"{keys:>6}  {verdict}", flush=True)
+            print(
+                f"{target:>6}{size / 1024:>10.0f}{header_size(path) / 1024:>12.0f}"
+                f"{statistics.median(times) * 1e3:>11.1f}{max(times) * 1e3:>8.1f}"
+                f"{keys:>6}  {verdict}",
+                flush=True,
+            )
     return 1 if unreadable else 0
 
 

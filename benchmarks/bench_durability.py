@@ -70,8 +70,9 @@ class Run:
         self.policy = policy
         self.name = f"bench-{policy.replace(':', '-')}"
         values = params(numel)
-        client.create(self.name, values, lr=1e-3, foreach=False, fused=False,
-                      durability=POLICIES[policy])
+        client.create(
+            self.name, values, lr=1e-3, foreach=False, fused=False, durability=POLICIES[policy]
+        )
         g = torch.Generator().manual_seed(1)
         self.grads = {n: torch.randn(t.shape, generator=g) for n, t in values.items()}
         for _ in range(WARMUP):
@@ -95,24 +96,37 @@ class Run:
         size = self.client.checkpoint(self.name).size
         self.client.delete(self.name)
         t = self.times
-        return (f"{self.policy:<13}{len(t) / sum(t):>9.1f}{statistics.median(t) * 1e3:>11.2f}"
-                f"{max(t) * 1e3:>9.1f}{len(t):>7}{self.writes:>8}{size / 2**20:>10.1f}")
+        return (
+            f"{self.policy:<13}{len(t) / sum(t):>9.1f}{statistics.median(t) * 1e3:>11.2f}"
+            f"{max(t) * 1e3:>9.1f}{len(t):>7}{self.writes:>8}{size / 2**20:>10.1f}"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=parse_size, default=parse_size("1M"),
-                    help="fp32 parameters per stepper (default 1M)")
+    ap.add_argument(
+        "--size",
+        type=parse_size,
+        default=parse_size("1M"),
+        help="fp32 parameters per stepper (default 1M)",
+    )
     ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per policy")
     ap.add_argument("--max-steps", type=int, default=2000, help="timed steps per policy at most")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    ap.add_argument("--data-dir", default=None,
-                    help="parent of the temporary data directory (default: system temp)")
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="parent of the temporary data directory (default: system temp)",
+    )
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{args.size:,} fp32 params; data under {args.data_dir or tempfile.gettempdir()}")
-    print(f"{'policy':<13}{'steps/s':>9}{'median ms':>11}{'max ms':>9}{'steps':>7}"
-          f"{'writes':>8}{'file MiB':>10}")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.size:,} fp32 params; data under {args.data_dir or tempfile.gettempdir()}"
+    )
+    print(
+        f"{'policy':<13}{'steps/s':>9}{'median ms':>11}{'max ms':>9}{'steps':>7}"
+        f"{'writes':>8}{'file MiB':>10}"
+    )
     with server(args.data_dir) as url, Client(url) as client:
         runs = [Run(client, policy, args.size) for policy in args.policies]
         # Round robin in blocks, so that noise from the machine hits every policy alike.

@@ -35,8 +35,9 @@ from bench_step import IMPLS, fmt, model, parse_size, server
 from adamscope.client import Client, RemoteAdam
 
 
-def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, steps: int
-               ) -> tuple[dict[str, list[float]], bool, int]:
+def bench_size(
+    clients: dict[str, Client], numel: int, impl: str, warmup: int, steps: int
+) -> tuple[dict[str, list[float]], bool, int]:
     shapes, names, init, grads = model(numel)
     options = {"lr": 1e-3, **IMPLS[impl]}
     local_params = [t.clone().requires_grad_() for t in init]
@@ -48,9 +49,14 @@ def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, s
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         name = f"bench-{label.replace(' ', '-')}-{numel}-{os.getpid()}"
-        opt = RemoteAdam(list(zip(names, params, strict=True)), **options,
-                         client=clients[which], name=name, durability="manual",
-                         shards=shards)
+        opt = RemoteAdam(
+            list(zip(names, params, strict=True)),
+            **options,
+            client=clients[which],
+            name=name,
+            durability="manual",
+            shards=shards,
+        )
         runs[label] = (opt, params)
     for p, g in zip(local_params, grads, strict=True):
         p.grad = g.clone()
@@ -60,20 +66,24 @@ def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, s
             t0 = time.perf_counter()
             opt.step()
             return time.perf_counter() - t0
+
         return run
 
     order = list(runs)
     times: dict[str, list[float]] = {label: [] for label in order}
     try:
         for i in range(warmup + steps):
-            turn = order[i % len(order):] + order[:i % len(order)]
+            turn = order[i % len(order) :] + order[: i % len(order)]
             took = {label: timed(runs[label][0])() for label in turn}
             local.step()
             if i >= warmup:
                 for label in order:
                     times[label].append(took[label] * 1e3)
-        identical = all(torch.equal(a, b) for _, params in runs.values()
-                        for a, b in zip(params, local_params, strict=True))
+        identical = all(
+            torch.equal(a, b)
+            for _, params in runs.values()
+            for a, b in zip(params, local_params, strict=True)
+        )
     finally:
         for opt, _ in runs.values():
             opt.client.delete(opt.name)
@@ -82,36 +92,50 @@ def bench_size(clients: dict[str, Client], numel: int, impl: str, warmup: int, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", type=parse_size,
-                        default=[10**4, 10**6, 10**7], help="parameter counts (default "
-                        "10K 1M 10M)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=[10**4, 10**6, 10**7],
+        help="parameter counts (default 10K 1M 10M)",
+    )
     parser.add_argument("--impl", choices=sorted(IMPLS), default="fused")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per size")
     args = parser.parse_args(argv)
-    print(f"adamscope distributed-mode overhead: torch {torch.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs, impl {args.impl}, fp32, "
-          f"{args.steps} timed steps after {args.warmup} warmup, interleaved; ray = a local "
-          f"Ray with 2 slot actors on this machine")
-    header = (f"{'params':>11} {'tensors':>7}   {'single ms':>29}   {'ray ms':>29}   "
-              f"{'ray sharded (2) ms':>29}   {'ray/single':>10} {'sharded/single':>14}"
-              f"  identical")
+    print(
+        f"adamscope distributed-mode overhead: torch {torch.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, impl {args.impl}, fp32, "
+        f"{args.steps} timed steps after {args.warmup} warmup, interleaved; ray = a local "
+        f"Ray with 2 slot actors on this machine"
+    )
+    header = (
+        f"{'params':>11} {'tensors':>7}   {'single ms':>29}   {'ray ms':>29}   "
+        f"{'ray sharded (2) ms':>29}   {'ray/single':>10} {'sharded/single':>14}"
+        f"  identical"
+    )
     print(header)
     print("-" * len(header))
     ok = True
-    with server("cpu") as single_url, \
-            server("cpu", timeout=300, extra=("--ray", "--slots", "2"),
-                   stop_timeout=120) as ray_url, \
-            Client(single_url) as single, Client(ray_url, timeout=300) as ray:
+    with (
+        server("cpu") as single_url,
+        server("cpu", timeout=300, extra=("--ray", "--slots", "2"), stop_timeout=120) as ray_url,
+        Client(single_url) as single,
+        Client(ray_url, timeout=300) as ray,
+    ):
         for numel in args.sizes:
-            times, identical, tensors = bench_size({"single": single, "ray": ray}, numel,
-                                                   args.impl, args.warmup, args.steps)
+            times, identical, tensors = bench_size(
+                {"single": single, "ray": ray}, numel, args.impl, args.warmup, args.steps
+            )
             ok &= identical
             med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"{numel:>11,} {tensors:>7}   {fmt(times['single']):>29}   "
-                  f"{fmt(times['ray']):>29}   {fmt(times['ray sharded']):>29}   "
-                  f"{med['ray'] / med['single']:>9.2f}x "
-                  f"{med['ray sharded'] / med['single']:>13.2f}x  {identical}", flush=True)
+            print(
+                f"{numel:>11,} {tensors:>7}   {fmt(times['single']):>29}   "
+                f"{fmt(times['ray']):>29}   {fmt(times['ray sharded']):>29}   "
+                f"{med['ray'] / med['single']:>9.2f}x "
+                f"{med['ray sharded'] / med['single']:>13.2f}x  {identical}",
+                flush=True,
+            )
     return 0 if ok else 1
 
 

@@ -36,12 +36,12 @@ def fmt(ms: list[float]) -> str:
     return f"{statistics.median(ms):7.3f} [{min(ms):7.3f}, {max(ms):8.3f}]"
 
 
-def measure(client: Client, numel: int, tensors: int, policy: str, steps: int,
-            gap_ms: float) -> bool:
+def measure(
+    client: Client, numel: int, tensors: int, policy: str, steps: int, gap_ms: float
+) -> bool:
     name = f"small-{policy}"
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(numel // tensors, generator=gen).requires_grad_()
-              for _ in range(tensors)]
+    params = [torch.randn(numel // tensors, generator=gen).requires_grad_() for _ in range(tensors)]
     local = [p.detach().clone().requires_grad_() for p in params]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     client.create(name, [(n, p.detach()) for n, p in named], **IMPL, durability=policy)
@@ -71,9 +71,12 @@ def measure(client: Client, numel: int, tensors: int, policy: str, steps: int,
     base = statistics.median(rows[0][2])  # the JSON round trip on a settled server
     for gap, step_ms, json_ms in rows:
         label = f"{gap:g} ms gap" if gap else "back to back"
-        print(f"{numel:>8,} {tensors:>7} {policy:>11} {label:>13}   {fmt(step_ms)}   "
-              f"{fmt(json_ms)}   {statistics.median(step_ms) / base:6.2f}x"
-              f"{'' if exact else '   NOT BIT-EXACT'}", flush=True)
+        print(
+            f"{numel:>8,} {tensors:>7} {policy:>11} {label:>13}   {fmt(step_ms)}   "
+            f"{fmt(json_ms)}   {statistics.median(step_ms) / base:6.2f}x"
+            f"{'' if exact else '   NOT BIT-EXACT'}",
+            flush=True,
+        )
     return exact
 
 
@@ -82,14 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numel", type=int, default=10_000)
     parser.add_argument("--tensors", type=int, default=10)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--gap", type=float, default=5.0,
-                        help="ms the client waits before each round (its forward/backward)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=5.0,
+        help="ms the client waits before each round (its forward/backward)",
+    )
     args = parser.parse_args(argv)
-    print(f"small-stepper latency: torch {torch.__version__}, fused Adam, {args.steps} rounds "
-          "of one GET /healthz and one step through the same client; ratio = step median / "
-          "JSON round-trip median after a gap")
-    print(f"{'params':>8} {'tensors':>7} {'durability':>11} {'rounds':>13}   "
-          f"{'step ms median [min, max]':>27}   {'JSON RTT ms median [min, max]':>27}   ratio")
+    print(
+        f"small-stepper latency: torch {torch.__version__}, fused Adam, {args.steps} rounds "
+        "of one GET /healthz and one step through the same client; ratio = step median / "
+        "JSON round-trip median after a gap"
+    )
+    print(
+        f"{'params':>8} {'tensors':>7} {'durability':>11} {'rounds':>13}   "
+        f"{'step ms median [min, max]':>27}   {'JSON RTT ms median [min, max]':>27}   ratio"
+    )
     exact = True
     with server("cpu") as url, Client(url) as client:
         for policy in ("manual", "every_step"):

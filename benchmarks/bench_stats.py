@@ -45,11 +45,16 @@ def timed(fn: Callable[[], httpx.Response]) -> tuple[float, int]:
 
 
 def part1(size: int, repeat: int) -> None:
-    print(f"\n[1] statistics of one fp32 tensor of {size:,} elements "
-          f"({size * 4 / 2**20:.0f} MiB) through a real server; {repeat} timed requests "
-          "each (median [min, max]), every one a cache miss")
-    with server("cpu") as url, Client(url, timeout=600) as c, httpx.Client(
-            base_url=url, timeout=600) as http:
+    print(
+        f"\n[1] statistics of one fp32 tensor of {size:,} elements "
+        f"({size * 4 / 2**20:.0f} MiB) through a real server; {repeat} timed requests "
+        "each (median [min, max]), every one a cache miss"
+    )
+    with (
+        server("cpu") as url,
+        Client(url, timeout=600) as c,
+        httpx.Client(base_url=url, timeout=600) as http,
+    ):
         g = torch.Generator().manual_seed(0)
         c.create("big", {"w": torch.randn(size, generator=g)}, lr=1e-3, fused=True)
         c.step("big", {"w": torch.randn(size, generator=g)})
@@ -58,36 +63,64 @@ def part1(size: int, repeat: int) -> None:
         for key in ("param", "exp_avg_sq", "lr_eff"):
             times, sizes = [], []
             for i in range(repeat):
-                elapsed, n = timed(lambda i=i, key=key: http.get(path, params={
-                    "key": key, "bins": 32 + i, "log": "true"}))
+                elapsed, n = timed(
+                    lambda i=i, key=key: http.get(
+                        path, params={"key": key, "bins": 32 + i, "log": "true"}
+                    )
+                )
                 times.append(elapsed)
                 sizes.append(n)
             ms = [t * 1e3 for t in times]
-            print(f"{'stats key=' + key + ' (quantiles, hist, log hist)':<44} "
-                  f"{statistics.median(ms):>9.1f} [{min(ms):7.1f}, {max(ms):7.1f}] "
-                  f"{max(sizes):>12,}")
-        cached = [timed(lambda: http.get(path, params={"key": "lr_eff", "bins": 32,
-                                                       "log": "true"})) for _ in range(repeat)]
-        rows = [("stats, the same query again (cached)", cached),
-                ("signals of the last step", [timed(lambda: http.get(
-                    "/v1/steppers/big/signals")) for _ in range(repeat)]),
-                ("slice lr_eff rows=0:1000", [timed(lambda: http.get(
-                    "/v1/steppers/big/slice", params={"name": "w", "key": "lr_eff",
-                                                      "rows": "0:1000"}))
-                    for _ in range(repeat)])]
+            print(
+                f"{'stats key=' + key + ' (quantiles, hist, log hist)':<44} "
+                f"{statistics.median(ms):>9.1f} [{min(ms):7.1f}, {max(ms):7.1f}] "
+                f"{max(sizes):>12,}"
+            )
+        cached = [
+            timed(lambda: http.get(path, params={"key": "lr_eff", "bins": 32, "log": "true"}))
+            for _ in range(repeat)
+        ]
+        rows = [
+            ("stats, the same query again (cached)", cached),
+            (
+                "signals of the last step",
+                [timed(lambda: http.get("/v1/steppers/big/signals")) for _ in range(repeat)],
+            ),
+            (
+                "slice lr_eff rows=0:1000",
+                [
+                    timed(
+                        lambda: http.get(
+                            "/v1/steppers/big/slice",
+                            params={"name": "w", "key": "lr_eff", "rows": "0:1000"},
+                        )
+                    )
+                    for _ in range(repeat)
+                ],
+            ),
+        ]
         for label, results in rows:
             ms = [t * 1e3 for t, _ in results]
-            print(f"{label:<44} {statistics.median(ms):>9.1f} [{min(ms):7.1f}, {max(ms):7.1f}] "
-                  f"{max(n for _, n in results):>12,}")
+            print(
+                f"{label:<44} {statistics.median(ms):>9.1f} [{min(ms):7.1f}, {max(ms):7.1f}] "
+                f"{max(n for _, n in results):>12,}"
+            )
         c.delete("big")
 
 
 def part2(size: int, steps: int) -> None:
-    print(f"\n[2] per-step signals on a fused CPU Adam step of {size:,} fp32 elements "
-          f"({steps} steps each way, interleaved)")
+    print(
+        f"\n[2] per-step signals on a fused CPU Adam step of {size:,} fp32 elements "
+        f"({steps} steps each way, interleaved)"
+    )
     g = torch.Generator().manual_seed(1)
-    s = Stepper("sig", "adam", torch.device("cpu"), [("w", torch.randn(size, generator=g))],
-                {"lr": 1e-3, "fused": True})
+    s = Stepper(
+        "sig",
+        "adam",
+        torch.device("cpu"),
+        [("w", torch.randn(size, generator=g))],
+        {"lr": 1e-3, "fused": True},
+    )
     grads = {"w": torch.randn(size, generator=g)}
     observer = attach_signals(s)
     for _ in range(3):
@@ -107,27 +140,41 @@ def part2(size: int, steps: int) -> None:
         wall[on].append(time.perf_counter() - t)
     for label, data in (("wall", wall), ("process CPU", cpu)):
         off, on_ = statistics.median(data[False]) * 1e3, statistics.median(data[True]) * 1e3
-        print(f"{label:>12}: step {off:7.2f} ms, with signals {on_:7.2f} ms, "
-              f"difference {on_ - off:+6.2f} ms ({(on_ / off - 1) * 100:+5.1f}%); "
-              f"min {min(data[False]) * 1e3:.2f} vs {min(data[True]) * 1e3:.2f} ms")
-    print(f"signals of the last step: sample {s.signals['sample']}, aggregate lr_eff_p99 "
-          f"{s.signals['aggregate']['lr_eff_p99']:.4g}")
+        print(
+            f"{label:>12}: step {off:7.2f} ms, with signals {on_:7.2f} ms, "
+            f"difference {on_ - off:+6.2f} ms ({(on_ / off - 1) * 100:+5.1f}%); "
+            f"min {min(data[False]) * 1e3:.2f} vs {min(data[True]) * 1e3:.2f} ms"
+        )
+    print(
+        f"signals of the last step: sample {s.signals['sample']}, aggregate lr_eff_p99 "
+        f"{s.signals['aggregate']['lr_eff_p99']:.4g}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_size, default=5 * 10**7,
-                        help="elements of the described tensor (default 50M)")
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=5 * 10**7,
+        help="elements of the described tensor (default 50M)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed requests per row")
-    parser.add_argument("--signal-size", type=parse_size, default=10**7,
-                        help="elements of the stepped tensor in part 2 (default 10M)")
+    parser.add_argument(
+        "--signal-size",
+        type=parse_size,
+        default=10**7,
+        help="elements of the stepped tensor in part 2 (default 10M)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="part 2 steps each way")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.steps < 1:
         parser.error("--repeat and --steps must be >= 1")
-    print(f"adamscope statistics benchmark: torch {torch.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-          f"torch threads")
+    print(
+        f"adamscope statistics benchmark: torch {torch.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        f"torch threads"
+    )
     part1(args.size, args.repeat)
     part2(args.signal_size, args.steps)
     return 0

@@ -92,8 +92,9 @@ def transformer_shapes(numel: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def model(numel: int) -> tuple[list[tuple[int, ...]], list[str], list[torch.Tensor],
-                              list[torch.Tensor]]:
+def model(
+    numel: int,
+) -> tuple[list[tuple[int, ...]], list[str], list[torch.Tensor], list[torch.Tensor]]:
     """A benchmark model of about ``numel`` parameters: shapes, names, initial values and
     one set of gradients (the same every run: seeded)."""
     shapes = transformer_shapes(numel)
@@ -130,8 +131,9 @@ class Echo:
     """A plain-socket echo server in another process: the transport floor."""
 
     def __init__(self, capacity: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(capacity)],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO_SERVER, str(capacity)], stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout is not None
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -156,15 +158,30 @@ class Echo:
 
 
 @contextmanager
-def server(device: str, timeout: float = 60, data_parent: str | None = None,
-           extra: tuple[str, ...] = (), stop_timeout: float = 15,
-           env: dict[str, str] | None = None) -> Iterator[str]:
+def server(
+    device: str,
+    timeout: float = 60,
+    data_parent: str | None = None,
+    extra: tuple[str, ...] = (),
+    stop_timeout: float = 15,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """``adamscope serve`` (with ``extra`` arguments, and ``env`` added to its environment)
     in a subprocess on 127.0.0.1; yields its URL, stops it after. Its data directory is a
     temporary one (inside ``data_parent`` when given)."""
-    with tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data, \
-            spawned(data, "--device", device, *extra, timeout=timeout,
-                    stop_timeout=stop_timeout, env=env, cwd=ROOT) as running:
+    with (
+        tempfile.TemporaryDirectory(prefix="adamscope-bench-", dir=data_parent) as data,
+        spawned(
+            data,
+            "--device",
+            device,
+            *extra,
+            timeout=timeout,
+            stop_timeout=stop_timeout,
+            env=env,
+            cwd=ROOT,
+        ) as running,
+    ):
         yield running.url
 
 
@@ -187,8 +204,9 @@ def engine_time(client: Client, name: str) -> tuple[float, int]:
     return total, count
 
 
-def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, steps: int
-               ) -> dict[str, object]:
+def bench_size(
+    client: Client, numel: int, impl: str, device: str, warmup: int, steps: int
+) -> dict[str, object]:
     """Interleaved timings of ``steps`` remote and local steps (after ``warmup`` of each)."""
     shapes, names, init, grads = model(numel)
     options = {"lr": 1e-3, **IMPLS[impl]}
@@ -208,10 +226,20 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
     name = f"bench-{numel}-{impl}-{os.getpid()}"
     # In-memory durability: this measures the wire and the step, not the disk (see
     # bench_durability.py for what each durability policy adds).
-    client.create(name, [(n, p.detach()) for n, p in zip(names, remote_params, strict=True)],
-                  **options, device=device, durability="manual")
-    remote = RemoteAdam(list(zip(names, remote_params, strict=True)), **options, client=client,
-                        name=name, device=device)
+    client.create(
+        name,
+        [(n, p.detach()) for n, p in zip(names, remote_params, strict=True)],
+        **options,
+        device=device,
+        durability="manual",
+    )
+    remote = RemoteAdam(
+        list(zip(names, remote_params, strict=True)),
+        **options,
+        client=client,
+        name=name,
+        device=device,
+    )
     local = torch.optim.Adam(local_params, **options)
 
     def timed_remote() -> float:
@@ -245,15 +273,17 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
             if i == warmup:
                 engine_before = engine_time(client, name)
             order = [timed_remote, timed_local, timed_floor]
-            order = order[i % 3:] + order[: i % 3]  # rotate who goes first
+            order = order[i % 3 :] + order[: i % 3]  # rotate who goes first
             took = {f: f() for f in order}
             if i >= warmup:
                 remote_ms.append(took[timed_remote] * 1e3)
                 local_ms.append(took[timed_local] * 1e3)
                 floor_ms.append(took[timed_floor] * 1e3)
         engine_after = engine_time(client, name)
-        identical = all(torch.equal(r, lo.detach().cpu())
-                        for r, lo in zip(remote_params, local_params, strict=True))
+        identical = all(
+            torch.equal(r, lo.detach().cpu())
+            for r, lo in zip(remote_params, local_params, strict=True)
+        )
     finally:
         client.delete(name)
         echo.close()
@@ -263,7 +293,8 @@ def bench_size(client: Client, numel: int, impl: str, device: str, warmup: int, 
         "remote": remote_ms,
         "local": local_ms,
         "floor": floor_ms,
-        "server_ms": (engine_after[0] - engine_before[0]) * 1e3
+        "server_ms": (engine_after[0] - engine_before[0])
+        * 1e3
         / max(1, engine_after[1] - engine_before[1]),
         "identical": identical,
     }
@@ -304,31 +335,51 @@ def fmt(ms: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", type=parse_size,
-                        default=[10**6, 10**7, 5 * 10**7],
-                        help="parameter counts, e.g. 1M 10M 50M (default)")
-    parser.add_argument("--impl", choices=sorted(IMPLS), default="fused",
-                        help="Adam implementation on both sides (default fused)")
-    parser.add_argument("--device", default="cpu",
-                        help="where the service keeps the stepper and the local Adam runs")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=[10**6, 10**7, 5 * 10**7],
+        help="parameter counts, e.g. 1M 10M 50M (default)",
+    )
+    parser.add_argument(
+        "--impl",
+        choices=sorted(IMPLS),
+        default="fused",
+        help="Adam implementation on both sides (default fused)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the service keeps the stepper and the local Adam runs",
+    )
     parser.add_argument("--steps", type=int, default=15, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per size")
-    parser.add_argument("--no-signals", action="store_true",
-                        help="serve without per-step signals (ADAMSCOPE_SIGNALS=false): the "
-                        "server's step is then the copy, PyTorch's update and its wait")
+    parser.add_argument(
+        "--no-signals",
+        action="store_true",
+        help="serve without per-step signals (ADAMSCOPE_SIGNALS=false): the "
+        "server's step is then the copy, PyTorch's update and its wait",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
 
-    print(f"adamscope step benchmark: torch {torch.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
-          f"threads, device {args.device}, impl {args.impl} {IMPLS[args.impl]}, fp32, "
-          f"{args.steps} timed steps after {args.warmup} warmup, remote/local/floor interleaved")
-    print("floor = plain-socket echo of the same bytes + one local fused Adam step"
-          + ("; server without per-step signals" if args.no_signals else ""))
-    header = (f"{'params':>11} {'tensors':>7}   {'remote ms median [min, max]':>29}   "
-              f"{'local ms median [min, max]':>29}   {'floor ms median [min, max]':>29}   "
-              f"{'remote/local':>12} {'remote/floor':>12}  identical")
+    print(
+        f"adamscope step benchmark: torch {torch.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"threads, device {args.device}, impl {args.impl} {IMPLS[args.impl]}, fp32, "
+        f"{args.steps} timed steps after {args.warmup} warmup, remote/local/floor interleaved"
+    )
+    print(
+        "floor = plain-socket echo of the same bytes + one local fused Adam step"
+        + ("; server without per-step signals" if args.no_signals else "")
+    )
+    header = (
+        f"{'params':>11} {'tensors':>7}   {'remote ms median [min, max]':>29}   "
+        f"{'local ms median [min, max]':>29}   {'floor ms median [min, max]':>29}   "
+        f"{'remote/local':>12} {'remote/floor':>12}  identical"
+    )
     print(header)
     print("-" * len(header))
     all_identical = True
@@ -343,21 +394,36 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(remote) / statistics.median(local)
             to_floor = statistics.median(remote) / statistics.median(floor)
             all_identical &= bool(res["identical"])
-            print(f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
-                  f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
-                  f"  {res['identical']}", flush=True)
-            limits.append((int(str(res["numel"])), statistics.median(local),
-                           float(str(res["server_ms"])), device_limits(numel, args.device)))
-    print(f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
-          "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate; "
-          "server step = the service's engine time per step (mean, /metrics)")
-    print(f"{'params':>11}   {'copy GB/s':>9}   {'28 B/param ms':>13}   {'local step ms':>13}"
-          f"   {'step / limit':>12}   {'server step ms':>14}   {'server / limit':>14}"
-          + ("   H2D GB/s   D2H GB/s" if args.device != "cpu" else ""))
+            print(
+                f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
+                f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
+                f"  {res['identical']}",
+                flush=True,
+            )
+            limits.append(
+                (
+                    int(str(res["numel"])),
+                    statistics.median(local),
+                    float(str(res["server_ms"])),
+                    device_limits(numel, args.device),
+                )
+            )
+    print(
+        f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
+        "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate; "
+        "server step = the service's engine time per step (mean, /metrics)"
+    )
+    print(
+        f"{'params':>11}   {'copy GB/s':>9}   {'28 B/param ms':>13}   {'local step ms':>13}"
+        f"   {'step / limit':>12}   {'server step ms':>14}   {'server / limit':>14}"
+        + ("   H2D GB/s   D2H GB/s" if args.device != "cpu" else "")
+    )
     for n, local_ms, server_ms, lim in limits:
-        line = (f"{n:>11,}   {lim['copy_gbs']:>9.1f}   {lim['adam_floor_ms']:>13.2f}   "
-                f"{local_ms:>13.2f}   {local_ms / lim['adam_floor_ms']:>11.2f}x   "
-                f"{server_ms:>14.2f}   {server_ms / lim['adam_floor_ms']:>13.2f}x")
+        line = (
+            f"{n:>11,}   {lim['copy_gbs']:>9.1f}   {lim['adam_floor_ms']:>13.2f}   "
+            f"{local_ms:>13.2f}   {local_ms / lim['adam_floor_ms']:>11.2f}x   "
+            f"{server_ms:>14.2f}   {server_ms / lim['adam_floor_ms']:>13.2f}x"
+        )
         if "h2d_gbs" in lim:
             line += f"   {lim['h2d_gbs']:>8.1f}   {lim['d2h_gbs']:>8.1f}"
         print(line, flush=True)

@@ -54,16 +54,29 @@ SERVICE = ["torch", "fastapi", "uvicorn", "pydantic", "pydantic_settings", "http
 TESTS = [*SERVICE, "safetensors", "pytest", "pytest_timeout"]
 RAY = [*TESTS, "ray"]
 #: Import name -> pip name, for what the report asks to install.
-PIP = {"pydantic_settings": "pydantic-settings", "pytest_timeout": "pytest-timeout",
-       "ray": "ray[serve]"}
+PIP = {
+    "pydantic_settings": "pydantic-settings",
+    "pytest_timeout": "pytest-timeout",
+    "ray": "ray[serve]",
+}
 
-GPU_TESTS = ["tests/client/test_gpu_parity.py", "tests/unit/test_stats.py",
-             "tests/unit/test_footprint.py", "tests/unit/test_steps.py",
-             "tests/unit/test_device_memory.py"]
-HOST_TIERS = ["tests/unit/test_engine.py", "tests/api/test_steppers_api.py",
-              "tests/unit/test_device_memory.py", "tests/unit/test_per_gpu.py",
-              "tests/unit/test_steps.py", "tests/api/test_device_memory_api.py",
-              "tests/api/test_quota_api.py", "tests/client/test_exactly_once.py"]
+GPU_TESTS = [
+    "tests/client/test_gpu_parity.py",
+    "tests/unit/test_stats.py",
+    "tests/unit/test_footprint.py",
+    "tests/unit/test_steps.py",
+    "tests/unit/test_device_memory.py",
+]
+HOST_TIERS = [
+    "tests/unit/test_engine.py",
+    "tests/api/test_steppers_api.py",
+    "tests/unit/test_device_memory.py",
+    "tests/unit/test_per_gpu.py",
+    "tests/unit/test_steps.py",
+    "tests/api/test_device_memory_api.py",
+    "tests/api/test_quota_api.py",
+    "tests/client/test_exactly_once.py",
+]
 RAY_TESTS = ["tests/distributed/test_ray_gpu.py", "tests/distributed/test_slot_resources.py"]
 
 
@@ -86,22 +99,34 @@ def install(wheels: str | None, modules: list[str], report: list[str]) -> None:
     if not absent or not wheels or not Path(wheels).is_dir():
         return
     names = [PIP.get(m, m) for m in absent]
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index",
-                             "--find-links", wheels, *names],
-                            capture_output=True, text=True, timeout=120)
-    report.append(f"pip install --no-index --find-links {wheels} {' '.join(names)}: "
-                  f"exit {result.returncode}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, *names],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report.append(
+        f"pip install --no-index --find-links {wheels} {' '.join(names)}: exit {result.returncode}"
+    )
     importlib.invalidate_caches()
 
 
-def run(cmd: list[str], box: float, env: dict[str, str] | None = None
-        ) -> tuple[int | None, str, float]:
+def run(
+    cmd: list[str], box: float, env: dict[str, str] | None = None
+) -> tuple[int | None, str, float]:
     """``cmd`` in its own process group, killed with the group after ``box`` seconds:
     (exit status or None on timeout, output, seconds)."""
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         try:
             code: int | None = proc.wait(timeout=max(1.0, box))
         except subprocess.TimeoutExpired:
@@ -125,14 +150,27 @@ def pytest_part(part: Part, files: list[str], marker: str | None, needs: list[st
     if absent:
         part.status = "skipped: missing " + ", ".join(PIP.get(m, m) for m in absent)
         return
-    cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
-           "--timeout", "120", *(["-m", marker] if marker else []), *files]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-v",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "--timeout",
+        "120",
+        *(["-m", marker] if marker else []),
+        *files,
+    ]
     code, out, part.seconds = run(cmd, part.box)
     part.status = verdict(code)
     lines = out.splitlines()
     # One line per test as it finishes (-v): counted even when the box ran out.
-    counts = {w: sum(1 for ln in lines if ln.startswith("tests/") and f" {w}" in ln)
-              for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    counts = {
+        w: sum(1 for ln in lines if ln.startswith("tests/") and f" {w}" in ln)
+        for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+    }
     finished = ", ".join(f"{n} {w.lower()}" for w, n in counts.items() if n)
     part.status += f" - {finished}" if finished else " - no test finished"
     keep = [ln for ln in lines if ln.startswith(("FAILED", "ERROR", "SKIPPED"))][:60]
@@ -146,22 +184,32 @@ def device_part(part: Part) -> bool:
     if smi:
         code, out, _ = run([smi], 20)
         part.lines += ["$ nvidia-smi", *out.rstrip().splitlines()]
-        code, out, _ = run([smi, "--query-gpu=index,uuid,name,memory.total,driver_version",
-                            "--format=csv,noheader"], 20)
-        part.lines += ["$ nvidia-smi --query-gpu=index,uuid,name,memory.total,driver_version",
-                       *out.rstrip().splitlines()]
+        code, out, _ = run(
+            [
+                smi,
+                "--query-gpu=index,uuid,name,memory.total,driver_version",
+                "--format=csv,noheader",
+            ],
+            20,
+        )
+        part.lines += [
+            "$ nvidia-smi --query-gpu=index,uuid,name,memory.total,driver_version",
+            *out.rstrip().splitlines(),
+        ]
     else:
         part.lines.append("nvidia-smi: not found")
     if missing(["torch"]):
         part.status = "no CUDA: torch is not installed"
         return False
-    probe = ("import json, torch; ok = torch.cuda.is_available(); print(json.dumps({"
-             "'torch': torch.__version__, 'cuda': torch.version.cuda, 'available': ok, "
-             "'count': torch.cuda.device_count() if ok else 0, 'devices': ["
-             "{'name': p.name, 'capability': f'{p.major}.{p.minor}', "
-             "'memory_gib': round(p.total_memory / 2**30, 1)} for p in "
-             "(torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count() "
-             "if ok else 0))]}))")
+    probe = (
+        "import json, torch; ok = torch.cuda.is_available(); print(json.dumps({"
+        "'torch': torch.__version__, 'cuda': torch.version.cuda, 'available': ok, "
+        "'count': torch.cuda.device_count() if ok else 0, 'devices': ["
+        "{'name': p.name, 'capability': f'{p.major}.{p.minor}', "
+        "'memory_gib': round(p.total_memory / 2**30, 1)} for p in "
+        "(torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count() "
+        "if ok else 0))]}))"
+    )
     code, out, part.seconds = run([sys.executable, "-c", probe], 60)
     try:
         facts = json.loads(out.strip().splitlines()[-1])
@@ -184,8 +232,9 @@ def per_gpu_part(part: Part) -> None:
     if absent:
         part.status = "skipped: missing " + ", ".join(PIP.get(m, m) for m in absent)
         return
-    code, out, part.seconds = run([sys.executable, str(Path(__file__).with_name(
-        "gpu_check_per_gpu.py"))], part.box)
+    code, out, part.seconds = run(
+        [sys.executable, str(Path(__file__).with_name("gpu_check_per_gpu.py"))], part.box
+    )
     part.status = verdict(code)
     part.lines = out.rstrip().splitlines()[-40:]
 
@@ -195,8 +244,21 @@ def bench_part(part: Part) -> None:
     if absent:
         part.status = "skipped: missing " + ", ".join(PIP.get(m, m) for m in absent)
         return
-    cmd = [sys.executable, "benchmarks/bench_step.py", "--device", "cuda", "--sizes", "1M",
-           "10M", "50M", "--steps", "10", "--warmup", "3", "--no-signals"]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_step.py",
+        "--device",
+        "cuda",
+        "--sizes",
+        "1M",
+        "10M",
+        "50M",
+        "--steps",
+        "10",
+        "--warmup",
+        "3",
+        "--no-signals",
+    ]
     code, out, part.seconds = run(cmd, part.box)
     identical = code == 1 and "Traceback" not in out  # bench_step's own verdict
     part.status = "FAILED: a size was not bit-identical" if identical else verdict(code)
@@ -204,12 +266,19 @@ def bench_part(part: Part) -> None:
 
 
 def render(parts: list[Part], notes: list[str], started: float) -> str:
-    head = [f"# adamscope GPU check, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", "",
-            f"- host {platform.node()}, Python {platform.python_version()}, "
-            f"{os.cpu_count()} CPUs, repository {ROOT}",
-            f"- took {time.monotonic() - started:.0f} s", *[f"- {n}" for n in notes], "",
-            "| part | status | seconds (box) |", "| --- | --- | --- |",
-            *[f"| {p.title} | {p.status} | {p.seconds:.0f} ({p.box:.0f}) |" for p in parts], ""]
+    head = [
+        f"# adamscope GPU check, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        "",
+        f"- host {platform.node()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, repository {ROOT}",
+        f"- took {time.monotonic() - started:.0f} s",
+        *[f"- {n}" for n in notes],
+        "",
+        "| part | status | seconds (box) |",
+        "| --- | --- | --- |",
+        *[f"| {p.title} | {p.status} | {p.seconds:.0f} ({p.box:.0f}) |" for p in parts],
+        "",
+    ]
     body = []
     for p in parts:
         body += [f"## {p.title}", "", f"**{p.status}** in {p.seconds:.0f} s", ""]
@@ -220,27 +289,38 @@ def render(parts: list[Part], notes: list[str], started: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", default=os.environ.get("GPU_REPORT", "gpu-report.md"),
-                        help="where to write the report (default ./gpu-report.md; also "
-                        "copied into $OUT when that is set)")
-    parser.add_argument("--budget", type=float, default=450.0,
-                        help="seconds for all parts together (default 450)")
-    parser.add_argument("--wheels", default=os.environ.get("GPU_CHECK_WHEELS"),
-                        help="a directory of wheels to install missing packages from")
+    parser.add_argument(
+        "--report",
+        default=os.environ.get("GPU_REPORT", "gpu-report.md"),
+        help="where to write the report (default ./gpu-report.md; also "
+        "copied into $OUT when that is set)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=450.0, help="seconds for all parts together (default 450)"
+    )
+    parser.add_argument(
+        "--wheels",
+        default=os.environ.get("GPU_CHECK_WHEELS"),
+        help="a directory of wheels to install missing packages from",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     sys.path.insert(0, str(ROOT))
     notes: list[str] = []
     install(args.wheels, RAY, notes)
     absent = missing(RAY)
     notes.append("packages missing: " + (", ".join(PIP.get(m, m) for m in absent) or "none"))
-    parts = [Part("device and driver", 60), Part("gpu-marked tests", 140),
-             Part("CPU tiers that differ on a CUDA host", 50),
-             Part("bench_step.py --device cuda (1M, 10M, 50M)", 90),
-             Part("serve --per-gpu, without and with CUDA_VISIBLE_DEVICES", 40),
-             Part("Ray tier on one GPU", 120)]
+    parts = [
+        Part("device and driver", 60),
+        Part("gpu-marked tests", 140),
+        Part("CPU tiers that differ on a CUDA host", 50),
+        Part("bench_step.py --device cuda (1M, 10M, 50M)", 90),
+        Part("serve --per-gpu, without and with CUDA_VISIBLE_DEVICES", 40),
+        Part("Ray tier on one GPU", 120),
+    ]
     has_cuda = device_part(parts[0])
     parts[0].box = max(parts[0].seconds, 1.0)
     if not has_cuda:
@@ -248,10 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in parts[1:]:
             p.status = "not run: no CUDA"
     else:
-        steps = [lambda p: pytest_part(p, GPU_TESTS, "gpu", TESTS),
-                 lambda p: pytest_part(p, HOST_TIERS, "not gpu", TESTS),
-                 bench_part, per_gpu_part,
-                 lambda p: pytest_part(p, RAY_TESTS, None, RAY)]
+        steps = [
+            lambda p: pytest_part(p, GPU_TESTS, "gpu", TESTS),
+            lambda p: pytest_part(p, HOST_TIERS, "not gpu", TESTS),
+            bench_part,
+            per_gpu_part,
+            lambda p: pytest_part(p, RAY_TESTS, None, RAY),
+        ]
         for part, step in zip(parts[1:], steps, strict=True):
             left = args.budget - (time.monotonic() - started) - 5
             if left < 20:
@@ -270,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir and Path(out_dir).is_dir():
         shutil.copy(report, Path(out_dir) / report.name)
     print(text)
-    print(textwrap.dedent(f"""
-        report written to {report.resolve()}{f' and {out_dir}' if out_dir else ''}"""))
+    print(
+        textwrap.dedent(f"""
+        report written to {report.resolve()}{f" and {out_dir}" if out_dir else ""}""")
+    )
     return 0
 
 

@@ -45,8 +45,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _worker(host: str, port: int, requests: list[bytes], deadline: float,
-                  budget: list[int], latencies: list[float], errors: list[int]) -> None:
+async def _worker(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    deadline: float,
+    budget: list[int],
+    latencies: list[float],
+    errors: list[int],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
     try:
@@ -63,8 +70,14 @@ async def _worker(host: str, port: int, requests: list[bytes], deadline: float,
         writer.close()
 
 
-async def run(url: str, paths: list[str], connections: int, seconds: float,
-              max_requests: int, headers: dict[str, str] | None = None) -> dict[str, float]:
+async def run(
+    url: str,
+    paths: list[str],
+    connections: int,
+    seconds: float,
+    max_requests: int,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -74,18 +87,36 @@ async def run(url: str, paths: list[str], connections: int, seconds: float,
     budget = [max_requests]
     t0 = time.perf_counter()
     deadline = t0 + seconds
-    await asyncio.gather(*(_worker(host, port, requests[i % len(requests):] + requests[
-        : i % len(requests)], deadline, budget, latencies, errors) for i in range(connections)))
+    await asyncio.gather(
+        *(
+            _worker(
+                host,
+                port,
+                requests[i % len(requests) :] + requests[: i % len(requests)],
+                deadline,
+                budget,
+                latencies,
+                errors,
+            )
+            for i in range(connections)
+        )
+    )
     elapsed = time.perf_counter() - t0
     latencies.sort()
 
     def q(f: float) -> float:
         return latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1e3
 
-    return {"requests": len(latencies), "seconds": round(elapsed, 3),
-            "rps": round(len(latencies) / elapsed, 1), "p50_ms": round(q(0.5), 3),
-            "p90_ms": round(q(0.9), 3), "p99_ms": round(q(0.99), 3),
-            "max_ms": round(latencies[-1] * 1e3, 3), "non_200": errors[0]}
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(q(0.5), 3),
+        "p90_ms": round(q(0.9), 3),
+        "p99_ms": round(q(0.99), 3),
+        "max_ms": round(latencies[-1] * 1e3, 3),
+        "non_200": errors[0],
+    }
 
 
 def main() -> None:
@@ -104,8 +135,15 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(run(args.url, args.paths, args.connections, args.seconds,
-                                     args.max_requests, headers))))
+    print(
+        json.dumps(
+            asyncio.run(
+                run(
+                    args.url, args.paths, args.connections, args.seconds, args.max_requests, headers
+                )
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

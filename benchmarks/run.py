@@ -35,15 +35,21 @@ except ImportError:
 
 
 def main() -> int:
-    print(f"adamscope benchmarks on {platform.node()}: {platform.platform()}, "
-          f"{os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, "
-          f"cuda {'yes' if torch.cuda.is_available() else 'no'}\n", flush=True)
+    print(
+        f"adamscope benchmarks on {platform.node()}: {platform.platform()}, "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, "
+        f"cuda {'yes' if torch.cuda.is_available() else 'no'}\n",
+        flush=True,
+    )
     status = 0
     for cmd in SUITE:
         t0 = time.monotonic()
         print(f"$ python benchmarks/{' '.join(cmd)}", flush=True)
-        rc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=HERE.parent,
-                            env={**os.environ, "PYTHONPATH": str(HERE)}).returncode
+        rc = subprocess.run(
+            [sys.executable, str(HERE / cmd[0]), *cmd[1:]],
+            cwd=HERE.parent,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        ).returncode
         print(f"({time.monotonic() - t0:.0f} s, exit {rc})\n", flush=True)
         status = status or rc
     return status

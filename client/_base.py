@@ -164,8 +164,13 @@ def receive_tensors(
     out: dict[str, torch.Tensor] = {}
     for entry in sorted(entries, key=lambda x: x.begin):
         t = (into or {}).get(entry.name)
-        direct = (t is not None and t.device.type == "cpu" and t.is_contiguous()
-                  and t.dtype == entry.dtype and list(t.shape) == entry.shape)
+        direct = (
+            t is not None
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.dtype == entry.dtype
+            and list(t.shape) == entry.shape
+        )
         if not direct:
             t = torch.empty(entry.shape, dtype=entry.dtype)
         assert t is not None
@@ -186,8 +191,11 @@ def raise_for_problem(response: httpx.Response) -> None:
         if not isinstance(problem, dict) or "code" not in problem:
             raise ValueError
     except ValueError:
-        problem = {"status": response.status_code, "code": f"http_{response.status_code}",
-                   "detail": response.text[:500] or response.reason_phrase}
+        problem = {
+            "status": response.status_code,
+            "code": f"http_{response.status_code}",
+            "detail": response.text[:500] or response.reason_phrase,
+        }
     raise error_from_problem(problem)
 
 
@@ -213,8 +221,9 @@ def names_query(names: Sequence[str] | None, key: str = "name") -> list[tuple[st
     return [(key, n) for n in names] if names is not None else []
 
 
-def named(params: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]
-           ) -> list[tuple[str, torch.Tensor]]:
+def named(
+    params: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor]]:
     return list(params.items()) if isinstance(params, Mapping) else list(params)
 
 
@@ -267,7 +276,13 @@ def event_floats(data: dict[str, Any]) -> dict[str, Any]:
     if "loss" in out:
         out["loss"] = special_float(out["loss"])
     if isinstance(out.get("alerts"), list):
-        out["alerts"] = [{**a, **{k: special_float(a.get(k)) for k in ("value", "previous",
-                                                                  "threshold") if k in a}}
-                         for a in out["alerts"]]
+        out["alerts"] = [
+            {
+                **a,
+                **{
+                    k: special_float(a.get(k)) for k in ("value", "previous", "threshold") if k in a
+                },
+            }
+            for a in out["alerts"]
+        ]
     return out

@@ -52,8 +52,11 @@ def health() -> Call[dict[str, Any]]:
 
 
 def list_steppers() -> Call[list[StepperSummary]]:
-    return Call("GET", f"{API_PREFIX}/steppers",
-                lambda r: [StepperSummary.model_validate(s) for s in json_of(r)["steppers"]])
+    return Call(
+        "GET",
+        f"{API_PREFIX}/steppers",
+        lambda r: [StepperSummary.model_validate(s) for s in json_of(r)["steppers"]],
+    )
 
 
 def get(name: str) -> Call[StepperSummary]:
@@ -84,8 +87,13 @@ def create(
     if durability is not None:
         spec["durability"] = dict(durability)
     parts = tensor_parts(dict(pairs), {META_SPEC: json.dumps(spec)})
-    return Call("POST", f"{API_PREFIX}/steppers", summary_of,
-                parts=parts, params=[("shards", str(shards))] if shards is not None else [])
+    return Call(
+        "POST",
+        f"{API_PREFIX}/steppers",
+        summary_of,
+        parts=parts,
+        params=[("shards", str(shards))] if shards is not None else [],
+    )
 
 
 def set_kind(name: str, kind: str) -> Call[StepperSummary]:
@@ -120,16 +128,24 @@ def step(
 
     def parse(r: httpx.Response) -> StepReply:
         data = json_of(r)
-        return StepReply(data["step"], data["stepped"], data["skipped"],
-                         replayed=data.get("replayed", False), applied=data.get("applied", True),
-                         pending=data.get("pending", []))
+        return StepReply(
+            data["step"],
+            data["stepped"],
+            data["skipped"],
+            replayed=data.get("replayed", False),
+            applied=data.get("applied", True),
+            pending=data.get("pending", []),
+        )
 
     def receive(readinto: ReadInto) -> StepReply:
         tensors, meta = receive_tensors(readinto, into)
         replayed = bool(json.loads(meta.get(META_REPLAYED, "false")))
         stepped = json.loads(meta.get(META_STEPPED, "[]"))
-        skipped = (json.loads(meta[META_SKIPPED]) if META_SKIPPED in meta
-                   else [n for n in tensors if n not in set(stepped)])  # an older server
+        skipped = (
+            json.loads(meta[META_SKIPPED])
+            if META_SKIPPED in meta
+            else [n for n in tensors if n not in set(stepped)]
+        )  # an older server
         return StepReply(int(meta[META_STEP]), stepped, skipped, tensors, replayed=replayed)
 
     params = []
@@ -143,32 +159,53 @@ def step(
         params.append(("expected_step", str(expected_step)))
     if contribution is not None:
         worker, contributors, wait = contribution
-        params += [("worker", str(worker)), ("contributors", str(contributors)),
-                   ("wait", repr(float(wait)))]
-    return Call("POST", path(name, "step"), parse, params=params, parts=parts,
-                accept=OCTET if return_params else "application/json",
-                receive=receive if return_params else None, idempotent=True,
-                extra_headers={"idempotency-key": key or uuid.uuid4().hex})
+        params += [
+            ("worker", str(worker)),
+            ("contributors", str(contributors)),
+            ("wait", repr(float(wait))),
+        ]
+    return Call(
+        "POST",
+        path(name, "step"),
+        parse,
+        params=params,
+        parts=parts,
+        accept=OCTET if return_params else "application/json",
+        receive=receive if return_params else None,
+        idempotent=True,
+        extra_headers={"idempotency-key": key or uuid.uuid4().hex},
+    )
 
 
 def commit(name: str) -> Call[StepReply]:
-    return Call("POST", path(name, "commit"), lambda r: StepReply(
-        (d := json_of(r))["step"], d["stepped"], d["skipped"]), idempotent=False)
+    return Call(
+        "POST",
+        path(name, "commit"),
+        lambda r: StepReply((d := json_of(r))["step"], d["stepped"], d["skipped"]),
+        idempotent=False,
+    )
 
 
-def get_params(name: str, names: Sequence[str] | None,
-               into: Mapping[str, torch.Tensor] | None = None) -> Call[dict[str, torch.Tensor]]:
-    return Call("GET", path(name, "params"), lambda r: tensors_of(r)[0],
-                params=names_query(names), accept=OCTET,
-                receive=lambda readinto: receive_tensors(readinto, into)[0])
+def get_params(
+    name: str, names: Sequence[str] | None, into: Mapping[str, torch.Tensor] | None = None
+) -> Call[dict[str, torch.Tensor]]:
+    return Call(
+        "GET",
+        path(name, "params"),
+        lambda r: tensors_of(r)[0],
+        params=names_query(names),
+        accept=OCTET,
+        receive=lambda readinto: receive_tensors(readinto, into)[0],
+    )
 
 
 def put_params(name: str, tensors: Mapping[str, torch.Tensor]) -> Call[dict[str, Any]]:
     return Call("PUT", path(name, "params"), json_of, parts=tensor_parts(dict(tensors)))
 
 
-def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None,
-              with_params: bool = False) -> Call[dict[str, dict[str, torch.Tensor]]]:
+def get_state(
+    name: str, names: Sequence[str] | None, keys: Sequence[str] | None, with_params: bool = False
+) -> Call[dict[str, dict[str, torch.Tensor]]]:
     def parse(r: httpx.Response) -> dict[str, dict[str, torch.Tensor]]:
         return nest(tensors_of(r)[0])
 
@@ -180,9 +217,14 @@ def get_state(name: str, names: Sequence[str] | None, keys: Sequence[str] | None
         return out
 
     flag = [("with_params", "true")] if with_params else []
-    return Call("GET", path(name, "state"), parse,
-                params=names_query(names) + names_query(keys, "key") + flag, accept=OCTET,
-                receive=lambda readinto: nest(receive_tensors(readinto)[0]))
+    return Call(
+        "GET",
+        path(name, "state"),
+        parse,
+        params=names_query(names) + names_query(keys, "key") + flag,
+        accept=OCTET,
+        receive=lambda readinto: nest(receive_tensors(readinto)[0]),
+    )
 
 
 def put_state(
@@ -195,27 +237,35 @@ def put_state(
     metadata = {}
     if param_groups is not None:
         metadata[META_GROUPS] = json.dumps([jsonable_options(g) for g in param_groups])
-    return Call("PUT", path(name, "state"), json_of, parts=tensor_parts(flat, metadata),
-                params=[("replace", "true")] if replace else [])
+    return Call(
+        "PUT",
+        path(name, "state"),
+        json_of,
+        parts=tensor_parts(flat, metadata),
+        params=[("replace", "true")] if replace else [],
+    )
 
 
 def reset_state(name: str, names: Sequence[str] | None) -> Call[dict[str, Any]]:
     return Call("DELETE", path(name, "state"), json_of, params=names_query(names))
 
 
-def set_hyperparameters(name: str, group: int | None, options: Mapping[str, Any]
-                        ) -> Call[StepperSummary]:
+def set_hyperparameters(
+    name: str, group: int | None, options: Mapping[str, Any]
+) -> Call[StepperSummary]:
     body = jsonable_options(options)
     if group is not None:
         body["group"] = group
-    return Call("PATCH", path(name, "hyperparameters"),
-                summary_of, json_body=body)
+    return Call("PATCH", path(name, "hyperparameters"), summary_of, json_body=body)
 
 
 def bias_correction(name: str, step: float | None) -> Call[BiasCorrectionReport]:
-    return Call("GET", path(name, "bias-correction"),
-                lambda r: BiasCorrectionReport.model_validate(json_of(r)),
-                params=[("step", repr(float(step)))] if step is not None else [])
+    return Call(
+        "GET",
+        path(name, "bias-correction"),
+        lambda r: BiasCorrectionReport.model_validate(json_of(r)),
+        params=[("step", repr(float(step)))] if step is not None else [],
+    )
 
 
 def jsonable_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,7 +288,8 @@ FILE_CHUNK = 1 << 20
 
 
 def durability_policy(
-    policy: str | Mapping[str, Any] | None = None, n: int | None = None,
+    policy: str | Mapping[str, Any] | None = None,
+    n: int | None = None,
     seconds: float | None = None,
 ) -> dict[str, Any] | None:
     """A durability policy as JSON: ``"every_step"``, ``"every_n"`` with ``n``,
@@ -254,29 +305,32 @@ def durability_policy(
 
 
 def checkpoint(name: str) -> Call[CheckpointInfo]:
-    return Call("POST", path(name, "checkpoint"),
-                lambda r: CheckpointInfo.model_validate(json_of(r)))
+    return Call(
+        "POST", path(name, "checkpoint"), lambda r: CheckpointInfo.model_validate(json_of(r))
+    )
 
 
 def set_durability(name: str, policy: Mapping[str, Any]) -> Call[StepperSummary]:
-    return Call("PUT", path(name, "durability"),
-                summary_of, json_body=dict(policy))
+    return Call("PUT", path(name, "durability"), summary_of, json_body=dict(policy))
 
 
 def take_snapshot(name: str, snap: str | None) -> Call[SnapshotInfo]:
-    return Call("POST", path(name, "snapshots"),
-                lambda r: SnapshotInfo.model_validate(json_of(r)),
-                json_body={"name": snap} if snap is not None else None)
+    return Call(
+        "POST",
+        path(name, "snapshots"),
+        lambda r: SnapshotInfo.model_validate(json_of(r)),
+        json_body={"name": snap} if snap is not None else None,
+    )
 
 
 def list_snapshots(name: str) -> Call[list[SnapshotInfo]]:
-    return Call("GET", path(name, "snapshots"),
-                lambda r: SnapshotList.model_validate(json_of(r)).snapshots)
+    return Call(
+        "GET", path(name, "snapshots"), lambda r: SnapshotList.model_validate(json_of(r)).snapshots
+    )
 
 
 def restore_snapshot(name: str, snap: str) -> Call[StepperSummary]:
-    return Call("POST", path(name, "snapshots", quote(snap, safe=""), "restore"),
-                summary_of)
+    return Call("POST", path(name, "snapshots", quote(snap, safe=""), "restore"), summary_of)
 
 
 def delete_snapshot(name: str, snap: str) -> Call[None]:

@@ -28,8 +28,14 @@ from .protocol import AlertRule, AlertsReport, HistoryReport, LossRecorded
 __all__ = ["inspection_floats"]
 
 
-def history(name: str, signals: Sequence[str] | str | None, tensors: Sequence[str] | str | None,
-            since: int | None, limit: int | None, fmt: str) -> Call[HistoryReport | str]:
+def history(
+    name: str,
+    signals: Sequence[str] | str | None,
+    tensors: Sequence[str] | str | None,
+    since: int | None,
+    limit: int | None,
+    fmt: str,
+) -> Call[HistoryReport | str]:
     """``fmt="json"``: a HistoryReport; ``"csv"``: the CSV text."""
     if fmt not in ("json", "csv"):
         raise ValueError(f"fmt must be 'json' or 'csv', got {fmt!r}")
@@ -43,24 +49,43 @@ def history(name: str, signals: Sequence[str] | str | None, tensors: Sequence[st
     if limit is not None:
         params.append(("limit", str(limit)))
     if fmt == "csv":
-        return Call("GET", path(name, "history"), lambda r: r.text, params=params,
-                    accept="text/csv")
-    return Call("GET", path(name, "history"),
-                lambda r: HistoryReport.model_validate(json_of(r)), params=params)
+        return Call(
+            "GET", path(name, "history"), lambda r: r.text, params=params, accept="text/csv"
+        )
+    return Call(
+        "GET",
+        path(name, "history"),
+        lambda r: HistoryReport.model_validate(json_of(r)),
+        params=params,
+    )
 
 
 def alerts(name: str, limit: int | None) -> Call[AlertsReport]:
-    return Call("GET", path(name, "alerts"), lambda r: AlertsReport.model_validate(json_of(r)),
-                params=[("limit", str(limit))] if limit is not None else [])
+    return Call(
+        "GET",
+        path(name, "alerts"),
+        lambda r: AlertsReport.model_validate(json_of(r)),
+        params=[("limit", str(limit))] if limit is not None else [],
+    )
 
 
-def set_alerts(name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None
-               ) -> Call[AlertsReport]:
-    body = None if rules is None else [
-        r.model_dump(mode="json", exclude_none=True) if isinstance(r, AlertRule) else dict(r)
-        for r in rules]
-    return Call("PUT", path(name, "alerts"), lambda r: AlertsReport.model_validate(json_of(r)),
-                json_body={"rules": body})
+def set_alerts(
+    name: str, rules: Sequence[AlertRule | Mapping[str, Any]] | None
+) -> Call[AlertsReport]:
+    body = (
+        None
+        if rules is None
+        else [
+            r.model_dump(mode="json", exclude_none=True) if isinstance(r, AlertRule) else dict(r)
+            for r in rules
+        ]
+    )
+    return Call(
+        "PUT",
+        path(name, "alerts"),
+        lambda r: AlertsReport.model_validate(json_of(r)),
+        json_body={"rules": body},
+    )
 
 
 def report_loss(name: str, step: int | None, loss: float) -> Call[LossRecorded]:
@@ -68,14 +93,20 @@ def report_loss(name: str, step: int | None, loss: float) -> Call[LossRecorded]:
     if step is not None:
         body["step"] = step
     # Recording the same (step, loss) again changes nothing: safe to retry with a step.
-    return Call("POST", path(name, "loss"), lambda r: LossRecorded.model_validate(json_of(r)),
-                json_body=body, idempotent=step is not None)
+    return Call(
+        "POST",
+        path(name, "loss"),
+        lambda r: LossRecorded.model_validate(json_of(r)),
+        json_body=body,
+        idempotent=step is not None,
+    )
 
 
 #: Fields of the inspection replies that hold text, never a number (a stepper or
 #: parameter may be named "NaN"): left alone when NaN/Inf strings become floats again.
-_TEXT_FIELDS = frozenset({"stepper", "name", "key", "index", "snapshot", "dtype", "error",
-                          "reason", "option", "in"})
+_TEXT_FIELDS = frozenset(
+    {"stepper", "name", "key", "index", "snapshot", "dtype", "error", "reason", "option", "in"}
+)
 
 
 def inspection_floats(value: Any, field_name: str | None = None) -> Any:
@@ -90,9 +121,13 @@ def inspection_floats(value: Any, field_name: str | None = None) -> Any:
     return value
 
 
-def _stats_query(quantiles: Sequence[float] | None, bins: int,
-                 hist_range: tuple[float, float] | None, log: bool,
-                 log_range: tuple[float, float] | None) -> list[tuple[str, str]]:
+def _stats_query(
+    quantiles: Sequence[float] | None,
+    bins: int,
+    hist_range: tuple[float, float] | None,
+    log: bool,
+    log_range: tuple[float, float] | None,
+) -> list[tuple[str, str]]:
     params = [("bins", str(bins))]
     if quantiles is not None:
         params.append(("quantiles", ",".join(repr(float(q)) for q in quantiles)))
@@ -105,24 +140,34 @@ def _stats_query(quantiles: Sequence[float] | None, bins: int,
     return params
 
 
-def stats(name: str, names: Sequence[str] | None, keys: Sequence[str] | None,
-          quantiles: Sequence[float] | None, bins: int, hist_range: tuple[float, float] | None,
-          log: bool, log_range: tuple[float, float] | None, aggregate: bool
-          ) -> Call[dict[str, Any]]:
-    params = names_query(names) + names_query(keys, "key") + _stats_query(
-        quantiles, bins, hist_range, log, log_range)
+def stats(
+    name: str,
+    names: Sequence[str] | None,
+    keys: Sequence[str] | None,
+    quantiles: Sequence[float] | None,
+    bins: int,
+    hist_range: tuple[float, float] | None,
+    log: bool,
+    log_range: tuple[float, float] | None,
+    aggregate: bool,
+) -> Call[dict[str, Any]]:
+    params = (
+        names_query(names)
+        + names_query(keys, "key")
+        + _stats_query(quantiles, bins, hist_range, log, log_range)
+    )
     if not aggregate:
         params.append(("aggregate", "false"))
-    return Call("GET", path(name, "stats"), lambda r: inspection_floats(json_of(r)),
-                params=params)
+    return Call("GET", path(name, "stats"), lambda r: inspection_floats(json_of(r)), params=params)
 
 
 def signals(name: str) -> Call[dict[str, Any]]:
     return Call("GET", path(name, "signals"), lambda r: inspection_floats(json_of(r)))
 
 
-def slice_tensor(name: str, param: str, key: str, index: str | int | None,
-                 rows: str | None) -> Call[torch.Tensor]:
+def slice_tensor(
+    name: str, param: str, key: str, index: str | int | None, rows: str | None
+) -> Call[torch.Tensor]:
     params = [("name", param), ("key", key)]
     if index is not None:
         params.append(("index", str(index)))
@@ -131,15 +176,22 @@ def slice_tensor(name: str, param: str, key: str, index: str | int | None,
 
     def parse(r: httpx.Response) -> torch.Tensor:
         data = json_of(r)
-        return codec.tensor_from_json(data["data"], codec.dtype_from_name(data["dtype"]),
-                                      data["shape"])
+        return codec.tensor_from_json(
+            data["data"], codec.dtype_from_name(data["dtype"]), data["shape"]
+        )
 
     return Call("GET", path(name, "slice"), parse, params=params)
 
 
-def dry_run(name: str, grads: Mapping[str, torch.Tensor],
-            param_groups: Sequence[Mapping[str, Any]] | None, return_update: bool,
-            quantiles: Sequence[float] | None, bins: int, log: bool) -> Call[DryRunReply]:
+def dry_run(
+    name: str,
+    grads: Mapping[str, torch.Tensor],
+    param_groups: Sequence[Mapping[str, Any]] | None,
+    return_update: bool,
+    quantiles: Sequence[float] | None,
+    bins: int,
+    log: bool,
+) -> Call[DryRunReply]:
     metadata = {}
     if param_groups is not None:
         metadata[META_GROUPS] = json.dumps([jsonable_options(g) for g in param_groups])
@@ -159,10 +211,21 @@ def dry_run(name: str, grads: Mapping[str, torch.Tensor],
         return DryRunReply(inspection_floats(json.loads(meta[META_DRY_RUN])), nested)
 
     # It changes nothing, so a retry is always safe.
-    return Call("POST", path(name, "dry-run"), parse, params=params, parts=parts,
-                accept=OCTET if return_update else "application/json", idempotent=True)
+    return Call(
+        "POST",
+        path(name, "dry-run"),
+        parse,
+        params=params,
+        parts=parts,
+        accept=OCTET if return_update else "application/json",
+        idempotent=True,
+    )
 
 
 def diff(a: str, b: str) -> Call[dict[str, Any]]:
-    return Call("GET", f"{API_PREFIX}/diff", lambda r: inspection_floats(json_of(r)),
-                params=[("a", a), ("b", b)])
+    return Call(
+        "GET",
+        f"{API_PREFIX}/diff",
+        lambda r: inspection_floats(json_of(r)),
+        params=[("a", a), ("b", b)],
+    )

@@ -14,16 +14,24 @@ __all__ = ["SSEParser", "events_request"]
 
 
 def events_request(
-    steppers: Sequence[str] | str | None, tensors: Sequence[str] | None, replay: int,
-    last_event_id: str | None, heartbeat: float | None, max_events: int | None,
+    steppers: Sequence[str] | str | None,
+    tensors: Sequence[str] | None,
+    replay: int,
+    last_event_id: str | None,
+    heartbeat: float | None,
+    max_events: int | None,
     duration: float | None,
 ) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
     """Path, query and headers of a ``GET /v1/events`` stream."""
     if isinstance(steppers, str):
         steppers = [steppers]
     params = names_query(steppers, "stepper") + names_query(tensors, "tensor")
-    for key, value in (("replay", replay or None), ("heartbeat", heartbeat),
-                       ("max_events", max_events), ("duration", duration)):
+    for key, value in (
+        ("replay", replay or None),
+        ("heartbeat", heartbeat),
+        ("max_events", max_events),
+        ("duration", duration),
+    ):
         if value is not None:
             params.append((key, str(value)))
     headers = {"accept": "text/event-stream"}
@@ -59,8 +67,11 @@ class SSEParser:
                 data = event_floats(data)
             return {"event": kind, "id": self.last_id, "data": data}
         if line.startswith(":"):
-            return {"event": "heartbeat", "id": self.last_id, "data": None} \
-                if self.heartbeats else None
+            return (
+                {"event": "heartbeat", "id": self.last_id, "data": None}
+                if self.heartbeats
+                else None
+            )
         field, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if field == "event":

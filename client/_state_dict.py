@@ -23,9 +23,15 @@ def to_state_dict(
     """
     order = [n for g in summary.groups for n in g.params]
     index = {n: i for i, n in enumerate(order)}
-    packed_state = {index[n]: {k: state[n][k] for k in ("step", "exp_avg", "exp_avg_sq",
-                                                          "max_exp_avg_sq") if k in state[n]}
-                    for n in order if state.get(n)}
+    packed_state = {
+        index[n]: {
+            k: state[n][k]
+            for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+            if k in state[n]
+        }
+        for n in order
+        if state.get(n)
+    }
     groups = []
     for g in summary.groups:
         opts = g.model_dump(include=set(OPTION_NAMES))

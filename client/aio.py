@@ -102,7 +102,10 @@ class AsyncClient:
         content = _aiter(call.parts) if call.parts is not None else None
         try:
             response = await self._http.request(
-                call.method, call.path, params=tuple(call.params), json=call.json_body,
+                call.method,
+                call.path,
+                params=tuple(call.params),
+                json=call.json_body,
                 content=content,  # type: ignore[arg-type]  # memoryviews are bytes-like
                 headers=call.headers(),
             )
@@ -144,8 +147,16 @@ class AsyncClient:
         service's). ``shards`` (distributed mode only) splits the stepper by parameter
         tensors over that many slots.
         """
-        call = _calls.create(name, params, optimizer, device, groups, hyperparameters,
-                            _calls.durability_policy(durability), shards)
+        call = _calls.create(
+            name,
+            params,
+            optimizer,
+            device,
+            groups,
+            hyperparameters,
+            _calls.durability_policy(durability),
+            shards,
+        )
         return await self._send(call)
 
     async def set_kind(self, name: str, kind: str) -> StepperSummary:
@@ -173,8 +184,17 @@ class AsyncClient:
         ``param_groups`` (one dict of option changes per group) is applied atomically
         before the step, as a scheduler's ``lr`` change would be locally.
         """
-        call = _calls.step(name, grads, return_params, param_groups, into, only_stepped,
-                          wire_dtype, key, expected_step)
+        call = _calls.step(
+            name,
+            grads,
+            return_params,
+            param_groups,
+            into,
+            only_stepped,
+            wire_dtype,
+            key,
+            expected_step,
+        )
         return await self._send(call)
 
     async def contribute(
@@ -190,8 +210,18 @@ class AsyncClient:
         key: str | None = None,
     ) -> StepReply:
         """Accumulate mode (see :meth:`adamscope.client.Client.contribute`)."""
-        call = _calls.step(name, grads, return_params, None, into, False, None, key, None,
-                          (worker, contributors, wait))
+        call = _calls.step(
+            name,
+            grads,
+            return_params,
+            None,
+            into,
+            False,
+            None,
+            key,
+            None,
+            (worker, contributors, wait),
+        )
         return await self._send(call)
 
     async def commit(self, name: str) -> StepReply:
@@ -207,7 +237,10 @@ class AsyncClient:
         await self._send(_calls.put_params(name, tensors))
 
     async def get_state(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        self,
+        name: str,
+        names: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
         with_params: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
@@ -235,9 +268,7 @@ class AsyncClient:
         call = _calls.set_hyperparameters(name, group, options)
         return await self._send(call)
 
-    async def bias_correction(
-        self, name: str, step: float | None = None
-    ) -> BiasCorrectionReport:
+    async def bias_correction(self, name: str, step: float | None = None) -> BiasCorrectionReport:
         return await self._send(_calls.bias_correction(name, step))
 
     async def state_dict(self, name: str) -> dict[str, Any]:
@@ -249,7 +280,6 @@ class AsyncClient:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
         state, options = _state_dict.from_state_dict(await self.get(name), state_dict)
         await self.put_state(name, state, param_groups=options, replace=True)
-
 
     # -------------------------------------------------------------------- checkpoints
 
@@ -301,15 +331,19 @@ class AsyncClient:
         """
         from . import _checkpoint_transfer as transfer  # torch.distributed: imported on use
 
-        ckpt = await asyncio.to_thread(transfer.read_source, source, format, names, weights,
-                                       kind)
-        flow = transfer.import_flow(ckpt, name, step_into, device,
-                                    _calls.durability_policy(durability), progress)
+        ckpt = await asyncio.to_thread(transfer.read_source, source, format, names, weights, kind)
+        flow = transfer.import_flow(
+            ckpt, name, step_into, device, _calls.durability_policy(durability), progress
+        )
         return await self._run(flow)
 
     async def export_checkpoint(
-        self, name: str, path: str | os.PathLike[str] | None = None, *,
-        format: Literal["dcp", "torch"] = "torch", progress: bool | None = None,
+        self,
+        name: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        format: Literal["dcp", "torch"] = "torch",
+        progress: bool | None = None,
     ) -> OptimizerCheckpoint:
         """Read stepper ``name`` as an optimizer checkpoint and, given ``path``, write it
         where a training job loads it: ``"torch"`` writes ``optimizer.pt`` (PyTorch's
@@ -330,7 +364,11 @@ class AsyncClient:
         return await self._send(_calls.checkpoint(name))
 
     async def set_durability(
-        self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
+        self,
+        name: str,
+        policy: str | Mapping[str, Any],
+        *,
+        n: int | None = None,
         seconds: float | None = None,
     ) -> StepperSummary:
         """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
@@ -356,7 +394,11 @@ class AsyncClient:
         await self._send(_calls.delete_snapshot(name, snap))
 
     async def download_snapshot(
-        self, name: str, snap: str, path: str | os.PathLike[str], *,
+        self,
+        name: str,
+        snap: str,
+        path: str | os.PathLike[str],
+        *,
         progress: bool | None = None,
     ) -> Path:
         """Save snapshot ``snap`` as a file (streamed to disk; a progress bar on stderr
@@ -370,8 +412,7 @@ class AsyncClient:
                     await r.aread()
                     _base.raise_for_problem(r)
                 total = int(r.headers.get("content-length", 0)) or None
-                with Progress(total, f"{name}/{snap}", progress) as bar, \
-                        open(part, "wb") as f:
+                with Progress(total, f"{name}/{snap}", progress) as bar, open(part, "wb") as f:
                     async for chunk in r.aiter_bytes(_calls.FILE_CHUNK):
                         await asyncio.to_thread(f.write, chunk)
                         bar.update(len(chunk))
@@ -385,8 +426,12 @@ class AsyncClient:
         return target
 
     async def import_snapshot(
-        self, path: str | os.PathLike[str], name: str | None = None, *,
-        device: str | None = None, progress: bool | None = None,
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        device: str | None = None,
+        progress: bool | None = None,
     ) -> StepperSummary:
         """Create a stepper from a snapshot or checkpoint file (under ``name``, default the
         file's stepper name); a progress bar as for :meth:`download_snapshot`."""
@@ -396,7 +441,9 @@ class AsyncClient:
         try:
             with Progress(len(data), f"upload {source.name}", progress) as bar:
                 async with self._http.stream(
-                    "POST", url, params=tuple(query),
+                    "POST",
+                    url,
+                    params=tuple(query),
                     content=_achunks(data, bar),  # type: ignore[arg-type]  # bytes-like
                     headers=_calls.upload_headers(len(data)),
                 ) as r:
@@ -409,9 +456,14 @@ class AsyncClient:
     # -------------------------------------------------------------------- history and events
 
     async def history(
-        self, name: str, signal: str | Sequence[str] | None = None,
-        tensor: str | Sequence[str] | None = None, *, since: int | None = None,
-        limit: int | None = None, fmt: str = "json",
+        self,
+        name: str,
+        signal: str | Sequence[str] | None = None,
+        tensor: str | Sequence[str] | None = None,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        fmt: str = "json",
     ) -> HistoryReport | str:
         """The stepper's retained per-step signals (see :meth:`adamscope.client.Client.history`)."""
         call = _inspection.history(name, signal, tensor, since, limit, fmt)
@@ -433,22 +485,33 @@ class AsyncClient:
         return await self._send(call)
 
     async def events(
-        self, stepper: str | Sequence[str] | None = None, *,
-        tensors: Sequence[str] | None = None, replay: int = 0,
-        last_event_id: str | None = None, heartbeat: float | None = None,
-        max_events: int | None = None, duration: float | None = None,
+        self,
+        stepper: str | Sequence[str] | None = None,
+        *,
+        tensors: Sequence[str] | None = None,
+        replay: int = 0,
+        last_event_id: str | None = None,
+        heartbeat: float | None = None,
+        max_events: int | None = None,
+        duration: float | None = None,
         heartbeats: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """The live event stream as an async iterator (see :meth:`.Client.events`)."""
-        path, params, headers = _sse.events_request(stepper, tensors, replay, last_event_id,
-                                                     heartbeat, max_events, duration)
+        path, params, headers = _sse.events_request(
+            stepper, tensors, replay, last_event_id, heartbeat, max_events, duration
+        )
         base = self._http.timeout
-        timeout = httpx.Timeout(base.connect, read=max(base.read or 0, 4 * (heartbeat or 15)),
-                                write=base.write, pool=base.pool)
+        timeout = httpx.Timeout(
+            base.connect,
+            read=max(base.read or 0, 4 * (heartbeat or 15)),
+            write=base.write,
+            pool=base.pool,
+        )
         parser = _sse.SSEParser(heartbeats)
         try:
-            async with self._http.stream("GET", path, params=tuple(params), headers=headers,
-                                         timeout=timeout) as r:
+            async with self._http.stream(
+                "GET", path, params=tuple(params), headers=headers, timeout=timeout
+            ) as r:
                 if not r.is_success:
                     await r.aread()
                     _base.raise_for_problem(r)
@@ -462,18 +525,26 @@ class AsyncClient:
     # -------------------------------------------------------------------- inspection
 
     async def stats(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
-        *, quantiles: Sequence[float] | None = None, bins: int = 32,
-        hist_range: tuple[float, float] | None = None, log: bool = False,
-        log_range: tuple[float, float] | None = None, aggregate: bool = True,
+        self,
+        name: str,
+        names: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        *,
+        quantiles: Sequence[float] | None = None,
+        bins: int = 32,
+        hist_range: tuple[float, float] | None = None,
+        log: bool = False,
+        log_range: tuple[float, float] | None = None,
+        aggregate: bool = True,
     ) -> dict[str, Any]:
         """Statistics (norm, moments, extremes, NaN/Inf/zero counts, quantiles, histograms)
         of ``keys`` (``param``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``m_hat``,
         ``v_hat``, ``lr_eff``, ``update``) per parameter and aggregated, computed where the
         state lives: ``{"step", "tensors": {param: {key: stats}}, "aggregate": {key: stats},
         "missing": [...]}``."""
-        call = _inspection.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
-                           aggregate)
+        call = _inspection.stats(
+            name, names, keys, quantiles, bins, hist_range, log, log_range, aggregate
+        )
         return await self._send(call)
 
     async def signals(self, name: str) -> dict[str, Any]:
@@ -481,17 +552,30 @@ class AsyncClient:
         "aggregate": {signal: value}, "sample": {param: n}}``."""
         return await self._send(_inspection.signals(name))
 
-    async def slice(self, name: str, param: str, key: str = "param", *,
-              index: str | int | None = None, rows: str | None = None) -> torch.Tensor:
+    async def slice(
+        self,
+        name: str,
+        param: str,
+        key: str = "param",
+        *,
+        index: str | int | None = None,
+        rows: str | None = None,
+    ) -> torch.Tensor:
         """A selection of one tensor or view: ``index`` numpy-style (``3``, ``"0:4"``,
         ``"2,1:10:2"``) or ``rows`` (``"a:b"`` over the first dimension)."""
         call = _inspection.slice_tensor(name, param, key, index, rows)
         return await self._send(call)
 
     async def dry_run(
-        self, name: str, grads: Mapping[str, torch.Tensor], *,
-        param_groups: Sequence[Mapping[str, Any]] | None = None, return_update: bool = False,
-        quantiles: Sequence[float] | None = None, bins: int = 32, log: bool = False,
+        self,
+        name: str,
+        grads: Mapping[str, torch.Tensor],
+        *,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        return_update: bool = False,
+        quantiles: Sequence[float] | None = None,
+        bins: int = 32,
+        log: bool = False,
     ) -> DryRunReply:
         """What a step with ``grads`` would do, without doing it: statistics of the update
         and gradients and the step's signals; with ``return_update`` also the would-be

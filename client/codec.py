@@ -128,11 +128,15 @@ def _layout(spec: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> str:
             raise CodecError("'__metadata__' is reserved and cannot name a tensor")
         tag = _TAG_OF.get(dtype)
         if tag is None:
-            raise CodecError(f"tensor {name!r} has dtype {dtype_name(dtype)}, "
-                             "which safetensors cannot carry")
+            raise CodecError(
+                f"tensor {name!r} has dtype {dtype_name(dtype)}, which safetensors cannot carry"
+            )
         size = math.prod(shape) * dtype.itemsize
-        entries[name] = {"dtype": tag, "shape": list(shape),
-                         "data_offsets": [offset, offset + size]}
+        entries[name] = {
+            "dtype": tag,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     return json.dumps(entries, separators=(",", ":"))[1:-1]
 
@@ -160,9 +164,7 @@ def encode_parts(
     return struct.pack("<Q", len(head)) + head, chunks
 
 
-def encode(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialize ``tensors`` (in the mapping's order) and optional string metadata."""
     head, chunks = encode_parts(tensors, metadata)
     return b"".join([head, *chunks])
@@ -207,8 +209,9 @@ def _too_deep(value: Any) -> bool:
     return True
 
 
-def load_json(raw: str | bytes | bytearray | memoryview, what: str = "JSON",
-              object_pairs_hook: Any = None) -> Any:
+def load_json(
+    raw: str | bytes | bytearray | memoryview, what: str = "JSON", object_pairs_hook: Any = None
+) -> Any:
     """``json.loads`` for anything received: malformed, non-UTF-8 or deeper than
     :data:`MAX_JSON_DEPTH` JSON is a :class:`CodecError` saying ``what`` was wrong."""
     text = bytes(raw) if isinstance(raw, bytearray | memoryview) else raw
@@ -239,16 +242,18 @@ def check_shape(shape: Any, what: str) -> list[int]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise CodecError(f"{what} has an invalid shape {_brief(shape)}: expected a list of "
-                         "integers >= 0")
+        raise CodecError(
+            f"{what} has an invalid shape {_brief(shape)}: expected a list of integers >= 0"
+        )
     if len(shape) > MAX_DIMS:
         raise CodecError(f"{what} has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
     span = 1
     for d in shape:
         span *= d or 1
         if span > MAX_SPAN:
-            raise CodecError(f"{what} has shape {_brief(shape)}, which spans more than "
-                             f"{MAX_SPAN} elements")
+            raise CodecError(
+                f"{what} has shape {_brief(shape)}, which spans more than {MAX_SPAN} elements"
+            )
     return shape
 
 

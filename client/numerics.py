@@ -94,5 +94,6 @@ class Factors:
 
 def adam_factors(group: Mapping[str, Any], step: float) -> Factors:
     beta1, beta2 = (float(b) for b in group["betas"])
-    return Factors(float(step), float(group["lr"]), beta1, beta2, float(group["eps"]),
-                   bool(group["amsgrad"]))
+    return Factors(
+        float(step), float(group["lr"]), beta1, beta2, float(group["eps"]), bool(group["amsgrad"])
+    )

@@ -109,8 +109,9 @@ class _Remote:
             # torch < 2.6 takes no (name, tensor) pairs: keep the names here only.
             super().__init__(unnamed, *args, **kwargs)  # type: ignore[call-arg]
         tensors = [p for g in self.param_groups for p in g["params"]]
-        self.names: list[str] = names if names is not None else [str(i) for i in
-                                                                  range(len(tensors))]
+        self.names: list[str] = (
+            names if names is not None else [str(i) for i in range(len(tensors))]
+        )
         self._params = tensors
         self._owns_client = client is None
         self.client = client or Client(url, token=token)  # token: else $ADAMSCOPE_TOKEN
@@ -140,12 +141,20 @@ class _Remote:
         try:
             summary = self.client.get(self.name)
         except StepperNotFoundError:
-            groups = [{"params": names, **opts}
-                      for names, opts in zip(self._group_names(), self._options(), strict=True)]
+            groups = [
+                {"params": names, **opts}
+                for names, opts in zip(self._group_names(), self._options(), strict=True)
+            ]
             try:
-                self.client.create(self.name, list(zip(self.names, self._params, strict=True)),
-                                   optimizer=self._kind, device=self._device, groups=groups,
-                                   durability=self._durability, shards=self._shards)
+                self.client.create(
+                    self.name,
+                    list(zip(self.names, self._params, strict=True)),
+                    optimizer=self._kind,
+                    device=self._device,
+                    groups=groups,
+                    durability=self._durability,
+                    shards=self._shards,
+                )
                 self._synced = self._options()
                 self.remote_step = 0
                 return
@@ -166,8 +175,9 @@ class _Remote:
             r = info.get(n)
             local_dtype = str(p.dtype).removeprefix("torch.")
             if r is not None and (r.shape != list(p.shape) or r.dtype != local_dtype):
-                problems.append(f"{n}: remote {r.shape} {r.dtype}, local {list(p.shape)} "
-                                f"{local_dtype}")
+                problems.append(
+                    f"{n}: remote {r.shape} {r.dtype}, local {list(p.shape)} {local_dtype}"
+                )
         if problems:
             raise RemoteOptimizerMismatch(
                 f"stepper {self.name!r} exists with different parameters: " + "; ".join(problems)
@@ -215,9 +225,16 @@ class _Remote:
             # The step carries a fresh idempotency key (the client's retries reuse it, so a
             # lost reply never applies it twice) and the step this optimizer last saw: if
             # anyone else stepped the stepper since, StepConflictError, not a silent mix.
-            reply = self.client.step(self.name, grads, return_params=True, param_groups=changed,
-                                     only_stepped=True, into=index, wire_dtype=self.wire_dtype,
-                                     expected_step=self.remote_step)
+            reply = self.client.step(
+                self.name,
+                grads,
+                return_params=True,
+                param_groups=changed,
+                only_stepped=True,
+                into=index,
+                wire_dtype=self.wire_dtype,
+                expected_step=self.remote_step,
+            )
         except (ProtocolError, TransportError):
             # A reply cut short (bad bytes, or the connection lost mid-body) may have left
             # some tensors half-written.
@@ -247,10 +264,14 @@ class _Remote:
         """PyTorch's ``Optimizer.state_dict()`` of the remote state (loads into a local Adam)."""
         remote = self.client.get_state(self.name)
         local = self.state
-        self.state = defaultdict(dict, {
-            p: dict(remote[n]) for n, p in zip(self.names, self._params, strict=True)
-            if remote.get(n)
-        })
+        self.state = defaultdict(
+            dict,
+            {
+                p: dict(remote[n])
+                for n, p in zip(self.names, self._params, strict=True)
+                if remote.get(n)
+            },
+        )
         try:
             return super().state_dict()  # type: ignore[misc, no-any-return]
         finally:
@@ -260,8 +281,11 @@ class _Remote:
         """Load a ``torch.optim.Adam`` state_dict: PyTorch's checks and casts, then upload."""
         before = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        loaded = {n: dict(self.state[p]) for n, p in zip(self.names, self._params, strict=True)
-                  if self.state.get(p)}
+        loaded = {
+            n: dict(self.state[p])
+            for n, p in zip(self.names, self._params, strict=True)
+            if self.state.get(p)
+        }
         self.state = defaultdict(dict)
         try:
             self.client.put_state(self.name, loaded, param_groups=self._options(), replace=True)

@@ -32,8 +32,13 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Bytes done out of ``total`` (None: unknown), redrawn at most every 0.1 s."""
 
-    def __init__(self, total: int | None, label: str, enabled: bool | None = None,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        label: str,
+        enabled: bool | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -53,8 +58,10 @@ class Progress:
             frac = min(self.done / self.total, 1.0)
             filled = int(frac * WIDTH)
             bar = "#" * filled + "." * (WIDTH - filled)
-            return (f"{self.label} [{bar}] {frac * 100:5.1f}% "
-                    f"{human_bytes(self.done)}/{human_bytes(self.total)} {rate}")
+            return (
+                f"{self.label} [{bar}] {frac * 100:5.1f}% "
+                f"{human_bytes(self.done)}/{human_bytes(self.total)} {rate}"
+            )
         return f"{self.label} {human_bytes(self.done)} {rate}"
 
     def _draw(self) -> None:

@@ -188,11 +188,16 @@ class CreateStepper(_Model):
         None, description="when the state is written to disk; the service default if omitted"
     )
     kind: StepperKind = Field(
-        "hosted", description="'hosted': stepped here; 'frozen': an imported checkpoint that "
-        "refuses steps (its state and options can still be edited); see PATCH /steppers/{name}")
+        "hosted",
+        description="'hosted': stepped here; 'frozen': an imported checkpoint that "
+        "refuses steps (its state and options can still be edited); see PATCH /steppers/{name}",
+    )
     step: int = Field(
-        0, ge=0, description="the step count to start at: an imported checkpoint's training "
-        "step (each parameter's own Adam step travels in its state)")
+        0,
+        ge=0,
+        description="the step count to start at: an imported checkpoint's training "
+        "step (each parameter's own Adam step travels in its state)",
+    )
 
 
 class StepperPatch(_Model):
@@ -242,15 +247,18 @@ class MemoryFootprint(_Model):
 class StepperSummary(_Model):
     name: str
     kind: StepperKind = Field(
-        "hosted", description="'hosted': stepped by this service; 'frozen': an imported "
-        "checkpoint that refuses steps until made 'hosted'")
+        "hosted",
+        description="'hosted': stepped by this service; 'frozen': an imported "
+        "checkpoint that refuses steps until made 'hosted'",
+    )
     optimizer: Literal["adam", "adamw"]
     device: str
     step: int = Field(description="number of step requests applied to this stepper")
     numel: int
     state_bytes: int = Field(description="bytes held by parameters and Adam state")
     footprint: MemoryFootprint | None = Field(
-        None, description="the memory the stepper holds, by kind, under its current options")
+        None, description="the memory the stepper holds, by kind, under its current options"
+    )
     params: list[ParamInfo]
     groups: list[GroupInfo]
     created_at: float
@@ -263,8 +271,10 @@ class StepperSummary(_Model):
     dirty: bool | None = Field(None, description="whether changes are not yet on disk")
     alerts: AlertsBrief | None = Field(None, description="alerts raised by its signals")
     placement: dict[str, Any] | None = Field(
-        None, description="distributed mode (serve --ray): the slots (Ray actors) holding "
-        "the stepper or its shards, and its recoveries")
+        None,
+        description="distributed mode (serve --ray): the slots (Ray actors) holding "
+        "the stepper or its shards, and its recoveries",
+    )
 
 
 class StepperList(_Model):
@@ -276,11 +286,15 @@ class StepResult(_Model):
     step: int = Field(description="the stepper's step after this request")
     stepped: list[str] = Field(description="parameters updated (those sent a gradient)")
     skipped: list[str] = Field(description="parameters left as they were (no gradient)")
-    replayed: bool = Field(False, description="this key's step had been applied before: "
-                                             "the original result, not applied again")
+    replayed: bool = Field(
+        False,
+        description="this key's step had been applied before: "
+        "the original result, not applied again",
+    )
     applied: bool = Field(True, description="false: a contribution waiting for the others")
-    pending: list[int] = Field(default_factory=list,
-                               description="accumulate mode: workers that have contributed")
+    pending: list[int] = Field(
+        default_factory=list, description="accumulate mode: workers that have contributed"
+    )
 
 
 class BiasCorrection(_Model):
@@ -310,7 +324,8 @@ class BiasCorrectionReport(_Model):
 
 class SnapshotRequest(_Model):
     name: str | None = Field(
-        None, pattern=STEPPER_NAME_PATTERN,
+        None,
+        pattern=STEPPER_NAME_PATTERN,
         description="snapshot name; 'step<N>-<UTC time>' when omitted",
     )
 
@@ -380,19 +395,30 @@ class AlertRule(_Floats):
     """
 
     kind: Literal["swing", "above", "below", "nonfinite"]
-    signal: str | None = Field(None, min_length=1, max_length=64,
-                               description="signal name (required except for nonfinite)")
+    signal: str | None = Field(
+        None, min_length=1, max_length=64, description="signal name (required except for nonfinite)"
+    )
     tensor: str | None = Field(
-        "*", max_length=512,
+        "*",
+        max_length=512,
         description="'*': every parameter tensor; a name: that tensor; null: the stepper's "
-                    "aggregate signals")
-    threshold: float | None = Field(None, allow_inf_nan=False,
-                                    description="required for swing, above and below")
-    after_step: int = Field(0, ge=0, le=INT64_MAX,
-                            description="only evaluated at steps after this one "
-                                        "(skip the bias-correction warm-up)")
-    name: str | None = Field(None, min_length=1, max_length=200,
-                             description="label of the rule; derived from it when omitted")
+        "aggregate signals",
+    )
+    threshold: float | None = Field(
+        None, allow_inf_nan=False, description="required for swing, above and below"
+    )
+    after_step: int = Field(
+        0,
+        ge=0,
+        le=INT64_MAX,
+        description="only evaluated at steps after this one (skip the bias-correction warm-up)",
+    )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="label of the rule; derived from it when omitted",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> AlertRule:
@@ -465,9 +491,12 @@ class AlertsReport(_Floats):
 class LossReport(_Floats):
     """``POST .../loss``: a training loss to record in the history (NaN/Inf allowed)."""
 
-    step: int | None = Field(None, ge=0, le=INT64_MAX,
-                             description="the step it belongs to; default: the "
-                                                     "stepper's current step")
+    step: int | None = Field(
+        None,
+        ge=0,
+        le=INT64_MAX,
+        description="the step it belongs to; default: the stepper's current step",
+    )
     loss: float
 
 
@@ -512,12 +541,19 @@ class Identity(_Model):
 
     name: str = Field(description="the token's label (its configured name)")
     scope: Literal["read", "write", "admin"] = Field(description="read < write < admin")
-    prefix: str | None = Field(description="the token's stepper-name namespace: the name "
-                                           "itself and names continuing it after a separator "
-                                           "(- . _); null: all")
-    reaches: str | None = Field(None, description="which steppers the token reaches, in words "
-                                                  "(e.g. \"the stepper 'team-a' and steppers "
-                                                  "whose name starts with 'team-a-', 'team-a.' "
-                                                  "or 'team-a_'\")")
-    tokens: bool = Field(description="whether the service checks tokens (false: every "
-                                     "client on its loopback address is an admin)")
+    prefix: str | None = Field(
+        description="the token's stepper-name namespace: the name "
+        "itself and names continuing it after a separator "
+        "(- . _); null: all"
+    )
+    reaches: str | None = Field(
+        None,
+        description="which steppers the token reaches, in words "
+        "(e.g. \"the stepper 'team-a' and steppers "
+        "whose name starts with 'team-a-', 'team-a.' "
+        "or 'team-a_'\")",
+    )
+    tokens: bool = Field(
+        description="whether the service checks tokens (false: every "
+        "client on its loopback address is an admin)"
+    )

@@ -100,9 +100,13 @@ class Client:
     def _send_once(self, call: Call[T]) -> T:
         try:
             with self._http.stream(
-                call.method, call.path, params=tuple(call.params), json=call.json_body,
+                call.method,
+                call.path,
+                params=tuple(call.params),
+                json=call.json_body,
                 content=call.parts,  # type: ignore[arg-type]  # memoryviews are bytes-like
-                headers=call.headers(), extensions=call.extensions(),
+                headers=call.headers(),
+                extensions=call.extensions(),
             ) as response:
                 if call.receive is not None and _base.is_tensor_body(response):
                     readinto = response.extensions.get(READINTO_EXTENSION)
@@ -144,8 +148,16 @@ class Client:
         service's). ``shards`` (distributed mode only) splits the stepper by parameter
         tensors over that many slots.
         """
-        call = _calls.create(name, params, optimizer, device, groups, hyperparameters,
-                            _calls.durability_policy(durability), shards)
+        call = _calls.create(
+            name,
+            params,
+            optimizer,
+            device,
+            groups,
+            hyperparameters,
+            _calls.durability_policy(durability),
+            shards,
+        )
         return self._send(call)
 
     def set_kind(self, name: str, kind: str) -> StepperSummary:
@@ -178,8 +190,17 @@ class Client:
         ``torch.float16``) halves the bytes both ways and is LOSSY: gradients are rounded
         before the step and the returned parameters are rounded copies of the stepper's.
         """
-        call = _calls.step(name, grads, return_params, param_groups, into, only_stepped,
-                          wire_dtype, key, expected_step)
+        call = _calls.step(
+            name,
+            grads,
+            return_params,
+            param_groups,
+            into,
+            only_stepped,
+            wire_dtype,
+            key,
+            expected_step,
+        )
         return self._send(call)
 
     def contribute(
@@ -198,8 +219,18 @@ class Client:
         next step, applied (with the mean gradient) once all have contributed. ``wait``
         seconds to block for that; ``reply.applied`` is False if it has not happened yet.
         Retried contributions count once."""
-        call = _calls.step(name, grads, return_params, None, into, False, None, key, None,
-                          (worker, contributors, wait))
+        call = _calls.step(
+            name,
+            grads,
+            return_params,
+            None,
+            into,
+            False,
+            None,
+            key,
+            None,
+            (worker, contributors, wait),
+        )
         return self._send(call)
 
     def commit(self, name: str) -> StepReply:
@@ -207,7 +238,9 @@ class Client:
         return self._send(_calls.commit(name))
 
     def get_params(
-        self, name: str, names: Sequence[str] | None = None,
+        self,
+        name: str,
+        names: Sequence[str] | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Parameter values; those named in ``into`` are written into its tensors in place."""
@@ -217,7 +250,10 @@ class Client:
         self._send(_calls.put_params(name, tensors))
 
     def get_state(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+        self,
+        name: str,
+        names: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
         with_params: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``{param: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}}``; with
@@ -257,7 +293,6 @@ class Client:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
         state, options = _state_dict.from_state_dict(self.get(name), state_dict)
         self.put_state(name, state, param_groups=options, replace=True)
-
 
     # -------------------------------------------------------------------- checkpoints
 
@@ -309,13 +344,18 @@ class Client:
         from . import _checkpoint_transfer as transfer  # torch.distributed: imported on use
 
         ckpt = transfer.read_source(source, format, names, weights, kind)
-        flow = transfer.import_flow(ckpt, name, step_into, device,
-                                    _calls.durability_policy(durability), progress)
+        flow = transfer.import_flow(
+            ckpt, name, step_into, device, _calls.durability_policy(durability), progress
+        )
         return self._run(flow)  # type: ignore[no-any-return]
 
     def export_checkpoint(
-        self, name: str, path: str | os.PathLike[str] | None = None, *,
-        format: Literal["dcp", "torch"] = "torch", progress: bool | None = None,
+        self,
+        name: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        format: Literal["dcp", "torch"] = "torch",
+        progress: bool | None = None,
     ) -> OptimizerCheckpoint:
         """Read stepper ``name`` as an optimizer checkpoint and, given ``path``, write it
         where a training job loads it: ``"torch"`` writes ``optimizer.pt`` (PyTorch's
@@ -336,7 +376,11 @@ class Client:
         return self._send(_calls.checkpoint(name))
 
     def set_durability(
-        self, name: str, policy: str | Mapping[str, Any], *, n: int | None = None,
+        self,
+        name: str,
+        policy: str | Mapping[str, Any],
+        *,
+        n: int | None = None,
         seconds: float | None = None,
     ) -> StepperSummary:
         """Change when the stepper is written to disk: ``"every_step"``, ``"every_n"`` (with
@@ -361,7 +405,11 @@ class Client:
         self._send(_calls.delete_snapshot(name, snap))
 
     def download_snapshot(
-        self, name: str, snap: str, path: str | os.PathLike[str], *,
+        self,
+        name: str,
+        snap: str,
+        path: str | os.PathLike[str],
+        *,
         progress: bool | None = None,
     ) -> Path:
         """Save snapshot ``snap`` as a file (streamed to disk; a progress bar on stderr
@@ -375,8 +423,7 @@ class Client:
                     r.read()
                     _base.raise_for_problem(r)
                 total = int(r.headers.get("content-length", 0)) or None
-                with Progress(total, f"{name}/{snap}", progress) as bar, \
-                        open(part, "wb") as f:
+                with Progress(total, f"{name}/{snap}", progress) as bar, open(part, "wb") as f:
                     for chunk in r.iter_bytes(_calls.FILE_CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -390,8 +437,12 @@ class Client:
         return target
 
     def import_snapshot(
-        self, path: str | os.PathLike[str], name: str | None = None, *,
-        device: str | None = None, progress: bool | None = None,
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        device: str | None = None,
+        progress: bool | None = None,
     ) -> StepperSummary:
         """Create a stepper from a snapshot or checkpoint file (under ``name``, default the
         file's stepper name); a progress bar as for :meth:`download_snapshot`."""
@@ -399,10 +450,16 @@ class Client:
         data = source.read_bytes()
         url, query = _calls.import_request(name, device)
         try:
-            with Progress(len(data), f"upload {source.name}", progress) as bar, \
-                    self._http.stream("POST", url, params=tuple(query),
-                                      content=_calls.progress_chunks(data, bar),  # type: ignore[arg-type]
-                                      headers=_calls.upload_headers(len(data))) as r:
+            with (
+                Progress(len(data), f"upload {source.name}", progress) as bar,
+                self._http.stream(
+                    "POST",
+                    url,
+                    params=tuple(query),
+                    content=_calls.progress_chunks(data, bar),  # type: ignore[arg-type]
+                    headers=_calls.upload_headers(len(data)),
+                ) as r,
+            ):
                 r.read()
         except httpx.TransportError as e:
             raise TransportError(f"POST {url}: {e!r}") from e
@@ -412,9 +469,14 @@ class Client:
     # -------------------------------------------------------------------- history and events
 
     def history(
-        self, name: str, signal: str | Sequence[str] | None = None,
-        tensor: str | Sequence[str] | None = None, *, since: int | None = None,
-        limit: int | None = None, fmt: str = "json",
+        self,
+        name: str,
+        signal: str | Sequence[str] | None = None,
+        tensor: str | Sequence[str] | None = None,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        fmt: str = "json",
     ) -> HistoryReport | str:
         """The stepper's retained per-step signals: the aggregate's time series, plus those
         of ``tensor`` (names, or ``"*"`` for all), of ``signal`` (default all), for steps
@@ -438,10 +500,15 @@ class Client:
         return self._send(_inspection.report_loss(name, step, loss))
 
     def events(
-        self, stepper: str | Sequence[str] | None = None, *,
-        tensors: Sequence[str] | None = None, replay: int = 0,
-        last_event_id: str | None = None, heartbeat: float | None = None,
-        max_events: int | None = None, duration: float | None = None,
+        self,
+        stepper: str | Sequence[str] | None = None,
+        *,
+        tensors: Sequence[str] | None = None,
+        replay: int = 0,
+        last_event_id: str | None = None,
+        heartbeat: float | None = None,
+        max_events: int | None = None,
+        duration: float | None = None,
         heartbeats: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """The live event stream (Server-Sent Events) as dicts ``{"event", "id", "data"}``:
@@ -453,15 +520,21 @@ class Client:
         ``last_event_id`` resumes after an event received before. The stream ends after
         ``max_events`` step events or ``duration`` seconds, or when the iterator is closed
         (``contextlib.closing`` or ``break``)."""
-        path, params, headers = _sse.events_request(stepper, tensors, replay, last_event_id,
-                                                     heartbeat, max_events, duration)
+        path, params, headers = _sse.events_request(
+            stepper, tensors, replay, last_event_id, heartbeat, max_events, duration
+        )
         base = self._http.timeout
-        timeout = httpx.Timeout(base.connect, read=max(base.read or 0, 4 * (heartbeat or 15)),
-                                write=base.write, pool=base.pool)
+        timeout = httpx.Timeout(
+            base.connect,
+            read=max(base.read or 0, 4 * (heartbeat or 15)),
+            write=base.write,
+            pool=base.pool,
+        )
         parser = _sse.SSEParser(heartbeats)
         try:
-            with self._http.stream("GET", path, params=tuple(params), headers=headers,
-                                   timeout=timeout) as r:
+            with self._http.stream(
+                "GET", path, params=tuple(params), headers=headers, timeout=timeout
+            ) as r:
                 if not r.is_success:
                     r.read()
                     _base.raise_for_problem(r)
@@ -475,18 +548,26 @@ class Client:
     # -------------------------------------------------------------------- inspection
 
     def stats(
-        self, name: str, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
-        *, quantiles: Sequence[float] | None = None, bins: int = 32,
-        hist_range: tuple[float, float] | None = None, log: bool = False,
-        log_range: tuple[float, float] | None = None, aggregate: bool = True,
+        self,
+        name: str,
+        names: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        *,
+        quantiles: Sequence[float] | None = None,
+        bins: int = 32,
+        hist_range: tuple[float, float] | None = None,
+        log: bool = False,
+        log_range: tuple[float, float] | None = None,
+        aggregate: bool = True,
     ) -> dict[str, Any]:
         """Statistics (norm, moments, extremes, NaN/Inf/zero counts, quantiles, histograms)
         of ``keys`` (``param``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``m_hat``,
         ``v_hat``, ``lr_eff``, ``update``) per parameter and aggregated, computed where the
         state lives: ``{"step", "tensors": {param: {key: stats}}, "aggregate": {key: stats},
         "missing": [...]}``."""
-        call = _inspection.stats(name, names, keys, quantiles, bins, hist_range, log, log_range,
-                           aggregate)
+        call = _inspection.stats(
+            name, names, keys, quantiles, bins, hist_range, log, log_range, aggregate
+        )
         return self._send(call)
 
     def signals(self, name: str) -> dict[str, Any]:
@@ -494,17 +575,30 @@ class Client:
         "aggregate": {signal: value}, "sample": {param: n}}``."""
         return self._send(_inspection.signals(name))
 
-    def slice(self, name: str, param: str, key: str = "param", *,
-              index: str | int | None = None, rows: str | None = None) -> torch.Tensor:
+    def slice(
+        self,
+        name: str,
+        param: str,
+        key: str = "param",
+        *,
+        index: str | int | None = None,
+        rows: str | None = None,
+    ) -> torch.Tensor:
         """A selection of one tensor or view: ``index`` numpy-style (``3``, ``"0:4"``,
         ``"2,1:10:2"``) or ``rows`` (``"a:b"`` over the first dimension)."""
         call = _inspection.slice_tensor(name, param, key, index, rows)
         return self._send(call)
 
     def dry_run(
-        self, name: str, grads: Mapping[str, torch.Tensor], *,
-        param_groups: Sequence[Mapping[str, Any]] | None = None, return_update: bool = False,
-        quantiles: Sequence[float] | None = None, bins: int = 32, log: bool = False,
+        self,
+        name: str,
+        grads: Mapping[str, torch.Tensor],
+        *,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        return_update: bool = False,
+        quantiles: Sequence[float] | None = None,
+        bins: int = 32,
+        log: bool = False,
     ) -> DryRunReply:
         """What a step with ``grads`` would do, without doing it: statistics of the update
         and gradients and the step's signals; with ``return_update`` also the would-be

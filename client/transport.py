@@ -78,8 +78,15 @@ class _Connection:
 class _Body(httpx.SyncByteStream):
     """A response body read off the socket: iterable, and ``readinto`` for zero-copy."""
 
-    def __init__(self, transport: WireTransport, key: tuple[str, int], conn: _Connection,
-                 length: int | None, chunked: bool, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        transport: WireTransport,
+        key: tuple[str, int],
+        conn: _Connection,
+        length: int | None,
+        chunked: bool,
+        keep_alive: bool,
+    ) -> None:
         self._transport = transport
         self._key = key
         self._conn: _Connection | None = conn
@@ -221,8 +228,14 @@ class WireTransport(httpx.BaseTransport):
                 pass  # the server closed an idle connection before reading anything
         return self._exchange(request, key, self._connect(key, timeout), timeout, reused=False)
 
-    def _exchange(self, request: httpx.Request, key: tuple[str, int], conn: _Connection,
-                  timeout: dict[str, Any], reused: bool) -> httpx.Response:
+    def _exchange(
+        self,
+        request: httpx.Request,
+        key: tuple[str, int],
+        conn: _Connection,
+        timeout: dict[str, Any],
+        reused: bool,
+    ) -> httpx.Response:
         target = request.url.raw_path.decode("ascii")
         lines = [f"{request.method} {target} HTTP/1.1"]
         headers = request.headers.copy()
@@ -269,13 +282,17 @@ class WireTransport(httpx.BaseTransport):
         keep = response_headers.get("connection", "").lower() != "close"
         stream = _Body(self, key, conn, length, chunked, keep)
         return httpx.Response(
-            status, headers=response_headers.multi_items(), stream=stream,
-            extensions={READINTO_EXTENSION: stream.readinto, "http_version": b"HTTP/1.1",
-                        "reason_phrase": reason.encode("latin-1")},
+            status,
+            headers=response_headers.multi_items(),
+            stream=stream,
+            extensions={
+                READINTO_EXTENSION: stream.readinto,
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": reason.encode("latin-1"),
+            },
         )
 
-    def _read_head(self, conn: _Connection,
-                   reused: bool) -> tuple[int, str, httpx.Headers]:
+    def _read_head(self, conn: _Connection, reused: bool) -> tuple[int, str, httpx.Headers]:
         while True:
             try:
                 line = conn.readline()

@@ -41,8 +41,10 @@ HYPER = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(),
-        nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
+        nn.Linear(IN_FEATURES, HIDDEN),
+        nn.Tanh(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.Tanh(),
         nn.Linear(HIDDEN, 1),
     )
 
@@ -56,8 +58,9 @@ def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    x: torch.Tensor, y: torch.Tensor, steps: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same minibatch sequence every time it is called with the same seed."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -65,8 +68,14 @@ def batches(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int
         yield x[idx], y[idx]
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
-          steps: int, seed: int, print_every: int = 0) -> float:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    seed: int,
+    print_every: int = 0,
+) -> float:
     """Plain PyTorch training loop; identical for the remote and the local optimizer."""
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=1e-4)
     loss_fn = nn.MSELoss()
@@ -84,34 +93,49 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor
 
 def inspect(client: Client, name: str, param: str) -> None:
     summary = client.get(name)
-    print(f"\nStepper {summary.name!r}: {summary.optimizer} on {summary.device}, "
-          f"step {summary.step}, {summary.numel:,} parameters, "
-          f"{summary.state_bytes:,} bytes of parameters + state")
+    print(
+        f"\nStepper {summary.name!r}: {summary.optimizer} on {summary.device}, "
+        f"step {summary.step}, {summary.numel:,} parameters, "
+        f"{summary.state_bytes:,} bytes of parameters + state"
+    )
     for group in summary.groups:
         # lr is the one the last step used: the scheduler's next change travels with the next step
-        print(f"  group {group.index}: lr={group.lr:.6g} betas={group.betas} eps={group.eps:g} "
-              f"weight_decay={group.weight_decay:g} params={group.params}")
+        print(
+            f"  group {group.index}: lr={group.lr:.6g} betas={group.betas} eps={group.eps:g} "
+            f"weight_decay={group.weight_decay:g} params={group.params}"
+        )
     for p in summary.params:
         print(f"  {p.name:10s} shape={p.shape} dtype={p.dtype} step={p.step} state={p.state}")
 
     report = client.bias_correction(name)
     bc = report.groups[0]
-    print(f"\nBias correction at step {bc.step:g} (group 0): 1-beta1^t = {bc.bias_correction1:.6g}"
-          f", 1-beta2^t = {bc.bias_correction2:.6g}, sqrt = {bc.bias_correction2_sqrt:.6g}, "
-          f"step size lr/(1-beta1^t) = {bc.step_size:.6g}")
+    print(
+        f"\nBias correction at step {bc.step:g} (group 0): 1-beta1^t = {bc.bias_correction1:.6g}"
+        f", 1-beta2^t = {bc.bias_correction2:.6g}, sqrt = {bc.bias_correction2_sqrt:.6g}, "
+        f"step size lr/(1-beta1^t) = {bc.step_size:.6g}"
+    )
 
     v = client.get_state(name, names=[param], keys=["exp_avg_sq"])[param]["exp_avg_sq"]
     v_hat = v / bc.bias_correction2
     effective = bc.step_size / (v_hat.sqrt() + HYPER["eps"])  # per-element step scale
-    print(f"\nexp_avg_sq of {param!r} {list(v.shape)}: min {v.min().item():.3e}  "
-          f"median {v.median().item():.3e}  max {v.max().item():.3e}  "
-          f"zeros {(v == 0).sum().item()}")
-    print(f"  update per unit of exp_avg, lr/bc1/(sqrt(v/bc2)+eps): "
-          f"median {effective.median().item():.3e}  max {effective.max().item():.3e}")
+    print(
+        f"\nexp_avg_sq of {param!r} {list(v.shape)}: min {v.min().item():.3e}  "
+        f"median {v.median().item():.3e}  max {v.max().item():.3e}  "
+        f"zeros {(v == 0).sum().item()}"
+    )
+    print(
+        f"  update per unit of exp_avg, lr/bc1/(sqrt(v/bc2)+eps): "
+        f"median {effective.median().item():.3e}  max {effective.max().item():.3e}"
+    )
 
 
-def compare(client: Client, name: str, remote_model: nn.Module, local_model: nn.Module,
-            local_opt: torch.optim.Optimizer) -> list[str]:
+def compare(
+    client: Client,
+    name: str,
+    remote_model: nn.Module,
+    local_model: nn.Module,
+    local_opt: torch.optim.Optimizer,
+) -> list[str]:
     """Differences between the service's params/state and the local run's (empty: identical)."""
     problems = []
     remote_params = client.get_params(name)
@@ -136,15 +160,25 @@ def compare(client: Client, name: str, remote_model: nn.Module, local_model: nn.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=os.environ.get("ADAMSCOPE_URL", "http://127.0.0.1:8470"),
-                        help="service URL (default $ADAMSCOPE_URL or http://127.0.0.1:8470)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("ADAMSCOPE_URL", "http://127.0.0.1:8470"),
+        help="service URL (default $ADAMSCOPE_URL or http://127.0.0.1:8470)",
+    )
     parser.add_argument("--name", default="example-mlp", help="stepper name")
     parser.add_argument("--steps", type=int, default=200, help="training steps")
-    parser.add_argument("--print-every", type=int, default=0,
-                        help="print the loss every N steps (default: about 10 lines)")
+    parser.add_argument(
+        "--print-every",
+        type=int,
+        default=0,
+        help="print the loss every N steps (default: about 10 lines)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the stepper on the service (default: delete it at the end)")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the stepper on the service (default: delete it at the end)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -154,18 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         health = client.health()
     except AdamscopeError as e:
-        print(f"cannot reach adamscope at {args.url} ({e}); start it with `adamscope serve`",
-              file=sys.stderr)
+        print(
+            f"cannot reach adamscope at {args.url} ({e}); start it with `adamscope serve`",
+            file=sys.stderr,
+        )
         return 2
-    print(f"adamscope {health['version']} at {args.url} (torch {health['torch']}, "
-          f"default device {health['default_device']})")
+    print(
+        f"adamscope {health['version']} at {args.url} (torch {health['torch']}, "
+        f"default device {health['default_device']})"
+    )
     try:
         client.get(args.name)
     except StepperNotFoundError:
         pass
     else:
-        print(f"a stepper named {args.name!r} already exists: pick another --name, or delete "
-              f"it (Client().delete({args.name!r}))", file=sys.stderr)
+        print(
+            f"a stepper named {args.name!r} already exists: pick another --name, or delete "
+            f"it (Client().delete({args.name!r}))",
+            file=sys.stderr,
+        )
         return 2
 
     data = make_data(args.seed)
@@ -173,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     local_model = copy.deepcopy(model)  # same initial weights, for the local replay
 
     # The stepper lives on the CPU so the local replay below runs the same kernels.
-    opt = RemoteAdam(model.named_parameters(), **HYPER, client=client, name=args.name,
-                     device="cpu")
+    opt = RemoteAdam(model.named_parameters(), **HYPER, client=client, name=args.name, device="cpu")
     try:
-        print(f"\nTraining {sum(p.numel() for p in model.parameters()):,} parameters for "
-              f"{args.steps} steps with RemoteAdam (stepper {args.name!r}):")
+        print(
+            f"\nTraining {sum(p.numel() for p in model.parameters()):,} parameters for "
+            f"{args.steps} steps with RemoteAdam (stepper {args.name!r}):"
+        )
         final = train(model, opt, data, args.steps, args.seed, print_every)
         print(f"final training loss {final:.6f}")
 
@@ -193,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             print("NOT bit-identical to local torch.optim.Adam:\n  " + "\n  ".join(problems))
             return 1
         n = len(list(model.parameters()))
-        print(f"VERIFIED: bit-identical to local torch.optim.Adam after {args.steps} steps "
-              f"(parameters and exp_avg/exp_avg_sq/step of all {n} tensors, torch.equal)")
+        print(
+            f"VERIFIED: bit-identical to local torch.optim.Adam after {args.steps} steps "
+            f"(parameters and exp_avg/exp_avg_sq/step of all {n} tensors, torch.equal)"
+        )
         return 0
     finally:
         if args.keep:

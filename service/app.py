@@ -62,8 +62,9 @@ def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()  # FastAPI's document, cached by FastAPI as app.openapi_schema
-        _, defs = models_json_schema([(m, "validation") for m in models],
-                                     ref_template="#/components/schemas/{model}")
+        _, defs = models_json_schema(
+            [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+        )
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, model_schema in defs.get("$defs", {}).items():
             schemas.setdefault(name, model_schema)
@@ -92,11 +93,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = app.state.registry = Registry()
     app.state.events.loop = asyncio.get_running_loop()
     registry.hooks.append(lambda stepper: _monitor(app, stepper))  # restored ones too
-    log.info("adamscope %s: default device %s, data in %s", __version__,
-             settings.default_device(), settings.data_dir)
+    log.info(
+        "adamscope %s: default device %s, data in %s",
+        __version__,
+        settings.default_device(),
+        settings.data_dir,
+    )
     log.info("%s", banner(settings, app.state.access))
     persistence = app.state.persistence = Persistence(
-        settings.data_dir, registry, settings.default_device(), settings.durability)
+        settings.data_dir, registry, settings.default_device(), settings.durability
+    )
     await asyncio.to_thread(persistence.restore_all)
     background = asyncio.create_task(flusher(persistence))
     try:
@@ -115,13 +121,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     table = load_access(settings)  # TokenConfigError here, before anything starts
-    app = FastAPI(title="adamscope", version=__version__, description=DESCRIPTION,
-                  lifespan=_lifespan)
+    app = FastAPI(
+        title="adamscope", version=__version__, description=DESCRIPTION, lifespan=_lifespan
+    )
     app.state.settings = settings
     app.state.access = table
     app.state.serving = ServingState()
-    app.state.history_config = HistoryConfig(steps=settings.history_steps,
-                                             tensor_values=settings.history_tensor_values)
+    app.state.history_config = HistoryConfig(
+        steps=settings.history_steps, tensor_values=settings.history_tensor_values
+    )
     app.state.events = EventHub(QUEUE_SIZE, settings.events_max_tensors)
     install_error_handlers(app)
     for router, prefix in ROUTERS:

@@ -85,16 +85,24 @@ class TokenSpec(BaseModel):
     # hide_input_in_errors: a validation error must not echo a (possibly real) token.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    token: SecretStr = Field(description=f"at least {MIN_TOKEN_LENGTH} characters of "
-                                         "A-Z a-z 0-9 - . _ ~ + / (RFC 6750 b64token)")
+    token: SecretStr = Field(
+        description=f"at least {MIN_TOKEN_LENGTH} characters of "
+        "A-Z a-z 0-9 - . _ ~ + / (RFC 6750 b64token)"
+    )
     scope: Scope = Field(description="read < write < admin")
     prefix: str | None = Field(
-        None, pattern=_PREFIX_PATTERN,
+        None,
+        pattern=_PREFIX_PATTERN,
         description="only steppers in this namespace are reachable: the name itself and "
-                    "names continuing it after a separator (- . _)",
+        "names continuing it after a separator (- . _)",
     )
-    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$",
-                             description="label for logs and error messages")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\x00-\x1f]+$",
+        description="label for logs and error messages",
+    )
 
     @field_validator("token")
     @classmethod
@@ -103,8 +111,10 @@ class TokenSpec(BaseModel):
         if len(raw) < MIN_TOKEN_LENGTH:
             raise ValueError(f"a token needs at least {MIN_TOKEN_LENGTH} characters")
         if not _B64TOKEN.fullmatch(raw):
-            raise ValueError("a token may only contain A-Z a-z 0-9 - . _ ~ + / "
-                             "(then '=' padding), as RFC 6750 allows after 'Bearer '")
+            raise ValueError(
+                "a token may only contain A-Z a-z 0-9 - . _ ~ + / "
+                "(then '=' padding), as RFC 6750 allows after 'Bearer '"
+            )
         return value
 
 
@@ -127,8 +137,9 @@ class Principal:
             return True
         if prefix[-1] in SEPARATORS:
             return stepper.startswith(prefix)
-        return stepper == prefix or (stepper.startswith(prefix)
-                                     and stepper[len(prefix)] in SEPARATORS)
+        return stepper == prefix or (
+            stepper.startswith(prefix) and stepper[len(prefix)] in SEPARATORS
+        )
 
     def reach(self) -> str:
         """What :meth:`reaches` allows, in words."""
@@ -137,9 +148,11 @@ class Principal:
             return "every stepper"
         if prefix[-1] in SEPARATORS:
             return f"steppers whose name starts with {prefix!r}"
-        return (f"the stepper {prefix!r} and steppers whose name starts with "
-                + ", ".join(repr(prefix + s) for s in SEPARATORS[:-1])
-                + f" or {prefix + SEPARATORS[-1]!r}")
+        return (
+            f"the stepper {prefix!r} and steppers whose name starts with "
+            + ", ".join(repr(prefix + s) for s in SEPARATORS[:-1])
+            + f" or {prefix + SEPARATORS[-1]!r}"
+        )
 
 
 #: Every client of a service without tokens (which then serves loopback only).
@@ -167,8 +180,9 @@ class TokenTable:
                     f"{label} repeats the token of {seen[digest]}: each token must be unique"
                 )
             seen[digest] = label
-            self._entries.append((digest, Principal(spec.name or label, spec.scope,
-                                                    spec.prefix or None)))
+            self._entries.append(
+                (digest, Principal(spec.name or label, spec.scope, spec.prefix or None))
+            )
 
     @property
     def enabled(self) -> bool:
@@ -203,9 +217,11 @@ def describe_validation_error(error: ValidationError, where: str) -> str:
 
 def _validated(entries: Any, where: str) -> list[TokenSpec]:
     if not isinstance(entries, list):
-        raise TokenConfigError(f"{where} must be a list of token objects "
-                               '({"token", "scope", "prefix"?, "name"?}), '
-                               f"not {type(entries).__name__}")
+        raise TokenConfigError(
+            f"{where} must be a list of token objects "
+            '({"token", "scope", "prefix"?, "name"?}), '
+            f"not {type(entries).__name__}"
+        )
     out = []
     for i, entry in enumerate(entries):
         try:
@@ -253,8 +269,10 @@ def load_tokens_file(path: Path) -> list[TokenSpec]:
         data = data["tokens"]
     tokens = _validated(data, f"{where}: tokens")
     if not tokens:
-        raise TokenConfigError(f"{where}: lists no tokens (remove the setting to serve "
-                               "without tokens, on loopback only)")
+        raise TokenConfigError(
+            f"{where}: lists no tokens (remove the setting to serve "
+            "without tokens, on loopback only)"
+        )
     return tokens
 
 
@@ -274,14 +292,14 @@ def load_access(settings: Settings) -> TokenTable:
     if not settings.tokens and _empty_environment_list():
         raise TokenConfigError(
             "ADAMSCOPE_TOKENS lists no tokens: give at least one, or leave the variable out "
-            "to serve without tokens (loopback only)")
+            "to serve without tokens (loopback only)"
+        )
     entries: list[tuple[TokenSpec, str]] = [
         (spec, f"ADAMSCOPE_TOKENS[{i}]") for i, spec in enumerate(settings.tokens)
     ]
     if settings.tokens_file is not None:
         path = settings.tokens_file
-        entries += [(spec, f"{path.name}[{i}]")
-                    for i, spec in enumerate(load_tokens_file(path))]
+        entries += [(spec, f"{path.name}[{i}]") for i, spec in enumerate(load_tokens_file(path))]
     return TokenTable(entries)
 
 
@@ -314,13 +332,19 @@ def binding_problem(settings: Settings, table: TokenTable) -> str | None:
 def banner(settings: Settings, table: TokenTable) -> str:
     """The startup line that says who may do what."""
     if table.enabled:
-        counts = {s: sum(p.scope == s for p in table.principals())
-                  for s in ("admin", "write", "read")}
+        counts = {
+            s: sum(p.scope == s for p in table.principals()) for s in ("admin", "write", "read")
+        }
         restricted = sum(p.prefix is not None for p in table.principals())
-        return (f"access control: {len(table)} bearer token(s) configured ("
-                + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-                + (f"; {restricted} restricted to a name prefix" if restricted else "") + ")")
+        return (
+            f"access control: {len(table)} bearer token(s) configured ("
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+            + (f"; {restricted} restricted to a name prefix" if restricted else "")
+            + ")"
+        )
     if is_loopback(settings.host):
         return "no tokens configured: serving on loopback only, every client has admin rights"
-    return (f"WARNING: no tokens configured and authentication disabled (insecure_no_auth): "
-            f"serving on {settings.host}, every client has admin rights")
+    return (
+        f"WARNING: no tokens configured and authentication disabled (insecure_no_auth): "
+        f"serving on {settings.host}, every client has admin rights"
+    )

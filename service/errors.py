@@ -32,8 +32,15 @@ from adamscope.client.protocol import Problem
 
 from .engine.errors import EngineError
 
-__all__ = ["MAX_DETAIL", "PROBLEM_MEDIA_TYPE", "ApiError", "clean_detail",
-           "install_error_handlers", "problem_response", "problems"]
+__all__ = [
+    "MAX_DETAIL",
+    "PROBLEM_MEDIA_TYPE",
+    "ApiError",
+    "clean_detail",
+    "install_error_handlers",
+    "problem_response",
+    "problems",
+]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("adamscope")
@@ -42,12 +49,17 @@ log = logging.getLogger("adamscope")
 MAX_DETAIL = 2000
 #: A C++ backtrace (c10::Error's "Exception raised from ... frame #0: ...") or a Python
 #: traceback, to the end of the text.
-_TRACE = re.compile(r"\s*(?:Exception raised from |frame #\d+:|Traceback \(most recent call)"
-                    r".*", re.DOTALL)
+_TRACE = re.compile(
+    r"\s*(?:Exception raised from |frame #\d+:|Traceback \(most recent call)"
+    r".*",
+    re.DOTALL,
+)
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 #: Paths of source files and libraries (PyTorch quotes its own, and site-packages').
-_SOURCE_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][\w.+~-]+){2,}\.(?:py|pyc|so|dylib"
-                          r"|dll|cpp|cc|cu|cuh|h|hpp)\b(?::\d+)?")
+_SOURCE_PATH = re.compile(
+    r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][\w.+~-]+){2,}\.(?:py|pyc|so|dylib"
+    r"|dll|cpp|cc|cu|cuh|h|hpp)\b(?::\d+)?"
+)
 
 
 def clean_detail(text: str) -> str:
@@ -63,7 +75,8 @@ def clean_detail(text: str) -> str:
 def _out_of_memory(exc: BaseException) -> bool:
     """The CPU allocator's failure (PyTorch raises RuntimeError, Python MemoryError)."""
     return isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 class ApiError(Exception):
@@ -127,37 +140,62 @@ def install_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        detail = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors
-        ) or "invalid request"
-        return problem_response("request_validation_error", detail, request.url.path,
-                                errors=errors)
+        detail = (
+            "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors)
+            or "invalid request"
+        )
+        return problem_response("request_validation_error", detail, request.url.path, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # 400: FastAPI's "error parsing the body" (e.g. a JSON body that is not UTF-8).
-        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large", 415: "unsupported_media_type"}.get(exc.status_code)
+        code = {
+            400: "malformed_body",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }.get(exc.status_code)
         if code is None:
-            body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
-                    "detail": str(exc.detail), "code": f"http_{exc.status_code}",
-                    "instance": request.url.path}
-            return JSONResponse(body, status_code=exc.status_code,
-                                media_type=PROBLEM_MEDIA_TYPE, headers=exc.headers)
+            body = {
+                "type": "about:blank",
+                "title": str(exc.detail),
+                "status": exc.status_code,
+                "detail": str(exc.detail),
+                "code": f"http_{exc.status_code}",
+                "instance": request.url.path,
+            }
+            return JSONResponse(
+                body,
+                status_code=exc.status_code,
+                media_type=PROBLEM_MEDIA_TYPE,
+                headers=exc.headers,
+            )
         return problem_response(code, str(exc.detail), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if _out_of_memory(exc):
-            log.warning("out of memory on %s %s: %s", request.method, request.url.path,
-                        clean_detail(str(exc)))
+            log.warning(
+                "out of memory on %s %s: %s",
+                request.method,
+                request.url.path,
+                clean_detail(str(exc)),
+            )
             return problem_response(
-                "memory_budget_exceeded", "the machine could not allocate the memory this "
+                "memory_budget_exceeded",
+                "the machine could not allocate the memory this "
                 "request needs; nothing was changed (free memory or lower "
-                "memory_budget_bytes)", request.url.path)
+                "memory_budget_bytes)",
+                request.url.path,
+            )
         reference = secrets.token_hex(4)
-        log.error("unhandled error %s on %s %s", reference, request.method, request.url.path,
-                  exc_info=exc)
+        log.error(
+            "unhandled error %s on %s %s", reference, request.method, request.url.path, exc_info=exc
+        )
         return problem_response(
-            "internal_error", f"internal error {reference}: the service's log has the "
-            "details (please report it)", request.url.path, reference=reference)
+            "internal_error",
+            f"internal error {reference}: the service's log has the details (please report it)",
+            request.url.path,
+            reference=reference,
+        )

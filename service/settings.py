@@ -17,8 +17,9 @@ DEFAULT_PORT = 8470
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADAMSCOPE_", extra="ignore",
-                                      hide_input_in_errors=True)  # tokens stay secret
+    model_config = SettingsConfigDict(
+        env_prefix="ADAMSCOPE_", extra="ignore", hide_input_in_errors=True
+    )  # tokens stay secret
 
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -30,7 +31,9 @@ class Settings(BaseSettings):
         8 * 2**30, ge=1, description="largest request body accepted (413 above it)"
     )
     body_timeout: float = Field(
-        30.0, gt=0, allow_inf_nan=False,
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
         description="seconds to wait for the next bytes of a request body, and for a whole "
         "safetensors header, before answering 408 request_timeout",
     )
@@ -53,10 +56,12 @@ class Settings(BaseSettings):
     )
     max_steppers: int | None = Field(None, ge=1, description="most steppers at once (507)")
     memory_budget_bytes: int | None = Field(
-        None, ge=1, description="bytes all steppers' footprints may take (parameters, Adam state, "
+        None,
+        ge=1,
+        description="bytes all steppers' footprints may take (parameters, Adam state, "
         "gradient buffer, step workspace, pinned host buffers; 507); "
         "set or not, every new stepper must also fit the memory its device has available "
-        "(adamscope.service.api.budget)"
+        "(adamscope.service.api.budget)",
     )
     # Durability (adamscope.service.persistence): the policy of steppers created without one.
     durability: Durability = Field(
@@ -67,16 +72,19 @@ class Settings(BaseSettings):
     # History, alerts, live events and metrics (adamscope.service.inspect, api.events,
     # api.routes.metrics).
     signals: bool = Field(
-        True, description="compute per-step signals (false: steps are recorded without them; "
+        True,
+        description="compute per-step signals (false: steps are recorded without them; "
         "saves their cost, about 1 ms per step for a small stepper and 3 ms for 10M "
-        "parameters in 129 tensors on a 2-core CPU)"
+        "parameters in 129 tensors on a 2-core CPU)",
     )
     history_steps: int = Field(
         10_000, ge=1, description="steps of aggregate signals (and losses) kept per stepper"
     )
     history_tensor_values: int = Field(
-        2_000_000, ge=1, description="per-tensor signal values kept per stepper (the "
-        "per-tensor history is as many steps as fit, at most history_steps)"
+        2_000_000,
+        ge=1,
+        description="per-tensor signal values kept per stepper (the "
+        "per-tensor history is as many steps as fit, at most history_steps)",
     )
     events_heartbeat: float = Field(
         15.0, gt=0, description="seconds between keep-alive comments on /v1/events"

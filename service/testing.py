@@ -34,16 +34,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_command(port: int, data_dir: str | Path, *extra: str,
-                  log_level: str = "warning") -> list[str]:
+def serve_command(
+    port: int, data_dir: str | Path, *extra: str, log_level: str = "warning"
+) -> list[str]:
     """The command line of ``adamscope serve`` on 127.0.0.1:``port`` (``extra`` last)."""
-    return [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--data-dir", str(data_dir), "--log-level", log_level,
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "adamscope.service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        log_level,
+        *extra,
+    ]
 
 
-def wait_healthy(url: str, alive: Callable[[], bool], timeout: float = 60,
-                 output: Callable[[], str] | None = None, poll: float = 0.05) -> None:
+def wait_healthy(
+    url: str,
+    alive: Callable[[], bool],
+    timeout: float = 60,
+    output: Callable[[], str] | None = None,
+    poll: float = 0.05,
+) -> None:
     """Return once ``url``'s ``/healthz`` answers 200; raise when ``alive()`` says the
     server died first, or after ``timeout`` seconds (quoting ``output()`` when given)."""
     deadline = time.monotonic() + timeout
@@ -72,18 +90,33 @@ class Spawned:
 
 
 @contextlib.contextmanager
-def spawned(data_dir: str | Path, *extra: str, timeout: float = 60, stop_timeout: float = 15,
-            env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
-            command: Sequence[str] | None = None) -> Iterator[Spawned]:
+def spawned(
+    data_dir: str | Path,
+    *extra: str,
+    timeout: float = 60,
+    stop_timeout: float = 15,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    command: Sequence[str] | None = None,
+) -> Iterator[Spawned]:
     """``adamscope serve`` with ``extra`` arguments (or ``command``, a whole command line
     whose ``{port}`` is filled in) serving ``data_dir``; stopped with SIGTERM after, killed
     when it takes longer than ``stop_timeout`` seconds."""
     port = free_port()
-    cmd = ([c.format(port=port) for c in command] if command is not None
-           else serve_command(port, data_dir, *extra))
+    cmd = (
+        [c.format(port=port) for c in command]
+        if command is not None
+        else serve_command(port, data_dir, *extra)
+    )
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
 
         def output() -> str:
             log.flush()

@@ -93,11 +93,11 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 
 
 @contextlib.contextmanager
-def spawn_server(data_dir: Path, *extra: str, timeout: float = 60,
-                 stop_timeout: float = 15) -> Iterator[str]:
+def spawn_server(
+    data_dir: Path, *extra: str, timeout: float = 60, stop_timeout: float = 15
+) -> Iterator[str]:
     """``adamscope serve`` as a separate process (the console script's code path)."""
-    with spawned(data_dir, *extra, timeout=timeout, stop_timeout=stop_timeout,
-                 cwd=ROOT) as server:
+    with spawned(data_dir, *extra, timeout=timeout, stop_timeout=stop_timeout, cwd=ROOT) as server:
         yield server.url
 
 

@@ -27,14 +27,15 @@ def test_the_tree_keeps_the_rules(habits: ModuleType) -> None:
     assert habits.offenders() == []
 
 
-def test_a_long_function_needs_a_reason(habits: ModuleType, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_long_function_needs_a_reason(
+    habits: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(habits, "ROOT", tmp_path)
     body = "".join(f"    x{i} = {i}\n" for i in range(70))
     plain = tmp_path / "plain.py"
-    plain.write_text(f"def f() -> None:\n    \"\"\"Doc.\"\"\"\n{body}")
+    plain.write_text(f'def f() -> None:\n    """Doc."""\n{body}')
     reasoned = tmp_path / "reasoned.py"
-    reasoned.write_text(f"def g() -> None:\n    \"\"\"Doc.\"\"\"\n    # Long: a table.\n{body}")
+    reasoned.write_text(f'def g() -> None:\n    """Doc."""\n    # Long: a table.\n{body}')
     big = tmp_path / "big.py"
     big.write_text('"""Doc."""\n' + "x = 1\n" * 450)
     found = habits.size_offenders([plain, reasoned, big])
@@ -44,8 +45,9 @@ def test_a_long_function_needs_a_reason(habits: ModuleType, tmp_path: Path,
     assert habits.size_offenders([big]) == []
 
 
-def test_layers_are_followed_through_imports(habits: ModuleType, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layers_are_followed_through_imports(
+    habits: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An engine module that imports nothing forbidden itself, but a module that imports
     FastAPI, breaks the engine's rule; a bare ``import client`` anywhere is named."""
     monkeypatch.setattr(habits, "ROOT", tmp_path)
@@ -57,8 +59,9 @@ def test_layers_are_followed_through_imports(habits: ModuleType, tmp_path: Path,
     (engine / "b.py").write_text("import fastapi\n\nthing = fastapi\n")
     (engine / "c.py").write_text("from adamscope.client import codec\n")
     found = habits.layer_offenders(habits.module_files())
-    assert any("adamscope.service.engine.a -> adamscope.service.engine.b -> fastapi" in f
-               for f in found), found
+    assert any(
+        "adamscope.service.engine.a -> adamscope.service.engine.b -> fastapi" in f for f in found
+    ), found
     assert not any("engine/c.py" in f for f in found)
     (engine / "d.py").write_text("import client\n")
     assert any("imports client" in f for f in habits.bare_name_offenders())

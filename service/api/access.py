@@ -68,8 +68,7 @@ _bearer = HTTPBearer(auto_error=False, description="a token from the service's c
 class AccessDenied(ApiError):
     """401/403 problem, with the ``WWW-Authenticate`` challenge RFC 6750 asks for."""
 
-    def __init__(self, code: str, detail: str, challenge: str | None = None,
-                 **extra: Any) -> None:
+    def __init__(self, code: str, detail: str, challenge: str | None = None, **extra: Any) -> None:
         super().__init__(code, detail, **extra)
         self.challenge = challenge
 
@@ -92,20 +91,22 @@ def principal(request: Request) -> Principal:
     """The request's principal, as the middleware authenticated it."""
     found = request.scope.get(PRINCIPAL_KEY)
     if not isinstance(found, Principal):  # fail closed
-        raise RuntimeError(f"{request.url.path} was not authenticated: the access "
-                           "middleware is not installed or thinks the path is public")
+        raise RuntimeError(
+            f"{request.url.path} was not authenticated: the access "
+            "middleware is not installed or thinks the path is public"
+        )
     return found
 
 
 def _requirement(level: str) -> Callable[..., Awaitable[Principal | None]]:
     if level == "public":
+
         async def public() -> None:
             return None
 
         dependency: Callable[..., Awaitable[Principal | None]] = public
     else:
-        bearer = Annotated[HTTPAuthorizationCredentials | None,
-                           Security(_bearer, scopes=[level])]
+        bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer, scopes=[level])]
 
         async def scoped(request: Request, _: bearer) -> Principal:
             p = principal(request)
@@ -115,7 +116,8 @@ def _requirement(level: str) -> Callable[..., Awaitable[Principal | None]]:
                     f"token {p.label!r} has scope {p.scope}; {request.method} "
                     f"{request.url.path} needs {level}",
                     f'{REALM}, error="insufficient_scope", scope="{level}"',
-                    required_scope=level, scope=p.scope,
+                    required_scope=level,
+                    scope=p.scope,
                 )
             name = request.path_params.get("name")
             if isinstance(name, str) and not p.reaches(name):
@@ -179,11 +181,20 @@ def endpoints(app: FastAPI) -> Iterator[Endpoint]:
     declares several), including routes of included routers."""
     contexts = getattr(fastapi_routing, "iter_route_contexts", None)
     if contexts is not None:  # FastAPI >= 0.165 keeps included routers lazily
-        items = [(ctx.original_route, ctx.path_format, ctx.methods,
-                  getattr(ctx, "dependant", None)) for ctx in contexts(app.routes)]
+        items = [
+            (ctx.original_route, ctx.path_format, ctx.methods, getattr(ctx, "dependant", None))
+            for ctx in contexts(app.routes)
+        ]
     else:
-        items = [(r, getattr(r, "path_format", None), getattr(r, "methods", None),
-                  getattr(r, "dependant", None)) for r in app.routes]
+        items = [
+            (
+                r,
+                getattr(r, "path_format", None),
+                getattr(r, "methods", None),
+                getattr(r, "dependant", None),
+            )
+            for r in app.routes
+        ]
     docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     for route, path, methods, dependant in items:
         if path is None:
@@ -214,17 +225,24 @@ def authenticate(table: TokenTable, authorization: str | None) -> Principal:
     if not table.enabled:
         return ANONYMOUS_ADMIN
     if authorization is None:
-        raise AccessDenied("unauthorized", "this endpoint needs a bearer token: send "
-                                           "'Authorization: Bearer <token>'", REALM)
+        raise AccessDenied(
+            "unauthorized",
+            "this endpoint needs a bearer token: send 'Authorization: Bearer <token>'",
+            REALM,
+        )
     kind, _, credentials = authorization.strip().partition(" ")
     credentials = credentials.strip()
     if kind.lower() != "bearer" or not credentials:
-        raise AccessDenied("unauthorized", "the Authorization header must be 'Bearer <token>'",
-                           f'{REALM}, error="invalid_request"')
+        raise AccessDenied(
+            "unauthorized",
+            "the Authorization header must be 'Bearer <token>'",
+            f'{REALM}, error="invalid_request"',
+        )
     found = table.lookup(credentials)
     if found is None:
-        raise AccessDenied("unauthorized", "the bearer token is not valid",
-                           f'{REALM}, error="invalid_token"')
+        raise AccessDenied(
+            "unauthorized", "the bearer token is not valid", f'{REALM}, error="invalid_token"'
+        )
     return found
 
 
@@ -245,16 +263,22 @@ class AuthenticationMiddleware:
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):  # behind a proxy that mounts the app (--root-path)
-            path = path[len(root):]
+            path = path[len(root) :]
         if path not in self._public:
             try:
-                scope[PRINCIPAL_KEY] = authenticate(app.state.access,
-                                                    _header(scope, b"authorization"))
+                scope[PRINCIPAL_KEY] = authenticate(
+                    app.state.access, _header(scope, b"authorization")
+                )
             except AccessDenied as denied:
                 client = scope.get("client") or ("?", 0)
                 # The reason only: never the presented token.
-                log.info("401 %s %s from %s: %s", scope["method"], scope["path"], client[0],
-                         denied.detail)
+                log.info(
+                    "401 %s %s from %s: %s",
+                    scope["method"],
+                    scope["path"],
+                    client[0],
+                    denied.detail,
+                )
                 await denied.response(scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -286,11 +310,17 @@ def _document(app: FastAPI) -> None:
                 op["security"] = []
                 continue
             responses = op.setdefault("responses", {})
-            responses.setdefault("401", _problem_doc(
-                "unauthorized", "tokens are configured and no valid one was sent"))
-            responses.setdefault("403", _problem_doc(
-                "forbidden", f"the token's scope is below {e.scope} or its prefix excludes "
-                             "the stepper"))
+            responses.setdefault(
+                "401",
+                _problem_doc("unauthorized", "tokens are configured and no valid one was sent"),
+            )
+            responses.setdefault(
+                "403",
+                _problem_doc(
+                    "forbidden",
+                    f"the token's scope is below {e.scope} or its prefix excludes the stepper",
+                ),
+            )
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -301,7 +331,8 @@ def install(app: FastAPI, table: TokenTable) -> None:
     undeclared = [f"{e.method} {e.path}" for e in endpoints(app) if e.scope is None]
     if undeclared:
         raise RuntimeError(
-            "routes without an access scope: " + ", ".join(undeclared)
+            "routes without an access scope: "
+            + ", ".join(undeclared)
             + "; add dependencies=[Depends(require('read'|'write'|'admin'|'public'))]"
         )
     app.state.access = table

@@ -46,16 +46,18 @@ def _read_int(path: Path) -> int | None:
 def _cgroup_left() -> int | None:
     """Bytes the process's cgroup may still use (v2, else v1), page cache it may reclaim
     included; None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes",
-                                    "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(_CGROUP / limit_file), _read_int(_CGROUP / usage_file)
         if limit is None or usage is None or limit >= 1 << 60:  # "max" or v1's "no limit"
             continue
         reclaimable = 0
         try:
-            for line in (_CGROUP / Path(limit_file).parent / "memory.stat").read_text(
-                    ).splitlines():
+            for line in (
+                (_CGROUP / Path(limit_file).parent / "memory.stat").read_text().splitlines()
+            ):
                 key, _, value = line.partition(" ")
                 if key in ("inactive_file", "total_inactive_file") and value.isdigit():
                     reclaimable = int(value)
@@ -92,7 +94,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return True
     current = torch.cuda.current_device()
     return (a.index if a.index is not None else current) == (
-        b.index if b.index is not None else current)
+        b.index if b.index is not None else current
+    )
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -143,5 +146,8 @@ def check_room(registry: Registry, name: str, device: torch.device, new_bytes: i
             f"left for it ({available} available now, "
             f"{pending} still to be taken by steppers that have not stepped, "
             f"{1 - HEADROOM:.0%} kept free)",
-            needed=new_bytes, left=left, available=available, device=str(device),
+            needed=new_bytes,
+            left=left,
+            available=available,
+            device=str(device),
         )

@@ -35,8 +35,9 @@ NAME_PROBLEMS = ("stepper_not_found", "request_validation_error")
 #: sharded stepper's requests by it).
 NAMES_QUERY = "name"
 
-Names = Annotated[list[str] | None, Query(alias=NAMES_QUERY,
-                                          description="parameter names; all if none")]
+Names = Annotated[
+    list[str] | None, Query(alias=NAMES_QUERY, description="parameter names; all if none")
+]
 
 
 def registry(request: Request) -> Registry:

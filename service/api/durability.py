@@ -40,8 +40,11 @@ async def persist_after(request: Request, stepper: Stepper, kind: str = "change"
 
 def summary(request: Request, stepper: Stepper) -> dict[str, Any]:
     """The stepper's summary with its durability fields (and its alerts)."""
-    return {**stepper.summary(), **persistence(request).describe(stepper),
-            **summary_fields(stepper)}
+    return {
+        **stepper.summary(),
+        **persistence(request).describe(stepper),
+        **summary_fields(stepper),
+    }
 
 
 async def flusher(p: Persistence, tick: float = FLUSH_TICK) -> None:

@@ -142,15 +142,27 @@ def shaped(event: dict[str, Any], sub: Subscription) -> dict[str, Any]:
 
 
 async def event_stream(
-    hub: EventHub, sub: Subscription, backlog: list[dict[str, Any]], *, resumed: bool,
-    heartbeat: float, max_events: int | None = None, duration: float | None = None,
+    hub: EventHub,
+    sub: Subscription,
+    backlog: list[dict[str, Any]],
+    *,
+    resumed: bool,
+    heartbeat: float,
+    max_events: int | None = None,
+    duration: float | None = None,
 ) -> AsyncIterator[bytes]:
     """The bytes of one subscriber's stream: ``open``, the backlog, then live events from
     its queue (a ``dropped`` event first when some were dropped), a keep-alive comment
     after ``heartbeat`` quiet seconds; until ``max_events`` step events or ``duration``."""
-    yield f"retry: {RETRY_MS}\n".encode() + sse_frame("open", {
-        "epoch": hub.epoch, "steppers": sorted(sub.steppers) if sub.steppers else None,
-        "resumed": resumed, "backlog": len(backlog)})
+    yield f"retry: {RETRY_MS}\n".encode() + sse_frame(
+        "open",
+        {
+            "epoch": hub.epoch,
+            "steppers": sorted(sub.steppers) if sub.steppers else None,
+            "resumed": resumed,
+            "backlog": len(backlog),
+        },
+    )
     sent = 0
     deadline = math.inf if duration is None else time.monotonic() + duration
     for event in backlog:
@@ -185,8 +197,13 @@ async def event_stream(
                 return
 
 
-def backlog(registry: Registry, hub: EventHub, sub: Subscription,
-             resume: tuple[str, int] | None, replay: int) -> list[dict[str, Any]]:
+def backlog(
+    registry: Registry,
+    hub: EventHub,
+    sub: Subscription,
+    resume: tuple[str, int] | None,
+    replay: int,
+) -> list[dict[str, Any]]:
     """Retained step events to send before live ones: those after the resumed id, or the
     last ``replay`` of each stepper; oldest first, each stepper's marked as sent."""
     if resume is None and not replay:

@@ -51,9 +51,12 @@ def check_tensor_elements(settings: Settings, name: str, shape: Sequence[int]) -
     numel = math.prod(shape)
     limit = settings.max_tensor_elements
     if numel > limit:
-        raise ApiError("tensor_too_large",
-                       f"parameter {name!r} has {numel} elements; the limit "
-                       f"(max_tensor_elements) is {limit}", parameter=name, limit=limit)
+        raise ApiError(
+            "tensor_too_large",
+            f"parameter {name!r} has {numel} elements; the limit (max_tensor_elements) is {limit}",
+            parameter=name,
+            limit=limit,
+        )
 
 
 def projected_bytes(sizes: Iterable[tuple[int, bool]]) -> int:
@@ -65,8 +68,11 @@ def projected_bytes(sizes: Iterable[tuple[int, bool]]) -> int:
 def amsgrad_by_param(spec: CreateStepper) -> Callable[[str], bool]:
     """Whether each parameter's group will have ``amsgrad`` (as the spec asks)."""
     base = bool(spec.hyperparameters.amsgrad)
-    per_param = {n: bool(g.amsgrad if g.amsgrad is not None else base)
-                 for g in spec.groups or [] for n in g.params}
+    per_param = {
+        n: bool(g.amsgrad if g.amsgrad is not None else base)
+        for g in spec.groups or []
+        for n in g.params
+    }
     return lambda name: per_param.get(name, base)
 
 
@@ -77,25 +83,35 @@ def spec_groups(spec: CreateStepper) -> list[tuple[list[str], dict[str, Any]]]:
     base.update(spec.hyperparameters.model_dump(exclude_none=True))
     if not spec.groups:
         return [([p.name for p in spec.params], base)]
-    return [(list(g.params), {**base, **g.model_dump(exclude_none=True, exclude={"params"})})
-            for g in spec.groups]
+    return [
+        (list(g.params), {**base, **g.model_dump(exclude_none=True, exclude={"params"})})
+        for g in spec.groups
+    ]
 
 
 def spec_bytes(spec: CreateStepper, sizes: Iterable[tuple[str, int]], device: str) -> int:
     """Footprint total of a new stepper on ``device`` from (parameter name, bytes)."""
     nbytes = dict(sizes)
-    return footprint((([nbytes[n] for n in names if n in nbytes], options)
-                      for names, options in spec_groups(spec)), device).total
+    return footprint(
+        (
+            ([nbytes[n] for n in names if n in nbytes], options)
+            for names, options in spec_groups(spec)
+        ),
+        device,
+    ).total
 
 
-def checkpoint_bytes(params: Iterable[tuple[str, int]],
-                     groups: Iterable[tuple[Iterable[str], Mapping[str, Any]]],
-                     device: str) -> int:
+def checkpoint_bytes(
+    params: Iterable[tuple[str, int]],
+    groups: Iterable[tuple[Iterable[str], Mapping[str, Any]]],
+    device: str,
+) -> int:
     """Footprint total of a stepper rebuilt from a checkpoint on ``device``: its parameters'
     (name, bytes) and its groups' (names, options)."""
     nbytes = dict(params)
-    return footprint((([nbytes[n] for n in names if n in nbytes], options)
-                      for names, options in groups), device).total
+    return footprint(
+        (([nbytes[n] for n in names if n in nbytes], options) for names, options in groups), device
+    ).total
 
 
 def json_spec_sizes(settings: Settings, spec: CreateStepper) -> list[tuple[str, int]]:
@@ -128,8 +144,9 @@ def _exists(registry: Registry, name: str) -> bool:
     return True
 
 
-def admit(settings: Settings, registry: Registry, name: str, new_bytes: int,
-          *, precheck: bool = False) -> None:
+def admit(
+    settings: Settings, registry: Registry, name: str, new_bytes: int, *, precheck: bool = False
+) -> None:
     """507 unless one more stepper of ``new_bytes`` fits the stepper limit and the budget.
 
     Inside the registry's creation lock this is authoritative; with ``precheck`` (before
@@ -140,9 +157,12 @@ def admit(settings: Settings, registry: Registry, name: str, new_bytes: int,
         return
     limit = settings.max_steppers
     if limit is not None and len(registry) >= limit:
-        raise ApiError("stepper_limit",
-                       f"the service already holds {len(registry)} steppers, its limit "
-                       f"(max_steppers); delete one to create {name!r}", limit=limit)
+        raise ApiError(
+            "stepper_limit",
+            f"the service already holds {len(registry)} steppers, its limit "
+            f"(max_steppers); delete one to create {name!r}",
+            limit=limit,
+        )
     budget = settings.memory_budget_bytes
     if budget is not None:
         used = sum(stepper_bytes(s) for s in registry.list())
@@ -152,5 +172,7 @@ def admit(settings: Settings, registry: Registry, name: str, new_bytes: int,
                 f"stepper {name!r} needs {new_bytes} bytes (parameters, Adam state, "
                 f"gradient buffer and step workspace); {used} of the {budget}-byte budget "
                 f"(memory_budget_bytes) are in use",
-                needed=new_bytes, used=used, budget=budget,
+                needed=new_bytes,
+                used=used,
+                budget=budget,
             )

@@ -110,7 +110,8 @@ class ServingState:
     def __init__(self) -> None:
         self.compute = ComputeThread()
         self._steppers: weakref.WeakKeyDictionary[Stepper, StepperServing] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
 
     def of(self, stepper: Stepper) -> StepperServing:
         found = self._steppers.get(stepper)
@@ -135,7 +136,8 @@ class ServingState:
             if executor is not None:
                 context = contextvars.copy_context()
                 return await asyncio.get_running_loop().run_in_executor(
-                    executor, functools.partial(context.run, work))
+                    executor, functools.partial(context.run, work)
+                )
         return await run_in_threadpool(work)
 
     async def settled(self, stepper: Stepper) -> Stepper:

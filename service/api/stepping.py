@@ -50,34 +50,55 @@ class StepQuery(BaseModel):
 
     return_params: bool = Field(False, description="answer with the updated parameters")
     only_stepped: bool = Field(
-        False, description="with return_params: only the parameters this step changed")
+        False, description="with return_params: only the parameters this step changed"
+    )
     wire_dtype: WireDtype | None = Field(
-        None, description="LOSSY: gradients may arrive, and parameters are returned, in this "
-                          "16-bit dtype (half the bytes); the stepper itself keeps full precision")
+        None,
+        description="LOSSY: gradients may arrive, and parameters are returned, in this "
+        "16-bit dtype (half the bytes); the stepper itself keeps full precision",
+    )
     expected_step: int | None = Field(
-        None, ge=0, le=INT64_MAX,
-        description="the step the stepper must be at, else 409 step_conflict")
+        None,
+        ge=0,
+        le=INT64_MAX,
+        description="the step the stepper must be at, else 409 step_conflict",
+    )
     contributors: int | None = Field(
-        None, ge=1, le=MAX_CONTRIBUTORS,
+        None,
+        ge=1,
+        le=MAX_CONTRIBUTORS,
         description="accumulate mode: apply the step once this many workers contributed, "
-                    "with the mean of their gradients")
-    worker: int | None = Field(None, ge=0, le=INT64_MAX,
-                               description="accumulate mode: this worker's id")
-    wait: float = Field(0.0, ge=0, le=600, description="accumulate mode: seconds to wait for "
-                                                       "the step to be applied before "
-                                                       "answering 202 (pending)")
+        "with the mean of their gradients",
+    )
+    worker: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="accumulate mode: this worker's id"
+    )
+    wait: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="accumulate mode: seconds to wait for "
+        "the step to be applied before "
+        "answering 202 (pending)",
+    )
 
 
 def result(name: str, outcome: StepOutcome) -> StepResult:
-    return StepResult(stepper=name, step=outcome.step, stepped=outcome.stepped,
-                      skipped=outcome.skipped, replayed=outcome.replayed)
+    return StepResult(
+        stepper=name,
+        step=outcome.step,
+        stepped=outcome.stepped,
+        skipped=outcome.skipped,
+        replayed=outcome.replayed,
+    )
 
 
 class Step:
     """One step request for ``stepper`` (see the module docstring)."""
 
-    def __init__(self, request: Request, stepper: Stepper, query: StepQuery,
-                 key: str | None) -> None:
+    def __init__(
+        self, request: Request, stepper: Stepper, query: StepQuery, key: str | None
+    ) -> None:
         if (query.contributors is None) != (query.worker is None):
             raise InvalidSpec("accumulate mode needs both 'contributors' and 'worker'")
         self.request = request
@@ -92,8 +113,7 @@ class Step:
         async with self.serving.hold(stepper) as hold:
             received, groups = await self._receive()
             target = stepper.step_count + 1
-            outcome = await self.serving.off_loop(stepper,
-                                                  lambda: self._apply(received, groups))
+            outcome = await self.serving.off_loop(stepper, lambda: self._apply(received, groups))
             await persist_after(self.request, stepper, "step")
             if outcome is not None and not outcome.replayed:
                 self.serving.step_applied(stepper)
@@ -103,17 +123,20 @@ class Step:
                 return self._pending()
             return await self._reply(outcome, hold)
 
-    async def _receive(self) -> tuple[dict[str, torch.Tensor],
-                                      list[dict[str, object]] | None]:
+    async def _receive(self) -> tuple[dict[str, torch.Tensor], list[dict[str, object]] | None]:
         """The gradients, read into the stepper's buffers (or the last body's layout, when
         this body has the same header), and the option changes its metadata carries."""
         stepper, lossy = self.stepper, self.lossy
         entry = self.serving.of(stepper)
         got = await ingest_layout(
-            self.request, entry.layout, lossy,
+            self.request,
+            entry.layout,
+            lossy,
             lambda e: stepper.check_gradient(e.name, e.shape, e.dtype, lossy),
-            lambda e: stepper.grad_buffer(e.name, e.dtype), pin=stepper.device.type == "cuda",
-            header_bytes=entry.header_limit)
+            lambda e: stepper.grad_buffer(e.name, e.dtype),
+            pin=stepper.device.type == "cuda",
+            header_bytes=entry.header_limit,
+        )
         if isinstance(got, WireLayout):
             entry.layout = got
             received, metadata = got.tensors, dict(got.metadata)
@@ -121,20 +144,22 @@ class Step:
             received, metadata = got
         return received, group_updates_from_json(meta_json(metadata, META_GROUPS))
 
-    def _apply(self, received: dict[str, torch.Tensor],
-               groups: list[dict[str, object]] | None) -> StepOutcome | None:
+    def _apply(
+        self, received: dict[str, torch.Tensor], groups: list[dict[str, object]] | None
+    ) -> StepOutcome | None:
         """In the engine's thread: the step, or this worker's contribution (None while
         the step waits for the others)."""
         stepper, q = self.stepper, self.query
         grads = received
         if self.lossy is not None:  # widened into the parameter-dtype buffers
-            grads = {n: g if g.dtype == (buf := stepper.grad_buffer(n)).dtype else buf.copy_(g)
-                     for n, g in received.items()}
+            grads = {
+                n: g if g.dtype == (buf := stepper.grad_buffer(n)).dtype else buf.copy_(g)
+                for n, g in received.items()
+            }
         if q.contributors is not None and q.worker is not None:
             if groups is not None:
                 raise InvalidSpec("contributions cannot change options; use PATCH")
-            return stepper.contribute(q.worker, q.contributors, grads, self.key,
-                                      q.expected_step)
+            return stepper.contribute(q.worker, q.contributors, grads, self.key, q.expected_step)
         return stepper.step(grads, groups, key=self.key, expected_step=q.expected_step)
 
     async def _wait(self, hold: Hold, target: int) -> StepOutcome | None:
@@ -149,8 +174,14 @@ class Step:
 
     def _pending(self) -> JSONResponse:
         stepper = self.stepper
-        pending = StepResult(stepper=stepper.name, step=stepper.step_count, stepped=[],
-                             skipped=[], applied=False, pending=stepper.pending_contributions())
+        pending = StepResult(
+            stepper=stepper.name,
+            step=stepper.step_count,
+            stepped=[],
+            skipped=[],
+            applied=False,
+            pending=stepper.pending_contributions(),
+        )
         return JSONResponse(pending.model_dump(), status_code=202)
 
     async def _reply(self, outcome: StepOutcome, hold: Hold) -> Response:
@@ -158,25 +189,36 @@ class Step:
         the reply opens the gate once it has left."""
         stepper, q = self.stepper, self.query
         if not q.return_params:
-            return JSONResponse(result(stepper.name, outcome).model_dump(),
-                                background=BackgroundTask(hold.hand_to_reply()))
+            return JSONResponse(
+                result(stepper.name, outcome).model_dump(),
+                background=BackgroundTask(hold.hand_to_reply()),
+            )
         if outcome.step != stepper.step_count:
             raise StepConflict(
                 f"step {outcome.step} was applied, but stepper {stepper.name!r} has moved on "
                 f"to step {stepper.step_count}: the parameters of step {outcome.step} are gone",
-                current_step=stepper.step_count)
+                current_step=stepper.step_count,
+            )
         names = outcome.stepped if q.only_stepped else stepper.names
         params = await self.serving.off_loop(stepper, lambda: self._host_params(names))
         return TensorStreamResponse(
-            params, stepper.name, outcome.step,
-            {META_STEPPED: json.dumps(outcome.stepped), META_SKIPPED: json.dumps(outcome.skipped),
-             META_REPLAYED: json.dumps(outcome.replayed)},
-            release=hold.hand_to_reply())
+            params,
+            stepper.name,
+            outcome.step,
+            {
+                META_STEPPED: json.dumps(outcome.stepped),
+                META_SKIPPED: json.dumps(outcome.skipped),
+                META_REPLAYED: json.dumps(outcome.replayed),
+            },
+            release=hold.hand_to_reply(),
+        )
 
     def _host_params(self, names: list[str]) -> dict[str, torch.Tensor]:
         params = self.stepper.host_params(names)
         lossy = self.lossy
         if lossy is not None:
-            params = {n: t.to(lossy) if t.is_floating_point() and t.dtype != lossy else t
-                      for n, t in params.items()}
+            params = {
+                n: t.to(lossy) if t.is_floating_point() and t.dtype != lossy else t
+                for n, t in params.items()
+            }
         return params

@@ -26,8 +26,18 @@ from typing import Any, TextIO
 __all__ = ["add_commands", "render_watch"]
 
 #: Signals shown per tensor by ``stats`` and ``watch`` (the rest with ``--all``).
-KEY_SIGNALS = ("grad_norm", "update_ratio", "lr_eff_p50", "lr_eff_p99", "shock_p99",
-               "gamma_frac", "amsgrad_clamp", "eps_dominance", "nan_count", "inf_count")
+KEY_SIGNALS = (
+    "grad_norm",
+    "update_ratio",
+    "lr_eff_p50",
+    "lr_eff_p99",
+    "shock_p99",
+    "gamma_frac",
+    "amsgrad_clamp",
+    "eps_dominance",
+    "nan_count",
+    "inf_count",
+)
 
 CLEAR = "\x1b[H\x1b[2J"
 BOLD, RED, RESET = "\x1b[1m", "\x1b[31m", "\x1b[0m"
@@ -57,8 +67,10 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     if not rows:
         return ""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c
-                               for i, c in enumerate(r)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip()
+        for r in rows
+    )
 
 
 class CommandError(Exception):
@@ -99,8 +111,17 @@ def _ls(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS", "UPDATED")]
     for s in c.list():
         step = f"{s.step} (frozen)" if s.kind == "frozen" else str(s.step)
-        rows.append((s.name, s.optimizer, s.device, step, f"{s.numel:,}",
-                     _alerts_cell(s), when(s.updated_at)))
+        rows.append(
+            (
+                s.name,
+                s.optimizer,
+                s.device,
+                step,
+                f"{s.numel:,}",
+                _alerts_cell(s),
+                when(s.updated_at),
+            )
+        )
     if len(rows) == 1:
         return "no steppers"
     return table(rows)
@@ -110,30 +131,56 @@ def _show(c: Any, a: argparse.Namespace) -> str:
     from adamscope.client.progress import human_bytes
 
     s = c.get(a.name)
-    lines = [f"{BOLD if a.color else ''}{s.name}{RESET if a.color else ''}: {s.optimizer} on "
-             f"{s.device}, step {s.step}, {s.numel:,} parameters, "
-             f"{human_bytes(s.state_bytes)} with state",
-             f"created {when(s.created_at)}, updated {when(s.updated_at)}"]
+    lines = [
+        f"{BOLD if a.color else ''}{s.name}{RESET if a.color else ''}: {s.optimizer} on "
+        f"{s.device}, step {s.step}, {s.numel:,} parameters, "
+        f"{human_bytes(s.state_bytes)} with state",
+        f"created {when(s.created_at)}, updated {when(s.updated_at)}",
+    ]
     if s.kind == "frozen":
         lines.append("frozen: steps are refused (adamscope unfreeze NAME makes it steppable)")
     if s.durability is not None:
-        lines.append(f"durability {s.durability.mode}, on disk at step "
-                     f"{_num(s.persisted_step)}{' (changes not written)' if s.dirty else ''}")
+        lines.append(
+            f"durability {s.durability.mode}, on disk at step "
+            f"{_num(s.persisted_step)}{' (changes not written)' if s.dirty else ''}"
+        )
     if s.alerts is not None:
         latest = s.alerts.latest
-        lines.append(f"alerts {s.alerts.count} ({s.alerts.active} active)"
-                     + (f", latest at step {latest.step}: {latest.rule} on "
-                        f"{latest.tensor or 'aggregate'}" if latest else ""))
+        lines.append(
+            f"alerts {s.alerts.count} ({s.alerts.active} active)"
+            + (
+                f", latest at step {latest.step}: {latest.rule} on {latest.tensor or 'aggregate'}"
+                if latest
+                else ""
+            )
+        )
     lines.append("")
     rows = [("GROUP", "LR", "BETAS", "EPS", "WEIGHT_DECAY", "AMSGRAD", "PARAMS")]
     for g in s.groups:
-        rows.append((str(g.index), _num(g.lr), f"({_num(g.betas[0])}, {_num(g.betas[1])})",
-                     _num(g.eps), _num(g.weight_decay), str(g.amsgrad), str(len(g.params))))
+        rows.append(
+            (
+                str(g.index),
+                _num(g.lr),
+                f"({_num(g.betas[0])}, {_num(g.betas[1])})",
+                _num(g.eps),
+                _num(g.weight_decay),
+                str(g.amsgrad),
+                str(len(g.params)),
+            )
+        )
     lines += [table(rows), ""]
     params = [("PARAM", "SHAPE", "DTYPE", "GROUP", "STEP", "STATE")]
     for p in s.params:
-        params.append((p.name, "x".join(map(str, p.shape)) or "scalar", p.dtype, str(p.group),
-                       _num(p.step), ",".join(p.state) or "-"))
+        params.append(
+            (
+                p.name,
+                "x".join(map(str, p.shape)) or "scalar",
+                p.dtype,
+                str(p.group),
+                _num(p.step),
+                ",".join(p.state) or "-",
+            )
+        )
     lines.append(table(params))
     return "\n".join(lines)
 
@@ -155,14 +202,31 @@ def _stats(c: Any, a: argparse.Namespace) -> str:
             break
         if quantiles:
             break
-    rows = [("TENSOR", "KEY", *[x.upper() for x in columns],
-             *[f"P{float(q) * 100:g}" for q in quantiles], "NAN", "INF", "ZEROS")]
+    rows = [
+        (
+            "TENSOR",
+            "KEY",
+            *[x.upper() for x in columns],
+            *[f"P{float(q) * 100:g}" for q in quantiles],
+            "NAN",
+            "INF",
+            "ZEROS",
+        )
+    ]
 
     def add(tensor: str, key: str, st: dict[str, Any]) -> None:
         qs = st.get("quantiles") or {}
-        rows.append((tensor, key + ("*" if st.get("sampled") else ""),
-                     *[_num(st.get(x)) for x in columns], *[_num(qs.get(q)) for q in quantiles],
-                     _num(st.get("nan")), _num(st.get("inf")), _num(st.get("zeros"))))
+        rows.append(
+            (
+                tensor,
+                key + ("*" if st.get("sampled") else ""),
+                *[_num(st.get(x)) for x in columns],
+                *[_num(qs.get(q)) for q in quantiles],
+                _num(st.get("nan")),
+                _num(st.get("inf")),
+                _num(st.get("zeros")),
+            )
+        )
 
     for tensor, per_key in report.get("tensors", {}).items():
         for key, st in per_key.items():
@@ -184,8 +248,7 @@ def _signals(c: Any, a: argparse.Namespace) -> str:
     rows = [("TENSOR", *[s.upper() for s in signals])]
     rows.append(("(aggregate)", *[_num(report.aggregate.values[s][-1]) for s in signals]))
     for name, series in report.tensors.items():
-        if (a.tensor is None or name in a.tensor) and series.steps and \
-                series.steps[-1] == step:
+        if (a.tensor is None or name in a.tensor) and series.steps and series.steps[-1] == step:
             rows.append((name, *[_num(series.values[s][-1]) for s in signals]))
     head = f"{a.name} at step {step} ({when(report.aggregate.time[-1])})"
     if report.loss.steps:
@@ -195,21 +258,24 @@ def _signals(c: Any, a: argparse.Namespace) -> str:
 
 def _history(c: Any, a: argparse.Namespace) -> str:
     if a.csv:
-        return str(c.history(a.name, a.signal, a.tensor, since=a.since, limit=a.limit,
-                             fmt="csv")).rstrip("\n")
+        return str(
+            c.history(a.name, a.signal, a.tensor, since=a.since, limit=a.limit, fmt="csv")
+        ).rstrip("\n")
     report = c.history(a.name, a.signal, a.tensor, since=a.since, limit=a.limit)
     if a.json:
         return str(report.model_dump_json(indent=2))
-    signals = report.signals if a.signal or a.all else [
-        s for s in KEY_SIGNALS if s in report.signals]
+    signals = (
+        report.signals if a.signal or a.all else [s for s in KEY_SIGNALS if s in report.signals]
+    )
     loss = dict(zip(report.loss.steps, report.loss.values, strict=True))
     blocks = [("(aggregate)", report.aggregate)] + list(report.tensors.items())
     out = []
     for title, series in blocks:
         rows = [("STEP", "LOSS", *[s.upper() for s in signals])]
         for k, step in enumerate(series.steps):
-            rows.append((str(step), _num(loss.get(step)),
-                         *[_num(series.values[s][k]) for s in signals]))
+            rows.append(
+                (str(step), _num(loss.get(step)), *[_num(series.values[s][k]) for s in signals])
+            )
         out.append(f"{title}\n{table(rows)}")
     return "\n\n".join(out)
 
@@ -233,20 +299,29 @@ def _rules_arg(text: str) -> Any:
 
 def _event_line(e: Any) -> str:
     prev = f" (was {_num(e.previous)})" if e.previous is not None else ""
-    return (f"step {e.step}  {e.tensor or '(aggregate)'}  {e.rule}: "
-            f"{_num(e.value)}{prev}  {when(e.time)}")
+    return (
+        f"step {e.step}  {e.tensor or '(aggregate)'}  {e.rule}: "
+        f"{_num(e.value)}{prev}  {when(e.time)}"
+    )
 
 
 def _alerts(c: Any, a: argparse.Namespace) -> str:
     report = c.set_alerts(a.name, a.set) if a.set is not False else c.alerts(a.name, a.limit)
-    lines = [f"{report.stepper}: {len(report.rules)} rule(s)"
-             + (" (the defaults)" if report.defaults else "")]
-    lines += [f"  {r.label()}  [tensor {r.tensor if r.tensor is not None else '(aggregate)'}"
-              + (f", after step {r.after_step}" if r.after_step else "") + "]"
-              for r in report.rules]
+    lines = [
+        f"{report.stepper}: {len(report.rules)} rule(s)"
+        + (" (the defaults)" if report.defaults else "")
+    ]
+    lines += [
+        f"  {r.label()}  [tensor {r.tensor if r.tensor is not None else '(aggregate)'}"
+        + (f", after step {r.after_step}" if r.after_step else "")
+        + "]"
+        for r in report.rules
+    ]
     lines.append(f"{report.count} alert(s) raised, {len(report.active)} active")
-    lines += [f"  active: {x.rule} on {x.tensor or '(aggregate)'} since step {x.since_step}"
-              for x in report.active]
+    lines += [
+        f"  active: {x.rule} on {x.tensor or '(aggregate)'} since step {x.since_step}"
+        for x in report.active
+    ]
     lines += [f"  {_event_line(e)}" for e in report.events]
     return "\n".join(lines)
 
@@ -254,16 +329,21 @@ def _alerts(c: Any, a: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------- watch
 
 
-def render_watch(event: dict[str, Any], alerts: Sequence[dict[str, Any]], loss: float | None,
-                 signals: Sequence[str] = KEY_SIGNALS, color: bool = False,
-                 max_rows: int = 30) -> str:
+def render_watch(
+    event: dict[str, Any],
+    alerts: Sequence[dict[str, Any]],
+    loss: float | None,
+    signals: Sequence[str] = KEY_SIGNALS,
+    color: bool = False,
+    max_rows: int = 30,
+) -> str:
     """One frame of ``watch``: a step event's signals, the recent alerts, the loss."""
     red = RED if color else ""
     bold = BOLD if color else ""
     reset = RESET if color else ""
-    head = (f"{bold}{event['stepper']}{reset}  step {event['step']}  "
-            f"{when(event.get('time'))}"
-            + (f"  loss {_num(loss)}" if loss is not None else ""))
+    head = f"{bold}{event['stepper']}{reset}  step {event['step']}  {when(event.get('time'))}" + (
+        f"  loss {_num(loss)}" if loss is not None else ""
+    )
     agg = event.get("aggregate", {})
     shown = [s for s in signals if s in agg or any(s in v for v in event["tensors"].values())]
     rows = [("TENSOR", *[s.upper() for s in shown])]
@@ -280,8 +360,10 @@ def render_watch(event: dict[str, Any], alerts: Sequence[dict[str, Any]], loss: 
         lines.append(f"{red}recent alerts{reset}")
         for e in alerts[-5:]:
             prev = f" (was {_num(e.get('previous'))})" if e.get("previous") is not None else ""
-            lines.append(f"  step {e['step']}  {e.get('tensor') or '(aggregate)'}  "
-                         f"{e['rule']}: {_num(e.get('value'))}{prev}")
+            lines.append(
+                f"  step {e['step']}  {e.get('tensor') or '(aggregate)'}  "
+                f"{e['rule']}: {_num(e.get('value'))}{prev}"
+            )
     return "\n".join(lines)
 
 
@@ -293,8 +375,7 @@ def _watch(c: Any, a: argparse.Namespace, out: TextIO | None = None) -> str | No
     loss: float | None = None
     pending: dict[str, Any] | None = None
     last_frame = -math.inf
-    stream = c.events(a.name, replay=1, heartbeat=a.interval, heartbeats=True,
-                      duration=a.timeout)
+    stream = c.events(a.name, replay=1, heartbeat=a.interval, heartbeats=True, duration=a.timeout)
     try:
         for item in stream:
             kind, data = item["event"], item["data"]
@@ -327,16 +408,17 @@ def _watch(c: Any, a: argparse.Namespace, out: TextIO | None = None) -> str | No
 # ---------------------------------------------------------------------- wiring
 
 
-def client_command(sub: Any, name: str, help: str,
-                   action: Callable[[Any, argparse.Namespace], str | None]
-                   ) -> argparse.ArgumentParser:
+def client_command(
+    sub: Any, name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
+) -> argparse.ArgumentParser:
     """A sub-command that runs ``action(client, args)`` against the service (``--url``,
     ``--token``) and prints what it returns; the inspection and snapshot commands."""
     from adamscope.client._base import DEFAULT_URL
 
     p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--url", default=None,
-                   help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})")
+    p.add_argument(
+        "--url", default=None, help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})"
+    )
     p.add_argument("--token", default=None, help="bearer token (default $ADAMSCOPE_TOKEN)")
     p.set_defaults(func=_run(action), color=sys.stdout.isatty())
     return p
@@ -345,36 +427,56 @@ def client_command(sub: Any, name: str, help: str,
 def add_commands(sub: Any) -> None:
     """Add the inspection commands to the ``adamscope`` sub-command parser."""
 
-    def command(name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
-                ) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
+    ) -> argparse.ArgumentParser:
         return client_command(sub, name, help, action)
 
     command("ls", "list the steppers", _ls)
     p = command("show", "a stepper's summary: options, parameters, durability, alerts", _show)
     p.add_argument("name", help="stepper")
-    p = command("stats", "statistics of parameters and Adam state (or --signals: the latest "
-                "step's signals), per tensor and aggregated", _stats)
+    p = command(
+        "stats",
+        "statistics of parameters and Adam state (or --signals: the latest "
+        "step's signals), per tensor and aggregated",
+        _stats,
+    )
     p.add_argument("name", help="stepper")
     p.add_argument("--tensor", action="append", help="only this tensor (repeatable)")
-    p.add_argument("--key", action="append",
-                   help="what to describe: param, exp_avg, exp_avg_sq, max_exp_avg_sq, m_hat, "
-                   "v_hat, lr_eff, update (repeatable; default the service's)")
-    p.add_argument("--signals", action="store_true",
-                   help="the latest step's signals instead (effective LR, shock, ...)")
+    p.add_argument(
+        "--key",
+        action="append",
+        help="what to describe: param, exp_avg, exp_avg_sq, max_exp_avg_sq, m_hat, "
+        "v_hat, lr_eff, update (repeatable; default the service's)",
+    )
+    p.add_argument(
+        "--signals",
+        action="store_true",
+        help="the latest step's signals instead (effective LR, shock, ...)",
+    )
     p.add_argument("--all", action="store_true", help="with --signals: every signal")
     p = command("watch", "a live view of a stepper's steps, signals and alerts", _watch)
     p.add_argument("name", help="stepper")
-    p.add_argument("--interval", type=float, default=0.5,
-                   help="seconds between redraws at most (default 0.5)")
-    p.add_argument("--once", action="store_true",
-                   help="print one frame (the latest step, or the next one) and exit")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="stop after this many seconds (with --once: fail if no step came)")
+    p.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between redraws at most (default 0.5)"
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame (the latest step, or the next one) and exit",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop after this many seconds (with --once: fail if no step came)",
+    )
     p = command("history", "a stepper's signal history (a table, CSV or JSON)", _history)
     p.add_argument("name", help="stepper")
     p.add_argument("--signal", action="append", help="a signal (repeatable; default: key ones)")
-    p.add_argument("--tensor", action="append",
-                   help="a tensor's own series too (repeatable; '*' for all)")
+    p.add_argument(
+        "--tensor", action="append", help="a tensor's own series too (repeatable; '*' for all)"
+    )
     p.add_argument("--since", type=int, help="only steps after this one")
     p.add_argument("--limit", type=int, help="only the last N steps")
     p.add_argument("--all", action="store_true", help="every signal")
@@ -383,6 +485,11 @@ def add_commands(sub: Any) -> None:
     fmt.add_argument("--json", action="store_true", help="the JSON report")
     p = command("alerts", "a stepper's alert rules and latest alert events", _alerts)
     p.add_argument("name", help="stepper")
-    p.add_argument("--set", type=_rules_arg, default=False, metavar="RULES",
-                   help="replace the rules: a JSON list, @file, or 'defaults'")
+    p.add_argument(
+        "--set",
+        type=_rules_arg,
+        default=False,
+        metavar="RULES",
+        help="replace the rules: a JSON list, @file, or 'defaults'",
+    )
     p.add_argument("--limit", type=int, default=20, help="latest events to list (default 20)")

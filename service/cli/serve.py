@@ -36,14 +36,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..app import create_app
 
-    overrides = {k: v for k, v in {
-        "host": args.host, "port": args.port, "data_dir": args.data_dir,
-        "device": args.device, "log_level": args.log_level,
-        "max_body_bytes": args.max_body_bytes,
-        "durability": parse_durability(args.durability) if args.durability else None,
-        **{flag: getattr(args, flag) for flag in _ACCESS_FLAGS},
-        "insecure_no_auth": args.insecure_no_auth or None,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "data_dir": args.data_dir,
+            "device": args.device,
+            "log_level": args.log_level,
+            "max_body_bytes": args.max_body_bytes,
+            "durability": parse_durability(args.durability) if args.durability else None,
+            **{flag: getattr(args, flag) for flag in _ACCESS_FLAGS},
+            "insecure_no_auth": args.insecure_no_auth or None,
+        }.items()
+        if v is not None
+    }
     checked = _checked_settings(overrides)
     if checked is None:
         return 2
@@ -53,12 +60,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_ray(args, settings)
     app = create_app(settings)
-    print(f"adamscope serving on http://{settings.host}:{settings.port} "
-          f"(default device {settings.default_device()}, data in {settings.data_dir})",
-          flush=True)
+    print(
+        f"adamscope serving on http://{settings.host}:{settings.port} "
+        f"(default device {settings.default_device()}, data in {settings.data_dir})",
+        flush=True,
+    )
     print(banner(settings, table), flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 
@@ -80,10 +94,18 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     from ..distributed.serve import run
 
     data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
-    config = ClusterConfig(settings=data.model_dump(mode="json"), slots=args.slots,
-                           bind=bind, num_cpus=args.slot_cpus, num_gpus=args.slot_gpus)
-    print(f"adamscope: starting on Ray ({args.ray_address or 'a new local instance'}), "
-          f"data in {data.data_dir}", flush=True)
+    config = ClusterConfig(
+        settings=data.model_dump(mode="json"),
+        slots=args.slots,
+        bind=bind,
+        num_cpus=args.slot_cpus,
+        num_gpus=args.slot_gpus,
+    )
+    print(
+        f"adamscope: starting on Ray ({args.ray_address or 'a new local instance'}), "
+        f"data in {data.data_dir}",
+        flush=True,
+    )
     return run(config, settings.host, settings.port, args.ray_address)
 
 
@@ -105,8 +127,11 @@ def _checked_settings(overrides: dict[str, Any]) -> tuple[Settings, TokenTable] 
         return None
     except SettingsError as e:  # an ADAMSCOPE_* variable that is not valid JSON
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-        hint = ("; ADAMSCOPE_TOKENS takes a JSON list of "
-                '{"token", "scope", "prefix"?, "name"?}') if '"tokens"' in str(e) else ""
+        hint = (
+            ('; ADAMSCOPE_TOKENS takes a JSON list of {"token", "scope", "prefix"?, "name"?}')
+            if '"tokens"' in str(e)
+            else ""
+        )
         _error(f"{e}{cause}{hint}")
         return None
     except TokenConfigError as e:
@@ -132,8 +157,10 @@ def visible_devices(parent: str | None, count: int) -> list[str]:
         return [str(i) for i in range(count)]
     entries = [e.strip() for e in parent.split(",") if e.strip()]
     if len(entries) < count:
-        raise ValueError(f"CUDA_VISIBLE_DEVICES={parent!r} names {len(entries)} device(s) "
-                         f"but {count} are visible")
+        raise ValueError(
+            f"CUDA_VISIBLE_DEVICES={parent!r} names {len(entries)} device(s) "
+            f"but {count} are visible"
+        )
     return entries[:count]
 
 
@@ -145,17 +172,25 @@ def worker_device(device: str | None) -> str | None:
     return device
 
 
-def worker_commands(args: argparse.Namespace, base_port: int, data_dir: Path, count: int,
-                    parent_visible: str | None) -> list[tuple[list[str], dict[str, str]]]:
+def worker_commands(
+    args: argparse.Namespace, base_port: int, data_dir: Path, count: int, parent_visible: str | None
+) -> list[tuple[list[str], dict[str, str]]]:
     """Each ``--per-gpu`` worker's command line and the environment it adds: worker ``i``
     sees only the parent's ``i``-th visible GPU, on port ``base_port + i``."""
     visible = visible_devices(parent_visible, count) if count else [None]
     out = []
     for i, entry in enumerate(visible):
-        cmd = [sys.executable, "-m", "adamscope.service.cli", "serve",
-               "--port", str(base_port + i), "--data-dir", str(data_dir / f"worker{i}")]
-        for flag in ("host", "device", "log_level", "max_body_bytes", "durability",
-                     *_ACCESS_FLAGS):
+        cmd = [
+            sys.executable,
+            "-m",
+            "adamscope.service.cli",
+            "serve",
+            "--port",
+            str(base_port + i),
+            "--data-dir",
+            str(data_dir / f"worker{i}"),
+        ]
+        for flag in ("host", "device", "log_level", "max_body_bytes", "durability", *_ACCESS_FLAGS):
             value = getattr(args, flag)
             if flag == "device" and count:
                 value = worker_device(value)
@@ -174,11 +209,15 @@ def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> 
     if count == 0:
         print("--per-gpu: no CUDA device visible; serving one CPU worker", file=sys.stderr)
     elif args.device is not None and worker_device(args.device) != args.device:
-        print(f"--per-gpu: each worker sees its one GPU as cuda:0; --device {args.device} "
-              "is passed on as cuda", file=sys.stderr)
+        print(
+            f"--per-gpu: each worker sees its one GPU as cuda:0; --device {args.device} "
+            "is passed on as cuda",
+            file=sys.stderr,
+        )
     try:
-        plan = worker_commands(args, base_port, data_dir, count,
-                               os.environ.get("CUDA_VISIBLE_DEVICES"))
+        plan = worker_commands(
+            args, base_port, data_dir, count, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
     except ValueError as e:
         _error(f"--per-gpu: {e}")
         return 2
@@ -200,41 +239,70 @@ def add_command(sub: Any) -> None:
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--data-dir", type=Path, help="data directory (default ./adamscope-data)")
-    serve.add_argument("--device", help="default device for new steppers (default: cuda if "
-                       "available, else cpu)")
+    serve.add_argument(
+        "--device", help="default device for new steppers (default: cuda if available, else cpu)"
+    )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
     serve.add_argument("--log-level", help="uvicorn log level (default info)")
-    serve.add_argument("--tokens-file", type=Path,
-                       help="JSON or TOML file of bearer tokens with scopes (also "
-                       "ADAMSCOPE_TOKENS_FILE; ADAMSCOPE_TOKENS takes them as JSON)")
-    serve.add_argument("--insecure-no-auth", action="store_true",
-                       help="serve a non-loopback --host without tokens: every client is "
-                       "an admin (without tokens the service otherwise refuses that)")
-    serve.add_argument("--max-tensor-elements", type=int,
-                       help="largest parameter a stepper may hold, in elements")
+    serve.add_argument(
+        "--tokens-file",
+        type=Path,
+        help="JSON or TOML file of bearer tokens with scopes (also "
+        "ADAMSCOPE_TOKENS_FILE; ADAMSCOPE_TOKENS takes them as JSON)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without tokens: every client is "
+        "an admin (without tokens the service otherwise refuses that)",
+    )
+    serve.add_argument(
+        "--max-tensor-elements", type=int, help="largest parameter a stepper may hold, in elements"
+    )
     serve.add_argument("--max-steppers", type=int, help="most steppers at once")
-    serve.add_argument("--memory-budget-bytes", type=int,
-                       help="bytes all steppers may hold: each one's footprint (parameters, "
-                       "Adam state, gradient buffer, step workspace, pinned host buffers); "
-                       "default: none, but every new stepper must also fit the memory its "
-                       "device has available, keeping 10%% free")
-    serve.add_argument("--per-gpu", action="store_true",
-                       help="one worker per visible GPU on ports PORT, PORT+1, ...")
+    serve.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        help="bytes all steppers may hold: each one's footprint (parameters, "
+        "Adam state, gradient buffer, step workspace, pinned host buffers); "
+        "default: none, but every new stepper must also fit the memory its "
+        "device has available, keeping 10%% free",
+    )
+    serve.add_argument(
+        "--per-gpu",
+        action="store_true",
+        help="one worker per visible GPU on ports PORT, PORT+1, ...",
+    )
     ray = serve.add_argument_group(
-        "distributed mode", "the same API on a Ray cluster: Ray Serve runs the ingress, Ray "
-        "actors hold the steppers (see the README's distributed mode section)")
+        "distributed mode",
+        "the same API on a Ray cluster: Ray Serve runs the ingress, Ray "
+        "actors hold the steppers (see the README's distributed mode section)",
+    )
     ray.add_argument("--ray", action="store_true", help="serve on Ray")
-    ray.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 "
-                     "or auto); default: start a local one")
-    ray.add_argument("--slots", type=int, default=0,
-                     help="slot actors to run (default: one per GPU in the cluster, or 2)")
-    ray.add_argument("--slot-gpus", type=float, default=0.0,
-                     help="GPUs per slot actor (default: with GPUs in the cluster, 1 when "
-                     "there are as many GPUs as slots, else the GPUs shared evenly, e.g. "
-                     "0.5 for --slots 2 on one GPU); slots Ray could never place are "
-                     "refused at start")
+    ray.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one",
+    )
+    ray.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="slot actors to run (default: one per GPU in the cluster, or 2)",
+    )
+    ray.add_argument(
+        "--slot-gpus",
+        type=float,
+        default=0.0,
+        help="GPUs per slot actor (default: with GPUs in the cluster, 1 when "
+        "there are as many GPUs as slots, else the GPUs shared evenly, e.g. "
+        "0.5 for --slots 2 on one GPU); slots Ray could never place are "
+        "refused at start",
+    )
     ray.add_argument("--slot-cpus", type=float, default=0.0, help="CPUs per slot actor")
-    ray.add_argument("--slot-bind", help="address each slot's service listens on (default "
-                     "127.0.0.1 for a local Ray; 'auto': its node's address)")
+    ray.add_argument(
+        "--slot-bind",
+        help="address each slot's service listens on (default "
+        "127.0.0.1 for a local Ray; 'auto': its node's address)",
+    )
     add_serve_option(serve)
     serve.set_defaults(func=_serve)

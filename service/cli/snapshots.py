@@ -66,12 +66,16 @@ def _snapshot(c: Any, a: argparse.Namespace) -> str:
 def _snapshots(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "STEP", "SIZE", "CREATED")]
     for s in c.snapshots(a.name):
-        rows.append((s.name, "?" if s.step is None else str(s.step), _size(s.size),
-                     when(s.created_at) if s.error is None else f"unreadable: {s.error}"))
+        rows.append(
+            (
+                s.name,
+                "?" if s.step is None else str(s.step),
+                _size(s.size),
+                when(s.created_at) if s.error is None else f"unreadable: {s.error}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(
-        "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
-    )
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
 
 
 def _restore(c: Any, a: argparse.Namespace) -> str:
@@ -85,8 +89,7 @@ def _export(c: Any, a: argparse.Namespace) -> str:
 
 
 def _import(c: Any, a: argparse.Namespace) -> str:
-    s = c.import_snapshot(a.file, a.new_name, device=a.device,
-                          progress=False if a.quiet else None)
+    s = c.import_snapshot(a.file, a.new_name, device=a.device, progress=False if a.quiet else None)
     return f"imported stepper {s.name} at step {s.step} on {s.device}"
 
 
@@ -109,8 +112,9 @@ def _durability(c: Any, a: argparse.Namespace) -> str:
 def add_commands(sub: Any) -> None:
     """Add the snapshot commands to the ``adamscope`` sub-command parser."""
 
-    def command(name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
-                ) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
+    ) -> argparse.ArgumentParser:
         return client_command(sub, name, help, action)
 
     p = command("snapshot", "take a named snapshot of a stepper now", _snapshot)
@@ -129,22 +133,26 @@ def add_commands(sub: Any) -> None:
     p = command("import", "create a stepper from a snapshot or checkpoint file", _import)
     p.add_argument("file", type=Path, help="the file")
     p.add_argument("--name", dest="new_name", help="the new stepper's name (default: the file's)")
-    p.add_argument("--device", help="device (default: the file's if available, else the "
-                   "service's default)")
+    p.add_argument(
+        "--device", help="device (default: the file's if available, else the service's default)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("rm-snapshot", "delete a snapshot", _rm_snapshot)
     p.add_argument("name", help="stepper")
     p.add_argument("snap", help="snapshot")
-    p = command("checkpoint", "write a stepper to the service's data directory now",
-                _checkpoint)
+    p = command("checkpoint", "write a stepper to the service's data directory now", _checkpoint)
     p.add_argument("name", help="stepper")
     p = command("durability", "change when a stepper is written to disk", _durability)
     p.add_argument("name", help="stepper")
-    p.add_argument("policy", type=_durability_arg,
-                   help="every_step | every_n:N | interval:SECONDS | manual")
+    p.add_argument(
+        "policy", type=_durability_arg, help="every_step | every_n:N | interval:SECONDS | manual"
+    )
 
 
 def add_serve_option(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--durability", type=_durability_arg,
-                       help="default durability of new steppers: every_step (default), "
-                       "every_n:N, interval:SECONDS or manual (also ADAMSCOPE_DURABILITY)")
+    serve.add_argument(
+        "--durability",
+        type=_durability_arg,
+        help="default durability of new steppers: every_step (default), "
+        "every_n:N, interval:SECONDS or manual (also ADAMSCOPE_DURABILITY)",
+    )

@@ -89,8 +89,15 @@ class Cluster:
 
     def _existing_slots(self) -> int:
         hosts = self.config.data_dir / "hosts"
-        found = [int(p.name.split("-", 1)[1]) for p in hosts.glob("slot-*")
-                 if p.name.split("-", 1)[1].isdigit()] if hosts.is_dir() else []
+        found = (
+            [
+                int(p.name.split("-", 1)[1])
+                for p in hosts.glob("slot-*")
+                if p.name.split("-", 1)[1].isdigit()
+            ]
+            if hosts.is_dir()
+            else []
+        )
         return max(found) + 1 if found else 0
 
     def _spawn(self, index: int) -> Any:
@@ -99,16 +106,16 @@ class Cluster:
             namespace=self.config.namespace,
         ).remote(index, self.config.settings, self.config.bind)
 
-    async def _call(self, slot: Slot, method: str, timeout: float | None = None,
-                    *args: Any) -> Any:
+    async def _call(self, slot: Slot, method: str, timeout: float | None = None, *args: Any) -> Any:
         """``slot.actor.<method>(*args)``, at most ``timeout`` seconds (default:
         call_timeout)."""
         limit = self.config.call_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(getattr(slot.actor, method).remote(*args), limit)
         except TimeoutError:
-            raise TimeoutError(f"slot {slot.index}: {method}() did not answer in "
-                               f"{limit:.0f} s") from None
+            raise TimeoutError(
+                f"slot {slot.index}: {method}() did not answer in {limit:.0f} s"
+            ) from None
 
     def _unplaced(self, index: int) -> str:
         """Why a slot's actor may not have been placed, for the error."""
@@ -118,13 +125,17 @@ class Cluster:
 
             have = ray.cluster_resources()
             free = ray.available_resources()
-            where = (f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
-                     f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now")
+            where = (
+                f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
+                f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now"
+            )
         except Exception:  # noqa: BLE001 - the message only
             where = ""
-        return (f"slot {index}: Ray did not place its actor in {self.config.place_timeout:.0f}"
-                f" s: it asks for {want}{where} (see `ray status`; --slots, --slot-gpus and "
-                "--slot-cpus set what slots ask for)")
+        return (
+            f"slot {index}: Ray did not place its actor in {self.config.place_timeout:.0f}"
+            f" s: it asks for {want}{where} (see `ray status`; --slots, --slot-gpus and "
+            "--slot-cpus set what slots ask for)"
+        )
 
     async def _start_actor(self, slot: Slot, deadline: float) -> None:
         """Wait for ``slot``'s new actor: placed by Ray, its service up, its state read."""
@@ -133,12 +144,14 @@ class Cluster:
         except TimeoutError:
             raise SlotStartError(self._unplaced(slot.index)) from None
         try:
-            await self._call(slot, "wait_started", self.config.start_timeout + 5,
-                             self.config.start_timeout)
+            await self._call(
+                slot, "wait_started", self.config.start_timeout + 5, self.config.start_timeout
+            )
         except TimeoutError as e:
             raise SlotStartError(str(e)) from None
-        slot.started(await self._call(slot, "info"), await self._call(slot, "steppers"),
-                     self.config.num_gpus)
+        slot.started(
+            await self._call(slot, "info"), await self._call(slot, "steppers"), self.config.num_gpus
+        )
 
     async def start(self) -> None:
         """Start every slot's actor (in parallel); raises :class:`SlotStartError` (and
@@ -160,8 +173,11 @@ class Cluster:
         for s in self.slots:
             s.state = "ok"
         self._load_sharded()
-        log.info("distributed: %d slots up: %s", len(self.slots),
-                 ", ".join(f"{s.index}@{s.info['node']}:{s.info['pid']}" for s in self.slots))
+        log.info(
+            "distributed: %d slots up: %s",
+            len(self.slots),
+            ", ".join(f"{s.index}@{s.info['node']}:{s.info['pid']}" for s in self.slots),
+        )
 
     def start_monitor(self) -> None:
         if self._monitor is None or self._monitor.done():
@@ -215,8 +231,13 @@ class Cluster:
                 return slot.state == "ok"
             old_info, lost = dict(slot.info), dict(slot.steppers)
             slot.state = "recovering"
-            log.warning("slot %d: actor (pid %s on %s) is gone; restoring its %d stepper(s)",
-                        index, old_info.get("pid"), old_info.get("node"), len(lost))
+            log.warning(
+                "slot %d: actor (pid %s on %s) is gone; restoring its %d stepper(s)",
+                index,
+                old_info.get("pid"),
+                old_info.get("node"),
+                len(lost),
+            )
             started = time.time()
             with contextlib.suppress(Exception):  # it is dead already
                 ray.kill(slot.actor, no_restart=True)
@@ -227,21 +248,29 @@ class Cluster:
                 slot.state = "failed"
                 slot.generation += 1
                 log.exception("slot %d: recovery failed", index)
-                self._publish("slot_failed", {"slot": index, "error": str(e),
-                                              "time": time.time()})
+                self._publish("slot_failed", {"slot": index, "error": str(e), "time": time.time()})
                 return False
             slot.state = "ok"
             slot.generation += 1
             took = time.time() - started
             for name in sorted(set(lost) | set(slot.steppers)):
-                record = {"slot": index, "time": time.time(), "seconds": round(took, 3),
-                          "from": {"pid": old_info.get("pid"), "node": old_info.get("node")},
-                          "to": {"pid": slot.info.get("pid"), "node": slot.info.get("node")},
-                          "restored": name in slot.steppers}
+                record = {
+                    "slot": index,
+                    "time": time.time(),
+                    "seconds": round(took, 3),
+                    "from": {"pid": old_info.get("pid"), "node": old_info.get("node")},
+                    "to": {"pid": slot.info.get("pid"), "node": slot.info.get("node")},
+                    "restored": name in slot.steppers,
+                }
                 self.recoveries.setdefault(name, []).append(record)
                 self._publish("recovered", {"stepper": name, **record})
-            log.warning("slot %d: recovered in %.1f s on %s (pid %s)", index, took,
-                        slot.info.get("node"), slot.info.get("pid"))
+            log.warning(
+                "slot %d: recovered in %.1f s on %s (pid %s)",
+                index,
+                took,
+                slot.info.get("node"),
+                slot.info.get("pid"),
+            )
             return True
 
     def _publish(self, kind: str, event: dict[str, Any]) -> None:
@@ -292,25 +321,42 @@ class Cluster:
             parts.append(max(budget, 0) / max(need.total, 1))
         return min(parts)
 
-    def reserve(self, name: str, plan: list[Shard], sizes: list[tuple[str, int]],
-                need: Callable[[list[int], str], Footprint]) -> None:
+    def reserve(
+        self,
+        name: str,
+        plan: list[Shard],
+        sizes: list[tuple[str, int]],
+        need: Callable[[list[int], str], Footprint],
+    ) -> None:
         """Count the stepper ``plan`` places against its slots from now (until a refresh
         reads what the slots really hold)."""
         nbytes = dict(sizes)
         for sh in plan:
             slot = self.slots[sh.slot]
             fp = need([nbytes[n] for n in sh.params], slot.device_type)
-            slot.steppers.setdefault(name, {"params": list(sh.params), "bytes": fp.total,
-                                            "device_bytes": fp.on_device, "pending": True})
+            slot.steppers.setdefault(
+                name,
+                {
+                    "params": list(sh.params),
+                    "bytes": fp.total,
+                    "device_bytes": fp.on_device,
+                    "pending": True,
+                },
+            )
 
     def ranked(self) -> list[Slot]:
         """Live slots, the roomiest first (fewest bytes held, then fewest steppers)."""
         live = [s for s in self.slots if s.state == "ok"]
-        return sorted(live, key=lambda s: (-(self.room(s) or 0), s.held_bytes(),
-                                           len(s.steppers), s.index))
+        return sorted(
+            live, key=lambda s: (-(self.room(s) or 0), s.held_bytes(), len(s.steppers), s.index)
+        )
 
-    def plan(self, sizes: list[tuple[str, int]], need: Callable[[list[int], str], Footprint],
-             shards: int | None) -> list[Shard]:
+    def plan(
+        self,
+        sizes: list[tuple[str, int]],
+        need: Callable[[list[int], str], Footprint],
+        shards: int | None,
+    ) -> list[Shard]:
         """Where a new stepper's tensors go: one slot when it fits (and ``shards`` is not
         asked), else ``shards`` (or as many as needed) slots, tensors placed largest first
         on the slot with the fewest bytes so far. ``need(parameter bytes, device type)`` is
@@ -332,7 +378,8 @@ class Cluster:
                 raise MemoryError(
                     f"the stepper needs about {fp.on_device:,} bytes on its device "
                     f"({fp.total:,} with its host buffers); all {len(ranked)} slots together "
-                    f"hold about {have:.0%} of it")
+                    f"hold about {have:.0%} of it"
+                )
         shards = max(1, min(shards, len(ranked), len(sizes)))
         chosen = [Shard(s.index, []) for s in ranked[:shards]]
         load = [0] * shards
@@ -377,20 +424,30 @@ class Cluster:
         """Where a stepper lives, for its summary."""
         record = self.sharded.get(name)
         if record is not None:
-            shards = [{"slot": sh.slot, "params": sh.params,
-                       **self._where(self.slots[sh.slot])} for sh in record.shards]
+            shards = [
+                {"slot": sh.slot, "params": sh.params, **self._where(self.slots[sh.slot])}
+                for sh in record.shards
+            ]
         else:
             index = self.slot_of(name)
             if index is None:
                 return None
             shards = [{"slot": index, "params": None, **self._where(self.slots[index])}]
-        return {"mode": "ray", "sharded": record is not None, "shards": shards,
-                "recoveries": self.recoveries.get(name, [])}
+        return {
+            "mode": "ray",
+            "sharded": record is not None,
+            "shards": shards,
+            "recoveries": self.recoveries.get(name, []),
+        }
 
     @staticmethod
     def _where(slot: Slot) -> dict[str, Any]:
-        return {"state": slot.state, "node": slot.info.get("node"),
-                "pid": slot.info.get("pid"), "device": slot.info.get("device")}
+        return {
+            "state": slot.state,
+            "node": slot.info.get("node"),
+            "pid": slot.info.get("pid"),
+            "device": slot.info.get("device"),
+        }
 
     def slot_dir(self, index: int) -> Path:
         return slot_dir(self.config.data_dir, index)

@@ -43,19 +43,25 @@ class SlotHost:
 
             bind = ray.util.get_node_ip_address()
         base = Settings(**settings)
-        self.settings = base.model_copy(update={
-            "data_dir": slot_dir(base.data_dir, slot), "host": bind, "port": 0})
+        self.settings = base.model_copy(
+            update={"data_dir": slot_dir(base.data_dir, slot), "host": bind, "port": 0}
+        )
         self.app = create_app(self.settings)
         sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind, 0))
         self.port = int(sock.getsockname()[1])
         self.bind = bind
-        config = uvicorn.Config(self.app, log_level=self.settings.log_level,
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app, log_level=self.settings.log_level, timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       name=f"adamscope-slot-{slot}", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run,
+            kwargs={"sockets": [sock]},
+            name=f"adamscope-slot-{slot}",
+            daemon=True,
+        )
         self.thread.start()
 
     def wait_started(self, timeout: float = 600.0) -> bool:
@@ -68,8 +74,9 @@ class SlotHost:
             if not self.thread.is_alive():
                 raise RuntimeError(f"slot {self.slot}: the service did not start")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"slot {self.slot}: the service did not start in "
-                                   f"{timeout:.0f} s")
+                raise RuntimeError(
+                    f"slot {self.slot}: the service did not start in {timeout:.0f} s"
+                )
             time.sleep(0.02)
         return True
 
@@ -82,10 +89,17 @@ class SlotHost:
         free = total = None
         if device.startswith("cuda") and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info(torch.device(device))
-        return {"slot": self.slot, "url": f"http://{host}:{self.port}", "pid": os.getpid(),
-                "node": socket.gethostname(), "address": self.bind, "device": device,
-                "device_free_bytes": free, "device_total_bytes": total,
-                "budget_bytes": self.settings.memory_budget_bytes}
+        return {
+            "slot": self.slot,
+            "url": f"http://{host}:{self.port}",
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "address": self.bind,
+            "device": device,
+            "device_free_bytes": free,
+            "device_total_bytes": total,
+            "budget_bytes": self.settings.memory_budget_bytes,
+        }
 
     def steppers(self) -> dict[str, dict[str, Any]]:
         """The steppers this slot holds: name -> parameter names, their footprint total
@@ -94,8 +108,7 @@ class SlotHost:
         out: dict[str, dict[str, Any]] = {}
         for s in registry.list() if registry is not None else []:
             fp = s.footprint()
-            out[s.name] = {"params": list(s.names), "bytes": fp.total,
-                           "device_bytes": fp.on_device}
+            out[s.name] = {"params": list(s.names), "bytes": fp.total, "device_bytes": fp.on_device}
         return out
 
     def ping(self) -> bool:

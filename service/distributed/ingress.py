@@ -29,10 +29,18 @@ from .cluster import Cluster, ClusterConfig, ShardedRecord
 __all__ = ["Ingress", "Reply", "first_error"]
 
 #: Request headers not passed on to a slot (hop by hop, or recomputed).
-_DROP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding",
-                 "te", "upgrade", "proxy-authorization", "expect"}
-_DROP_REPLY = {"content-length", "connection", "keep-alive", "transfer-encoding", "server",
-               "date"}
+_DROP_REQUEST = {
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "expect",
+}
+_DROP_REPLY = {"content-length", "connection", "keep-alive", "transfer-encoding", "server", "date"}
 _TRANSPORT_ERRORS = (httpx.TransportError,)
 TRANSPORT_ERRORS = _TRANSPORT_ERRORS
 
@@ -44,8 +52,11 @@ def first_error(replies: Sequence[Reply]) -> Response | None:
     """The first slot's problem among ``replies``, passed on as it came."""
     for status, headers, content in replies:
         if status >= 400:
-            return Response(content, status_code=status,
-                            media_type=headers.get("content-type", "application/json"))
+            return Response(
+                content,
+                status_code=status,
+                media_type=headers.get("content-type", "application/json"),
+            )
     return None
 
 
@@ -55,9 +66,10 @@ class Ingress:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.cluster = Cluster(config)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
-                                      limits=httpx.Limits(max_connections=256,
-                                                          max_keepalive_connections=64))
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
         self.locks: dict[str, asyncio.Lock] = {}
         #: Each sharded stepper's shards' steps as its last step left them (forgotten on
         #: any doubt: a failed step, a recovery, a change made through another route).
@@ -70,8 +82,10 @@ class Ingress:
 
     async def ready(self) -> None:
         """Start the slots (once; again after a failed start)."""
-        if self._started is None or (self._started.done() and (
-                self._started.cancelled() or self._started.exception() is not None)):
+        if self._started is None or (
+            self._started.done()
+            and (self._started.cancelled() or self._started.exception() is not None)
+        ):
             self._started = asyncio.get_running_loop().create_task(self.cluster.start())
         await asyncio.shield(self._started)
         self.cluster.start_monitor()
@@ -81,23 +95,31 @@ class Ingress:
 
     # ------------------------------------------------------------------ forwarding
 
-    def _headers(self, request: Request, extra: dict[str, str] | None = None
-                 ) -> dict[str, str]:
+    def _headers(self, request: Request, extra: dict[str, str] | None = None) -> dict[str, str]:
         out = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         out.update(extra or {})
         return out
 
-    async def send(self, slot: int, method: str, path: str, query: Sequence[tuple[str, str]],
-                   headers: dict[str, str], body: bytes | None, *, retry: bool
-                   ) -> httpx.Response:
+    async def send(
+        self,
+        slot: int,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes | None,
+        *,
+        retry: bool,
+    ) -> httpx.Response:
         """One request to a slot's service (streamed reply); when the slot's actor is found
         dead, recover it and, if ``retry``, send again."""
         for attempt in (0, 1):
             if self.cluster.slots[slot].state != "ok":
                 await self.cluster.check(slot)
             url = self.cluster.slots[slot].url + path
-            req = self.http.build_request(method, url, params=list(query), headers=headers,
-                                          content=body)
+            req = self.http.build_request(
+                method, url, params=list(query), headers=headers, content=body
+            )
             try:
                 return await self.http.send(req, stream=True)
             except _TRANSPORT_ERRORS:
@@ -108,37 +130,64 @@ class Ingress:
                     raise
         raise AssertionError("unreachable")
 
-    async def forward(self, request: Request, slot: int, *, body: bytes | None = None,
-                      path: str | None = None, extra_headers: dict[str, str] | None = None
-                      ) -> Response:
+    async def forward(
+        self,
+        request: Request,
+        slot: int,
+        *,
+        body: bytes | None = None,
+        path: str | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Response:
         """Pass ``request`` on to ``slot`` and stream the reply back."""
         if body is None:
             body = await request.body()
         method = request.method
         headers = self._headers(request, extra_headers)
         retry = method in ("GET", "HEAD", "PUT", "PATCH", "DELETE") or (
-            "idempotency-key" in {k.lower() for k in headers})
+            "idempotency-key" in {k.lower() for k in headers}
+        )
         try:
-            reply = await self.send(slot, method, path or request.url.path,
-                                    request.query_params.multi_items(), headers, body,
-                                    retry=retry)
+            reply = await self.send(
+                slot,
+                method,
+                path or request.url.path,
+                request.query_params.multi_items(),
+                headers,
+                body,
+                retry=retry,
+            )
         except _TRANSPORT_ERRORS as e:
-            return problem_response("slot_unavailable",
-                                    f"slot {slot} did not answer ({type(e).__name__}); "
-                                    f"its steppers are being restored, retry the request",
-                                    request.url.path, slot=slot)
+            return problem_response(
+                "slot_unavailable",
+                f"slot {slot} did not answer ({type(e).__name__}); "
+                f"its steppers are being restored, retry the request",
+                request.url.path,
+                slot=slot,
+            )
         return StreamingResponse(
-            reply.aiter_raw(), status_code=reply.status_code,
+            reply.aiter_raw(),
+            status_code=reply.status_code,
             headers={k: v for k, v in reply.headers.items() if k.lower() not in _DROP_REPLY},
-            background=BackgroundTask(reply.aclose))
+            background=BackgroundTask(reply.aclose),
+        )
 
-    async def call(self, slot: int, request: Request, method: str, path: str,
-                   query: Sequence[tuple[str, str]], body: bytes | None,
-                   extra_headers: dict[str, str] | None = None, *, retry: bool = True
-                   ) -> tuple[int, dict[str, str], bytes]:
+    async def call(
+        self,
+        slot: int,
+        request: Request,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        body: bytes | None,
+        extra_headers: dict[str, str] | None = None,
+        *,
+        retry: bool = True,
+    ) -> tuple[int, dict[str, str], bytes]:
         """A whole request to a slot: (status, headers, body)."""
-        reply = await self.send(slot, method, path, query,
-                                self._headers(request, extra_headers), body, retry=retry)
+        reply = await self.send(
+            slot, method, path, query, self._headers(request, extra_headers), body, retry=retry
+        )
         try:
             content = await reply.aread()
         finally:
@@ -163,7 +212,8 @@ class Ingress:
         self.subscribers.add(queue)
         headers = self._headers(request)
         query: list[tuple[str, str | int | float | bool | None]] = list(
-            request.query_params.multi_items())
+            request.query_params.multi_items()
+        )
 
         async def pump(index: int) -> None:
             while True:
@@ -172,8 +222,9 @@ class Ingress:
                     await asyncio.sleep(0.5)
                     continue
                 try:
-                    async with self.http.stream("GET", slot.url + f"{API_PREFIX}/events",
-                                                params=query, headers=headers) as reply:
+                    async with self.http.stream(
+                        "GET", slot.url + f"{API_PREFIX}/events", params=query, headers=headers
+                    ) as reply:
                         if reply.status_code != 200:
                             await queue.put(await reply.aread())
                             return
@@ -222,10 +273,22 @@ class Ingress:
             return problem_response("slot_unavailable", "no slot is serving", request.url.path)
         return await self.forward(request, live[0].index)
 
-    async def fan_out(self, record: ShardedRecord, request: Request, method: str, path: str,
-                      queries: Sequence[Sequence[tuple[str, str]]],
-                      bodies: Sequence[bytes | None], extra: dict[str, str] | None = None,
-                      retry: bool = True) -> list[tuple[int, dict[str, str], bytes]]:
-        return list(await asyncio.gather(*(
-            self.call(sh.slot, request, method, path, q, b, extra, retry=retry)
-            for sh, q, b in zip(record.shards, queries, bodies, strict=True))))
+    async def fan_out(
+        self,
+        record: ShardedRecord,
+        request: Request,
+        method: str,
+        path: str,
+        queries: Sequence[Sequence[tuple[str, str]]],
+        bodies: Sequence[bytes | None],
+        extra: dict[str, str] | None = None,
+        retry: bool = True,
+    ) -> list[tuple[int, dict[str, str], bytes]]:
+        return list(
+            await asyncio.gather(
+                *(
+                    self.call(sh.slot, request, method, path, q, b, extra, retry=retry)
+                    for sh, q, b in zip(record.shards, queries, bodies, strict=True)
+                )
+            )
+        )

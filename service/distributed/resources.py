@@ -44,8 +44,9 @@ class SlotRequest:
     num_cpus: float
 
 
-def slot_request(slots: int, slot_gpus: float, slot_cpus: float,
-                 cluster: Mapping[str, float]) -> SlotRequest:
+def slot_request(
+    slots: int, slot_gpus: float, slot_cpus: float, cluster: Mapping[str, float]
+) -> SlotRequest:
     """The slot count and each slot actor's resources for a cluster with ``cluster``'s
     resources (``ray.cluster_resources()``); raises :class:`SlotResourceError` when Ray
     could never place them all."""
@@ -60,22 +61,28 @@ def slot_request(slots: int, slot_gpus: float, slot_cpus: float,
         per_gpu = 1 if gpus >= slots else -(-slots // max(int(gpus), 1))
         slot_gpus = math.floor(_GRAIN / per_gpu) / _GRAIN
         if slot_gpus == 0 or int(gpus) == 0:
-            raise SlotResourceError(f"{slots} slots cannot share {gpus:g} GPU(s): Ray hands "
-                                    f"out at least 1/{_GRAIN} of a GPU, to slots on one GPU")
+            raise SlotResourceError(
+                f"{slots} slots cannot share {gpus:g} GPU(s): Ray hands "
+                f"out at least 1/{_GRAIN} of a GPU, to slots on one GPU"
+            )
     if slot_gpus > 1 and slot_gpus != int(slot_gpus):
-        raise SlotResourceError(f"--slot-gpus {slot_gpus:g}: Ray takes a fraction of a GPU "
-                                "only up to 1, else a whole number")
+        raise SlotResourceError(
+            f"--slot-gpus {slot_gpus:g}: Ray takes a fraction of a GPU "
+            "only up to 1, else a whole number"
+        )
     if slot_gpus > 0:
         per_gpu = 1 if slot_gpus >= 1 else math.floor(1 / slot_gpus + 1e-9)
         placeable = (int(gpus) * per_gpu) if slot_gpus <= 1 else int(gpus // slot_gpus)
         if placeable < slots:
             raise SlotResourceError(
                 f"{slots} slot(s) of {slot_gpus:g} GPU each cannot be placed: the Ray cluster "
-                f"has {gpus:g} GPU(s); use fewer --slots, a smaller --slot-gpus, or add GPUs")
+                f"has {gpus:g} GPU(s); use fewer --slots, a smaller --slot-gpus, or add GPUs"
+            )
     if slot_cpus * slots > cpus + 1e-9:
         raise SlotResourceError(
             f"{slots} slot(s) of {slot_cpus:g} CPU each need {slot_cpus * slots:g} CPUs; the "
-            f"Ray cluster has {cpus:g}")
+            f"Ray cluster has {cpus:g}"
+        )
     return SlotRequest(slots, slot_gpus, slot_cpus)
 
 

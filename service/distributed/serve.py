@@ -31,9 +31,14 @@ def deployment(config: ClusterConfig) -> Any:
     """The ingress as a bound Serve application."""
     from ray import serve
 
-    @serve.deployment(name="adamscope", num_replicas=1, max_ongoing_requests=1024,
-                      ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60,
-                      health_check_period_s=5)
+    @serve.deployment(
+        name="adamscope",
+        num_replicas=1,
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=60,
+        health_check_period_s=5,
+    )
     @serve.ingress()
     class AdamscopeIngress:
         def __init__(self, cfg: dict[str, Any]) -> None:
@@ -63,8 +68,11 @@ def _ready(url: str, timeout: float) -> list[dict[str, Any]] | None:
             if r.status_code == 200:
                 return list(r.json()["slots"])
             if r.status_code == 503 and r.json().get("status") == "failed":
-                print(f"adamscope: error: the slots did not start: {r.json().get('error')}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"adamscope: error: the slots did not start: {r.json().get('error')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return None
         except (httpx.TransportError, ValueError):
             pass
@@ -74,35 +82,53 @@ def _ready(url: str, timeout: float) -> list[dict[str, Any]] | None:
         time.sleep(0.2)
 
 
-def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
-        ready_timeout: float = 300.0) -> int:
+def run(
+    config: ClusterConfig,
+    host: str,
+    port: int,
+    address: str | None = None,
+    ready_timeout: float = 300.0,
+) -> int:
     import ray
     from ray import serve
 
-    init: dict[str, Any] = {"namespace": config.namespace, "include_dashboard": False,
-                            "logging_level": logging.WARNING}
+    init: dict[str, Any] = {
+        "namespace": config.namespace,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+    }
     # Without an address, a new local instance: never attach to one already running here
     # (ray.init's default), whose Serve would keep its own HTTP port.
     init["address"] = address or "local"
     ray.init(**init)
     try:
         try:
-            want = slot_request(config.slots, config.num_gpus, config.num_cpus,
-                                ray.cluster_resources())
+            want = slot_request(
+                config.slots, config.num_gpus, config.num_cpus, ray.cluster_resources()
+            )
         except SlotResourceError as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 2
-        config = dataclasses.replace(config, slots=want.slots, num_gpus=want.num_gpus,
-                                     num_cpus=want.num_cpus)
-        log.info("distributed: %d slots of %g GPU / %g CPU each", want.slots, want.num_gpus,
-                 want.num_cpus)
-        serve.start(http_options={"host": host, "port": port},
-                    logging_config={"log_level": "WARNING"})
+        config = dataclasses.replace(
+            config, slots=want.slots, num_gpus=want.num_gpus, num_cpus=want.num_cpus
+        )
+        log.info(
+            "distributed: %d slots of %g GPU / %g CPU each",
+            want.slots,
+            want.num_gpus,
+            want.num_cpus,
+        )
+        serve.start(
+            http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"}
+        )
         try:
             handle = serve.run(deployment(config), name="adamscope", route_prefix="/")
         except Exception as e:  # noqa: BLE001 - a slot that could not start, said once
-            print(f"adamscope: error: the distributed service did not start: {e}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"adamscope: error: the distributed service did not start: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
             serve.shutdown()
             return 1
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -110,9 +136,11 @@ def run(config: ClusterConfig, host: str, port: int, address: str | None = None,
         if slots is None:
             serve.shutdown()
             return 1
-        print(f"adamscope (Ray) serving on http://{host}:{port}: {len(slots)} slots: "
-              + ", ".join(f"{s['slot']}@{s['node']} pid {s['pid']} {s['device']}"
-                          for s in slots), flush=True)
+        print(
+            f"adamscope (Ray) serving on http://{host}:{port}: {len(slots)} slots: "
+            + ", ".join(f"{s['slot']}@{s['node']} pid {s['pid']} {s['device']}" for s in slots),
+            flush=True,
+        )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

@@ -35,30 +35,35 @@ class Body:
 
     def chunk(self, name: str) -> memoryview:
         e = self.by_name[name]
-        return self.data[e.begin:e.end]
+        return self.data[e.begin : e.end]
 
 
 def parse(raw: bytes | memoryview) -> Body:
     return Body(raw)
 
 
-def _encode(entries: Sequence[tuple[str, codec.Entry, memoryview]],
-            metadata: Mapping[str, str] | None) -> bytes:
+def _encode(
+    entries: Sequence[tuple[str, codec.Entry, memoryview]], metadata: Mapping[str, str] | None
+) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, e, chunk in entries:
-        header[name] = {"dtype": codec._TAG_OF[e.dtype], "shape": list(e.shape),
-                        "data_offsets": [offset, offset + chunk.nbytes]}
+        header[name] = {
+            "dtype": codec._TAG_OF[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + chunk.nbytes],
+        }
         offset += chunk.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     return b"".join([struct.pack("<Q", len(head)), head, *(c for _, _, c in entries)])
 
 
-def split(body: Body, shards: Sequence[Sequence[str]],
-          metadata: Mapping[str, str] | None = None) -> list[bytes]:
+def split(
+    body: Body, shards: Sequence[Sequence[str]], metadata: Mapping[str, str] | None = None
+) -> list[bytes]:
     """One body per shard with the tensors of ``body`` that shard holds (in the shard's
     order; a shard none of whose tensors is in the body gets a body without tensors), and
     ``body``'s metadata (or ``metadata``)."""

@@ -49,7 +49,9 @@ class Round:
         if self.workers and self.contributors != contributors:
             raise StepConflict(
                 f"the pending step of {self.stepper!r} collects {self.contributors} "
-                f"contributions, not {contributors}", current_step=step_count)
+                f"contributions, not {contributors}",
+                current_step=step_count,
+            )
 
     def repeated(self, worker: int, key: str | None, step_count: int) -> bool:
         """Whether ``worker``'s contribution with ``key`` is already here (a retry); raise
@@ -60,15 +62,16 @@ class Round:
         if key is not None and found.key == key:
             return True
         raise StepConflict(
-            f"worker {worker} already contributed to step {step_count + 1} of "
-            f"{self.stepper!r}", current_step=step_count)
+            f"worker {worker} already contributed to step {step_count + 1} of {self.stepper!r}",
+            current_step=step_count,
+        )
 
-    def add(self, worker: int, contributors: int, key: str | None,
-            grads: Mapping[str, torch.Tensor]) -> bool:
+    def add(
+        self, worker: int, contributors: int, key: str | None, grads: Mapping[str, torch.Tensor]
+    ) -> bool:
         """Keep a copy of ``grads``; True once every contributor has sent its part."""
         self.contributors = contributors
-        self.workers[worker] = _Contribution(key, {n: g.detach().clone()
-                                                   for n, g in grads.items()})
+        self.workers[worker] = _Contribution(key, {n: g.detach().clone() for n, g in grads.items()})
         return len(self.workers) >= contributors
 
     def take(self, order: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -154,8 +154,10 @@ def _tensors_of(stepper: Stepper) -> dict[str, torch.Tensor]:
 
 
 def _header_of(stepper: Stepper) -> dict[str, Any]:
-    groups = [{"params": list(stepper.group_names[gi]), "options": options}
-              for gi, options in enumerate(stepper.group_options())]
+    groups = [
+        {"params": list(stepper.group_names[gi]), "options": options}
+        for gi, options in enumerate(stepper.group_options())
+    ]
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -174,8 +176,11 @@ def _header_of(stepper: Stepper) -> dict[str, Any]:
     }
 
 
-def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
-          annotations: Mapping[str, Any] | None = None) -> Encoded:
+def write(
+    stepper: Stepper,
+    sink: Callable[[list[bytes | memoryview]], int],
+    annotations: Mapping[str, Any] | None = None,
+) -> Encoded:
     """Hand the stepper's checkpoint to ``sink`` as a list of byte chunks, under its lock.
 
     The chunks are views of the stepper's own tensor memory (no serialization copy), valid
@@ -194,15 +199,19 @@ def write(stepper: Stepper, sink: Callable[[list[bytes | memoryview]], int],
             META_STEP: str(stepper.step_count),
             META_STEPPER: stepper.name,
         }
-        if stepper.device.type != "cpu" and sum(
-                t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT:
+        if (
+            stepper.device.type != "cpu"
+            and sum(t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT
+        ):
             tensors = stage_on_host(tensors)  # one batched copy to the host, one wait
         head, views = codec.encode_parts(tensors, metadata)
         if len(head) - 8 > codec.MAX_HEADER_BYTES:
             raise CheckpointTooLarge(
                 f"the checkpoint of {stepper.name!r} would have a {len(head) - 8}-byte header, "
                 f"over the {codec.MAX_HEADER_BYTES} bytes safetensors readers accept; it was "
-                "not written", stepper=stepper.name)
+                "not written",
+                stepper=stepper.name,
+            )
         size = sink([head, *views])
         version = stepper.version
     # The header as written (the journal copied by the JSON round trip).
@@ -234,14 +243,16 @@ def decode(data: bytes | bytearray | memoryview) -> Checkpoint:
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith(PARAM_PREFIX):
-            n = key[len(PARAM_PREFIX):]
+            n = key[len(PARAM_PREFIX) :]
             check(n in known, f"checkpoint tensor {key!r} names no listed parameter")
             params[n] = t
         elif key.startswith(STATE_PREFIX):
-            n, _, which = key[len(STATE_PREFIX):].rpartition("/")
-            check(n in known and which in STATE_KEYS,
-                   f"checkpoint tensor {key!r} is not 'state/<parameter>/<key>' with key one of "
-                   + ", ".join(STATE_KEYS))
+            n, _, which = key[len(STATE_PREFIX) :].rpartition("/")
+            check(
+                n in known and which in STATE_KEYS,
+                f"checkpoint tensor {key!r} is not 'state/<parameter>/<key>' with key one of "
+                + ", ".join(STATE_KEYS),
+            )
             state.setdefault(n, {})[which] = t
         else:
             raise InvalidCheckpoint(f"unexpected tensor {key!r} in checkpoint")
@@ -265,8 +276,10 @@ def header_from_prefix(read: Callable[[int], bytes]) -> dict[str, Any]:
         raise InvalidCheckpoint(str(e)) from None
     check(isinstance(head, dict), "safetensors header must be a JSON object")
     metadata = head.get("__metadata__")
-    check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
-           "safetensors __metadata__ must map strings to strings")
+    check(
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+        "safetensors __metadata__ must map strings to strings",
+    )
     return parse_header(metadata)
 
 
@@ -288,8 +301,13 @@ def _journals(ckpt: Checkpoint) -> tuple[dict[str, Any], KeyJournal]:
     return extra, keys
 
 
-def _finish(stepper: Stepper, ckpt: Checkpoint, journals: tuple[dict[str, Any], KeyJournal],
-            *, restore_times: bool) -> None:
+def _finish(
+    stepper: Stepper,
+    ckpt: Checkpoint,
+    journals: tuple[dict[str, Any], KeyJournal],
+    *,
+    restore_times: bool,
+) -> None:
     stepper.step_count = ckpt.step
     stepper.journal, stepper.keys = journals
     if restore_times:
@@ -331,8 +349,10 @@ def _check_layout(stepper: Stepper, ckpt: Checkpoint) -> None:
         for n, t in ckpt.params:
             shape, dtype = stepper.param_meta(n)
             if list(t.shape) != shape or t.dtype != dtype:
-                problems.append(f"parameter {n!r} is {codec.dtype_name(t.dtype)}{list(t.shape)}, "
-                                f"stepper has {codec.dtype_name(dtype)}{shape}")
+                problems.append(
+                    f"parameter {n!r} is {codec.dtype_name(t.dtype)}{list(t.shape)}, "
+                    f"stepper has {codec.dtype_name(dtype)}{shape}"
+                )
     if [g.params for g in ckpt.groups] != stepper.group_names:
         problems.append("different param groups")
     if problems:
@@ -351,7 +371,8 @@ def load_into(stepper: Stepper, ckpt: Checkpoint) -> None:
         try:
             stepper.put_state(ckpt.state, [g.options for g in ckpt.groups], replace=True)
         except EngineError as e:
-            raise InvalidCheckpoint(f"checkpoint of {ckpt.name!r} does not load: {e.detail}"
-                                    ) from None
+            raise InvalidCheckpoint(
+                f"checkpoint of {ckpt.name!r} does not load: {e.detail}"
+            ) from None
         stepper.put_params(dict(ckpt.params))
         _finish(stepper, ckpt, journals, restore_times=False)

@@ -75,8 +75,14 @@ class Footprint:
         return self.on_device + self.pinned
 
     def as_dict(self) -> dict[str, int]:
-        return {"state": self.state, "gradients": self.gradients, "workspace": self.workspace,
-                "pinned": self.pinned, "on_device": self.on_device, "total": self.total}
+        return {
+            "state": self.state,
+            "gradients": self.gradients,
+            "workspace": self.workspace,
+            "pinned": self.pinned,
+            "on_device": self.on_device,
+            "total": self.total,
+        }
 
 
 def implementation(options: Mapping[str, Any], device: str) -> str:
@@ -115,8 +121,7 @@ def _l2(options: Mapping[str, Any]) -> bool:
     return bool(options.get("weight_decay")) and not options.get("decoupled_weight_decay")
 
 
-def footprint(groups: Iterable[tuple[Sequence[int], Mapping[str, Any]]],
-              device: str) -> Footprint:
+def footprint(groups: Iterable[tuple[Sequence[int], Mapping[str, Any]]], device: str) -> Footprint:
     """The footprint of a stepper whose param groups are ``(parameter bytes, options)``
     (options by PyTorch's names; absent ones take PyTorch's defaults) on ``device``
     (a device type or name: ``"cuda:1"`` counts as ``"cuda"``)."""
@@ -130,8 +135,9 @@ def footprint(groups: Iterable[tuple[Sequence[int], Mapping[str, Any]]],
     return Footprint(kind, state, gradients, workspace, pinned)
 
 
-def step_working_set(groups: Iterable[tuple[Sequence[tuple[int, bool]], Mapping[str, Any]]],
-                     device: str) -> int:
+def step_working_set(
+    groups: Iterable[tuple[Sequence[tuple[int, bool]], Mapping[str, Any]]], device: str
+) -> int:
     """Device bytes one ``optimizer.step()`` allocates: the state it creates and the peak
     workspace, for param groups of ``((bytes, fresh) of each stepped parameter, options)``
     (``fresh``: the parameter has no state yet, the step creates it)."""

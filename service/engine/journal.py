@@ -49,8 +49,7 @@ class JournalError(ValueError):
 
 
 def digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
-                           digest_size=DIGEST_BYTES).digest()
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
 
 
 class KeyJournal:
@@ -97,8 +96,9 @@ class KeyJournal:
             if count == 0:
                 self._set_bytes += len(mask)
             self._sets[mask] = count + 1
-        while len(self._entries) > 1 and (len(self._entries) > JOURNAL_KEYS
-                                          or self._set_bytes > self._budget):
+        while len(self._entries) > 1 and (
+            len(self._entries) > JOURNAL_KEYS or self._set_bytes > self._budget
+        ):
             self._drop(next(iter(self._entries)))
 
     def _drop(self, d: bytes) -> None:
@@ -147,21 +147,29 @@ class KeyJournal:
     def load_json(self, data: Any) -> None:
         """Replace the journal with a persisted one (raises :class:`JournalError`)."""
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            raise JournalError("the idempotency journal must be an object of version "
-                               f"{FORMAT_VERSION}")
+            raise JournalError(
+                f"the idempotency journal must be an object of version {FORMAT_VERSION}"
+            )
         try:
             raw = base64.b64decode(data.get("digests", ""), validate=True)
             sets = [base64.b64decode(s, validate=True) for s in data.get("sets", [])]
         except (binascii.Error, TypeError, ValueError):
-            raise JournalError("the idempotency journal's digests or sets are not "
-                               "base64") from None
+            raise JournalError("the idempotency journal's digests or sets are not base64") from None
         steps, refs = data.get("steps"), data.get("refs")
         n = len(raw) // DIGEST_BYTES
         width = (len(self._names) + 7) // 8
-        if (len(raw) % DIGEST_BYTES or not isinstance(steps, list) or not isinstance(refs, list)
-                or len(steps) != n or len(refs) != n or any(len(s) != width for s in sets)):
-            raise JournalError("the idempotency journal's digests, steps, refs and sets do "
-                               "not fit together or the stepper's parameters")
+        if (
+            len(raw) % DIGEST_BYTES
+            or not isinstance(steps, list)
+            or not isinstance(refs, list)
+            or len(steps) != n
+            or len(refs) != n
+            or any(len(s) != width for s in sets)
+        ):
+            raise JournalError(
+                "the idempotency journal's digests, steps, refs and sets do "
+                "not fit together or the stepper's parameters"
+            )
         self._reset()
         step = 0
         for i in range(n):
@@ -169,8 +177,11 @@ class KeyJournal:
             if not _is_int(delta) or not _is_int(ref) or not -1 <= ref < len(sets):
                 raise JournalError(f"the idempotency journal's entry {i} is invalid")
             step += delta
-            self._add(raw[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES], step,
-                      None if ref == -1 else sets[ref])
+            self._add(
+                raw[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES],
+                step,
+                None if ref == -1 else sets[ref],
+            )
 
     def load_legacy(self, keys: Mapping[str, Any]) -> None:
         """Adopt a journal as versions before this one kept it (``extra["keys"]``: key ->

@@ -73,10 +73,12 @@ def release_cached(device: torch.device) -> None:
         log.warning("could not release cached CUDA memory", exc_info=True)
 
 
-def stage_on_host(tensors: Mapping[str, torch.Tensor],
-                  moved: Callable[[torch.Tensor], bool] = lambda t: t.device.type != "cpu",
-                  pin: bool = True,
-                  wait: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+def stage_on_host(
+    tensors: Mapping[str, torch.Tensor],
+    moved: Callable[[torch.Tensor], bool] = lambda t: t.device.type != "cpu",
+    pin: bool = True,
+    wait: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """``tensors`` with each one ``moved`` says is elsewhere (default: not on the CPU)
     replaced by a host copy: every copy queued into one buffer (page-locked with ``pin``,
     so the copies are asynchronous), then one ``wait`` (default: a synchronize of each
@@ -99,7 +101,7 @@ def stage_on_host(tensors: Mapping[str, torch.Tensor],
     out = dict(tensors)
     for (k, t), at in zip(remote, offsets, strict=True):
         n = t.numel() * t.element_size()
-        dst = flat[at:at + n].view(t.dtype).view(t.shape)
+        dst = flat[at : at + n].view(t.dtype).view(t.shape)
         dst.copy_(t.detach(), non_blocking=pin)
         out[k] = dst
     if wait is not None:

@@ -57,8 +57,9 @@ class Observers:
         self.observed_step = step
         self._notify(stepper, "before_step", grads)
 
-    def after(self, stepper: Stepper, step: int, grads: Mapping[str, torch.Tensor],
-              seconds: float) -> None:
+    def after(
+        self, stepper: Stepper, step: int, grads: Mapping[str, torch.Tensor], seconds: float
+    ) -> None:
         """Step ``step`` left PyTorch after ``seconds``: its after-step observers run now,
         or at :meth:`settle` when deferred."""
         self._pending = (step, grads, seconds)

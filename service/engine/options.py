@@ -44,8 +44,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
 
 #: Keywords each constructor takes in the installed torch (older releases lack some, e.g.
 #: ``decoupled_weight_decay`` arrived in 2.7); an absent one can only be left at its default.
-_ACCEPTED = {kind: set(inspect.signature(cls.__init__).parameters)
-             for kind, cls in OPTIMIZERS.items()}
+_ACCEPTED = {
+    kind: set(inspect.signature(cls.__init__).parameters) for kind, cls in OPTIMIZERS.items()
+}
 _ABSENT_DEFAULTS: dict[str, Any] = {"decoupled_weight_decay": False}
 
 

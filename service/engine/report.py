@@ -62,15 +62,17 @@ def _params(stepper: Stepper) -> tuple[list[dict[str, Any]], int]:
         s = stepper.optimizer.state.get(p, {})
         nbytes += p.numel() * p.element_size()
         nbytes += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
-        params.append({
-            "name": n,
-            "shape": list(p.shape),
-            "dtype": dtype_name(p.dtype),
-            "numel": p.numel(),
-            "group": stepper.group_of[n],
-            "step": t,
-            "state": [k for k in STATE_KEYS if k in s],
-        })
+        params.append(
+            {
+                "name": n,
+                "shape": list(p.shape),
+                "dtype": dtype_name(p.dtype),
+                "numel": p.numel(),
+                "group": stepper.group_of[n],
+                "step": t,
+                "state": [k for k in STATE_KEYS if k in s],
+            }
+        )
     return params, nbytes
 
 

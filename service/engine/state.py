@@ -28,8 +28,9 @@ def check_key(name: str, key: str) -> None:
 
 def _check_step_shape(name: str, shape: Sequence[int]) -> None:
     if math.prod(shape) != 1 or len(shape) > 1:
-        raise ShapeMismatch(f"step of {name!r} must be a scalar, got shape {list(shape)}",
-                            parameter=name)
+        raise ShapeMismatch(
+            f"step of {name!r} must be a scalar, got shape {list(shape)}", parameter=name
+        )
 
 
 def _check_like(name: str, key: str, shape: Sequence[int], param: torch.Tensor) -> None:
@@ -56,15 +57,15 @@ def _checked_step(name: str, t: torch.Tensor) -> torch.Tensor:
         raise DtypeMismatch(f"step of {name!r} must be a real number", parameter=name)
     value = float(t.reshape(()).item())
     if not (math.isfinite(value) and value >= 0):
-        raise InvalidState(f"step of {name!r} must be finite and >= 0, got {value}",
-                           parameter=name)
+        raise InvalidState(f"step of {name!r} must be finite and >= 0, got {value}", parameter=name)
     if not t.dtype.is_floating_point:
         t = t.to(torch.float32)
     return t.reshape(()).clone()
 
 
-def checked_tensor(name: str, key: str, t: torch.Tensor, param: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
+def checked_tensor(
+    name: str, key: str, t: torch.Tensor, param: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """State tensor ``key`` of parameter ``name`` as the optimizer will hold it (a scalar
     float ``step``; a moment on ``device`` in the parameter's dtype), or the error."""
     check_key(name, key)

@@ -96,10 +96,18 @@ def _memory_for(what: str) -> Iterator[None]:
 class Stepper:
     """One named optimizer instance. Thread-safe: every method takes ``self.lock``."""
 
-    def __init__(self, name: str, kind: str, device: torch.device,
-                 params: Sequence[tuple[str, torch.Tensor]], hyperparameters: Mapping[str, Any],
-                 groups: Sequence[GroupDef] | None = None, *, step: int = 0,
-                 hosting: str = HOSTED) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        device: torch.device,
+        params: Sequence[tuple[str, torch.Tensor]],
+        hyperparameters: Mapping[str, Any],
+        groups: Sequence[GroupDef] | None = None,
+        *,
+        step: int = 0,
+        hosting: str = HOSTED,
+    ) -> None:
         spec = checked_spec(kind, device, params, hyperparameters, groups)
         if hosting not in HOSTINGS:
             raise InvalidSpec(f"unknown kind {hosting!r}; expected one of {', '.join(HOSTINGS)}")
@@ -115,9 +123,14 @@ class Stepper:
             self.params: list[torch.Tensor] = [_placed(by_name[n], device) for n in self.names]
         self.group_names: list[list[str]] = [list(g.params) for g in spec.groups]
         self.group_of = {n: gi for gi, names in enumerate(self.group_names) for n in names}
-        self.optimizer: torch.optim.Optimizer = quiet_capturable(OPTIMIZERS[kind]([
-            {"params": [self.params[self.index[n]] for n in names], **opts}
-            for names, opts in zip(self.group_names, spec.options, strict=True)]))
+        self.optimizer: torch.optim.Optimizer = quiet_capturable(
+            OPTIMIZERS[kind](
+                [
+                    {"params": [self.params[self.index[n]] for n in names], **opts}
+                    for names, opts in zip(self.group_names, spec.options, strict=True)
+                ]
+            )
+        )
         self.numel = sum(p.numel() for p in self.params)
         #: An imported checkpoint starts at the step its training job had reached.
         self.step_count = step
@@ -135,8 +148,9 @@ class Stepper:
         self.buffers = Buffers(device)
         #: Each parameter's ``step`` as a float, kept without a device sync (.steps).
         self.steps = StepMirror()
-        self._nbytes = {n: p.numel() * p.element_size()
-                        for n, p in zip(self.names, self.params, strict=True)}
+        self._nbytes = {
+            n: p.numel() * p.element_size() for n, p in zip(self.names, self.params, strict=True)
+        }
         #: The kind of step (stepped names, fresh states) whose working set the allocator
         #: is known to hold: the last one that succeeded (see _working_set).
         self._working_key: tuple[Any, ...] | None = None
@@ -230,7 +244,9 @@ class Stepper:
             raise StepperFrozen(
                 f"stepper {self.name!r} is frozen (an imported checkpoint): it refuses steps; "
                 "its state and options can still be edited. Make it steppable with "
-                f"PATCH /v1/steppers/{self.name} {{\"kind\": \"hosted\"}}", kind=FROZEN)
+                f'PATCH /v1/steppers/{self.name} {{"kind": "hosted"}}',
+                kind=FROZEN,
+            )
 
     def set_journal(self, key: str, value: Any) -> None:
         """Set (``None``: remove) a journal entry: a change of the stepper, written with
@@ -250,8 +266,13 @@ class Stepper:
         p = self.param(name)
         return list(p.shape), p.dtype
 
-    def check_gradient(self, name: str, shape: Sequence[int], dtype: torch.dtype,
-                       wire_dtype: torch.dtype | None = None) -> None:
+    def check_gradient(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        wire_dtype: torch.dtype | None = None,
+    ) -> None:
         """Raise as :meth:`step` would for a gradient of this shape and dtype (before any
         byte of it has been read). With ``wire_dtype`` (a lossy 16-bit wire), a real
         floating parameter also takes gradients of that dtype."""
@@ -299,14 +320,20 @@ class Stepper:
         current options (:mod:`.footprint`; no lock taken: shapes never change and reading
         a group's options is atomic)."""
         groups = self.optimizer.param_groups
-        return footprint((([self._nbytes[n] for n in names], groups[gi])
-                          for gi, names in enumerate(self.group_names)), self.device.type)
+        return footprint(
+            (
+                ([self._nbytes[n] for n in names], groups[gi])
+                for gi, names in enumerate(self.group_names)
+            ),
+            self.device.type,
+        )
 
     def _check_tensor(self, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
         return self._check_spec(name, list(t.shape), t.dtype, what)
 
-    def _check_spec(self, name: str, shape: Sequence[int], dtype: torch.dtype,
-                    what: str) -> torch.Tensor:
+    def _check_spec(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, what: str
+    ) -> torch.Tensor:
         p = self.param(name)
         if tuple(shape) != tuple(p.shape):
             raise ShapeMismatch(
@@ -346,22 +373,26 @@ class Stepper:
             if "betas" in merged:
                 merged["betas"] = tuple(merged["betas"])
             structural = any(merged[k] != current[k] for k in STRUCTURAL_OPTIONS)
-            probe_like = [torch.empty(0, dtype=p.dtype, device=p.device)
-                          for p in groups[gi]["params"]]
+            probe_like = [
+                torch.empty(0, dtype=p.dtype, device=p.device) for p in groups[gi]["params"]
+            ]
             result.append(validate_options(self.kind, merged, probe_like, probe_step=structural))
         return result
 
-    def _check_state_complete(self, state: Mapping[int, Mapping[str, Any]],
-                              options: Sequence[Mapping[str, Any]]) -> None:
+    def _check_state_complete(
+        self, state: Mapping[int, Mapping[str, Any]], options: Sequence[Mapping[str, Any]]
+    ) -> None:
         for n in self.names:
             s = state.get(self.index[n], {})
-            missing = adam_state.missing_keys(s, options[self.group_of[n]]["amsgrad"]) \
-                if s else []
+            missing = adam_state.missing_keys(s, options[self.group_of[n]]["amsgrad"]) if s else []
             if missing:
                 raise InvalidState(
                     f"state of {n!r} would lack {', '.join(missing)}"
-                    + (" (amsgrad=True needs max_exp_avg_sq)" if "max_exp_avg_sq" in missing
-                       else "")
+                    + (
+                        " (amsgrad=True needs max_exp_avg_sq)"
+                        if "max_exp_avg_sq" in missing
+                        else ""
+                    )
                     + "; send the complete state for a parameter that has none yet",
                     parameter=n,
                 )
@@ -381,10 +412,14 @@ class Stepper:
 
     # ------------------------------------------------------------------ steps
 
-    def step(self, grads: Mapping[str, torch.Tensor],
-             group_updates: Sequence[Mapping[str, Any]] | None = None,
-             return_params: bool = False, key: str | None = None,
-             expected_step: int | None = None) -> StepOutcome:
+    def step(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        group_updates: Sequence[Mapping[str, Any]] | None = None,
+        return_params: bool = False,
+        key: str | None = None,
+        expected_step: int | None = None,
+    ) -> StepOutcome:
         """Apply one Adam step with ``grads`` (a missing name = ``p.grad is None``).
 
         ``key`` makes the step idempotent: a step whose key was already applied is not
@@ -401,8 +436,9 @@ class Stepper:
                 self._check_tensor(name, g, "gradient")
             outcome = self._apply(grads, group_updates, key)
             if return_params:
-                outcome.params = {n: _cpu_copy(p)
-                                  for n, p in zip(self.names, self.params, strict=True)}
+                outcome.params = {
+                    n: _cpu_copy(p) for n, p in zip(self.names, self.params, strict=True)
+                }
             return outcome
 
     def _replay(self, key: str | None) -> StepOutcome | None:
@@ -420,12 +456,16 @@ class Stepper:
         if expected_step is not None and expected_step != self.step_count:
             raise StepConflict(
                 f"the step was built on step {expected_step}, but stepper {self.name!r} is at "
-                f"step {self.step_count}", current_step=self.step_count,
+                f"step {self.step_count}",
+                current_step=self.step_count,
             )
 
-    def _apply(self, grads: Mapping[str, torch.Tensor],
-               group_updates: Sequence[Mapping[str, Any]] | None,
-               key: str | None) -> StepOutcome:
+    def _apply(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        group_updates: Sequence[Mapping[str, Any]] | None,
+        key: str | None,
+    ) -> StepOutcome:
         """The step itself, on validated gradients (the lock is held)."""
         self._check_not_frozen()
         new_options = self._validated_group_updates(group_updates)
@@ -465,8 +505,11 @@ class Stepper:
         if self.device.type != "cpu" or self.steps.mirror_cpu:
             self.steps.advance(self._live_states())
         self._observers.after(self, step, on_device, time.perf_counter() - started)
-        outcome = StepOutcome(self.step_count, [n for n in self.names if n in on_device],
-                              [n for n in self.names if n not in on_device])
+        outcome = StepOutcome(
+            self.step_count,
+            [n for n in self.names if n in on_device],
+            [n for n in self.names if n not in on_device],
+        )
         if key is not None:
             self.keys.remember(key, outcome.step, outcome.stepped)
         self._touch()
@@ -477,9 +520,12 @@ class Stepper:
         state = self.optimizer.state
         return [state.get(p, {}) for p in self.params]
 
-    def _working_set(self, grads: Mapping[str, torch.Tensor], fresh: set[int],
-                     options: Sequence[Mapping[str, Any]] | None
-                     ) -> tuple[int, tuple[Any, ...] | None]:
+    def _working_set(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        fresh: set[int],
+        options: Sequence[Mapping[str, Any]] | None,
+    ) -> tuple[int, tuple[Any, ...] | None]:
         """Device bytes the next ``optimizer.step()`` allocates (:mod:`.footprint`), and the
         key of this kind of step. 0 when the last step that succeeded was of the same kind:
         its temporaries' blocks are in the caching allocator then, ready for this one
@@ -491,12 +537,19 @@ class Stepper:
             return 0, key
         groups = self.optimizer.param_groups if options is None else options
         return step_working_set(
-            (([(self._nbytes[n], self.index[n] in fresh) for n in names if n in grads],
-              groups[gi]) for gi, names in enumerate(self.group_names)),
-            self.device.type), key
+            (
+                (
+                    [(self._nbytes[n], self.index[n] in fresh) for n in names if n in grads],
+                    groups[gi],
+                )
+                for gi, names in enumerate(self.group_names)
+            ),
+            self.device.type,
+        ), key
 
-    def _undo(self, error: BaseException, fresh: set[int],
-              old_options: list[dict[str, Any]] | None) -> DeviceOutOfMemory:
+    def _undo(
+        self, error: BaseException, fresh: set[int], old_options: list[dict[str, Any]] | None
+    ) -> DeviceOutOfMemory:
         """After an allocation failed during a step: put back what can be put back and say
         whether anything changed (see :mod:`.memory`)."""
         self._observers.observed_step = self.step_count
@@ -511,17 +564,27 @@ class Stepper:
                 log.exception("stepper %r: could not restore its options", self.name)
                 began = None
         if began is False:
-            return out_of_memory(error, f"for a step of {self.name!r}; nothing was changed",
-                                 partial=False)
+            return out_of_memory(
+                error, f"for a step of {self.name!r}; nothing was changed", partial=False
+            )
         self._touch()
-        log.error("stepper %r ran out of device memory inside PyTorch's update: its "
-                  "parameters and state may be partly updated", self.name)
+        log.error(
+            "stepper %r ran out of device memory inside PyTorch's update: its "
+            "parameters and state may be partly updated",
+            self.name,
+        )
         return out_of_memory(
-            error, f"inside PyTorch's update of {self.name!r}: its parameters and state may "
-            "be partly updated; restore a snapshot or load its state again", partial=True)
+            error,
+            f"inside PyTorch's update of {self.name!r}: its parameters and state may "
+            "be partly updated; restore a snapshot or load its state again",
+            partial=True,
+        )
 
-    def trial(self, grads: Mapping[str, torch.Tensor],
-              group_updates: Sequence[Mapping[str, Any]] | None = None) -> Trial:
+    def trial(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        group_updates: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Trial:
         """Copies of what a step with ``grads`` (and option changes) would step, ready to
         run (:mod:`.trial`); raises what :meth:`step` would. The last step is settled."""
         with self.lock:
@@ -532,19 +595,33 @@ class Stepper:
             if options is not None:
                 self._check_state_complete(dict(enumerate(self._state_by_index())), options)
             else:
-                options = [{k: v for k, v in g.items() if k != "params"}
-                           for g in self.optimizer.param_groups]
+                options = [
+                    {k: v for k, v in g.items() if k != "params"}
+                    for g in self.optimizer.param_groups
+                ]
             live = {n: self.params[self.index[n]] for n in self.names if n in grads}
-            return Trial.build(self.name, self.kind, self.step_count + 1,
-                               [n for n in self.names if n not in grads], live,
-                               {n: self.param_state(n) for n in live}, self.group_of,
-                               options, grads)
+            return Trial.build(
+                self.name,
+                self.kind,
+                self.step_count + 1,
+                [n for n in self.names if n not in grads],
+                live,
+                {n: self.param_state(n) for n in live},
+                self.group_of,
+                options,
+                grads,
+            )
 
     # ------------------------------------------------------------------ accumulate mode
 
-    def contribute(self, worker: int, contributors: int, grads: Mapping[str, torch.Tensor],
-                   key: str | None = None, expected_step: int | None = None
-                   ) -> StepOutcome | None:
+    def contribute(
+        self,
+        worker: int,
+        contributors: int,
+        grads: Mapping[str, torch.Tensor],
+        key: str | None = None,
+        expected_step: int | None = None,
+    ) -> StepOutcome | None:
         """One data-parallel worker's gradients for the next step (:mod:`.accumulate`).
         Returns the outcome when this contribution completed the step, else None
         (pending). A retried contribution (same ``key``) counts once."""
@@ -567,8 +644,10 @@ class Stepper:
         """Apply the pending step with the contributions that have arrived."""
         with self.lock:
             if not self._round:
-                raise StepConflict(f"stepper {self.name!r} has no pending contributions",
-                                   current_step=self.step_count)
+                raise StepConflict(
+                    f"stepper {self.name!r} has no pending contributions",
+                    current_step=self.step_count,
+                )
             return self._commit_round()
 
     def pending_contributions(self) -> list[int]:
@@ -590,7 +669,8 @@ class Stepper:
     def _apply_options(self, options: list[dict[str, Any]]) -> None:
         placement_changed = any(
             options[gi][k] != self._group_options(gi)[k]
-            for gi in range(len(options)) for k in ("fused", "capturable")
+            for gi in range(len(options))
+            for k in ("fused", "capturable")
         )
         if placement_changed:
             self._load(dict(enumerate(self._state_by_index())), options)
@@ -626,16 +706,20 @@ class Stepper:
                     self.params[self.index[n]].copy_(t)
             self._touch()
 
-    def put_state(self, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                  group_options: Sequence[Mapping[str, Any]] | None = None,
-                  replace: bool = False) -> None:
+    def put_state(
+        self,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        group_options: Sequence[Mapping[str, Any]] | None = None,
+        replace: bool = False,
+    ) -> None:
         """Replace state tensors (all, some parameters, or single tensors) and optionally
         every group's options, atomically. ``replace`` drops state not given (a full load,
         as ``load_state_dict`` does); otherwise unspecified tensors are kept."""
         with self.lock:
             self._settle()
             new_state: dict[int, dict[str, Any]] = (
-                {} if replace else {i: s for i, s in enumerate(self._state_by_index()) if s})
+                {} if replace else {i: s for i, s in enumerate(self._state_by_index()) if s}
+            )
             for name, entries in tensors.items():
                 p = self.param(name)
                 target = dict(new_state.get(self.index[name], {}))
@@ -669,8 +753,12 @@ class Stepper:
             selected = self.select(names)
             return self.step_count, {n: _cpu_copy(self.params[self.index[n]]) for n in selected}
 
-    def get_state(self, names: Sequence[str] | None = None, keys: Sequence[str] | None = None,
-                  with_params: bool = False) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    def get_state(
+        self,
+        names: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        with_params: bool = False,
+    ) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
         """State tensors by parameter, copied under the lock; ``with_params`` adds each
         parameter's value as key ``"param"``, so one read is one consistent snapshot."""
         with self.lock:
@@ -678,12 +766,14 @@ class Stepper:
             for k in keys or ():
                 if k not in STATE_KEYS:
                     raise InvalidState(
-                        f"unknown state key {k!r}; expected one of {', '.join(STATE_KEYS)}")
+                        f"unknown state key {k!r}; expected one of {', '.join(STATE_KEYS)}"
+                    )
             out: dict[str, dict[str, torch.Tensor]] = {}
             for n in selected:
                 s = self.param_state(n)
-                out[n] = {k: _cpu_copy(s[k]) for k in STATE_KEYS
-                          if k in s and (keys is None or k in keys)}
+                out[n] = {
+                    k: _cpu_copy(s[k]) for k in STATE_KEYS if k in s and (keys is None or k in keys)
+                }
                 if with_params:
                     out[n]["param"] = _cpu_copy(self.params[self.index[n]])
             return self.step_count, out

@@ -93,8 +93,13 @@ class StepMirror:
     def ensure(self, states: Sequence[Mapping[str, Any]]) -> None:
         """Know every mirrored step now (one transfer for those not known): before an
         update, so that :meth:`advance` can tell a fresh state from a loaded one."""
-        if any(s and s.get("step") is not None and self._mirrored(s["step"])
-               and self._hit(i, s["step"]) is None for i, s in enumerate(states)):
+        if any(
+            s
+            and s.get("step") is not None
+            and self._mirrored(s["step"])
+            and self._hit(i, s["step"]) is None
+            for i, s in enumerate(states)
+        ):
             self.values(states)
 
     def advance(self, states: Sequence[Mapping[str, Any]]) -> None:

@@ -45,10 +45,17 @@ class Trial:
     optimizer: torch.optim.Optimizer | None = None
 
     @staticmethod
-    def build(stepper: str, kind: str, step: int, skipped: list[str],
-              live: Mapping[str, torch.Tensor], states: Mapping[str, Mapping[str, Any]],
-              group_of: Mapping[str, int], options: list[dict[str, Any]],
-              grads: Mapping[str, torch.Tensor]) -> Trial:
+    def build(
+        stepper: str,
+        kind: str,
+        step: int,
+        skipped: list[str],
+        live: Mapping[str, torch.Tensor],
+        states: Mapping[str, Mapping[str, Any]],
+        group_of: Mapping[str, int],
+        options: list[dict[str, Any]],
+        grads: Mapping[str, torch.Tensor],
+    ) -> Trial:
         """Clones of ``live`` (the parameters that would step) and their ``states``, under
         an optimizer of ``kind`` with ``options`` per group (call under the lock)."""
         names = list(live)
@@ -57,12 +64,15 @@ class Trial:
             return trial
         trial.params = {n: _clone_leaf(p) for n, p in live.items()}
         trial.before = {n: p.detach().clone() for n, p in live.items()}
-        copies = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                  for n, s in states.items()}
-        groups = [{**opts, "params": [trial.params[n] for n in names if group_of[n] == gi]}
-                  for gi, opts in enumerate(options)]
-        trial.optimizer = quiet_capturable(
-            OPTIMIZERS[kind]([g for g in groups if g["params"]]))
+        copies = {
+            n: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for n, s in states.items()
+        }
+        groups = [
+            {**opts, "params": [trial.params[n] for n in names if group_of[n] == gi]}
+            for gi, opts in enumerate(options)
+        ]
+        trial.optimizer = quiet_capturable(OPTIMIZERS[kind]([g for g in groups if g["params"]]))
         for n in names:
             clone = trial.params[n]
             if copies[n]:
@@ -89,8 +99,7 @@ class Trial:
         except Exception as e:  # the clones are the trial's own: nothing else changed
             if not is_out_of_memory(e):
                 raise
-            raise out_of_memory(e, f"for a dry run of {self.stepper!r}",
-                                partial=False) from None
+            raise out_of_memory(e, f"for a dry run of {self.stepper!r}", partial=False) from None
 
     def after(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.params.items()}

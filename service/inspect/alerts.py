@@ -21,8 +21,15 @@ from adamscope.client.protocol import AlertRule
 
 from .optimizer import OptimizerState
 
-__all__ = ["DEFAULT_RULES", "JOURNAL_KEY", "Alerts", "RuleCache", "parse_rules", "rules_of",
-           "set_rules"]
+__all__ = [
+    "DEFAULT_RULES",
+    "JOURNAL_KEY",
+    "Alerts",
+    "RuleCache",
+    "parse_rules",
+    "rules_of",
+    "set_rules",
+]
 
 #: Where a stepper's rules are kept in ``Stepper.journal`` (a list of rule dicts).
 JOURNAL_KEY = "alert_rules"
@@ -40,6 +47,7 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
 
 #: Signals a ``nonfinite`` rule without a signal adds up.
 FAULT_COUNTS = ("nan_count", "inf_count")
+
 
 def parse_rules(raw: Sequence[Any]) -> list[AlertRule]:
     """Rules as a journal keeps them (dicts); one an older version wrote that no longer
@@ -74,8 +82,9 @@ class RuleCache:
 def set_rules(opt: OptimizerState, rules: Sequence[AlertRule] | None) -> None:
     """Replace the optimizer's rules (None: back to the defaults): a change of it, written
     with its next checkpoint; its last step is judged by the rules it was taken under."""
-    opt.set_journal(JOURNAL_KEY, None if rules is None
-                    else [r.model_dump(mode="json") for r in rules])
+    opt.set_journal(
+        JOURNAL_KEY, None if rules is None else [r.model_dump(mode="json") for r in rules]
+    )
 
 
 class Alerts:
@@ -133,10 +142,19 @@ class Alerts:
                     continue
                 self.active[key] = step
                 value, previous = hit
-                event = {"seq": seq, "stepper": stepper, "step": step, "time": when,
-                         "rule": label, "kind": rule.kind, "signal": rule.signal,
-                         "tensor": tensor, "value": value, "previous": previous,
-                         "threshold": rule.threshold}
+                event = {
+                    "seq": seq,
+                    "stepper": stepper,
+                    "step": step,
+                    "time": when,
+                    "rule": label,
+                    "kind": rule.kind,
+                    "signal": rule.signal,
+                    "tensor": tensor,
+                    "value": value,
+                    "previous": previous,
+                    "threshold": rule.threshold,
+                }
                 raised.append(event)
         for tensor, values in [(None, aggregate), *tensors.items()]:
             self._previous.setdefault(tensor, {}).update(values)
@@ -144,8 +162,9 @@ class Alerts:
         self.count += len(raised)
         return raised
 
-    def _check(self, rule: AlertRule, tensor: str | None, values: Mapping[str, float]
-               ) -> tuple[float, float | None] | None:
+    def _check(
+        self, rule: AlertRule, tensor: str | None, values: Mapping[str, float]
+    ) -> tuple[float, float | None] | None:
         """``(value, previous)`` when the rule holds for these values, else None."""
         if rule.kind == "nonfinite":
             if rule.signal is not None:
@@ -179,12 +198,17 @@ class Alerts:
         return out
 
     def brief(self) -> dict[str, Any]:
-        return {"count": self.count, "active": len(self.active),
-                "latest": dict(self.events[-1]) if self.events else None}
+        return {
+            "count": self.count,
+            "active": len(self.active),
+            "latest": dict(self.events[-1]) if self.events else None,
+        }
 
     def active_list(self) -> list[dict[str, Any]]:
-        return [{"rule": r, "tensor": t, "since_step": s}
-                for (r, t), s in sorted(self.active.items(), key=lambda kv: (kv[1], kv[0][0]))]
+        return [
+            {"rule": r, "tensor": t, "since_step": s}
+            for (r, t), s in sorted(self.active.items(), key=lambda kv: (kv[1], kv[0][0]))
+        ]
 
 
 def rules_of(opt: OptimizerState) -> tuple[list[AlertRule], bool]:

@@ -43,8 +43,11 @@ def _bitwise(t: torch.Tensor) -> torch.Tensor:
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     if a.shape != b.shape or a.dtype != b.dtype:
-        return {"comparable": False, "a": {"shape": list(a.shape), "dtype": str(a.dtype)[6:]},
-                "b": {"shape": list(b.shape), "dtype": str(b.dtype)[6:]}}
+        return {
+            "comparable": False,
+            "a": {"shape": list(a.shape), "dtype": str(a.dtype)[6:]},
+            "b": {"shape": list(b.shape), "dtype": str(b.dtype)[6:]},
+        }
     differs = _bitwise(a) != _bitwise(b)
     n_changed = int(differs.sum())
     xa, xb = real_flat(a).double(), real_flat(b).double()
@@ -68,8 +71,9 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-def _options(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]
-             ) -> list[dict[str, Any]]:
+def _options(
+    a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     out = []
     for gi, (ga, gb) in enumerate(zip(a, b, strict=False)):
         for k in sorted(set(ga) | set(gb)):

@@ -41,12 +41,18 @@ class DryRun:
 
 
 def _trial_entries(trial: Trial) -> list[Entry]:
-    return [Entry(n, p, trial.grads[n], trial.state(n), trial.groups[n])
-            for n, p in trial.params.items() if p.numel()]
+    return [
+        Entry(n, p, trial.grads[n], trial.state(n), trial.groups[n])
+        for n, p in trial.params.items()
+        if p.numel()
+    ]
 
 
-def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
-            group_updates: Sequence[Mapping[str, Any]] | None = None) -> DryRun:
+def dry_run(
+    stepper: Stepper,
+    grads: Mapping[str, torch.Tensor],
+    group_updates: Sequence[Mapping[str, Any]] | None = None,
+) -> DryRun:
     """Step copies of the stepper's tensors with ``grads`` (and optional per-group option
     changes, as a step's metadata carries them); raises what :meth:`Stepper.step` would."""
     with stepper.lock:
@@ -54,8 +60,11 @@ def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
         observer = observer_of(stepper)
         real = entries(stepper, {n: grads[n] for n in trial.names})
         cache = observer.cache if observer is not None and real else None
-        valid = (cache.valid(observer.layout_for(real), [e.state for e in real])
-                 if observer is not None and cache is not None else None)
+        valid = (
+            cache.valid(observer.layout_for(real), [e.state for e in real])
+            if observer is not None and cache is not None
+            else None
+        )
     signals = {**empty_signals(), "step": trial.step}
     if not trial.names:  # no gradient: nothing would step (as for a real step)
         return DryRun(trial.step, [], trial.skipped, {}, {}, {}, {}, signals)
@@ -66,5 +75,13 @@ def dry_run(stepper: Stepper, grads: Mapping[str, torch.Tensor],
     if pending is not None:
         with torch.no_grad():
             signals, _ = finish(pending, _trial_entries(trial), trial.step)
-    return DryRun(trial.step, trial.names, trial.skipped, trial.before, trial.after(),
-                  {n: dict(trial.state(n)) for n in trial.names}, trial.grads, signals)
+    return DryRun(
+        trial.step,
+        trial.names,
+        trial.skipped,
+        trial.before,
+        trial.after(),
+        {n: dict(trial.state(n)) for n in trial.names},
+        trial.grads,
+        signals,
+    )

@@ -33,11 +33,24 @@ __all__ = ["LATENCY_BUCKETS", "History", "HistoryConfig", "json_safe"]
 log = logging.getLogger("adamscope.history")
 
 #: Upper bounds (seconds) of the step latency histogram's buckets (+Inf implied).
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 _INITIAL_ROWS = 64
-
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,11 @@ class _Ring:
         n = self.size
         for attr in ("steps", "seqs", "times", "values", "present"):
             old = getattr(self, attr)
-            new = (np.full((alloc, *old.shape[1:]), np.nan) if attr == "values"
-                   else np.zeros((alloc, *old.shape[1:]), old.dtype))
+            new = (
+                np.full((alloc, *old.shape[1:]), np.nan)
+                if attr == "values"
+                else np.zeros((alloc, *old.shape[1:]), old.dtype)
+            )
             new[:n] = old[:n]
             setattr(self, attr, new)
 
@@ -174,8 +190,9 @@ class History:
             for name in itertools.chain(aggregate, *tensors.values()):
                 self._column(name)
             if self.tensors is None and tensors:
-                self.tensors = _Ring(self._tensor_capacity(len(self.columns)),
-                                     (len(self.names), len(self.columns)))
+                self.tensors = _Ring(
+                    self._tensor_capacity(len(self.columns)), (len(self.names), len(self.columns))
+                )
             i = self.aggregate.append(step, seq, when)
             row = self.aggregate.values[i]
             for name, v in aggregate.items():
@@ -222,12 +239,11 @@ class History:
         return [(s, self.columns[s]) for s in signals if s in self.columns]
 
     @staticmethod
-    def _window(ring: _Ring, rows: np.ndarray, since: int | None, limit: int | None
-                ) -> np.ndarray:
+    def _window(ring: _Ring, rows: np.ndarray, since: int | None, limit: int | None) -> np.ndarray:
         if since is not None:
             rows = rows[ring.steps[rows] > since]
         if limit is not None:
-            rows = rows[len(rows) - min(limit, len(rows)):]
+            rows = rows[len(rows) - min(limit, len(rows)) :]
         return rows
 
     def query(
@@ -261,8 +277,11 @@ class History:
             for name in wanted:
                 t = self.index[name]
                 if tr is None:
-                    out["tensors"][name] = {"steps": [], "time": [], "values": {
-                        s: [] for s, _ in cols}}
+                    out["tensors"][name] = {
+                        "steps": [],
+                        "time": [],
+                        "values": {s: [] for s, _ in cols},
+                    }
                     continue
                 trows = tr.order()
                 trows = self._window(tr, trows[tr.present[trows, t]], since, limit)
@@ -271,10 +290,9 @@ class History:
                     "time": tr.times[trows].tolist(),
                     "values": {s: tr.values[trows, t, c].tolist() for s, c in cols},
                 }
-            losses = [(s, v) for s, (_, v) in self.losses.items()
-                      if since is None or s > since]
+            losses = [(s, v) for s, (_, v) in self.losses.items() if since is None or s > since]
             if limit is not None:
-                losses = losses[len(losses) - min(limit, len(losses)):]
+                losses = losses[len(losses) - min(limit, len(losses)) :]
             out["loss"] = {"steps": [s for s, _ in losses], "values": [v for _, v in losses]}
             return out
 
@@ -303,31 +321,58 @@ class History:
         steps_seen = set()
         for k, step in enumerate(agg["steps"]):
             steps_seen.add(step)
-            rows.append((step, -1, [str(step), repr(agg["time"][k]), "", cell(loss.get(step)),
-                                    *(cell(agg["values"][s][k]) for s in sigs)]))
+            rows.append(
+                (
+                    step,
+                    -1,
+                    [
+                        str(step),
+                        repr(agg["time"][k]),
+                        "",
+                        cell(loss.get(step)),
+                        *(cell(agg["values"][s][k]) for s in sigs),
+                    ],
+                )
+            )
         for step, v in loss.items():
             if step not in steps_seen:
                 rows.append((step, -1, [str(step), "", "", cell(v), *("" for _ in sigs)]))
         for name, series in q["tensors"].items():
             order = self.index[name]
             for k, step in enumerate(series["steps"]):
-                rows.append((step, order, [str(step), repr(series["time"][k]), name, "",
-                                           *(cell(series["values"][s][k]) for s in sigs)]))
+                rows.append(
+                    (
+                        step,
+                        order,
+                        [
+                            str(step),
+                            repr(series["time"][k]),
+                            name,
+                            "",
+                            *(cell(series["values"][s][k]) for s in sigs),
+                        ],
+                    )
+                )
         rows.sort(key=lambda r: (r[0], r[1]))
         w.writerows(r[2] for r in rows)
         return buf.getvalue()
 
     # ---------------------------------------------------------------- step events
 
-    def _event_at(self, i: int, max_tensors: int | None,
-                  only: Sequence[str] | None) -> dict[str, Any]:
+    def _event_at(
+        self, i: int, max_tensors: int | None, only: Sequence[str] | None
+    ) -> dict[str, Any]:
         a = self.aggregate
         cols = list(self.columns.items())
         step = int(a.steps[i])
         seq = int(a.seqs[i])
         event: dict[str, Any] = {
-            "stepper": self.stepper, "step": step, "seq": seq, "time": float(a.times[i]),
-            "aggregate": _floats(a.values[i], cols), "tensors": {},
+            "stepper": self.stepper,
+            "step": step,
+            "seq": seq,
+            "time": float(a.times[i]),
+            "aggregate": _floats(a.values[i], cols),
+            "tensors": {},
         }
         tr = self.tensors
         j = tr.find(seq) if tr is not None else None
@@ -350,16 +395,21 @@ class History:
             event["loss"] = hit[1]
         return event
 
-    def event(self, seq: int, max_tensors: int | None = None,
-              only: Sequence[str] | None = None) -> dict[str, Any] | None:
+    def event(
+        self, seq: int, max_tensors: int | None = None, only: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
         """The step event with sequence number ``seq`` (None once it left the history)."""
         with self.lock:
             i = self.aggregate.find(seq)
             return None if i is None else self._event_at(i, max_tensors, only)
 
-    def events(self, after_seq: int | None = None, last: int | None = None,
-               max_tensors: int | None = None, only: Sequence[str] | None = None
-               ) -> list[dict[str, Any]]:
+    def events(
+        self,
+        after_seq: int | None = None,
+        last: int | None = None,
+        max_tensors: int | None = None,
+        only: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
         """Retained step events with a sequence number above ``after_seq`` (all if None),
         at most the ``last`` ones, oldest first."""
         with self.lock:
@@ -368,7 +418,7 @@ class History:
             if after_seq is not None:
                 rows = rows[a.seqs[rows] > after_seq]
             if last is not None:
-                rows = rows[len(rows) - min(last, len(rows)):]
+                rows = rows[len(rows) - min(last, len(rows)) :]
             return [self._event_at(int(i), max_tensors, only) for i in rows]
 
     def latest(self) -> dict[str, Any] | None:
@@ -378,8 +428,11 @@ class History:
             if not a.size:
                 return None
             i = (a.start + a.size - 1) % len(a.steps)
-            return {"step": int(a.steps[i]), "time": float(a.times[i]),
-                    "aggregate": _floats(a.values[i], list(self.columns.items()))}
+            return {
+                "step": int(a.steps[i]),
+                "time": float(a.times[i]),
+                "aggregate": _floats(a.values[i], list(self.columns.items())),
+            }
 
     def latest_loss(self) -> tuple[int, float] | None:
         with self.lock:

@@ -44,9 +44,13 @@ _sequence = itertools.count(1)
 class HistoryObserver:
     """Records each step's signals, raises alerts, and counts steps and their latency."""
 
-    def __init__(self, stepper: ObservedOptimizer, config: HistoryConfig | None = None,
-                 sink: Sink | None = None,
-                 sequence: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        stepper: ObservedOptimizer,
+        config: HistoryConfig | None = None,
+        sink: Sink | None = None,
+        sequence: Callable[[], int] | None = None,
+    ) -> None:
         self.config = config or HistoryConfig()
         self.name = stepper.name
         self.stepper = stepper
@@ -69,8 +73,9 @@ class HistoryObserver:
         except Exception:  # noqa: BLE001 - the step is applied; never fail it from here
             self.failures += 1
             if self.failures == 1 or self.failures % 1000 == 0:
-                log.exception("history of %r: recording step failed (%d so far)",
-                              stepper.name, self.failures)
+                log.exception(
+                    "history of %r: recording step failed (%d so far)", stepper.name, self.failures
+                )
 
     def _after_step(self, stepper: ObservedOptimizer) -> None:
         elapsed = stepper.engine_seconds()
@@ -103,8 +108,9 @@ class HistoryObserver:
         change of its journal; no lock: the journal entry is replaced whole)."""
         return self._rules.of(self.stepper.journal)
 
-    def event(self, seq: int, max_tensors: int | None = None,
-              only: Sequence[str] | None = None) -> dict[str, Any] | None:
+    def event(
+        self, seq: int, max_tensors: int | None = None, only: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
         """The step event ``seq`` with its alerts (None once it left the history)."""
         event = self.history.event(seq, max_tensors, only)
         if event is not None:
@@ -112,9 +118,13 @@ class HistoryObserver:
                 event["alerts"] = self.alerts.at(seq)
         return event
 
-    def events(self, after_seq: int | None = None, last: int | None = None,
-               max_tensors: int | None = None, only: Sequence[str] | None = None
-               ) -> list[dict[str, Any]]:
+    def events(
+        self,
+        after_seq: int | None = None,
+        last: int | None = None,
+        max_tensors: int | None = None,
+        only: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
         out = self.history.events(after_seq, last, max_tensors, only)
         with self.history.lock:
             for e in out:
@@ -129,9 +139,13 @@ class HistoryObserver:
         """Step count and latency histogram (cumulative buckets), read consistently."""
         with self.history.lock:
             cumulative = list(itertools.accumulate(self.latency_buckets))
-            return {"steps_total": self.steps_total, "latency_sum": self.latency_sum,
-                    "latency_cumulative": cumulative,  # per LATENCY_BUCKETS bound, then +Inf
-                    "alerts_total": self.alerts.count, "alerts_active": len(self.alerts.active)}
+            return {
+                "steps_total": self.steps_total,
+                "latency_sum": self.latency_sum,
+                "latency_cumulative": cumulative,  # per LATENCY_BUCKETS bound, then +Inf
+                "alerts_total": self.alerts.count,
+                "alerts_active": len(self.alerts.active),
+            }
 
 
 def summary_fields(stepper: ObservedOptimizer) -> dict[str, Any]:
@@ -149,9 +163,13 @@ def history_of(stepper: ObservedOptimizer) -> HistoryObserver | None:
     return None
 
 
-def attach_history(stepper: ObservedOptimizer, config: HistoryConfig | None = None, *,
-                   sink: Sink | None = None,
-                   sequence: Callable[[], int] | None = None) -> HistoryObserver:
+def attach_history(
+    stepper: ObservedOptimizer,
+    config: HistoryConfig | None = None,
+    *,
+    sink: Sink | None = None,
+    sequence: Callable[[], int] | None = None,
+) -> HistoryObserver:
     """Give ``stepper`` its signals (S1's SignalObserver) and then a HistoryObserver, in
     that order, once: a second call returns the existing observer (with ``sink`` and
     ``sequence`` updated when given)."""

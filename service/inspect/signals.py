@@ -54,8 +54,11 @@ class SignalObserver:
         params = [e.param for e in found]
         # The same parameter tensors (whose shape, dtype and device a stepper never
         # changes) need no key comparison.
-        if (self._layout is not None and len(params) == len(self._params)
-                and all(a is b for a, b in zip(params, self._params, strict=True))):
+        if (
+            self._layout is not None
+            and len(params) == len(self._params)
+            and all(a is b for a, b in zip(params, self._params, strict=True))
+        ):
             return self._layout
         key = layout_key(found)
         if self._layout is None or self._layout.key != key:
@@ -71,8 +74,9 @@ class SignalObserver:
             found = self._entries = entries(opt, grads)
             if found:
                 with torch.no_grad():
-                    self._pending = begin(found, self.cache, self.layout_for(found),
-                                          steps=known_steps(opt, found))
+                    self._pending = begin(
+                        found, self.cache, self.layout_for(found), steps=known_steps(opt, found)
+                    )
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(opt, e)
 
@@ -95,8 +99,12 @@ class SignalObserver:
     def _fail(self, opt: ObservedOptimizer, error: Exception, step: int | None = None) -> None:
         log.exception("signals of stepper %r failed", opt.name)
         self.cache = SignalCache()
-        self.latest = {**empty_signals(), "step": step, "time": time.time(),
-                       "error": f"{type(error).__name__}: {error}"}
+        self.latest = {
+            **empty_signals(),
+            "step": step,
+            "time": time.time(),
+            "error": f"{type(error).__name__}: {error}",
+        }
 
 
 def observer_of(opt: ObservedOptimizer) -> SignalObserver | None:

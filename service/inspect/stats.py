@@ -69,8 +69,6 @@ MAX_BINS = 512
 _SORT_LIMIT = 1 << 16
 
 
-
-
 # ---------------------------------------------------------------------- sampling
 
 
@@ -109,7 +107,7 @@ def strided_sample(flat: torch.Tensor, plan: Plan) -> torch.Tensor:
     """The planned elements of a flat tensor, as a view."""
     if plan.exact:
         return flat
-    return flat[plan.start::plan.stride][: plan.count]
+    return flat[plan.start :: plan.stride][: plan.count]
 
 
 def _last_dim(shape: Sequence[int], is_complex: bool) -> int:
@@ -136,17 +134,27 @@ class Source:
     @staticmethod
     def of(t: torch.Tensor) -> Source:
         flat = real_flat(t)
-        return Source(flat.numel(), flat.dtype, flat.device, _last_dim(t.shape, t.is_complex()),
-                      lambda a, b: flat[a:b], lambda plan: strided_sample(flat, plan))
+        return Source(
+            flat.numel(),
+            flat.dtype,
+            flat.device,
+            _last_dim(t.shape, t.is_complex()),
+            lambda a, b: flat[a:b],
+            lambda plan: strided_sample(flat, plan),
+        )
 
     @staticmethod
-    def derived(inputs: Sequence[torch.Tensor], fn: Callable[..., torch.Tensor],
-                dtype: torch.dtype) -> Source:
+    def derived(
+        inputs: Sequence[torch.Tensor], fn: Callable[..., torch.Tensor], dtype: torch.dtype
+    ) -> Source:
         """``fn`` applied elementwise to same-shaped ``inputs`` (flat real views)."""
         flats = [real_flat(t) for t in inputs]
         first = inputs[0]
         return Source(
-            flats[0].numel(), dtype, flats[0].device, _last_dim(first.shape, first.is_complex()),
+            flats[0].numel(),
+            dtype,
+            flats[0].device,
+            _last_dim(first.shape, first.is_complex()),
             lambda a, b: fn(*(f[a:b] for f in flats)),
             lambda plan: fn(*(strided_sample(f, plan) for f in flats)),
         )
@@ -180,8 +188,7 @@ class StatsSpec:
         if self.log and self.bins == 0:
             raise ValueError("a log histogram needs bins >= 1")
         for r in (self.hist_range, self.log_range):
-            if r is not None and not (math.isfinite(r[0]) and math.isfinite(r[1])
-                                      and r[0] < r[1]):
+            if r is not None and not (math.isfinite(r[0]) and math.isfinite(r[1]) and r[0] < r[1]):
                 raise ValueError(f"a range must be two finite numbers lo < hi, got {list(r)}")
 
     def key(self) -> tuple[Any, ...]:
@@ -259,8 +266,12 @@ def _histogram(x: torch.Tensor, edges: Sequence[float]) -> dict[str, Any]:
     idx = torch.bucketize(xd, inner, right=True).masked_fill_(below | above, bins)
     counts = torch.bincount(idx, minlength=bins + 1)
     host = torch.cat([counts[:bins], below.sum().view(1), above.sum().view(1)]).tolist()
-    return {"edges": list(edges), "counts": host[:bins], "below": host[bins],
-            "above": host[bins + 1]}
+    return {
+        "edges": list(edges),
+        "counts": host[:bins],
+        "below": host[bins],
+        "above": host[bins + 1],
+    }
 
 
 def _histograms(x: torch.Tensor, summary: Summary, spec: StatsSpec) -> dict[str, Any]:
@@ -289,8 +300,11 @@ def _histograms(x: torch.Tensor, summary: Summary, spec: StatsSpec) -> dict[str,
             edges, n_neg = _edges(lo, hi, spec.bins), int(n)
         else:
             edges, n_neg = [], int(negative)
-        h = _histogram(logs, edges) if edges else {"edges": [], "counts": [], "below": 0,
-                                                   "above": 0}
+        h = (
+            _histogram(logs, edges)
+            if edges
+            else {"edges": [], "counts": [], "below": 0, "above": 0}
+        )
         # x holds finite values: the zeros are what the log left out.
         out["log_hist"] = {**h, "zeros": x.numel() - logs.numel(), "negative": n_neg}
     return out
@@ -328,8 +342,9 @@ def describe(source: Source, spec: StatsSpec, keep_values: bool = False) -> Desc
     return Described(stats, summary, source, finite if keep_values else None)
 
 
-def _with_distribution(summary: Summary, sample: torch.Tensor, sampled: bool,
-                       spec: StatsSpec) -> dict[str, Any]:
+def _with_distribution(
+    summary: Summary, sample: torch.Tensor, sampled: bool, spec: StatsSpec
+) -> dict[str, Any]:
     stats = summary.fields()
     stats["sampled"] = sampled
     stats["sample_size"] = sample.numel()
@@ -352,12 +367,19 @@ def aggregate(parts: Sequence[Described], spec: StatsSpec) -> dict[str, Any]:
         summary.merge(p.summary)
     if not parts:
         return _with_distribution(summary, torch.empty(0), False, spec)
-    wide = torch.float64 if any(wide_dtype(p.source.dtype) == torch.float64 for p in parts) \
+    wide = (
+        torch.float64
+        if any(wide_dtype(p.source.dtype) == torch.float64 for p in parts)
         else torch.float32
+    )
     device = parts[0].source.device
     if all(p.values is not None for p in parts) and summary.finite <= EXACT_LIMIT:
-        pooled = torch.cat([p.values.to(device=device, dtype=wide)  # type: ignore[union-attr]
-                            for p in parts])
+        pooled = torch.cat(
+            [
+                p.values.to(device=device, dtype=wide)  # type: ignore[union-attr]
+                for p in parts
+            ]
+        )
         return _with_distribution(summary, pooled, False, spec)
     total = max(1, summary.numel)
     pieces = [torch.empty(0, dtype=wide, device=device)]

@@ -56,6 +56,7 @@ class Summary:
     def from_fields(fields: Mapping[str, Any]) -> Summary:
         """A summary from the fields :meth:`fields` gives (and JSON carries: non-finite
         numbers as strings), so that summaries computed elsewhere (a shard's) merge."""
+
         def number(key: str, default: float) -> float:
             value = fields.get(key)
             x = default if value is None else float(value)
@@ -63,12 +64,18 @@ class Summary:
 
         finite = int(fields.get("finite") or 0)
         std = number("std", 0.0)
-        return Summary(numel=int(fields.get("numel") or 0), nan=int(fields.get("nan") or 0),
-                       inf=int(fields.get("inf") or 0), zeros=int(fields.get("zeros") or 0),
-                       finite=finite, mean=number("mean", 0.0) if finite else 0.0,
-                       m2=std * std * finite, sumsq=number("norm", 0.0) ** 2,
-                       min=number("min", math.inf) if finite else math.inf,
-                       max=number("max", -math.inf) if finite else -math.inf)
+        return Summary(
+            numel=int(fields.get("numel") or 0),
+            nan=int(fields.get("nan") or 0),
+            inf=int(fields.get("inf") or 0),
+            zeros=int(fields.get("zeros") or 0),
+            finite=finite,
+            mean=number("mean", 0.0) if finite else 0.0,
+            m2=std * std * finite,
+            sumsq=number("norm", 0.0) ** 2,
+            min=number("min", math.inf) if finite else math.inf,
+            max=number("max", -math.inf) if finite else -math.inf,
+        )
 
     def fields(self) -> dict[str, Any]:
         defined = self.finite > 0
@@ -103,8 +110,9 @@ def _reductions(x: torch.Tensor) -> list[float]:
     return [float(v) for v in torch.stack(parts).tolist()]
 
 
-def summarize_chunk(x: torch.Tensor, scratch: torch.Tensor | None = None
-                     ) -> tuple[Summary, torch.Tensor]:
+def summarize_chunk(
+    x: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[Summary, torch.Tensor]:
     """Exact reductions of one chunk (wide dtype), and its finite values. ``scratch``: a
     reusable buffer of at least ``x``'s size and dtype for the deviations."""
     s = Summary(numel=x.numel())

@@ -31,8 +31,16 @@ from .stats import EXACT_LIMIT, Described, Source, StatsSpec, aggregate, describ
 __all__ = ["STATE_VIEWS", "VIEW_KEYS", "View", "describe_optimizer", "view_of"]
 
 #: Tensors the stats of a parameter can describe: the parameter, its state, derived views.
-VIEW_KEYS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "m_hat", "v_hat", "lr_eff",
-             "update")
+VIEW_KEYS = (
+    "param",
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "m_hat",
+    "v_hat",
+    "lr_eff",
+    "update",
+)
 #: The raw state tensors among VIEW_KEYS.
 STATE_VIEWS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -68,8 +76,9 @@ class View:
         return self.fn(*reals)
 
 
-def view_of(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
-            key: str) -> View | str:
+def view_of(
+    param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any], key: str
+) -> View | str:
     """View ``key`` (one of :data:`VIEW_KEYS`) of one parameter, or why it has none."""
     if key == "param":
         return View((param,), None, param.dtype)
@@ -84,8 +93,9 @@ def view_of(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, A
     f = adam_factors(group, float(state["step"]))
     if not f.defined:
         return f"state step is {f.step:g}: bias correction is 0 there, the view is undefined"
-    v_src = state["max_exp_avg_sq"] if f.amsgrad and "max_exp_avg_sq" in state \
-        else state["exp_avg_sq"]
+    v_src = (
+        state["max_exp_avg_sq"] if f.amsgrad and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+    )
     wide = wide_dtype(param.dtype)
     step_size = f.step_size
     if key == "m_hat":
@@ -93,20 +103,28 @@ def view_of(param: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, A
     if key == "v_hat":
         return View((v_src,), lambda v: v.to(wide) / f.bc2, wide)
     if key == "lr_eff":
+
         def lr_eff(v: torch.Tensor) -> torch.Tensor:
             denom = _denominator(v, f, wide)
             numerator = torch.tensor(step_size, dtype=wide)  # 0-dim CPU: an argument, no sync
             return torch.div(numerator, denom, out=denom)
+
         return View((v_src,), lr_eff, wide)
 
     def update(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         denom = _denominator(v, f, wide)
         return torch.div(m.to(wide), denom, out=denom).mul_(-step_size)
+
     return View((state["exp_avg"], v_src), update, wide)
 
 
-def describe_optimizer(opt: OptimizerState, names: Sequence[str] | None, keys: Sequence[str],
-                       spec: StatsSpec, with_aggregate: bool = True) -> dict[str, Any]:
+def describe_optimizer(
+    opt: OptimizerState,
+    names: Sequence[str] | None,
+    keys: Sequence[str],
+    spec: StatsSpec,
+    with_aggregate: bool = True,
+) -> dict[str, Any]:
     """Statistics of views ``keys`` of the named parameters (all if None), per tensor and
     aggregated per key over those tensors, read under the optimizer's lock (one step)."""
     unknown = [k for k in keys if k not in VIEW_KEYS]
@@ -133,9 +151,12 @@ def describe_optimizer(opt: OptimizerState, names: Sequence[str] | None, keys: S
                 parts.append(d)
             if with_aggregate and parts:
                 aggregated[key] = aggregate(parts, spec)
-        out: dict[str, Any] = {"step": opt.step_count, "version": opt.version,
-                               "tensors": {n: t for n, t in tensors.items() if t},
-                               "missing": missing}
+        out: dict[str, Any] = {
+            "step": opt.step_count,
+            "version": opt.version,
+            "tensors": {n: t for n, t in tensors.items() if t},
+            "missing": missing,
+        }
         if with_aggregate:
             out["aggregate"] = aggregated
         return out

@@ -68,8 +68,13 @@ class Track:
 class Persistence:
     """The data directory of one service process (see the module docstring)."""
 
-    def __init__(self, data_dir: Any, registry: Registry, default_device: str,
-                 default_policy: Durability | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Any,
+        registry: Registry,
+        default_device: str,
+        default_policy: Durability | None = None,
+    ) -> None:
         self.store = Store(data_dir)
         self.registry = registry
         self.default_device = default_device
@@ -121,8 +126,12 @@ class Persistence:
         try:
             return Durability.model_validate(raw)
         except ValidationError:
-            log.warning("checkpoint of %r has an invalid durability policy %r; using %s",
-                        header.get("stepper"), raw, self.default_policy.mode)
+            log.warning(
+                "checkpoint of %r has an invalid durability policy %r; using %s",
+                header.get("stepper"),
+                raw,
+                self.default_policy.mode,
+            )
             return self.default_policy
 
     def _write(self, track: Track) -> None:
@@ -133,8 +142,9 @@ class Persistence:
             try:
                 # The tensors go to the file straight from their memory under the stepper's
                 # lock; the fsync and rename happen after it is released.
-                enc = checkpoints.write(stepper, out.write,
-                                        {"durability": track.policy.model_dump()})
+                enc = checkpoints.write(
+                    stepper, out.write, {"durability": track.policy.model_dump()}
+                )
             except BaseException:
                 out.abort()
                 raise
@@ -163,7 +173,8 @@ class Persistence:
                 ckpt = checkpoints.decode(path.read_bytes())
                 if ckpt.name != name:
                     raise InvalidCheckpoint(
-                        f"the checkpoint names stepper {ckpt.name!r}, not {name!r}")
+                        f"the checkpoint names stepper {ckpt.name!r}, not {name!r}"
+                    )
                 stepper = checkpoints.build(ckpt, self._device(ckpt.device))
                 self.registry.create(name, lambda s=stepper: s)  # type: ignore[misc]
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
@@ -172,16 +183,26 @@ class Persistence:
                 self.failed[name] = detail
                 continue
             self._tracks[name] = Track(
-                stepper, self._policy(ckpt.header), stepper.version, ckpt.step,
-                float(ckpt.header["saved_at"]), time.monotonic(), path.stat().st_size,
+                stepper,
+                self._policy(ckpt.header),
+                stepper.version,
+                ckpt.step,
+                float(ckpt.header["saved_at"]),
+                time.monotonic(),
+                path.stat().st_size,
             )
             self.restored.append(name)
         if self.restored or self.failed:
-            log.info("restored %d stepper(s) from %s%s", len(self.restored), self.store.root,
-                     f"; {len(self.failed)} failed: {sorted(self.failed)}" if self.failed else "")
+            log.info(
+                "restored %d stepper(s) from %s%s",
+                len(self.restored),
+                self.store.root,
+                f"; {len(self.failed)} failed: {sorted(self.failed)}" if self.failed else "",
+            )
 
-    def create(self, name: str, build: Callable[[], Stepper],
-               policy: Durability | None = None) -> Stepper:
+    def create(
+        self, name: str, build: Callable[[], Stepper], policy: Durability | None = None
+    ) -> Stepper:
         """Register ``build()`` under ``name`` and write its first checkpoint; a failed
         write unregisters it again."""
         with self._lock(name):
@@ -189,7 +210,8 @@ class Persistence:
                 raise StepperExists(
                     f"stepper {name!r} is stored in the data directory but could not be "
                     f"restored ({self.failed[name]}); DELETE it to discard the stored files",
-                    stepper=name)
+                    stepper=name,
+                )
             stepper = self.registry.create(name, build)
             track = self._tracks[name] = Track(stepper, policy or self.default_policy)
             try:
@@ -211,20 +233,26 @@ class Persistence:
             try:
                 self.store.remove_stepper(name)
             except OSError as e:
-                raise PersistenceFailed(f"could not remove the files of {name!r}: "
-                                        f"{failure_reason(e)}", stepper=name) from None
+                raise PersistenceFailed(
+                    f"could not remove the files of {name!r}: {failure_reason(e)}", stepper=name
+                ) from None
             self.failed.pop(name, None)
             if self._tracks.pop(name, None) is not None:
                 self.registry.delete(name)
 
-    def import_checkpoint(self, ckpt: checkpoints.Checkpoint, name: str | None = None,
-                          device: str | None = None,
-                          admit: Callable[[str], None] | None = None) -> Stepper:
+    def import_checkpoint(
+        self,
+        ckpt: checkpoints.Checkpoint,
+        name: str | None = None,
+        device: str | None = None,
+        admit: Callable[[str], None] | None = None,
+    ) -> Stepper:
         """A new stepper from a checkpoint file's contents (under ``name`` if given), with
         the file's durability policy; ``admit(name)`` runs under the registry lock."""
         new_name = name or ckpt.name
-        target = resolve_device(device, self.default_device) if device else \
-            self._device(ckpt.device)
+        target = (
+            resolve_device(device, self.default_device) if device else self._device(ckpt.device)
+        )
 
         def build() -> Stepper:
             if admit is not None:
@@ -272,8 +300,12 @@ class Persistence:
         with self._lock(stepper.name):
             track = self._require(stepper)
             self._write(track)
-            return {"stepper": stepper.name, "step": track.persisted_step,
-                    "persisted_at": track.persisted_at, "size": track.size}
+            return {
+                "stepper": stepper.name,
+                "step": track.persisted_step,
+                "persisted_at": track.persisted_at,
+                "size": track.size,
+            }
 
     def set_policy(self, stepper: Stepper, policy: Durability) -> None:
         """Change the policy; the checkpoint (which records it) is written at once."""
@@ -309,20 +341,37 @@ class Persistence:
         track = self._track(stepper)
         if track is None:
             return {}
-        return {"durability": track.policy.model_dump(), "persisted_step": track.persisted_step,
-                "persisted_at": track.persisted_at, "dirty": track.dirty}
+        return {
+            "durability": track.policy.model_dump(),
+            "persisted_step": track.persisted_step,
+            "persisted_at": track.persisted_at,
+            "dirty": track.dirty,
+        }
 
     def health(self) -> dict[str, Any]:
-        return {"restored": len(self.restored),
-                "failed": [{"stepper": n, "error": e} for n, e in sorted(self.failed.items())]}
+        return {
+            "restored": len(self.restored),
+            "failed": [{"stepper": n, "error": e} for n, e in sorted(self.failed.items())],
+        }
 
     # ------------------------------------------------------------------ snapshots
 
-    def _snapshot_info(self, name: str, snap: str, header: dict[str, Any] | None, size: int,
-                       error: str | None = None) -> dict[str, Any]:
-        return {"name": snap, "stepper": name, "size": size, "error": error,
-                "step": header["step"] if header else None,
-                "created_at": header["saved_at"] if header else None}
+    def _snapshot_info(
+        self,
+        name: str,
+        snap: str,
+        header: dict[str, Any] | None,
+        size: int,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "name": snap,
+            "stepper": name,
+            "size": size,
+            "error": error,
+            "step": header["step"] if header else None,
+            "created_at": header["saved_at"] if header else None,
+        }
 
     def take_snapshot(self, stepper: Stepper, snap: str | None = None) -> dict[str, Any]:
         """Write the stepper's current state as snapshot ``snap`` (default
@@ -339,16 +388,21 @@ class Persistence:
                         i += 1
                         snap = f"{base}-{i}"
                 elif self.store.has_snapshot(name, snap):
-                    raise SnapshotExists(f"stepper {name!r} already has a snapshot {snap!r}",
-                                         stepper=name, snapshot=snap)
-                enc = checkpoints.encode(stepper, {"durability": track.policy.model_dump(),
-                                                  "snapshot": snap})
+                    raise SnapshotExists(
+                        f"stepper {name!r} already has a snapshot {snap!r}",
+                        stepper=name,
+                        snapshot=snap,
+                    )
+                enc = checkpoints.encode(
+                    stepper, {"durability": track.policy.model_dump(), "snapshot": snap}
+                )
             try:
                 size = self.store.write_snapshot(name, snap, enc.data)
             except OSError as e:
                 raise PersistenceFailed(
                     f"could not write snapshot {snap!r} of {name!r}: {failure_reason(e)}",
-                    stepper=name) from None
+                    stepper=name,
+                ) from None
             return self._snapshot_info(name, snap, enc.header, size)
 
     def list_snapshots(self, stepper: Stepper) -> list[dict[str, Any]]:

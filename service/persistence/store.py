@@ -165,8 +165,9 @@ class Store:
         resolved = path.resolve()
         if resolved.parent != parent.resolve():
             log.error("refusing %s: it resolves outside %s", path, parent)
-            raise PersistenceFailed(f"refusing {path.name!r}: it resolves outside the data "
-                                    "directory")
+            raise PersistenceFailed(
+                f"refusing {path.name!r}: it resolves outside the data directory"
+            )
         return path
 
     def _component(self, name: str, what: str) -> str:
@@ -254,8 +255,9 @@ class Store:
     def write_snapshot(self, name: str, snap: str, data: bytes) -> int:
         path = self.snapshot_path(name, snap)
         if path.exists():
-            raise SnapshotExists(f"stepper {name!r} already has a snapshot {snap!r}",
-                                 stepper=name, snapshot=snap)
+            raise SnapshotExists(
+                f"stepper {name!r} already has a snapshot {snap!r}", stepper=name, snapshot=snap
+            )
         d = path.parent
         if not d.is_dir():
             d.mkdir(parents=True, exist_ok=True)
@@ -270,8 +272,9 @@ class Store:
         try:
             return open(self.snapshot_path(name, snap), "rb")  # noqa: SIM115 - caller closes
         except FileNotFoundError:
-            raise SnapshotNotFound(f"stepper {name!r} has no snapshot {snap!r}",
-                                   stepper=name, snapshot=snap) from None
+            raise SnapshotNotFound(
+                f"stepper {name!r} has no snapshot {snap!r}", stepper=name, snapshot=snap
+            ) from None
 
     def read_snapshot(self, name: str, snap: str) -> bytes:
         with self.open_snapshot(name, snap) as f:
@@ -282,8 +285,9 @@ class Store:
         try:
             path.unlink()
         except FileNotFoundError:
-            raise SnapshotNotFound(f"stepper {name!r} has no snapshot {snap!r}",
-                                   stepper=name, snapshot=snap) from None
+            raise SnapshotNotFound(
+                f"stepper {name!r} has no snapshot {snap!r}", stepper=name, snapshot=snap
+            ) from None
         fsync_dir(path.parent)
 
     def snapshot_files(self, name: str) -> list[tuple[str, Path]]:

@@ -43,8 +43,9 @@ SPEC: dict[str, Any] = {
 def initial_values(spec: dict[str, Any] = SPEC, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
-        p["name"]: torch.randn(tuple(p["shape"]), generator=g, dtype=torch.float64)
-        .to(codec.dtype_from_name(p.get("dtype", "float32")))
+        p["name"]: torch.randn(tuple(p["shape"]), generator=g, dtype=torch.float64).to(
+            codec.dtype_from_name(p.get("dtype", "float32"))
+        )
         for p in spec["params"]
     }
 
@@ -76,8 +77,9 @@ def create_body(spec: dict[str, Any], values: dict[str, torch.Tensor]) -> bytes:
     return codec.encode(values, {META_SPEC: json.dumps(meta_spec)})
 
 
-def create(client: TestClient, spec: dict[str, Any] = SPEC,
-           values: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def create(
+    client: TestClient, spec: dict[str, Any] = SPEC, values: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """Create a stepper from safetensors values (or JSON zeros when ``values`` is None)."""
     if values is None:
         r = client.post(V1, json=spec)
@@ -87,11 +89,17 @@ def create(client: TestClient, spec: dict[str, Any] = SPEC,
     return r.json()  # type: ignore[no-any-return]
 
 
-def step(client: TestClient, name: str, tensors: dict[str, torch.Tensor],
-         groups: list[dict[str, Any]] | None = None, **query: Any) -> Response:
+def step(
+    client: TestClient,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]] | None = None,
+    **query: Any,
+) -> Response:
     meta = {META_GROUPS: json.dumps(groups)} if groups is not None else None
-    return client.post(f"{V1}/{name}/step", content=codec.encode(tensors, meta),
-                       headers=OCTET, params=query)
+    return client.post(
+        f"{V1}/{name}/step", content=codec.encode(tensors, meta), headers=OCTET, params=query
+    )
 
 
 def decode(r: Response) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

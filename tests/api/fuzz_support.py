@@ -27,8 +27,16 @@ from adamscope.client.constants import META_GROUPS, META_SPEC, OPTION_NAMES
 #: Every option PyTorch knows, and one it does not.
 FUZZED_OPTIONS = (*OPTION_NAMES, "bogus")
 
-__all__ = ["CHECKPOINT_FILES", "FIXTURES", "SNAP", "Fixture", "aimed_bodies", "corrupted",
-           "json_bodies", "query_overrides"]
+__all__ = [
+    "CHECKPOINT_FILES",
+    "FIXTURES",
+    "SNAP",
+    "Fixture",
+    "aimed_bodies",
+    "corrupted",
+    "json_bodies",
+    "query_overrides",
+]
 
 SNAP = "snap0"
 
@@ -46,21 +54,26 @@ class Fixture:
 
     def values(self) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(len(self.name))
-        return {n: torch.randn(s, generator=g, dtype=torch.float64).to(d)
-                for n, (s, d) in self.params.items()}
+        return {
+            n: torch.randn(s, generator=g, dtype=torch.float64).to(d)
+            for n, (s, d) in self.params.items()
+        }
 
     def grads(self, k: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(1000 + k)
-        return {n: torch.randn(s, generator=g, dtype=torch.float64).to(d)
-                for n, (s, d) in self.params.items()}
+        return {
+            n: torch.randn(s, generator=g, dtype=torch.float64).to(d)
+            for n, (s, d) in self.params.items()
+        }
 
     def local(self) -> dict[str, torch.Tensor]:
         """Its parameters after its steps, computed with a local torch optimizer."""
         params = {n: t.clone().requires_grad_(True) for n, t in self.values().items()}
         cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
         groups = self.groups or [{"params": list(params)}]
-        local = cls([{**g, "params": [params[n] for n in g["params"]]} for g in groups],
-                    **self.hyper)
+        local = cls(
+            [{**g, "params": [params[n] for n in g["params"]]} for g in groups], **self.hyper
+        )
         for k in range(1, self.steps + 1):
             for n, g in self.grads(k).items():
                 params[n].grad = g
@@ -70,11 +83,22 @@ class Fixture:
 
 F32, BF16 = torch.float32, torch.bfloat16
 FIXTURES = (
-    Fixture("fz-amsgrad", {"w": ((3, 4), F32), "b": ((4,), F32)}, "adam",
-            {"lr": 1e-2, "amsgrad": True}, None, steps=3),
-    Fixture("fz-groups", {"w": ((2, 3), F32), "b": ((3,), F32), "h": ((4,), BF16)}, "adamw",
-            {"lr": 1e-2, "weight_decay": 0.1},
-            [{"params": ["w", "b"]}, {"params": ["h"], "lr": 5e-2, "amsgrad": True}], steps=2),
+    Fixture(
+        "fz-amsgrad",
+        {"w": ((3, 4), F32), "b": ((4,), F32)},
+        "adam",
+        {"lr": 1e-2, "amsgrad": True},
+        None,
+        steps=3,
+    ),
+    Fixture(
+        "fz-groups",
+        {"w": ((2, 3), F32), "b": ((3,), F32), "h": ((4,), BF16)},
+        "adamw",
+        {"lr": 1e-2, "weight_decay": 0.1},
+        [{"params": ["w", "b"]}, {"params": ["h"], "lr": 5e-2, "amsgrad": True}],
+        steps=2,
+    ),
     Fixture("fz-fresh", {"x": ((5,), F32)}, "adam", {}, None, steps=0),
 )
 
@@ -82,31 +106,52 @@ PARAM_NAMES = sorted({n for fx in FIXTURES for n in fx.params})
 STEPPER_NAMES = [fx.name for fx in FIXTURES] + ["fz-new", "", "../x", "a/b"]
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "param", "")
 SHAPES = sorted({s for fx in FIXTURES for s, _ in fx.params.values()}) + [(), (0,), (1,)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.complex64,
-          torch.int64, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float64,
+    torch.float16,
+    torch.complex64,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
 #: Snapshot files of the fixtures, filled in once the server runs.
 CHECKPOINT_FILES: list[bytes] = []
 
 #: JSON as requests sends it: finite numbers (non-finite ones as the codec's strings).
-json_scalars = (st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False,
-                allow_infinity=False) | st.sampled_from(["NaN", "-Infinity"]) | st.text(max_size=4))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-                           max_leaves=6)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["NaN", "-Infinity"])
+    | st.text(max_size=4)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 #: Inside safetensors metadata, Python's json writes NaN and Infinity, and the service reads it.
 meta_values = json_values | st.sampled_from([float("nan"), float("inf"), -1.0, 1e308])
 
 
 def group_options(values: st.SearchStrategy[Any]) -> st.SearchStrategy[list[dict[str, Any]]]:
-    return st.lists(st.dictionaries(st.sampled_from(FUZZED_OPTIONS), values, max_size=3),
-                    max_size=3)
+    return st.lists(
+        st.dictionaries(st.sampled_from(FUZZED_OPTIONS), values, max_size=3), max_size=3
+    )
 
 
 param_names = st.sampled_from(PARAM_NAMES) | st.sampled_from(["zz", "", "w.exp_avg"])
-tensor_names = (st.sampled_from(PARAM_NAMES) | st.sampled_from(PARAM_NAMES)
-                | st.builds(lambda p, k: f"{p}.{k}", st.sampled_from(PARAM_NAMES),
-                            st.sampled_from(STATE_KEYS))
-                | st.text(max_size=6))
+tensor_names = (
+    st.sampled_from(PARAM_NAMES)
+    | st.sampled_from(PARAM_NAMES)
+    | st.builds(lambda p, k: f"{p}.{k}", st.sampled_from(PARAM_NAMES), st.sampled_from(STATE_KEYS))
+    | st.text(max_size=6)
+)
 shapes = st.sampled_from(SHAPES) | st.lists(st.integers(0, 4), max_size=3).map(tuple)
 fills = st.sampled_from([0.0, 1.0, -1e30, 1e-45, float("nan"), float("inf")])
 
@@ -120,15 +165,19 @@ def specs(draw: st.DrawFn, names: list[str]) -> dict[str, Any]:
         "name": draw(st.sampled_from(STEPPER_NAMES)),
         "optimizer": draw(st.sampled_from(["adam", "adamw", "sgd"])),
         "params": [{"name": n} for n in names],
-        "hyperparameters": draw(st.dictionaries(st.sampled_from(FUZZED_OPTIONS), meta_values,
-                                                max_size=3)),
+        "hyperparameters": draw(
+            st.dictionaries(st.sampled_from(FUZZED_OPTIONS), meta_values, max_size=3)
+        ),
     }
     if draw(st.booleans()):
-        spec["groups"] = [{"params": draw(st.lists(st.sampled_from(names or ["w"]),
-                                                   max_size=3))} for _ in range(2)]
+        spec["groups"] = [
+            {"params": draw(st.lists(st.sampled_from(names or ["w"]), max_size=3))}
+            for _ in range(2)
+        ]
     if draw(st.booleans()):
-        spec["durability"] = draw(st.sampled_from([{"mode": "manual"}, {"mode": "every_n"}])
-                                  | json_values)
+        spec["durability"] = draw(
+            st.sampled_from([{"mode": "manual"}, {"mode": "every_n"}]) | json_values
+        )
     return spec
 
 
@@ -148,15 +197,17 @@ def tensors(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     """Tensors aimed at one fixture: mostly its names, shapes and dtypes, some wrong."""
     fx = draw(st.sampled_from(FIXTURES))
     own = st.sampled_from(list(fx.params)) | st.builds(
-        lambda p, k: f"{p}.{k}", st.sampled_from(list(fx.params)), st.sampled_from(STATE_KEYS))
+        lambda p, k: f"{p}.{k}", st.sampled_from(list(fx.params)), st.sampled_from(STATE_KEYS)
+    )
     out = {}
     for name in draw(st.lists(own | own | tensor_names, max_size=3, unique=True)):
         meta = _meta_of(fx, name)
         right = [meta] * 2 if meta is not None else []
         shape, dtype = draw(st.sampled_from(right + [(None, None)]))
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-        t = torch.randn(shape if shape is not None else draw(shapes), generator=g,
-                        dtype=torch.float64)
+        t = torch.randn(
+            shape if shape is not None else draw(shapes), generator=g, dtype=torch.float64
+        )
         if draw(st.booleans()) and t.numel():
             t = t.fill_(draw(fills))
         out[name] = t.to(dtype if dtype is not None else draw(st.sampled_from(DTYPES)))
@@ -195,8 +246,16 @@ SPOILERS = ("unknown name", "shape", "dtype", "scalar shape", "options", "none")
 #: Option changes a step may carry for one group (as metadata), valid and invalid; amsgrad
 #: turned on is invalid_state where the group has state without max_exp_avg_sq.
 GOOD_CHANGES = ({}, {"lr": 1e-3}, {"betas": [0.8, 0.99]}, {"lr": 2e-3, "maximize": True})
-BAD_CHANGES = ({"lr": -1.0}, {"lr": float("nan")}, {"amsgrad": True}, {"betas": [1.0, 0.9]},
-               {"eps": -1.0}, {"bogus": 1}, {"lr": "fast"}, {"fused": True, "foreach": True})
+BAD_CHANGES = (
+    {"lr": -1.0},
+    {"lr": float("nan")},
+    {"amsgrad": True},
+    {"betas": [1.0, 0.9]},
+    {"eps": -1.0},
+    {"bogus": 1},
+    {"lr": "fast"},
+    {"fused": True, "foreach": True},
+)
 
 
 @st.composite
@@ -222,21 +281,26 @@ def aimed_bodies(draw: st.DrawFn, fx: Fixture, kind: str) -> bytes:
     elif spoiler == "shape":
         values[victim] = torch.zeros(values[victim].numel() + 1, dtype=values[victim].dtype)
     elif spoiler == "dtype":
-        values[victim] = values[victim].to(torch.float64 if values[victim].dtype !=
-                                           torch.float64 else torch.float16)
+        values[victim] = values[victim].to(
+            torch.float64 if values[victim].dtype != torch.float64 else torch.float16
+        )
     elif spoiler == "scalar shape":
         values[victim] = torch.zeros((), dtype=values[victim].dtype)
     meta = {}
     n_groups = len(fx.groups or [None])
     if spoiler == "options":  # every tensor right, one group's change wrong
-        changes = draw(st.lists(st.sampled_from(GOOD_CHANGES), min_size=n_groups,
-                                max_size=n_groups))
+        changes = draw(
+            st.lists(st.sampled_from(GOOD_CHANGES), min_size=n_groups, max_size=n_groups)
+        )
         changes[draw(st.integers(0, n_groups - 1))] = draw(st.sampled_from(BAD_CHANGES))
         meta[META_GROUPS] = json.dumps(changes)
     elif draw(st.booleans()):
-        meta[META_GROUPS] = json.dumps(draw(
-            st.lists(st.sampled_from(GOOD_CHANGES), min_size=n_groups, max_size=n_groups)
-            | group_options(meta_values)))
+        meta[META_GROUPS] = json.dumps(
+            draw(
+                st.lists(st.sampled_from(GOOD_CHANGES), min_size=n_groups, max_size=n_groups)
+                | group_options(meta_values)
+            )
+        )
     return codec.encode(values, meta or None)
 
 
@@ -257,8 +321,11 @@ schemathesis.openapi.media_type("application/octet-stream", octet_bodies)
 @st.composite
 def json_tensors(draw: st.DrawFn) -> Any:
     """A JSON tensor: nested lists of some shape, or {"data", "dtype"?, "shape"?}."""
-    data = codec.tensor_to_json(torch.zeros(draw(shapes)).fill_(draw(fills)))["data"] \
-        if draw(st.booleans()) else draw(json_values)
+    data = (
+        codec.tensor_to_json(torch.zeros(draw(shapes)).fill_(draw(fills)))["data"]
+        if draw(st.booleans())
+        else draw(json_values)
+    )
     if draw(st.booleans()):
         return data
     out: dict[str, Any] = {"data": data}
@@ -270,12 +337,19 @@ def json_tensors(draw: st.DrawFn) -> Any:
 
 
 json_params = st.fixed_dictionaries(
-    {"params": st.dictionaries(param_names, json_tensors(), max_size=3) | json_values})
+    {"params": st.dictionaries(param_names, json_tensors(), max_size=3) | json_values}
+)
 json_state = st.fixed_dictionaries(
-    {"state": st.dictionaries(param_names, st.dictionaries(st.sampled_from(STATE_KEYS),
-                                                           json_tensors(), max_size=3),
-                              max_size=2) | json_values},
-    optional={"param_groups": group_options(json_values) | json_values})
+    {
+        "state": st.dictionaries(
+            param_names,
+            st.dictionaries(st.sampled_from(STATE_KEYS), json_tensors(), max_size=3),
+            max_size=2,
+        )
+        | json_values
+    },
+    optional={"param_groups": group_options(json_values) | json_values},
+)
 
 
 def json_bodies(path: str) -> st.SearchStrategy[Any] | None:

@@ -80,8 +80,21 @@ KINDS: dict[str, tuple[str | None, bool]] = {
 RANK = {"read": 1, "write": 2, "admin": 3}
 
 #: The dashboard's page and files (public: they hold no data).
-DASHBOARD = ["/dashboard", *(f"/dashboard/{f}" for f in (
-    "style.css", "app.js", "api.js", "charts.js", "table.js", "detail.js", "controls.js"))]
+DASHBOARD = [
+    "/dashboard",
+    *(
+        f"/dashboard/{f}"
+        for f in (
+            "style.css",
+            "app.js",
+            "api.js",
+            "charts.js",
+            "table.js",
+            "detail.js",
+            "controls.js",
+        )
+    ),
+]
 
 NAME = "team-a-net"
 OTHER = "team-b-other"
@@ -162,45 +175,67 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("DELETE", N): Recipe(lambda c: c.delete(f"{V1}/{NAME}"), 204),
     ("PATCH", N): Recipe(lambda c: c.patch(f"{V1}/{NAME}", json={"kind": "frozen"}), 200),
     ("PATCH", f"{N}/hyperparameters"): Recipe(
-        lambda c: c.patch(f"{V1}/{NAME}/hyperparameters", json={"lr": 0.5}), 200),
+        lambda c: c.patch(f"{V1}/{NAME}/hyperparameters", json={"lr": 0.5}), 200
+    ),
     ("GET", f"{N}/bias-correction"): Recipe(_get(f"{V1}/{NAME}/bias-correction"), 200),
     ("POST", f"{N}/step"): Recipe(
-        lambda c: step(c, NAME, {"w": torch.ones(2, 3), "b": torch.ones(3)}), 200),
+        lambda c: step(c, NAME, {"w": torch.ones(2, 3), "b": torch.ones(3)}), 200
+    ),
     # Nothing is pending, so an allowed caller gets the documented conflict.
     ("POST", f"{N}/commit"): Recipe(lambda c: c.post(f"{V1}/{NAME}/commit"), 409),
     ("GET", f"{N}/params"): Recipe(_get(f"{V1}/{NAME}/params"), 200),
     ("PUT", f"{N}/params"): Recipe(
-        lambda c: c.put(f"{V1}/{NAME}/params", content=codec.encode({"b": torch.zeros(3)}),
-                        headers=OCTET), 200),
+        lambda c: c.put(
+            f"{V1}/{NAME}/params", content=codec.encode({"b": torch.zeros(3)}), headers=OCTET
+        ),
+        200,
+    ),
     ("GET", f"{N}/state"): Recipe(_get(f"{V1}/{NAME}/state"), 200),
     ("PUT", f"{N}/state"): Recipe(
-        lambda c: c.put(f"{V1}/{NAME}/state",
-                        content=codec.encode({"b.exp_avg": torch.full((3,), 0.5)}),
-                        headers=OCTET), 200),
+        lambda c: c.put(
+            f"{V1}/{NAME}/state",
+            content=codec.encode({"b.exp_avg": torch.full((3,), 0.5)}),
+            headers=OCTET,
+        ),
+        200,
+    ),
     ("DELETE", f"{N}/state"): Recipe(lambda c: c.delete(f"{V1}/{NAME}/state"), 200),
     ("POST", f"{N}/checkpoint"): Recipe(lambda c: c.post(f"{V1}/{NAME}/checkpoint"), 200),
     ("PUT", f"{N}/durability"): Recipe(
-        lambda c: c.put(f"{V1}/{NAME}/durability", json={"mode": "manual"}), 200),
+        lambda c: c.put(f"{V1}/{NAME}/durability", json={"mode": "manual"}), 200
+    ),
     ("POST", f"{N}/snapshots"): Recipe(
-        lambda c: c.post(f"{V1}/{NAME}/snapshots", json={"name": "snap2"}), 201),
+        lambda c: c.post(f"{V1}/{NAME}/snapshots", json={"name": "snap2"}), 201
+    ),
     ("GET", f"{N}/snapshots"): Recipe(_get(f"{V1}/{NAME}/snapshots"), 200),
     ("GET", f"{N}/snapshots/{{snap}}"): Recipe(_get(f"{V1}/{NAME}/snapshots/snap1"), 200),
     ("POST", f"{N}/snapshots/{{snap}}/restore"): Recipe(
-        lambda c: c.post(f"{V1}/{NAME}/snapshots/snap1/restore"), 200),
+        lambda c: c.post(f"{V1}/{NAME}/snapshots/snap1/restore"), 200
+    ),
     ("DELETE", f"{N}/snapshots/{{snap}}"): Recipe(
-        lambda c: c.delete(f"{V1}/{NAME}/snapshots/snap1"), 204),
+        lambda c: c.delete(f"{V1}/{NAME}/snapshots/snap1"), 204
+    ),
     ("POST", f"{V1}/import"): Recipe(
-        lambda c: c.post(f"{V1}/import", params={"name": "team-a-imported"},
-                         content=SNAPSHOT_FILE["snap1"], headers=OCTET), 201),
+        lambda c: c.post(
+            f"{V1}/import",
+            params={"name": "team-a-imported"},
+            content=SNAPSHOT_FILE["snap1"],
+            headers=OCTET,
+        ),
+        201,
+    ),
     ("GET", f"{N}/history"): Recipe(_get(f"{V1}/{NAME}/history"), 200),
     ("GET", f"{N}/alerts"): Recipe(_get(f"{V1}/{NAME}/alerts"), 200),
     ("PUT", f"{N}/alerts"): Recipe(
-        lambda c: c.put(f"{V1}/{NAME}/alerts", json={"rules": None}), 200),
+        lambda c: c.put(f"{V1}/{NAME}/alerts", json={"rules": None}), 200
+    ),
     ("POST", f"{N}/loss"): Recipe(
-        lambda c: c.post(f"{V1}/{NAME}/loss", json={"step": 1, "loss": 0.5}), 200),
+        lambda c: c.post(f"{V1}/{NAME}/loss", json={"step": 1, "loss": 0.5}), 200
+    ),
     # A stream that ends at once (duration=0): its opening event, then the end.
-    ("GET", "/v1/events"): Recipe(lambda c: c.get("/v1/events", params={"duration": 0}), 200,
-                                  False),
+    ("GET", "/v1/events"): Recipe(
+        lambda c: c.get("/v1/events", params={"duration": 0}), 200, False
+    ),
     ("GET", "/metrics"): Recipe(_get("/metrics"), 200, False),
     ("GET", "/v1/whoami"): Recipe(_get("/v1/whoami"), 200, False),
     **{("GET", path): Recipe(_get(path), 200, False) for path in DASHBOARD},
@@ -209,8 +244,11 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("GET", f"{N}/slice"): Recipe(_get(f"{V1}/{NAME}/slice?name=w&key=exp_avg&index=0"), 200),
     # A dry run changes nothing, so the read scope may ask for one.
     ("POST", f"{N}/dry-run"): Recipe(
-        lambda c: c.post(f"{V1}/{NAME}/dry-run", content=codec.encode({"w": torch.ones(2, 3)}),
-                         headers=OCTET), 200),
+        lambda c: c.post(
+            f"{V1}/{NAME}/dry-run", content=codec.encode({"w": torch.ones(2, 3)}), headers=OCTET
+        ),
+        200,
+    ),
     # Names its steppers in the query: a token must reach both.
     ("GET", "/v1/diff"): Recipe(_get(f"/v1/diff?a={NAME}&b={NAME}"), 200),
 }
@@ -254,8 +292,13 @@ def everything(client: TestClient) -> tuple[Any, ...]:
         durability = {s["name"]: s.get("durability") for s in summaries}
         snaps = client.get(f"{V1}/{NAME}/snapshots")
         assert snaps.status_code == 200, snaps.text
-        return (registered(client), snapshot(client, NAME), snapshot(client, OTHER),
-                durability, snaps.json())
+        return (
+            registered(client),
+            snapshot(client, NAME),
+            snapshot(client, OTHER),
+            durability,
+            snaps.json(),
+        )
 
 
 @pytest.fixture
@@ -265,8 +308,10 @@ def served(app_client: TestClient) -> TestClient:
         values = initial_values()
         create(app_client, {**SPEC, "name": NAME}, values)
         create(app_client, {**SPEC, "name": OTHER}, values)
-        assert step(app_client, NAME, {k: torch.ones_like(v) for k, v in values.items()}
-                    ).status_code == 200
+        assert (
+            step(app_client, NAME, {k: torch.ones_like(v) for k, v in values.items()}).status_code
+            == 200
+        )
         r = app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "snap1"})
         assert r.status_code == 201, r.text
         SNAPSHOT_FILE["snap1"] = app_client.get(f"{V1}/{NAME}/snapshots/snap1").content
@@ -348,14 +393,17 @@ def test_install_refuses_a_route_without_a_scope() -> None:
 # ---------------------------------------------------------------------- 401 and 403 details
 
 
-@pytest.mark.parametrize(("header", "detail", "challenge"), [
-    (None, "needs a bearer token", 'Bearer realm="adamscope"'),
-    ("Basic dXNlcjpwYXNz", "must be 'Bearer <token>'", 'error="invalid_request"'),
-    ("Bearer", "must be 'Bearer <token>'", 'error="invalid_request"'),
-    ("Bearer   ", "must be 'Bearer <token>'", 'error="invalid_request"'),
-    (f"Bearer {TOKENS['admin']}x", "not valid", 'error="invalid_token"'),
-    (f"Bearer {TOKENS['admin'][:-1]}", "not valid", 'error="invalid_token"'),
-])
+@pytest.mark.parametrize(
+    ("header", "detail", "challenge"),
+    [
+        (None, "needs a bearer token", 'Bearer realm="adamscope"'),
+        ("Basic dXNlcjpwYXNz", "must be 'Bearer <token>'", 'error="invalid_request"'),
+        ("Bearer", "must be 'Bearer <token>'", 'error="invalid_request"'),
+        ("Bearer   ", "must be 'Bearer <token>'", 'error="invalid_request"'),
+        (f"Bearer {TOKENS['admin']}x", "not valid", 'error="invalid_token"'),
+        (f"Bearer {TOKENS['admin'][:-1]}", "not valid", 'error="invalid_token"'),
+    ],
+)
 def test_unauthenticated_requests_get_401_before_anything_else(
     served: TestClient, header: str | None, detail: str, challenge: str
 ) -> None:
@@ -365,8 +413,11 @@ def test_unauthenticated_requests_get_401_before_anything_else(
         served.get(f"{V1}/{NAME}", headers=headers),
         served.get(f"{V1}/no-such-stepper", headers=headers),
         served.get("/v1/no-such-route", headers=headers),
-        served.patch(f"{V1}/{NAME}/hyperparameters", content=b"{not json",
-                     headers={**headers, "content-type": "application/json"}),
+        served.patch(
+            f"{V1}/{NAME}/hyperparameters",
+            content=b"{not json",
+            headers={**headers, "content-type": "application/json"},
+        ),
     ):
         assert_problem(r, "unauthorized", detail)
         assert challenge in r.headers["www-authenticate"]
@@ -388,19 +439,24 @@ def test_scheme_is_case_insensitive(served: TestClient) -> None:
 def test_insufficient_scope_is_403_naming_both_scopes(served: TestClient) -> None:
     with calling_as(served, "read"):
         r = step(served, NAME, {"b": torch.ones(3)})
-    body = assert_problem(r, "forbidden", "token 'dashboard' has scope read",
-                          f"POST {V1}/{NAME}/step needs write")
+    body = assert_problem(
+        r, "forbidden", "token 'dashboard' has scope read", f"POST {V1}/{NAME}/step needs write"
+    )
     assert body["required_scope"] == "write" and body["scope"] == "read"
     assert r.headers["www-authenticate"] == (
-        'Bearer realm="adamscope", error="insufficient_scope", scope="write"')
+        'Bearer realm="adamscope", error="insufficient_scope", scope="write"'
+    )
 
 
 def test_prefix_restricts_every_stepper_route_existing_or_not(served: TestClient) -> None:
     with calling_as(served, "prefix_ok"):
         for name in (OTHER, "no-such-stepper"):  # outside the prefix: 403 either way
-            body = assert_problem(served.get(f"{V1}/{name}"), "forbidden",
-                                  "token 'team-a' only reaches steppers whose name starts "
-                                  f"with 'team-a-'; '{name}' does not")
+            body = assert_problem(
+                served.get(f"{V1}/{name}"),
+                "forbidden",
+                "token 'team-a' only reaches steppers whose name starts "
+                f"with 'team-a-'; '{name}' does not",
+            )
             assert body["prefix"] == "team-a-"
         assert_problem(served.get(f"{V1}/team-a-missing"), "stepper_not_found")
         assert served.get(f"{V1}/{NAME}").status_code == 200
@@ -410,14 +466,25 @@ def test_prefix_restricts_every_stepper_route_existing_or_not(served: TestClient
         assert "team-b-new" not in registered(served)
 
 
-@pytest.mark.parametrize(("prefix", "name", "reached"), [
-    ("team-a", "team-a", True), ("team-a", "team-a-run1", True),
-    ("team-a", "team-a.run1", True), ("team-a", "team-a_run1", True),
-    ("team-a", "team-abc", False), ("team-a", "team-ab-x", False), ("team-a", "team-", False),
-    ("team-a", "team", False), ("team-a-", "team-a-run1", True), ("team-a-", "team-a", False),
-    ("team-a-", "team-abc", False), ("team.", "team.x", True), ("team.", "team-x", False),
-    (None, "anything", True),
-])
+@pytest.mark.parametrize(
+    ("prefix", "name", "reached"),
+    [
+        ("team-a", "team-a", True),
+        ("team-a", "team-a-run1", True),
+        ("team-a", "team-a.run1", True),
+        ("team-a", "team-a_run1", True),
+        ("team-a", "team-abc", False),
+        ("team-a", "team-ab-x", False),
+        ("team-a", "team-", False),
+        ("team-a", "team", False),
+        ("team-a-", "team-a-run1", True),
+        ("team-a-", "team-a", False),
+        ("team-a-", "team-abc", False),
+        ("team.", "team.x", True),
+        ("team.", "team-x", False),
+        (None, "anything", True),
+    ],
+)
 def test_a_prefix_ends_at_a_separator(prefix: str | None, name: str, reached: bool) -> None:
     """A prefix is a namespace: 'team-a' must never reach another team's 'team-abc'."""
     assert auth.Principal("t", "read", prefix).reaches(name) is reached
@@ -427,8 +494,11 @@ def test_team_boundaries_hold_over_http_and_whoami_says_what_a_token_reaches(
     tmp_path: Path,
 ) -> None:
     team = "team-a-unseparated-0123456789"
-    settings = Settings(data_dir=tmp_path / "data", device="cpu", tokens=[
-        *CONFIG, {"token": team, "scope": "admin", "prefix": "team-a", "name": "a-team"}])
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        device="cpu",
+        tokens=[*CONFIG, {"token": team, "scope": "admin", "prefix": "team-a", "name": "a-team"}],
+    )
     with TestClient(create_app(settings)) as client:
         with calling_as(client, "admin"):
             for n in ("team-a", "team-a-run1", "team-abc"):
@@ -436,22 +506,31 @@ def test_team_boundaries_hold_over_http_and_whoami_says_what_a_token_reaches(
         client.headers["authorization"] = f"Bearer {team}"
         assert registered(client) == ["team-a", "team-a-run1"]
         assert client.get(f"{V1}/team-a-run1").status_code == 200
-        body = assert_problem(client.get(f"{V1}/team-abc"), "forbidden",
-                              "token 'a-team' only reaches the stepper 'team-a' and steppers "
-                              "whose name starts with 'team-a-', 'team-a.' or 'team-a_'; "
-                              "'team-abc' does not")
+        body = assert_problem(
+            client.get(f"{V1}/team-abc"),
+            "forbidden",
+            "token 'a-team' only reaches the stepper 'team-a' and steppers "
+            "whose name starts with 'team-a-', 'team-a.' or 'team-a_'; "
+            "'team-abc' does not",
+        )
         assert body["prefix"] == "team-a"
         assert_problem(client.post(V1, json={**SPEC, "name": "team-abd"}), "forbidden")
         who = client.get("/v1/whoami").json()
         assert who["prefix"] == "team-a" and who["reaches"] == (
             "the stepper 'team-a' and steppers whose name starts with 'team-a-', 'team-a.' "
-            "or 'team-a_'")
+            "or 'team-a_'"
+        )
 
 
-@pytest.mark.parametrize(("kind", "visible"), [
-    ("read", [NAME, OTHER]), ("admin", [NAME, OTHER]),
-    ("prefix_ok", [NAME]), ("wrong_prefix", [OTHER]),
-])
+@pytest.mark.parametrize(
+    ("kind", "visible"),
+    [
+        ("read", [NAME, OTHER]),
+        ("admin", [NAME, OTHER]),
+        ("prefix_ok", [NAME]),
+        ("wrong_prefix", [OTHER]),
+    ],
+)
 def test_list_shows_only_the_steppers_a_token_reaches(
     served: TestClient, kind: str, visible: list[str]
 ) -> None:
@@ -462,8 +541,10 @@ def test_list_shows_only_the_steppers_a_token_reaches(
 def test_openapi_documents_scopes_and_auth_problems(served: TestClient) -> None:
     doc = served.get("/openapi.json").json()
     assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer",
-        "description": "a token from the service's configuration"}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a token from the service's configuration",
+    }
     for (method, path), scope in SCOPES.items():
         op = doc["paths"].get(path, {}).get(method.lower())
         if op is None:  # FastAPI's own documentation routes are not in the document
@@ -513,12 +594,22 @@ def test_tokens_never_appear_in_logs_reprs_or_problems(
     bodies = []
     for kind in KINDS:
         with calling_as(served, kind):
-            bodies += [served.get(f"{V1}/{NAME}").text, step(served, OTHER, {}).text,
-                       served.post(V1, json={**SPEC, "name": "team-b-x"}).text]
+            bodies += [
+                served.get(f"{V1}/{NAME}").text,
+                step(served, OTHER, {}).text,
+                served.post(V1, json={**SPEC, "name": "team-b-x"}).text,
+            ]
     assert "401 GET /v1/steppers/team-a-net" in caplog.text  # denials are logged...
     settings = served.app.state.settings  # type: ignore[attr-defined]
-    text = "\n".join([caplog.text, *bodies, repr(settings), str(settings),
-                      repr(served.app.state.access.principals())])  # type: ignore[attr-defined]
+    text = "\n".join(
+        [
+            caplog.text,
+            *bodies,
+            repr(settings),
+            str(settings),
+            repr(served.app.state.access.principals()),
+        ]
+    )  # type: ignore[attr-defined]
     for token in TOKENS.values():
         assert token not in text  # ...without the token
 
@@ -528,14 +619,22 @@ def test_server_logs_at_trace_level_never_show_tokens(tmp_path: Path) -> None:
     messages): the tokens sent, valid or not, are nowhere in its output."""
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps(CONFIG))
-    out = spawn_cli(tmp_path / "data", "--tokens-file", str(tokens_file),
-                    "--log-level", "trace", requests=[
-                        ("GET", V1, TOKENS["read"]),
-                        ("GET", V1, "wrong-token-0123456789abcdef"),
-                        ("POST", f"{V1}/x/step", TOKENS["read"]),
-                    ])
-    assert "access control: 5 bearer token(s) configured (3 admin, 1 write, 1 read; " \
-           "2 restricted to a name prefix)" in out
+    out = spawn_cli(
+        tmp_path / "data",
+        "--tokens-file",
+        str(tokens_file),
+        "--log-level",
+        "trace",
+        requests=[
+            ("GET", V1, TOKENS["read"]),
+            ("GET", V1, "wrong-token-0123456789abcdef"),
+            ("POST", f"{V1}/x/step", TOKENS["read"]),
+        ],
+    )
+    assert (
+        "access control: 5 bearer token(s) configured (3 admin, 1 write, 1 read; "
+        "2 restricted to a name prefix)" in out
+    )
     assert '"GET /v1/steppers HTTP/1.1" 200' in out and " 401" in out and " 403" in out
     assert "ASGI [" in out  # trace logging really was on
     for token in [*TOKENS.values(), "wrong-token-0123456789abcdef"]:
@@ -551,20 +650,41 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "adamscope.service.cli", "serve", *args], cwd=ROOT,
-                          env=env or clean_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "adamscope.service.cli", "serve", *args],
+        cwd=ROOT,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def spawn_cli(data_dir: Path, *args: str,
-              requests: Sequence[tuple[str, str, str]] = (),
-              statuses: list[int] | None = None) -> str:
+def spawn_cli(
+    data_dir: Path,
+    *args: str,
+    requests: Sequence[tuple[str, str, str]] = (),
+    statuses: list[int] | None = None,
+) -> str:
     """Run ``adamscope serve`` on 127.0.0.1, make ``requests`` (method, path, token; their
     statuses go to ``statuses``), stop it, and return everything it printed."""
     port = free_port()
-    cmd = [sys.executable, "-m", "adamscope.service.cli", "serve", "--host", "127.0.0.1", "--port",
-           str(port), "--data-dir", str(data_dir), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "adamscope.service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -578,8 +698,12 @@ def spawn_cli(data_dir: Path, *args: str,
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
         for method, path, token in requests:
-            r = httpx.request(method, url + path, timeout=10,
-                              headers={"authorization": f"Bearer {token}"} if token else {})
+            r = httpx.request(
+                method,
+                url + path,
+                timeout=10,
+                headers={"authorization": f"Bearer {token}"} if token else {},
+            )
             if statuses is not None:
                 statuses.append(r.status_code)
     finally:
@@ -597,9 +721,11 @@ def test_without_tokens_a_non_loopback_host_refuses_to_start(tmp_path: Path) -> 
     data = tmp_path / "data"
     result = run_cli("--host", "0.0.0.0", "--port", "8470", "--data-dir", str(data))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.startswith("adamscope: error: refusing to serve on 0.0.0.0 without "
-                                    "access tokens: every client that can reach it would have "
-                                    "admin rights")
+    assert result.stderr.startswith(
+        "adamscope: error: refusing to serve on 0.0.0.0 without "
+        "access tokens: every client that can reach it would have "
+        "admin rights"
+    )
     assert "--insecure-no-auth" in result.stderr and "ADAMSCOPE_TOKENS_FILE" in result.stderr
     assert result.stdout == ""
     assert not data.exists()  # refused before touching anything
@@ -612,8 +738,9 @@ def no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-@pytest.mark.parametrize("args", [["--host", "::"], ["--host", "example.com"],
-                                  ["--host", "0.0.0.0", "--per-gpu"]])
+@pytest.mark.parametrize(
+    "args", [["--host", "::"], ["--host", "example.com"], ["--host", "0.0.0.0", "--per-gpu"]]
+)
 def test_cli_refuses_other_exposed_hosts_too(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_token_env: None, args: list[str]
 ) -> None:
@@ -629,24 +756,41 @@ def test_per_gpu_workers_get_the_tokens(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps(CONFIG))
     statuses: list[int] = []
-    out = spawn_cli(tmp_path / "data", "--per-gpu", "--tokens-file", str(tokens_file),
-                    "--log-level", "warning", statuses=statuses,
-                    requests=[("GET", V1, ""), ("GET", V1, TOKENS["read"])])
+    out = spawn_cli(
+        tmp_path / "data",
+        "--per-gpu",
+        "--tokens-file",
+        str(tokens_file),
+        "--log-level",
+        "warning",
+        statuses=statuses,
+        requests=[("GET", V1, ""), ("GET", V1, TOKENS["read"])],
+    )
     assert statuses == [401, 200], out
     assert "access control: 5 bearer token(s) configured" in out
 
 
 def test_without_tokens_loopback_serves_and_says_everyone_is_admin(tmp_path: Path) -> None:
     out = spawn_cli(tmp_path / "data")
-    assert ("no tokens configured: serving on loopback only, every client has admin rights"
-            in out)
+    assert "no tokens configured: serving on loopback only, every client has admin rights" in out
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
-    ("localhost", True), ("LOCALHOST", True), ("0.0.0.0", False), ("::", False),
-    ("10.0.0.1", False), ("example.com", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert auth.is_loopback(host) is loopback
 
@@ -668,7 +812,9 @@ def test_binding_rule_and_banners() -> None:
 
 
 def test_the_docker_image_needs_tokens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     no_token_env: None,
 ) -> None:
     """The image serves 0.0.0.0: its CMD refuses to start without tokens, and passes the
@@ -697,8 +843,10 @@ def test_tokens_from_environment_json_and_toml_files_combine(
     json_file = tmp_path / "tokens.json"
     json_file.write_text(json.dumps({"tokens": CONFIG[1:3]}))
     toml_file = tmp_path / "tokens.toml"
-    toml_file.write_text(f'# team tokens\n[[tokens]]\ntoken = "{TOKENS["wrong_prefix"]}"\n'
-                         'scope = "admin"\nprefix = "team-b-"\n')
+    toml_file.write_text(
+        f'# team tokens\n[[tokens]]\ntoken = "{TOKENS["wrong_prefix"]}"\n'
+        'scope = "admin"\nprefix = "team-b-"\n'
+    )
     assert [t.scope for t in load_tokens_file(json_file)] == ["write", "admin"]
     (spec,) = load_tokens_file(toml_file)
     assert spec.prefix == "team-b-" and spec.token.get_secret_value() == TOKENS["wrong_prefix"]
@@ -707,7 +855,9 @@ def test_tokens_from_environment_json_and_toml_files_combine(
     monkeypatch.setenv("ADAMSCOPE_TOKENS_FILE", str(toml_file))
     table = load_access(Settings(device="cpu"))
     assert [(p.label, p.scope, p.prefix) for p in table.principals()] == [
-        ("dashboard", "read", None), ("tokens.toml[0]", "admin", "team-b-")]
+        ("dashboard", "read", None),
+        ("tokens.toml[0]", "admin", "team-b-"),
+    ]
     assert table.lookup(TOKENS["read"]) is not None
     assert table.lookup(TOKENS["wrong_prefix"]) is not None
     assert table.lookup(TOKENS["write"]) is None
@@ -720,30 +870,57 @@ def entries(*items: dict[str, Any]) -> str:
     return json.dumps(list(items))
 
 
-@pytest.mark.parametrize(("name", "content", "fragment"), [
-    ("missing.json", None, "no such file"),
-    ("bad.json", entries({"token": TOKEN, "scope": "read"})[:-1],
-     "invalid JSON: Expecting ',' delimiter (line 1, column"),
-    ("bad.toml", f'[[tokens]]\ntoken = "{TOKEN}\n', "invalid TOML"),
-    ("shape.json", json.dumps({"token": TOKEN, "scope": "read"}),
-     "expected a 'tokens' list and nothing else; unexpected key(s): scope, token"),
-    ("shape.toml", f'token = "{TOKEN}"\n', "unexpected key(s): token"),
-    ("notlist.json", json.dumps({"tokens": TOKEN}), "tokens must be a list of token objects"),
-    ("empty.json", "[]", "lists no tokens"),
-    ("noscope.json", entries({"token": TOKEN}), "tokens[0].scope: Field required"),
-    ("scope.json", entries({"token": TOKEN, "scope": "owner"}),
-     "tokens[0].scope: Input should be 'read', 'write' or 'admin'"),
-    ("short.json", entries({"token": "abc", "scope": "read"}),
-     "tokens[0].token: Value error, a token needs at least 16 characters"),
-    ("space.json", entries({"token": "has a space in it!!", "scope": "read"}),
-     "may only contain A-Z a-z 0-9"),
-    ("typo.json", entries({"token": TOKEN, "scopes": "read"}),
-     "tokens[0].scopes: Extra inputs are not permitted"),
-    ("prefix.json", entries({"token": TOKEN, "scope": "read", "prefix": "team/a"}),
-     "tokens[0].prefix: String should match pattern"),
-    ("twice.json", entries({"token": TOKEN, "scope": "read"}, {"token": TOKEN, "scope": "admin"}),
-     "twice.json[1] repeats the token of twice.json[0]"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("missing.json", None, "no such file"),
+        (
+            "bad.json",
+            entries({"token": TOKEN, "scope": "read"})[:-1],
+            "invalid JSON: Expecting ',' delimiter (line 1, column",
+        ),
+        ("bad.toml", f'[[tokens]]\ntoken = "{TOKEN}\n', "invalid TOML"),
+        (
+            "shape.json",
+            json.dumps({"token": TOKEN, "scope": "read"}),
+            "expected a 'tokens' list and nothing else; unexpected key(s): scope, token",
+        ),
+        ("shape.toml", f'token = "{TOKEN}"\n', "unexpected key(s): token"),
+        ("notlist.json", json.dumps({"tokens": TOKEN}), "tokens must be a list of token objects"),
+        ("empty.json", "[]", "lists no tokens"),
+        ("noscope.json", entries({"token": TOKEN}), "tokens[0].scope: Field required"),
+        (
+            "scope.json",
+            entries({"token": TOKEN, "scope": "owner"}),
+            "tokens[0].scope: Input should be 'read', 'write' or 'admin'",
+        ),
+        (
+            "short.json",
+            entries({"token": "abc", "scope": "read"}),
+            "tokens[0].token: Value error, a token needs at least 16 characters",
+        ),
+        (
+            "space.json",
+            entries({"token": "has a space in it!!", "scope": "read"}),
+            "may only contain A-Z a-z 0-9",
+        ),
+        (
+            "typo.json",
+            entries({"token": TOKEN, "scopes": "read"}),
+            "tokens[0].scopes: Extra inputs are not permitted",
+        ),
+        (
+            "prefix.json",
+            entries({"token": TOKEN, "scope": "read", "prefix": "team/a"}),
+            "tokens[0].prefix: String should match pattern",
+        ),
+        (
+            "twice.json",
+            entries({"token": TOKEN, "scope": "read"}, {"token": TOKEN, "scope": "admin"}),
+            "twice.json[1] repeats the token of twice.json[0]",
+        ),
+    ],
+)
 def test_token_file_errors_are_clear_and_never_echo_tokens(
     tmp_path: Path, name: str, content: str | None, fragment: str
 ) -> None:
@@ -759,7 +936,9 @@ def test_token_file_errors_are_clear_and_never_echo_tokens(
 
 
 def test_cli_reports_token_errors_and_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     no_token_env: None,
 ) -> None:
     bad = tmp_path / "tokens.json"
@@ -784,7 +963,9 @@ def test_cli_reports_token_errors_and_exits_2(
 
 
 def test_an_empty_token_list_in_the_environment_stops_the_service(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     no_token_env: None,
 ) -> None:
     """ADAMSCOPE_TOKENS='[]' is a mistake (a template that rendered nothing), not a wish to
@@ -810,8 +991,7 @@ def test_create_app_fails_fast_on_a_bad_tokens_file(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real uvicorn on 127.0.0.1 with CONFIG's tokens and stepper NAME."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("guarded"), device="cpu",
-                        tokens=CONFIG)
+    settings = Settings(data_dir=tmp_path_factory.mktemp("guarded"), device="cpu", tokens=CONFIG)
     with run_uvicorn(settings) as server:
         with Client(server.url, token=TOKENS["admin"]) as admin:
             admin.create(NAME, initial_values(), lr=0.01)
@@ -854,8 +1034,9 @@ def test_async_client_and_remote_adam_send_tokens(
 
     asyncio.run(main())
     w = torch.nn.Parameter(torch.ones(4))
-    opt = RemoteAdam([("w", w)], lr=0.1, url=guarded, name="team-a-remote",
-                     token=TOKENS["prefix_ok"])
+    opt = RemoteAdam(
+        [("w", w)], lr=0.1, url=guarded, name="team-a-remote", token=TOKENS["prefix_ok"]
+    )
     try:
         w.grad = torch.ones(4)
         opt.step()
@@ -863,5 +1044,9 @@ def test_async_client_and_remote_adam_send_tokens(
     finally:
         opt.close()
     with pytest.raises(ForbiddenError, match="'team-b-remote' does not"):
-        RemoteAdam([torch.nn.Parameter(torch.ones(2))], url=guarded, name="team-b-remote",
-                   token=TOKENS["prefix_ok"])
+        RemoteAdam(
+            [torch.nn.Parameter(torch.ones(2))],
+            url=guarded,
+            name="team-b-remote",
+            token=TOKENS["prefix_ok"],
+        )

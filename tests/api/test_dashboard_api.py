@@ -42,8 +42,9 @@ def url(file: str) -> str:
 
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(data_dir=tmp_path / "d", device="cpu",
-                                        tokens=TOKENS))) as c:
+    with TestClient(
+        create_app(Settings(data_dir=tmp_path / "d", device="cpu", tokens=TOKENS))
+    ) as c:
         yield c
 
 
@@ -54,8 +55,9 @@ def test_every_file_of_the_dashboard_is_served_and_nothing_else() -> None:
 
 
 @pytest.mark.parametrize("file", sorted(ASSETS))
-def test_files_are_public_with_their_type_and_a_strict_policy(guarded: TestClient,
-                                                              file: str) -> None:
+def test_files_are_public_with_their_type_and_a_strict_policy(
+    guarded: TestClient, file: str
+) -> None:
     r = guarded.get(url(file))  # no token: the files hold no data
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == ASSETS[file]
@@ -82,8 +84,12 @@ def test_the_dashboard_references_only_its_own_files() -> None:
             continue
         assert ref.startswith("dashboard/"), f"{ref}: relative to the page, so a --root-path works"
         assert ref.removeprefix("dashboard/") in ASSETS, ref
-    imports = {m for f, t in texts.items() if f.endswith(".js")
-               for m in re.findall(r'from "\./([^"]+)"', t)}
+    imports = {
+        m
+        for f, t in texts.items()
+        if f.endswith(".js")
+        for m in re.findall(r'from "\./([^"]+)"', t)
+    }
     assert imports and imports <= set(ASSETS), imports - set(ASSETS)
 
 
@@ -109,19 +115,34 @@ def test_the_files_ship_in_the_distribution() -> None:
 def test_whoami_without_tokens_is_the_local_admin(app_client: TestClient) -> None:
     r = app_client.get("/v1/whoami")
     assert r.status_code == 200, r.text
-    assert r.json() == {"name": "anonymous (no tokens configured)", "scope": "admin",
-                        "prefix": None, "reaches": "every stepper", "tokens": False}
+    assert r.json() == {
+        "name": "anonymous (no tokens configured)",
+        "scope": "admin",
+        "prefix": None,
+        "reaches": "every stepper",
+        "tokens": False,
+    }
 
 
-@pytest.mark.parametrize(("token", "expected"), [
-    (READ, {"name": "viewer", "scope": "read", "prefix": None, "reaches": "every stepper"}),
-    (ADMIN, {"name": "operator", "scope": "admin", "prefix": None,
-             "reaches": "every stepper"}),
-    (TEAM, {"name": "ADAMSCOPE_TOKENS[2]", "scope": "write", "prefix": "team-a-",
-            "reaches": "steppers whose name starts with 'team-a-'"}),
-])
-def test_whoami_names_the_tokens_scope_and_prefix(guarded: TestClient, token: str,
-                                                 expected: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (READ, {"name": "viewer", "scope": "read", "prefix": None, "reaches": "every stepper"}),
+        (ADMIN, {"name": "operator", "scope": "admin", "prefix": None, "reaches": "every stepper"}),
+        (
+            TEAM,
+            {
+                "name": "ADAMSCOPE_TOKENS[2]",
+                "scope": "write",
+                "prefix": "team-a-",
+                "reaches": "steppers whose name starts with 'team-a-'",
+            },
+        ),
+    ],
+)
+def test_whoami_names_the_tokens_scope_and_prefix(
+    guarded: TestClient, token: str, expected: dict[str, object]
+) -> None:
     r = guarded.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
     assert r.status_code == 200, r.text
     assert r.json() == {**expected, "tokens": True}

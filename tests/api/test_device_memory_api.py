@@ -57,7 +57,8 @@ def fail_from(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: int)
 
 
 def test_a_step_the_device_cannot_hold_is_507_and_changes_nothing(
-        app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     values = initial_values()
     create(app_client, SPEC, values)
     before = snapshot(app_client, "net")
@@ -74,23 +75,29 @@ def test_a_step_the_device_cannot_hold_is_507_and_changes_nothing(
 
 
 def test_a_later_group_running_out_says_partial(
-        app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Groups step one after the other: when the second group's state cannot be made, the
     first has stepped, and the answer says so instead of claiming nothing changed."""
     values = initial_values()
     create(app_client, SPEC, values)
     fail_from(monkeypatch, torch, "zeros_like", call=5)  # w and b made theirs: h's fails
-    body = assert_problem(step(app_client, "net", grads(values, 0)), "device_out_of_memory",
-                          "may be partly updated")
+    body = assert_problem(
+        step(app_client, "net", grads(values, 0)), "device_out_of_memory", "may be partly updated"
+    )
     assert body["partial"] is True
 
 
 def test_parameters_the_device_cannot_hold_create_nothing(
-        app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fail_from(monkeypatch, stepper_module, "_placed", call=3)
-    for r in (app_client.post(V1, json={**SPEC, "name": "a"}),
-              app_client.post(V1, content=create_body({**SPEC, "name": "b"}, initial_values()),
-                              headers=OCTET)):
+    for r in (
+        app_client.post(V1, json={**SPEC, "name": "a"}),
+        app_client.post(
+            V1, content=create_body({**SPEC, "name": "b"}, initial_values()), headers=OCTET
+        ),
+    ):
         assert_problem(r, "device_out_of_memory", "placing the parameters of")
     assert registered(app_client) == []
 
@@ -121,14 +128,23 @@ def _request(body: bytes) -> Request:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/", "app": app, "query_string": b"",
-             "headers": [(b"content-type", OCTET["content-type"].encode()),
-                         (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "app": app,
+        "query_string": b"",
+        "headers": [
+            (b"content-type", OCTET["content-type"].encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     return Request(scope, receive)
 
 
 def test_page_locked_body_buffers_are_allocated_off_the_event_loop(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """cudaHostAlloc takes milliseconds for a large buffer: a GPU stepper's body buffer
     (``pin=True``) is made in a worker thread, never on the loop (here without pinning:
     no GPU; the thread is what is checked)."""

@@ -39,8 +39,9 @@ def parse(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def stream(c: TestClient, headers: dict[str, str] | None = None,
-           **params: Any) -> tuple[httpx.Response, list[dict[str, Any]]]:
+def stream(
+    c: TestClient, headers: dict[str, str] | None = None, **params: Any
+) -> tuple[httpx.Response, list[dict[str, Any]]]:
     r = c.get("/v1/events", params={"duration": 0, **params}, headers=headers or {})
     return r, parse(r.text) if r.status_code == 200 else []
 
@@ -120,14 +121,20 @@ def test_resume_after_the_last_event_id(
     assert len(steps_of(restarted)) == 5
 
 
-@pytest.mark.parametrize(("params", "headers", "fragment"), [
-    ({}, {"last-event-id": "garbage"}, "is not an id this stream sent"),
-    ({"replay": -1}, {}, "replay"),
-    ({"heartbeat": 0}, {}, "heartbeat"),
-    ({"max_events": 0}, {}, "max_events"),
-])
+@pytest.mark.parametrize(
+    ("params", "headers", "fragment"),
+    [
+        ({}, {"last-event-id": "garbage"}, "is not an id this stream sent"),
+        ({"replay": -1}, {}, "replay"),
+        ({"heartbeat": 0}, {}, "heartbeat"),
+        ({"max_events": 0}, {}, "max_events"),
+    ],
+)
 def test_bad_stream_requests_are_problems_and_subscribe_nothing(
-    app_client: TestClient, params: dict[str, Any], headers: dict[str, str], fragment: str,
+    app_client: TestClient,
+    params: dict[str, Any],
+    headers: dict[str, str],
+    fragment: str,
 ) -> None:
     r = app_client.get("/v1/events", params={"duration": 0, **params}, headers=headers)
     assert_problem(r, "request_validation_error", fragment)
@@ -162,8 +169,10 @@ ADMIN = "admin-token-0123456789abcdef"
 
 
 def test_a_prefixed_token_streams_only_its_steppers(tmp_path: Path) -> None:
-    tokens = [{"token": READ_A, "scope": "read", "prefix": "team-a-"},
-              {"token": ADMIN, "scope": "admin"}]
+    tokens = [
+        {"token": READ_A, "scope": "read", "prefix": "team-a-"},
+        {"token": ADMIN, "scope": "admin"},
+    ]
     settings = Settings(data_dir=tmp_path / "d", device="cpu", tokens=tokens)
     with TestClient(create_app(settings)) as c:
         c.headers["authorization"] = f"Bearer {ADMIN}"
@@ -192,13 +201,25 @@ class FakeObserver:
         self.name = name
 
     def event(self, seq: int) -> dict[str, Any]:
-        return {"stepper": self.name, "step": seq, "seq": seq, "time": 0.0,
-                "aggregate": {}, "tensors": {}, "alerts": []}
+        return {
+            "stepper": self.name,
+            "step": seq,
+            "seq": seq,
+            "time": 0.0,
+            "aggregate": {},
+            "tensors": {},
+            "alerts": [],
+        }
 
 
 def subscription(hub: EventHub, steppers: frozenset[str] | None = None) -> Subscription:
-    return Subscription(steppers=steppers, reaches=lambda name: True, tensors=None,
-                        max_tensors=hub.max_tensors, queue=deque(maxlen=hub.queue_size))
+    return Subscription(
+        steppers=steppers,
+        reaches=lambda name: True,
+        tensors=None,
+        max_tensors=hub.max_tensors,
+        queue=deque(maxlen=hub.queue_size),
+    )
 
 
 async def collect(stream_: Any, limit: int = 100) -> list[dict[str, Any]]:

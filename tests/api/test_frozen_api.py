@@ -14,8 +14,14 @@ from adamscope.client import codec
 from adamscope.service.app import create_app
 from adamscope.service.settings import Settings
 
-SPEC = {"name": "ev", "optimizer": "adamw", "kind": "frozen", "step": 7,
-        "params": [{"name": "w", "shape": [3]}], "hyperparameters": {"lr": 0.1}}
+SPEC = {
+    "name": "ev",
+    "optimizer": "adamw",
+    "kind": "frozen",
+    "step": 7,
+    "params": [{"name": "w", "shape": [3]}],
+    "hyperparameters": {"lr": 0.1},
+}
 
 
 def _grads() -> bytes:
@@ -26,15 +32,20 @@ def test_frozen_refuses_steps_and_changes_nothing(app_client: TestClient) -> Non
     r = app_client.post("/v1/steppers", json=SPEC)
     assert r.status_code == 201, r.text
     assert (r.json()["kind"], r.json()["step"]) == ("frozen", 7)
-    before = app_client.get("/v1/steppers/ev/state?with_params=true",
-                            headers={"accept": "application/octet-stream"}).content
-    r = app_client.post("/v1/steppers/ev/step", content=_grads(),
-                        headers={"content-type": "application/octet-stream"})
+    before = app_client.get(
+        "/v1/steppers/ev/state?with_params=true", headers={"accept": "application/octet-stream"}
+    ).content
+    r = app_client.post(
+        "/v1/steppers/ev/step",
+        content=_grads(),
+        headers={"content-type": "application/octet-stream"},
+    )
     assert r.status_code == 409
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "stepper_frozen" and "PATCH /v1/steppers/ev" in r.json()["detail"]
-    after = app_client.get("/v1/steppers/ev/state?with_params=true",
-                           headers={"accept": "application/octet-stream"}).content
+    after = app_client.get(
+        "/v1/steppers/ev/state?with_params=true", headers={"accept": "application/octet-stream"}
+    ).content
     assert after == before
     assert app_client.get("/v1/steppers/ev").json()["step"] == 7
     # Edits are allowed on evidence (trying a fix).
@@ -48,8 +59,11 @@ def test_patch_unfreezes_and_rejects_unknown_kinds(app_client: TestClient) -> No
     assert r.status_code == 422 and r.json()["code"] == "request_validation_error"
     r = app_client.patch("/v1/steppers/ev", json={"kind": "hosted"})
     assert r.status_code == 200 and r.json()["kind"] == "hosted"
-    r = app_client.post("/v1/steppers/ev/step", content=_grads(),
-                        headers={"content-type": "application/octet-stream"})
+    r = app_client.post(
+        "/v1/steppers/ev/step",
+        content=_grads(),
+        headers={"content-type": "application/octet-stream"},
+    )
     assert r.status_code == 200 and r.json()["step"] == 8
 
 
@@ -68,6 +82,9 @@ def test_kind_and_step_survive_a_restart(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as c:
         got = {s["name"]: (s["kind"], s["step"]) for s in c.get("/v1/steppers").json()["steppers"]}
         assert got == {"ev": ("frozen", 7), "ev2": ("hosted", 7)}
-        r = c.post("/v1/steppers/ev/step", content=_grads(),
-                   headers={"content-type": "application/octet-stream"})
+        r = c.post(
+            "/v1/steppers/ev/step",
+            content=_grads(),
+            headers={"content-type": "application/octet-stream"},
+        )
         assert r.status_code == 409, json.dumps(r.json())

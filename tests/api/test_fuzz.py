@@ -62,8 +62,11 @@ METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 #: the operations (the API grows), between 10 and 25 each; twice as many for the routes
 #: that load tensors into a stepper, where a partly applied rejected request would hide.
 TOTAL_EXAMPLES = 1200
-TENSOR_ROUTES = {("post", "/v1/steppers/{name}/step"), ("put", "/v1/steppers/{name}/params"),
-                 ("put", "/v1/steppers/{name}/state")}
+TENSOR_ROUTES = {
+    ("post", "/v1/steppers/{name}/step"),
+    ("put", "/v1/steppers/{name}/params"),
+    ("put", "/v1/steppers/{name}/state"),
+}
 #: A request that takes longer is a failure (e.g. a wait the service should have bounded).
 REQUEST_TIMEOUT_S = 30
 #: An event stream never ends by itself: its reply is read for this long (schemathesis also
@@ -77,20 +80,32 @@ TIMESTAMPS = frozenset({"created_at", "updated_at", "persisted_at"})
 
 #: The app's OpenAPI document, built in process (routes do not depend on settings).
 DOC = create_app(Settings(device="cpu")).openapi()
-OPERATIONS = [(method, path) for path, item in DOC["paths"].items()
-              for method in METHODS if method in item]
+OPERATIONS = [
+    (method, path) for path, item in DOC["paths"].items() for method in METHODS if method in item
+]
 MODES = (GenerationMode.NEGATIVE, GenerationMode.POSITIVE)
 #: Operations with a parameter or body: the others have no schema to violate (negative
 #: mode), only their positive run.
-WITH_INPUT = {(m, p) for m, p in OPERATIONS
-              if DOC["paths"][p][m].get("parameters") or DOC["paths"][p][m].get("requestBody")}
-RUNS = [(m, p, mode) for m, p in OPERATIONS for mode in MODES
-        if mode is GenerationMode.POSITIVE or (m, p) in WITH_INPUT]
+WITH_INPUT = {
+    (m, p)
+    for m, p in OPERATIONS
+    if DOC["paths"][p][m].get("parameters") or DOC["paths"][p][m].get("requestBody")
+}
+RUNS = [
+    (m, p, mode)
+    for m, p in OPERATIONS
+    for mode in MODES
+    if mode is GenerationMode.POSITIVE or (m, p) in WITH_INPUT
+]
 MAX_EXAMPLES = max(10, min(25, TOTAL_EXAMPLES // len(RUNS)))
-STREAMS = {(method, path) for path, item in DOC["paths"].items()
-           for method, op in item.items() if method in METHODS
-           for reply in op.get("responses", {}).values()
-           if "text/event-stream" in reply.get("content", {})}
+STREAMS = {
+    (method, path)
+    for path, item in DOC["paths"].items()
+    for method, op in item.items()
+    if method in METHODS
+    for reply in op.get("responses", {}).values()
+    if "text/event-stream" in reply.get("content", {})
+}
 
 
 def _strip(value: Any, drop: frozenset[str]) -> Any:
@@ -122,8 +137,14 @@ class World:
 
     def build(self, fx: Fixture) -> None:
         with Client(self.url) as c:
-            c.create(fx.name, fx.values(), optimizer=fx.optimizer, groups=fx.groups,
-                     durability="manual", **fx.hyper)
+            c.create(
+                fx.name,
+                fx.values(),
+                optimizer=fx.optimizer,
+                groups=fx.groups,
+                durability="manual",
+                **fx.hyper,
+            )
             for k in range(1, fx.steps + 1):
                 c.step(fx.name, fx.grads(k))
             c.snapshot(fx.name, SNAP)
@@ -187,7 +208,8 @@ def _overrides(method: str, path: str) -> st.SearchStrategy[dict[str, Any]]:
     """Optional replacements for a generated case: real and unknown names for its ``name``
     and ``key`` query parameters, JSON tensor maps for its JSON body."""
     optional: dict[str, st.SearchStrategy[Any]] = {
-        f"query:{k}": v for k, v in query_overrides(DOC["paths"][path][method]).items()}
+        f"query:{k}": v for k, v in query_overrides(DOC["paths"][path][method]).items()
+    }
     body = json_bodies(path) if method in ("put", "post") else None
     if body is not None:
         optional["application/json"] = body
@@ -220,12 +242,16 @@ def _strategy(world: World, method: str, path: str, mode: GenerationMode) -> Any
     op = world.schema[path][method.upper()]
     path_names = {p.name for p in op.path_parameters}
     other_input = bool(list(op.query) or list(op.headers) or list(op.body))
-    kind = {"step": "params", "params": "params", "state": "state"}.get(
-        path.rsplit("/", 1)[-1]) if method in ("put", "post") else None
+    kind = (
+        {"step": "params", "params": "params", "state": "state"}.get(path.rsplit("/", 1)[-1])
+        if method in ("put", "post")
+        else None
+    )
 
     def overridden(cases: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
         return st.tuples(cases, st.none() | _overrides(method, path)).map(
-            lambda pair: pair[0] if pair[1] is None else _apply(*pair))
+            lambda pair: pair[0] if pair[1] is None else _apply(*pair)
+        )
 
     options = [overridden(op.as_strategy(generation_mode=mode))]
     if "name" in path_names:
@@ -238,15 +264,13 @@ def _strategy(world: World, method: str, path: str, mode: GenerationMode) -> Any
                 cases = op.as_strategy(generation_mode=mode, path_parameters=pinned)
                 options.append(overridden(cases))
                 if kind is not None and mode is GenerationMode.POSITIVE:
-                    options.append(st.tuples(cases, aimed_bodies(fx, kind))
-                                   .map(_with_aimed_body))
+                    options.append(st.tuples(cases, aimed_bodies(fx, kind)).map(_with_aimed_body))
     # Each kind of case equally often (st.one_of favours its first strategies).
     return st.sampled_from(options).flatmap(lambda cases: cases)
 
 
 def _describe(case: Any, response: Any) -> str:
-    return (f"{case.as_curl_command()}\n-> {response.status_code} "
-            f"{response.content[:500]!r}")
+    return f"{case.as_curl_command()}\n-> {response.status_code} {response.content[:500]!r}"
 
 
 def _check_problem(case: Any, response: Any) -> None:
@@ -267,8 +291,15 @@ def _check_problem(case: Any, response: Any) -> None:
     assert code in documented_codes(*route), f"{code} is not documented for {route}: {what}"
 
 
-FRAMING_HEADERS = {"transfer-encoding", "content-length", "host", "connection", "te",
-                   "upgrade", "expect"}
+FRAMING_HEADERS = {
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "connection",
+    "te",
+    "upgrade",
+    "expect",
+}
 
 
 def _run_case(world: World, case: Any) -> None:
@@ -280,12 +311,14 @@ def _run_case(world: World, case: Any) -> None:
     # generated ``Transfer-Encoding: ''`` makes uvicorn's parser refuse the request (400
     # text/plain) before it reaches the service, so the fuzz never sends them.
     if case.headers:
-        case.headers = {k: v for k, v in case.headers.items()
-                        if k.lower() not in FRAMING_HEADERS}
+        case.headers = {k: v for k, v in case.headers.items() if k.lower() not in FRAMING_HEADERS}
     try:
         route = (case.method.lower(), case.operation.path)
-        response = case.call(base_url=world.url, session=world.session,
-                             timeout=STREAM_READ_S if route in STREAMS else REQUEST_TIMEOUT_S)
+        response = case.call(
+            base_url=world.url,
+            session=world.session,
+            timeout=STREAM_READ_S if route in STREAMS else REQUEST_TIMEOUT_S,
+        )
     except requests.exceptions.InvalidHeader:
         # requests itself refuses to send some generated header values (e.g. with
         # line breaks): no request reached the service, so there is nothing to check.
@@ -298,10 +331,13 @@ def _run_case(world: World, case: Any) -> None:
             _check_problem(case, response)
         if 400 <= status < 500 or case.method.upper() == "GET":
             after = world.observe()
-            changed = sorted(n for n in set(after) | set(world.current)
-                             if after.get(n) != world.current.get(n))
-            assert not changed, (f"{status} {case.method} changed stepper(s) {changed}:\n"
-                                 + _describe(case, response))
+            changed = sorted(
+                n for n in set(after) | set(world.current) if after.get(n) != world.current.get(n)
+            )
+            assert not changed, (
+                f"{status} {case.method} changed stepper(s) {changed}:\n"
+                + _describe(case, response)
+            )
             unchanged = True
     finally:
         # Also after a failure: hypothesis then shrinks it, and every attempt must start
@@ -310,16 +346,25 @@ def _run_case(world: World, case: Any) -> None:
             world.settle()
 
 
-@pytest.mark.parametrize(("method", "path", "mode"), [
-    pytest.param(m, p, mode, id=f"{m.upper()} {p} {mode.value}") for m, p, mode in RUNS
-])
+@pytest.mark.parametrize(
+    ("method", "path", "mode"),
+    [pytest.param(m, p, mode, id=f"{m.upper()} {p} {mode.value}") for m, p, mode in RUNS],
+)
 def test_fuzz_operation(world: World, method: str, path: str, mode: GenerationMode) -> None:
     examples = MAX_EXAMPLES * (2 if (method, path) in TENSOR_ROUTES else 1)
 
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate, Phase.shrink],
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                     HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
+    )
     @given(case=_strategy(world, method, path, mode))
     def fuzz(case: Any) -> None:
         _run_case(world, case)
@@ -331,8 +376,7 @@ def test_every_operation_is_fuzzed(world: World) -> None:
     """The live document has exactly the operations parametrized above, each one parsed by
     schemathesis: none is filtered out, unparseable or spared (not even DELETE of a
     stepper: the fixtures are rebuilt instead)."""
-    live = {(r.ok().method.lower(), r.ok().path): r.ok()
-            for r in world.schema.get_all_operations()}
+    live = {(r.ok().method.lower(), r.ok().path): r.ok() for r in world.schema.get_all_operations()}
     assert sorted(live) == sorted(OPERATIONS)
     assert {(m, p) for m, p, mode in RUNS if mode is GenerationMode.POSITIVE} == set(live)
     assert {(m, p) for m, p, mode in RUNS if mode is GenerationMode.NEGATIVE} == WITH_INPUT

@@ -68,33 +68,54 @@ def test_history_is_what_the_engine_computed_at_every_step(net: TestClient) -> N
 
 def test_history_filters_and_csv(net: TestClient) -> None:
     expected = signals_after_steps(net, 5)
-    q = [("signal", "grad_norm"), ("signal", "lr_eff_p99"), ("tensor", "w"), ("since", "2"),
-         ("limit", "2")]
+    q = [
+        ("signal", "grad_norm"),
+        ("signal", "lr_eff_p99"),
+        ("tensor", "w"),
+        ("since", "2"),
+        ("limit", "2"),
+    ]
     report = HistoryReport.model_validate(net.get(f"{V1}/{NAME}/history", params=q).json())
     assert report.signals == ["grad_norm", "lr_eff_p99"]
     assert report.aggregate.steps == [4, 5] and set(report.tensors) == {"w"}
     assert report.tensors["w"].values["lr_eff_p99"] == [
-        expected[3]["tensors"]["w"]["lr_eff_p99"], expected[4]["tensors"]["w"]["lr_eff_p99"]]
-    for how in ({"params": [*q, ("format", "csv")]},
-                {"params": q, "headers": {"accept": "text/csv"}}):
+        expected[3]["tensors"]["w"]["lr_eff_p99"],
+        expected[4]["tensors"]["w"]["lr_eff_p99"],
+    ]
+    for how in (
+        {"params": [*q, ("format", "csv")]},
+        {"params": q, "headers": {"accept": "text/csv"}},
+    ):
         r = net.get(f"{V1}/{NAME}/history", **how)  # type: ignore[arg-type]
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(r.text)))
         assert [(x["step"], x["tensor"]) for x in rows] == [
-            ("4", ""), ("4", "w"), ("5", ""), ("5", "w")]
+            ("4", ""),
+            ("4", "w"),
+            ("5", ""),
+            ("5", "w"),
+        ]
         assert float(rows[3]["lr_eff_p99"]) == expected[4]["tensors"]["w"]["lr_eff_p99"]
         assert float(rows[2]["grad_norm"]) == expected[4]["aggregate"]["grad_norm"]
 
 
-@pytest.mark.parametrize(("query", "code", "fragment"), [
-    ([("signal", "loss_of_faith")], "request_validation_error", "unknown signal 'loss_of_faith'"),
-    ([("tensor", "nope")], "unknown_parameter", "no parameter 'nope'"),
-    ([("since", "-1")], "request_validation_error", "since"),
-    ([("limit", "0")], "request_validation_error", "limit"),
-    ([("format", "xml")], "request_validation_error", "format"),
-])
-def test_bad_history_queries_are_problems(net: TestClient, query: list[tuple[str, str]],
-                                          code: str, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "code", "fragment"),
+    [
+        (
+            [("signal", "loss_of_faith")],
+            "request_validation_error",
+            "unknown signal 'loss_of_faith'",
+        ),
+        ([("tensor", "nope")], "unknown_parameter", "no parameter 'nope'"),
+        ([("since", "-1")], "request_validation_error", "since"),
+        ([("limit", "0")], "request_validation_error", "limit"),
+        ([("format", "xml")], "request_validation_error", "format"),
+    ],
+)
+def test_bad_history_queries_are_problems(
+    net: TestClient, query: list[tuple[str, str]], code: str, fragment: str
+) -> None:
     assert_problem(net.get(f"{V1}/{NAME}/history", params=query), code, fragment)
     assert_problem(net.get(f"{V1}/nobody/history"), "stepper_not_found")
 
@@ -105,18 +126,21 @@ def test_reported_losses_join_the_history(net: TestClient) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["step"] == 2 and r.json()["loss"] == 0.75  # default: the current step
     assert net.post(f"{V1}/{NAME}/loss", json={"step": 1, "loss": "NaN"}).status_code == 200
-    assert net.post(f"{V1}/{NAME}/loss", json={"step": 5, "loss": "-Infinity"}).json()[
-        "loss"] == "-Infinity"
+    assert (
+        net.post(f"{V1}/{NAME}/loss", json={"step": 5, "loss": "-Infinity"}).json()["loss"]
+        == "-Infinity"
+    )
     raw = net.get(f"{V1}/{NAME}/history").json()
     assert raw["loss"] == {"steps": [2, 1, 5], "values": [0.75, "NaN", "-Infinity"]}
-    rows = list(csv.DictReader(io.StringIO(
-        net.get(f"{V1}/{NAME}/history", params={"format": "csv"}).text)))
-    assert [(x["step"], x["loss"]) for x in rows] == [("1", "nan"), ("2", "0.75"),
-                                                      ("5", "-inf")]
+    rows = list(
+        csv.DictReader(io.StringIO(net.get(f"{V1}/{NAME}/history", params={"format": "csv"}).text))
+    )
+    assert [(x["step"], x["loss"]) for x in rows] == [("1", "nan"), ("2", "0.75"), ("5", "-inf")]
 
 
-@pytest.mark.parametrize("body", [{"loss": "abc"}, {"step": -1, "loss": 1.0}, {},
-                                  {"loss": 1.0, "extra": 1}])
+@pytest.mark.parametrize(
+    "body", [{"loss": "abc"}, {"step": -1, "loss": 1.0}, {}, {"loss": 1.0, "extra": 1}]
+)
 def test_bad_losses_are_refused(net: TestClient, body: dict[str, Any]) -> None:
     assert_problem(net.post(f"{V1}/{NAME}/loss", json=body), "request_validation_error")
     assert net.get(f"{V1}/{NAME}/history").json()["loss"]["steps"] == []
@@ -125,19 +149,26 @@ def test_bad_losses_are_refused(net: TestClient, body: dict[str, Any]) -> None:
 def test_default_rules_then_replaced_then_back(net: TestClient) -> None:
     report = AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json())
     assert report.defaults and [r.kind for r in report.rules] == ["nonfinite", "swing", "above"]
-    rules = [{"kind": "above", "signal": "grad_norm", "threshold": 0.0, "tensor": "*"},
-             {"kind": "swing", "signal": "lr_eff_p50", "threshold": 0.25, "tensor": None,
-              "name": "aggregate lr"}]
+    rules = [
+        {"kind": "above", "signal": "grad_norm", "threshold": 0.0, "tensor": "*"},
+        {
+            "kind": "swing",
+            "signal": "lr_eff_p50",
+            "threshold": 0.25,
+            "tensor": None,
+            "name": "aggregate lr",
+        },
+    ]
     r = net.put(f"{V1}/{NAME}/alerts", json={"rules": rules})
     assert r.status_code == 200, r.text
     report = AlertsReport.model_validate(r.json())
     assert not report.defaults
     assert [(x.kind, x.tensor, x.label()) for x in report.rules] == [
-        ("above", "*", "grad_norm > 0"), ("swing", None, "aggregate lr")]
-    assert AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json()).rules == \
-        report.rules
-    back = AlertsReport.model_validate(
-        net.put(f"{V1}/{NAME}/alerts", json={"rules": None}).json())
+        ("above", "*", "grad_norm > 0"),
+        ("swing", None, "aggregate lr"),
+    ]
+    assert AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json()).rules == report.rules
+    back = AlertsReport.model_validate(net.put(f"{V1}/{NAME}/alerts", json={"rules": None}).json())
     assert back.defaults and len(back.rules) == 3
 
 
@@ -156,21 +187,35 @@ def test_alerts_show_in_the_report_the_summary_and_the_list(net: TestClient) -> 
     listed = StepperList.model_validate(net.get(V1).json()).steppers[0]
     assert listed.alerts == summary.alerts
     assert net.get(f"{V1}/{NAME}/alerts", params={"limit": 1}).json()["events"] == [
-        report.events[-1].model_dump(mode="json")]
+        report.events[-1].model_dump(mode="json")
+    ]
 
 
-@pytest.mark.parametrize(("body", "code", "fragment"), [
-    ({"rules": [{"kind": "above", "signal": "grad_norm"}]}, "request_validation_error",
-     "needs a signal and a threshold"),
-    ({"rules": [{"kind": "above", "signal": "vibes", "threshold": 1}]},
-     "request_validation_error", "unknown signal 'vibes'"),
-    ({"rules": [{"kind": "nonfinite", "tensor": "nope"}]}, "unknown_parameter",
-     "names tensor 'nope'"),
-    ({"rules": [{"kind": "nonfinite"}] * 101}, "request_validation_error", "at most 100"),
-    ({}, "request_validation_error", "rules"),
-])
-def test_bad_rules_are_refused_and_change_nothing(net: TestClient, body: dict[str, Any],
-                                                  code: str, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "code", "fragment"),
+    [
+        (
+            {"rules": [{"kind": "above", "signal": "grad_norm"}]},
+            "request_validation_error",
+            "needs a signal and a threshold",
+        ),
+        (
+            {"rules": [{"kind": "above", "signal": "vibes", "threshold": 1}]},
+            "request_validation_error",
+            "unknown signal 'vibes'",
+        ),
+        (
+            {"rules": [{"kind": "nonfinite", "tensor": "nope"}]},
+            "unknown_parameter",
+            "names tensor 'nope'",
+        ),
+        ({"rules": [{"kind": "nonfinite"}] * 101}, "request_validation_error", "at most 100"),
+        ({}, "request_validation_error", "rules"),
+    ],
+)
+def test_bad_rules_are_refused_and_change_nothing(
+    net: TestClient, body: dict[str, Any], code: str, fragment: str
+) -> None:
     signals_after_steps(net, 1)
     before = snapshot(net, NAME), net.get(f"{V1}/{NAME}/alerts").json()
     assert_problem(net.put(f"{V1}/{NAME}/alerts", json=body), code, fragment)

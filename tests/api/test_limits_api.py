@@ -27,15 +27,19 @@ from adamscope.service.settings import Settings
 
 LIMIT = 4096
 #: Parameters whose gradients alone are just under the limit: a full step body is over it.
-SMALL_SPEC = {"name": "lim", "hyperparameters": {"lr": 0.1},
-              "params": [{"name": "w", "shape": [1000]}, {"name": "b", "shape": [3]}]}
+SMALL_SPEC = {
+    "name": "lim",
+    "hyperparameters": {"lr": 0.1},
+    "params": [{"name": "w", "shape": [1000]}, {"name": "b", "shape": [3]}],
+}
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Overrides the shared fixture, so ``app_client`` serves with small limits."""
-    return Settings(data_dir=tmp_path / "data", device="cpu", max_body_bytes=LIMIT,
-                    max_json_elements=10)
+    return Settings(
+        data_dir=tmp_path / "data", device="cpu", max_body_bytes=LIMIT, max_json_elements=10
+    )
 
 
 @pytest.fixture
@@ -58,9 +62,14 @@ def over_limit_step_body() -> bytes:
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", f"{V1}/lim/step"), ("PUT", f"{V1}/lim/params"), ("PUT", f"{V1}/lim/state"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", f"{V1}/lim/step"),
+        ("PUT", f"{V1}/lim/params"),
+        ("PUT", f"{V1}/lim/state"),
+    ],
+)
 def test_oversized_bodies_are_413_and_change_nothing(
     limited: TestClient, method: str, path: str, streamed: bool
 ) -> None:
@@ -93,7 +102,7 @@ def test_streamed_body_under_the_limit_is_read_whole(limited: TestClient) -> Non
 
 
 def test_body_exactly_at_the_limit_is_accepted_and_one_byte_more_is_not(
-    limited: TestClient
+    limited: TestClient,
 ) -> None:
     g = {"w": torch.full((1000,), 0.25)}
     sizes = {len(codec.encode(g, {"pad": "x" * n})): n for n in range(64)}
@@ -101,8 +110,11 @@ def test_body_exactly_at_the_limit_is_accepted_and_one_byte_more_is_not(
     assert len(exact) == LIMIT
     before = snapshot(limited, "lim")
     # One byte over is refused before it is decoded (it would be malformed anyway).
-    assert_problem(limited.post(f"{V1}/lim/step", content=exact + b"\0", headers=OCTET),
-                   "payload_too_large", f"body of {LIMIT + 1} bytes")
+    assert_problem(
+        limited.post(f"{V1}/lim/step", content=exact + b"\0", headers=OCTET),
+        "payload_too_large",
+        f"body of {LIMIT + 1} bytes",
+    )
     assert snapshot(limited, "lim") == before
     r = limited.post(f"{V1}/lim/step", content=exact, headers=OCTET)
     assert r.status_code == 200, r.text
@@ -120,8 +132,10 @@ def test_oversized_create_registers_nothing(app_client: TestClient, streamed: bo
 
 
 def test_json_create_larger_than_the_limit_is_413(app_client: TestClient) -> None:
-    spec = {"name": "big", "params": [{"name": "w", "shape": [1000]},
-                                      {"name": "v", "shape": [100]}]}
+    spec = {
+        "name": "big",
+        "params": [{"name": "w", "shape": [1000]}, {"name": "v", "shape": [100]}],
+    }
     r = app_client.post(V1, content=json.dumps(spec), headers={"content-type": "application/json"})
     assert_problem(r, "payload_too_large", "parameters of 4400 bytes exceed")
     assert registered(app_client) == []
@@ -132,11 +146,15 @@ def test_json_create_larger_than_the_limit_is_413(app_client: TestClient) -> Non
 def test_json_answers_over_the_element_limit_are_refused(
     limited: TestClient, how: str, resource: str
 ) -> None:
-    kwargs = ({"params": {"format": "json"}} if how == "query"
-              else {"headers": {"accept": "application/json"}})
+    kwargs = (
+        {"params": {"format": "json"}}
+        if how == "query"
+        else {"headers": {"accept": "application/json"}}
+    )
     r = limited.get(f"{V1}/lim/{resource}", **kwargs)
-    assert_problem(r, "json_too_large", "exceed the JSON limit of 10",
-                   "request format=safetensors instead")
+    assert_problem(
+        r, "json_too_large", "exceed the JSON limit of 10", "request format=safetensors instead"
+    )
     small = limited.get(f"{V1}/lim/{resource}", params={"format": "json", "name": "b"})
     assert small.status_code == 200, small.text
     assert small.json()["stepper"] == "lim"

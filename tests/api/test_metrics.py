@@ -62,9 +62,11 @@ def test_metrics_parse_and_count_steps(app_client: TestClient) -> None:
     assert value(samples, "adamscope_stepper_parameters", stepper="net") == 13
     assert value(samples, "adamscope_loss", stepper="net") == 0.5
 
-    buckets = [(s.labels["le"], s.value) for s in samples
-               if s.name == "adamscope_step_duration_seconds_bucket"
-               and s.labels["stepper"] == "net"]
+    buckets = [
+        (s.labels["le"], s.value)
+        for s in samples
+        if s.name == "adamscope_step_duration_seconds_bucket" and s.labels["stepper"] == "net"
+    ]
     assert [le for le, _ in buckets] == [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
     counts = [v for _, v in buckets]
     assert counts == sorted(counts) and counts[-1] == 3
@@ -78,15 +80,23 @@ def test_metrics_parse_and_count_steps(app_client: TestClient) -> None:
         assert (math.isnan(got) and want == "NaN") or got == want, s
 
     def requests(route: str, status: str, method: str = "GET") -> float:
-        return value(samples, "adamscope_http_requests_total", method=method, route=route,
-                     status=status)
+        return value(
+            samples, "adamscope_http_requests_total", method=method, route=route, status=status
+        )
 
     assert requests("/v1/steppers/{name}/step", "200", "POST") == 4
     assert requests("/v1/steppers", "201", "POST") == 2
     assert requests("/v1/steppers/{name}", "404") == 1
     assert requests("<unmatched>", "404") == 1
-    assert value(samples, "adamscope_http_request_duration_seconds_count", method="POST",
-                 route="/v1/steppers/{name}/step") == 4
+    assert (
+        value(
+            samples,
+            "adamscope_http_request_duration_seconds_count",
+            method="POST",
+            route="/v1/steppers/{name}/step",
+        )
+        == 4
+    )
     assert value(samples, "adamscope_event_subscribers") == 0
     assert value(samples, "adamscope_events_dropped_total") == 0
 
@@ -110,10 +120,13 @@ ADMIN = "admin-token-0123456789abcdef"
 
 @pytest.fixture
 def guarded(tmp_path: Path) -> Any:
-    tokens = [{"token": READ_A, "scope": "read", "prefix": "team-a-"},
-              {"token": ADMIN, "scope": "admin"}]
-    with TestClient(create_app(Settings(data_dir=tmp_path / "d", device="cpu",
-                                        tokens=tokens))) as c:
+    tokens = [
+        {"token": READ_A, "scope": "read", "prefix": "team-a-"},
+        {"token": ADMIN, "scope": "admin"},
+    ]
+    with TestClient(
+        create_app(Settings(data_dir=tmp_path / "d", device="cpu", tokens=tokens))
+    ) as c:
         yield c
 
 
@@ -125,12 +138,26 @@ def test_a_prefixed_token_sees_only_its_steppers_and_refusals_count(
         r = guarded.post(V1, json={**SPEC, "name": name}, headers=admin)
         assert r.status_code == 201, r.text
     assert guarded.get("/metrics").status_code == 401
-    assert guarded.get(f"{V1}/team-b-y", headers={"authorization": f"Bearer {READ_A}"}
-                       ).status_code == 403
+    assert (
+        guarded.get(f"{V1}/team-b-y", headers={"authorization": f"Bearer {READ_A}"}).status_code
+        == 403
+    )
     _, samples = scrape(guarded, authorization=f"Bearer {READ_A}")
     assert {s.labels["stepper"] for s in samples if "stepper" in s.labels} == {"team-a-x"}
     assert value(samples, "adamscope_steppers") == 1
-    assert value(samples, "adamscope_http_requests_total", method="GET", route="/metrics",
-                 status="401") == 1
-    assert value(samples, "adamscope_http_requests_total", method="GET",
-                 route="/v1/steppers/{name}", status="403") == 1
+    assert (
+        value(
+            samples, "adamscope_http_requests_total", method="GET", route="/metrics", status="401"
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "adamscope_http_requests_total",
+            method="GET",
+            route="/v1/steppers/{name}",
+            status="403",
+        )
+        == 1
+    )

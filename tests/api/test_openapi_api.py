@@ -25,69 +25,141 @@ BODY = {"malformed_body", "payload_too_large", "unsupported_media_type"}
 TENSORS = {"unknown_parameter", "shape_mismatch", "dtype_mismatch"}
 EXPECTED: dict[tuple[str, str], set[str]] = {
     ("get", V1): set(),
-    ("post", V1): BODY | TENSORS | {"stepper_exists", "request_validation_error",
-                                    "invalid_hyperparameter", "invalid_spec", "duplicate_name",
-                                    "device_unavailable"},
+    ("post", V1): BODY
+    | TENSORS
+    | {
+        "stepper_exists",
+        "request_validation_error",
+        "invalid_hyperparameter",
+        "invalid_spec",
+        "duplicate_name",
+        "device_unavailable",
+    },
     ("get", NAMED): {"stepper_not_found"},
     ("delete", NAMED): {"stepper_not_found"},
     ("patch", NAMED): {"stepper_not_found", "request_validation_error"},
-    ("patch", f"{NAMED}/hyperparameters"): {"stepper_not_found", "request_validation_error",
-                                            "invalid_hyperparameter", "invalid_state"},
-    ("get", f"{NAMED}/bias-correction"): {"stepper_not_found", "request_validation_error",
-                                          "invalid_state"},
-    ("post", f"{NAMED}/step"): BODY | TENSORS | {"stepper_not_found", "invalid_hyperparameter",
-                                                 "invalid_state", "request_validation_error",
-                                                 "step_conflict", "stepper_frozen",
-                                                 "invalid_spec"},
+    ("patch", f"{NAMED}/hyperparameters"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "invalid_hyperparameter",
+        "invalid_state",
+    },
+    ("get", f"{NAMED}/bias-correction"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "invalid_state",
+    },
+    ("post", f"{NAMED}/step"): BODY
+    | TENSORS
+    | {
+        "stepper_not_found",
+        "invalid_hyperparameter",
+        "invalid_state",
+        "request_validation_error",
+        "step_conflict",
+        "stepper_frozen",
+        "invalid_spec",
+    },
     ("post", f"{NAMED}/commit"): {"stepper_not_found", "step_conflict", "stepper_frozen"},
-    ("get", f"{NAMED}/params"): {"stepper_not_found", "unknown_parameter", "json_too_large",
-                                 "request_validation_error"},
+    ("get", f"{NAMED}/params"): {
+        "stepper_not_found",
+        "unknown_parameter",
+        "json_too_large",
+        "request_validation_error",
+    },
     ("put", f"{NAMED}/params"): BODY | TENSORS | {"stepper_not_found"},
-    ("get", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter", "invalid_state",
-                                "json_too_large"},
-    ("put", f"{NAMED}/state"): BODY | TENSORS | {"stepper_not_found", "invalid_state",
-                                                 "invalid_hyperparameter"},
+    ("get", f"{NAMED}/state"): {
+        "stepper_not_found",
+        "unknown_parameter",
+        "invalid_state",
+        "json_too_large",
+    },
+    ("put", f"{NAMED}/state"): BODY
+    | TENSORS
+    | {"stepper_not_found", "invalid_state", "invalid_hyperparameter"},
     ("delete", f"{NAMED}/state"): {"stepper_not_found", "unknown_parameter"},
     ("get", "/healthz"): set(),
     ("get", "/v1/whoami"): set(),
     # durability (service/api/snapshots.py)
     ("post", f"{NAMED}/checkpoint"): {"stepper_not_found", "persistence_failed"},
-    ("put", f"{NAMED}/durability"): {"stepper_not_found", "request_validation_error",
-                                     "persistence_failed"},
-    ("post", f"{NAMED}/snapshots"): {"stepper_not_found", "snapshot_exists",
-                                     "request_validation_error", "persistence_failed"},
+    ("put", f"{NAMED}/durability"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "persistence_failed",
+    },
+    ("post", f"{NAMED}/snapshots"): {
+        "stepper_not_found",
+        "snapshot_exists",
+        "request_validation_error",
+        "persistence_failed",
+    },
     ("get", f"{NAMED}/snapshots"): {"stepper_not_found"},
-    ("get", f"{NAMED}/snapshots/{{snap}}"): {"stepper_not_found", "snapshot_not_found",
-                                            "request_validation_error"},
-    ("delete", f"{NAMED}/snapshots/{{snap}}"): {"stepper_not_found", "snapshot_not_found",
-                                               "request_validation_error"},
-    ("post", f"{NAMED}/snapshots/{{snap}}/restore"): {"stepper_not_found", "snapshot_not_found",
-                                                     "invalid_checkpoint"},
-    ("post", f"{V1}/import"): BODY | {"invalid_checkpoint", "stepper_exists",
-                                      "request_validation_error", "device_unavailable"},
+    ("get", f"{NAMED}/snapshots/{{snap}}"): {
+        "stepper_not_found",
+        "snapshot_not_found",
+        "request_validation_error",
+    },
+    ("delete", f"{NAMED}/snapshots/{{snap}}"): {
+        "stepper_not_found",
+        "snapshot_not_found",
+        "request_validation_error",
+    },
+    ("post", f"{NAMED}/snapshots/{{snap}}/restore"): {
+        "stepper_not_found",
+        "snapshot_not_found",
+        "invalid_checkpoint",
+    },
+    ("post", f"{V1}/import"): BODY
+    | {"invalid_checkpoint", "stepper_exists", "request_validation_error", "device_unavailable"},
     # history, alerts, live events and metrics (service/api/history.py, events.py, metrics.py)
-    ("get", f"{NAMED}/history"): {"stepper_not_found", "request_validation_error",
-                                  "unknown_parameter"},
+    ("get", f"{NAMED}/history"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "unknown_parameter",
+    },
     ("get", f"{NAMED}/alerts"): {"stepper_not_found", "request_validation_error"},
-    ("put", f"{NAMED}/alerts"): {"stepper_not_found", "request_validation_error",
-                                 "unknown_parameter", "malformed_body", "persistence_failed"},
-    ("post", f"{NAMED}/loss"): {"stepper_not_found", "request_validation_error",
-                                "malformed_body"},
+    ("put", f"{NAMED}/alerts"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "unknown_parameter",
+        "malformed_body",
+        "persistence_failed",
+    },
+    ("post", f"{NAMED}/loss"): {"stepper_not_found", "request_validation_error", "malformed_body"},
     ("get", "/v1/events"): {"request_validation_error"},
     ("get", "/metrics"): set(),
     # statistics, signals, slices, dry runs and diffs (service/api/stats.py)
-    ("get", f"{NAMED}/stats"): {"stepper_not_found", "request_validation_error",
-                                "unknown_parameter"},
+    ("get", f"{NAMED}/stats"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "unknown_parameter",
+    },
     ("get", f"{NAMED}/signals"): {"stepper_not_found"},
-    ("get", f"{NAMED}/slice"): {"stepper_not_found", "request_validation_error",
-                                "unknown_parameter", "invalid_state", "json_too_large"},
-    ("post", f"{NAMED}/dry-run"): BODY | TENSORS | {"stepper_not_found",
-                                                    "invalid_hyperparameter", "invalid_state"},
-    ("get", "/v1/diff"): {"stepper_not_found", "snapshot_not_found",
-                          "request_validation_error", "invalid_checkpoint"},
+    ("get", f"{NAMED}/slice"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "unknown_parameter",
+        "invalid_state",
+        "json_too_large",
+    },
+    ("post", f"{NAMED}/dry-run"): BODY
+    | TENSORS
+    | {"stepper_not_found", "invalid_hyperparameter", "invalid_state"},
+    ("get", "/v1/diff"): {
+        "stepper_not_found",
+        "snapshot_not_found",
+        "request_validation_error",
+        "invalid_checkpoint",
+    },
 }
-UPLOADS = {("post", V1), ("post", f"{NAMED}/step"), ("put", f"{NAMED}/params"),
-           ("put", f"{NAMED}/state"), ("post", f"{V1}/import"), ("post", f"{NAMED}/dry-run")}
+UPLOADS = {
+    ("post", V1),
+    ("post", f"{NAMED}/step"),
+    ("put", f"{NAMED}/params"),
+    ("put", f"{NAMED}/state"),
+    ("post", f"{V1}/import"),
+    ("post", f"{NAMED}/dry-run"),
+}
 
 
 @pytest.fixture
@@ -99,8 +171,11 @@ def openapi(app_client: TestClient) -> dict[str, Any]:
 
 def documented(op: dict[str, Any]) -> dict[str, set[str]]:
     """status -> problem codes named in that response's description."""
-    return {status: set(re.findall(r"`([a-z_]+)`", resp.get("description", "")))
-            for status, resp in op["responses"].items() if status[0] in "45"}
+    return {
+        status: set(re.findall(r"`([a-z_]+)`", resp.get("description", "")))
+        for status, resp in op["responses"].items()
+        if status[0] in "45"
+    }
 
 
 def test_every_route_is_in_the_document(openapi: dict[str, Any]) -> None:
@@ -141,17 +216,21 @@ def test_route_documents_its_problems(openapi: dict[str, Any], method: str, path
             assert str(CODES[code][0]) == status, (code, status)
         content = op["responses"][status]["content"]
         assert content["application/problem+json"]["schema"] == {
-            "$ref": "#/components/schemas/Problem"}
+            "$ref": "#/components/schemas/Problem"
+        }
     assert op.get("summary"), f"{method} {path} has no summary"
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(UPLOADS), ids=lambda x: str(x))
-def test_uploads_document_a_safetensors_body(openapi: dict[str, Any], method: str,
-                                             path: str) -> None:
+def test_uploads_document_a_safetensors_body(
+    openapi: dict[str, Any], method: str, path: str
+) -> None:
     body = openapi["paths"][path][method]["requestBody"]
     assert body["required"] is True and "safetensors" in body["description"]
     assert body["content"]["application/octet-stream"]["schema"] == {
-        "type": "string", "format": "binary"}
+        "type": "string",
+        "format": "binary",
+    }
 
 
 def test_problem_schema(openapi: dict[str, Any]) -> None:
@@ -171,37 +250,70 @@ def test_docs_serve_html(app_client: TestClient) -> None:
 def test_the_step_documents_its_query_parameters(openapi: dict[str, Any]) -> None:
     """The step validates its query in one pass (not as FastAPI parameters): the document
     still lists every one of them, with its type and bounds."""
-    params = {p["name"]: p for p in openapi["paths"]["/v1/steppers/{name}/step"]["post"]
-              ["parameters"] if p["in"] == "query"}
-    assert set(params) == {"return_params", "only_stepped", "wire_dtype", "expected_step",
-                           "contributors", "worker", "wait"}
+    params = {
+        p["name"]: p
+        for p in openapi["paths"]["/v1/steppers/{name}/step"]["post"]["parameters"]
+        if p["in"] == "query"
+    }
+    assert set(params) == {
+        "return_params",
+        "only_stepped",
+        "wire_dtype",
+        "expected_step",
+        "contributors",
+        "worker",
+        "wait",
+    }
     assert params["return_params"]["schema"] == {"default": False, "type": "boolean"}
     assert {"minimum": 1, "maximum": 1024, "type": "integer"} in (
-        params["contributors"]["schema"]["anyOf"])
+        params["contributors"]["schema"]["anyOf"]
+    )
     assert {"enum": ["bfloat16", "float16"], "type": "string"} in (
-        params["wire_dtype"]["schema"]["anyOf"])
+        params["wire_dtype"]["schema"]["anyOf"]
+    )
     assert all(p["description"] and p["required"] is False for p in params.values())
 
 
 def test_the_statistics_document_their_query_parameters(openapi: dict[str, Any]) -> None:
-    params = {p["name"]: p for p in openapi["paths"]["/v1/steppers/{name}/stats"]["get"]
-              ["parameters"] if p["in"] == "query"}
-    assert set(params) == {"quantiles", "bins", "range", "log", "log_range", "name", "key",
-                           "aggregate"}
+    params = {
+        p["name"]: p
+        for p in openapi["paths"]["/v1/steppers/{name}/stats"]["get"]["parameters"]
+        if p["in"] == "query"
+    }
+    assert set(params) == {
+        "quantiles",
+        "bins",
+        "range",
+        "log",
+        "log_range",
+        "name",
+        "key",
+        "aggregate",
+    }
     assert {"type": "array", "items": {"type": "string"}} in params["key"]["schema"]["anyOf"]
     assert params["bins"]["schema"]["maximum"] > 0 and params["aggregate"]["schema"] == {
-        "default": True, "type": "boolean"}
+        "default": True,
+        "type": "boolean",
+    }
 
 
 def test_repeated_query_names_are_lists_and_a_single_value_is_the_last(
-        app_client: TestClient) -> None:
+    app_client: TestClient,
+) -> None:
     """?key=a&key=b is a list; a scalar given twice is its last value, as FastAPI takes it."""
     from api_support import SPEC, create, initial_values
 
     create(app_client, SPEC, initial_values())
-    r = app_client.get("/v1/steppers/net/stats",
-                       params=[("key", "param"), ("key", "exp_avg"), ("name", "w"),
-                               ("bins", "100000"), ("bins", "3")])
+    r = app_client.get(
+        "/v1/steppers/net/stats",
+        params=[
+            ("key", "param"),
+            ("key", "exp_avg"),
+            ("name", "w"),
+            ("bins", "100000"),
+            ("bins", "3"),
+        ],
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body["tensors"]) == {"w"} and body["keys"] == ["param", "exp_avg"]
@@ -209,6 +321,9 @@ def test_repeated_query_names_are_lists_and_a_single_value_is_the_last(
 
 
 def test_the_dry_run_documents_its_query_parameters(openapi: dict[str, Any]) -> None:
-    params = {p["name"] for p in openapi["paths"]["/v1/steppers/{name}/dry-run"]["post"]
-              ["parameters"] if p["in"] == "query"}
+    params = {
+        p["name"]
+        for p in openapi["paths"]["/v1/steppers/{name}/dry-run"]["post"]["parameters"]
+        if p["in"] == "query"
+    }
     assert params == {"quantiles", "bins", "range", "log", "log_range", "return_update"}

@@ -69,14 +69,26 @@ BUDGET = ADAM10 + AMS10
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Overrides the shared fixture: ``app_client`` serves with small quotas."""
-    return Settings(data_dir=tmp_path / "data", device="cpu", max_tensor_elements=MAX_ELEMENTS,
-                    max_steppers=MAX_STEPPERS, memory_budget_bytes=BUDGET)
+    return Settings(
+        data_dir=tmp_path / "data",
+        device="cpu",
+        max_tensor_elements=MAX_ELEMENTS,
+        max_steppers=MAX_STEPPERS,
+        memory_budget_bytes=BUDGET,
+    )
 
 
-def spec(name: str, *shapes: list[int], amsgrad: bool = False, dtype: str = "float32",
-         groups: list[dict[str, Any]] | None = None, **options: Any) -> dict[str, Any]:
+def spec(
+    name: str,
+    *shapes: list[int],
+    amsgrad: bool = False,
+    dtype: str = "float32",
+    groups: list[dict[str, Any]] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "name": name, "hyperparameters": {"lr": 0.1, "amsgrad": amsgrad, **options},
+        "name": name,
+        "hyperparameters": {"lr": 0.1, "amsgrad": amsgrad, **options},
         "params": [{"name": f"p{i}", "shape": s, "dtype": dtype} for i, s in enumerate(shapes)],
     }
     if groups is not None:
@@ -85,8 +97,10 @@ def spec(name: str, *shapes: list[int], amsgrad: bool = False, dtype: str = "flo
 
 
 def zeros(s: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {p["name"]: torch.zeros(p["shape"], dtype=codec.dtype_from_name(p["dtype"]))
-            for p in s["params"]}
+    return {
+        p["name"]: torch.zeros(p["shape"], dtype=codec.dtype_from_name(p["dtype"]))
+        for p in s["params"]
+    }
 
 
 # ---------------------------------------------------------------------- tensor elements
@@ -102,8 +116,11 @@ def test_a_parameter_over_the_element_limit_is_413(tmp_path: Path, form: str) ->
             r = c.post(V1, json=big)
         else:
             r = c.post(V1, content=create_body(big, zeros(big)), headers=OCTET)
-        body = assert_problem(r, "tensor_too_large", "parameter 'p1' has 101 elements; the "
-                              "limit (max_tensor_elements) is 100")
+        body = assert_problem(
+            r,
+            "tensor_too_large",
+            "parameter 'p1' has 101 elements; the limit (max_tensor_elements) is 100",
+        )
         assert body["parameter"] == "p1" and body["limit"] == MAX_ELEMENTS
         assert registered(c) == []
         create(c, ok, zeros(ok) if form == "safetensors" else None)  # at the limit: fine
@@ -127,10 +144,17 @@ def test_the_stepper_limit_is_507_and_a_delete_makes_room(app_client: TestClient
     before = [snapshot(app_client, f"s{i}") for i in range(MAX_STEPPERS)]
     for form in ("json", "safetensors"):
         s = spec("one-more", [1])
-        r = (app_client.post(V1, json=s) if form == "json"
-             else app_client.post(V1, content=create_body(s, zeros(s)), headers=OCTET))
-        body = assert_problem(r, "stepper_limit", f"already holds {MAX_STEPPERS} steppers",
-                              "delete one to create 'one-more'")
+        r = (
+            app_client.post(V1, json=s)
+            if form == "json"
+            else app_client.post(V1, content=create_body(s, zeros(s)), headers=OCTET)
+        )
+        body = assert_problem(
+            r,
+            "stepper_limit",
+            f"already holds {MAX_STEPPERS} steppers",
+            "delete one to create 'one-more'",
+        )
         assert body["limit"] == MAX_STEPPERS
     # A taken name is still a 409 conflict, not a quota problem.
     assert_problem(app_client.post(V1, json=spec("s0", [1])), "stepper_exists")
@@ -163,30 +187,59 @@ def test_racing_creates_never_exceed_the_limit(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- memory budget
 
 
-@pytest.mark.parametrize(("s", "nbytes", "state"), [
-    (spec("adam", [10]), ADAM10, 3 * 40 + STEP_BYTES),
-    (spec("ams", [10], amsgrad=True), AMS10, 4 * 40 + STEP_BYTES),
-    (spec("bf16", [2, 3], [5], dtype="bfloat16"),
-     cpu_footprint(3 * 12 + 3 * 10 + 2 * STEP_BYTES, 12, 22), 3 * 12 + 3 * 10 + 2 * STEP_BYTES),
-    (spec("cplx", [4], dtype="complex64"), cpu_footprint(3 * 32 + STEP_BYTES, 32, 32),
-     3 * 32 + STEP_BYTES),
-    (spec("mixed", [10], [5], groups=[{"params": ["p0"]}, {"params": ["p1"], "amsgrad": True}]),
-     cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
-     (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES)),
-    (spec("mixed2", [10], [5], amsgrad=True,
-          groups=[{"params": ["p0"], "amsgrad": False}, {"params": ["p1"]}]),
-     cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
-     (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES)),
-    # foreach: one sqrt temporary per tensor (all of them); fused: no workspace
-    (spec("foreach", [10], [5], foreach=True), (3 * 60 + 2 * STEP_BYTES) + 60 + 60,
-     3 * 60 + 2 * STEP_BYTES),
-    (spec("fused", [10], fused=True), ADAM10 - 2 * 40, 3 * 40 + STEP_BYTES),
-    # Adam's L2 weight decay copies the gradient (a third temporary); AdamW's is in place
-    (spec("l2", [10], weight_decay=0.1), cpu_footprint(3 * 40 + STEP_BYTES, 40, 40, 3),
-     3 * 40 + STEP_BYTES),
-    ({**spec("decoupled", [10], weight_decay=0.1), "optimizer": "adamw"}, ADAM10,
-     3 * 40 + STEP_BYTES),
-])
+@pytest.mark.parametrize(
+    ("s", "nbytes", "state"),
+    [
+        (spec("adam", [10]), ADAM10, 3 * 40 + STEP_BYTES),
+        (spec("ams", [10], amsgrad=True), AMS10, 4 * 40 + STEP_BYTES),
+        (
+            spec("bf16", [2, 3], [5], dtype="bfloat16"),
+            cpu_footprint(3 * 12 + 3 * 10 + 2 * STEP_BYTES, 12, 22),
+            3 * 12 + 3 * 10 + 2 * STEP_BYTES,
+        ),
+        (
+            spec("cplx", [4], dtype="complex64"),
+            cpu_footprint(3 * 32 + STEP_BYTES, 32, 32),
+            3 * 32 + STEP_BYTES,
+        ),
+        (
+            spec(
+                "mixed", [10], [5], groups=[{"params": ["p0"]}, {"params": ["p1"], "amsgrad": True}]
+            ),
+            cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
+            (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES),
+        ),
+        (
+            spec(
+                "mixed2",
+                [10],
+                [5],
+                amsgrad=True,
+                groups=[{"params": ["p0"], "amsgrad": False}, {"params": ["p1"]}],
+            ),
+            cpu_footprint((3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES), 40, 60),
+            (3 * 40 + STEP_BYTES) + (4 * 20 + STEP_BYTES),
+        ),
+        # foreach: one sqrt temporary per tensor (all of them); fused: no workspace
+        (
+            spec("foreach", [10], [5], foreach=True),
+            (3 * 60 + 2 * STEP_BYTES) + 60 + 60,
+            3 * 60 + 2 * STEP_BYTES,
+        ),
+        (spec("fused", [10], fused=True), ADAM10 - 2 * 40, 3 * 40 + STEP_BYTES),
+        # Adam's L2 weight decay copies the gradient (a third temporary); AdamW's is in place
+        (
+            spec("l2", [10], weight_decay=0.1),
+            cpu_footprint(3 * 40 + STEP_BYTES, 40, 40, 3),
+            3 * 40 + STEP_BYTES,
+        ),
+        (
+            {**spec("decoupled", [10], weight_decay=0.1), "optimizer": "adamw"},
+            ADAM10,
+            3 * 40 + STEP_BYTES,
+        ),
+    ],
+)
 def test_the_budget_counts_the_footprint_the_summary_reports(
     tmp_path: Path, s: dict[str, Any], nbytes: int, state: int
 ) -> None:
@@ -195,8 +248,9 @@ def test_the_budget_counts_the_footprint_the_summary_reports(
     gradient buffer and its step's workspace, as the summary's ``footprint`` reports.
     (It counted the state alone before: the gradient buffer and the workspace are memory
     the stepper takes too.)"""
-    with TestClient(create_app(Settings(data_dir=tmp_path, device="cpu",
-                                        memory_budget_bytes=nbytes))) as c:
+    with TestClient(
+        create_app(Settings(data_dir=tmp_path, device="cpu", memory_budget_bytes=nbytes))
+    ) as c:
         create(c, s)
         summary = c.get(f"{V1}/{s['name']}").json()
         assert summary["footprint"]["total"] == nbytes
@@ -205,8 +259,11 @@ def test_the_budget_counts_the_footprint_the_summary_reports(
         grads = {k: torch.ones_like(v) for k, v in zeros(s).items()}
         assert step(c, s["name"], grads).status_code == 200
         assert c.get(f"{V1}/{s['name']}").json()["state_bytes"] == state
-        assert_problem(c.post(V1, json=spec("tiny", [1])), "memory_budget_exceeded",
-                       f"{nbytes} of the {nbytes}-byte budget")
+        assert_problem(
+            c.post(V1, json=spec("tiny", [1])),
+            "memory_budget_exceeded",
+            f"{nbytes} of the {nbytes}-byte budget",
+        )
 
 
 def test_the_memory_budget_is_507_and_a_delete_frees_it(app_client: TestClient) -> None:
@@ -216,11 +273,17 @@ def test_the_memory_budget_is_507_and_a_delete_frees_it(app_client: TestClient) 
     before = (snapshot(app_client, "a"), snapshot(app_client, "b"))
     for form in ("json", "safetensors"):
         extra = spec("c", [1])
-        r = (app_client.post(V1, json=extra) if form == "json"
-             else app_client.post(V1, content=create_body(extra, zeros(extra)), headers=OCTET))
-        body = assert_problem(r, "memory_budget_exceeded",
-                              f"stepper 'c' needs {TINY} bytes",
-                              f"{BUDGET} of the {BUDGET}-byte budget (memory_budget_bytes)")
+        r = (
+            app_client.post(V1, json=extra)
+            if form == "json"
+            else app_client.post(V1, content=create_body(extra, zeros(extra)), headers=OCTET)
+        )
+        body = assert_problem(
+            r,
+            "memory_budget_exceeded",
+            f"stepper 'c' needs {TINY} bytes",
+            f"{BUDGET} of the {BUDGET}-byte budget (memory_budget_bytes)",
+        )
         assert body["needed"] == TINY and body["used"] == BUDGET and body["budget"] == BUDGET
     assert registered(app_client) == ["a", "b"]
     assert (snapshot(app_client, "a"), snapshot(app_client, "b")) == before
@@ -234,8 +297,11 @@ def test_switching_amsgrad_on_counts_for_later_creates(app_client: TestClient) -
     assert BUDGET - 2 * ADAM10 >= TINY
     r = app_client.patch(f"{V1}/a/hyperparameters", json={"amsgrad": True})
     assert r.status_code == 200, r.text  # a now counts AMS10: 0 left
-    assert_problem(app_client.post(V1, json=spec("c", [1])), "memory_budget_exceeded",
-                   f"{BUDGET} of the {BUDGET}-byte budget")
+    assert_problem(
+        app_client.post(V1, json=spec("c", [1])),
+        "memory_budget_exceeded",
+        f"{BUDGET} of the {BUDGET}-byte budget",
+    )
 
 
 def test_projected_bytes() -> None:
@@ -244,8 +310,13 @@ def test_projected_bytes() -> None:
 
 
 def test_clients_raise_the_quota_exceptions(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", max_tensor_elements=MAX_ELEMENTS,
-                        max_steppers=2, memory_budget_bytes=1000)
+    settings = Settings(
+        data_dir=tmp_path,
+        device="cpu",
+        max_tensor_elements=MAX_ELEMENTS,
+        max_steppers=2,
+        memory_budget_bytes=1000,
+    )
     with run_uvicorn(settings) as server, Client(server.url) as c:
         with pytest.raises(TensorTooLargeError) as big:
             c.create("big", {"w": torch.zeros(MAX_ELEMENTS + 1)})
@@ -264,8 +335,27 @@ def test_clients_raise_the_quota_exceptions(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- names are not paths
 
 
-TRICKS = ["..", ".", "../escape", "a/b", "/abs", "%2e%2e", "..%2f..", "a\\b", "a\x00b",
-          "nul\x00", "x" * 129, "", " lead", "-dash", ".hidden", "ü", "a b", "a:b", "~"]
+TRICKS = [
+    "..",
+    ".",
+    "../escape",
+    "a/b",
+    "/abs",
+    "%2e%2e",
+    "..%2f..",
+    "a\\b",
+    "a\x00b",
+    "nul\x00",
+    "x" * 129,
+    "",
+    " lead",
+    "-dash",
+    ".hidden",
+    "ü",
+    "a b",
+    "a:b",
+    "~",
+]
 
 
 def tree(root: Path) -> dict[str, tuple[bool, int]]:
@@ -297,8 +387,10 @@ def watched(tmp_path: Path, app_client: TestClient) -> Iterator[TestClient]:
 @pytest.mark.parametrize("name", TRICKS, ids=repr)
 def test_tricky_names_never_create_anything(watched: TestClient, name: str) -> None:
     s = {**SPEC, "name": name}
-    for r in (watched.post(V1, json=s),
-              watched.post(V1, content=create_body(s, initial_values()), headers=OCTET)):
+    for r in (
+        watched.post(V1, json=s),
+        watched.post(V1, content=create_body(s, initial_values()), headers=OCTET),
+    ):
         assert_problem(r, "request_validation_error", "name")
 
 
@@ -306,8 +398,14 @@ def test_tricky_names_never_create_anything(watched: TestClient, name: str) -> N
 def test_tricky_names_in_paths_find_nothing(watched: TestClient, raw: str) -> None:
     """Tricks in the URL path (raw or percent-encoded): 404 (no such stepper, or no route),
     never a file."""
-    for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/params"), ("PUT", "/params"),
-                           ("POST", "/step"), ("DELETE", "/state")):
+    for method, suffix in (
+        ("GET", ""),
+        ("DELETE", ""),
+        ("GET", "/params"),
+        ("PUT", "/params"),
+        ("POST", "/step"),
+        ("DELETE", "/state"),
+    ):
         r = watched.request(method, f"{V1}/{raw}{suffix}", content=b"", headers=OCTET)
         assert r.status_code in (404, 405), (method, raw, suffix, r.status_code, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")

@@ -37,11 +37,21 @@ from adamscope.service.app import create_app
 from adamscope.service.settings import Settings
 
 EXAMPLES = 50  # per endpoint
-LEAK = re.compile(r"Traceback|Exception raised from|frame #\d|0x[0-9a-fA-F]{6,}|"
-                  r"[\w/]+\.(py|so|cpp|h)\b|site-packages")
-BOUNDED = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                          HealthCheck.function_scoped_fixture])
+LEAK = re.compile(
+    r"Traceback|Exception raised from|frame #\d|0x[0-9a-fA-F]{6,}|"
+    r"[\w/]+\.(py|so|cpp|h)\b|site-packages"
+)
+BOUNDED = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,9 @@ class Body:
     @classmethod
     def of(cls, raw: bytes) -> Body:
         n = struct.unpack("<Q", raw[:8])[0]
-        head = json.loads(raw[8:8 + n])
+        head = json.loads(raw[8 : 8 + n])
         meta = head.pop("__metadata__", {})
-        return cls(list(head.items()), meta, raw[8 + n:])
+        return cls(list(head.items()), meta, raw[8 + n :])
 
     def encode(self) -> bytes:
         items: list[tuple[str, Any]] = [("__metadata__", self.metadata)] if self.metadata else []
@@ -101,20 +111,28 @@ def deep(depth: int, inner: str = "0") -> Raw:
 
 
 depths = st.integers(65, 3000)
-huge_ints = st.sampled_from([2**63, 2**64, 2**64 + 1, -(2**63) - 1, 10**30, -(10**30),
-                             int("9" * 100)])
-junk = st.one_of(depths.map(deep), huge_ints.map(lambda i: Raw(str(i))),
-                 st.sampled_from([Raw("1e400"), Raw("-1e400"), None, True, "", "x", [], {},
-                                  [[]], {"a": {"b": {}}}, 1.5, -1]))
-odd_names = st.sampled_from(["", "\n", "w\n", "\x00", "../x", "w" * 600, "ü", "zz",
-                             "__metadata__ ", "w.exp_avg", " w"])
-odd_dtypes = st.sampled_from(["F128", "f32", "", "U64", "F8_E4M3", "float32", "I4", 7, None,
-                              [], {"x": 1}])
+huge_ints = st.sampled_from(
+    [2**63, 2**64, 2**64 + 1, -(2**63) - 1, 10**30, -(10**30), int("9" * 100)]
+)
+junk = st.one_of(
+    depths.map(deep),
+    huge_ints.map(lambda i: Raw(str(i))),
+    st.sampled_from(
+        [Raw("1e400"), Raw("-1e400"), None, True, "", "x", [], {}, [[]], {"a": {"b": {}}}, 1.5, -1]
+    ),
+)
+odd_names = st.sampled_from(
+    ["", "\n", "w\n", "\x00", "../x", "w" * 600, "ü", "zz", "__metadata__ ", "w.exp_avg", " w"]
+)
+odd_dtypes = st.sampled_from(
+    ["F128", "f32", "", "U64", "F8_E4M3", "float32", "I4", 7, None, [], {"x": 1}]
+)
 #: Option changes no param group accepts.
 bad_options = st.one_of(
     st.fixed_dictionaries({"lr": st.sampled_from([-1.0, Raw("-1e400"), Raw("1e400"), "x"])}),
-    st.fixed_dictionaries({"betas": st.sampled_from([[1.0, 0.9], [Raw(str(2**64)), 0.9],
-                                                     [0.9], deep(100)])}),
+    st.fixed_dictionaries(
+        {"betas": st.sampled_from([[1.0, 0.9], [Raw(str(2**64)), 0.9], [0.9], deep(100)])}
+    ),
     st.fixed_dictionaries({"eps": st.sampled_from([-1.0, Raw(str(-(2**64)))])}),
     st.fixed_dictionaries({"amsgrad": st.sampled_from([Raw(str(2**64)), "yes", [True]])}),
     st.fixed_dictionaries({"bogus": junk}),
@@ -123,10 +141,24 @@ bad_options = st.one_of(
 
 # ---------------------------------------------------------------------- defects
 
-HEADER_DEFECTS = ("nest-entry", "nest-shape", "nest-metadata", "nest-all", "huge-dim",
-                  "negative-dim", "too-many-dims", "huge-offset", "lying-offset", "overlap",
-                  "duplicate", "odd-dtype", "odd-name", "metadata-not-string",
-                  "entry-not-object", "length-lie")
+HEADER_DEFECTS = (
+    "nest-entry",
+    "nest-shape",
+    "nest-metadata",
+    "nest-all",
+    "huge-dim",
+    "negative-dim",
+    "too-many-dims",
+    "huge-offset",
+    "lying-offset",
+    "overlap",
+    "duplicate",
+    "odd-dtype",
+    "odd-name",
+    "metadata-not-string",
+    "entry-not-object",
+    "length-lie",
+)
 
 
 def apply_header_defect(draw: st.DrawFn, body: Body, defect: str) -> None:
@@ -139,8 +171,10 @@ def apply_header_defect(draw: st.DrawFn, body: Body, defect: str) -> None:
     elif defect == "nest-shape":
         entry["shape"] = deep(draw(depths))
     elif defect == "nest-metadata":
-        body.metadata = {**body.metadata, draw(st.sampled_from(["x", META_GROUPS])):
-                         deep(draw(depths))}
+        body.metadata = {
+            **body.metadata,
+            draw(st.sampled_from(["x", META_GROUPS])): deep(draw(depths)),
+        }
     elif defect == "nest-all":
         body.entries = [(name, deep(draw(depths), "{}"))]  # type: ignore[list-item]
         return
@@ -174,11 +208,16 @@ def apply_header_defect(draw: st.DrawFn, body: Body, defect: str) -> None:
     elif defect == "odd-dtype":
         entry["dtype"] = draw(odd_dtypes)
     elif defect == "odd-name":
-        body.entries.append((draw(odd_names), {"dtype": "F32", "shape": [0],
-                                               "data_offsets": [len(body.data)] * 2}))
+        body.entries.append(
+            (draw(odd_names), {"dtype": "F32", "shape": [0], "data_offsets": [len(body.data)] * 2})
+        )
     elif defect == "metadata-not-string":
-        body.metadata = {**body.metadata, draw(st.sampled_from(["x", META_GROUPS, META_SPEC])):
-                         draw(junk.filter(lambda v: not isinstance(v, str)))}
+        body.metadata = {
+            **body.metadata,
+            draw(st.sampled_from(["x", META_GROUPS, META_SPEC])): draw(
+                junk.filter(lambda v: not isinstance(v, str))
+            ),
+        }
     elif defect == "entry-not-object":
         entry = draw(junk.filter(lambda v: not isinstance(v, dict)))
     elif defect == "length-lie":
@@ -200,20 +239,26 @@ class Endpoint:
         return self.route.replace("{name}", "net")
 
 
-ENDPOINTS = [Endpoint("POST", f"{V1}/{{name}}/step", "grads"),
-             Endpoint("POST", f"{V1}/{{name}}/dry-run", "grads"),
-             Endpoint("PUT", f"{V1}/{{name}}/params", "grads"),
-             Endpoint("PUT", f"{V1}/{{name}}/state", "state"),
-             Endpoint("POST", V1, "create"),
-             Endpoint("POST", f"{V1}/import", "import")]
+ENDPOINTS = [
+    Endpoint("POST", f"{V1}/{{name}}/step", "grads"),
+    Endpoint("POST", f"{V1}/{{name}}/dry-run", "grads"),
+    Endpoint("PUT", f"{V1}/{{name}}/params", "grads"),
+    Endpoint("PUT", f"{V1}/{{name}}/state", "state"),
+    Endpoint("POST", V1, "create"),
+    Endpoint("POST", f"{V1}/import", "import"),
+]
 SHAPES = {p["name"]: (p["shape"], codec.dtype_from_name(p["dtype"])) for p in SPEC["params"]}
 
 
 @st.composite
 def hostile_bodies(draw: st.DrawFn, endpoint: Endpoint, checkpoint: bytes) -> bytes:
     """A body right for ``endpoint`` but for one defect."""
-    meta_defects = {"grads": ["groups"] if endpoint.route.endswith(("step", "dry-run")) else [],
-                    "state": ["groups"], "create": ["spec"], "import": ["checkpoint"]}
+    meta_defects = {
+        "grads": ["groups"] if endpoint.route.endswith(("step", "dry-run")) else [],
+        "state": ["groups"],
+        "create": ["spec"],
+        "import": ["checkpoint"],
+    }
     defect = draw(st.sampled_from(list(HEADER_DEFECTS) + meta_defects[endpoint.kind]))
     if endpoint.kind == "import":
         body = Body.of(checkpoint)
@@ -223,26 +268,40 @@ def hostile_bodies(draw: st.DrawFn, endpoint: Endpoint, checkpoint: bytes) -> by
         for n in names:
             shape, dtype = SHAPES[n]
             if endpoint.kind == "state":
-                keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if n == "h"
-                                                            else [])
-                tensors.update({f"{n}.{k}": (torch.ones(()) if k == "step" else
-                                             torch.full(shape, 0.5, dtype=dtype))
-                                for k in keys})
+                keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if n == "h" else [])
+                tensors.update(
+                    {
+                        f"{n}.{k}": (
+                            torch.ones(()) if k == "step" else torch.full(shape, 0.5, dtype=dtype)
+                        )
+                        for k in keys
+                    }
+                )
             else:
                 tensors[n] = torch.full(shape, draw(st.sampled_from([0.5, -1.0])), dtype=dtype)
         meta = {}
         if endpoint.kind == "create":
-            meta[META_SPEC] = json.dumps({"name": "fresh", "optimizer": "adam",
-                                          "params": [{"name": n} for n in tensors]})
+            meta[META_SPEC] = json.dumps(
+                {"name": "fresh", "optimizer": "adam", "params": [{"name": n} for n in tensors]}
+            )
         body = Body.of(codec.encode(tensors, meta or None))
     if defect == "groups":
-        body.metadata[META_GROUPS] = to_json(draw(st.one_of(
-            depths.map(deep), st.lists(bad_options, min_size=2, max_size=2),
-            st.just([{}]), st.just([{}, {}, {}]), junk)))
+        body.metadata[META_GROUPS] = to_json(
+            draw(
+                st.one_of(
+                    depths.map(deep),
+                    st.lists(bad_options, min_size=2, max_size=2),
+                    st.just([{}]),
+                    st.just([{}, {}, {}]),
+                    junk,
+                )
+            )
+        )
     elif defect == "spec":
         spec = json.loads(body.metadata[META_SPEC])
-        where = draw(st.sampled_from(["shape", "name", "optimizer", "hyperparameters",
-                                      "whole", "params"]))
+        where = draw(
+            st.sampled_from(["shape", "name", "optimizer", "hyperparameters", "whole", "params"])
+        )
         if where == "shape":
             spec["params"][0]["shape"] = [draw(huge_ints.map(lambda i: Raw(str(i))))]
         elif where == "whole":
@@ -254,11 +313,28 @@ def hostile_bodies(draw: st.DrawFn, endpoint: Endpoint, checkpoint: bytes) -> by
         body.metadata[META_SPEC] = to_json(spec)
     elif defect == "checkpoint":
         header = json.loads(body.metadata[META_CHECKPOINT])
-        field = draw(st.sampled_from(["step", "version", "created_at", "saved_at", "groups",
-                                      "params", "idempotency", "extra", "whole"]))
-        header[field] = draw(st.one_of(huge_ints.map(lambda i: Raw(str(i))),
-                                       st.sampled_from([Raw("1e400"), Raw("-1e400")]),
-                                       depths.map(deep)))
+        field = draw(
+            st.sampled_from(
+                [
+                    "step",
+                    "version",
+                    "created_at",
+                    "saved_at",
+                    "groups",
+                    "params",
+                    "idempotency",
+                    "extra",
+                    "whole",
+                ]
+            )
+        )
+        header[field] = draw(
+            st.one_of(
+                huge_ints.map(lambda i: Raw(str(i))),
+                st.sampled_from([Raw("1e400"), Raw("-1e400")]),
+                depths.map(deep),
+            )
+        )
         text = to_json(header) if field != "whole" else deep(draw(depths), "{}").text
         body.metadata[META_CHECKPOINT] = text
     else:
@@ -276,9 +352,12 @@ def everything(client: TestClient) -> Any:
         summary = client.get(f"{V1}/{n}").json()
         for k in ("created_at", "updated_at", "persisted_at"):
             summary.pop(k, None)
-        out[n] = (client.get(f"{V1}/{n}/params").content,
-                  client.get(f"{V1}/{n}/state").content, summary,
-                  client.get(f"{V1}/{n}/snapshots").json())
+        out[n] = (
+            client.get(f"{V1}/{n}/params").content,
+            client.get(f"{V1}/{n}/state").content,
+            summary,
+            client.get(f"{V1}/{n}/snapshots").json(),
+        )
     return out
 
 
@@ -288,17 +367,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClien
     with TestClient(create_app(settings)) as client:
         values = initial_values()
         create(client, SPEC, values)
-        r = client.post(f"{V1}/net/step", content=codec.encode(
-            {n: t * 0.5 for n, t in values.items()}), headers=OCTET)
+        r = client.post(
+            f"{V1}/net/step",
+            content=codec.encode({n: t * 0.5 for n, t in values.items()}),
+            headers=OCTET,
+        )
         assert r.status_code == 200
         assert client.post(f"{V1}/net/snapshots", json={"name": "s1"}).status_code == 201
         checkpoint = client.get(f"{V1}/net/snapshots/s1").content
         yield client, checkpoint
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: f"{e.method}-{e.kind}"
-                         + ("-dry" if "dry" in e.route else "-step" if "step" in e.route
-                            else ""))
+@pytest.mark.parametrize(
+    "endpoint",
+    ENDPOINTS,
+    ids=lambda e: (
+        f"{e.method}-{e.kind}"
+        + ("-dry" if "dry" in e.route else "-step" if "step" in e.route else "")
+    ),
+)
 def test_hostile_safetensors_is_a_clean_4xx_and_changes_nothing(
     served: tuple[TestClient, bytes], endpoint: Endpoint
 ) -> None:

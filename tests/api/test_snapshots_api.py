@@ -45,9 +45,9 @@ def disk(settings: Settings, name: str = NAME) -> tuple[dict[str, torch.Tensor],
     return tensors, json.loads(meta[META_CHECKPOINT])
 
 
-def observed(client: TestClient, name: str = NAME) -> tuple[dict[str, torch.Tensor],
-                                                            dict[str, dict[str, torch.Tensor]],
-                                                            dict[str, Any]]:
+def observed(
+    client: TestClient, name: str = NAME
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Parameters, state and summary (without times) as a client sees them."""
     summary = client.get(f"{V1}/{name}").json()
     for key in TIMES:
@@ -76,8 +76,9 @@ def assert_disk_is_current(client: TestClient, settings: Settings, name: str = N
     assert header["step"] == summary["step"] and summary["dirty"] is False
     assert_same({n: tensors[f"param/{n}"] for n in params}, params)
     assert_same({n: {k: tensors[f"state/{n}/{k}"] for k in s} for n, s in state.items()}, state)
-    assert {k[len("state/"):] for k in tensors if k.startswith("state/")} == {
-        f"{n}/{k}" for n, s in state.items() for k in s}
+    assert {k[len("state/") :] for k in tensors if k.startswith("state/")} == {
+        f"{n}/{k}" for n, s in state.items() for k in s
+    }
 
 
 @pytest.fixture
@@ -113,10 +114,14 @@ def test_every_step_puts_each_acknowledged_change_on_disk(
         assert step(app_client, NAME, grads(values, k)).status_code == 200
         assert_disk_is_current(app_client, settings)
     changes = [
-        lambda: app_client.put(f"{V1}/{NAME}/params", content=codec.encode(
-            {"b": torch.ones(3)}), headers=OCTET),
-        lambda: app_client.put(f"{V1}/{NAME}/state", content=codec.encode(
-            {"w.exp_avg": torch.full((2, 3), 0.5)}), headers=OCTET),
+        lambda: app_client.put(
+            f"{V1}/{NAME}/params", content=codec.encode({"b": torch.ones(3)}), headers=OCTET
+        ),
+        lambda: app_client.put(
+            f"{V1}/{NAME}/state",
+            content=codec.encode({"w.exp_avg": torch.full((2, 3), 0.5)}),
+            headers=OCTET,
+        ),
         lambda: app_client.patch(f"{V1}/{NAME}/hyperparameters", json={"lr": 0.5, "group": 1}),
         lambda: app_client.delete(f"{V1}/{NAME}/state", params={"name": "b"}),
     ]
@@ -127,8 +132,7 @@ def test_every_step_puts_each_acknowledged_change_on_disk(
     assert header["groups"][1]["options"]["lr"] == 0.5
 
 
-def test_every_n_and_manual_write_only_when_due(app_client: TestClient,
-                                                 settings: Settings) -> None:
+def test_every_n_and_manual_write_only_when_due(app_client: TestClient, settings: Settings) -> None:
     values = initial_values()
     create(app_client, {**SPEC, "durability": {"mode": "every_n", "n": 2}}, values)
     create(app_client, {**SPEC, "name": "hand", "durability": {"mode": "manual"}}, values)
@@ -149,8 +153,7 @@ def test_every_n_and_manual_write_only_when_due(app_client: TestClient,
     assert_disk_is_current(app_client, settings, "hand")
 
 
-def test_policy_can_be_changed_and_is_stored(app_client: TestClient,
-                                              settings: Settings) -> None:
+def test_policy_can_be_changed_and_is_stored(app_client: TestClient, settings: Settings) -> None:
     values = initial_values()
     create(app_client, {**SPEC, "durability": {"mode": "manual"}}, values)
     step(app_client, NAME, grads(values, 0))
@@ -162,19 +165,28 @@ def test_policy_can_be_changed_and_is_stored(app_client: TestClient,
     assert header["step"] == 1
 
 
-@pytest.mark.parametrize("policy", [
-    {"mode": "every_n"}, {"mode": "every_n", "n": 0}, {"mode": "interval"},
-    {"mode": "interval", "seconds": -1}, {"mode": "every_step", "n": 3},
-    {"mode": "manual", "seconds": 2}, {"mode": "sometimes"}, {"mode": "every_n", "n": 1.5},
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"mode": "every_n"},
+        {"mode": "every_n", "n": 0},
+        {"mode": "interval"},
+        {"mode": "interval", "seconds": -1},
+        {"mode": "every_step", "n": 3},
+        {"mode": "manual", "seconds": 2},
+        {"mode": "sometimes"},
+        {"mode": "every_n", "n": 1.5},
+    ],
+)
 def test_invalid_policies_are_rejected_and_change_nothing(
     app_client: TestClient, settings: Settings, policy: dict[str, Any]
 ) -> None:
     create(app_client, SPEC, initial_values())
     before = observed(app_client)
     file_before = disk(settings)
-    assert_problem(app_client.put(f"{V1}/{NAME}/durability", json=policy),
-                   "request_validation_error")
+    assert_problem(
+        app_client.put(f"{V1}/{NAME}/durability", json=policy), "request_validation_error"
+    )
     r = app_client.post(V1, json={**SPEC, "name": "other", "durability": policy})
     assert_problem(r, "request_validation_error")
     assert registered(app_client) == [NAME]
@@ -189,8 +201,11 @@ def test_restart_restores_every_stepper_exactly(restart: Any, settings: Settings
     client = restart()
     values = initial_values()
     create(client, SPEC, values)
-    create(client, {**SPEC, "name": "w2", "optimizer": "adamw",
-                    "durability": {"mode": "every_n", "n": 3}}, values)
+    create(
+        client,
+        {**SPEC, "name": "w2", "optimizer": "adamw", "durability": {"mode": "every_n", "n": 3}},
+        values,
+    )
     create(client, {**SPEC, "name": "zeros"})  # JSON create, never stepped
     for k in range(4):
         step(client, NAME, grads(values, k))
@@ -200,13 +215,18 @@ def test_restart_restores_every_stepper_exactly(restart: Any, settings: Settings
     w2_at_3 = disk(settings, "w2")
 
     client = restart()  # graceful: the unwritten 4th step of w2 is flushed
-    assert client.get("/healthz").json()["persistence"] == {"restored": 3, "failed": [],
-                                                             "failed_count": 0}
+    assert client.get("/healthz").json()["persistence"] == {
+        "restored": 3,
+        "failed": [],
+        "failed_count": 0,
+    }
     assert registered(client) == sorted(before)
     for n, seen in before.items():
         now = observed(client, n)
-        assert (now[2].pop("persisted_step"), now[2].pop("dirty")) == (4 if n != "zeros" else 0,
-                                                                        False)
+        assert (now[2].pop("persisted_step"), now[2].pop("dirty")) == (
+            4 if n != "zeros" else 0,
+            False,
+        )
         del seen[2]["persisted_step"], seen[2]["dirty"]
         assert_same(now, seen, n)
     assert w2_at_3[1]["step"] == 3 and disk(settings, "w2")[1]["step"] == 4
@@ -237,8 +257,9 @@ def test_corrupt_checkpoint_is_skipped_and_reported(restart: Any, settings: Sett
     for n, seen in expected.items():
         assert_same(observed(client, n), seen, n)
     assert not stale.exists()
-    assert_problem(client.post(V1, json={**SPEC, "name": "b"}), "stepper_exists",
-                   "could not be restored")
+    assert_problem(
+        client.post(V1, json={**SPEC, "name": "b"}), "stepper_exists", "could not be restored"
+    )
     assert client.delete(f"{V1}/b").status_code == 204  # discard the broken files
     assert not broken.parent.exists()
     assert client.post(V1, json={**SPEC, "name": "b"}).status_code == 201
@@ -258,8 +279,7 @@ def test_delete_removes_the_directory(app_client: TestClient, settings: Settings
 # ---------------------------------------------------------------------- snapshots
 
 
-def test_snapshot_restore_rolls_back_exactly(app_client: TestClient,
-                                             settings: Settings) -> None:
+def test_snapshot_restore_rolls_back_exactly(app_client: TestClient, settings: Settings) -> None:
     values = initial_values()
     create(app_client, SPEC, values)
     for k in range(3):
@@ -295,8 +315,9 @@ def test_snapshot_restore_rolls_back_exactly(app_client: TestClient,
     assert_same(observed(app_client), at_6)
 
 
-def test_download_and_import_reproduce_the_stepper(app_client: TestClient,
-                                                   settings: Settings) -> None:
+def test_download_and_import_reproduce_the_stepper(
+    app_client: TestClient, settings: Settings
+) -> None:
     values = initial_values()
     create(app_client, SPEC, values)
     for k in range(2):
@@ -310,8 +331,7 @@ def test_download_and_import_reproduce_the_stepper(app_client: TestClient,
     stored = settings.data_dir / "steppers" / NAME / "snapshots" / "s.safetensors"
     assert r.content == stored.read_bytes()
 
-    r = app_client.post(f"{V1}/import", content=r.content, headers=OCTET,
-                        params={"name": "copy"})
+    r = app_client.post(f"{V1}/import", content=r.content, headers=OCTET, params={"name": "copy"})
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "copy" and r.json()["persisted_step"] == 2
     params, state, summary = observed(app_client, "copy")
@@ -320,8 +340,9 @@ def test_download_and_import_reproduce_the_stepper(app_client: TestClient,
     assert_disk_is_current(app_client, settings, "copy")
 
 
-def test_snapshot_errors_are_problems_and_change_nothing(app_client: TestClient,
-                                                          settings: Settings) -> None:
+def test_snapshot_errors_are_problems_and_change_nothing(
+    app_client: TestClient, settings: Settings
+) -> None:
     values = initial_values()
     create(app_client, SPEC, values)
     step(app_client, NAME, grads(values, 0))
@@ -331,39 +352,52 @@ def test_snapshot_errors_are_problems_and_change_nothing(app_client: TestClient,
     step(app_client, NAME, grads(values, 1))
     before = observed(app_client)
 
-    assert_problem(app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "s"}),
-                   "snapshot_exists", "'s'")
+    assert_problem(
+        app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "s"}), "snapshot_exists", "'s'"
+    )
     for method, path in [("post", "nope/restore"), ("get", "nope"), ("delete", "nope")]:
         r = getattr(app_client, method)(f"{V1}/{NAME}/snapshots/{path}")
         assert_problem(r, "snapshot_not_found", "'nope'")
     for bad in (".hidden", "a%20b", "x" * 200):
-        assert_problem(app_client.get(f"{V1}/{NAME}/snapshots/{bad}"),
-                       "request_validation_error")
-    assert_problem(app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "../up"}),
-                   "request_validation_error")
+        assert_problem(app_client.get(f"{V1}/{NAME}/snapshots/{bad}"), "request_validation_error")
+    assert_problem(
+        app_client.post(f"{V1}/{NAME}/snapshots", json={"name": "../up"}),
+        "request_validation_error",
+    )
     assert_problem(app_client.post(f"{V1}/missing/snapshots"), "stepper_not_found")
     assert_problem(app_client.get(f"{V1}/missing/snapshots"), "stepper_not_found")
 
     # Imports: garbage, a plain safetensors file, a name that is taken, a bad device.
-    assert_problem(app_client.post(f"{V1}/import", content=b"\x07" * 40, headers=OCTET),
-                   "invalid_checkpoint")
+    assert_problem(
+        app_client.post(f"{V1}/import", content=b"\x07" * 40, headers=OCTET), "invalid_checkpoint"
+    )
     plain = codec.encode({"w": torch.zeros(2)})
-    assert_problem(app_client.post(f"{V1}/import", content=plain, headers=OCTET),
-                   "invalid_checkpoint", "not an adamscope checkpoint")
-    assert_problem(app_client.post(f"{V1}/import", content=snap_bytes, headers=OCTET),
-                   "stepper_exists")
-    assert_problem(app_client.post(f"{V1}/import", content=snap_bytes, headers=OCTET,
-                                   params={"name": "x", "device": "tpu"}), "device_unavailable")
-    assert_problem(app_client.post(f"{V1}/import", content=snap_bytes,
-                                   headers={"content-type": "text/plain"}),
-                   "unsupported_media_type")
+    assert_problem(
+        app_client.post(f"{V1}/import", content=plain, headers=OCTET),
+        "invalid_checkpoint",
+        "not an adamscope checkpoint",
+    )
+    assert_problem(
+        app_client.post(f"{V1}/import", content=snap_bytes, headers=OCTET), "stepper_exists"
+    )
+    assert_problem(
+        app_client.post(
+            f"{V1}/import", content=snap_bytes, headers=OCTET, params={"name": "x", "device": "tpu"}
+        ),
+        "device_unavailable",
+    )
+    assert_problem(
+        app_client.post(f"{V1}/import", content=snap_bytes, headers={"content-type": "text/plain"}),
+        "unsupported_media_type",
+    )
     assert_problem(app_client.post(f"{V1}/import", content=b"", headers=OCTET), "malformed_body")
 
     assert registered(app_client) == [NAME]
     assert_same(observed(app_client), before)
     assert snap_file.read_bytes() == snap_bytes
-    assert [s["name"] for s in app_client.get(f"{V1}/{NAME}/snapshots").json()["snapshots"]
-            ] == ["s"]
+    assert [s["name"] for s in app_client.get(f"{V1}/{NAME}/snapshots").json()["snapshots"]] == [
+        "s"
+    ]
 
     assert app_client.delete(f"{V1}/{NAME}/snapshots/s").status_code == 204
     assert not snap_file.exists()
@@ -371,37 +405,50 @@ def test_snapshot_errors_are_problems_and_change_nothing(app_client: TestClient,
     assert_same(observed(app_client), before)
 
 
-def test_a_snapshot_of_another_layout_is_refused_on_restore(app_client: TestClient,
-                                                            settings: Settings) -> None:
+def test_a_snapshot_of_another_layout_is_refused_on_restore(
+    app_client: TestClient, settings: Settings
+) -> None:
     """A snapshot file that does not fit the stepper (placed by hand) is invalid_checkpoint
     and leaves the stepper as it was; unreadable snapshot files are listed with an error."""
     values = initial_values()
     create(app_client, SPEC, values)
-    other = {**SPEC, "name": "other", "params": [{"name": "w", "shape": [5], "dtype": "float32"}],
-             "groups": None}
+    other = {
+        **SPEC,
+        "name": "other",
+        "params": [{"name": "w", "shape": [5], "dtype": "float32"}],
+        "groups": None,
+    }
     create(app_client, other)
     app_client.post(f"{V1}/other/snapshots", json={"name": "foreign"})
     snaps = settings.data_dir / "steppers"
     (snaps / NAME / "snapshots").mkdir()
     (snaps / "other" / "snapshots" / "foreign.safetensors").rename(
-        snaps / NAME / "snapshots" / "foreign.safetensors")
+        snaps / NAME / "snapshots" / "foreign.safetensors"
+    )
     (snaps / NAME / "snapshots" / "junk.safetensors").write_bytes(b"not a checkpoint")
     before = observed(app_client)
-    assert_problem(app_client.post(f"{V1}/{NAME}/snapshots/foreign/restore"),
-                   "invalid_checkpoint", "does not fit")
+    assert_problem(
+        app_client.post(f"{V1}/{NAME}/snapshots/foreign/restore"),
+        "invalid_checkpoint",
+        "does not fit",
+    )
     assert_same(observed(app_client), before)
     listed = {s["name"]: s for s in app_client.get(f"{V1}/{NAME}/snapshots").json()["snapshots"]}
     assert listed["junk"]["step"] is None and listed["junk"]["error"]
     assert listed["foreign"]["step"] == 0
 
 
-def test_interval_changes_reach_disk_without_further_requests(app_client: TestClient,
-                                                             settings: Settings) -> None:
+def test_interval_changes_reach_disk_without_further_requests(
+    app_client: TestClient, settings: Settings
+) -> None:
     """The background flusher writes an idle ``interval`` stepper once its time is up."""
     values = initial_values()
     create(app_client, {**SPEC, "durability": {"mode": "interval", "seconds": 3600}}, values)
-    create(app_client, {**SPEC, "name": "soon",
-                        "durability": {"mode": "interval", "seconds": 0.2}}, values)
+    create(
+        app_client,
+        {**SPEC, "name": "soon", "durability": {"mode": "interval", "seconds": 0.2}},
+        values,
+    )
     for name in (NAME, "soon"):
         assert step(app_client, name, grads(values, 0)).status_code == 200
     deadline = time.monotonic() + 30

@@ -58,14 +58,20 @@ def f64(t: torch.Tensor) -> np.ndarray:
 
 def num(x: Any) -> float:
     """A JSON number, or one of the strings that stand for NaN/Inf."""
-    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(x, x) \
-        if isinstance(x, str) else float(x)
+    return (
+        {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(x, x)
+        if isinstance(x, str)
+        else float(x)
+    )
 
 
 def grads(k: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(k)
-    return {"w": torch.randn(2, 3, generator=g), "b": torch.randn(3, generator=g),
-            "h": torch.randn(4, generator=g).to(torch.bfloat16)}
+    return {
+        "w": torch.randn(2, 3, generator=g),
+        "b": torch.randn(3, generator=g),
+        "h": torch.randn(4, generator=g).to(torch.bfloat16),
+    }
 
 
 @pytest.fixture
@@ -109,13 +115,17 @@ def check_stats(got: dict[str, Any], x: np.ndarray, bins: int | None = None) -> 
 
 
 def test_stats_match_numpy_per_tensor_and_aggregate(net: TestClient) -> None:
-    r = net.get(f"{NET}/stats", params={"key": ["param", "exp_avg_sq", "lr_eff",
-                                                "max_exp_avg_sq"],
-                                        "bins": 5, "log": "true"})
+    r = net.get(
+        f"{NET}/stats",
+        params={
+            "key": ["param", "exp_avg_sq", "lr_eff", "max_exp_avg_sq"],
+            "bins": 5,
+            "log": "true",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["step"] == 2 and body["keys"] == ["param", "exp_avg_sq", "lr_eff",
-                                                  "max_exp_avg_sq"]
+    assert body["step"] == 2 and body["keys"] == ["param", "exp_avg_sq", "lr_eff", "max_exp_avg_sq"]
     params, state = get_params(net, "net"), get_state(net, "net")
     views = {n: lr_eff(state[n], *GROUPS[n]) for n in GROUPS}
     for n in GROUPS:
@@ -129,13 +139,16 @@ def test_stats_match_numpy_per_tensor_and_aggregate(net: TestClient) -> None:
         assert log["negative"] == int((f64(params[n]) < 0).sum())
     assert set(body["tensors"]["h"]) == {"param", "exp_avg_sq", "lr_eff", "max_exp_avg_sq"}
     assert body["missing"] == [
-        {"name": n, "key": "max_exp_avg_sq", "reason": "amsgrad is off"} for n in ("w", "b")]
-    check_stats(body["aggregate"]["lr_eff"],
-                np.concatenate([f64(views[n]) for n in GROUPS]), bins=5)
+        {"name": n, "key": "max_exp_avg_sq", "reason": "amsgrad is off"} for n in ("w", "b")
+    ]
+    check_stats(
+        body["aggregate"]["lr_eff"], np.concatenate([f64(views[n]) for n in GROUPS]), bins=5
+    )
 
 
-def test_stats_are_cached_until_the_stepper_changes(net: TestClient,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stats_are_cached_until_the_stepper_changes(
+    net: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple[Any, ...]] = []
     real = stats_api.describe_optimizer
 
@@ -155,18 +168,22 @@ def test_stats_are_cached_until_the_stepper_changes(net: TestClient,
     assert len(calls) == 3 and after.json()["step"] == 3 and after.content != first.content
 
 
-@pytest.mark.parametrize("query,code,fragment", [
-    ({"quantiles": "x"}, "request_validation_error", "comma-separated"),
-    ({"quantiles": "0.5,2"}, "request_validation_error", "[0, 1]"),
-    ({"bins": 100_000}, "request_validation_error", "bins"),
-    ({"range": "1"}, "request_validation_error", "lo,hi"),
-    ({"range": "2,1"}, "request_validation_error", "lo < hi"),
-    ({"log": "true", "bins": 0}, "request_validation_error", "log histogram"),
-    ({"key": "grad"}, "request_validation_error", "grad"),
-    ({"name": "nope"}, "unknown_parameter", "nope"),
-])
-def test_bad_stats_queries_are_problems(net: TestClient, query: dict[str, Any], code: str,
-                                        fragment: str) -> None:
+@pytest.mark.parametrize(
+    "query,code,fragment",
+    [
+        ({"quantiles": "x"}, "request_validation_error", "comma-separated"),
+        ({"quantiles": "0.5,2"}, "request_validation_error", "[0, 1]"),
+        ({"bins": 100_000}, "request_validation_error", "bins"),
+        ({"range": "1"}, "request_validation_error", "lo,hi"),
+        ({"range": "2,1"}, "request_validation_error", "lo < hi"),
+        ({"log": "true", "bins": 0}, "request_validation_error", "log histogram"),
+        ({"key": "grad"}, "request_validation_error", "grad"),
+        ({"name": "nope"}, "unknown_parameter", "nope"),
+    ],
+)
+def test_bad_stats_queries_are_problems(
+    net: TestClient, query: dict[str, Any], code: str, fragment: str
+) -> None:
     before = snapshot(net, "net")
     assert_problem(net.get(f"{NET}/stats", params=query), code, fragment)
     assert snapshot(net, "net") == before
@@ -179,8 +196,14 @@ def test_bad_stats_queries_are_problems(net: TestClient, query: dict[str, Any], 
 def test_signals_are_the_last_steps(app_client: TestClient) -> None:
     create(app_client, SPEC, initial_values())
     empty = app_client.get(f"{NET}/signals").json()
-    assert empty == {"stepper": "net", "step": None, "time": None, "tensors": {},
-                     "aggregate": {}, "sample": {}}
+    assert empty == {
+        "stepper": "net",
+        "step": None,
+        "time": None,
+        "tensors": {},
+        "aggregate": {},
+        "sample": {},
+    }
     assert step(app_client, "net", grads(1)).status_code == 200
     first = app_client.get(f"{NET}/signals").json()
     assert first["step"] == 1 and first["tensors"]["w"]["shock_p99"] == "NaN"
@@ -191,8 +214,7 @@ def test_signals_are_the_last_steps(app_client: TestClient) -> None:
     # The per-step p99 is the statistic's p99 (every tensor here is small: exact).
     lr = app_client.get(f"{NET}/stats", params={"key": "lr_eff"}).json()
     for n in GROUPS:
-        assert body["tensors"][n]["lr_eff_p99"] == lr["tensors"][n]["lr_eff"]["quantiles"][
-            "0.99"]
+        assert body["tensors"][n]["lr_eff_p99"] == lr["tensors"][n]["lr_eff"]["quantiles"]["0.99"]
     assert body["aggregate"]["lr_eff_p50"] == lr["aggregate"]["lr_eff"]["quantiles"]["0.5"]
 
 
@@ -207,33 +229,39 @@ def test_slices_of_state_and_views(net: TestClient) -> None:
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["step"] == 2 and body["name"] == query["name"]
-        return codec.tensor_from_json(body["data"], codec.dtype_from_name(body["dtype"]),
-                                      body["shape"])
+        return codec.tensor_from_json(
+            body["data"], codec.dtype_from_name(body["dtype"]), body["shape"]
+        )
 
     v = state["w"]["exp_avg_sq"]
     assert torch.equal(sliced(name="w", key="exp_avg_sq", index="1"), v[1])
     assert torch.equal(sliced(name="w", key="exp_avg_sq", rows="0:1"), v[0:1])
     assert torch.equal(sliced(name="w", key="exp_avg_sq", index="-1,0:3:2"), v[-1, 0:3:2])
     assert torch.equal(sliced(name="w", key="exp_avg"), state["w"]["exp_avg"])
-    assert torch.equal(sliced(name="h", key="lr_eff", index="1:3"),
-                       lr_eff(state["h"], 0.05, True)[1:3])
+    assert torch.equal(
+        sliced(name="h", key="lr_eff", index="1:3"), lr_eff(state["h"], 0.05, True)[1:3]
+    )
     h = sliced(name="h", key="param", index="2")
     assert h.dtype == torch.bfloat16 and torch.equal(h, get_params(net, "net")["h"][2])
 
 
-@pytest.mark.parametrize("query,code,fragment", [
-    ({"name": "w", "index": "a"}, "request_validation_error", "not an int"),
-    ({"name": "w", "index": "5"}, "request_validation_error", "index"),
-    ({"name": "w", "index": "0,0,0"}, "request_validation_error", "dimension"),
-    ({"name": "w", "index": "0:2:0"}, "request_validation_error", "positive"),
-    ({"name": "w", "rows": "1"}, "request_validation_error", "one slice"),
-    ({"name": "w", "rows": "0:1", "index": "0"}, "request_validation_error", "not both"),
-    ({"name": "w", "key": "grad"}, "request_validation_error", "grad"),
-    ({"name": "nope"}, "unknown_parameter", "nope"),
-    ({"name": "w", "key": "max_exp_avg_sq"}, "invalid_state", "amsgrad"),
-])
-def test_bad_slices_are_problems(net: TestClient, query: dict[str, Any], code: str,
-                                 fragment: str) -> None:
+@pytest.mark.parametrize(
+    "query,code,fragment",
+    [
+        ({"name": "w", "index": "a"}, "request_validation_error", "not an int"),
+        ({"name": "w", "index": "5"}, "request_validation_error", "index"),
+        ({"name": "w", "index": "0,0,0"}, "request_validation_error", "dimension"),
+        ({"name": "w", "index": "0:2:0"}, "request_validation_error", "positive"),
+        ({"name": "w", "rows": "1"}, "request_validation_error", "one slice"),
+        ({"name": "w", "rows": "0:1", "index": "0"}, "request_validation_error", "not both"),
+        ({"name": "w", "key": "grad"}, "request_validation_error", "grad"),
+        ({"name": "nope"}, "unknown_parameter", "nope"),
+        ({"name": "w", "key": "max_exp_avg_sq"}, "invalid_state", "amsgrad"),
+    ],
+)
+def test_bad_slices_are_problems(
+    net: TestClient, query: dict[str, Any], code: str, fragment: str
+) -> None:
     assert_problem(net.get(f"{NET}/slice", params=query), code, fragment)
 
 
@@ -241,22 +269,32 @@ def test_a_slice_is_bounded_by_the_json_limit(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", device="cpu", max_json_elements=2)
     with TestClient(create_app(settings)) as c:
         create(c, SPEC, initial_values())
-        assert_problem(c.get(f"{NET}/slice", params={"name": "w", "index": "0"}),
-                       "json_too_large", "3 elements")
+        assert_problem(
+            c.get(f"{NET}/slice", params={"name": "w", "index": "0"}),
+            "json_too_large",
+            "3 elements",
+        )
         assert c.get(f"{NET}/slice", params={"name": "w", "index": "0,0:2"}).status_code == 200
-        assert_problem(c.get(f"{NET}/slice", params={"name": "w", "key": "lr_eff",
-                                                     "index": "0,0"}),
-                       "invalid_state", "not stepped")
+        assert_problem(
+            c.get(f"{NET}/slice", params={"name": "w", "key": "lr_eff", "index": "0,0"}),
+            "invalid_state",
+            "not stepped",
+        )
 
 
 # ---------------------------------------------------------------------- dry run
 
 
-def dry(client: TestClient, tensors: dict[str, torch.Tensor],
-        groups: list[dict[str, Any]] | None = None, **query: Any) -> Any:
+def dry(
+    client: TestClient,
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]] | None = None,
+    **query: Any,
+) -> Any:
     meta = {META_GROUPS: json.dumps(groups)} if groups is not None else None
-    return client.post(f"{NET}/dry-run", content=codec.encode(tensors, meta), headers=OCTET,
-                       params=query)
+    return client.post(
+        f"{NET}/dry-run", content=codec.encode(tensors, meta), headers=OCTET, params=query
+    )
 
 
 def test_a_dry_run_is_the_next_step_bit_for_bit_and_changes_nothing(net: TestClient) -> None:
@@ -286,18 +324,17 @@ def test_a_dry_run_is_the_next_step_bit_for_bit_and_changes_nothing(net: TestCli
         check_stats(body["tensors"][n]["grad"], f64(g[n]))
     assert "b.param" not in tensors
     signals = net.get(f"{NET}/signals").json()
-    assert {k: v for k, v in body["signals"].items() if k != "time"} == \
-        {k: v for k, v in signals.items() if k not in ("time", "stepper")}
+    assert {k: v for k, v in body["signals"].items() if k != "time"} == {
+        k: v for k, v in signals.items() if k not in ("time", "stepper")
+    }
 
 
 def test_a_bad_dry_run_is_a_problem_and_changes_nothing(net: TestClient) -> None:
     before = snapshot(net, "net")
     assert_problem(dry(net, {"w": torch.zeros(3)}), "shape_mismatch", "w")
     assert_problem(dry(net, {"zz": torch.zeros(3)}), "unknown_parameter", "zz")
-    assert_problem(dry(net, {"w": torch.zeros(2, 3)}, [{"lr": -1.0}, {}]),
-                   "invalid_hyperparameter")
-    assert_problem(net.post(f"{NET}/dry-run", content=b"junk", headers=OCTET),
-                   "malformed_body")
+    assert_problem(dry(net, {"w": torch.zeros(2, 3)}, [{"lr": -1.0}, {}]), "invalid_hyperparameter")
+    assert_problem(net.post(f"{NET}/dry-run", content=b"junk", headers=OCTET), "malformed_body")
     assert snapshot(net, "net") == before
 
 
@@ -327,23 +364,29 @@ def test_diff_of_steppers_and_snapshots(net: TestClient) -> None:
     twin = net.get("/v1/diff", params={"a": "net", "b": "twin"}).json()
     assert twin["changed"] == ["w.param", "b.param", "h.param"]
     assert {(m["name"], m["key"], m["in"]) for m in twin["state_only_in_one"]} == {
-        (n, k, "a") for n in GROUPS for k in state3[n]}
+        (n, k, "a") for n in GROUPS for k in state3[n]
+    }
     assert net.get("/v1/diff", params={"a": "net", "b": "net"}).json()["changed"] == []
 
 
-@pytest.mark.parametrize("a,b,code", [
-    ("net/../x", "net", "request_validation_error"),
-    ("net/a/b", "net", "request_validation_error"),
-    ("nope", "net", "stepper_not_found"),
-    ("net/nosnap", "net", "snapshot_not_found"),
-])
+@pytest.mark.parametrize(
+    "a,b,code",
+    [
+        ("net/../x", "net", "request_validation_error"),
+        ("net/a/b", "net", "request_validation_error"),
+        ("nope", "net", "stepper_not_found"),
+        ("net/nosnap", "net", "snapshot_not_found"),
+    ],
+)
 def test_bad_diffs_are_problems(net: TestClient, a: str, b: str, code: str) -> None:
     assert_problem(net.get("/v1/diff", params={"a": a, "b": b}), code)
 
 
 def test_diffing_a_snapshot_needs_the_admin_scope(tmp_path: Path) -> None:
-    tokens = [{"token": "read-token-0123456789abcdef", "scope": "read"},
-              {"token": "admin-token-0123456789abcdef", "scope": "admin"}]
+    tokens = [
+        {"token": "read-token-0123456789abcdef", "scope": "read"},
+        {"token": "admin-token-0123456789abcdef", "scope": "admin"},
+    ]
     settings = Settings(data_dir=tmp_path / "data", device="cpu", tokens=tokens)
     with TestClient(create_app(settings)) as c:
         c.headers["authorization"] = "Bearer admin-token-0123456789abcdef"
@@ -351,8 +394,7 @@ def test_diffing_a_snapshot_needs_the_admin_scope(tmp_path: Path) -> None:
         assert c.post(f"{NET}/snapshots", json={"name": "s"}).status_code == 201
         c.headers["authorization"] = "Bearer read-token-0123456789abcdef"
         assert c.get("/v1/diff", params={"a": "net", "b": "net"}).status_code == 200
-        assert_problem(c.get("/v1/diff", params={"a": "net/s", "b": "net"}), "forbidden",
-                       "admin")
+        assert_problem(c.get("/v1/diff", params={"a": "net/s", "b": "net"}), "forbidden", "admin")
         c.headers["authorization"] = "Bearer admin-token-0123456789abcdef"
         assert c.get("/v1/diff", params={"a": "net/s", "b": "net"}).status_code == 200
 
@@ -364,9 +406,12 @@ def test_diffing_a_snapshot_needs_the_admin_scope(tmp_path: Path) -> None:
 def remote(live_server: LiveServer) -> Iterator[str]:
     name = f"insp-{uuid.uuid4().hex[:12]}"
     with Client(live_server.url) as c:
-        c.create(name, initial_values(), lr=0.01,
-                 groups=[{"params": ["w", "b"]}, {"params": ["h"], "lr": 0.05,
-                                                   "amsgrad": True}])
+        c.create(
+            name,
+            initial_values(),
+            lr=0.01,
+            groups=[{"params": ["w", "b"]}, {"params": ["h"], "lr": 0.05, "amsgrad": True}],
+        )
         yield name
         c.delete(name)
 
@@ -378,11 +423,11 @@ def test_client_methods(live_server: LiveServer, remote: str) -> None:
         assert reply.tensors is not None and reply.report["step"] == 2
         c.step(remote, grads(2))
         assert torch.equal(reply.tensors["w"]["param"], c.get_params(remote)["w"])
-        assert torch.equal(reply.tensors["h"]["exp_avg_sq"],
-                           c.get_state(remote)["h"]["exp_avg_sq"])
+        assert torch.equal(reply.tensors["h"]["exp_avg_sq"], c.get_state(remote)["h"]["exp_avg_sq"])
         report = c.dry_run(remote, grads(3), quantiles=[0.5], bins=2)
-        assert report.tensors is None and list(report.report["tensors"]["w"]["update"][
-            "quantiles"]) == ["0.5"]
+        assert report.tensors is None and list(
+            report.report["tensors"]["w"]["update"]["quantiles"]
+        ) == ["0.5"]
         stats = c.stats(remote, ["w"], ["lr_eff", "m_hat"], quantiles=[0.25], bins=3, log=True)
         assert set(stats["tensors"]["w"]) == {"lr_eff", "m_hat"}
         assert len(stats["tensors"]["w"]["lr_eff"]["hist"]["counts"]) == 3
@@ -391,8 +436,7 @@ def test_client_methods(live_server: LiveServer, remote: str) -> None:
         assert signals == c.signals(remote)
         state = c.get_state(remote)
         assert torch.equal(c.slice(remote, "w", "exp_avg", index=1), state["w"]["exp_avg"][1])
-        assert torch.equal(c.slice(remote, "w", "exp_avg", rows="0:1"),
-                           state["w"]["exp_avg"][0:1])
+        assert torch.equal(c.slice(remote, "w", "exp_avg", rows="0:1"), state["w"]["exp_avg"][0:1])
         assert c.diff(remote, remote)["changed"] == []
         with pytest.raises(APIStatusError) as e:
             c.slice(remote, "w", "nope")

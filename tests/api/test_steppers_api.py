@@ -35,15 +35,21 @@ def test_create_from_json_gives_zeros_and_a_full_summary(app_client: TestClient)
     assert summary["name"] == "net" and summary["optimizer"] == "adam"
     assert summary["device"] == "cpu" and summary["step"] == 0
     assert summary["numel"] == 6 + 3 + 4
-    assert [(p["name"], p["shape"], p["dtype"], p["group"], p["step"], p["state"])
-            for p in summary["params"]] == [
+    assert [
+        (p["name"], p["shape"], p["dtype"], p["group"], p["step"], p["state"])
+        for p in summary["params"]
+    ] == [
         ("w", [2, 3], "float32", 0, None, []),
         ("b", [3], "float32", 0, None, []),
         ("h", [4], "bfloat16", 1, None, []),
     ]
     g0, g1 = summary["groups"]
-    assert (g0["params"], g0["lr"], g0["amsgrad"], g0["foreach"]) == (["w", "b"], 0.01, False,
-                                                                       False)
+    assert (g0["params"], g0["lr"], g0["amsgrad"], g0["foreach"]) == (
+        ["w", "b"],
+        0.01,
+        False,
+        False,
+    )
     assert (g1["params"], g1["lr"], g1["amsgrad"]) == (["h"], 0.05, True)
     assert g0["betas"] == [0.9, 0.999] and g0["eps"] == 1e-8 and g0["weight_decay"] == 0.0
     params = get_params(app_client, "net")
@@ -52,9 +58,14 @@ def test_create_from_json_gives_zeros_and_a_full_summary(app_client: TestClient)
 
 
 def test_create_from_json_with_data(app_client: TestClient) -> None:
-    spec = {"name": "d", "optimizer": "adamw",
-            "params": [{"name": "x", "shape": [2, 2], "data": [[1.5, -2.0], [0.25, "NaN"]]},
-                       {"name": "s", "shape": [], "dtype": "float64", "data": 0.1}]}
+    spec = {
+        "name": "d",
+        "optimizer": "adamw",
+        "params": [
+            {"name": "x", "shape": [2, 2], "data": [[1.5, -2.0], [0.25, "NaN"]]},
+            {"name": "s", "shape": [], "dtype": "float64", "data": 0.1},
+        ],
+    }
     summary = create(app_client, spec)
     assert summary["groups"][0]["weight_decay"] == 0.01  # AdamW's default, from PyTorch
     assert summary["groups"][0]["decoupled_weight_decay"] is True
@@ -75,8 +86,11 @@ def test_create_from_safetensors_keeps_values_bit_for_bit(app_client: TestClient
 
 def test_create_from_safetensors_takes_order_from_the_spec(app_client: TestClient) -> None:
     values = initial_values()
-    spec = {**SPEC, "params": [{"name": "h"}, {"name": "w", "shape": [2, 3]}, {"name": "b"}],
-            "groups": None}
+    spec = {
+        **SPEC,
+        "params": [{"name": "h"}, {"name": "w", "shape": [2, 3]}, {"name": "b"}],
+        "groups": None,
+    }
     body = codec.encode(values, {"adamscope.spec": json.dumps(spec)})
     r = app_client.post(V1, content=body, headers=OCTET)
     assert r.status_code == 201, r.text
@@ -84,8 +98,10 @@ def test_create_from_safetensors_takes_order_from_the_spec(app_client: TestClien
 
 
 def test_create_with_complex_and_half_params(app_client: TestClient) -> None:
-    values = {"c": torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
-              "f": torch.tensor([0.5, -1.0], dtype=torch.float16)}
+    values = {
+        "c": torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
+        "f": torch.tensor([0.5, -1.0], dtype=torch.float16),
+    }
     create(app_client, {"name": "cx", "params": []}, values)
     got = get_params(app_client, "cx")
     assert torch.equal(got["c"], values["c"]) and torch.equal(got["f"], values["f"])
@@ -116,14 +132,11 @@ def test_name_can_be_reused_after_delete(app_client: TestClient) -> None:
     assert summary["step"] == 0 and all(p["state"] == [] for p in summary["params"])
 
 
-def test_creating_an_existing_name_conflicts_and_keeps_the_original(
-    app_client: TestClient
-) -> None:
+def test_creating_an_existing_name_conflicts_and_keeps_the_original(app_client: TestClient) -> None:
     create(app_client, SPEC, initial_values())
     step(app_client, "net", grads(initial_values(), 0))
     before = snapshot(app_client, "net")
-    other = {**SPEC, "optimizer": "adamw", "params": [{"name": "z", "shape": [1]}],
-             "groups": None}
+    other = {**SPEC, "optimizer": "adamw", "params": [{"name": "z", "shape": [1]}], "groups": None}
     assert_problem(app_client.post(V1, json=other), "stepper_exists", "'net' already exists")
     assert snapshot(app_client, "net") == before
 
@@ -153,8 +166,9 @@ def test_patch_lr_applies_to_the_next_step(app_client: TestClient) -> None:
 
 def test_patch_one_group(app_client: TestClient) -> None:
     create(app_client)
-    r = app_client.patch(f"{V1}/net/hyperparameters",
-                         json={"group": 1, "betas": [0.5, 0.75], "eps": 1e-6})
+    r = app_client.patch(
+        f"{V1}/net/hyperparameters", json={"group": 1, "betas": [0.5, 0.75], "eps": 1e-6}
+    )
     assert r.status_code == 200, r.text
     g0, g1 = r.json()["groups"]
     assert g0["betas"] == [0.9, 0.999] and g0["eps"] == 1e-8
@@ -179,13 +193,15 @@ def test_patch_invalid_is_rejected_with_pytorchs_message(app_client: TestClient)
         ({"eps": -1.0}, "invalid_hyperparameter", "Invalid epsilon value: -1.0"),
         ({"weight_decay": -1.0}, "invalid_hyperparameter", "Invalid weight_decay value: -1.0"),
         ({"lr": None}, "invalid_hyperparameter", "lr may not be null"),
-        ({"fused": True, "foreach": True}, "invalid_hyperparameter",
-         "`fused` and `foreach` cannot be `True` together."),
+        (
+            {"fused": True, "foreach": True},
+            "invalid_hyperparameter",
+            "`fused` and `foreach` cannot be `True` together.",
+        ),
         ({"capturable": True}, "invalid_hyperparameter", "If capturable=True"),
         ({"differentiable": True}, "invalid_hyperparameter", "differentiable=True"),
         ({"lr": 0.1, "group": 2}, "invalid_hyperparameter", "param group 2 does not exist"),
-        ({"amsgrad": True, "group": 0}, "invalid_state",
-         "state of 'w' would lack max_exp_avg_sq"),
+        ({"amsgrad": True, "group": 0}, "invalid_state", "state of 'w' would lack max_exp_avg_sq"),
     ]
     for patch, code, fragment in cases:
         r = app_client.patch(f"{V1}/net/hyperparameters", json=patch)
@@ -198,9 +214,16 @@ def test_patch_invalid_is_rejected_with_pytorchs_message(app_client: TestClient)
 
 def _expected(lr: float, beta1: float, beta2: float, t: float) -> dict[str, Any]:
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-    return {"step": t, "lr": lr, "beta1": beta1, "beta2": beta2, "bias_correction1": bc1,
-            "bias_correction2": bc2, "step_size": lr / bc1 if bc1 else None,
-            "bias_correction2_sqrt": bc2**0.5}
+    return {
+        "step": t,
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "bias_correction1": bc1,
+        "bias_correction2": bc2,
+        "step_size": lr / bc1 if bc1 else None,
+        "bias_correction2_sqrt": bc2**0.5,
+    }
 
 
 def test_bias_correction_current_given_and_per_param(app_client: TestClient) -> None:
@@ -218,17 +241,20 @@ def test_bias_correction_current_given_and_per_param(app_client: TestClient) -> 
     assert current.status_code == 200, current.text
     body = current.json()
     assert body["stepper"] == "net" and body["step"] == 3
-    assert body["groups"] == [_expected(0.01, 0.9, 0.999, 3.0),
-                              _expected(0.05, 0.8, 0.99, 3.0)]
-    assert body["params"] == {"w": _expected(0.01, 0.9, 0.999, 3.0),
-                              "b": _expected(0.01, 0.9, 0.999, 2.0),
-                              "h": _expected(0.05, 0.8, 0.99, 3.0)}
+    assert body["groups"] == [_expected(0.01, 0.9, 0.999, 3.0), _expected(0.05, 0.8, 0.99, 3.0)]
+    assert body["params"] == {
+        "w": _expected(0.01, 0.9, 0.999, 3.0),
+        "b": _expected(0.01, 0.9, 0.999, 2.0),
+        "h": _expected(0.05, 0.8, 0.99, 3.0),
+    }
 
     for t in (1, 2, 1000):
         r = app_client.get(f"{V1}/net/bias-correction", params={"step": t})
         assert r.status_code == 200, r.text
-        assert r.json()["groups"] == [_expected(0.01, 0.9, 0.999, float(t)),
-                                      _expected(0.05, 0.8, 0.99, float(t))]
+        assert r.json()["groups"] == [
+            _expected(0.01, 0.9, 0.999, float(t)),
+            _expected(0.05, 0.8, 0.99, float(t)),
+        ]
         assert r.json()["params"] == {}
 
 
@@ -236,10 +262,16 @@ def test_bias_correction_at_zero_and_bad_steps(app_client: TestClient) -> None:
     create(app_client)
     g0 = app_client.get(f"{V1}/net/bias-correction").json()["groups"][0]
     assert g0["bias_correction1"] == 0.0 and g0["step_size"] is None
-    assert_problem(app_client.get(f"{V1}/net/bias-correction", params={"step": -1}),
-                   "request_validation_error", "query.step")
-    assert_problem(app_client.get(f"{V1}/net/bias-correction", params={"step": "inf"}),
-                   "invalid_state", "step must be finite")
+    assert_problem(
+        app_client.get(f"{V1}/net/bias-correction", params={"step": -1}),
+        "request_validation_error",
+        "query.step",
+    )
+    assert_problem(
+        app_client.get(f"{V1}/net/bias-correction", params={"step": "inf"}),
+        "invalid_state",
+        "step must be finite",
+    )
     assert_problem(app_client.get(f"{V1}/nope/bias-correction"), "stepper_not_found")
 
 
@@ -249,4 +281,3 @@ def test_create_body_helper_round_trips() -> None:
     tensors, meta = codec.decode(create_body(SPEC, values))
     assert json.loads(meta["adamscope.spec"])["params"] == [{"name": n} for n in values]
     assert all(torch.equal(tensors[n], values[n]) for n in values)
-

@@ -32,8 +32,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def values_of(shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: int = 0
-              ) -> dict[str, torch.Tensor]:
+def values_of(
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: int = 0
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for n, (shape, dtype) in shapes.items():
@@ -44,11 +45,13 @@ def values_of(shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: i
     return out
 
 
-def grads_like(values: Mapping[str, torch.Tensor], gen: torch.Generator
-               ) -> dict[str, torch.Tensor]:
-    return {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-            if not t.dtype.is_complex else torch.randn(t.shape, generator=gen, dtype=t.dtype)
-            for n, t in values.items()}
+def grads_like(values: Mapping[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+        if not t.dtype.is_complex
+        else torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        for n, t in values.items()
+    }
 
 
 class Replica:
@@ -67,8 +70,7 @@ class Replica:
         return {n: p.detach().clone() for n, p in self.params.items()}
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: dict(self.opt.state[p]) for n, p in self.params.items()
-                if self.opt.state.get(p)}
+        return {n: dict(self.opt.state[p]) for n, p in self.params.items() if self.opt.state.get(p)}
 
 
 def assert_exact(expected: torch.Tensor, actual: torch.Tensor, what: str) -> None:
@@ -92,8 +94,9 @@ def observe(c: Client, name: str) -> tuple[Any, ...]:
     """Everything a client can see of a stepper, for before/after equality."""
     summary = c.get(name).model_dump(exclude={"created_at", "updated_at"})
     params = {n: codec.encode({n: t}) for n, t in c.get_params(name).items()}
-    state = {n: codec.encode({f"{n}.{k}": t for k, t in s.items()})
-             for n, s in c.get_state(name).items()}
+    state = {
+        n: codec.encode({f"{n}.{k}": t for k, t in s.items()}) for n, s in c.get_state(name).items()
+    }
     return summary, params, state
 
 
@@ -112,8 +115,11 @@ def address(url: str) -> tuple[str, int]:
 
 
 def request_head(method: str, path: str, headers: Mapping[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}"
-                                                              for k, v in headers.items())]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -153,8 +159,9 @@ def step_path(name: str, **query: str) -> str:
 
 def test_only_stepped_returns_exactly_the_stepped_params(client: Client) -> None:
     name = unique("only")
-    values = values_of({"a": ((3, 2), torch.float32), "b": ((4,), torch.float32),
-                        "c": ((5,), torch.float64)})
+    values = values_of(
+        {"a": ((3, 2), torch.float32), "b": ((4,), torch.float32), "c": ((5,), torch.float64)}
+    )
     client.create(name, values, lr=0.05)
     replica = Replica(values, lr=0.05)
     gen = torch.Generator().manual_seed(1)
@@ -178,11 +185,18 @@ SIZES = {"inline": 1000, "threadpool": INLINE_NUMEL + 4000}
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("wire", LOSSY, ids=str)
 def test_lossy_wire_steps_with_rounded_grads_and_returns_rounded_params(
-    client: Client, wire: torch.dtype, size: str,
+    client: Client,
+    wire: torch.dtype,
+    size: str,
 ) -> None:
     name = unique("lossy")
-    values = values_of({"w": ((SIZES[size],), torch.float32), "d": ((7,), torch.float64),
-                        "h": ((6,), torch.bfloat16)})
+    values = values_of(
+        {
+            "w": ((SIZES[size],), torch.float32),
+            "d": ((7,), torch.float64),
+            "h": ((6,), torch.bfloat16),
+        }
+    )
     client.create(name, values, lr=0.01, durability="manual")
     replica = Replica(values, lr=0.01)
     gen = torch.Generator().manual_seed(2)
@@ -199,7 +213,9 @@ def test_lossy_wire_steps_with_rounded_grads_and_returns_rounded_params(
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", [{"foreach": False}, {"fused": True}], ids=["forloop", "fused"])
 def test_lossless_step_is_exact_inline_and_in_the_threadpool(
-    client: Client, size: str, impl: dict[str, bool],
+    client: Client,
+    size: str,
+    impl: dict[str, bool],
 ) -> None:
     name = unique("exact")
     values = values_of({"w": ((SIZES[size] - 10,), torch.float32), "b": ((10,), torch.float32)})
@@ -234,8 +250,11 @@ def test_lossy_gradients_need_the_wire_option_and_a_real_parameter(client: Clien
             ("bfloat16", torch.ones(4, dtype=torch.float16), "dtype_mismatch"),  # another one
             ("float32", torch.ones(4), "request_validation_error"),  # not a 16-bit wire
         ]:
-            r = http.post(step_path(name, wire_dtype=wire), content=codec.encode({"w": grad}),
-                          headers={"content-type": "application/octet-stream"})
+            r = http.post(
+                step_path(name, wire_dtype=wire),
+                content=codec.encode({"w": grad}),
+                headers={"content-type": "application/octet-stream"},
+            )
             assert (r.status_code, r.json()["code"]) == (422, code)
             assert r.headers["content-type"] == "application/problem+json"
     assert observe(client, name) == before
@@ -248,16 +267,21 @@ def test_remote_adam_on_a_bf16_wire(live_server: LiveServer) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     replica = Replica({n: p.detach() for n, p in model.named_parameters()}, lr=0.05)
     name = unique("bf16")
-    opt = RemoteAdam(model.named_parameters(), lr=0.05, url=live_server.url, name=name,
-                     wire_dtype=torch.bfloat16)
+    opt = RemoteAdam(
+        model.named_parameters(), lr=0.05, url=live_server.url, name=name, wire_dtype=torch.bfloat16
+    )
     x, y = torch.randn(16, 6), torch.randn(16, 2)
     with Client(live_server.url) as c:
         for _ in range(4):
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-            replica.step({n: p.grad.to(torch.bfloat16).to(p.dtype)  # type: ignore[union-attr]
-                          for n, p in model.named_parameters()})
+            replica.step(
+                {
+                    n: p.grad.to(torch.bfloat16).to(p.dtype)  # type: ignore[union-attr]
+                    for n, p in model.named_parameters()
+                }
+            )
             server = c.get_params(name)
             for n, p in model.named_parameters():
                 assert_exact(replica.values()[n], server[n], f"server {n}")
@@ -302,9 +326,18 @@ def test_a_slowly_read_reply_is_not_torn_by_a_concurrent_step(client: Client) ->
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         slow.settimeout(30)
         slow.connect(address(client.url))
-        slow.sendall(request_head("POST", step_path(name, return_params="true"), {
-            "content-type": "application/octet-stream", "content-length": str(len(body)),
-            "accept": "application/octet-stream"}) + body)
+        slow.sendall(
+            request_head(
+                "POST",
+                step_path(name, return_params="true"),
+                {
+                    "content-type": "application/octet-stream",
+                    "content-length": str(len(body)),
+                    "accept": "application/octet-stream",
+                },
+            )
+            + body
+        )
         received = bytearray()
         for _ in range(64):  # the first bytes of the reply, slowly
             chunk = slow.recv(16 * 1024)
@@ -330,8 +363,7 @@ def test_a_slowly_read_reply_is_not_torn_by_a_concurrent_step(client: Client) ->
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_concurrent_steps_are_serialized_exactly_once(live_server: LiveServer,
-                                                      size: str) -> None:
+def test_concurrent_steps_are_serialized_exactly_once(live_server: LiveServer, size: str) -> None:
     """N threads x K steps with the same gradient: N*K distinct step numbers, each reply
     equal to the serial replica at its step number, final state = N*K serial steps."""
     threads_n, steps_k = 4, 5
@@ -382,9 +414,14 @@ def test_abandoned_reply_releases_the_gate(client: Client) -> None:
     g = torch.ones_like(values["w"])
     body = codec.encode({"w": g})
     with socket.create_connection(address(client.url), timeout=30) as s:
-        s.sendall(request_head("POST", step_path(name, return_params="true"), {
-            "content-type": "application/octet-stream", "content-length": str(len(body))})
-            + body)
+        s.sendall(
+            request_head(
+                "POST",
+                step_path(name, return_params="true"),
+                {"content-type": "application/octet-stream", "content-length": str(len(body))},
+            )
+            + body
+        )
         assert s.recv(100).startswith(b"HTTP/1.1 200")  # answered, then never read
     replica.step({"w": g})
     reply = client.step(name, {"w": g}, return_params=True)  # would hang on a held gate
@@ -422,22 +459,30 @@ def _still_serves(client: Client, name: str) -> None:
 
 
 def test_body_cut_short_by_the_client_changes_nothing(
-    client: Client, target: tuple[str, dict[str, torch.Tensor], bytes],
+    client: Client,
+    target: tuple[str, dict[str, torch.Tensor], bytes],
 ) -> None:
     name, _, body = target
     before = observe(client, name)
     for cut in (4, 100, len(body) // 2, len(body) - 1):
         with socket.create_connection(address(client.url), timeout=30) as s:
-            s.sendall(request_head("POST", step_path(name), {
-                "content-type": "application/octet-stream",
-                "content-length": str(len(body))}) + body[:cut])
+            s.sendall(
+                request_head(
+                    "POST",
+                    step_path(name),
+                    {"content-type": "application/octet-stream", "content-length": str(len(body))},
+                )
+                + body[:cut]
+            )
         assert observe(client, name) == before, f"cut at {cut}"
     _still_serves(client, name)
 
 
 @pytest.mark.parametrize("how", ["trailing-garbage", "ends-early", "header-only"])
 def test_bad_chunked_bodies_are_400_and_change_nothing(
-    client: Client, target: tuple[str, dict[str, torch.Tensor], bytes], how: str,
+    client: Client,
+    target: tuple[str, dict[str, torch.Tensor], bytes],
+    how: str,
 ) -> None:
     name, _, body = target
     head_len = 8 + int.from_bytes(body[:8], "little")
@@ -448,9 +493,14 @@ def test_bad_chunked_bodies_are_400_and_change_nothing(
     }[how]
     before = observe(client, name)
     with socket.create_connection(address(client.url), timeout=30) as s:
-        s.sendall(request_head("POST", step_path(name, return_params="true"), {
-            "content-type": "application/octet-stream",
-            "transfer-encoding": "chunked"}) + payload)
+        s.sendall(
+            request_head(
+                "POST",
+                step_path(name, return_params="true"),
+                {"content-type": "application/octet-stream", "transfer-encoding": "chunked"},
+            )
+            + payload
+        )
         status, headers, reply = read_reply(s)
     problem = json.loads(reply)
     assert (status, problem["code"]) == (400, "malformed_body"), problem
@@ -460,14 +510,20 @@ def test_bad_chunked_bodies_are_400_and_change_nothing(
 
 
 def test_chunked_body_cut_by_the_client_changes_nothing(
-    client: Client, target: tuple[str, dict[str, torch.Tensor], bytes],
+    client: Client,
+    target: tuple[str, dict[str, torch.Tensor], bytes],
 ) -> None:
     name, _, body = target
     before = observe(client, name)
     with socket.create_connection(address(client.url), timeout=30) as s:
-        s.sendall(request_head("POST", step_path(name), {
-            "content-type": "application/octet-stream", "transfer-encoding": "chunked"})
-            + chunked([body[:5000], body[5000:len(body) // 2]], end=False))
+        s.sendall(
+            request_head(
+                "POST",
+                step_path(name),
+                {"content-type": "application/octet-stream", "transfer-encoding": "chunked"},
+            )
+            + chunked([body[:5000], body[5000 : len(body) // 2]], end=False)
+        )
     assert observe(client, name) == before
     _still_serves(client, name)
 
@@ -477,14 +533,20 @@ def test_chunked_upload_claiming_a_huge_tensor_is_413(client: Client) -> None:
     before any tensor is allocated for it."""
     name = unique("huge")
     client.create(name, {"w": torch.zeros(3)}, lr=0.1)
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2**31],
-                               "data_offsets": [0, 2**33]}}).encode()
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [2**31], "data_offsets": [0, 2**33]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     prefix = len(header).to_bytes(8, "little") + header
     with socket.create_connection(address(client.url), timeout=30) as s:
-        s.sendall(request_head("PUT", f"/v1/steppers/{name}/params", {
-            "content-type": "application/octet-stream", "transfer-encoding": "chunked"})
-            + chunked([prefix, b"\0" * 64]))
+        s.sendall(
+            request_head(
+                "PUT",
+                f"/v1/steppers/{name}/params",
+                {"content-type": "application/octet-stream", "transfer-encoding": "chunked"},
+            )
+            + chunked([prefix, b"\0" * 64])
+        )
         status, _, reply = read_reply(s)
     assert (status, json.loads(reply)["code"]) == (413, "payload_too_large"), reply
     assert client.get(name).step == 0

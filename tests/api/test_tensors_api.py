@@ -123,14 +123,20 @@ def test_step_with_no_grads_counts_but_moves_nothing(net: tuple[TestClient, Loca
 
 
 def test_repeated_step_bodies_stay_exact_as_the_layout_changes(
-        net: tuple[TestClient, Local]) -> None:
+    net: tuple[TestClient, Local],
+) -> None:
     """A body whose header repeats is read straight into the buffer laid out for the last
     one; a different header (fewer tensors, another order, new metadata) lays out anew."""
     client, local = net
     plans: list[tuple[list[str], list[dict[str, Any]] | None]] = [
-        (["w", "b", "h"], None), (["w", "b", "h"], None), (["w", "h"], None),
-        (["h", "b", "w"], None), (["h", "b", "w"], None), (["w", "b", "h"], [{"lr": 0.02}, {}]),
-        (["w", "b", "h"], [{"lr": 0.02}, {}]), (["w", "b", "h"], None),
+        (["w", "b", "h"], None),
+        (["w", "b", "h"], None),
+        (["w", "h"], None),
+        (["h", "b", "w"], None),
+        (["h", "b", "w"], None),
+        (["w", "b", "h"], [{"lr": 0.02}, {}]),
+        (["w", "b", "h"], [{"lr": 0.02}, {}]),
+        (["w", "b", "h"], None),
     ]
     for k, (names, groups) in enumerate(plans):
         full = grads(local.p, k)
@@ -145,11 +151,18 @@ def test_repeated_step_bodies_stay_exact_as_the_layout_changes(
 
 
 def test_a_layout_whose_offsets_do_not_align_is_read_tensor_by_tensor(
-        app_client: TestClient) -> None:
+    app_client: TestClient,
+) -> None:
     """bf16 of 3 elements ends at byte 6: a float32 view there would be misaligned."""
-    spec = {"name": "odd", "optimizer": "adam", "hyperparameters": {"lr": 0.1},
-            "params": [{"name": "h", "shape": [3], "dtype": "bfloat16"},
-                       {"name": "w", "shape": [5], "dtype": "float32"}]}
+    spec = {
+        "name": "odd",
+        "optimizer": "adam",
+        "hyperparameters": {"lr": 0.1},
+        "params": [
+            {"name": "h", "shape": [3], "dtype": "bfloat16"},
+            {"name": "w", "shape": [5], "dtype": "float32"},
+        ],
+    }
     values = {"h": torch.randn(3).to(torch.bfloat16), "w": torch.randn(5)}
     create(app_client, spec, values)
     p = {n: t.clone().requires_grad_(True) for n, t in values.items()}
@@ -157,8 +170,9 @@ def test_a_layout_whose_offsets_do_not_align_is_read_tensor_by_tensor(
     for k in range(3):
         gs = grads(p, k)
         body = codec.encode(gs)
-        assert json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["w"][
-            "data_offsets"][0] % 4
+        assert (
+            json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")])["w"]["data_offsets"][0] % 4
+        )
         tensors, _ = decode(step(app_client, "odd", gs, return_params="true"))
         for n, t in p.items():
             t.grad = gs[n].clone()
@@ -167,7 +181,8 @@ def test_a_layout_whose_offsets_do_not_align_is_read_tensor_by_tensor(
 
 
 def test_a_repeated_header_is_still_refused_when_the_rest_is_wrong(
-        net: tuple[TestClient, Local]) -> None:
+    net: tuple[TestClient, Local],
+) -> None:
     """The header of the last accepted step again, with a body too short or too long, or a
     16-bit gradient that was accepted only with ``wire_dtype``: refused, nothing moves."""
     client, local = net
@@ -207,8 +222,9 @@ def test_read_params_safetensors_json_and_filtered(net: tuple[TestClient, Local]
             back = codec.tensor_from_json(doc["data"], t.dtype, doc["shape"])
             assert torch.equal(back, t), n
 
-    both = client.get(f"{V1}/net/params",
-                      headers={"accept": "application/json, application/octet-stream"})
+    both = client.get(
+        f"{V1}/net/params", headers={"accept": "application/json, application/octet-stream"}
+    )
     assert both.headers["content-type"] == "application/octet-stream"
     some, _ = decode(client.get(f"{V1}/net/params", params=[("name", "h"), ("name", "w")]))
     assert list(some) == ["h", "w"]
@@ -224,23 +240,34 @@ def test_read_state_safetensors_json_and_filtered(net: tuple[TestClient, Local])
     flat, meta = decode(client.get(f"{V1}/net/state"))
     assert meta["adamscope.step"] == "1"
     assert sorted(flat) == sorted(
-        ["w.step", "w.exp_avg", "w.exp_avg_sq",
-         "h.step", "h.exp_avg", "h.exp_avg_sq", "h.max_exp_avg_sq"])
+        [
+            "w.step",
+            "w.exp_avg",
+            "w.exp_avg_sq",
+            "h.step",
+            "h.exp_avg",
+            "h.exp_avg_sq",
+            "h.max_exp_avg_sq",
+        ]
+    )
     body = client.get(f"{V1}/net/state", params={"format": "json"}).json()
     assert body["step"] == 1 and body["state"]["b"] == {}
     for key, t in flat.items():
         pname, _, which = key.rpartition(".")
         doc = body["state"][pname][which]
-        back = codec.tensor_from_json(doc["data"], codec.dtype_from_name(doc["dtype"]),
-                                      doc["shape"])
+        back = codec.tensor_from_json(
+            doc["data"], codec.dtype_from_name(doc["dtype"]), doc["shape"]
+        )
         assert torch.equal(back, t) and back.dtype == local.state(pname)[which].dtype, key
 
-    only, _ = decode(client.get(f"{V1}/net/state",
-                                params=[("name", "h"), ("key", "max_exp_avg_sq")]))
+    only, _ = decode(
+        client.get(f"{V1}/net/state", params=[("name", "h"), ("key", "max_exp_avg_sq")])
+    )
     assert list(only) == ["h.max_exp_avg_sq"]
     assert torch.equal(only["h.max_exp_avg_sq"], local.state("h")["max_exp_avg_sq"])
-    accept = client.get(f"{V1}/net/state", params={"key": "step"},
-                        headers={"accept": "application/json"}).json()
+    accept = client.get(
+        f"{V1}/net/state", params={"key": "step"}, headers={"accept": "application/json"}
+    ).json()
     assert accept["state"]["w"]["step"]["data"] == 1.0
 
 
@@ -265,10 +292,15 @@ def test_put_params_safetensors_then_step(net: tuple[TestClient, Local]) -> None
 
 def test_put_params_json_hand_edit(net: tuple[TestClient, Local]) -> None:
     client, local = net
-    r = client.put(f"{V1}/net/params", json={"params": {
-        "w": [[1.0, 2.0, 3.0], [4.0, 5.0, "-Infinity"]],
-        "h": {"dtype": "bfloat16", "shape": [4], "data": [0.5, 0.25, -8.0, 1e-3]},
-    }})
+    r = client.put(
+        f"{V1}/net/params",
+        json={
+            "params": {
+                "w": [[1.0, 2.0, 3.0], [4.0, 5.0, "-Infinity"]],
+                "h": {"dtype": "bfloat16", "shape": [4], "data": [0.5, 0.25, -8.0, 1e-3]},
+            }
+        },
+    )
     assert r.status_code == 200, r.text
     assert sorted(r.json()["updated"]) == ["h", "w"]
     got = get_params(client, "net")
@@ -285,15 +317,18 @@ def test_put_state_safetensors_round_trip_and_replace(net: tuple[TestClient, Loc
     r = client.put(f"{V1}/net/state", content=saved, headers=OCTET)
     assert r.status_code == 200, r.text
     assert r.json()["updated"] == ["b", "h", "w"]
-    assert codec.decode(client.get(f"{V1}/net/state").content)[0].keys() == \
-        codec.decode(saved)[0].keys()
+    assert (
+        codec.decode(client.get(f"{V1}/net/state").content)[0].keys()
+        == codec.decode(saved)[0].keys()
+    )
     restored, _ = codec.decode(client.get(f"{V1}/net/state").content)
     original, _ = codec.decode(saved)
     assert all(torch.equal(restored[k], original[k]) for k in original)
 
     only_w = {k: v for k, v in original.items() if k.startswith("w.")}
-    r = client.put(f"{V1}/net/state", params={"replace": "true"},
-                   content=codec.encode(only_w), headers=OCTET)
+    r = client.put(
+        f"{V1}/net/state", params={"replace": "true"}, content=codec.encode(only_w), headers=OCTET
+    )
     assert r.status_code == 200, r.text
     assert sorted(codec.decode(client.get(f"{V1}/net/state").content)[0]) == sorted(only_w)
 
@@ -333,8 +368,9 @@ def test_put_state_json_single_tensor_edit(net: tuple[TestClient, Local]) -> Non
 def test_put_state_json_full_entry_and_groups(net: tuple[TestClient, Local]) -> None:
     client, local = net
     body: dict[str, Any] = {
-        "state": {"b": {"step": 4, "exp_avg": [0.1, 0.2, 0.3],
-                        "exp_avg_sq": {"data": [1.0, 1.0, "NaN"]}}},
+        "state": {
+            "b": {"step": 4, "exp_avg": [0.1, 0.2, 0.3], "exp_avg_sq": {"data": [1.0, 1.0, "NaN"]}}
+        },
         "param_groups": [{"lr": 0.02}, {}],
     }
     r = client.put(f"{V1}/net/state", json=body)
@@ -357,7 +393,10 @@ def test_reset_state_some_then_all(net: tuple[TestClient, Local]) -> None:
     del local.opt.state[local.p["w"]]
     summary = client.get(f"{V1}/net").json()
     assert [(p["name"], p["step"]) for p in summary["params"]] == [
-        ("w", None), ("b", 2.0), ("h", 2.0)]
+        ("w", None),
+        ("b", 2.0),
+        ("h", 2.0),
+    ]
     step(client, "net", grads(local.p, 2))
     local.step(grads(local.p, 2))
     assert_equal_to_local(client, local)
@@ -370,8 +409,10 @@ def test_reset_state_some_then_all(net: tuple[TestClient, Local]) -> None:
 
 def test_json_hand_edits_of_an_empty_parameter(app_client: TestClient) -> None:
     """[] is the only nested list an empty (0, 3) tensor has; it must still be accepted."""
-    create(app_client, {"name": "e", "params": [{"name": "e", "shape": [0, 3]},
-                                                {"name": "x", "shape": [2]}]})
+    create(
+        app_client,
+        {"name": "e", "params": [{"name": "e", "shape": [0, 3]}, {"name": "x", "shape": [2]}]},
+    )
     r = app_client.put(f"{V1}/e/params", json={"params": {"e": [], "x": [1.0, 2.0]}})
     assert r.status_code == 200, r.text
     doc = app_client.get(f"{V1}/e/params", params={"format": "json"}).json()["params"]["e"]

@@ -26,8 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 #: Debian's and Ubuntu's paths of the distribution's Chromium ($ADAMSCOPE_CHROMIUM first).
 CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def chromium_path() -> str | None:
@@ -48,14 +55,15 @@ def system_chromium() -> Iterator[Any]:
         pytest.skip("playwright is not installed (it comes with the test extra)")
     path = chromium_path()
     if path is None:
-        pytest.skip(f"no system Chromium at {' or '.join(CANDIDATES)} (.ci/run installs the "
-                    "distribution's chromium package where apt-get runs as root)")
+        pytest.skip(
+            f"no system Chromium at {' or '.join(CANDIDATES)} (.ci/run installs the "
+            "distribution's chromium package where apt-get runs as root)"
+        )
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=path, args=ARGS)
         except Error as e:
-            pytest.skip(f"Chromium at {path} cannot be launched here: "
-                        f"{e.message.splitlines()[0]}")
+            pytest.skip(f"Chromium at {path} cannot be launched here: {e.message.splitlines()[0]}")
         try:
             yield b
         finally:

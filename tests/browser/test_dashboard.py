@@ -52,10 +52,13 @@ def text(page: Any, selector: str) -> str:
 
 def canvas(page: Any, chart: str) -> dict[str, int]:
     """What a chart's canvas says it drew (see charts.js)."""
-    found = page.evaluate("""(c) => {
+    found = page.evaluate(
+        """(c) => {
         const el = document.querySelector(`canvas[data-chart="${c}"]`)
             || document.getElementById(c);
-        return el ? {...el.dataset} : null; }""", chart)
+        return el ? {...el.dataset} : null; }""",
+        chart,
+    )
     assert found is not None, chart
     return {k: int(float(v)) for k, v in found.items() if v.replace(".", "").isdigit()}
 
@@ -76,8 +79,9 @@ class Trainer:
 
     def __init__(self, url: str, name: str, max_steps: int = 2000, pause: float = 0.03):
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
-                                         torch.nn.Linear(32, 1))
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+        )
         self.opt = RemoteAdam(self.model.named_parameters(), lr=0.01, url=url, name=name)
         self.client = Client(url)
         self.name = name
@@ -102,8 +106,11 @@ class Trainer:
         y = torch.sin(x.sum(1, keepdim=True))
         deadline = time.monotonic() + 90
         try:
-            while (not self._stop.is_set() and self.steps < self.max_steps
-                   and time.monotonic() < deadline):
+            while (
+                not self._stop.is_set()
+                and self.steps < self.max_steps
+                and time.monotonic() < deadline
+            ):
                 self.opt.zero_grad()
                 loss = torch.nn.functional.mse_loss(self.model(x), y)
                 loss.backward()
@@ -150,8 +157,7 @@ def watched(browser: Any, request: pytest.FixtureRequest) -> Iterator[Watched]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with run_uvicorn(Settings(data_dir=tmp_path_factory.mktemp("browser"),
-                              device="cpu")) as s:
+    with run_uvicorn(Settings(data_dir=tmp_path_factory.mktemp("browser"), device="cpu")) as s:
         yield s
 
 
@@ -193,8 +199,12 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         row = page.locator(f'#steppers tr[data-id="{name}"]')
         row.wait_for()
         row.click()
-        wait(page, "(n) => { const v = window.adamscope.state.view; "
-                   "return v && v.name === n && v.summary; }", name)
+        wait(
+            page,
+            "(n) => { const v = window.adamscope.state.view; "
+            "return v && v.name === n && v.summary; }",
+            name,
+        )
         assert page.url.endswith(f"/dashboard#/{name}") and "token" not in page.url
 
         # the charts gain points as it steps
@@ -210,9 +220,12 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         # any other signal, chosen in the custom chart
         page.check('#chart-choices input[data-chart="custom"]')
         page.select_option('figure[data-chart="custom"] select', "eps_dominance")
-        wait(page, """() => { const d = document.querySelector(
+        wait(
+            page,
+            """() => { const d = document.querySelector(
                 'canvas[data-chart="custom"]').dataset;
-                return Number(d.points) > 5 && d.series === "1"; }""")
+                return Number(d.points) > 5 && d.series === "1"; }""",
+        )
         assert "eps_dominance" in text(page, 'figure[data-chart="custom"] .legend')
 
         # a histogram of the selected tensor's exp_avg
@@ -233,8 +246,11 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         page.select_option("#chart-tensor", "0.weight")  # a new stream, which will drop
         wait(page, "() => window.__statuses.includes('reconnecting')")
         assert text(page, "#stream-status") in {"reconnecting…", "connecting…", "live"}
-        wait(page, "() => window.__statuses.lastIndexOf('live') > "
-                   "window.__statuses.indexOf('reconnecting')")
+        wait(
+            page,
+            "() => window.__statuses.lastIndexOf('live') > "
+            "window.__statuses.indexOf('reconnecting')",
+        )
         trainer.wait_steps(10)
         time.sleep(0.5)
         for series in ("aggregate", "tensorSeries"):
@@ -245,15 +261,21 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         # a second-moment jump: the effective LR swings and the shock soars
         trainer.inject("shock")
         trainer.wait_steps(3)
-        wait(page, "() => document.getElementById('alerts-events').textContent"
-                   ".includes('lr_eff_p99 swing')")
+        wait(
+            page,
+            "() => document.getElementById('alerts-events').textContent"
+            ".includes('lr_eff_p99 swing')",
+        )
         assert "shock_p99 > 100" in text(page, "#alerts-events")
 
         # change the lr while it trains: the server has it, and the loop does not undo it
         page.fill("#lr-input", "0.0025")
         page.click("#lr-form button[type=submit]")
-        wait(page, "() => document.getElementById('controls-result').textContent"
-                   ".includes('lr set to 0.0025')")
+        wait(
+            page,
+            "() => document.getElementById('controls-result').textContent"
+            ".includes('lr set to 0.0025')",
+        )
         with Client(server.url) as c:
             assert [g.lr for g in c.get(name).groups] == [0.0025]
             trainer.wait_steps(3)
@@ -263,8 +285,9 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         # a NaN gradient: a nonfinite alert, flagged in the list and the table
         trainer.inject("nan")
         trainer.wait_steps(3)
-        wait(page, "() => document.getElementById('alerts-active').textContent"
-                   ".includes('nonfinite')")
+        wait(
+            page, "() => document.getElementById('alerts-active').textContent.includes('nonfinite')"
+        )
         page.locator(f'#steppers tr[data-id="{name}"] .badge.bad').wait_for()
         wait(page, "() => document.querySelector('#params .flag')")
         watched.shot("dashboard-alerts")
@@ -274,8 +297,11 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
     # snapshot, step on, roll back
     page.fill("#snapshot-name", "before")
     page.click("#snapshot-form button[type=submit]")
-    wait(page, "() => document.getElementById('controls-result').textContent"
-               ".includes('snapshot before taken')")
+    wait(
+        page,
+        "() => document.getElementById('controls-result').textContent"
+        ".includes('snapshot before taken')",
+    )
     with Client(server.url) as c:
         at = c.get(name).step
         for _ in range(2):
@@ -286,8 +312,11 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
         page.click("#rollback-button")
         assert "Confirm" in text(page, "#rollback-button")  # a second click rolls back
         page.click("#rollback-button")
-        wait(page, "() => document.getElementById('controls-result').textContent"
-                   ".includes('rolled back to before')")
+        wait(
+            page,
+            "() => document.getElementById('controls-result').textContent"
+            ".includes('rolled back to before')",
+        )
         assert c.get(name).step == at
     assert page.evaluate("() => window.adamscope.state.view.aggregate.last") <= at
     watched.shot("dashboard-rolled-back")
@@ -299,10 +328,14 @@ def test_a_training_run_live(server: LiveServer, watched: Watched) -> None:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("guarded"), device="cpu", tokens=[
-        {"token": READ, "scope": "read", "name": "viewer"},
-        {"token": ADMIN, "scope": "admin", "name": "operator"},
-    ])
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("guarded"),
+        device="cpu",
+        tokens=[
+            {"token": READ, "scope": "read", "name": "viewer"},
+            {"token": ADMIN, "scope": "admin", "name": "operator"},
+        ],
+    )
     with run_uvicorn(settings) as s, Client(s.url, token=ADMIN) as c:
         c.create("guarded-net", [("w", torch.ones(3, 3)), ("b", torch.zeros(3))], lr=0.01)
         for _ in range(3):
@@ -310,8 +343,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield s
 
 
-def test_a_read_only_token_sees_everything_and_no_controls(guarded: LiveServer,
-                                                           watched: Watched) -> None:
+def test_a_read_only_token_sees_everything_and_no_controls(
+    guarded: LiveServer, watched: Watched
+) -> None:
     page = watched.page
     # Without a token the page's first question (whoami) is refused, which the browser
     # logs; that one error is expected.
@@ -370,13 +404,17 @@ def fill_history(server: LiveServer, name: str, steps: int) -> None:
     t0 = time.time() - steps
     for s in range(1, steps):
         x = s / steps
-        aggregate = {"lr_eff_p1": 1e-4 * (1 + x), "lr_eff_p50": 1e-3 * (1 + x),
-                     "lr_eff_p99": 1e-2 * (1 + x) * (1.5 if s % 997 == 0 else 1.0),
-                     "update_ratio": 1e-3 / (1 + 10 * x), "shock_p99": 1 + (s % 50) / 10,
-                     "grad_norm": 1 / (1 + x) + 0.1 * ((s * 7919) % 101) / 101,
-                     "nan_count": 0.0, "inf_count": 0.0}
-        per_tensor = ({n: aggregate for n in stepper.names}
-                      if s > steps - tensor_rows else {})
+        aggregate = {
+            "lr_eff_p1": 1e-4 * (1 + x),
+            "lr_eff_p50": 1e-3 * (1 + x),
+            "lr_eff_p99": 1e-2 * (1 + x) * (1.5 if s % 997 == 0 else 1.0),
+            "update_ratio": 1e-3 / (1 + 10 * x),
+            "shock_p99": 1 + (s % 50) / 10,
+            "grad_norm": 1 / (1 + x) + 0.1 * ((s * 7919) % 101) / 101,
+            "nan_count": 0.0,
+            "inf_count": 0.0,
+        }
+        per_tensor = {n: aggregate for n in stepper.names} if s > steps - tensor_rows else {}
         history.record(s, s, t0 + s, aggregate, per_tensor)
         history.record_loss(s, 2.0 / (1 + 5 * x), t0 + s)
     with stepper.lock:
@@ -385,8 +423,7 @@ def fill_history(server: LiveServer, name: str, steps: int) -> None:
         c.step(name, {n: torch.randn(4, 4) for n in stepper.names})
 
 
-def test_two_hundred_tensors_and_ten_thousand_steps(server: LiveServer,
-                                                    watched: Watched) -> None:
+def test_two_hundred_tensors_and_ten_thousand_steps(server: LiveServer, watched: Watched) -> None:
     page = watched.page
     name = "browser-wide"
     names = [f"layer{i:03d}.weight" for i in range(TENSORS)]
@@ -396,24 +433,38 @@ def test_two_hundred_tensors_and_ten_thousand_steps(server: LiveServer,
 
     start = time.perf_counter()
     page.goto(f"{server.url}/dashboard#/{name}")
-    wait(page, "(n) => { const v = window.adamscope.state.view; "
-               "return v && v.aggregate.steps.length === n; }", HISTORY, timeout=30)
-    wait(page, "() => document.querySelector('#params .pager span').textContent"
-               ".startsWith('1–50 of 200')")
+    wait(
+        page,
+        "(n) => { const v = window.adamscope.state.view; "
+        "return v && v.aggregate.steps.length === n; }",
+        HISTORY,
+        timeout=30,
+    )
+    wait(
+        page,
+        "() => document.querySelector('#params .pager span').textContent.startsWith('1–50 of 200')",
+    )
     loaded = time.perf_counter() - start
 
     # every chart drew the 10,000 points as at most one point per pixel
     for chart in ("lr_eff", "update_ratio", "shock", "grad_norm", "loss"):
-        drawn = wait(page, """(c) => { const d = document.querySelector(
+        drawn = wait(
+            page,
+            """(c) => { const d = document.querySelector(
                 `canvas[data-chart="${c}"]`).dataset;
-                return Number(d.points) > 0 && {points: +d.points, width: +d.width}; }""", chart)
+                return Number(d.points) > 0 && {points: +d.points, width: +d.width}; }""",
+            chart,
+        )
         assert drawn["points"] <= drawn["width"], (chart, drawn)
     assert page.evaluate(f"() => ({VIEW})().loss.steps.length") == HISTORY - 1
 
     # every row is reachable, page by page, in the order sorted
     def rows() -> list[str]:
-        return list(page.evaluate(
-            "() => [...document.querySelectorAll('#params tbody tr')].map(r => r.dataset.id)"))
+        return list(
+            page.evaluate(
+                "() => [...document.querySelectorAll('#params tbody tr')].map(r => r.dataset.id)"
+            )
+        )
 
     t = time.perf_counter()
     page.click('#params th button[data-sort="name"]')  # name, descending
@@ -424,8 +475,9 @@ def test_two_hundred_tensors_and_ten_thousand_steps(server: LiveServer,
         page.click('#params button[data-role="next"]')
         seen += rows()
     assert seen == names[::-1]
-    values = page.evaluate("() => [...document.querySelectorAll('#params tbody tr')]"
-                           ".map(r => r.cells[5].textContent)")
+    values = page.evaluate(
+        "() => [...document.querySelectorAll('#params tbody tr')].map(r => r.cells[5].textContent)"
+    )
     assert all(v for v in values), "every tensor shows its gradient norm"
 
     t = time.perf_counter()
@@ -436,13 +488,19 @@ def test_two_hundred_tensors_and_ten_thousand_steps(server: LiveServer,
 
     t = time.perf_counter()
     page.click('#params tr[data-id="layer195.weight"]')  # charts and histogram follow
-    wait(page, "() => { const v = window.adamscope.state.view; return "
-               "v.chartTensor === 'layer195.weight' && v.tensorSeries.steps.length > 0; }")
+    wait(
+        page,
+        "() => { const v = window.adamscope.state.view; return "
+        "v.chartTensor === 'layer195.weight' && v.tensorSeries.steps.length > 0; }",
+    )
     switch_ms = (time.perf_counter() - t) * 1e3
-    wait(page, "() => document.getElementById('hist-canvas').dataset.tensor === "
-               "'layer195.weight'")
+    wait(page, "() => document.getElementById('hist-canvas').dataset.tensor === 'layer195.weight'")
     watched.shot("dashboard-large")
-    timings = {"load_s": round(loaded, 2), "sort_ms": round(sort_ms), "filter_ms":
-               round(filter_ms), "switch_tensor_ms": round(switch_ms)}
+    timings = {
+        "load_s": round(loaded, 2),
+        "sort_ms": round(sort_ms),
+        "filter_ms": round(filter_ms),
+        "switch_tensor_ms": round(switch_ms),
+    }
     print(f"\ndashboard with {TENSORS} tensors and {HISTORY} steps: {json.dumps(timings)}")
     assert watched.unexpected() == []

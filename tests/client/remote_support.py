@@ -67,8 +67,9 @@ def set_grads(
             p.grad = None if g is None else g.clone()
 
 
-def assert_tensor_equal(expected: torch.Tensor, actual: torch.Tensor, what: str,
-                        *, any_device: bool = False) -> None:
+def assert_tensor_equal(
+    expected: torch.Tensor, actual: torch.Tensor, what: str, *, any_device: bool = False
+) -> None:
     """Bit-exact equality, same dtype and shape (and device unless ``any_device``)."""
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -79,23 +80,26 @@ def assert_tensor_equal(expected: torch.Tensor, actual: torch.Tensor, what: str,
     assert torch.equal(expected, actual), f"{what}: values differ\n{expected}\n{actual}"
 
 
-def assert_params_equal(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],
-                        *, any_device: bool = False) -> None:
+def assert_params_equal(
+    expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], *, any_device: bool = False
+) -> None:
     assert len(expected) == len(actual)
     for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
         assert_tensor_equal(e.detach(), a.detach(), f"param {i}", any_device=any_device)
 
 
-def assert_same(expected: Any, actual: Any, where: str = "state_dict",
-                *, any_device: bool = False) -> None:
+def assert_same(
+    expected: Any, actual: Any, where: str = "state_dict", *, any_device: bool = False
+) -> None:
     """Recursive exact equality of two ``Optimizer.state_dict()``-like structures."""
     if torch.is_tensor(expected):
         assert torch.is_tensor(actual), f"{where}: expected a tensor, got {actual!r}"
         assert_tensor_equal(expected, actual, where, any_device=any_device)
     elif isinstance(expected, Mapping):
         assert isinstance(actual, Mapping), f"{where}: expected a mapping, got {actual!r}"
-        assert set(actual) == set(expected), f"{where}: keys {sorted(map(str, actual))} != " \
-                                             f"{sorted(map(str, expected))}"
+        assert set(actual) == set(expected), (
+            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        )
         for k in expected:
             assert_same(expected[k], actual[k], f"{where}[{k!r}]", any_device=any_device)
     elif isinstance(expected, list | tuple):
@@ -108,8 +112,9 @@ def assert_same(expected: Any, actual: Any, where: str = "state_dict",
         # weight_decay=0 may come back as 0.0, which every Adam path treats alike.
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
     else:
-        assert type(actual) is type(expected) and actual == expected, \
+        assert type(actual) is type(expected) and actual == expected, (
             f"{where}: {actual!r} != {expected!r}"
+        )
 
 
 def _is_number(x: Any) -> bool:
@@ -170,11 +175,17 @@ def option_rows(optimizer: str) -> list[dict[str, Any]]:
     """
     if optimizer == "adam":
         bits = [(0, 0, 0, 0), (0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 0, 1), (1, 1, 1, 0)]
-        return [{"amsgrad": bool(a), "maximize": bool(m), "weight_decay": 0.1 * w,
-                 "decoupled_weight_decay": bool(d)} for a, m, w, d in bits]
+        return [
+            {
+                "amsgrad": bool(a),
+                "maximize": bool(m),
+                "weight_decay": 0.1 * w,
+                "decoupled_weight_decay": bool(d),
+            }
+            for a, m, w, d in bits
+        ]
     bits3 = [(0, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0)]
-    return [{"amsgrad": bool(a), "maximize": bool(m), "weight_decay": 0.1 * w}
-            for a, m, w in bits3]
+    return [{"amsgrad": bool(a), "maximize": bool(m), "weight_decay": 0.1 * w} for a, m, w in bits3]
 
 
 def plain_and_all_on(optimizer: str) -> list[dict[str, Any]]:
@@ -209,8 +220,15 @@ OPTIMIZERS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def run_parity(case: Case, client: Client, *, steps: int = 50, device: str = "cpu",
-               remote_device: str | None = None, **remote_kwargs: Any) -> str:
+def run_parity(
+    case: Case,
+    client: Client,
+    *,
+    steps: int = 50,
+    device: str = "cpu",
+    remote_device: str | None = None,
+    **remote_kwargs: Any,
+) -> str:
     """``steps`` steps of the local optimizer and of its remote twin: identical throughout.
 
     Parameters are compared after every step; at the end the local ``state_dict()`` must
@@ -221,8 +239,14 @@ def run_parity(case: Case, client: Client, *, steps: int = 50, device: str = "cp
     init = make_params(SHAPES, dtypes, seed=0, device=device)
     local_params, remote_params = twin(init), twin(init)
     local = local_cls(local_params, **case.kwargs)
-    remote = remote_cls(remote_params, **case.kwargs, client=client,
-                        name=unique(case.optimizer), device=remote_device, **remote_kwargs)
+    remote = remote_cls(
+        remote_params,
+        **case.kwargs,
+        client=client,
+        name=unique(case.optimizer),
+        device=remote_device,
+        **remote_kwargs,
+    )
     any_device = device != "cpu"  # remote state comes back as CPU tensors
     try:
         lockstep(local, local_params, remote, remote_params, steps, seed=1)
@@ -250,8 +274,9 @@ def lockstep(
     """
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        set_grads([local_params, remote_params], gen,
-                  skip=skipped(step + skip_from, len(local_params)))
+        set_grads(
+            [local_params, remote_params], gen, skip=skipped(step + skip_from, len(local_params))
+        )
         local.step()
         remote.step()
         assert_params_equal(local_params, remote_params)

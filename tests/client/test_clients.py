@@ -75,8 +75,9 @@ async def core_operations(c: AnyClient) -> None:
 
     gen = torch.Generator().manual_seed(1)
     for i in range(6):
-        grads: dict[str, torch.Tensor | None] = {n: torch.randn(t.shape, generator=gen)
-                                                for n, t in values.items()}
+        grads: dict[str, torch.Tensor | None] = {
+            n: torch.randn(t.shape, generator=gen) for n, t in values.items()
+        }
         if i == 2:
             grads["b"] = None  # no step for b, as with p.grad = None
         for n, p in local_params.items():
@@ -101,7 +102,7 @@ async def core_operations(c: AnyClient) -> None:
     # Bias correction as _single_tensor_adam computes it from each parameter's own step.
     report = await call(c, "bias_correction", name)
     assert report.step == 6
-    assert report.groups[0].bias_correction1 == 1 - 0.9 ** 6.0
+    assert report.groups[0].bias_correction1 == 1 - 0.9**6.0
     for n, p in local_params.items():
         t = local.state[p]["step"].item()
         factors = report.params[n]
@@ -168,8 +169,14 @@ def test_core_operations(kind: str, live_server: Any) -> None:
 
 async def typed_errors(c: AnyClient) -> None:
     missing = unique("missing")
-    for method, args in [("get", ()), ("delete", ()), ("get_params", ()), ("get_state", ()),
-                         ("step", ({"w": torch.ones(1)},)), ("bias_correction", ())]:
+    for method, args in [
+        ("get", ()),
+        ("delete", ()),
+        ("get_params", ()),
+        ("get_state", ()),
+        ("step", ({"w": torch.ones(1)},)),
+        ("bias_correction", ()),
+    ]:
         with pytest.raises(StepperNotFoundError) as not_found:
             await call(c, method, missing, *args)
         error = not_found.value

@@ -40,8 +40,10 @@ class DropReplies(httpx.BaseTransport):
         self.sent += 1
         self.drops -= 1
         if self.status is not None:  # answered by a failing proxy, never reaches the server
-            return httpx.Response(self.status, json={"code": "internal_error", "status":
-                                                     self.status, "detail": "injected"})
+            return httpx.Response(
+                self.status,
+                json={"code": "internal_error", "status": self.status, "detail": "injected"},
+            )
         response = self.inner.handle_request(request)
         response.read()
         response.close()
@@ -52,8 +54,7 @@ class DropReplies(httpx.BaseTransport):
 
 
 @contextlib.contextmanager
-def faulty_client(url: str, transport: httpx.BaseTransport, retries: int = 3
-                  ) -> Iterator[Client]:
+def faulty_client(url: str, transport: httpx.BaseTransport, retries: int = 3) -> Iterator[Client]:
     with httpx.Client(base_url=url, transport=transport, timeout=30) as http:
         yield Client(url, http_client=http, retries=retries, backoff=0.01)
 
@@ -190,15 +191,19 @@ def test_5xx_is_retried_and_non_idempotent_calls_are_not_resent(live_server):
         c.create(unique("once"), {"w": torch.zeros(3)})
     assert lost_create.sent == 1
     # With retries exhausted the last error is raised.
-    with faulty_client(live_server.url, DropReplies(drops=5, status=500), retries=2) as c, \
-            pytest.raises(ServerError):
+    with (
+        faulty_client(live_server.url, DropReplies(drops=5, status=500), retries=2) as c,
+        pytest.raises(ServerError),
+    ):
         c.step(name, {"w": torch.ones(3)})
 
 
 # --------------------------------------------------------------------- accumulate mode
 
-def mean_step(init: list[torch.Tensor], contributions: list[list[torch.Tensor]], lr: float
-              ) -> list[torch.Tensor]:
+
+def mean_step(
+    init: list[torch.Tensor], contributions: list[list[torch.Tensor]], lr: float
+) -> list[torch.Tensor]:
     """The documented reference: (((g_0 + g_1) + g_2) + ...) / n, then one Adam step."""
     params = [t.clone().requires_grad_() for t in init]
     opt = torch.optim.Adam(params, lr=lr)
@@ -219,27 +224,37 @@ def test_accumulate_mode_applies_the_mean_once_all_workers_contributed(live_serv
     with Client(live_server.url) as c:
         c.create(name, {"w": init[0], "b": init[1]}, lr=0.1)
         # Workers arrive out of order; a retried contribution counts once.
-        r2 = c.contribute(name, {"w": contribs[2][0], "b": contribs[2][1]}, worker=2,
-                          contributors=3, key="w2")
-        again = c.contribute(name, {"w": contribs[2][0], "b": contribs[2][1]}, worker=2,
-                             contributors=3, key="w2")
-        r0 = c.contribute(name, {"w": contribs[0][0], "b": contribs[0][1]}, worker=0,
-                          contributors=3, key="w0")
+        r2 = c.contribute(
+            name, {"w": contribs[2][0], "b": contribs[2][1]}, worker=2, contributors=3, key="w2"
+        )
+        again = c.contribute(
+            name, {"w": contribs[2][0], "b": contribs[2][1]}, worker=2, contributors=3, key="w2"
+        )
+        r0 = c.contribute(
+            name, {"w": contribs[0][0], "b": contribs[0][1]}, worker=0, contributors=3, key="w0"
+        )
         assert (r2.applied, again.applied, r0.applied) == (False, False, False)
         assert r0.pending == [0, 2] and c.get(name).step == 0
         with pytest.raises(StepConflictError):  # worker 0 again, with a different key
             c.contribute(name, {"w": contribs[0][0]}, worker=0, contributors=3, key="other")
         with pytest.raises(StepConflictError):  # a different group size
             c.contribute(name, {"w": contribs[1][0]}, worker=1, contributors=4, key="x")
-        r1 = c.contribute(name, {"w": contribs[1][0], "b": contribs[1][1]}, worker=1,
-                          contributors=3, key="w1", return_params=True)
+        r1 = c.contribute(
+            name,
+            {"w": contribs[1][0], "b": contribs[1][1]},
+            worker=1,
+            contributors=3,
+            key="w1",
+            return_params=True,
+        )
         assert r1.applied and r1.step == 1
         expected = mean_step(init, contribs, 0.1)
         assert torch.equal(r1.params["w"], expected[0])
         assert torch.equal(r1.params["b"], expected[1])
         # Every contribution's key now answers with the applied step.
-        assert c.contribute(name, {"w": contribs[0][0]}, worker=0, contributors=3,
-                            key="w0").step == 1
+        assert (
+            c.contribute(name, {"w": contribs[0][0]}, worker=0, contributors=3, key="w0").step == 1
+        )
         assert c.get(name).step == 1
 
 
@@ -254,8 +269,14 @@ def test_accumulate_workers_waiting_together_all_get_the_new_parameters(live_ser
 
     def worker(i: int) -> None:
         with Client(live_server.url) as c:
-            replies[i] = c.contribute(name, {"w": contribs[i][0], "b": contribs[i][1]},
-                                      worker=i, contributors=4, wait=20, return_params=True)
+            replies[i] = c.contribute(
+                name,
+                {"w": contribs[i][0], "b": contribs[i][1]},
+                worker=i,
+                contributors=4,
+                wait=20,
+                return_params=True,
+            )
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:

@@ -42,12 +42,19 @@ HALF = [(torch.float16,), (torch.bfloat16,)]
 COMPLEX = [(torch.complex64, torch.float32, torch.complex64, torch.complex64)]
 CAPTURABLE = [{"capturable": False}, {"capturable": True}]
 
-MAIN = [c for cap in CAPTURABLE
-        for c in cases(["forloop", "foreach", "fused"], F32_F64, option_rows, cap)]
-HALF_CASES = [c for cap in CAPTURABLE
-              for c in cases(["forloop", "foreach", "fused"], HALF, plain_and_all_on, cap)]
-COMPLEX_CASES = [c for cap in CAPTURABLE
-                 for c in cases(["forloop", "foreach"], COMPLEX, plain_and_all_on, cap)]
+MAIN = [
+    c
+    for cap in CAPTURABLE
+    for c in cases(["forloop", "foreach", "fused"], F32_F64, option_rows, cap)
+]
+HALF_CASES = [
+    c
+    for cap in CAPTURABLE
+    for c in cases(["forloop", "foreach", "fused"], HALF, plain_and_all_on, cap)
+]
+COMPLEX_CASES = [
+    c for cap in CAPTURABLE for c in cases(["forloop", "foreach"], COMPLEX, plain_and_all_on, cap)
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +78,11 @@ def test_cuda_complex_parity(case: Case, sync_client: Client) -> None:
     run_parity(case, sync_client, device=DEVICE, remote_device=DEVICE)
 
 
-@pytest.mark.parametrize("impl", [{"fused": True}, {"foreach": True, "capturable": True}],
-                         ids=["fused", "foreach-capturable"])
+@pytest.mark.parametrize(
+    "impl",
+    [{"fused": True}, {"foreach": True, "capturable": True}],
+    ids=["fused", "foreach-capturable"],
+)
 def test_cuda_state_dict_round_trips(impl: dict[str, Any], sync_client: Client) -> None:
     """local -> remote -> local on the GPU; step counts on the device survive both ways."""
     local_cls, remote_cls = OPTIMIZERS["adam"]
@@ -84,8 +94,15 @@ def test_cuda_state_dict_round_trips(impl: dict[str, Any], sync_client: Client) 
         local.step()
 
     remote_params = twin(local_params)
-    remote = remote_cls(remote_params, lr=1e-2, amsgrad=True, **impl, client=sync_client,
-                        name=unique("cuda-sd"), device=DEVICE)
+    remote = remote_cls(
+        remote_params,
+        lr=1e-2,
+        amsgrad=True,
+        **impl,
+        client=sync_client,
+        name=unique("cuda-sd"),
+        device=DEVICE,
+    )
     try:
         remote.load_state_dict(local.state_dict())
         lockstep(local, local_params, remote, remote_params, steps=5, seed=4, skip_from=6)

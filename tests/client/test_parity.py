@@ -90,16 +90,21 @@ def test_fused_rejects_complex_with_pytorchs_message(
     # The service probes a step before it creates the stepper, so RemoteAdam is refused at
     # construction, with PyTorch's message, and nothing is created.
     with pytest.raises(InvalidHyperparameterError) as remote_error:
-        remote_cls(make_params([(3,)], torch.complex64), fused=True, client=sync_client,
-                   name=stepper_name)
+        remote_cls(
+            make_params([(3,)], torch.complex64), fused=True, client=sync_client, name=stepper_name
+        )
     assert remote_error.value.detail == message
     with pytest.raises(StepperNotFoundError):
         sync_client.get(stepper_name)
 
     # A direct create is refused by the service with PyTorch's message as the detail.
     with pytest.raises(InvalidHyperparameterError) as api_error:
-        sync_client.create(stepper_name, {"z": torch.zeros(3, dtype=torch.complex64)},
-                           optimizer=optimizer, fused=True)
+        sync_client.create(
+            stepper_name,
+            {"z": torch.zeros(3, dtype=torch.complex64)},
+            optimizer=optimizer,
+            fused=True,
+        )
     assert api_error.value.status == 422
     assert api_error.value.detail == message
     with pytest.raises(StepperNotFoundError):
@@ -112,8 +117,11 @@ def test_matrix_covers_every_option_value_and_pair() -> None:
     for optimizer, impl, dtypes in itertools.product(
         ("adam", "adamw"), ("forloop", "foreach", "fused"), F32_F64
     ):
-        cell = [dict(c.options) for c in MAIN
-                if (c.optimizer, c.impl, c.dtypes) == (optimizer, impl, dtypes)]
+        cell = [
+            dict(c.options)
+            for c in MAIN
+            if (c.optimizer, c.impl, c.dtypes) == (optimizer, impl, dtypes)
+        ]
         present = [f for f in factors if f in cell[0]]
         assert len(present) == (4 if optimizer == "adam" else 3)
         for a, b in itertools.combinations(present, 2):

@@ -41,9 +41,14 @@ def loss_of(model: nn.Module) -> torch.Tensor:
     return nn.functional.mse_loss(model(X), Y)
 
 
-def train_pair(local_model: nn.Module, local: torch.optim.Optimizer, remote_model: nn.Module,
-               remote: torch.optim.Optimizer, steps: int,
-               after_step: Callable[[int], None] | None = None) -> None:
+def train_pair(
+    local_model: nn.Module,
+    local: torch.optim.Optimizer,
+    remote_model: nn.Module,
+    remote: torch.optim.Optimizer,
+    steps: int,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
     """The usual loop (zero_grad, backward, step) on both; parameters equal after each step."""
     for i in range(steps):
         for model, opt in ((local_model, local), (remote_model, remote)):
@@ -65,14 +70,21 @@ def remote_names(sync_client: Client) -> Iterator[list[str]]:
             sync_client.delete(n)
 
 
-def remote_adam(cls: type[RemoteAdam] | type[RemoteAdamW], params: Any, names: list[str],
-                client: Client, name: str | None = None, **kwargs: Any) -> Any:
+def remote_adam(
+    cls: type[RemoteAdam] | type[RemoteAdamW],
+    params: Any,
+    names: list[str],
+    client: Client,
+    name: str | None = None,
+    **kwargs: Any,
+) -> Any:
     name = name or unique("ra")
     names.append(name)
     return cls(params, client=client, name=name, **kwargs)
 
 
 # ---------------------------------------------------------------------------- construction
+
 
 def test_is_a_torch_optimizer(sync_client: Client, remote_names: list[str]) -> None:
     adam = remote_adam(RemoteAdam, mlp().parameters(), remote_names, sync_client)
@@ -87,8 +99,7 @@ def test_is_a_torch_optimizer(sync_client: Client, remote_names: list[str]) -> N
 def test_accepts_model_parameters(sync_client: Client, remote_names: list[str]) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters(), lr=0.01)
-    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client,
-                         lr=0.01)
+    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client, lr=0.01)
     summary = sync_client.get(remote.name)
     assert [p.name for p in summary.params] == ["0", "1", "2", "3"]
     assert [p.shape for p in summary.params] == [[8, 4], [8], [2, 8], [2]]
@@ -99,8 +110,9 @@ def test_accepts_model_parameters(sync_client: Client, remote_names: list[str]) 
 def test_accepts_named_parameters(sync_client: Client, remote_names: list[str]) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.AdamW(local_model.named_parameters(), lr=0.01)
-    remote = remote_adam(RemoteAdamW, remote_model.named_parameters(), remote_names,
-                         sync_client, lr=0.01)
+    remote = remote_adam(
+        RemoteAdamW, remote_model.named_parameters(), remote_names, sync_client, lr=0.01
+    )
     names = [n for n, _ in remote_model.named_parameters()]
     assert [p.name for p in sync_client.get(remote.name).params] == names
     train_pair(local_model, local, remote_model, remote, steps=10)
@@ -118,10 +130,15 @@ def test_accepts_param_group_dicts_with_per_group_options(
         take = (lambda m: list(m.named_parameters())) if named else (lambda m: m.parameters())
         return [
             {"params": take(first), "lr": 0.05},
-            {"params": [last.weight] if not named else [("2.weight", last.weight)],
-             "weight_decay": 0.1},
-            {"params": [last.bias] if not named else [("2.bias", last.bias)], "lr": 0.2,
-             "betas": (0.5, 0.9)},
+            {
+                "params": [last.weight] if not named else [("2.weight", last.weight)],
+                "weight_decay": 0.1,
+            },
+            {
+                "params": [last.bias] if not named else [("2.bias", last.bias)],
+                "lr": 0.2,
+                "betas": (0.5, 0.9),
+            },
         ]
 
     local_model, remote_model = mlp(), mlp()
@@ -132,8 +149,7 @@ def test_accepts_param_group_dicts_with_per_group_options(
     assert [g.weight_decay for g in server_groups] == [0, 0.1, 0]
     assert server_groups[2].betas == (0.5, 0.9)
     if named:
-        assert [g.params for g in server_groups] == [["weight", "bias"], ["2.weight"],
-                                                     ["2.bias"]]
+        assert [g.params for g in server_groups] == [["weight", "bias"], ["2.weight"], ["2.bias"]]
     train_pair(local_model, local, remote_model, remote, steps=10)
     assert_same(local.state_dict(), remote.state_dict())
 
@@ -170,8 +186,9 @@ def test_mixing_named_and_unnamed_parameters_is_refused(sync_client: Client) -> 
         RemoteAdam(params, client=sync_client, name=unique("mix"))
 
 
-def test_add_param_group_after_creation_raises(sync_client: Client,
-                                               remote_names: list[str]) -> None:
+def test_add_param_group_after_creation_raises(
+    sync_client: Client, remote_names: list[str]
+) -> None:
     model = mlp()
     opt = remote_adam(RemoteAdam, model[0].parameters(), remote_names, sync_client)
     with pytest.raises(NotImplementedError, match="fixed when its stepper is created"):
@@ -180,8 +197,9 @@ def test_add_param_group_after_creation_raises(sync_client: Client,
     assert len(sync_client.get(opt.name).params) == 2
 
 
-def test_sparse_gradients_are_refused_as_pytorch_does(sync_client: Client,
-                                                       remote_names: list[str]) -> None:
+def test_sparse_gradients_are_refused_as_pytorch_does(
+    sync_client: Client, remote_names: list[str]
+) -> None:
     local_emb, remote_emb = nn.Embedding(10, 3, sparse=True), nn.Embedding(10, 3, sparse=True)
     local = torch.optim.Adam(local_emb.parameters())
     remote = remote_adam(RemoteAdam, remote_emb.parameters(), remote_names, sync_client)
@@ -198,6 +216,7 @@ def test_sparse_gradients_are_refused_as_pytorch_does(sync_client: Client,
 
 # ---------------------------------------------------------------------- training-loop API
 
+
 def test_zero_grad(sync_client: Client, remote_names: list[str]) -> None:
     model = mlp()
     opt = remote_adam(RemoteAdam, model.parameters(), remote_names, sync_client)
@@ -209,8 +228,9 @@ def test_zero_grad(sync_client: Client, remote_names: list[str]) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_step_without_any_gradient_changes_nothing(sync_client: Client,
-                                                   remote_names: list[str]) -> None:
+def test_step_without_any_gradient_changes_nothing(
+    sync_client: Client, remote_names: list[str]
+) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters())
     remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client)
@@ -225,8 +245,7 @@ def test_step_without_any_gradient_changes_nothing(sync_client: Client,
 def test_param_group_edits_propagate(sync_client: Client, remote_names: list[str]) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters(), lr=0.01)
-    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client,
-                         lr=0.01)
+    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client, lr=0.01)
     edits: dict[int, dict[str, Any]] = {
         2: {"lr": 0.05},
         4: {"betas": (0.8, 0.95), "eps": 1e-6},
@@ -240,28 +259,40 @@ def test_param_group_edits_propagate(sync_client: Client, remote_names: list[str
 
     train_pair(local_model, local, remote_model, remote, steps=10, after_step=edit)
     group = sync_client.get(remote.name).groups[0]
-    assert (group.lr, group.betas, group.eps, group.weight_decay, group.maximize,
-            group.decoupled_weight_decay) == (0.002, (0.8, 0.95), 1e-6, 0.1, False, True)
+    assert (
+        group.lr,
+        group.betas,
+        group.eps,
+        group.weight_decay,
+        group.maximize,
+        group.decoupled_weight_decay,
+    ) == (0.002, (0.8, 0.95), 1e-6, 0.1, False, True)
     assert_same(local.state_dict(), remote.state_dict())
 
 
 SCHEDULERS: list[Any] = [
-    pytest.param(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5),
-                 id="StepLR"),
-    pytest.param(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 / (1 + e)),
-                 id="LambdaLR"),
-    pytest.param(lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=0.1, total_steps=20, cycle_momentum=True), id="OneCycleLR-betas"),
+    pytest.param(
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5), id="StepLR"
+    ),
+    pytest.param(
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 / (1 + e)), id="LambdaLR"
+    ),
+    pytest.param(
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=20, cycle_momentum=True
+        ),
+        id="OneCycleLR-betas",
+    ),
 ]
 
 
 @pytest.mark.parametrize("make_scheduler", SCHEDULERS)
-def test_lr_schedulers_stay_bit_exact(make_scheduler: Callable[[Any], Any],
-                                      sync_client: Client, remote_names: list[str]) -> None:
+def test_lr_schedulers_stay_bit_exact(
+    make_scheduler: Callable[[Any], Any], sync_client: Client, remote_names: list[str]
+) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters(), lr=0.05)
-    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client,
-                         lr=0.05)
+    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client, lr=0.05)
     schedulers = [make_scheduler(local), make_scheduler(remote)]
     seen_lrs: set[float] = set()
     seen_betas: set[tuple[float, float]] = set()
@@ -293,8 +324,7 @@ def test_lr_schedulers_stay_bit_exact(make_scheduler: Callable[[Any], Any],
 def test_closure(sync_client: Client, remote_names: list[str]) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters(), lr=0.01)
-    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client,
-                         lr=0.01)
+    remote = remote_adam(RemoteAdam, remote_model.parameters(), remote_names, sync_client, lr=0.01)
 
     def closure_for(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
         def closure() -> torch.Tensor:
@@ -302,6 +332,7 @@ def test_closure(sync_client: Client, remote_names: list[str]) -> None:
             loss = loss_of(model)
             loss.backward()
             return loss
+
         return closure
 
     for _ in range(5):
@@ -328,13 +359,22 @@ def test_step_hooks_run(sync_client: Client, remote_names: list[str]) -> None:
 
 # -------------------------------------------------------------------------------- attaching
 
-def test_attaching_to_an_existing_stepper_resumes(sync_client: Client,
-                                                  remote_names: list[str]) -> None:
+
+def test_attaching_to_an_existing_stepper_resumes(
+    sync_client: Client, remote_names: list[str]
+) -> None:
     name = unique("resume")
     local_model, first_model = mlp(), mlp()
     local = torch.optim.Adam(local_model.parameters(), lr=0.02, amsgrad=True)
-    first = remote_adam(RemoteAdam, first_model.parameters(), remote_names, sync_client,
-                        name=name, lr=0.02, amsgrad=True)
+    first = remote_adam(
+        RemoteAdam,
+        first_model.parameters(),
+        remote_names,
+        sync_client,
+        name=name,
+        lr=0.02,
+        amsgrad=True,
+    )
     train_pair(local_model, local, first_model, first, steps=5)
 
     # A new process: fresh weights and other options; the stepper's win.
@@ -351,21 +391,29 @@ def test_attaching_to_an_existing_stepper_resumes(sync_client: Client,
 
 
 MISMATCHES = [
-    pytest.param(lambda: nn.Linear(3, 2), RemoteAdam, "remote [2, 4] float32, local [2, 3]",
-                 id="shape"),
-    pytest.param(lambda: nn.Linear(4, 2).double(), RemoteAdam, "local [2, 4] float64",
-                 id="dtype"),
-    pytest.param(lambda: nn.Linear(4, 2), RemoteAdamW, "optimizer is adam, not adamw",
-                 id="optimizer"),
-    pytest.param(lambda: nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2)), RemoteAdam,
-                 "param groups", id="parameter-count"),
+    pytest.param(
+        lambda: nn.Linear(3, 2), RemoteAdam, "remote [2, 4] float32, local [2, 3]", id="shape"
+    ),
+    pytest.param(lambda: nn.Linear(4, 2).double(), RemoteAdam, "local [2, 4] float64", id="dtype"),
+    pytest.param(
+        lambda: nn.Linear(4, 2), RemoteAdamW, "optimizer is adam, not adamw", id="optimizer"
+    ),
+    pytest.param(
+        lambda: nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2)),
+        RemoteAdam,
+        "param groups",
+        id="parameter-count",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("make_model", "cls", "expected"), MISMATCHES)
 def test_attaching_with_different_parameters_raises(
-    make_model: Callable[[], nn.Module], cls: type[RemoteAdam], expected: str,
-    sync_client: Client, remote_names: list[str],
+    make_model: Callable[[], nn.Module],
+    cls: type[RemoteAdam],
+    expected: str,
+    sync_client: Client,
+    remote_names: list[str],
 ) -> None:
     name = unique("mismatch")
     existing = nn.Linear(4, 2)
@@ -389,8 +437,9 @@ def test_attaching_with_different_parameters_raises(
     assert_same(state_before, sync_client.state_dict(name))
 
 
-def test_remote_adam_with_plain_tensors_and_lockstep(sync_client: Client,
-                                                     remote_names: list[str]) -> None:
+def test_remote_adam_with_plain_tensors_and_lockstep(
+    sync_client: Client, remote_names: list[str]
+) -> None:
     """Bare leaf tensors (no nn.Module), including one that skips steps."""
     shapes = [(3, 3), (2,), (4,)]
     local_params = make_params(shapes, torch.float32, seed=4)
@@ -415,8 +464,9 @@ def test_tensor_lr_is_refused_rather_than_silently_rounded(live_server):
 def test_durability_policy_is_chosen_at_creation(live_server):
     p = torch.nn.Parameter(torch.ones(3))
     name = unique("durable")
-    opt = RemoteAdam([p], lr=0.1, url=live_server.url, name=name,
-                     durability={"mode": "every_n", "n": 10})
+    opt = RemoteAdam(
+        [p], lr=0.1, url=live_server.url, name=name, durability={"mode": "every_n", "n": 10}
+    )
     try:
         summary = opt.remote_summary()
         assert summary.durability is not None

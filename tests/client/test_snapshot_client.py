@@ -66,9 +66,21 @@ def grads(k: int) -> dict[str, torch.Tensor]:
 
 async def everything(c: Client | AsyncClient, name: str) -> tuple[Any, ...]:
     summary = await call(c, "get", name)
-    return (await call(c, "get_params", name), await call(c, "get_state", name),
-            summary.model_dump(exclude={"name", "created_at", "updated_at", "persisted_at",
-                                        "persisted_step", "dirty", "durability"}))
+    return (
+        await call(c, "get_params", name),
+        await call(c, "get_state", name),
+        summary.model_dump(
+            exclude={
+                "name",
+                "created_at",
+                "updated_at",
+                "persisted_at",
+                "persisted_step",
+                "dirty",
+                "durability",
+            }
+        ),
+    )
 
 
 def assert_same(a: Any, b: Any) -> None:
@@ -88,16 +100,22 @@ def assert_same(a: Any, b: Any) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_snapshot_round_trip_through_a_file_to_another_server(
-    kind: str, live_server: LiveServer, elsewhere: LiveServer, tmp_path: Path,
+    kind: str,
+    live_server: LiveServer,
+    elsewhere: LiveServer,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = unique(f"snap-{kind}")
 
     async def scenario() -> None:
-        async with open_client(kind, live_server.url) as c, \
-                open_client(kind, elsewhere.url) as other:
-            created = await call(c, "create", name, initial(), lr=0.01,
-                                 durability={"mode": "every_n", "n": 10})
+        async with (
+            open_client(kind, live_server.url) as c,
+            open_client(kind, elsewhere.url) as other,
+        ):
+            created = await call(
+                c, "create", name, initial(), lr=0.01, durability={"mode": "every_n", "n": 10}
+            )
             assert created.durability is not None and created.durability.n == 10
             for k in range(2):
                 await call(c, "step", name, grads(k))
@@ -118,8 +136,9 @@ def test_snapshot_round_trip_through_a_file_to_another_server(
             with pytest.raises(SnapshotNotFoundError):
                 await call(c, "restore", name, "nope")
 
-            path = await call(c, "download_snapshot", name, "two", tmp_path / "two.st",
-                              progress=True)
+            path = await call(
+                c, "download_snapshot", name, "two", tmp_path / "two.st", progress=True
+            )
             assert path == tmp_path / "two.st" and path.stat().st_size == info.size
             assert not (tmp_path / "two.st.part").exists()
             with pytest.raises(SnapshotNotFoundError):

@@ -60,8 +60,7 @@ def test_local_state_dict_loads_into_remote(
     assert len(local.state_dict()["state"]) == len(SHAPES) - 1
 
     remote_params = twin(local_params)
-    remote = remote_cls(remote_params, lr=1e-2, **options, client=sync_client,
-                        name=unique("l2r"))
+    remote = remote_cls(remote_params, lr=1e-2, **options, client=sync_client, name=unique("l2r"))
     try:
         remote.load_state_dict(local.state_dict())
         assert_same(local.state_dict(), remote.state_dict())
@@ -77,8 +76,7 @@ def test_remote_state_dict_loads_into_local(
 ) -> None:
     local_cls, remote_cls = OPTIMIZERS[optimizer]
     remote_params = make_params(SHAPES, torch.float32)
-    remote = remote_cls(remote_params, lr=1e-2, **options, client=sync_client,
-                        name=unique("r2l"))
+    remote = remote_cls(remote_params, lr=1e-2, **options, client=sync_client, name=unique("r2l"))
     try:
         train(remote, remote_params, steps=6, seed=5)
         local_params = twin(remote_params)
@@ -99,9 +97,12 @@ def test_client_state_dict_uses_pytorch_indices_across_groups(sync_client: Clien
     groups = [{"params": ["c", "a"], "lr": 0.05}, {"params": ["d", "b"], "weight_decay": 0.1}]
     local_params = {n: p.detach().clone().requires_grad_(True) for n, p in init.items()}
     local = torch.optim.Adam(
-        [{"params": [local_params["c"], local_params["a"]], "lr": 0.05},
-         {"params": [local_params["d"], local_params["b"]], "weight_decay": 0.1}],
-        lr=1e-2, amsgrad=True,
+        [
+            {"params": [local_params["c"], local_params["a"]], "lr": 0.05},
+            {"params": [local_params["d"], local_params["b"]], "weight_decay": 0.1},
+        ],
+        lr=1e-2,
+        amsgrad=True,
     )
     order = ["c", "a", "d", "b"]  # PyTorch's indices 0..3
     name = unique("client-sd")
@@ -109,8 +110,9 @@ def test_client_state_dict_uses_pytorch_indices_across_groups(sync_client: Clien
     try:
         gen = torch.Generator().manual_seed(7)
         for step in range(10):
-            grads = {n: torch.randn(init[n].shape, generator=gen, dtype=torch.float64)
-                     for n in names}
+            grads = {
+                n: torch.randn(init[n].shape, generator=gen, dtype=torch.float64) for n in names
+            }
             if step % 2:
                 del grads["b"]
             for n, p in local_params.items():
@@ -118,13 +120,14 @@ def test_client_state_dict_uses_pytorch_indices_across_groups(sync_client: Clien
             local.step()
             reply = sync_client.step(name, grads, return_params=True)
             assert reply.params is not None
-            assert_params_equal([local_params[n] for n in names],
-                                [reply.params[n] for n in names])
+            assert_params_equal([local_params[n] for n in names], [reply.params[n] for n in names])
         remote_sd = sync_client.state_dict(name)
         assert_same(local.state_dict(), remote_sd)
         assert remote_sd["param_groups"][0]["params"] == [0, 1]
-        assert torch.equal(remote_sd["state"][order.index("b")]["exp_avg"],
-                           local.state[local_params["b"]]["exp_avg"])
+        assert torch.equal(
+            remote_sd["state"][order.index("b")]["exp_avg"],
+            local.state[local_params["b"]]["exp_avg"],
+        )
 
         # Load a different (local, further trained) state back through the client.
         for _ in range(3):
@@ -157,17 +160,24 @@ def test_options_follow_the_loaded_state_dict(saved_amsgrad: bool, sync_client: 
     local_params, remote_params = twin(source_params), twin(source_params)
     # Both start with the other amsgrad and another lr; loading must switch them.
     local = torch.optim.Adam(local_params, lr=1e-3, amsgrad=not saved_amsgrad)
-    remote = RemoteAdam(remote_params, lr=1e-3, amsgrad=not saved_amsgrad, client=sync_client,
-                        name=unique("opts"))
+    remote = RemoteAdam(
+        remote_params, lr=1e-3, amsgrad=not saved_amsgrad, client=sync_client, name=unique("opts")
+    )
     try:
         local.load_state_dict(saved)
         remote.load_state_dict(saved)
         for group in (local.param_groups[0], remote.param_groups[0]):
-            assert (group["amsgrad"], group["lr"], group["weight_decay"]) == \
-                (saved_amsgrad, 0.03, 0.2)
+            assert (group["amsgrad"], group["lr"], group["weight_decay"]) == (
+                saved_amsgrad,
+                0.03,
+                0.2,
+            )
         server_group = sync_client.get(remote.name).groups[0]
-        assert (server_group.amsgrad, server_group.lr, server_group.weight_decay) == \
-            (saved_amsgrad, 0.03, 0.2)
+        assert (server_group.amsgrad, server_group.lr, server_group.weight_decay) == (
+            saved_amsgrad,
+            0.03,
+            0.2,
+        )
         lockstep(local, local_params, remote, remote_params, steps=6, seed=9, skip_from=6)
         remote_sd = remote.state_dict()
         assert_same(local.state_dict(), remote_sd)
@@ -181,8 +191,9 @@ def test_client_load_state_dict_applies_saved_options(sync_client: Client) -> No
     source = torch.optim.AdamW(source_params, lr=0.02, amsgrad=True, betas=(0.8, 0.9))
     train(source, source_params, steps=1, seed=10)
     name = unique("client-opts")
-    sync_client.create(name, {"x": source_params[0].detach(), "y": source_params[1].detach()},
-                       optimizer="adamw")
+    sync_client.create(
+        name, {"x": source_params[0].detach(), "y": source_params[1].detach()}, optimizer="adamw"
+    )
     try:
         sync_client.load_state_dict(name, source.state_dict())
         group = sync_client.get(name).groups[0]
@@ -202,9 +213,9 @@ def test_client_load_state_dict_refuses_other_group_layout(sync_client: Client) 
         sync_client.step(name, {"x": torch.ones(3), "y": torch.ones(2)})
         before = sync_client.state_dict(name)
         with pytest.raises(ValueError) as local_error:
-            torch.optim.Adam([torch.zeros(3, requires_grad=True),
-                              torch.zeros(2, requires_grad=True)]).load_state_dict(
-                source.state_dict())
+            torch.optim.Adam(
+                [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+            ).load_state_dict(source.state_dict())
         with pytest.raises(ValueError) as client_error:
             sync_client.load_state_dict(name, source.state_dict())
         assert str(client_error.value) == str(local_error.value)

@@ -89,12 +89,16 @@ def _app(connections: set[int]) -> Starlette:
         seen(request)
         return Response(status_code=204)
 
-    return Starlette(routes=[
-        Route("/conn", conn), Route("/echo", echo, methods=["POST"]),
-        Route("/chunked", chunked), Route("/multi", multi),
-        Route("/blob", blob_route, methods=["GET", "HEAD"]),
-        Route("/empty", no_content),
-    ])
+    return Starlette(
+        routes=[
+            Route("/conn", conn),
+            Route("/echo", echo, methods=["POST"]),
+            Route("/chunked", chunked),
+            Route("/multi", multi),
+            Route("/blob", blob_route, methods=["GET", "HEAD"]),
+            Route("/empty", no_content),
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -211,8 +215,9 @@ def test_chunked_response_bodies_are_decoded_through_iteration_and_readinto(
     app_server: tuple[str, set[int]],
 ) -> None:
     url, _ = app_server
-    expected = b"".join(pattern(s, seed=10 + i)
-                        for i, s in enumerate([1, 0, 70_000, 5, 3 * 1024 * 1024, 17]))
+    expected = b"".join(
+        pattern(s, seed=10 + i) for i, s in enumerate([1, 0, 70_000, 5, 3 * 1024 * 1024, 17])
+    )
     with wire_client() as http:
         r = http.get(f"{url}/chunked", extensions=WIRE)
         assert r.headers["transfer-encoding"] == "chunked"
@@ -222,7 +227,7 @@ def test_chunked_response_bodies_are_decoded_through_iteration_and_readinto(
             buf = bytearray(len(expected) + 100)
             view, filled = memoryview(buf), 0
             for _ in range(10_000):
-                n = readinto(view[filled:filled + 40_000])
+                n = readinto(view[filled : filled + 40_000])
                 if n == 0:
                     break
                 filled += n
@@ -248,9 +253,11 @@ def test_close_delimited_body_is_read_to_eof_and_its_connection_not_reused() -> 
 def test_informational_responses_are_skipped() -> None:
     def handle(conn: socket.socket, index: int) -> None:
         while read_request(conn) is not None:
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n"
-                         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
-                         b"HTTP/1.1 201 Created\r\nX-Final: yes\r\nContent-Length: 2\r\n\r\nok")
+            conn.sendall(
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+                b"HTTP/1.1 201 Created\r\nX-Final: yes\r\nContent-Length: 2\r\n\r\nok"
+            )
 
     with RawServer(handle) as server, wire_client() as http:
         r = http.post(f"{server.url}/x", content=b"body", extensions=WIRE)
@@ -264,13 +271,16 @@ def test_large_upload_and_download_are_byte_exact(app_server: tuple[str, set[int
     url, _ = app_server
     # the client's shape of upload: a list of memoryviews of tensor memory
     tensor = torch.frombuffer(bytearray(pattern(BIG, seed=3)), dtype=torch.uint8)
-    parts = [memoryview(b"head"), tensor[: BIG // 3].numpy().data,
-             tensor[BIG // 3:].numpy().data]
+    parts = [memoryview(b"head"), tensor[: BIG // 3].numpy().data, tensor[BIG // 3 :].numpy().data]
     sent = b"head" + tensor.numpy().tobytes()
     with wire_client() as http:
-        with http.stream("POST", f"{url}/echo", content=parts,  # type: ignore[arg-type]
-                         extensions=WIRE,
-                         headers={"content-length": str(len(sent))}) as r:
+        with http.stream(
+            "POST",
+            f"{url}/echo",
+            content=parts,  # type: ignore[arg-type]
+            extensions=WIRE,
+            headers={"content-length": str(len(sent))},
+        ) as r:
             assert r.headers["x-sha256"] == hashlib.sha256(sent).hexdigest()
             dest = bytearray(len(sent))
             view, filled = memoryview(dest), 0
@@ -287,8 +297,9 @@ def test_chunked_upload_skips_empty_parts(app_server: tuple[str, set[int]]) -> N
     """Without Content-Length the body goes chunked; an empty part must not end it."""
     url, _ = app_server
     with wire_client() as http:
-        r = http.post(f"{url}/echo", content=iter([b"ab", b"", b"cd", b"e" * 100_000]),
-                      extensions=WIRE)
+        r = http.post(
+            f"{url}/echo", content=iter([b"ab", b"", b"cd", b"e" * 100_000]), extensions=WIRE
+        )
         assert r.status_code == 200
         assert r.content == b"abcd" + b"e" * 100_000
 
@@ -339,9 +350,12 @@ def test_connection_closed_by_the_server_while_idle_is_retried_once() -> None:
         first = http.get(f"{url}/conn", extensions=WIRE).json()["port"]
         time.sleep(1.6)
         data = pattern(200_000, seed=4)
-        r = http.post(f"{url}/echo", content=[memoryview(data)],  # type: ignore[list-item]
-                      extensions=WIRE,
-                      headers={"content-length": str(len(data))})
+        r = http.post(
+            f"{url}/echo",
+            content=[memoryview(data)],  # type: ignore[list-item]
+            extensions=WIRE,
+            headers={"content-length": str(len(data))},
+        )
         assert r.status_code == 200 and r.content == data
         second = http.get(f"{url}/conn", extensions=WIRE).json()["port"]
         assert first != second and len(connections) == 2
@@ -387,8 +401,11 @@ def test_truncated_body_is_a_protocol_error() -> None:
 
 
 def test_malformed_status_line_or_length_is_a_protocol_error() -> None:
-    answers = [b"HTTP/1.1 abc OK\r\n\r\n", b"garbage\r\n\r\n",
-               b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"]
+    answers = [
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+    ]
 
     def handle(conn: socket.socket, index: int) -> None:
         assert read_request(conn) is not None
@@ -418,8 +435,11 @@ def test_connect_error_is_a_client_transport_error() -> None:
 
 def _make(c: Client, name: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
-    values = {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen),
-              "h": torch.randn(5, generator=gen).to(torch.float64)}
+    values = {
+        "w": torch.randn(3, 4, generator=gen),
+        "b": torch.randn(4, generator=gen),
+        "h": torch.randn(5, generator=gen).to(torch.float64),
+    }
     c.create(name, values, lr=0.1)
     c.step(name, {n: torch.ones_like(t) for n, t in values.items()})
     return c.get_params(name)
@@ -453,8 +473,9 @@ def test_get_params_into_falls_back_for_unfit_destinations(live_server: LiveServ
         wrong_shape = torch.zeros(2, 2)
         strided = torch.zeros(5, 2, dtype=torch.float64)[:, 0]  # shape (5,), not contiguous
         assert not strided.is_contiguous()
-        out = c.get_params(name, ["w", "b", "h"],
-                           into={"w": wrong_dtype, "b": wrong_shape, "h": strided})
+        out = c.get_params(
+            name, ["w", "b", "h"], into={"w": wrong_dtype, "b": wrong_shape, "h": strided}
+        )
         for n, dest in [("w", wrong_dtype), ("b", wrong_shape), ("h", strided)]:
             assert out[n] is not dest
             assert_tensor_equal(server[n], out[n], n)
@@ -510,11 +531,13 @@ def test_remote_adam_resyncs_after_a_step_reply_cut_short(live_server: LiveServe
     name = unique("cut")
     # retries=0: the client would otherwise replay the step (same idempotency key) and
     # succeed; this test is about what is left when the failure reaches RemoteAdam.
-    with TruncatingProxy(live_server.url) as proxy, Client(proxy.url, retries=0) as via_proxy, \
-            Client(live_server.url) as direct:
+    with (
+        TruncatingProxy(live_server.url) as proxy,
+        Client(proxy.url, retries=0) as via_proxy,
+        Client(live_server.url) as direct,
+    ):
         opt = RemoteAdam([("a", a), ("b", b)], lr=0.1, client=via_proxy, name=name)
-        replica = [a.detach().clone().requires_grad_(True),
-                   b.detach().clone().requires_grad_(True)]
+        replica = [a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)]
         local = torch.optim.Adam(replica, lr=0.1)
         for p, q in zip([a, b], replica, strict=True):
             p.grad = torch.randn(64, generator=gen)
@@ -540,4 +563,3 @@ def test_remote_adam_resyncs_after_a_step_reply_cut_short(live_server: LiveServe
         assert_tensor_equal(server["b"], b.detach(), "local b resynced")
         assert proxy.cut == 0
         opt.close()
-

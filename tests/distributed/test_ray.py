@@ -47,10 +47,15 @@ from adamscope.client.protocol import META_SPEC  # noqa: E402
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 F32 = [(torch.float32,)]
-UNSHARDED = (cases(["forloop", "foreach", "fused"], F32, option_rows)
-             + cases(["forloop"], [(torch.float64,), (torch.bfloat16,)], plain_and_all_on)
-             + cases(["foreach"], [(torch.complex64, torch.float32, torch.complex64,
-                                    torch.complex64)], plain_and_all_on))
+UNSHARDED = (
+    cases(["forloop", "foreach", "fused"], F32, option_rows)
+    + cases(["forloop"], [(torch.float64,), (torch.bfloat16,)], plain_and_all_on)
+    + cases(
+        ["foreach"],
+        [(torch.complex64, torch.float32, torch.complex64, torch.complex64)],
+        plain_and_all_on,
+    )
+)
 SHARDED = cases(["forloop", "foreach", "fused"], F32, option_rows)
 
 
@@ -80,8 +85,10 @@ def test_the_service_runs_on_two_slot_actors(ray_url: str) -> None:
     assert all(s["pid"] != os.getpid() for s in health["slots"])
     # What no slot holds is answered by a slot's service: the dashboard, the API document.
     assert httpx.get(f"{ray_url}/dashboard", timeout=60).status_code == 200
-    assert "/v1/steppers/{name}/step" in httpx.get(f"{ray_url}/openapi.json",
-                                                   timeout=60).json()["paths"]
+    assert (
+        "/v1/steppers/{name}/step"
+        in httpx.get(f"{ray_url}/openapi.json", timeout=60).json()["paths"]
+    )
 
 
 @pytest.mark.parametrize("case", UNSHARDED, ids=lambda c: c.id)
@@ -97,9 +104,14 @@ def test_parity_sharded_over_two_slots(case: Case, client: Client) -> None:
 def sharded(client: Client, name: str, **options: Any) -> tuple[list[torch.Tensor], Any]:
     params = make_params(SHAPES, torch.float32, seed=3)
     remote_params = twin(params)
-    opt = RemoteAdam(list(zip([f"p{i}" for i in range(len(SHAPES))], remote_params,
-                              strict=True)), lr=1e-2, client=client, name=name, shards=2,
-                     **options)
+    opt = RemoteAdam(
+        list(zip([f"p{i}" for i in range(len(SHAPES))], remote_params, strict=True)),
+        lr=1e-2,
+        client=client,
+        name=name,
+        shards=2,
+        **options,
+    )
     return remote_params, opt
 
 
@@ -126,8 +138,9 @@ def test_a_sharded_stepper_shows_its_shards_and_aggregates(client: Client) -> No
         assert all(torch.equal(values[f"p{i}"], p.detach()) for i, p in enumerate(params))
         # Whole-stepper statistics merge exactly where they can (counts, norm, mean, std,
         # extremes of all tensors together) ...
-        stats = httpx.get(f"{client.url}/v1/steppers/{name}/stats",
-                          params={"key": "param"}, timeout=60).json()
+        stats = httpx.get(
+            f"{client.url}/v1/steppers/{name}/stats", params={"key": "param"}, timeout=60
+        ).json()
         assert sorted(stats["tensors"]) == [f"p{i}" for i in range(len(SHAPES))]
         every = torch.cat([p.detach().reshape(-1).double() for p in params])
         agg = stats["aggregate"]["param"]
@@ -142,11 +155,18 @@ def test_a_sharded_stepper_shows_its_shards_and_aggregates(client: Client) -> No
         grad_norm = float(torch.cat([torch.ones(s).reshape(-1) for s in SHAPES]).norm())
         assert sig["aggregate"]["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
         # ... and a route about one tensor goes to its shard; what does not merge says so.
-        one = httpx.get(f"{client.url}/v1/steppers/{name}/slice",
-                        params={"name": "p0", "key": "param", "index": "0"}, timeout=60)
+        one = httpx.get(
+            f"{client.url}/v1/steppers/{name}/slice",
+            params={"name": "p0", "key": "param", "index": "0"},
+            timeout=60,
+        )
         assert one.status_code == 200, one.text
-        r = httpx.post(f"{client.url}/v1/steppers/{name}/dry-run", content=b"",
-                       headers={"content-type": "application/octet-stream"}, timeout=60)
+        r = httpx.post(
+            f"{client.url}/v1/steppers/{name}/dry-run",
+            content=b"",
+            headers={"content-type": "application/octet-stream"},
+            timeout=60,
+        )
         assert r.status_code == 501
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.json()["code"] == "not_supported_sharded"
@@ -172,13 +192,21 @@ def documented_name_filters() -> set[str]:
     from adamscope.service.settings import Settings
 
     paths = create_app(Settings.model_construct()).openapi()["paths"]
-    return {path for path, ops in paths.items() if "get" in ops and "{name}" in path and any(
-        p["in"] == "query" and p["name"] in ("name", "tensor")
-        for p in ops["get"].get("parameters", []))}
+    return {
+        path
+        for path, ops in paths.items()
+        if "get" in ops
+        and "{name}" in path
+        and any(
+            p["in"] == "query" and p["name"] in ("name", "tensor")
+            for p in ops["get"].get("parameters", [])
+        )
+    }
 
 
-def read(url: str, route: str, stepper: str, names: list[str], accept: str = "json"
-         ) -> httpx.Response:
+def read(
+    url: str, route: str, stepper: str, names: list[str], accept: str = "json"
+) -> httpx.Response:
     by, extra = NAME_FILTERED_READS[route]
     query = [*extra.items(), *((by, n) for n in names)]
     if accept == "json" and route.endswith(("/params", "/state")):
@@ -239,8 +267,7 @@ def test_every_name_filtered_read_works_on_a_sharded_stepper(client: Client) -> 
 
 
 def state_bytes(url: str, name: str) -> tuple[bytes, int]:
-    r = httpx.get(f"{url}/v1/steppers/{name}/state", params={"with_params": "true"},
-                  timeout=60)
+    r = httpx.get(f"{url}/v1/steppers/{name}/state", params={"with_params": "true"}, timeout=60)
     r.raise_for_status()
     summary = httpx.get(f"{url}/v1/steppers/{name}", timeout=60).json()
     return r.content, int(summary["step"])
@@ -265,14 +292,17 @@ def test_rejected_steps_leave_every_shard_byte_identical(client: Client) -> None
         bad: list[tuple[str, bytes, dict[str, str], dict[str, str], int]] = [
             ("unknown tensor", step_body({**good, "nope": torch.ones(2)}), octet, {}, 422),
             ("wrong shape", step_body({**good, "p0": torch.ones(7)}), octet, {}, 422),
-            ("wrong dtype", step_body({**good, "p1": torch.ones(SHAPES[1],
-                                                                dtype=torch.float64)}),
-             octet, {}, 422),
+            (
+                "wrong dtype",
+                step_body({**good, "p1": torch.ones(SHAPES[1], dtype=torch.float64)}),
+                octet,
+                {},
+                422,
+            ),
             ("stale expected_step", step_body(good), octet, {"expected_step": "1"}, 409),
             ("not safetensors", b"\x05\x00\x00\x00\x00\x00\x00\x00{}", octet, {}, 400),
             ("JSON body", b'{"grads": {}}', {"content-type": "application/json"}, {}, 415),
-            ("accumulate mode", step_body(good), octet,
-             {"contributors": "2", "worker": "0"}, 501),
+            ("accumulate mode", step_body(good), octet, {"contributors": "2", "worker": "0"}, 501),
         ]
         for what, body, headers, query, status in bad:
             r = httpx.post(url, content=body, headers=headers, params=query, timeout=60)
@@ -315,8 +345,7 @@ class EventLog:
 
     def _read(self, url: str) -> None:
         try:
-            with httpx.stream("GET", f"{url}/v1/events",
-                              timeout=httpx.Timeout(5, read=None)) as r:
+            with httpx.stream("GET", f"{url}/v1/events", timeout=httpx.Timeout(5, read=None)) as r:
                 self.ready.set()
                 kind = None
                 for line in r.iter_lines():
@@ -341,7 +370,8 @@ class EventLog:
 
 
 def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
-        client: Client) -> None:
+    client: Client,
+) -> None:
     """SIGKILL the actor of a slot holding a shard of one stepper and all of another,
     between steps; then the actor of the other slot in the middle of a step."""
     split_name, whole_name = unique("split"), unique("whole")
@@ -349,19 +379,32 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
     names = [f"w{i}" for i in range(len(init))]
     local = [twin(init), twin(init)]
     remote = [twin(init), twin(init)]
-    opts = [torch.optim.Adam(local[0], lr=1e-2, amsgrad=True),
-            torch.optim.AdamW(local[1], lr=1e-2, weight_decay=0.1)]
+    opts = [
+        torch.optim.Adam(local[0], lr=1e-2, amsgrad=True),
+        torch.optim.AdamW(local[1], lr=1e-2, weight_decay=0.1),
+    ]
     remote_opts = [
-        RemoteAdam(list(zip(names, remote[0], strict=True)), lr=1e-2, amsgrad=True,
-                   client=client, name=split_name, shards=2),
+        RemoteAdam(
+            list(zip(names, remote[0], strict=True)),
+            lr=1e-2,
+            amsgrad=True,
+            client=client,
+            name=split_name,
+            shards=2,
+        ),
         None,
     ]
     victim = client.get(split_name).placement["shards"][1]["slot"]  # type: ignore[index]
     # The unsharded stepper goes where placement puts it; it is moved by nothing, so look.
     from adamscope.client import RemoteAdamW
 
-    remote_opts[1] = RemoteAdamW(list(zip(names, remote[1], strict=True)), lr=1e-2,
-                                 weight_decay=0.1, client=client, name=whole_name)
+    remote_opts[1] = RemoteAdamW(
+        list(zip(names, remote[1], strict=True)),
+        lr=1e-2,
+        weight_decay=0.1,
+        client=client,
+        name=whole_name,
+    )
     whole_slot = client.get(whole_name).placement["shards"][0]["slot"]  # type: ignore[index]
     events = EventLog(client.url)
     gen = torch.Generator().manual_seed(7)
@@ -400,8 +443,7 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
         assert {r["slot"] for r in recoveries} == {0, 1}
         assert all(r["from"]["pid"] != r["to"]["pid"] for r in recoveries)
         assert client.get(whole_name).placement["recoveries"]  # type: ignore[index]
-        assert whole_slot in {r["slot"] for r in client.get(whole_name).placement[
-            "recoveries"]}  # type: ignore[index]
+        assert whole_slot in {r["slot"] for r in client.get(whole_name).placement["recoveries"]}  # type: ignore[index]
         health = slots(client.url)
         assert all(s["state"] == "ok" and s["generation"] >= 1 for s in health)
     finally:
@@ -416,14 +458,20 @@ def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None
     from adamscope.service.distributed.ingress import _shard_create_body
     from adamscope.service.distributed.shards import merge, parse
 
-    tensors = {"a": torch.randn(3, 4), "b.weight": torch.arange(5.0),
-               "c": torch.randn(2, dtype=torch.float64)}
-    spec = {"name": "x", "optimizer": "adam", "params": [{"name": n} for n in tensors],
-            "groups": [{"params": list(tensors), "lr": 0.1}]}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b.weight": torch.arange(5.0),
+        "c": torch.randn(2, dtype=torch.float64),
+    }
+    spec = {
+        "name": "x",
+        "optimizer": "adam",
+        "params": [{"name": n} for n in tensors],
+        "groups": [{"params": list(tensors), "lr": 0.1}],
+    }
     body = codec.encode(tensors, {META_SPEC: json.dumps(spec)})
     parsed = parse(body)
-    parts = [_shard_create_body(spec, parsed, names)
-             for names in (["b.weight"], ["a", "c"])]
+    parts = [_shard_create_body(spec, parsed, names) for names in (["b.weight"], ["a", "c"])]
     decoded = [codec.decode(p) for p in parts]
     assert list(decoded[0][0]) == ["b.weight"] and list(decoded[1][0]) == ["a", "c"]
     for got, meta in decoded:
@@ -471,7 +519,8 @@ def test_the_dashboard_shows_where_each_shard_lives(client: Client) -> None:
             # The panels filled from the merged reads: the aggregate chart has the 5 steps.
             page.wait_for_function(
                 "() => { const v = window.adamscope.state.view; "
-                "return v && v.summary && v.summary.step === 5; }")
+                "return v && v.summary && v.summary.step === 5; }"
+            )
             page.wait_for_timeout(1500)  # the history, table and histogram requests
             assert w.unexpected() == [], w.unexpected()
             w.shot("ray-dashboard")
@@ -491,8 +540,9 @@ def test_sharded_history_combines_the_shards_aggregates(client: Client) -> None:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g
             opt.step()
-        h = httpx.get(f"{client.url}/v1/steppers/{name}/history",
-                      params={"tensor": "*"}, timeout=60).json()
+        h = httpx.get(
+            f"{client.url}/v1/steppers/{name}/history", params={"tensor": "*"}, timeout=60
+        ).json()
         assert h["aggregate"]["steps"] == [1, 2, 3, 4]
         assert sorted(h["tensors"]) == [f"p{i}" for i in range(len(SHAPES))]
         # Every tensor here is small enough to be taken whole, so the aggregate gradient
@@ -504,8 +554,9 @@ def test_sharded_history_combines_the_shards_aggregates(client: Client) -> None:
             assert sum(x * x for x in per) ** 0.5 == pytest.approx(want, rel=1e-6)
         alerts = httpx.get(f"{client.url}/v1/steppers/{name}/alerts", timeout=60)
         assert alerts.status_code == 200 and "rules" in alerts.json()
-        snap = httpx.post(f"{client.url}/v1/steppers/{name}/snapshots", json={"name": "s1"},
-                          timeout=60)
+        snap = httpx.post(
+            f"{client.url}/v1/steppers/{name}/snapshots", json={"name": "s1"}, timeout=60
+        )
         assert snap.status_code == 201, snap.text
         listed = httpx.get(f"{client.url}/v1/steppers/{name}/snapshots", timeout=60).json()
         assert [s["name"] for s in listed["snapshots"]] == ["s1"]
@@ -514,8 +565,7 @@ def test_sharded_history_combines_the_shards_aggregates(client: Client) -> None:
             p.grad = torch.ones_like(p)
         opt.step()
         assert state_bytes(client.url, name) != before
-        restored = httpx.post(f"{client.url}/v1/steppers/{name}/snapshots/s1/restore",
-                              timeout=60)
+        restored = httpx.post(f"{client.url}/v1/steppers/{name}/snapshots/s1/restore", timeout=60)
         assert restored.status_code == 200, restored.text
         assert state_bytes(client.url, name) == before
     finally:
@@ -538,17 +588,18 @@ def test_metrics_and_errors_come_from_the_slots(client: Client) -> None:
         # A slot's own problem comes through unchanged; the ingress adds its own.
         r = httpx.get(f"{client.url}/v1/steppers/{unique('none')}", timeout=60)
         assert r.status_code == 404 and r.json()["code"] == "stepper_not_found"
-        again = httpx.post(f"{client.url}/v1/steppers", json={
-            "name": names[0], "optimizer": "adam", "params": [{"name": "w", "shape": [3]}]},
-            timeout=60)
+        again = httpx.post(
+            f"{client.url}/v1/steppers",
+            json={"name": names[0], "optimizer": "adam", "params": [{"name": "w", "shape": [3]}]},
+            timeout=60,
+        )
         assert again.status_code == 409 and again.json()["code"] == "stepper_exists"
     finally:
         for n in names:
             client.delete(n)
 
 
-def test_slots_off_loopback_need_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_slots_off_loopback_need_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """On a cluster the slots' services listen on their nodes' addresses: without tokens
     the CLI refuses, as it does for the single-process service, before starting anything."""
     from adamscope.service.cli import main
@@ -575,12 +626,32 @@ def test_slots_ray_could_never_place_are_refused_at_start(tmp_path: Path) -> Non
         pytest.skip("two GPUs here: two slots of one GPU each can be placed")
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "adamscope.service.cli", "serve", "--ray", "--slots", "2",
-         "--slot-gpus", "1", "--port", str(free_port()), "--data-dir", str(tmp_path),
-         "--log-level", "warning"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "adamscope.service.cli",
+            "serve",
+            "--ray",
+            "--slots",
+            "2",
+            "--slot-gpus",
+            "1",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert (f"2 slot(s) of 1 GPU each cannot be placed: the Ray cluster has {gpus} GPU(s)"
-            in result.stderr)
+    assert (
+        f"2 slot(s) of 1 GPU each cannot be placed: the Ray cluster has {gpus} GPU(s)"
+        in result.stderr
+    )
     assert time.monotonic() - started < 240
     assert not (tmp_path / "hosts").exists()

@@ -23,15 +23,17 @@ from adamscope.client import Client  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 #: Both keep the step counts on the GPU: fused, and foreach with capturable=True.
-CASES = (cases(["fused"], [(torch.float32,)], plain_and_all_on)
-         + cases(["foreach"], [(torch.float32,)], plain_and_all_on, {"capturable": True}))
+CASES = cases(["fused"], [(torch.float32,)], plain_and_all_on) + cases(
+    ["foreach"], [(torch.float32,)], plain_and_all_on, {"capturable": True}
+)
 
 
 @pytest.fixture(scope="module")
 def ray_gpu_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("ray-gpu")
-    with spawn_server(data, "--ray", "--slots", "2", "--device", "cuda", timeout=300,
-                      stop_timeout=120) as url:
+    with spawn_server(
+        data, "--ray", "--slots", "2", "--device", "cuda", timeout=300, stop_timeout=120
+    ) as url:
         yield url
 
 

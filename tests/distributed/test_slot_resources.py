@@ -24,34 +24,42 @@ from adamscope.service.engine.footprint import CONTEXT_BYTES, Footprint, footpri
 GiB = 2**30
 
 
-@pytest.mark.parametrize(("asked", "cluster", "expected"), [
-    ((0, 0.0, 0.0), {"CPU": 16.0}, SlotRequest(2, 0.0, 0.0)),
-    ((0, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(1, 1.0, 0.0)),
-    ((0, 0.0, 0.0), {"CPU": 16.0, "GPU": 4.0}, SlotRequest(4, 1.0, 0.0)),
-    ((2, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(2, 0.5, 0.0)),  # the one-GPU case
-    ((3, 0.0, 1.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(3, 0.3333, 1.0)),
-    ((3, 0.0, 0.0), {"CPU": 16.0, "GPU": 2.0}, SlotRequest(3, 0.5, 0.0)),  # 2 + 1 to a GPU
-    ((2, 0.0, 0.0), {"CPU": 16.0, "GPU": 8.0}, SlotRequest(2, 1.0, 0.0)),
-    ((2, 2.0, 0.0), {"CPU": 16.0, "GPU": 4.0}, SlotRequest(2, 2.0, 0.0)),
-    ((4, 0.25, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(4, 0.25, 0.0)),
-])
-def test_what_each_slot_asks_for(asked: tuple[int, float, float], cluster: dict[str, float],
-                                 expected: SlotRequest) -> None:
+@pytest.mark.parametrize(
+    ("asked", "cluster", "expected"),
+    [
+        ((0, 0.0, 0.0), {"CPU": 16.0}, SlotRequest(2, 0.0, 0.0)),
+        ((0, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(1, 1.0, 0.0)),
+        ((0, 0.0, 0.0), {"CPU": 16.0, "GPU": 4.0}, SlotRequest(4, 1.0, 0.0)),
+        ((2, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(2, 0.5, 0.0)),  # the one-GPU case
+        ((3, 0.0, 1.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(3, 0.3333, 1.0)),
+        ((3, 0.0, 0.0), {"CPU": 16.0, "GPU": 2.0}, SlotRequest(3, 0.5, 0.0)),  # 2 + 1 to a GPU
+        ((2, 0.0, 0.0), {"CPU": 16.0, "GPU": 8.0}, SlotRequest(2, 1.0, 0.0)),
+        ((2, 2.0, 0.0), {"CPU": 16.0, "GPU": 4.0}, SlotRequest(2, 2.0, 0.0)),
+        ((4, 0.25, 0.0), {"CPU": 16.0, "GPU": 1.0}, SlotRequest(4, 0.25, 0.0)),
+    ],
+)
+def test_what_each_slot_asks_for(
+    asked: tuple[int, float, float], cluster: dict[str, float], expected: SlotRequest
+) -> None:
     assert slot_request(*asked, cluster) == expected
 
 
-@pytest.mark.parametrize(("asked", "cluster", "message"), [
-    ((2, 1.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, "2 slot(s) of 1 GPU each cannot be placed"),
-    ((1, 1.0, 0.0), {"CPU": 16.0}, "the Ray cluster has 0 GPU(s)"),
-    ((3, 0.5, 0.0), {"CPU": 16.0, "GPU": 1.0}, "3 slot(s) of 0.5 GPU each"),
-    ((2, 0.7, 0.0), {"CPU": 16.0, "GPU": 1.0}, "cannot be placed"),  # 0.7 + 0.7 > one GPU
-    ((1, 1.5, 0.0), {"CPU": 16.0, "GPU": 4.0}, "only up to 1, else a whole number"),
-    ((4, 0.0, 8.0), {"CPU": 16.0}, "need 32 CPUs; the Ray cluster has 16"),
-    ((-1, 0.0, 0.0), {"CPU": 16.0}, "cannot be negative"),
-    ((20_000, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, "cannot share 1 GPU"),
-])
+@pytest.mark.parametrize(
+    ("asked", "cluster", "message"),
+    [
+        ((2, 1.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, "2 slot(s) of 1 GPU each cannot be placed"),
+        ((1, 1.0, 0.0), {"CPU": 16.0}, "the Ray cluster has 0 GPU(s)"),
+        ((3, 0.5, 0.0), {"CPU": 16.0, "GPU": 1.0}, "3 slot(s) of 0.5 GPU each"),
+        ((2, 0.7, 0.0), {"CPU": 16.0, "GPU": 1.0}, "cannot be placed"),  # 0.7 + 0.7 > one GPU
+        ((1, 1.5, 0.0), {"CPU": 16.0, "GPU": 4.0}, "only up to 1, else a whole number"),
+        ((4, 0.0, 8.0), {"CPU": 16.0}, "need 32 CPUs; the Ray cluster has 16"),
+        ((-1, 0.0, 0.0), {"CPU": 16.0}, "cannot be negative"),
+        ((20_000, 0.0, 0.0), {"CPU": 16.0, "GPU": 1.0}, "cannot share 1 GPU"),
+    ],
+)
 def test_requests_ray_could_never_place_are_refused_saying_why(
-        asked: tuple[int, float, float], cluster: dict[str, float], message: str) -> None:
+    asked: tuple[int, float, float], cluster: dict[str, float], message: str
+) -> None:
     with pytest.raises(SlotResourceError, match=message.replace("(", r"\(").replace(")", r"\)")):
         slot_request(*asked, cluster)
 
@@ -65,8 +73,9 @@ def test_a_slots_capacity() -> None:
 
 
 def _cluster(tmp_path: Path, infos: list[dict[str, Any]], gpu_share: float = 1.0) -> Cluster:
-    config = ClusterConfig(settings={"data_dir": str(tmp_path)}, slots=len(infos),
-                           num_gpus=gpu_share)
+    config = ClusterConfig(
+        settings={"data_dir": str(tmp_path)}, slots=len(infos), num_gpus=gpu_share
+    )
     cluster = Cluster.__new__(Cluster)  # placement only: no Ray, no actors
     cluster.config = config
     cluster.slots = []
@@ -85,8 +94,7 @@ def test_the_room_shrinks_with_every_stepper_placed(tmp_path: Path) -> None:
     """Free memory is sampled once, at start: the room is that less the footprints of
     the steppers placed since (counted as soon as they are placed, before the slot
     reports them), not the same free memory again and again."""
-    cluster = _cluster(tmp_path, [{"device_free_bytes": 10 * GiB,
-                                   "device_total_bytes": 16 * GiB}])
+    cluster = _cluster(tmp_path, [{"device_free_bytes": 10 * GiB, "device_total_bytes": 16 * GiB}])
     sizes = [("w", GiB)]  # 1 GiB of parameters: 7 GiB on the device with foreach
     placed = 0
     while True:
@@ -130,6 +138,7 @@ class _NeverPlaced:
         class Method:
             def remote(self, *args: Any) -> Any:
                 return asyncio.get_running_loop().create_future()
+
         return Method()
 
 

@@ -72,9 +72,13 @@ class ForkServer:
         self.log_path = log_path
         self._children: list[Forked] = []
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "forkserver.py")], cwd=ROOT,
+            [sys.executable, str(HERE / "forkserver.py")],
+            cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
         )
         ready = self._answer()
         assert ready.get("ready") is True, ready
@@ -88,8 +92,9 @@ class ForkServer:
 
     def spawn(self, data_dir: Path, **settings: Any) -> Forked:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"data_dir": str(data_dir),
-                                          "args": {"device": "cpu", **settings}}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"data_dir": str(data_dir), "args": {"device": "cpu", **settings}}) + "\n"
+        )
         self.proc.stdin.flush()
         answer = self._answer()
         child = Forked(answer["pid"], f"http://127.0.0.1:{answer['port']}")
@@ -119,8 +124,14 @@ class ForkServer:
 def killable_cli(data_dir: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """``adamscope serve`` (the console script's code path) as a Popen the test may kill."""
     cmd = serve_command(port, data_dir, "--device", "cpu", *extra)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, timeout=60)
         yield proc

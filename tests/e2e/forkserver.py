@@ -27,8 +27,9 @@ def serve_child(sock: socket.socket, data_dir: str, args: dict[str, object]) -> 
     from adamscope.service.settings import Settings
 
     settings = Settings(data_dir=data_dir, **args)  # type: ignore[arg-type]
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -28,11 +28,20 @@ def stepped(live_server: LiveServer) -> str:
     name = f"cli-{uuid.uuid4().hex[:8]}"
     gen = torch.Generator().manual_seed(0)
     with Client(live_server.url) as c:
-        c.create(name, {"layer.w": torch.randn(4, 3, generator=gen),
-                        "layer.b": torch.zeros(3)}, lr=0.01, durability="manual")
+        c.create(
+            name,
+            {"layer.w": torch.randn(4, 3, generator=gen), "layer.b": torch.zeros(3)},
+            lr=0.01,
+            durability="manual",
+        )
         for _ in range(3):
-            c.step(name, {"layer.w": torch.randn(4, 3, generator=gen),
-                          "layer.b": torch.randn(3, generator=gen)})
+            c.step(
+                name,
+                {
+                    "layer.w": torch.randn(4, 3, generator=gen),
+                    "layer.b": torch.randn(3, generator=gen),
+                },
+            )
         c.report_loss(name, 3, 0.125)
     return name
 
@@ -43,47 +52,56 @@ def run(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> tuple[int, 
     return code, out, err
 
 
-def test_ls_and_show(live_server: LiveServer, stepped: str,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_and_show(
+    live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, live_server.url, "ls")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS",
-                              "UPDATED"]
+    assert header.split() == ["NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS", "UPDATED"]
     mine = next(r for r in rows if r.startswith(stepped))
     assert mine.split()[:6] == [stepped, "adam", "cpu", "3", "15", "0"]
     code, out, _ = run(capsys, live_server.url, "show", stepped)
     assert code == 0
     assert out.startswith(f"{stepped}: adam on cpu, step 3, 15 parameters")
     assert "alerts 0 (0 active)" in out
-    assert any(line.split()[:5] == ["layer.w", "4x3", "float32", "0", "3"]
-               for line in out.splitlines())
+    assert any(
+        line.split()[:5] == ["layer.w", "4x3", "float32", "0", "3"] for line in out.splitlines()
+    )
     code, _, err = run(capsys, live_server.url, "show", "no-such-stepper")
     assert code == 1 and "404 stepper_not_found" in err
 
 
-def test_stats_describes_parameters_and_state(live_server: LiveServer, stepped: str,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, live_server.url, "stats", stepped, "--key", "param",
-                       "--key", "exp_avg_sq")
+def test_stats_describes_parameters_and_state(
+    live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, live_server.url, "stats", stepped, "--key", "param", "--key", "exp_avg_sq"
+    )
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"{stepped} at step 3"
     assert lines[1].split()[:7] == ["TENSOR", "KEY", "NORM", "MEAN", "STD", "MIN", "MAX"]
     assert lines[1].split()[-3:] == ["NAN", "INF", "ZEROS"]
     assert [line.split()[:2] for line in lines[2:]] == [
-        ["layer.w", "param"], ["layer.w", "exp_avg_sq"], ["layer.b", "param"],
-        ["layer.b", "exp_avg_sq"], ["(aggregate)", "param"], ["(aggregate)", "exp_avg_sq"]]
+        ["layer.w", "param"],
+        ["layer.w", "exp_avg_sq"],
+        ["layer.b", "param"],
+        ["layer.b", "exp_avg_sq"],
+        ["(aggregate)", "param"],
+        ["(aggregate)", "exp_avg_sq"],
+    ]
     with Client(live_server.url) as c:
         report = c.stats(stepped, keys=["param"])
     row = lines[2].split()
     # printed with 4 significant digits
-    assert float(row[2]) == pytest.approx(report["tensors"]["layer.w"]["param"]["norm"],
-                                          rel=1e-3)
+    assert float(row[2]) == pytest.approx(report["tensors"]["layer.w"]["param"]["norm"], rel=1e-3)
 
 
 def test_stats_signals_shows_the_latest_signals_per_tensor(
-    live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str],
+    live_server: LiveServer,
+    stepped: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, _ = run(capsys, live_server.url, "stats", stepped, "--signals")
     assert code == 0
@@ -94,14 +112,17 @@ def test_stats_signals_shows_the_latest_signals_per_tensor(
     with Client(live_server.url) as c:
         report = c.history(stepped, tensor="*", limit=1)
     row = lines[3].split()
-    assert float(row[1]) == pytest.approx(report.tensors["layer.w"].values["grad_norm"][-1],
-                                          rel=1e-3)
+    assert float(row[1]) == pytest.approx(
+        report.tensors["layer.w"].values["grad_norm"][-1], rel=1e-3
+    )
 
 
-def test_history_as_a_table_and_as_csv(live_server: LiveServer, stepped: str,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, live_server.url, "history", stepped, "--signal", "grad_norm",
-                       "--tensor", "layer.b")
+def test_history_as_a_table_and_as_csv(
+    live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, live_server.url, "history", stepped, "--signal", "grad_norm", "--tensor", "layer.b"
+    )
     assert code == 0
     blocks = out.strip().split("\n\n")
     assert [b.splitlines()[0] for b in blocks] == ["(aggregate)", "layer.b"]
@@ -114,11 +135,13 @@ def test_history_as_a_table_and_as_csv(live_server: LiveServer, stepped: str,
     assert out.splitlines()[0].startswith("step,time,tensor,loss,")
 
 
-def test_alerts_set_and_show(live_server: LiveServer, stepped: str, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_alerts_set_and_show(
+    live_server: LiveServer, stepped: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps([{"kind": "above", "signal": "grad_norm", "threshold": 0,
-                                  "tensor": "layer.b"}]))
+    rules.write_text(
+        json.dumps([{"kind": "above", "signal": "grad_norm", "threshold": 0, "tensor": "layer.b"}])
+    )
     code, out, _ = run(capsys, live_server.url, "alerts", stepped, "--set", f"@{rules}")
     assert code == 0 and "1 rule(s)" in out and "grad_norm > 0  [tensor layer.b]" in out
     with Client(live_server.url) as c:
@@ -129,12 +152,13 @@ def test_alerts_set_and_show(live_server: LiveServer, stepped: str, tmp_path: Pa
     assert "step 4  layer.b  grad_norm > 0: 1.732" in out
     code, out, _ = run(capsys, live_server.url, "alerts", stepped, "--set", "defaults")
     assert code == 0 and "3 rule(s) (the defaults)" in out
-    code, _, err = run(capsys, live_server.url, "alerts", stepped, "--set", "[{\"kind\": 1}]")
+    code, _, err = run(capsys, live_server.url, "alerts", stepped, "--set", '[{"kind": 1}]')
     assert code == 1 and "422 request_validation_error" in err
 
 
-def test_watch_once_prints_the_latest_step(live_server: LiveServer, stepped: str,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_watch_once_prints_the_latest_step(
+    live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, live_server.url, "watch", stepped, "--once")
     assert code == 0
     lines = out.splitlines()
@@ -145,7 +169,8 @@ def test_watch_once_prints_the_latest_step(live_server: LiveServer, stepped: str
 
 
 def test_watch_once_without_any_step_gives_up_after_its_timeout(
-    live_server: LiveServer, capsys: pytest.CaptureFixture[str],
+    live_server: LiveServer,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = f"cli-idle-{uuid.uuid4().hex[:8]}"
     with Client(live_server.url) as c:
@@ -155,12 +180,21 @@ def test_watch_once_without_any_step_gives_up_after_its_timeout(
 
 
 def test_watch_frames_show_alerts_and_cap_tensors() -> None:
-    event = {"stepper": "net", "step": 7, "time": 0.0,
-             "aggregate": {"grad_norm": 1.5, "lr_eff_p99": 0.002},
-             "tensors": {f"t{i}": {"grad_norm": float(i)} for i in range(5)},
-             "tensors_omitted": 2}
-    alert = {"step": 7, "tensor": "t1", "rule": "lr_eff_p99 swing > 0.5", "value": 0.001,
-             "previous": 0.004}
+    event = {
+        "stepper": "net",
+        "step": 7,
+        "time": 0.0,
+        "aggregate": {"grad_norm": 1.5, "lr_eff_p99": 0.002},
+        "tensors": {f"t{i}": {"grad_norm": float(i)} for i in range(5)},
+        "tensors_omitted": 2,
+    }
+    alert = {
+        "step": 7,
+        "tensor": "t1",
+        "rule": "lr_eff_p99 swing > 0.5",
+        "value": 0.001,
+        "previous": 0.004,
+    }
     frame = render_watch(event, [alert], 0.25, max_rows=3, color=True)
     lines = frame.splitlines()
     assert lines[0] == "\x1b[1mnet\x1b[0m  step 7  " + lines[0].split("  ")[2] + "  loss 0.25"
@@ -172,8 +206,21 @@ def test_watch_frames_show_alerts_and_cap_tensors() -> None:
 def test_watch_through_the_console_script(live_server: LiveServer, stepped: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAMSCOPE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "adamscope.service.cli", "watch", stepped, "--once", "--url",
-         live_server.url], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "adamscope.service.cli",
+            "watch",
+            stepped,
+            "--once",
+            "--url",
+            live_server.url,
+        ],
+        cwd=ROOT,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{stepped}  step 3  ")

@@ -75,17 +75,34 @@ BIG = (300, 256)  # 76,800 elements: above INLINE_NUMEL, so stepped in the threa
 
 SPECS = [
     Spec("plain", {"w": (4, 5), "b": (5,)}, hyper={"lr": 1e-2}),
-    Spec("amsgrad", {"w": (6,), "v": (2, 3)}, hyper={"lr": 3e-2, "amsgrad": True},
-         durability="every_step"),
-    Spec("groups", {"w": (3, 4), "b": (4,), "h": (7,)}, optimizer="adamw",
-         hyper={"lr": 1e-2, "weight_decay": 0.1},
-         groups=[{"params": ["w", "b"]}, {"params": ["h"], "lr": 5e-2, "amsgrad": True}]),
-    Spec("foreach64", {"w": (5, 5)}, dtype=torch.float64,
-         hyper={"lr": 2e-2, "foreach": True, "maximize": True}),
+    Spec(
+        "amsgrad",
+        {"w": (6,), "v": (2, 3)},
+        hyper={"lr": 3e-2, "amsgrad": True},
+        durability="every_step",
+    ),
+    Spec(
+        "groups",
+        {"w": (3, 4), "b": (4,), "h": (7,)},
+        optimizer="adamw",
+        hyper={"lr": 1e-2, "weight_decay": 0.1},
+        groups=[{"params": ["w", "b"]}, {"params": ["h"], "lr": 5e-2, "amsgrad": True}],
+    ),
+    Spec(
+        "foreach64",
+        {"w": (5, 5)},
+        dtype=torch.float64,
+        hyper={"lr": 2e-2, "foreach": True, "maximize": True},
+    ),
     Spec("big", {"w": BIG, "b": (256,)}, hyper={"lr": 1e-3}, durability="every_step"),
     Spec("wd", {"w": (8,)}, hyper={"lr": 1e-2, "weight_decay": 0.05, "betas": (0.8, 0.95)}),
-    Spec("shared", {"w": BIG, "b": (256,)}, hyper={"lr": 1e-3, "amsgrad": True},
-         writers=2, steps_per_writer=10),
+    Spec(
+        "shared",
+        {"w": BIG, "b": (256,)},
+        hyper={"lr": 1e-3, "amsgrad": True},
+        writers=2,
+        steps_per_writer=10,
+    ),
 ]
 assert sum(s.writers for s in SPECS) == 8
 assert sum(s.numel > INLINE_NUMEL for s in SPECS) == 2
@@ -97,16 +114,20 @@ def _seed(*parts: object) -> int:
 
 def initial_values(spec: Spec) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(_seed(spec.key, "init"))
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(spec.dtype)
-            for n, s in spec.shapes.items()}
+    return {
+        n: torch.randn(s, generator=g, dtype=torch.float64).to(spec.dtype)
+        for n, s in spec.shapes.items()
+    }
 
 
 def gradients(spec: Spec, t: int) -> dict[str, torch.Tensor]:
     """The gradients of step ``t``; the same for every step on a shared stepper (its writers
     cannot know which step number the service will give them)."""
     g = torch.Generator().manual_seed(_seed(spec.key, "grad", t if spec.writers == 1 else 0))
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(spec.dtype)
-            for n, s in spec.shapes.items()}
+    return {
+        n: torch.randn(s, generator=g, dtype=torch.float64).to(spec.dtype)
+        for n, s in spec.shapes.items()
+    }
 
 
 def trajectory(spec: Spec) -> list[Snapshot]:
@@ -114,13 +135,18 @@ def trajectory(spec: Spec) -> list[Snapshot]:
     leaves = {n: t.clone().requires_grad_(True) for n, t in initial_values(spec).items()}
     cls = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
     groups = spec.groups or [{"params": list(spec.shapes)}]
-    optimizer = cls([{**g, "params": [leaves[n] for n in g["params"]]} for g in groups],
-                    **spec.hyper)
+    optimizer = cls(
+        [{**g, "params": [leaves[n] for n in g["params"]]} for g in groups], **spec.hyper
+    )
 
     def snapshot() -> Snapshot:
-        return {n: {"param": p.detach().clone(),
-                    **{k: v.clone() for k, v in optimizer.state.get(p, {}).items()}}
-                for n, p in leaves.items()}
+        return {
+            n: {
+                "param": p.detach().clone(),
+                **{k: v.clone() for k, v in optimizer.state.get(p, {}).items()},
+            }
+            for n, p in leaves.items()
+        }
 
     out = [snapshot()]
     for t in range(1, spec.total_steps + 1):
@@ -147,8 +173,14 @@ class Run:
 
     def create_all(self, client: Client) -> None:
         for name, spec in self.specs.items():
-            client.create(name, initial_values(spec), optimizer=spec.optimizer,
-                          groups=spec.groups, durability=spec.durability, **spec.hyper)
+            client.create(
+                name,
+                initial_values(spec),
+                optimizer=spec.optimizer,
+                groups=spec.groups,
+                durability=spec.durability,
+                **spec.hyper,
+            )
 
     def writer_jobs(self) -> list[tuple[str, Spec]]:
         return [(name, spec) for name, spec in self.specs.items() for _ in range(spec.writers)]
@@ -160,19 +192,23 @@ class Run:
         want = expected[t]
         assert set(got) == set(want), f"{what}: {name}@{t} parameters {sorted(got)}"
         for pname, tensors in want.items():
-            assert set(got[pname]) == set(tensors), \
+            assert set(got[pname]) == set(tensors), (
                 f"{what}: {name}@{t} {pname} keys {sorted(got[pname])} != {sorted(tensors)}"
+            )
             for key, value in tensors.items():
                 g = got[pname][key]
-                assert g.dtype == value.dtype and torch.equal(g, value), \
+                assert g.dtype == value.dtype and torch.equal(g, value), (
                     f"{what}: {name}@{t} {pname}.{key} is not the trajectory's step {t}"
+                )
 
-    def check_params(self, name: str, t: int, params: Mapping[str, torch.Tensor],
-                     what: str) -> None:
+    def check_params(
+        self, name: str, t: int, params: Mapping[str, torch.Tensor], what: str
+    ) -> None:
         want = self.trajectories[name][t]
         for pname, value in params.items():
-            assert torch.equal(value, want[pname]["param"]), \
+            assert torch.equal(value, want[pname]["param"]), (
                 f"{what}: {name}@{t} returned {pname} is not the trajectory's step {t}"
+            )
 
 
 def nest(flat: Mapping[str, torch.Tensor]) -> Snapshot:
@@ -199,8 +235,9 @@ def decode_raw(response: httpx.Response) -> tuple[int, Snapshot]:
     return t, nest(tensors)
 
 
-def check_writer_reply(run: Run, name: str, spec: Spec, reply: Any, t_expected: int | None,
-                       what: str) -> int:
+def check_writer_reply(
+    run: Run, name: str, spec: Spec, reply: Any, t_expected: int | None, what: str
+) -> int:
     if t_expected is not None:
         assert reply.step == t_expected, f"{what}: {name} step {reply.step} != {t_expected}"
     assert reply.stepped == list(spec.shapes) and reply.skipped == []
@@ -241,8 +278,14 @@ def test_state_with_params_is_one_snapshot_in_both_formats(live_server: LiveServ
     run = Run.new("flag")
     name = f"{run.prefix}-{spec.key}"
     with cleanup(run, live_server.url), Client(live_server.url) as c:
-        c.create(name, initial_values(spec), optimizer=spec.optimizer, groups=spec.groups,
-                 durability="manual", **spec.hyper)
+        c.create(
+            name,
+            initial_values(spec),
+            optimizer=spec.optimizer,
+            groups=spec.groups,
+            durability="manual",
+            **spec.hyper,
+        )
         run.check(name, 0, c.get_state(name, with_params=True), "before any step")
         assert c.get_state(name) == {}
         for t in (1, 2):
@@ -286,6 +329,7 @@ class Failures:
             except BaseException as e:  # noqa: BLE001 - reported by raise_first
                 with self.lock:
                     self.errors.append(e)
+
         return run
 
     def raise_first(self) -> None:
@@ -311,12 +355,14 @@ def test_threads_eight_writers_four_readers(live_server: LiveServer) -> None:
                 for k in range(1, spec.steps_per_writer + 1):
                     assert time.monotonic() < deadline, "writer ran past the deadline"
                     t = k if spec.writers == 1 else None
-                    reply = c.step(name, gradients(spec, k if t else 0),
-                                   return_params=(k + index) % 2 == 0)
+                    reply = c.step(
+                        name, gradients(spec, k if t else 0), return_params=(k + index) % 2 == 0
+                    )
                     got = check_writer_reply(run, name, spec, reply, t, f"writer {index}")
                     if spec.writers > 1:
                         with failures.lock:
                             shared_steps[name].append(got)
+
         return go
 
     def reader(index: int) -> Callable[[], None]:
@@ -324,27 +370,34 @@ def test_threads_eight_writers_four_readers(live_server: LiveServer) -> None:
             raw = index % 2 == 0  # half read raw responses (metadata step), half via Client
             with Client(url) as c, httpx.Client(base_url=url) as h:
                 start.wait(timeout=30)
-                while (not writers_done.is_set() or reads[index] < MIN_READS_PER_READER) \
-                        and reads[index] < MAX_READS_PER_READER:
+                while (not writers_done.is_set() or reads[index] < MIN_READS_PER_READER) and reads[
+                    index
+                ] < MAX_READS_PER_READER:
                     assert time.monotonic() < deadline, "reader ran past the deadline"
                     name = names[(reads[index] * 3 + index) % len(names)]
                     if raw:
-                        t, snap = decode_raw(h.get(f"/v1/steppers/{name}/state",
-                                                   params={"with_params": "true"}))
+                        t, snap = decode_raw(
+                            h.get(f"/v1/steppers/{name}/state", params={"with_params": "true"})
+                        )
                     else:
                         snap = c.get_state(name, with_params=True)
                         t = state_step(snap)
                     run.check(name, t, snap, f"reader {index}")
                     reads[index] += 1
+
         return go
 
     with cleanup(run, url):
         with Client(url) as c:
             run.create_all(c)
-        writers = [threading.Thread(target=failures.wrap(writer(n, s, i)), daemon=True)
-                   for i, (n, s) in enumerate(run.writer_jobs())]
-        readers = [threading.Thread(target=failures.wrap(reader(i)), daemon=True)
-                   for i in range(len(reads))]
+        writers = [
+            threading.Thread(target=failures.wrap(writer(n, s, i)), daemon=True)
+            for i, (n, s) in enumerate(run.writer_jobs())
+        ]
+        readers = [
+            threading.Thread(target=failures.wrap(reader(i)), daemon=True)
+            for i in range(len(reads))
+        ]
         for th in writers + readers:
             th.start()
         for th in writers:
@@ -374,21 +427,24 @@ async def _async_run(run: Run, url: str) -> tuple[list[int], dict[str, list[int]
         for k in range(1, spec.steps_per_writer + 1):
             assert loop.time() < deadline, "writer ran past the deadline"
             t = k if spec.writers == 1 else None
-            reply = await c.step(name, gradients(spec, k if t else 0),
-                                 return_params=(k + index) % 2 == 1)
+            reply = await c.step(
+                name, gradients(spec, k if t else 0), return_params=(k + index) % 2 == 1
+            )
             got = check_writer_reply(run, name, spec, reply, t, f"async writer {index}")
             if spec.writers > 1:
                 shared_steps[name].append(got)
 
     async def reader(c: AsyncClient, h: httpx.AsyncClient, index: int) -> None:
         raw = index % 2 == 1
-        while (not writers_done.is_set() or reads[index] < MIN_READS_PER_READER) \
-                and reads[index] < MAX_READS_PER_READER:
+        while (not writers_done.is_set() or reads[index] < MIN_READS_PER_READER) and reads[
+            index
+        ] < MAX_READS_PER_READER:
             assert loop.time() < deadline, "reader ran past the deadline"
             name = names[(reads[index] * 5 + index) % len(names)]
             if raw:
-                t, snap = decode_raw(await h.get(f"/v1/steppers/{name}/state",
-                                                 params={"with_params": "true"}))
+                t, snap = decode_raw(
+                    await h.get(f"/v1/steppers/{name}/state", params={"with_params": "true"})
+                )
             else:
                 snap = await c.get_state(name, with_params=True)
                 t = state_step(snap)
@@ -399,8 +455,9 @@ async def _async_run(run: Run, url: str) -> tuple[list[int], dict[str, list[int]
 
         async def all_writers() -> None:
             try:
-                await asyncio.gather(*(writer(c, n, s, i)
-                                       for i, (n, s) in enumerate(run.writer_jobs())))
+                await asyncio.gather(
+                    *(writer(c, n, s, i) for i, (n, s) in enumerate(run.writer_jobs()))
+                )
             finally:
                 writers_done.set()
 

@@ -47,14 +47,16 @@ DTYPES = {"w": torch.float32, "b": torch.float32, "h": torch.bfloat16}
 
 def initial() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(DTYPES[n])
-            for n, s in SHAPES.items()}
+    return {
+        n: torch.randn(s, generator=g, dtype=torch.float64).to(DTYPES[n]) for n, s in SHAPES.items()
+    }
 
 
 def grads(k: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + k)
-    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(DTYPES[n])
-            for n, s in SHAPES.items()}
+    return {
+        n: torch.randn(s, generator=g, dtype=torch.float64).to(DTYPES[n]) for n, s in SHAPES.items()
+    }
 
 
 SPEC: dict[str, Any] = {
@@ -74,7 +76,9 @@ class Replica:
         p = self.params
         self.opt = torch.optim.Adam(
             [{"params": [p["w"], p["b"]]}, {"params": [p["h"]], "lr": 0.05, "amsgrad": True}],
-            lr=0.01, foreach=False)
+            lr=0.01,
+            foreach=False,
+        )
         self.step_count = 0
 
     def step(self, k: int) -> None:
@@ -85,8 +89,7 @@ class Replica:
         self.step_count = k
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: dict(self.opt.state[p]) for n, p in self.params.items()
-                if self.opt.state.get(p)}
+        return {n: dict(self.opt.state[p]) for n, p in self.params.items() if self.opt.state.get(p)}
 
 
 def create(url: str, durability: dict[str, Any] | None = None) -> None:
@@ -96,8 +99,9 @@ def create(url: str, durability: dict[str, Any] | None = None) -> None:
     assert r.status_code == 201, r.text
 
 
-def remote(url: str, name: str = NAME) -> tuple[int, dict[str, torch.Tensor],
-                                               dict[str, dict[str, torch.Tensor]]]:
+def remote(
+    url: str, name: str = NAME
+) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """(step, params, state) of the stepper, each read as safetensors."""
     with httpx.Client(base_url=url, timeout=30) as h:
         summary = h.get(f"{V1}/{name}")
@@ -157,8 +161,9 @@ class Stepping(threading.Thread):
                 while True:
                     k = self.next
                     try:
-                        r = h.post(f"{V1}/{NAME}/step", content=codec.encode(grads(k)),
-                                   headers=OCTET)
+                        r = h.post(
+                            f"{V1}/{NAME}/step", content=codec.encode(grads(k)), headers=OCTET
+                        )
                     except httpx.TransportError:
                         return  # killed: this step is not acknowledged
                     assert r.status_code == 200, r.text
@@ -299,17 +304,27 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
         assert cli.main([*argv, "--url", url]) == 0
         return capsys.readouterr().out
 
-    with spawn_server(data, "--device", "cpu", "--durability", "every_n:100") as url, \
-            Client(url) as c:
+    with (
+        spawn_server(data, "--device", "cpu", "--durability", "every_n:100") as url,
+        Client(url) as c,
+    ):
         for name, policy in policies.items():
-            c.create(name, initial(), lr=0.01, foreach=False,
-                     durability=parse_durability(policy).model_dump(exclude_none=True))
+            c.create(
+                name,
+                initial(),
+                lr=0.01,
+                foreach=False,
+                durability=parse_durability(policy).model_dump(exclude_none=True),
+            )
             for k in range(1, 4):
                 c.step(name, grads(k))
         c.create("s-default", initial(), lr=0.01)
         assert c.get("s-default").durability is not None
         assert c.get("s-default").durability.model_dump() == {
-            "mode": "every_n", "n": 100, "seconds": None}
+            "mode": "every_n",
+            "n": 100,
+            "seconds": None,
+        }
 
         assert "snapshot first of s-step at step 3" in run("snapshot", "s-step", "--as", "first")
         c.step("s-step", grads(4))
@@ -317,21 +332,26 @@ def test_serve_restart_restores_all_steppers_and_the_cli_manages_snapshots(
         assert listing.splitlines()[0].split()[:3] == ["NAME", "STEP", "SIZE"]
         assert listing.splitlines()[1].split()[:2] == ["first", "3"]
         assert "wrote" in run("export", "s-step", "first", str(exported), "--quiet")
-        assert "imported stepper copy at step 3" in run("import", str(exported), "--name",
-                                                        "copy", "--quiet")
+        assert "imported stepper copy at step 3" in run(
+            "import", str(exported), "--name", "copy", "--quiet"
+        )
         assert "restored s-step to snapshot first: step 3" in run("restore", "s-step", "first")
         assert "wrote s-n at step 3" in run("checkpoint", "s-n")
         assert "durability manual" in run("durability", "s-time", "manual")
         assert "deleted snapshot first of s-step" in run("rm-snapshot", "s-step", "first")
         assert cli.main(["rm-snapshot", "s-step", "first", "--url", url]) == 1
         assert "snapshot_not_found" in capsys.readouterr().err
-        before = {s.name: (c.get_params(s.name), c.get_state(s.name), s.step,
-                           s.durability) for s in c.list()}
+        before = {
+            s.name: (c.get_params(s.name), c.get_state(s.name), s.step, s.durability)
+            for s in c.list()
+        }
 
     with spawn_server(data, "--device", "cpu") as url, Client(url) as c:
         assert c.health()["persistence"] == {"restored": 5, "failed": [], "failed_count": 0}
-        after = {s.name: (c.get_params(s.name), c.get_state(s.name), s.step,
-                          s.durability) for s in c.list()}
+        after = {
+            s.name: (c.get_params(s.name), c.get_state(s.name), s.step, s.durability)
+            for s in c.list()
+        }
         assert set(after) == set(before) == {*policies, "s-default", "copy"}
         for name, (params, state, step, durability) in before.items():
             a_params, a_state, a_step, a_durability = after[name]

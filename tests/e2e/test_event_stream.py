@@ -134,8 +134,14 @@ def test_alert_bar_in_the_stream(live_server: LiveServer, amsgrad: bool) -> None
     name = unique("bar-amsgrad" if amsgrad else "bar-adam")
     grads = alert_bar.gradients()
     with Client(live_server.url) as c:
-        c.create(name, {"w": torch.zeros(alert_bar.NUMEL)}, lr=alert_bar.LR,
-                 betas=alert_bar.BETAS, amsgrad=amsgrad, durability="manual")
+        c.create(
+            name,
+            {"w": torch.zeros(alert_bar.NUMEL)},
+            lr=alert_bar.LR,
+            betas=alert_bar.BETAS,
+            amsgrad=amsgrad,
+            durability="manual",
+        )
         c.set_alerts(name, [alert_bar.RULE])
 
         def train() -> None:
@@ -161,7 +167,8 @@ def test_alert_bar_in_the_stream(live_server: LiveServer, amsgrad: bool) -> None
         assert alerts == [] and report.count == 0 and summary.alerts.count == 0
     else:
         assert [(a["step"], a["tensor"], a["rule"]) for a in alerts] == [
-            (alert_bar.SPIKE_STEP, "w", "lr_eff_p99 swing > 0.5")]
+            (alert_bar.SPIKE_STEP, "w", "lr_eff_p99 swing > 0.5")
+        ]
         assert alerts[0]["value"] < 0.5 * alerts[0]["previous"]
         assert report.count == summary.alerts.count == 1
         assert summary.alerts.latest is not None
@@ -174,8 +181,11 @@ def test_resume_after_a_disconnect_sends_what_was_missed_once(live_server: LiveS
         c.create(name, {"w": torch.zeros(3)}, durability="manual")
         for _ in range(3):
             c.step(name, {"w": torch.ones(3)})
-        seen = [e for e in c.events(name, replay=10, max_events=3, duration=PATIENCE)
-                if e["event"] == "step"]
+        seen = [
+            e
+            for e in c.events(name, replay=10, max_events=3, duration=PATIENCE)
+            if e["event"] == "step"
+        ]
         assert [e["data"]["step"] for e in seen] == [1, 2, 3]
         for _ in range(3):  # while nobody listens
             c.step(name, {"w": torch.ones(3)})
@@ -208,8 +218,7 @@ def test_the_server_drops_a_subscriber_that_went_away(live_server: LiveServer) -
 def test_keep_alive_comments_arrive_while_nothing_steps(live_server: LiveServer) -> None:
     with Client(live_server.url) as c:
         kinds = []
-        for event in c.events(unique("quiet"), heartbeat=0.05, heartbeats=True,
-                              duration=PATIENCE):
+        for event in c.events(unique("quiet"), heartbeat=0.05, heartbeats=True, duration=PATIENCE):
             kinds.append(event["event"])
             if len(kinds) == 3:
                 break

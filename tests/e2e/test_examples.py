@@ -17,8 +17,13 @@ EXAMPLE = ROOT / "examples" / "remote_training.py"
 
 
 def run_example(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(EXAMPLE), "--url", url, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "--url", url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_remote_training_example(tmp_path: Path) -> None:
@@ -46,8 +51,13 @@ def test_checkpoint_roundtrip_example(tmp_path: Path) -> None:
     it against `adamscope serve`."""
     example = ROOT / "examples" / "checkpoint_roundtrip.py"
     with spawn_server(tmp_path / "data") as url, Client(url) as client:
-        done = subprocess.run([sys.executable, str(example), "--url", url], cwd=ROOT,
-                              capture_output=True, text=True, timeout=240)
+        done = subprocess.run(
+            [sys.executable, str(example), "--url", url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "ckpt-demo-step5 is frozen: the step was refused" in done.stdout
         assert "state equal to the step-5 checkpoint: True" in done.stdout

@@ -40,8 +40,10 @@ EVERY = 250
 
 
 def names() -> list[str]:
-    return [f"model.decoder.layers.{i // 8}.block_{i % 8}.".ljust(293, "x") + ".weight"
-            for i in range(TENSORS)]
+    return [
+        f"model.decoder.layers.{i // 8}.block_{i % 8}.".ljust(293, "x") + ".weight"
+        for i in range(TENSORS)
+    ]
 
 
 NAMES = names()
@@ -85,8 +87,11 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
 
 
 def step(h: httpx.Client, k: int, key: str) -> dict[str, Any]:
-    r = h.post(f"{V1}/{NAME}/step", content=codec.encode(grads(k)),
-               headers={**OCTET, "Idempotency-Key": key})
+    r = h.post(
+        f"{V1}/{NAME}/step",
+        content=codec.encode(grads(k)),
+        headers={**OCTET, "Idempotency-Key": key},
+    )
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -107,16 +112,20 @@ def test_thousands_of_keyed_steps_survive_sigkill_bit_exact(
 ) -> None:
     data = tmp_path / "data"
     server = forkserver.spawn(data, signals=False)
-    spec = {"name": NAME, "optimizer": "adam",
-            "hyperparameters": {"lr": 0.01, "fused": True},
-            "params": [{"name": n} for n in NAMES],
-            "durability": {"mode": "every_n", "n": EVERY}}
+    spec = {
+        "name": NAME,
+        "optimizer": "adam",
+        "hyperparameters": {"lr": 0.01, "fused": True},
+        "params": [{"name": n} for n in NAMES],
+        "durability": {"mode": "every_n", "n": EVERY},
+    }
     replica = Replica()
     keys: dict[int, str] = {}
     replies: dict[int, dict[str, Any]] = {}
     with httpx.Client(base_url=server.url, timeout=60) as h:
-        r = h.post(V1, content=codec.encode(initial(), {"adamscope.spec": json.dumps(spec)}),
-                   headers=OCTET)
+        r = h.post(
+            V1, content=codec.encode(initial(), {"adamscope.spec": json.dumps(spec)}), headers=OCTET
+        )
         assert r.status_code == 201, r.text
         for k in range(1, STEPS + 1):
             keys[k] = uuid.uuid4().hex
@@ -144,7 +153,10 @@ def test_thousands_of_keyed_steps_survive_sigkill_bit_exact(
             again = step(h, k, keys[k])
             assert again["replayed"], k
             assert (again["step"], again["stepped"], again["skipped"]) == (
-                k, replies[k]["stepped"], replies[k]["skipped"]), k
+                k,
+                replies[k]["stepped"],
+                replies[k]["skipped"],
+            ), k
         assert_equal(h, replica, STEPS)
         # ... and the run goes on bit for bit.
         for k in range(STEPS + 1, STEPS + 4):

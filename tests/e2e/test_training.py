@@ -26,8 +26,9 @@ BATCH = 32
 
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 1))
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +39,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor]
-          ) -> list[torch.Tensor]:
+def train(
+    model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor]
+) -> list[torch.Tensor]:
     x, y = data
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=STEPS)
     order = torch.Generator().manual_seed(2)
@@ -76,13 +78,20 @@ def assert_same(expected: Any, actual: Any, where: str = "state_dict") -> None:
 def test_mlp_training_matches_local_adam_bit_for_bit(tmp_path: Path) -> None:
     data = make_data()
     local_model, remote_model = make_model(), make_model()
-    local = torch.optim.Adam(local_model.named_parameters(), lr=0.02, weight_decay=1e-4,
-                             amsgrad=True)
+    local = torch.optim.Adam(
+        local_model.named_parameters(), lr=0.02, weight_decay=1e-4, amsgrad=True
+    )
     local_losses = train(local_model, local, data)
 
     with spawn_server(tmp_path / "data", "--device", "cpu") as url, Client(url) as client:
-        remote = RemoteAdam(remote_model.named_parameters(), lr=0.02, weight_decay=1e-4,
-                            amsgrad=True, client=client, name="e2e-mlp")
+        remote = RemoteAdam(
+            remote_model.named_parameters(),
+            lr=0.02,
+            weight_decay=1e-4,
+            amsgrad=True,
+            client=client,
+            name="e2e-mlp",
+        )
         remote_losses = train(remote_model, remote, data)
 
         summary = client.get("e2e-mlp")
@@ -93,8 +102,9 @@ def test_mlp_training_matches_local_adam_bit_for_bit(tmp_path: Path) -> None:
     assert remote_losses[-1] < 0.5 * remote_losses[0]  # it really trained
     assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
     assert torch.equal(local_losses[-1], remote_losses[-1])
-    for (name, p), (_, q) in zip(local_model.named_parameters(), remote_model.named_parameters(),
-                                 strict=True):
+    for (name, p), (_, q) in zip(
+        local_model.named_parameters(), remote_model.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q), name
     assert_same(local.state_dict(), remote_sd)
     assert remote_sd["state"][0]["step"].item() == STEPS

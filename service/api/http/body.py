@@ -41,8 +41,11 @@ def declared_length(request: Request, limit: int) -> int | None:
     except ValueError:
         raise ApiError("malformed_body", f"invalid Content-Length {declared!r}") from None
     if size > limit:
-        raise ApiError("payload_too_large",
-                       f"body of {size} bytes exceeds the limit of {limit} bytes", limit=limit)
+        raise ApiError(
+            "payload_too_large",
+            f"body of {size} bytes exceeds the limit of {limit} bytes",
+            limit=limit,
+        )
     return size
 
 
@@ -94,8 +97,11 @@ class BodyStream:
             self._timer = self._loop.call_at(self._due(), self._check)
             return
         idle = self._deadline is None or self._since + self.timeout <= self._deadline
-        self._fired = (f"the body stalled: no bytes arrived for {self.timeout:g} s"
-                       if idle else "the safetensors header did not arrive in time")
+        self._fired = (
+            f"the body stalled: no bytes arrived for {self.timeout:g} s"
+            if idle
+            else "the safetensors header did not arrive in time"
+        )
         self._task.cancel()
 
     def __aiter__(self) -> BodyStream:
@@ -112,8 +118,11 @@ class BodyStream:
             if self._fired is None:
                 raise
             self._task.uncancel()
-            raise ApiError("request_timeout", f"{self._fired} (body_timeout: "
-                           f"{self.timeout:g} s)", timeout=self.timeout) from None
+            raise ApiError(
+                "request_timeout",
+                f"{self._fired} (body_timeout: {self.timeout:g} s)",
+                timeout=self.timeout,
+            ) from None
         except StopAsyncIteration:
             self._disarm()
             raise
@@ -136,8 +145,9 @@ async def read_body(request: Request) -> bytearray:
     try:
         async for chunk in stream:
             if len(buf) + len(chunk) > limit:
-                raise ApiError("payload_too_large",
-                               f"body exceeds the limit of {limit} bytes", limit=limit)
+                raise ApiError(
+                    "payload_too_large", f"body exceeds the limit of {limit} bytes", limit=limit
+                )
             buf += chunk
     finally:
         stream.close()

@@ -32,8 +32,14 @@ from ...errors import ApiError
 from .body import BodyStream, declared_length
 from .media import OCTET, media_type
 
-__all__ = ["BodyReader", "WireLayout", "header_limit", "ingest_layout", "ingest_tensors",
-           "layout_buffer"]
+__all__ = [
+    "BodyReader",
+    "WireLayout",
+    "header_limit",
+    "ingest_layout",
+    "ingest_tensors",
+    "layout_buffer",
+]
 
 T = TypeVar("T")
 
@@ -91,9 +97,11 @@ class BodyReader:
                 return False
             self.received += len(chunk)
             if self.received > self._limit:
-                raise ApiError("payload_too_large",
-                               f"body exceeds the limit of {self._limit} bytes",
-                               limit=self._limit)
+                raise ApiError(
+                    "payload_too_large",
+                    f"body exceeds the limit of {self._limit} bytes",
+                    limit=self._limit,
+                )
             self._pending = memoryview(chunk)
         return True
 
@@ -131,8 +139,9 @@ def fresh_tensor(entry: codec.Entry) -> torch.Tensor:
     return torch.empty(entry.shape, dtype=entry.dtype)
 
 
-async def _read_header(request: Request, header_bytes: int
-                       ) -> tuple[BodyReader, bytes, int | None, int]:
+async def _read_header(
+    request: Request, header_bytes: int
+) -> tuple[BodyReader, bytes, int | None, int]:
     """Check the body's type and declared size, read its safetensors prefix and header (at
     most ``header_bytes`` long, complete within ``body_timeout``): ``(reader, header bytes,
     declared length, limit)``."""
@@ -152,8 +161,12 @@ async def _read_header(request: Request, header_bytes: int
         raise codec.CodecError("body too short for a safetensors header (need at least 8 bytes)")
     n = codec.header_length(prefix)
     if n > header_bytes:
-        raise ApiError("payload_too_large", f"safetensors header of {n} bytes: a body for this "
-                       f"stepper needs at most {header_bytes}", limit=header_bytes)
+        raise ApiError(
+            "payload_too_large",
+            f"safetensors header of {n} bytes: a body for this "
+            f"stepper needs at most {header_bytes}",
+            limit=header_bytes,
+        )
     if declared is not None and 8 + n > declared:
         raise codec.CodecError(
             f"safetensors header claims {n} bytes but the body has only {declared - 8}"
@@ -175,19 +188,23 @@ def _check_declared(declared: int | None, head: bytes, length: int) -> None:
         )
 
 
-def _parse_checked(head: bytes, declared: int | None, limit: int
-                   ) -> tuple[list[codec.Entry], dict[str, str], int]:
+def _parse_checked(
+    head: bytes, declared: int | None, limit: int
+) -> tuple[list[codec.Entry], dict[str, str], int]:
     entries, metadata, length = codec.parse_header(head)
     n = len(head)
     _check_declared(declared, head, length)
     if 8 + n + length > limit:  # a chunked body's header: refuse before allocating for it
-        raise ApiError("payload_too_large", f"body of {8 + n + length} bytes (as its header "
-                       f"lays it out) exceeds the limit of {limit} bytes", limit=limit)
+        raise ApiError(
+            "payload_too_large",
+            f"body of {8 + n + length} bytes (as its header "
+            f"lays it out) exceeds the limit of {limit} bytes",
+            limit=limit,
+        )
     return entries, metadata, length
 
 
-async def _read_data(reader: BodyReader, views: list[memoryview], head: bytes,
-                     length: int) -> None:
+async def _read_data(reader: BodyReader, views: list[memoryview], head: bytes, length: int) -> None:
     for view in views:
         if not await reader.read_into(view):
             raise codec.CodecError(
@@ -195,9 +212,7 @@ async def _read_data(reader: BodyReader, views: list[memoryview], head: bytes,
                 f"{reader.received - 8 - len(head)}"
             )
     if not await reader.at_end():
-        raise codec.CodecError(
-            f"tensor data covers {length} bytes but the body carries more"
-        )
+        raise codec.CodecError(f"tensor data covers {length} bytes but the body carries more")
 
 
 async def ingest_tensors(
@@ -219,11 +234,9 @@ async def ingest_tensors(
         entries, metadata, length = _parse_checked(head, declared, limit)
         return entries, metadata, length, {e.name: destination(e) for e in entries}
 
-    entries, metadata, length, tensors = await _off_loop_if(
-        len(head) > INLINE_HEADER_BYTES, parse)
+    entries, metadata, length, tensors = await _off_loop_if(len(head) > INLINE_HEADER_BYTES, parse)
     ordered = sorted(entries, key=lambda e: e.begin)
-    await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head,
-                     length)
+    await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head, length)
     return tensors, metadata
 
 
@@ -239,8 +252,9 @@ class WireLayout:
     key: Any = None
 
 
-def layout_buffer(entries: list[codec.Entry], length: int, pin: bool
-                  ) -> tuple[dict[str, torch.Tensor], memoryview] | None:
+def layout_buffer(
+    entries: list[codec.Entry], length: int, pin: bool
+) -> tuple[dict[str, torch.Tensor], memoryview] | None:
     """One buffer for a data section and each entry's tensor as a view of it; None when
     an entry's offset does not suit its dtype (a view needs its elements aligned)."""
     if any(e.begin % e.dtype.itemsize for e in entries):
@@ -250,9 +264,10 @@ def layout_buffer(entries: list[codec.Entry], length: int, pin: bool
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        raise DeviceOutOfMemory(f"out of page-locked host memory for a {length}-byte body "
-                                f"({e})") from None
-    tensors = {e.name: flat[e.begin:e.end].view(e.dtype).view(e.shape) for e in entries}
+        raise DeviceOutOfMemory(
+            f"out of page-locked host memory for a {length}-byte body ({e})"
+        ) from None
+    tensors = {e.name: flat[e.begin : e.end].view(e.dtype).view(e.shape) for e in entries}
     return tensors, codec.byte_view(flat)
 
 
@@ -288,14 +303,19 @@ async def ingest_layout(
 
     entries, metadata, length = await _off_loop_if(len(head) > INLINE_HEADER_BYTES, parse)
     # Page-locked memory is slow to allocate (the driver maps it): never on the event loop.
-    laid = await run_in_threadpool(layout_buffer, entries, length, pin) if pin else \
-        layout_buffer(entries, length, pin)
+    laid = (
+        await run_in_threadpool(layout_buffer, entries, length, pin)
+        if pin
+        else layout_buffer(entries, length, pin)
+    )
     if laid is None:
-        tensors = (await run_in_threadpool(lambda: {e.name: fallback(e) for e in entries})
-                   if pin else {e.name: fallback(e) for e in entries})
+        tensors = (
+            await run_in_threadpool(lambda: {e.name: fallback(e) for e in entries})
+            if pin
+            else {e.name: fallback(e) for e in entries}
+        )
         ordered = sorted(entries, key=lambda e: e.begin)
-        await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head,
-                         length)
+        await _read_data(reader, [codec.byte_view(tensors[e.name]) for e in ordered], head, length)
         return tensors, metadata
     tensors, data = laid
     await _read_data(reader, [data], head, length)

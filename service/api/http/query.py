@@ -34,21 +34,26 @@ def _is_list(annotation: Any) -> bool:
 @functools.cache
 def _keys(model: type[BaseModel]) -> tuple[tuple[str, bool], ...]:
     """(query name, repeats) of every field: repeated names (``?key=a&key=b``) make lists."""
-    return tuple((info.alias or name, _is_list(info.annotation))
-                 for name, info in model.model_fields.items())
+    return tuple(
+        (info.alias or name, _is_list(info.annotation)) for name, info in model.model_fields.items()
+    )
 
 
 def parse_query(request: Request, model: type[M]) -> M:
     """``model`` from the request's query string (a single value: the last one given, as
     FastAPI takes it), or FastAPI's RequestValidationError."""
     query = request.query_params
-    data = {key: query.getlist(key) if many else query[key]
-            for key, many in _keys(model) if key in query}
+    data = {
+        key: query.getlist(key) if many else query[key]
+        for key, many in _keys(model)
+        if key in query
+    }
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(
-            [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
+            [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]
+        ) from None
 
 
 def query_doc(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -59,6 +64,13 @@ def query_doc(model: type[BaseModel]) -> list[dict[str, Any]]:
         prop = dict(prop)
         description = prop.pop("description", None)
         prop.pop("title", None)
-        out.append({"name": key, "in": "query", "required": key in schema.get("required", ()),
-                    "schema": prop, **({"description": description} if description else {})})
+        out.append(
+            {
+                "name": key,
+                "in": "query",
+                "required": key in schema.get("required", ()),
+                "schema": prop,
+                **({"description": description} if description else {}),
+            }
+        )
     return out

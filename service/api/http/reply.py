@@ -24,8 +24,14 @@ from adamscope.client.constants import META_STEP, META_STEPPER
 from ...errors import ApiError
 from .media import OCTET
 
-__all__ = ["TensorStreamResponse", "check_json_size", "json_response", "json_tensors",
-           "render_json", "tensor_response"]
+__all__ = [
+    "TensorStreamResponse",
+    "check_json_size",
+    "json_response",
+    "json_tensors",
+    "render_json",
+    "tensor_response",
+]
 
 _JSON = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="strings"))
 
@@ -43,9 +49,11 @@ def check_json_size(request: Request, tensors: list[torch.Tensor]) -> None:
     limit: int = request.app.state.settings.max_json_elements
     n = sum(t.numel() for t in tensors)
     if n > limit:
-        raise ApiError("json_too_large",
-                       f"{n} elements exceed the JSON limit of {limit}; "
-                       "request format=safetensors instead", limit=limit)
+        raise ApiError(
+            "json_too_large",
+            f"{n} elements exceed the JSON limit of {limit}; request format=safetensors instead",
+            limit=limit,
+        )
 
 
 def json_tensors(request: Request, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -54,7 +62,9 @@ def json_tensors(request: Request, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 
 def tensor_response(
-    tensors: Mapping[str, torch.Tensor], stepper: str, step: int,
+    tensors: Mapping[str, torch.Tensor],
+    stepper: str,
+    step: int,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Response:
     metadata = {META_STEPPER: stepper, META_STEP: str(step), **(extra_metadata or {})}
@@ -67,6 +77,7 @@ def tensor_response(
 
 #: The last bytes of a streamed reply are sent as a copy, see TensorStreamResponse.
 TAIL_COPY_BYTES = 1 << 20
+
 
 class TensorStreamResponse(Response):
     """A safetensors reply sent from the tensors' memory, then ``await release()`` runs.
@@ -94,8 +105,9 @@ class TensorStreamResponse(Response):
         self._parts = [memoryview(head), *views]
         self._release = release
         length = sum(p.nbytes for p in self._parts)
-        super().__init__(None, headers={"content-length": str(length),
-                                        "x-adamscope-step": str(step)})
+        super().__init__(
+            None, headers={"content-length": str(length), "x-adamscope-step": str(step)}
+        )
 
     def _parts_with_copied_tail(self) -> list[bytes | memoryview]:
         total = sum(p.nbytes for p in self._parts)
@@ -118,8 +130,13 @@ class TensorStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
             for part in self._parts_with_copied_tail():
                 await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

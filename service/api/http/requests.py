@@ -23,8 +23,23 @@ UNMATCHED = "<unmatched>"
 SEEN_PATHS = 4096
 
 #: Request duration buckets (seconds).
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0)
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 
 class RequestStats:
@@ -46,7 +61,7 @@ class RequestStats:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):]
+            path = path[len(root) :]
         hit = self._seen.get(path)
         if hit is not None:
             return hit
@@ -93,8 +108,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.stats.record(scope["method"], self.stats.route_of(scope), status,
-                              time.perf_counter() - started)
+            self.stats.record(
+                scope["method"], self.stats.route_of(scope), status, time.perf_counter() - started
+            )
 
 
 def install_metrics(app: FastAPI) -> None:

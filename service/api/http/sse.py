@@ -28,10 +28,12 @@ class EventStreamResponse(Response):
 
     media_type = EVENT_STREAM
 
-    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], None],
-                 status_code: int = 200) -> None:
-        super().__init__(None, status_code, headers={"cache-control": "no-cache",
-                                                     "x-accel-buffering": "no"})
+    def __init__(
+        self, body: AsyncIterator[bytes], cleanup: Callable[[], None], status_code: int = 200
+    ) -> None:
+        super().__init__(
+            None, status_code, headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
         # Response(None) declares "content-length: 0", which a real server enforces: a
         # stream has no length.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
@@ -40,8 +42,13 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
             async for chunk in self._body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -54,8 +61,9 @@ class EventStreamResponse(Response):
             streaming = asyncio.ensure_future(stream())
             listening = asyncio.ensure_future(disconnected())
             try:
-                done, _ = await asyncio.wait({streaming, listening},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {streaming, listening}, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 for task in (streaming, listening):
                     task.cancel()

@@ -71,5 +71,9 @@ def _serve(file: str) -> Callable[[Request], Awaitable[Response]]:
 
 
 for _file in ASSETS:
-    router.add_api_route(PAGE if _file == "index.html" else f"{PAGE}/{_file}", _serve(_file),
-                         methods=["GET"], dependencies=[Depends(require("public"))])
+    router.add_api_route(
+        PAGE if _file == "index.html" else f"{PAGE}/{_file}",
+        _serve(_file),
+        methods=["GET"],
+        dependencies=[Depends(require("public"))],
+    )

@@ -44,8 +44,11 @@ def _stepper_operand(stepper: Stepper) -> Operand:
         step, state = stepper.get_state(with_params=True)
         groups = stepper.group_options()
     tensors = {n: {"param": s.pop("param"), **s} for n, s in state.items()}
-    return Operand({"stepper": stepper.name, "snapshot": None, "step": step}, tensors,
-                   [_jsonable(g) for g in groups])
+    return Operand(
+        {"stepper": stepper.name, "snapshot": None, "step": step},
+        tensors,
+        [_jsonable(g) for g in groups],
+    )
 
 
 def _snapshot_operand(request: Request, stepper: Stepper, snap: str) -> Operand:
@@ -54,8 +57,7 @@ def _snapshot_operand(request: Request, stepper: Stepper, snap: str) -> Operand:
         ckpt = checkpoints.decode(f.read())
     tensors = {n: {"param": t, **ckpt.state.get(n, {})} for n, t in ckpt.params}
     groups = [_jsonable(dict(g["options"])) for g in ckpt.header["groups"]]
-    return Operand({"stepper": stepper.name, "snapshot": snap, "step": ckpt.step}, tensors,
-                   groups)
+    return Operand({"stepper": stepper.name, "snapshot": snap, "step": ckpt.step}, tensors, groups)
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +75,9 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     "/diff",
     summary="Name-keyed diff of two steppers or snapshots ('stepper' or 'stepper/snapshot')",
     dependencies=[Depends(require("read"))],
-    responses=problems("stepper_not_found", "snapshot_not_found", "request_validation_error",
-                       "invalid_checkpoint"),
+    responses=problems(
+        "stepper_not_found", "snapshot_not_found", "request_validation_error", "invalid_checkpoint"
+    ),
 )
 async def diff_route(
     request: Request,
@@ -85,8 +88,11 @@ async def diff_route(
     for stepper_name, snap in sides:
         authorize_name(request, stepper_name)
         if snap is not None and not principal(request).allows("admin"):
-            raise AccessDenied("forbidden", f"reading snapshot {snap!r} needs the admin scope",
-                               required_scope="admin")
+            raise AccessDenied(
+                "forbidden",
+                f"reading snapshot {snap!r} needs the admin scope",
+                required_scope="admin",
+            )
     steppers = [registry(request).get(n) for n, _ in sides]
 
     def operand(stepper: Stepper, snap: str | None) -> Callable[[], Operand]:
@@ -94,7 +100,9 @@ async def diff_route(
             return lambda: _stepper_operand(stepper)
         return lambda: _snapshot_operand(request, stepper, snap)
 
-    ops = [await run_in_threadpool(operand(s, snap)) for s, (_, snap) in
-           zip(steppers, sides, strict=True)]
+    ops = [
+        await run_in_threadpool(operand(s, snap))
+        for s, (_, snap) in zip(steppers, sides, strict=True)
+    ]
     report = await run_in_threadpool(diff, ops[0], ops[1])
     return json_response(report)

@@ -33,7 +33,6 @@ __all__ = ["router"]
 router = APIRouter(tags=["inspection"])
 
 
-
 def _difference(after: torch.Tensor, before: torch.Tensor) -> Source:
     """``after - before`` elementwise, in float32 (float64 for float64 tensors)."""
     wide = torch.float64 if after.dtype in (torch.float64, torch.complex128) else torch.float32
@@ -48,14 +47,17 @@ def _report(run: DryRun, spec: StatsSpec) -> dict[str, Any]:
         numel = run.grads[n].numel() * (2 if run.grads[n].is_complex() else 1)
         keep = kept + numel <= EXACT_LIMIT
         kept += numel if keep else 0
-        described = {"update": describe(_difference(run.after[n], run.before[n]), spec,
-                                        keep_values=keep),
-                     "grad": describe(Source.of(run.grads[n]), spec, keep_values=keep)}
+        described = {
+            "update": describe(_difference(run.after[n], run.before[n]), spec, keep_values=keep),
+            "grad": describe(Source.of(run.grads[n]), spec, keep_values=keep),
+        }
         tensors[n] = {k: d.stats for k, d in described.items()}
         for k, d in described.items():
             parts[k].append(d)
     return {
-        "step": run.step, "stepped": run.stepped, "skipped": run.skipped,
+        "step": run.step,
+        "stepped": run.stepped,
+        "skipped": run.skipped,
         "tensors": tensors,
         "aggregate": {k: aggregate(v, spec) for k, v in parts.items() if v},
         "signals": run.signals,
@@ -63,8 +65,9 @@ def _report(run: DryRun, spec: StatsSpec) -> dict[str, Any]:
 
 
 class DryRunQuery(SpecQuery):
-    return_update: bool = Field(False, description="answer with the would-be tensors as "
-                                                   "safetensors")
+    return_update: bool = Field(
+        False, description="answer with the would-be tensors as safetensors"
+    )
 
 
 @router.post(
@@ -72,22 +75,36 @@ class DryRunQuery(SpecQuery):
     summary="What a step with these gradients would do, without doing it",
     dependencies=[Depends(require("read"))],
     responses={
-        200: {"content": {"application/json": {}, OCTET: {}},
-              "description": "JSON report (per tensor: statistics of the update and the "
-                             "gradient; aggregate; the step's signals), or with "
-                             "return_update=true safetensors '<param>.update', "
-                             "'<param>.param' (the would-be value) and '<param>.<state key>' "
-                             f"(the would-be state), the report in __metadata__"
-                             f"['{META_DRY_RUN}']"},
-        **problems(*NAME_PROBLEMS, "malformed_body", "payload_too_large",
-                   "unsupported_media_type", "request_timeout", "unknown_parameter",
-                   "shape_mismatch", "dtype_mismatch", "invalid_hyperparameter", "invalid_state",
-                   "device_out_of_memory"),
+        200: {
+            "content": {"application/json": {}, OCTET: {}},
+            "description": "JSON report (per tensor: statistics of the update and the "
+            "gradient; aggregate; the step's signals), or with "
+            "return_update=true safetensors '<param>.update', "
+            "'<param>.param' (the would-be value) and '<param>.<state key>' "
+            f"(the would-be state), the report in __metadata__"
+            f"['{META_DRY_RUN}']",
+        },
+        **problems(
+            *NAME_PROBLEMS,
+            "malformed_body",
+            "payload_too_large",
+            "unsupported_media_type",
+            "request_timeout",
+            "unknown_parameter",
+            "shape_mismatch",
+            "dtype_mismatch",
+            "invalid_hyperparameter",
+            "invalid_state",
+            "device_out_of_memory",
+        ),
     },
-    openapi_extra={**binary_body_doc(
-        "safetensors of gradients by parameter name, as for a step (optional "
-        f"__metadata__['{META_GROUPS}'] option changes included)"),
-        "parameters": query_doc(DryRunQuery)},
+    openapi_extra={
+        **binary_body_doc(
+            "safetensors of gradients by parameter name, as for a step (optional "
+            f"__metadata__['{META_GROUPS}'] option changes included)"
+        ),
+        "parameters": query_doc(DryRunQuery),
+    },
 )
 async def dry_run_route(name: str, request: Request) -> Response:
     q = parse_query(request, DryRunQuery)
@@ -98,8 +115,9 @@ async def dry_run_route(name: str, request: Request) -> Response:
         stepper.check_gradient(entry.name, entry.shape, entry.dtype)
         return torch.empty(entry.shape, dtype=entry.dtype)
 
-    grads, metadata = await ingest_tensors(request, serving(request).of(stepper).header_limit,
-                                           destination)
+    grads, metadata = await ingest_tensors(
+        request, serving(request).of(stepper).header_limit, destination
+    )
     groups = group_updates_from_json(meta_json(metadata, META_GROUPS))
 
     def run() -> tuple[DryRun, dict[str, Any]]:
@@ -116,7 +134,6 @@ async def dry_run_route(name: str, request: Request) -> Response:
         tensors[f"{n}.param"] = result.after[n].cpu()
         for k, v in result.state[n].items():
             tensors[f"{n}.{k}"] = v.detach().cpu()
-    return TensorStreamResponse(tensors, name, result.step,
-                                {META_DRY_RUN: render_json(body).decode()})
-
-
+    return TensorStreamResponse(
+        tensors, name, result.step, {META_DRY_RUN: render_json(body).decode()}
+    )

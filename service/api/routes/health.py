@@ -17,10 +17,13 @@ __all__ = ["router"]
 router = APIRouter(tags=["service"])
 
 
-@router.get("/healthz", summary="Liveness and basic facts",
-            description="Public. Steppers whose restore failed are counted for everyone, "
-                        "and named only to a caller whose token could list them.",
-            dependencies=[Depends(require("public"))])
+@router.get(
+    "/healthz",
+    summary="Liveness and basic facts",
+    description="Public. Steppers whose restore failed are counted for everyone, "
+    "and named only to a caller whose token could list them.",
+    dependencies=[Depends(require("public"))],
+)
 async def healthz(request: Request) -> dict[str, Any]:
     stored: dict[str, Any] = persistence(request).health()
     try:
@@ -37,8 +40,11 @@ async def healthz(request: Request) -> dict[str, Any]:
         "steppers": len(registry(request)),
         "persistence": {
             **stored,
-            "failed": [{**f, "error": clean_detail(f["error"])} for f in failed
-                       if who is not None and who.reaches(f["stepper"])],
+            "failed": [
+                {**f, "error": clean_detail(f["error"])}
+                for f in failed
+                if who is not None and who.reaches(f["stepper"])
+            ],
             "failed_count": len(failed),
         },
     }

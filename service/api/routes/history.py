@@ -73,9 +73,14 @@ def _check_signals(stepper: Stepper, signals: list[str] | None, loc: list[Any]) 
 
 
 Signals = Annotated[list[str] | None, Query(alias="signal", description="signals; all if none")]
-Tensors = Annotated[list[str] | None, Query(
-    alias="tensor", description="parameter tensors whose own series to include ('*': all); "
-                                "none: only the stepper's aggregate")]
+Tensors = Annotated[
+    list[str] | None,
+    Query(
+        alias="tensor",
+        description="parameter tensors whose own series to include ('*': all); "
+        "none: only the stepper's aggregate",
+    ),
+]
 
 
 @router.get(
@@ -84,10 +89,12 @@ Tensors = Annotated[list[str] | None, Query(
     summary="The stepper's retained per-step signals as time series (JSON or CSV)",
     dependencies=[Depends(require("read"))],
     responses={
-        200: {"content": {CSV: {"schema": {"type": "string"}}},
-              "description": "HistoryReport JSON, or with format=csv (or Accept: text/csv) "
-                             "CSV: step,time,tensor,loss,<signals>; tensor empty for the "
-                             "aggregate"},
+        200: {
+            "content": {CSV: {"schema": {"type": "string"}}},
+            "description": "HistoryReport JSON, or with format=csv (or Accept: text/csv) "
+            "CSV: step,time,tensor,loss,<signals>; tensor empty for the "
+            "aggregate",
+        },
         **problems(*NAME_PROBLEMS, "unknown_parameter"),
     },
 )
@@ -96,12 +103,16 @@ async def get_history(
     request: Request,
     signal: Signals = None,
     tensor: Tensors = None,
-    since: Annotated[int | None, Query(ge=0, le=INT64_MAX,
-                                       description="only steps after this one")] = None,
-    limit: Annotated[int | None, Query(ge=1, le=INT64_MAX,
-                                       description="only the last N steps")] = None,
-    format: Annotated[Literal["json", "csv"] | None, Query(
-        description="json (default) or csv; csv is also chosen by Accept: text/csv")] = None,
+    since: Annotated[
+        int | None, Query(ge=0, le=INT64_MAX, description="only steps after this one")
+    ] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, le=INT64_MAX, description="only the last N steps")
+    ] = None,
+    format: Annotated[
+        Literal["json", "csv"] | None,
+        Query(description="json (default) or csv; csv is also chosen by Accept: text/csv"),
+    ] = None,
 ) -> Response:
     stepper = await serving(request).settled(registry(request).get(name))
     _check_signals(stepper, signal, ["query", "signal"])
@@ -109,8 +120,9 @@ async def get_history(
         if t != "*" and t not in stepper.index:
             raise UnknownParameter(f"stepper {name!r} has no parameter {t!r}", parameter=t)
     history = observer(stepper).history
-    as_csv = format == "csv" or (format is None and
-                                 request.headers.get("accept", "").startswith(CSV))
+    as_csv = format == "csv" or (
+        format is None and request.headers.get("accept", "").startswith(CSV)
+    )
 
     def build() -> Response:
         if as_csv:
@@ -119,8 +131,11 @@ async def get_history(
 
     cells = history.aggregate.size * max(1, len(history.columns))
     if tensor:
-        cells += history.tensor_capacity * len(history.columns) * (
-            len(stepper.names) if "*" in tensor else len(tensor))
+        cells += (
+            history.tensor_capacity
+            * len(history.columns)
+            * (len(stepper.names) if "*" in tensor else len(tensor))
+        )
     if cells <= INLINE_CELLS:
         return build()
     return await run_in_threadpool(build)
@@ -163,8 +178,7 @@ async def get_alerts(name: str, request: Request, limit: Limit = 100) -> Respons
     response_model=AlertsReport,
     summary="Replace the stepper's alert rules (null: the defaults)",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "unknown_parameter", "malformed_body",
-                       "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "unknown_parameter", "malformed_body", "persistence_failed"),
 )
 async def put_alerts(name: str, body: AlertRules, request: Request) -> Response:
     stepper = registry(request).get(name)
@@ -172,8 +186,10 @@ async def put_alerts(name: str, body: AlertRules, request: Request) -> Response:
         if rule.signal is not None:
             _check_signals(stepper, [rule.signal], ["body", "rules", i, "signal"])
         if rule.tensor not in (None, "*") and rule.tensor not in stepper.index:
-            raise UnknownParameter(f"rule {i} names tensor {rule.tensor!r}, which stepper "
-                                   f"{name!r} does not have", parameter=rule.tensor)
+            raise UnknownParameter(
+                f"rule {i} names tensor {rule.tensor!r}, which stepper {name!r} does not have",
+                parameter=rule.tensor,
+            )
     await serving(request).off_loop(stepper, lambda: set_rules(stepper, body.rules))
     await persist_after(request, stepper)
     return json_response(_report(stepper, 100))

@@ -20,10 +20,18 @@ __all__ = ["router"]
 router = APIRouter(tags=["service"])
 
 
-@router.get("/whoami", response_model=Identity,
-            summary="The scope and stepper-name prefix of the token this request carries",
-            dependencies=[Depends(require("read"))])
+@router.get(
+    "/whoami",
+    response_model=Identity,
+    summary="The scope and stepper-name prefix of the token this request carries",
+    dependencies=[Depends(require("read"))],
+)
 async def whoami(request: Request) -> dict[str, Any]:
     p = principal(request)
-    return {"name": p.label, "scope": p.scope, "prefix": p.prefix, "reaches": p.reach(),
-            "tokens": request.app.state.access.enabled}
+    return {
+        "name": p.label,
+        "scope": p.scope,
+        "prefix": p.prefix,
+        "reaches": p.reach(),
+        "tokens": request.app.state.access.enabled,
+    }

@@ -75,8 +75,15 @@ class _Families:
         family = self._families.setdefault(name, (kind, help_text, []))
         family[2].append(f"{name}{_labels(**labels)} {_number(value)}")
 
-    def histogram(self, name: str, help_text: str, bounds: Iterable[float],
-                  cumulative: list[float], total: float, **labels: str) -> None:
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        bounds: Iterable[float],
+        cumulative: list[float],
+        total: float,
+        **labels: str,
+    ) -> None:
         family = self._families.setdefault(name, ("histogram", help_text, []))
         lines = family[2]
         for bound, count in zip([*bounds, math.inf], cumulative, strict=True):
@@ -99,8 +106,11 @@ _STEPPER_FAMILIES = (
     ("adamscope_stepper_step", "gauge", "The stepper's step."),
     ("adamscope_stepper_parameters", "gauge", "Elements of the stepper's parameters."),
     ("adamscope_stepper_steps_total", "counter", "Steps applied since the service started."),
-    ("adamscope_step_duration_seconds", "histogram",
-     "Engine time of a step: PyTorch's update plus the signals computed with it."),
+    (
+        "adamscope_step_duration_seconds",
+        "histogram",
+        "Engine time of a step: PyTorch's update plus the signals computed with it.",
+    ),
     ("adamscope_signal", "gauge", "Latest aggregate value of a per-step signal."),
     ("adamscope_loss", "gauge", "Latest training loss a client reported."),
     ("adamscope_alerts_total", "counter", "Alert events raised since the service started."),
@@ -116,8 +126,14 @@ def _stepper_series(f: _Families, s: Stepper) -> None:
         return
     m = obs.metrics()
     f.add("adamscope_stepper_steps_total", "counter", "", m["steps_total"], stepper=s.name)
-    f.histogram("adamscope_step_duration_seconds", "", LATENCY_BUCKETS,
-                m["latency_cumulative"], m["latency_sum"], stepper=s.name)
+    f.histogram(
+        "adamscope_step_duration_seconds",
+        "",
+        LATENCY_BUCKETS,
+        m["latency_cumulative"],
+        m["latency_sum"],
+        stepper=s.name,
+    )
     latest = obs.history.latest()
     for signal, value in sorted((latest or {}).get("aggregate", {}).items()):
         f.add("adamscope_signal", "gauge", "", value, stepper=s.name, signal=signal)
@@ -131,40 +147,69 @@ def _stepper_series(f: _Families, s: Stepper) -> None:
 def _request_series(f: _Families, stats: RequestStats) -> None:
     f.declare("adamscope_http_requests_total", "counter", "HTTP requests by route and status.")
     for (method, route, status), n in sorted(stats.counts.items()):
-        f.add("adamscope_http_requests_total", "counter", "", n, method=method, route=route,
-              status=status)
-    f.declare("adamscope_http_request_duration_seconds", "histogram",
-              "HTTP request time, until the last byte of the reply was handed on.")
+        f.add(
+            "adamscope_http_requests_total",
+            "counter",
+            "",
+            n,
+            method=method,
+            route=route,
+            status=status,
+        )
+    f.declare(
+        "adamscope_http_request_duration_seconds",
+        "histogram",
+        "HTTP request time, until the last byte of the reply was handed on.",
+    )
     for (method, route), cells in sorted(stats.durations.items()):
         cumulative: list[float] = []
         running = 0.0
         for c in cells[:-1]:
             running += c
             cumulative.append(running)
-        f.histogram("adamscope_http_request_duration_seconds", "", REQUEST_BUCKETS,
-                    cumulative, cells[-1], method=method, route=route)
+        f.histogram(
+            "adamscope_http_request_duration_seconds",
+            "",
+            REQUEST_BUCKETS,
+            cumulative,
+            cells[-1],
+            method=method,
+            route=route,
+        )
 
 
 def render(request: Request) -> str:
     f = _Families()
-    f.add("adamscope_build_info", "gauge", "Version of the service (value 1).", 1,
-          version=__version__)
+    f.add(
+        "adamscope_build_info", "gauge", "Version of the service (value 1).", 1, version=__version__
+    )
     steppers = [s for s in registry(request).list() if visible(request, s.name)]
     shown = steppers[: settings(request).metrics_max_steppers]
     f.add("adamscope_steppers", "gauge", "Steppers hosted.", len(steppers))
-    f.add("adamscope_metrics_steppers_omitted", "gauge",
-          "Steppers without per-stepper series here (metrics_max_steppers).",
-          len(steppers) - len(shown))
+    f.add(
+        "adamscope_metrics_steppers_omitted",
+        "gauge",
+        "Steppers without per-stepper series here (metrics_max_steppers).",
+        len(steppers) - len(shown),
+    )
     for name, kind, text in _STEPPER_FAMILIES:
         f.declare(name, kind, text)
     for s in shown:
         _stepper_series(f, s)
     _request_series(f, request.app.state.request_stats)
     events = hub(request)
-    f.add("adamscope_event_subscribers", "gauge", "Clients connected to /v1/events.",
-          len(events.subscribers))
-    f.add("adamscope_events_dropped_total", "counter",
-          "Events dropped for /v1/events clients that read too slowly.", events.dropped_total)
+    f.add(
+        "adamscope_event_subscribers",
+        "gauge",
+        "Clients connected to /v1/events.",
+        len(events.subscribers),
+    )
+    f.add(
+        "adamscope_events_dropped_total",
+        "counter",
+        "Events dropped for /v1/events clients that read too slowly.",
+        events.dropped_total,
+    )
     return "\n".join(f.lines()) + "\n"
 
 
@@ -173,8 +218,12 @@ def render(request: Request) -> str:
     summary="Service metrics in Prometheus text format",
     dependencies=[Depends(require("read"))],
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                     "description": "Prometheus text exposition format 0.0.4"}},
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format 0.0.4",
+        }
+    },
 )
 async def metrics(request: Request) -> Response:
     serve = serving(request)

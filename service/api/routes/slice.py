@@ -51,9 +51,13 @@ def parse_index(raw: str) -> tuple[int | slice, ...]:
             continue
         if step is not None and int(step) == 0:
             raise invalid("a slice step must be positive")
-        items.append(slice(_index_int(start) if start else None,
-                           _index_int(stop) if stop else None,
-                           _index_int(step) if step else None))
+        items.append(
+            slice(
+                _index_int(start) if start else None,
+                _index_int(stop) if stop else None,
+                _index_int(step) if step else None,
+            )
+        )
     return tuple(items)
 
 
@@ -64,12 +68,17 @@ def parse_index(raw: str) -> tuple[int | slice, ...]:
     responses=problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state", "json_too_large"),
 )
 async def slice_tensor(
-    name: str, request: Request,
+    name: str,
+    request: Request,
     param: Annotated[str, Query(alias=NAMES_QUERY, description="the parameter")],
     key: Annotated[str, Query(description="one of " + ", ".join(VIEW_KEYS))] = "param",
-    index: Annotated[str | None, Query(
-        description="numpy-style selection: ints and slices, comma-separated ('3', "
-                    "'0:4', '2,1:10:2')")] = None,
+    index: Annotated[
+        str | None,
+        Query(
+            description="numpy-style selection: ints and slices, comma-separated ('3', "
+            "'0:4', '2,1:10:2')"
+        ),
+    ] = None,
     rows: Annotated[str | None, Query(description="a:b[:c] over the first dimension")] = None,
 ) -> Response:
     stepper = registry(request).get(name)
@@ -77,8 +86,9 @@ async def slice_tensor(
         raise invalid(f"unknown key {key!r}; expected one of {', '.join(VIEW_KEYS)}")
     if index is not None and rows is not None:
         raise invalid("give index or rows, not both")
-    selection = parse_index(index) if index is not None else (
-        parse_index(rows) if rows is not None else ())
+    selection = (
+        parse_index(index) if index is not None else (parse_index(rows) if rows is not None else ())
+    )
     if rows is not None and (len(selection) != 1 or not isinstance(selection[0], slice)):
         raise invalid(f"rows must be one slice a:b[:c], got {rows!r}")
     limit = settings(request).max_json_elements
@@ -87,10 +97,13 @@ async def slice_tensor(
         with stepper.lock:
             shape, _ = stepper.param_meta(param)  # unknown_parameter
             if len(selection) > len(shape):
-                raise invalid(f"{len(selection)} index items for a tensor of {len(shape)} "
-                               f"dimension(s) {shape}")
-            view = view_of(stepper.param(param), stepper.param_state(param),
-                           stepper.param_group(param), key)
+                raise invalid(
+                    f"{len(selection)} index items for a tensor of {len(shape)} "
+                    f"dimension(s) {shape}"
+                )
+            view = view_of(
+                stepper.param(param), stepper.param_state(param), stepper.param_group(param), key
+            )
             if isinstance(view, str):
                 raise InvalidState(f"{key} of {param!r}: {view}", parameter=param)
             try:
@@ -98,14 +111,25 @@ async def slice_tensor(
             except (IndexError, RuntimeError) as e:  # RuntimeError: a size past int64
                 raise invalid(f"index {index or rows!r} on shape {shape}: {e}") from None
             if probe.numel() > limit:
-                raise ApiError("json_too_large", f"{probe.numel()} elements exceed the JSON "
-                               f"limit of {limit}; select fewer", limit=limit)
+                raise ApiError(
+                    "json_too_large",
+                    f"{probe.numel()} elements exceed the JSON limit of {limit}; select fewer",
+                    limit=limit,
+                )
             return stepper.step_count, view.select(selection).detach().to("cpu", copy=True)
 
     step, t = await serving(request).off_loop(stepper, select)
-    return Response(json.dumps({"stepper": name, "step": step, "name": param, "key": key,
-                                "index": index if index is not None else rows,
-                                **codec.tensor_to_json(t)}, separators=(",", ":")).encode(),
-                    media_type="application/json")
-
-
+    return Response(
+        json.dumps(
+            {
+                "stepper": name,
+                "step": step,
+                "name": param,
+                "key": key,
+                "index": index if index is not None else rows,
+                **codec.tensor_to_json(t),
+            },
+            separators=(",", ":"),
+        ).encode(),
+        media_type="application/json",
+    )

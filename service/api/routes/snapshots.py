@@ -78,8 +78,7 @@ async def set_durability(name: str, policy: Durability, request: Request) -> dic
     response_model=SnapshotInfo,
     summary="Take a named snapshot of the stepper's current state",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*NAME_PROBLEMS, "malformed_body", "snapshot_exists",
-                       "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "snapshot_exists", "persistence_failed"),
 )
 async def take_snapshot(
     name: str, request: Request, body: Annotated[SnapshotRequest | None, Body()] = None
@@ -106,9 +105,13 @@ async def list_snapshots(name: str, request: Request) -> dict[str, Any]:
     "/steppers/{name}/snapshots/{snap}",
     summary="Download a snapshot (a self-describing safetensors checkpoint file)",
     dependencies=[Depends(require("admin"))],
-    responses={200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "the snapshot file"},
-               **problems(*SNAP_PROBLEMS)},
+    responses={
+        200: {
+            "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the snapshot file",
+        },
+        **problems(*SNAP_PROBLEMS),
+    },
 )
 async def download_snapshot(name: str, snap: Snap, request: Request) -> Response:
     stepper = registry(request).get(name)
@@ -121,10 +124,14 @@ async def download_snapshot(name: str, snap: Snap, request: Request) -> Response
         finally:
             f.close()
 
-    return StreamingResponse(chunks(), media_type=OCTET, headers={
-        "content-length": str(size),
-        "content-disposition": f'attachment; filename="{name}-{snap}.safetensors"',
-    })
+    return StreamingResponse(
+        chunks(),
+        media_type=OCTET,
+        headers={
+            "content-length": str(size),
+            "content-disposition": f'attachment; filename="{name}-{snap}.safetensors"',
+        },
+    )
 
 
 @router.post(
@@ -164,19 +171,37 @@ async def delete_snapshot(name: str, snap: Snap, request: Request) -> Response:
         "a checkpoint file as downloaded from GET /v1/steppers/{name}/snapshots/{snap} "
         "(safetensors with the adamscope.checkpoint header)"
     ),
-    responses=problems("malformed_body", "payload_too_large", "unsupported_media_type",
-                       "request_timeout", "request_validation_error", "invalid_checkpoint",
-                       "stepper_exists", "device_unavailable", "forbidden", "tensor_too_large",
-                       "stepper_limit", "memory_budget_exceeded", "persistence_failed"),
+    responses=problems(
+        "malformed_body",
+        "payload_too_large",
+        "unsupported_media_type",
+        "request_timeout",
+        "request_validation_error",
+        "invalid_checkpoint",
+        "stepper_exists",
+        "device_unavailable",
+        "forbidden",
+        "tensor_too_large",
+        "stepper_limit",
+        "memory_budget_exceeded",
+        "persistence_failed",
+    ),
 )
 async def import_stepper(
     request: Request,
-    name: Annotated[str | None, Query(
-        pattern=STEPPER_NAME_PATTERN, description="the new stepper's name; default: the file's"
-    )] = None,
-    device: Annotated[str | None, Query(
-        description="device for the new stepper; default: the file's if available here, "
-                    "else the service default")] = None,
+    name: Annotated[
+        str | None,
+        Query(
+            pattern=STEPPER_NAME_PATTERN, description="the new stepper's name; default: the file's"
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        Query(
+            description="device for the new stepper; default: the file's if available here, "
+            "else the service default"
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     config = settings(request)
     kind = media_type(request)
@@ -194,14 +219,16 @@ async def import_stepper(
     for pname, t in ckpt.params:
         quota.check_tensor_elements(config, pname, list(t.shape))
     try:
-        checkpoints.check_header_room([(n, list(t.shape)) for n, t in ckpt.params],
-                                      len(ckpt.groups))
+        checkpoints.check_header_room(
+            [(n, list(t.shape)) for n, t in ckpt.params], len(ckpt.groups)
+        )
     except InvalidSpec as e:
         raise InvalidCheckpoint(e.detail) from None
     needed = quota.checkpoint_bytes(
         [(n, t.numel() * t.element_size()) for n, t in ckpt.params],
         [(g.params, g.options) for g in ckpt.groups],
-        device or ckpt.device)
+        device or ckpt.device,
+    )
 
     target = resolve_device(device, config.default_device()) if device is not None else None
 
@@ -210,6 +237,7 @@ async def import_stepper(
         where = target or persistence(request).restore_device(ckpt.device)
         budget.check_room(registry(request), new, where, needed)
 
-    stepper = await run_in_threadpool(persistence(request).import_checkpoint, ckpt, new_name,
-                                      device, admit)
+    stepper = await run_in_threadpool(
+        persistence(request).import_checkpoint, ckpt, new_name, device, admit
+    )
     return summary(request, stepper)

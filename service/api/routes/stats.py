@@ -62,34 +62,44 @@ class SpecQuery(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     quantiles: str | None = Field(
-        None, description="comma-separated quantiles in [0, 1] (default 0.01,0.5,0.99; "
-                          "empty: none)")
+        None, description="comma-separated quantiles in [0, 1] (default 0.01,0.5,0.99; empty: none)"
+    )
     bins: int = Field(32, ge=0, le=MAX_BINS, description="histogram bins (0: none)")
-    hist_range: str | None = Field(None, alias="range",
-                                   description="histogram range 'lo,hi' (default: min,max)")
-    log: bool = Field(False, description="also a histogram of log10|x| (zeros and negatives "
-                                         "counted beside it)")
-    log_range: str | None = Field(None, description="log histogram range 'lo,hi' in log10 "
-                                                    "units (default: data)")
+    hist_range: str | None = Field(
+        None, alias="range", description="histogram range 'lo,hi' (default: min,max)"
+    )
+    log: bool = Field(
+        False, description="also a histogram of log10|x| (zeros and negatives counted beside it)"
+    )
+    log_range: str | None = Field(
+        None, description="log histogram range 'lo,hi' in log10 units (default: data)"
+    )
 
     def spec(self) -> StatsSpec:
-        qs = (DEFAULT_QUANTILES if self.quantiles is None
-              else _floats(self.quantiles, "quantiles"))
+        qs = DEFAULT_QUANTILES if self.quantiles is None else _floats(self.quantiles, "quantiles")
         try:
-            return StatsSpec(qs, self.bins, _range(self.hist_range, "range"), self.log,
-                             _range(self.log_range, "log_range"))
+            return StatsSpec(
+                qs,
+                self.bins,
+                _range(self.hist_range, "range"),
+                self.log,
+                _range(self.log_range, "log_range"),
+            )
         except ValueError as e:
             raise invalid(str(e)) from None
-
 
 
 class StatsQuery(SpecQuery):
     """The statistics' query (dashboards poll it)."""
 
-    names: list[str] | None = Field(None, alias=NAMES_QUERY,
-                                    description="parameters; all if none")
-    keys: list[str] | None = Field(None, alias="key", description=(
-        "tensors to describe: " + ", ".join(VIEW_KEYS) + f" (default {', '.join(DEFAULT_KEYS)})"))
+    names: list[str] | None = Field(None, alias=NAMES_QUERY, description="parameters; all if none")
+    keys: list[str] | None = Field(
+        None,
+        alias="key",
+        description=(
+            "tensors to describe: " + ", ".join(VIEW_KEYS) + f" (default {', '.join(DEFAULT_KEYS)})"
+        ),
+    )
     aggregate: bool = Field(True, description="also aggregate per key")
 
 
@@ -108,14 +118,14 @@ async def stats(name: str, request: Request) -> Response:
     unknown = [k for k in wanted if k not in VIEW_KEYS]
     if unknown:
         raise invalid(f"unknown key(s) {unknown}; expected some of {', '.join(VIEW_KEYS)}")
-    query = ("stats", tuple(names) if names is not None else None, wanted, spec.key(),
-             aggregate_)
+    query = ("stats", tuple(names) if names is not None else None, wanted, spec.key(), aggregate_)
     serve = serving(request)
     replies = serve.of(stepper).replies
     body = replies.get(query, stepper.version)
     if body is None:
-        report = await serve.off_loop(stepper, lambda: describe_optimizer(
-            stepper, names, wanted, spec, aggregate_))
+        report = await serve.off_loop(
+            stepper, lambda: describe_optimizer(stepper, names, wanted, spec, aggregate_)
+        )
         body = render_json({"stepper": name, "keys": list(wanted), **report})
         replies.put(query, report["version"], body)
     return Response(body, media_type="application/json")
@@ -133,8 +143,7 @@ async def signals(name: str, request: Request) -> Response:
     current = signals_of(stepper)
     # Every step (and every failure) replaces the signals dict, never changes it in place:
     # the same dict object is the same reply.
-    body = serve.of(stepper).replies.body("signals", current, lambda: render_json(
-        {"stepper": name, **current}))
+    body = serve.of(stepper).replies.body(
+        "signals", current, lambda: render_json({"stepper": name, **current})
+    )
     return Response(body, media_type="application/json")
-
-

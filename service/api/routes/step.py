@@ -31,30 +31,50 @@ router = APIRouter(tags=["tensors"])
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
     responses={
-        200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-              "description": "StepResult JSON, or with return_params=true the updated "
-                             "parameters as safetensors (metadata: step, stepped, skipped)"},
-        202: {"model": StepResult,
-              "description": "a contribution was recorded; the step waits for the others"},
-        **problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_hyperparameter",
-                   "invalid_state", "invalid_spec", "step_conflict", "stepper_frozen",
-                   "persistence_failed",
-                   "device_out_of_memory"),
+        200: {
+            "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "StepResult JSON, or with return_params=true the updated "
+            "parameters as safetensors (metadata: step, stepped, skipped)",
+        },
+        202: {
+            "model": StepResult,
+            "description": "a contribution was recorded; the step waits for the others",
+        },
+        **problems(
+            *NAME_PROBLEMS,
+            *BODY_PROBLEMS,
+            *TENSOR_PROBLEMS,
+            "invalid_hyperparameter",
+            "invalid_state",
+            "invalid_spec",
+            "step_conflict",
+            "stepper_frozen",
+            "persistence_failed",
+            "device_out_of_memory",
+        ),
     },
-    openapi_extra={**binary_body_doc(
-        "safetensors of gradients by parameter name; a parameter without one does not step "
-        f"(as with p.grad = None). Optional __metadata__['{META_GROUPS}']: a JSON list with "
-        "one object of option changes per param group, applied atomically before the step."
-    ), "parameters": query_doc(StepQuery)},
+    openapi_extra={
+        **binary_body_doc(
+            "safetensors of gradients by parameter name; a parameter without one does not step "
+            f"(as with p.grad = None). Optional __metadata__['{META_GROUPS}']: a JSON list with "
+            "one object of option changes per param group, applied atomically before the step."
+        ),
+        "parameters": query_doc(StepQuery),
+    },
 )
 async def step(
     name: str,
     request: Request,
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=200,
-        description="a retried request with the same key is not applied again: the "
-                    "original result is returned",
-    )] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="a retried request with the same key is not applied again: the "
+            "original result is returned",
+        ),
+    ] = None,
 ) -> Response:
     query = parse_query(request, StepQuery)
     return await Step(request, registry(request).get(name), query, idempotency_key).run()
@@ -65,8 +85,13 @@ async def step(
     summary="Accumulate mode: apply the pending step with the contributions so far",
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
-    responses=problems(*NAME_PROBLEMS, "step_conflict", "stepper_frozen", "persistence_failed",
-                       "device_out_of_memory"),
+    responses=problems(
+        *NAME_PROBLEMS,
+        "step_conflict",
+        "stepper_frozen",
+        "persistence_failed",
+        "device_out_of_memory",
+    ),
 )
 async def commit(name: str, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)

@@ -49,6 +49,7 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["steppers"])
 
+
 def _validate(model: type[Any], value: Any) -> Any:
     try:
         return model.model_validate(value)
@@ -67,8 +68,10 @@ def _params_from_json(spec: CreateStepper, max_bytes: int) -> list[tuple[str, to
         dtype = codec.dtype_from_name(p.dtype or "float32")
         total += math.prod(p.shape) * dtype.itemsize
         if total > max_bytes:
-            raise ApiError("payload_too_large",
-                           f"parameters of {total} bytes exceed the body limit of {max_bytes}")
+            raise ApiError(
+                "payload_too_large",
+                f"parameters of {total} bytes exceed the body limit of {max_bytes}",
+            )
         if p.data is None:
             t = torch.zeros(p.shape, dtype=dtype)
         else:
@@ -116,20 +119,38 @@ def _params_from_body(
         f"__metadata__['{META_SPEC}']; or a CreateStepper JSON body (zeros or small 'data').",
         {"$ref": "#/components/schemas/CreateStepper"},
     ),
-    responses=problems("malformed_body", "stepper_exists", "payload_too_large", "request_timeout",
-                       "unsupported_media_type", "request_validation_error",
-                       "invalid_hyperparameter", "invalid_spec", "duplicate_name",
-                       "unknown_parameter", "shape_mismatch", "dtype_mismatch",
-                       "device_unavailable", "forbidden", "tensor_too_large", "stepper_limit",
-                       "memory_budget_exceeded", "device_out_of_memory"),
+    responses=problems(
+        "malformed_body",
+        "stepper_exists",
+        "payload_too_large",
+        "request_timeout",
+        "unsupported_media_type",
+        "request_validation_error",
+        "invalid_hyperparameter",
+        "invalid_spec",
+        "duplicate_name",
+        "unknown_parameter",
+        "shape_mismatch",
+        "dtype_mismatch",
+        "device_unavailable",
+        "forbidden",
+        "tensor_too_large",
+        "stepper_limit",
+        "memory_budget_exceeded",
+        "device_out_of_memory",
+    ),
 )
 async def create_stepper(request: Request) -> dict[str, Any]:
     config = settings(request)
     body = await read_body(request)
     kind = media_type(request)
     if kind == "application/json":
-        spec = _validate(CreateStepper, await run_in_threadpool(json_object, body)
-                         if len(body) > INLINE_JSON_BYTES else json_object(body))
+        spec = _validate(
+            CreateStepper,
+            await run_in_threadpool(json_object, body)
+            if len(body) > INLINE_JSON_BYTES
+            else json_object(body),
+        )
         authorize_name(request, spec.name)
         check_header_room([(p.name, p.shape or []) for p in spec.params], len(spec.groups or [0]))
         device = resolve_device(spec.device, config.default_device())
@@ -150,50 +171,84 @@ async def create_stepper(request: Request) -> dict[str, Any]:
         for pname, t in params:
             quota.check_tensor_elements(config, pname, list(t.shape))
     else:
-        raise ApiError("unsupported_media_type",
-                       f"Content-Type {kind!r}: use application/json or {OCTET}")
+        raise ApiError(
+            "unsupported_media_type", f"Content-Type {kind!r}: use application/json or {OCTET}"
+        )
     hyper = options_from_model(spec.hyperparameters)
     groups = None
     if spec.groups is not None:
-        groups = [GroupDef(list(g.params), options_from_model(g, exclude={"params"}))
-                  for g in spec.groups]
+        groups = [
+            GroupDef(list(g.params), options_from_model(g, exclude={"params"})) for g in spec.groups
+        ]
     device = resolve_device(spec.device, config.default_device())
-    new_bytes = quota.spec_bytes(spec, [(n, t.numel() * t.element_size()) for n, t in params],
-                                 device.type)
+    new_bytes = quota.spec_bytes(
+        spec, [(n, t.numel() * t.element_size()) for n, t in params], device.type
+    )
 
     def build() -> Stepper:
         quota.admit(config, registry(request), spec.name, new_bytes)  # under the lock
         budget.check_room(registry(request), spec.name, device, new_bytes)
-        return Stepper(spec.name, spec.optimizer, device, params, hyper, groups,
-                       step=spec.step, hosting=spec.kind)
+        return Stepper(
+            spec.name,
+            spec.optimizer,
+            device,
+            params,
+            hyper,
+            groups,
+            step=spec.step,
+            hosting=spec.kind,
+        )
 
-    stepper = await run_in_threadpool(persistence(request).create, spec.name, build,
-                                      spec.durability)
+    stepper = await run_in_threadpool(
+        persistence(request).create, spec.name, build, spec.durability
+    )
     return summary(request, stepper)
 
 
-@router.get("/steppers", response_model=StepperList, summary="List steppers",
-            dependencies=[Depends(require("read"))])
+@router.get(
+    "/steppers",
+    response_model=StepperList,
+    summary="List steppers",
+    dependencies=[Depends(require("read"))],
+)
 async def list_steppers(request: Request) -> dict[str, Any]:
     serve = serving(request)
-    return {"steppers": [summary(request, await serve.settled(s))
-                         for s in registry(request).list() if visible(request, s.name)]}
+    return {
+        "steppers": [
+            summary(request, await serve.settled(s))
+            for s in registry(request).list()
+            if visible(request, s.name)
+        ]
+    }
 
 
-@router.get("/steppers/{name}", response_model=StepperSummary, summary="A stepper's summary",
-            responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("read"))])
+@router.get(
+    "/steppers/{name}",
+    response_model=StepperSummary,
+    summary="A stepper's summary",
+    responses=problems(*NAME_PROBLEMS),
+    dependencies=[Depends(require("read"))],
+)
 async def get_stepper(name: str, request: Request) -> Response:
     serve = serving(request)
     stepper = await serve.settled(registry(request).get(name))
     durable = persistence(request).describe(stepper)
     token = (stepper.version, json.dumps(durable, sort_keys=True, default=str))
-    body = serve.of(stepper).replies.body("summary", token, lambda: render_json(
-        {**stepper.summary(), **durable, **summary_fields(stepper)}))
+    body = serve.of(stepper).replies.body(
+        "summary",
+        token,
+        lambda: render_json({**stepper.summary(), **durable, **summary_fields(stepper)}),
+    )
     return Response(body, media_type="application/json")
 
 
-@router.delete("/steppers/{name}", status_code=204, summary="Delete a stepper",
-               responses=problems(*NAME_PROBLEMS), dependencies=[Depends(require("admin"))])
+@router.delete(
+    "/steppers/{name}",
+    status_code=204,
+    summary="Delete a stepper",
+    responses=problems(*NAME_PROBLEMS),
+    dependencies=[Depends(require("admin"))],
+)
 async def delete_stepper(name: str, request: Request) -> Response:
     try:
         stepper: Stepper | None = registry(request).get(name)
@@ -234,8 +289,13 @@ async def patch_stepper(name: str, patch: StepperPatch, request: Request) -> dic
     response_model=StepperSummary,
     summary="Change options between steps (lr for schedulers, ...)",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "malformed_body", "invalid_hyperparameter",
-                       "invalid_state", "device_out_of_memory"),
+    responses=problems(
+        *NAME_PROBLEMS,
+        "malformed_body",
+        "invalid_hyperparameter",
+        "invalid_state",
+        "device_out_of_memory",
+    ),
 )
 async def patch_hyperparameters(
     name: str, patch: HyperparametersPatch, request: Request
@@ -261,7 +321,13 @@ async def bias_correction(
     step: Annotated[float | None, Query(ge=0, description="t; default: current")] = None,
 ) -> Response:
     stepper = registry(request).get(name)
-    body = serving(request).of(stepper).replies.body(
-        ("bias-correction", step), stepper.version,
-        lambda: render_json({"stepper": name, **stepper.bias_correction(step)}))
+    body = (
+        serving(request)
+        .of(stepper)
+        .replies.body(
+            ("bias-correction", step),
+            stepper.version,
+            lambda: render_json({"stepper": name, **stepper.bias_correction(step)}),
+        )
+    )
     return Response(body, media_type="application/json")

@@ -30,13 +30,15 @@ __all__ = ["BODY_PROBLEMS", "TENSOR_PROBLEMS", "router", "split_state_key"]
 
 router = APIRouter(tags=["tensors"])
 
-BODY_PROBLEMS = ("malformed_body", "payload_too_large", "unsupported_media_type",
-                 "request_timeout")
+BODY_PROBLEMS = ("malformed_body", "payload_too_large", "unsupported_media_type", "request_timeout")
 TENSOR_PROBLEMS = ("unknown_parameter", "shape_mismatch", "dtype_mismatch")
 
-Format = Annotated[TensorFormat | None, Query(
-    description="safetensors (default) or json; JSON is also chosen by Accept: application/json"
-)]
+Format = Annotated[
+    TensorFormat | None,
+    Query(
+        description="safetensors (default) or json; JSON is also chosen by Accept: application/json"
+    ),
+]
 
 
 def split_state_key(key: str) -> tuple[str, str]:
@@ -66,8 +68,9 @@ def _json_tensor_in(value: Any, dtype: torch.dtype, shape: list[int] | None) -> 
         if "shape" in value:
             declared = value["shape"]
             if not isinstance(declared, list):
-                raise ApiError("malformed_body", f"a JSON tensor's shape must be a list, "
-                                                 f"got {declared!r}")
+                raise ApiError(
+                    "malformed_body", f"a JSON tensor's shape must be a list, got {declared!r}"
+                )
         value = value["data"]
     t = codec.tensor_from_json(value, dtype, declared)
     if declared is None and shape is not None and t.numel() == 0 and math.prod(shape) == 0:
@@ -78,6 +81,7 @@ def _json_tensor_in(value: Any, dtype: torch.dtype, shape: list[int] | None) -> 
 def _value_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor]:
     """Where a parameter value is received: checked against the parameter first, so a body
     can never make the service hold more than the stepper's own size."""
+
     def destination(entry: codec.Entry) -> torch.Tensor:
         stepper.check_value(entry.name, entry.shape, entry.dtype)
         return torch.empty(entry.shape, dtype=entry.dtype)
@@ -87,6 +91,7 @@ def _value_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor
 
 def _state_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor]:
     """Where a state tensor ``<param>.<key>`` is received: its key and shape checked first."""
+
     def destination(entry: codec.Entry) -> torch.Tensor:
         pname, which = split_state_key(entry.name)
         stepper.check_state_shape(pname, which, entry.shape)
@@ -99,19 +104,26 @@ def _state_destination(stepper: Stepper) -> Callable[[codec.Entry], torch.Tensor
     "/steppers/{name}/params",
     summary="Read parameter values",
     dependencies=[Depends(require("read"))],
-    responses={200: {"content": {OCTET: {}, "application/json": {}},
-                     "description": "safetensors (metadata adamscope.step) or JSON"},
-               **problems(*NAME_PROBLEMS, "unknown_parameter", "json_too_large")},
+    responses={
+        200: {
+            "content": {OCTET: {}, "application/json": {}},
+            "description": "safetensors (metadata adamscope.step) or JSON",
+        },
+        **problems(*NAME_PROBLEMS, "unknown_parameter", "json_too_large"),
+    },
 )
-async def get_params(name: str, request: Request, names: Names = None,
-                     format: Format = None) -> Response:
+async def get_params(
+    name: str, request: Request, names: Names = None, format: Format = None
+) -> Response:
     stepper = registry(request).get(name)
     # Off the event loop: the copy waits for the stepper's lock, which a long step holds.
-    step_count, tensors = await serving(request).off_loop(stepper,
-                                                          lambda: stepper.get_params(names))
+    step_count, tensors = await serving(request).off_loop(
+        stepper, lambda: stepper.get_params(names)
+    )
     if wants_json(request, format):
-        return JSONResponse({"stepper": name, "step": step_count,
-                             "params": json_tensors(request, tensors)})
+        return JSONResponse(
+            {"stepper": name, "step": step_count, "params": json_tensors(request, tensors)}
+        )
     return tensor_response(tensors, name, step_count)
 
 
@@ -119,10 +131,9 @@ async def get_params(name: str, request: Request, names: Names = None,
     "/steppers/{name}/params",
     summary="Overwrite some or all parameter values",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS,
-                       "device_out_of_memory"),
+    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "device_out_of_memory"),
     openapi_extra=binary_body_doc(
-        "safetensors of values by parameter name, or JSON {\"params\": {name: nested list}}",
+        'safetensors of values by parameter name, or JSON {"params": {name: nested list}}',
         {"type": "object", "properties": {"params": {"type": "object"}}},
     ),
 )
@@ -131,14 +142,15 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
     if media_type(request) == "application/json":
         raw = (await read_json_object(request)).get("params")
         if not isinstance(raw, dict):
-            raise ApiError("malformed_body", "JSON body must be {\"params\": {name: values}}")
+            raise ApiError("malformed_body", 'JSON body must be {"params": {name: values}}')
         tensors = {}
         for pname, value in raw.items():
             shape, dtype = stepper.param_meta(pname)
             tensors[pname] = _json_tensor_in(value, dtype, shape)
     else:
-        tensors, _ = await ingest_tensors(request, serving(request).of(stepper).header_limit,
-                                          _value_destination(stepper))
+        tensors, _ = await ingest_tensors(
+            request, serving(request).of(stepper).header_limit, _value_destination(stepper)
+        )
     async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.put_params, tensors)
         await persist_after(request, stepper)
@@ -149,35 +161,49 @@ async def put_params(name: str, request: Request) -> dict[str, Any]:
     "/steppers/{name}/state",
     summary="Read Adam state (step, exp_avg, exp_avg_sq, max_exp_avg_sq)",
     dependencies=[Depends(require("read"))],
-    responses={200: {"content": {OCTET: {}, "application/json": {}},
-                     "description": "safetensors named '<param>.<key>' (with with_params=true "
-                                    "also '<param>.param') or JSON; metadata adamscope.step "
-                                    "is the step every tensor of the reply belongs to"},
-               **problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state",
-                          "json_too_large")},
+    responses={
+        200: {
+            "content": {OCTET: {}, "application/json": {}},
+            "description": "safetensors named '<param>.<key>' (with with_params=true "
+            "also '<param>.param') or JSON; metadata adamscope.step "
+            "is the step every tensor of the reply belongs to",
+        },
+        **problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state", "json_too_large"),
+    },
 )
 async def get_state(
-    name: str, request: Request, names: Names = None,
-    keys: Annotated[list[str] | None, Query(alias="key", description="state keys; all if none")]
-    = None,
+    name: str,
+    request: Request,
+    names: Names = None,
+    keys: Annotated[
+        list[str] | None, Query(alias="key", description="state keys; all if none")
+    ] = None,
     format: Format = None,
-    with_params: Annotated[bool, Query(
-        description="also return each parameter's value, as '<param>.param' (JSON: key "
-                    "'param'), read together with the state: parameters and state are then "
-                    "one consistent snapshot of the reported step, never a mix of two steps"
-    )] = False,
+    with_params: Annotated[
+        bool,
+        Query(
+            description="also return each parameter's value, as '<param>.param' (JSON: key "
+            "'param'), read together with the state: parameters and state are then "
+            "one consistent snapshot of the reported step, never a mix of two steps"
+        ),
+    ] = False,
 ) -> Response:
     stepper = registry(request).get(name)
     step_count, state = await serving(request).off_loop(
-        stepper, lambda: stepper.get_state(names, keys, with_params))
+        stepper, lambda: stepper.get_state(names, keys, with_params)
+    )
     if wants_json(request, format):
         flat = [t for s in state.values() for t in s.values()]
         json_tensors(request, {str(i): t for i, t in enumerate(flat)})  # size check only
-        return JSONResponse({
-            "stepper": name, "step": step_count,
-            "state": {p: {k: codec.tensor_to_json(t) for k, t in s.items()}
-                      for p, s in state.items()},
-        })
+        return JSONResponse(
+            {
+                "stepper": name,
+                "step": step_count,
+                "state": {
+                    p: {k: codec.tensor_to_json(t) for k, t in s.items()} for p, s in state.items()
+                },
+            }
+        )
     flat_named = {f"{p}.{k}": t for p, s in state.items() for k, t in s.items()}
     return tensor_response(flat_named, name, step_count)
 
@@ -186,20 +212,28 @@ async def get_state(
     "/steppers/{name}/state",
     summary="Load Adam state (all, some parameters, or single tensors) and options",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "invalid_state",
-                       "invalid_hyperparameter", "device_out_of_memory"),
+    responses=problems(
+        *NAME_PROBLEMS,
+        *BODY_PROBLEMS,
+        *TENSOR_PROBLEMS,
+        "invalid_state",
+        "invalid_hyperparameter",
+        "device_out_of_memory",
+    ),
     openapi_extra=binary_body_doc(
         "safetensors named '<param>.<key>' (key: step, exp_avg, exp_avg_sq, max_exp_avg_sq); "
         f"optional __metadata__['{META_GROUPS}'] with every group's options (as in a PyTorch "
-        "state_dict). Or JSON {\"state\": {param: {key: values}}, \"param_groups\": [...]}.",
-        {"type": "object", "properties": {"state": {"type": "object"},
-                                          "param_groups": {"type": "array"}}},
+        'state_dict). Or JSON {"state": {param: {key: values}}, "param_groups": [...]}.',
+        {
+            "type": "object",
+            "properties": {"state": {"type": "object"}, "param_groups": {"type": "array"}},
+        },
     ),
 )
 async def put_state(
-    name: str, request: Request,
-    replace: Annotated[bool, Query(description="drop state not in the body (a full load)")]
-    = False,
+    name: str,
+    request: Request,
+    replace: Annotated[bool, Query(description="drop state not in the body (a full load)")] = False,
 ) -> dict[str, Any]:
     stepper = registry(request).get(name)
     nested: dict[str, dict[str, torch.Tensor]] = {}
@@ -213,14 +247,16 @@ async def put_state(
                 raise ApiError("malformed_body", f"state of {pname!r} must be an object")
             shape, dtype = stepper.param_meta(pname)
             nested[pname] = {
-                k: _json_tensor_in(v, torch.float32 if k == "step" else dtype,
-                                   None if k == "step" else shape)
+                k: _json_tensor_in(
+                    v, torch.float32 if k == "step" else dtype, None if k == "step" else shape
+                )
                 for k, v in entries.items()
             }
         groups = group_updates_from_json(body.get("param_groups"))
     else:
         tensors, metadata = await ingest_tensors(
-            request, serving(request).of(stepper).header_limit, _state_destination(stepper))
+            request, serving(request).of(stepper).header_limit, _state_destination(stepper)
+        )
         for key, t in tensors.items():
             pname, which = split_state_key(key)
             nested.setdefault(pname, {})[which] = t
@@ -242,5 +278,8 @@ async def reset_state(name: str, request: Request, names: Names = None) -> dict[
     async with serving(request).hold(stepper):
         await run_in_threadpool(stepper.reset_state, names)
         await persist_after(request, stepper)
-    return {"stepper": name, "step": stepper.step_count,
-            "reset": names if names is not None else stepper.names}
+    return {
+        "stepper": name,
+        "step": stepper.step_count,
+        "reset": names if names is not None else stepper.names,
+    }

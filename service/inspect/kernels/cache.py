@@ -32,8 +32,12 @@ class Token:
 
     def holds(self, state: Mapping[str, Any]) -> bool:
         step = state.get("step")
-        return (self.v() is state.get("exp_avg_sq") and self.step() is step
-                and step is not None and step._version == self.version)
+        return (
+            self.v() is state.get("exp_avg_sq")
+            and self.step() is step
+            and step is not None
+            and step._version == self.version
+        )
 
 
 def cache_key(layout: Layout) -> tuple[Any, ...]:
@@ -52,6 +56,6 @@ class SignalCache:
     def valid(self, layout: Layout, states: Sequence[Mapping[str, Any]]) -> list[bool]:
         if self.layout_key != cache_key(layout) or self.lr_eff is None:
             return [False] * len(states)
-        return [tok is not None and tok.holds(s)
-                for s, tok in zip(states, self.tokens, strict=True)]
-
+        return [
+            tok is not None and tok.holds(s) for s, tok in zip(states, self.tokens, strict=True)
+        ]

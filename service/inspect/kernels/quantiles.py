@@ -13,8 +13,9 @@ from .sampling import Layout
 __all__ = ["quantiles"]
 
 
-def _interpolate(ordered: torch.Tensor, start: torch.Tensor, n: torch.Tensor,
-                 q: torch.Tensor) -> torch.Tensor:
+def _interpolate(
+    ordered: torch.Tensor, start: torch.Tensor, n: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
     """numpy's linear quantiles of runs of sorted values: in row r of ``ordered`` (R, L),
     run i starts at ``start[i]`` and has ``n[r, i]`` values. (R, S, Q) float64; NaN for an
     empty run."""
@@ -24,8 +25,11 @@ def _interpolate(ordered: torch.Tensor, start: torch.Tensor, n: torch.Tensor,
     t = pos - lo
     base = start[None, :, None]
     a = torch.gather(ordered, 1, (base + lo.long()).flatten(1)).view(lo.shape).double()
-    b = torch.gather(ordered, 1, (base + torch.minimum(lo + 1, last).long()).flatten(1)
-                     ).view(lo.shape).double()
+    b = (
+        torch.gather(ordered, 1, (base + torch.minimum(lo + 1, last).long()).flatten(1))
+        .view(lo.shape)
+        .double()
+    )
     out = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
     return out.masked_fill_(n[:, :, None] == 0, math.nan)
 
@@ -37,8 +41,9 @@ def _order_key(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return (seg << 32) | ordered
 
 
-def quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantiles(
+    layout: Layout, x: torch.Tensor, qs: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``x`` (R, L): per-segment linear-interpolation quantiles over its
     non-NaN elements ((R, S, Q), NaN for a segment without any), and the pooled
     (aggregate) quantiles ((R, Q): weighted inverse CDF, or linear interpolation when
@@ -50,13 +55,13 @@ def quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
     valid = ~torch.isnan(x)
     x = x.masked_fill(~valid, math.nan)  # one NaN (positive) so that it sorts last
     glob, order = torch.sort(x, dim=1)  # NaN last
-    n = torch.segment_reduce(valid.double(), "sum", axis=1,
-                             lengths=layout.lengths.expand(x.shape[0], -1)).long()
+    n = torch.segment_reduce(
+        valid.double(), "sum", axis=1, lengths=layout.lengths.expand(x.shape[0], -1)
+    ).long()
     if x.dtype == torch.float32:
         by_seg = torch.sort(_order_key(x, layout.seg), dim=1).indices
     else:
-        by_seg = torch.gather(order, 1, torch.sort(layout.seg[order], dim=1, stable=True
-                                                   ).indices)
+        by_seg = torch.gather(order, 1, torch.sort(layout.seg[order], dim=1, stable=True).indices)
     per = _interpolate(torch.gather(x, 1, by_seg), layout.offsets, n, q)
     total = valid.sum(1, keepdim=True)
     if all(layout.exact):
@@ -67,4 +72,3 @@ def quantiles(layout: Layout, x: torch.Tensor, qs: Sequence[float]
     idx = torch.searchsorted(cum, q[None, :] * cum[:, -1:]).clamp(max=x.shape[1] - 1)
     pooled = torch.gather(glob, 1, idx).double().masked_fill(total == 0, math.nan)
     return per, pooled
-

@@ -16,8 +16,20 @@ import torch
 
 from adamscope.client.numerics import real_flat, rounded_scalar, upload, wide_dtype
 
-__all__ = ["BLOCK", "MIN_PER_TENSOR", "STEP_SAMPLE", "BlockPlan", "Entry", "Layout",
-           "block_plan", "build_layout", "gather", "layout_key", "per_seg", "round_as"]
+__all__ = [
+    "BLOCK",
+    "MIN_PER_TENSOR",
+    "STEP_SAMPLE",
+    "BlockPlan",
+    "Entry",
+    "Layout",
+    "block_plan",
+    "build_layout",
+    "gather",
+    "layout_key",
+    "per_seg",
+    "round_as",
+]
 
 #: Elements sampled per step, in all (see the package docstring).
 STEP_SAMPLE = 1 << 10
@@ -39,7 +51,6 @@ class Entry:
     group: Mapping[str, Any]
 
 
-
 @dataclass(frozen=True)
 class BlockPlan:
     """``blocks`` runs of ``block`` consecutive elements of a flat tensor, the run ``k``
@@ -57,8 +68,7 @@ class BlockPlan:
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return flat
-        return flat.as_strided((self.blocks, self.block), (self.stride, 1),
-                               flat.storage_offset())
+        return flat.as_strided((self.blocks, self.block), (self.stride, 1), flat.storage_offset())
 
     def indices(self) -> torch.Tensor:
         """The flat positions sampled, in sample order."""
@@ -112,11 +122,11 @@ class Layout:
     #: and gradient buffers are the same tensors step after step, and making a view costs
     #: more than the few elements it reads. One list per role, so at most one set of
     #: gradients a caller has dropped stays referenced until the next step replaces it.
-    views: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
-        default_factory=dict)
+    views: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     #: Pooled sample buffers by (role, dtype), with each tensor's slot in it.
     buffers: dict[tuple[str, torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     #: Constant tensors on the layout's device (quantile levels, weights), made once.
     constants: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
@@ -136,7 +146,7 @@ class Layout:
             out = torch.empty(self.total, dtype=dtype, device=self.device)
             slots, at = [], 0
             for plan in self.plans:
-                piece = out[at:at + plan.count]
+                piece = out[at : at + plan.count]
                 slots.append(piece if plan.exact else piece.view(plan.blocks, plan.block))
                 at += plan.count
             found = self.buffers[(role, dtype)] = (out, slots)
@@ -155,8 +165,11 @@ class Layout:
         order), as views."""
         hit = self.views.get(role)
         # The cached list holds its tensors, so none of their ids can have been reused.
-        if hit is not None and len(hit[0]) == len(tensors) and all(
-                a is b for a, b in zip(hit[0], tensors, strict=True)):
+        if (
+            hit is not None
+            and len(hit[0]) == len(tensors)
+            and all(a is b for a, b in zip(hit[0], tensors, strict=True))
+        ):
             return hit[1]
         views = [plan.view(real_flat(t)) for plan, t in zip(self.plans, tensors, strict=True)]
         # A non-contiguous tensor's flat form is a copy: never reuse one.
@@ -166,8 +179,10 @@ class Layout:
 
 
 def layout_key(entries: Sequence[Entry]) -> tuple[Any, ...]:
-    return tuple((e.name, tuple(e.param.shape), e.param.dtype, e.param.device.type,
-                  e.param.device.index) for e in entries)
+    return tuple(
+        (e.name, tuple(e.param.shape), e.param.dtype, e.param.device.type, e.param.device.index)
+        for e in entries
+    )
 
 
 def _last_dim(p: torch.Tensor) -> int:
@@ -178,20 +193,29 @@ def build_layout(entries: Sequence[Entry]) -> Layout:
     numels = [real_flat(e.param).numel() for e in entries]
     total = max(1, sum(numels))
     floor = max(BLOCK, min(MIN_PER_TENSOR, STEP_SAMPLE // len(entries)))
-    plans = [block_plan(n, max(floor, round(STEP_SAMPLE * n / total)), _last_dim(e.param))
-             for e, n in zip(entries, numels, strict=True)]
+    plans = [
+        block_plan(n, max(floor, round(STEP_SAMPLE * n / total)), _last_dim(e.param))
+        for e, n in zip(entries, numels, strict=True)
+    ]
     dtypes = [real_flat(e.param).dtype for e in entries]
     cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
     device = entries[0].param.device
     counts = [p.count for p in plans]
-    seg = torch.repeat_interleave(torch.arange(len(entries), device=device),
-                                  upload(counts, torch.int64, device))
+    seg = torch.repeat_interleave(
+        torch.arange(len(entries), device=device), upload(counts, torch.int64, device)
+    )
     offsets = [0]
     for c in counts[:-1]:
         offsets.append(offsets[-1] + c)
     layout = Layout(
-        key=layout_key(entries), names=[e.name for e in entries], plans=plans, numels=numels,
-        dtypes=dtypes, cdtype=cdtype, device=device, seg=seg,
+        key=layout_key(entries),
+        names=[e.name for e in entries],
+        plans=plans,
+        numels=numels,
+        dtypes=dtypes,
+        cdtype=cdtype,
+        device=device,
+        seg=seg,
         offsets=upload(offsets, torch.int64, device),
         lengths=upload(counts, torch.int64, device),
         weights=[n / max(1, p.count) for n, p in zip(numels, plans, strict=True)],
@@ -211,8 +235,9 @@ def build_layout(entries: Sequence[Entry]) -> Layout:
     return layout
 
 
-def round_as(x: torch.Tensor, narrow: Sequence[tuple[torch.dtype, torch.Tensor | None]]
-           ) -> torch.Tensor:
+def round_as(
+    x: torch.Tensor, narrow: Sequence[tuple[torch.dtype, torch.Tensor | None]]
+) -> torch.Tensor:
     """Round the elements of narrower-dtype tensors to their dtype (emulating PyTorch
     computing in that dtype): exact, as the pool's dtype holds them and their operations'
     results (double rounding through a dtype of more than twice the precision is exact)."""
@@ -222,8 +247,9 @@ def round_as(x: torch.Tensor, narrow: Sequence[tuple[torch.dtype, torch.Tensor |
     return x
 
 
-def gather(layout: Layout, tensors: Sequence[torch.Tensor], role: str,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def gather(
+    layout: Layout, tensors: Sequence[torch.Tensor], role: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The pooled sample: each tensor's planned elements in one buffer of ``dtype``
     (default: the pool's, widening), copied by one foreach call however many tensors.
     ``role`` names what the tensors are at which point of the step (``"p0"``, ``"g"``,
@@ -245,9 +271,10 @@ def per_seg(layout: Layout, values: Sequence[float], rounding: str = "") -> Scal
     that tensor: ``"storage"`` to the tensor's dtype (a scalar it adds), ``"opmath"`` to
     float32 for non-float64 tensors (a scalar it divides by). One Python float when every
     tensor has the same (a broadcast scalar: fewer operations), else per element."""
-    rounded = [rounded_scalar(v, d if rounding == "storage" else wide_dtype(d)) if rounding else v
-               for v, d in zip(values, layout.dtypes, strict=True)]
+    rounded = [
+        rounded_scalar(v, d if rounding == "storage" else wide_dtype(d)) if rounding else v
+        for v, d in zip(values, layout.dtypes, strict=True)
+    ]
     if len(set(rounded)) == 1 or all(math.isnan(v) for v in rounded):
         return rounded[0]
     return upload(rounded, torch.float64, layout.device).to(layout.cdtype)[layout.seg]
-

@@ -17,12 +17,34 @@ from .cache import SignalCache, Token, cache_key
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
 
-__all__ = ["COMBINE", "SCAN_PIECE", "SCAN_STEP", "SIGNALS", "Pending", "begin",
-           "empty_signals", "finish"]
+__all__ = [
+    "COMBINE",
+    "SCAN_PIECE",
+    "SCAN_STEP",
+    "SIGNALS",
+    "Pending",
+    "begin",
+    "empty_signals",
+    "finish",
+]
 
-SIGNALS = ("grad_norm", "param_norm", "update_norm", "update_ratio", "exp_avg_norm",
-           "exp_avg_sq_mean", "lr_eff_p1", "lr_eff_p50", "lr_eff_p99", "shock_p99",
-           "gamma_frac", "amsgrad_clamp", "eps_dominance", "nan_count", "inf_count")
+SIGNALS = (
+    "grad_norm",
+    "param_norm",
+    "update_norm",
+    "update_ratio",
+    "exp_avg_norm",
+    "exp_avg_sq_mean",
+    "lr_eff_p1",
+    "lr_eff_p50",
+    "lr_eff_p99",
+    "shock_p99",
+    "gamma_frac",
+    "amsgrad_clamp",
+    "eps_dominance",
+    "nan_count",
+    "inf_count",
+)
 #: How each signal of several tensors (or several shards of a stepper) combines from each
 #: part's: norms as the root of the summed squares, means and fractions weighted by each
 #: part's elements, counts added; quantiles cannot be combined exactly from the parts'
@@ -31,11 +53,20 @@ SIGNALS = ("grad_norm", "param_norm", "update_norm", "update_ratio", "exp_avg_no
 #: ``update_ratio`` needs each part's update norm beside it (see
 #: :func:`adamscope.service.inspect.merge.combine_signals`).
 COMBINE = {
-    "grad_norm": "norm", "param_norm": "norm", "update_norm": "norm", "exp_avg_norm": "norm",
-    "exp_avg_sq_mean": "mean", "gamma_frac": "mean", "amsgrad_clamp": "mean",
-    "eps_dominance": "mean", "lr_eff_p50": "mean",
-    "nan_count": "sum", "inf_count": "sum",
-    "lr_eff_p1": "min", "lr_eff_p99": "max", "shock_p99": "max",
+    "grad_norm": "norm",
+    "param_norm": "norm",
+    "update_norm": "norm",
+    "exp_avg_norm": "norm",
+    "exp_avg_sq_mean": "mean",
+    "gamma_frac": "mean",
+    "amsgrad_clamp": "mean",
+    "eps_dominance": "mean",
+    "lr_eff_p50": "mean",
+    "nan_count": "sum",
+    "inf_count": "sum",
+    "lr_eff_p1": "min",
+    "lr_eff_p99": "max",
+    "shock_p99": "max",
     "update_ratio": "ratio",
 }
 #: Elements of the sampled tensors' exp_avg_sq scanned for NaN/Inf per step (in all), in pieces
@@ -49,7 +80,6 @@ _QUANTILES = (0.01, 0.5, 0.99)
 def empty_signals() -> dict[str, Any]:
     """The signals before the first observed step."""
     return {"step": None, "time": None, "tensors": {}, "aggregate": {}, "sample": {}}
-
 
 
 # ---------------------------------------------------------------------- one step
@@ -79,8 +109,7 @@ def _steps(entries: Sequence[Entry]) -> list[float | None]:
         else:
             remote.setdefault(s.device, []).append(i)
     for idx in remote.values():
-        values = torch.stack([entries[i].state["step"].reshape(()).double()
-                              for i in idx]).tolist()
+        values = torch.stack([entries[i].state["step"].reshape(()).double() for i in idx]).tolist()
         for i, v in zip(idx, values, strict=True):
             steps[i] = v
     return steps
@@ -100,9 +129,13 @@ def _factors(entries: Sequence[Entry], steps: Sequence[float | None]) -> list[Fa
     return out
 
 
-def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[Entry],
-            steps: Sequence[float | None], role: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lr_eff(
+    layout: Layout,
+    sources: Sequence[torch.Tensor],
+    entries: Sequence[Entry],
+    steps: Sequence[float | None],
+    role: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Effective LR of the sampled ``sources`` (each tensor's v or vmax) at ``steps``,
     PyTorch's way: ``denom = (v.sqrt() / bc2_sqrt).add_(eps)`` in the state dtype, then
     ``step_size / denom`` widened (NaN where the factors are undefined). Also whether
@@ -119,8 +152,11 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
         eps.append(f.eps)
         ss.append(f.step_size if defined else math.nan)
     wide = wide_dtype(layout.dtypes[0])
-    uniform = (len(set(layout.dtypes)) == 1 and wide == layout.cdtype
-               and all(len(set(map(repr, c))) == 1 for c in (bc2s, eps, ss)))
+    uniform = (
+        len(set(layout.dtypes)) == 1
+        and wide == layout.cdtype
+        and all(len(set(map(repr, c))) == 1 for c in (bc2s, eps, ss))
+    )
     if uniform:
         vs = gather(layout, sources, role, layout.dtypes[0])
         root = vs.sqrt() / bc2s[0]
@@ -130,8 +166,9 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
         return lr, root < eps[0], vs.to(layout.cdtype)
     vs = gather(layout, sources, role)
     c_eps = per_seg(layout, eps, "storage")
-    root = round_as(round_as(vs.sqrt(), layout.narrow) / per_seg(layout, bc2s, "opmath"),
-                  layout.narrow)
+    root = round_as(
+        round_as(vs.sqrt(), layout.narrow) / per_seg(layout, bc2s, "opmath"), layout.narrow
+    )
     denom = round_as(root + c_eps, layout.narrow)
     step_size = per_seg(layout, ss, "opmath")
     if not isinstance(step_size, torch.Tensor):  # a true division, not reciprocal * scalar
@@ -141,14 +178,19 @@ def _lr_eff(layout: Layout, sources: Sequence[torch.Tensor], entries: Sequence[E
 
 def _v_source(e: Entry) -> torch.Tensor:
     s = e.state
-    v: torch.Tensor = s["max_exp_avg_sq"] if e.group["amsgrad"] and "max_exp_avg_sq" in s \
-        else s["exp_avg_sq"]
+    v: torch.Tensor = (
+        s["max_exp_avg_sq"] if e.group["amsgrad"] and "max_exp_avg_sq" in s else s["exp_avg_sq"]
+    )
     return v
 
 
-def begin(entries: Sequence[Entry], cache: SignalCache | None,
-          layout: Layout | None = None, valid: Sequence[bool] | None = None,
-          steps: Sequence[float | None] | None = None) -> Pending:
+def begin(
+    entries: Sequence[Entry],
+    cache: SignalCache | None,
+    layout: Layout | None = None,
+    valid: Sequence[bool] | None = None,
+    steps: Sequence[float | None] | None = None,
+) -> Pending:
     """Capture, before the step, what the signals compare against: the gradient and
     parameter samples, the previous effective LR and the second-moment shock. ``steps``:
     each entry's state step if the caller knows them (else read from the states)."""
@@ -161,12 +203,17 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
         return Pending(layout, g, p0, nan, nan)
     known = _steps(entries) if steps is None else steps
     steps = [t if ok else None for t, ok in zip(known, with_state, strict=True)]
-    v_prev = gather(layout, [e.state["exp_avg_sq"] if ok else e.param
-                              for e, ok in zip(entries, with_state, strict=True)], "v0")
+    v_prev = gather(
+        layout,
+        [
+            e.state["exp_avg_sq"] if ok else e.param
+            for e, ok in zip(entries, with_state, strict=True)
+        ],
+        "v0",
+    )
     # Second-moment shock: the new gradient (as v will see it) against v_hat(t-1).
     bc2, wd = [], []
-    for (e, t), f in zip(zip(entries, steps, strict=True), _factors(entries, steps),
-                         strict=True):
+    for (e, t), f in zip(zip(entries, steps, strict=True), _factors(entries, steps), strict=True):
         bc2.append(f.bc2 if t is not None and f.bc2 != 0 else math.nan)
         decay = float(e.group.get("weight_decay", 0.0))
         wd.append(decay if decay and not e.group.get("decoupled_weight_decay") else 0.0)
@@ -174,23 +221,33 @@ def begin(entries: Sequence[Entry], cache: SignalCache | None,
     v_hat = v_prev / per_seg(layout, bc2)
     shock = (g_eff * g_eff / v_hat).masked_fill_(~(v_hat > 0), math.nan)
     # The previous effective LR: the one computed at the last step, else from the state.
-    ok_cache = list(valid) if valid is not None else (
-        cache.valid(layout, [e.state for e in entries]) if cache is not None
-        else [False] * len(entries))
+    ok_cache = (
+        list(valid)
+        if valid is not None
+        else (
+            cache.valid(layout, [e.state for e in entries])
+            if cache is not None
+            else [False] * len(entries)
+        )
+    )
     if all(ok_cache) and cache is not None and cache.lr_eff is not None:
         return Pending(layout, g, p0, cache.lr_eff, shock)
-    lr_prev = _lr_eff(layout, [_v_source(e) if ok else e.param
-                               for e, ok in zip(entries, with_state, strict=True)],
-                      entries, steps, "vs0")[0]
+    lr_prev = _lr_eff(
+        layout,
+        [_v_source(e) if ok else e.param for e, ok in zip(entries, with_state, strict=True)],
+        entries,
+        steps,
+        "vs0",
+    )[0]
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
         use = upload(ok_cache, torch.bool, layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
     return Pending(layout, g, p0, lr_prev, shock)
 
 
-
-def _columns(pending: Pending, entries: Sequence[Entry], steps: Sequence[float | None] | None
-             ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def _columns(
+    pending: Pending, entries: Sequence[Entry], steps: Sequence[float | None] | None
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Per pooled element, the values :func:`finish` sums per tensor (see
     :class:`_Columns`); the effective LR after the step; each entry's amsgrad."""
     layout = pending.layout
@@ -198,15 +255,21 @@ def _columns(pending: Pending, entries: Sequence[Entry], steps: Sequence[float |
     p1 = gather(layout, [e.param for e in entries], "p1")
     m = gather(layout, [s["exp_avg"] for s in states], "m1")
     v = gather(layout, [s["exp_avg_sq"] for s in states], "v1")
-    amsgrad = [bool(e.group["amsgrad"]) and "max_exp_avg_sq" in s
-               for e, s in zip(entries, states, strict=True)]
-    lr, below_eps, vs = _lr_eff(layout, [_v_source(e) for e in entries], entries,
-                                _steps(entries) if steps is None else steps, "vs1")
+    amsgrad = [
+        bool(e.group["amsgrad"]) and "max_exp_avg_sq" in s
+        for e, s in zip(entries, states, strict=True)
+    ]
+    lr, below_eps, vs = _lr_eff(
+        layout,
+        [_v_source(e) for e in entries],
+        entries,
+        _steps(entries) if steps is None else steps,
+        "vs1",
+    )
     g, p0 = pending.g, pending.p0
     comparable = ~torch.isnan(lr + pending.lr_prev)
     squares = torch.stack([g, p1, p1 - p0, p0, m])
-    flags = [(lr > pending.lr_prev) & comparable, comparable, below_eps,
-             ~torch.isfinite(g + m + v)]
+    flags = [(lr > pending.lr_prev) & comparable, comparable, below_eps, ~torch.isfinite(g + m + v)]
     values = [squares * squares, v[None]]
     if any(amsgrad):  # max_exp_avg_sq / exp_avg_sq where v > 0 (exactly 1 without amsgrad)
         has_v = v > 0
@@ -215,9 +278,17 @@ def _columns(pending: Pending, entries: Sequence[Entry], steps: Sequence[float |
     return torch.cat([*values, torch.stack(flags).to(v.dtype)]).double(), lr, amsgrad
 
 
-def _tensor_signals(e: Entry, r: Sequence[float], weight: float, n: int,
-                    lr_eff: Sequence[float], shock: float, col: _Columns, amsgrad: bool,
-                    faulty: bool) -> dict[str, float]:
+def _tensor_signals(
+    e: Entry,
+    r: Sequence[float],
+    weight: float,
+    n: int,
+    lr_eff: Sequence[float],
+    shock: float,
+    col: _Columns,
+    amsgrad: bool,
+    faulty: bool,
+) -> dict[str, float]:
     """One tensor's signals from its row of sums (``r``), its sample's size ``n`` and
     weight, its quantiles; NaN/Inf counted over the whole tensors when ``faulty``."""
     nan_count, inf_count = _exact_faults(e) if faulty else (0, 0)
@@ -243,50 +314,83 @@ def _tensor_signals(e: Entry, r: Sequence[float], weight: float, n: int,
     }
 
 
-def finish(pending: Pending, entries: Sequence[Entry], step: int,
-           steps: Sequence[float | None] | None = None) -> tuple[dict[str, Any], SignalCache]:
+def finish(
+    pending: Pending,
+    entries: Sequence[Entry],
+    step: int,
+    steps: Sequence[float | None] | None = None,
+) -> tuple[dict[str, Any], SignalCache]:
     """The signals of the step just taken, and the cache for the next one (``steps``:
     each entry's state step now, if the caller knows them)."""
     layout = pending.layout
     states = [e.state for e in entries]
     columns, lr, amsgrad = _columns(pending, entries, steps)
-    sums = (columns.sum(1, keepdim=True) if layout.single else
-            torch.segment_reduce(columns, "sum", lengths=layout.lengths.expand(
-                columns.shape[0], -1), axis=1))
+    sums = (
+        columns.sum(1, keepdim=True)
+        if layout.single
+        else torch.segment_reduce(
+            columns, "sum", lengths=layout.lengths.expand(columns.shape[0], -1), axis=1
+        )
+    )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
     # Hard faults: the next SCAN_STEP elements of the sampled tensors' v, every step.
-    pieces = _scan_pieces([(i, real_flat(states[i]["exp_avg_sq"]))
-                           for i, ex in enumerate(layout.exact) if not ex], step)
+    pieces = _scan_pieces(
+        [(i, real_flat(states[i]["exp_avg_sq"])) for i, ex in enumerate(layout.exact) if not ex],
+        step,
+    )
     parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1)]
     if pieces:
         parts.append(torch.stack(torch._foreach_max([p for _, p in pieces])).to(torch.float64))
     host = torch.cat(parts).tolist()  # the one transfer
     s_n, k, nq = len(entries), columns.shape[0], len(_QUANTILES)
-    rows = [host[i * k:(i + 1) * k] for i in range(s_n)]
+    rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
     pos = s_n * k
-    lr_rows = [host[pos + i * nq: pos + (i + 1) * nq] for i in range(s_n)]
+    lr_rows = [host[pos + i * nq : pos + (i + 1) * nq] for i in range(s_n)]
     pos += s_n * nq
     shock_rows = [host[pos + i * nq + 2] for i in range(s_n)]
     pos += s_n * nq
-    lr_pooled, shock_pooled = host[pos: pos + nq], host[pos + nq + 2]
+    lr_pooled, shock_pooled = host[pos : pos + nq], host[pos + nq + 2]
     pos += 2 * nq
-    scan_found = {i for (i, _), top in zip(pieces, host[pos:], strict=True)
-                  if not math.isfinite(top)}
+    scan_found = {
+        i for (i, _), top in zip(pieces, host[pos:], strict=True) if not math.isfinite(top)
+    }
     col = _Columns(any(amsgrad))
-    tensors = {e.name: _tensor_signals(
-        e, rows[i], layout.weights[i], layout.plans[i].count, lr_rows[i], shock_rows[i], col,
-        amsgrad[i], rows[i][col.bad] > 0 or i in scan_found) for i, e in enumerate(entries)}
+    tensors = {
+        e.name: _tensor_signals(
+            e,
+            rows[i],
+            layout.weights[i],
+            layout.plans[i].count,
+            lr_rows[i],
+            shock_rows[i],
+            col,
+            amsgrad[i],
+            rows[i][col.bad] > 0 or i in scan_found,
+        )
+        for i, e in enumerate(entries)
+    }
     agg = _aggregate(layout, rows, col, tensors, amsgrad)
-    agg.update({"lr_eff_p1": lr_pooled[0], "lr_eff_p50": lr_pooled[1],
-                "lr_eff_p99": lr_pooled[2], "shock_p99": shock_pooled})
-    signals = {"step": step, "time": time.time(), "tensors": tensors,
-               "aggregate": {s: agg[s] for s in SIGNALS},
-               "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)}}
+    agg.update(
+        {
+            "lr_eff_p1": lr_pooled[0],
+            "lr_eff_p50": lr_pooled[1],
+            "lr_eff_p99": lr_pooled[2],
+            "shock_p99": shock_pooled,
+        }
+    )
+    signals = {
+        "step": step,
+        "time": time.time(),
+        "tensors": tensors,
+        "aggregate": {s: agg[s] for s in SIGNALS},
+        "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
+    }
     return signals, SignalCache(cache_key(layout), lr, [Token.of(s) for s in states])
 
 
-def _scan_pieces(flats: Sequence[tuple[int, torch.Tensor]], step: int
-                 ) -> list[tuple[int, torch.Tensor]]:
+def _scan_pieces(
+    flats: Sequence[tuple[int, torch.Tensor]], step: int
+) -> list[tuple[int, torch.Tensor]]:
     """The SCAN_STEP elements scanned at ``step``, in SCAN_PIECE pieces, each with its
     tensor's index: the tensors ``flats`` (index, flat v) are read as one run, window by
     window, round robin, so the whole run is scanned every ``ceil(total / SCAN_STEP)``
@@ -301,7 +405,7 @@ def _scan_pieces(flats: Sequence[tuple[int, torch.Tensor]], step: int
     for i, flat in flats:
         n = flat.numel()
         lo, hi = max(start, base) - base, min(end, base + n) - base
-        out.extend((i, flat[a:min(a + SCAN_PIECE, hi)]) for a in range(lo, hi, SCAN_PIECE))
+        out.extend((i, flat[a : min(a + SCAN_PIECE, hi)]) for a in range(lo, hi, SCAN_PIECE))
         base += n
         if base >= end:
             break
@@ -356,20 +460,28 @@ class _Columns:
         return self.grew + 4
 
 
-def _aggregate(layout: Layout, rows: Sequence[Sequence[float]], col: _Columns,
-               tensors: Mapping[str, Mapping[str, float]], amsgrad: Sequence[bool]
-               ) -> dict[str, float]:
+def _aggregate(
+    layout: Layout,
+    rows: Sequence[Sequence[float]],
+    col: _Columns,
+    tensors: Mapping[str, Mapping[str, float]],
+    amsgrad: Sequence[bool],
+) -> dict[str, float]:
     def total(c: int, which: Sequence[bool] | None = None) -> float:
-        return sum(w * r[c] for i, (r, w) in enumerate(zip(rows, layout.weights, strict=True))
-                   if which is None or which[i])
+        return sum(
+            w * r[c]
+            for i, (r, w) in enumerate(zip(rows, layout.weights, strict=True))
+            if which is None or which[i]
+        )
 
     numel = sum(layout.numels)
     clamp = 1.0
     if any(amsgrad):  # without amsgrad a tensor's ratio is exactly 1 wherever v > 0
         plain = [not a for a in amsgrad]
         defined = total(col.has_v)
-        clamp = (total(col.ratio, amsgrad) + total(col.has_v, plain)) / defined if defined \
-            else math.nan
+        clamp = (
+            (total(col.ratio, amsgrad) + total(col.has_v, plain)) / defined if defined else math.nan
+        )
     comparable = total(col.comparable)
     return {
         "grad_norm": math.sqrt(total(0)),
@@ -384,4 +496,3 @@ def _aggregate(layout: Layout, rows: Sequence[Sequence[float]], col: _Columns,
         "nan_count": sum(t["nan_count"] for t in tensors.values()),
         "inf_count": sum(t["inf_count"] for t in tensors.values()),
     }
-

@@ -86,8 +86,10 @@ def test_round_trip_is_bit_exact(dtype: torch.dtype, shape: tuple[int, ...]) -> 
 
 
 def test_round_trip_keeps_order_metadata_and_every_dtype_together() -> None:
-    tensors = {f"{codec.dtype_name(dt)}.{i}": sample(dt, (i + 1, 2), seed=i)
-               for i, dt in enumerate(reversed(ALL_DTYPES))}
+    tensors = {
+        f"{codec.dtype_name(dt)}.{i}": sample(dt, (i + 1, 2), seed=i)
+        for i, dt in enumerate(reversed(ALL_DTYPES))
+    }
     metadata = {"adamscope.step": "12", "note": "ünïcode ✓", "empty": ""}
     out, meta = codec.decode(codec.encode(tensors, metadata))
     assert meta == metadata
@@ -110,14 +112,23 @@ def test_data_section_is_eight_byte_aligned() -> None:
         lambda: torch.arange(20.0)[3::4],
         lambda: torch.arange(24, dtype=torch.int32).reshape(2, 3, 4)[:, 1:, ::2],
         lambda: torch.ones(3, dtype=torch.bfloat16).expand(2, 3),
-        lambda: torch.randn(4, 3, generator=torch.Generator().manual_seed(1),
-                            dtype=torch.complex64).t(),
+        lambda: torch.randn(
+            4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.complex64
+        ).t(),
         lambda: torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
         lambda: torch._neg_view(torch.tensor([1.0, -2.0, 0.5])),
         lambda: torch.ones(2, 2, requires_grad=True) * 3,
     ],
-    ids=["transposed", "strided", "sliced-3d", "expanded", "complex-t", "conj-view",
-         "neg-view", "requires-grad"],
+    ids=[
+        "transposed",
+        "strided",
+        "sliced-3d",
+        "expanded",
+        "complex-t",
+        "conj-view",
+        "neg-view",
+        "requires-grad",
+    ],
 )
 def test_non_contiguous_and_view_inputs_encode_their_values(make: Any) -> None:
     t = make()
@@ -146,8 +157,10 @@ def test_decode_accepts_memoryview_and_bytearray() -> None:
 
 
 def _library_tensors() -> dict[str, torch.Tensor]:
-    return {f"p{i}.{codec.dtype_name(dt)}": sample(dt, (3, 2), seed=i)
-            for i, dt in enumerate(ALL_DTYPES)} | {
+    return {
+        f"p{i}.{codec.dtype_name(dt)}": sample(dt, (3, 2), seed=i)
+        for i, dt in enumerate(ALL_DTYPES)
+    } | {
         "scalar": torch.tensor(2.5),
         "empty": torch.zeros(0, 4, dtype=torch.float16),
     }
@@ -205,8 +218,9 @@ def test_dtype_names() -> None:
 # ------------------------------------------------------------------------ malformed bodies
 
 
-def body_of(header: Any, data: bytes = b"", *, raw_header: bytes | None = None,
-            claimed: int | None = None) -> bytes:
+def body_of(
+    header: Any, data: bytes = b"", *, raw_header: bytes | None = None, claimed: int | None = None
+) -> bytes:
     """A hand-built safetensors body (header JSON, or raw header bytes, then data)."""
     head = raw_header if raw_header is not None else json.dumps(header).encode()
     n = len(head) if claimed is None else claimed
@@ -214,69 +228,119 @@ def body_of(header: Any, data: bytes = b"", *, raw_header: bytes | None = None,
 
 
 def entry(dtype: str = "F32", shape: Any = (2,), offsets: Any = (0, 8)) -> dict[str, Any]:
-    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
-            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets,
+    }
 
 
 MALFORMED: list[tuple[str, bytes, str]] = [
     ("empty", b"", "too short"),
     ("seven-bytes", b"\x01" * 7, "too short"),
-    ("header-beyond-body", body_of(None, raw_header=b"{}", claimed=100),
-     "claims 100 bytes but the body has only 2"),
+    (
+        "header-beyond-body",
+        body_of(None, raw_header=b"{}", claimed=100),
+        "claims 100 bytes but the body has only 2",
+    ),
     ("header-over-ceiling", struct.pack("<Q", codec.MAX_HEADER_BYTES + 1), "exceeds"),
     ("not-json", body_of(None, raw_header=b"{not json"), "not valid JSON"),
     ("not-utf8", body_of(None, raw_header=b'{"\xff": 1}'), "not valid JSON"),
     ("header-array", body_of([1, 2]), "must be a JSON object"),
     ("header-string", body_of("x"), "must be a JSON object"),
     ("entry-not-object", body_of({"a": 5}), "entry for 'a' must be an object"),
-    ("unknown-dtype", body_of({"a": entry("F8_E4M3", (2,), (0, 2))}, b"\0\0"),
-     "unsupported dtype 'F8_E4M3'"),
-    ("missing-dtype", body_of({"a": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
-     "unsupported dtype None"),
+    (
+        "unknown-dtype",
+        body_of({"a": entry("F8_E4M3", (2,), (0, 2))}, b"\0\0"),
+        "unsupported dtype 'F8_E4M3'",
+    ),
+    (
+        "missing-dtype",
+        body_of({"a": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "unsupported dtype None",
+    ),
     ("negative-dim", body_of({"a": entry(shape=[-2])}, b"\0" * 8), "invalid shape [-2]"),
     ("float-dim", body_of({"a": entry(shape=[2.0])}, b"\0" * 8), "invalid shape [2.0]"),
     ("bool-dim", body_of({"a": entry(shape=[True])}, b"\0" * 4), "invalid shape [True]"),
     ("shape-not-list", body_of({"a": entry(shape="2")}, b"\0" * 8), "invalid shape '2'"),
     ("offsets-one", body_of({"a": entry(offsets=[0])}, b"\0" * 8), "invalid data_offsets [0]"),
-    ("offsets-float", body_of({"a": entry(offsets=[0, 8.0])}, b"\0" * 8),
-     "invalid data_offsets [0, 8.0]"),
-    ("offsets-short-for-shape", body_of({"a": entry(offsets=(0, 4))}, b"\0" * 4),
-     "hold 4 bytes, but shape [2] of F32 needs 8"),
-    ("offsets-long-for-shape", body_of({"a": entry(offsets=(0, 12))}, b"\0" * 12),
-     "hold 12 bytes, but shape [2] of F32 needs 8"),
+    (
+        "offsets-float",
+        body_of({"a": entry(offsets=[0, 8.0])}, b"\0" * 8),
+        "invalid data_offsets [0, 8.0]",
+    ),
+    (
+        "offsets-short-for-shape",
+        body_of({"a": entry(offsets=(0, 4))}, b"\0" * 4),
+        "hold 4 bytes, but shape [2] of F32 needs 8",
+    ),
+    (
+        "offsets-long-for-shape",
+        body_of({"a": entry(offsets=(0, 12))}, b"\0" * 12),
+        "hold 12 bytes, but shape [2] of F32 needs 8",
+    ),
     ("offsets-reversed", body_of({"a": entry(offsets=(8, 0))}, b"\0" * 8), "data_offsets [8, 0]"),
-    ("offsets-negative", body_of({"a": entry(offsets=(-8, 0))}, b"\0" * 8),
-     "data_offsets [-8, 0]"),
-    ("gap", body_of({"a": entry(offsets=(0, 8)), "b": entry(offsets=(12, 20))}, b"\0" * 20),
-     "'b' starts at byte 12, expected 8: buffers overlap or leave a gap"),
-    ("overlap", body_of({"a": entry(offsets=(0, 8)), "b": entry(offsets=(4, 12))}, b"\0" * 12),
-     "'b' starts at byte 4, expected 8: buffers overlap or leave a gap"),
-    ("not-from-zero", body_of({"a": entry(offsets=(4, 12))}, b"\0" * 12),
-     "'a' starts at byte 4, expected 0"),
-    ("trailing-bytes", body_of({"a": entry()}, b"\0" * 9),
-     "tensor data covers 8 bytes but the body carries 9"),
-    ("data-missing", body_of({"a": entry()}, b"\0" * 5),
-     "tensor data covers 8 bytes but the body carries 5"),
-    ("duplicate-name", body_of(None, b"\0" * 8, raw_header=(
-        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-        b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}')),
-     "duplicate tensor name 'a'"),
-    ("metadata-non-string-value", body_of({"__metadata__": {"k": 1}}),
-     "__metadata__ must map strings to strings"),
-    ("metadata-array", body_of({"__metadata__": []}),
-     "__metadata__ must map strings to strings"),
-    ("metadata-string", body_of({"__metadata__": "k=v"}),
-     "__metadata__ must map strings to strings"),
-    ("metadata-nested", body_of({"__metadata__": {"k": {"x": "y"}}}),
-     "__metadata__ must map strings to strings"),
+    ("offsets-negative", body_of({"a": entry(offsets=(-8, 0))}, b"\0" * 8), "data_offsets [-8, 0]"),
+    (
+        "gap",
+        body_of({"a": entry(offsets=(0, 8)), "b": entry(offsets=(12, 20))}, b"\0" * 20),
+        "'b' starts at byte 12, expected 8: buffers overlap or leave a gap",
+    ),
+    (
+        "overlap",
+        body_of({"a": entry(offsets=(0, 8)), "b": entry(offsets=(4, 12))}, b"\0" * 12),
+        "'b' starts at byte 4, expected 8: buffers overlap or leave a gap",
+    ),
+    (
+        "not-from-zero",
+        body_of({"a": entry(offsets=(4, 12))}, b"\0" * 12),
+        "'a' starts at byte 4, expected 0",
+    ),
+    (
+        "trailing-bytes",
+        body_of({"a": entry()}, b"\0" * 9),
+        "tensor data covers 8 bytes but the body carries 9",
+    ),
+    (
+        "data-missing",
+        body_of({"a": entry()}, b"\0" * 5),
+        "tensor data covers 8 bytes but the body carries 5",
+    ),
+    (
+        "duplicate-name",
+        body_of(
+            None,
+            b"\0" * 8,
+            raw_header=(
+                b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+            ),
+        ),
+        "duplicate tensor name 'a'",
+    ),
+    (
+        "metadata-non-string-value",
+        body_of({"__metadata__": {"k": 1}}),
+        "__metadata__ must map strings to strings",
+    ),
+    ("metadata-array", body_of({"__metadata__": []}), "__metadata__ must map strings to strings"),
+    (
+        "metadata-string",
+        body_of({"__metadata__": "k=v"}),
+        "__metadata__ must map strings to strings",
+    ),
+    (
+        "metadata-nested",
+        body_of({"__metadata__": {"k": {"x": "y"}}}),
+        "__metadata__ must map strings to strings",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "message"), [(b, m) for _, b, m in MALFORMED],
-                         ids=[i for i, _, _ in MALFORMED])
-def test_malformed_bodies_raise_codec_error_with_a_clear_message(
-    body: bytes, message: str
-) -> None:
+@pytest.mark.parametrize(
+    ("body", "message"), [(b, m) for _, b, m in MALFORMED], ids=[i for i, _, _ in MALFORMED]
+)
+def test_malformed_bodies_raise_codec_error_with_a_clear_message(body: bytes, message: str) -> None:
     with pytest.raises(CodecError) as info:
         codec.decode(body)
     assert message in str(info.value)
@@ -284,21 +348,29 @@ def test_malformed_bodies_raise_codec_error_with_a_clear_message(
 
 def test_the_hand_built_bodies_are_valid_once_fixed() -> None:
     """Guards the malformed cases: the same construction, done right, decodes."""
-    out, meta = codec.decode(body_of(
-        {"__metadata__": {"k": "v"}, "a": entry(), "b": entry("I64", (1,), (8, 16))},
-        struct.pack("<ff", 1.5, -2.0) + struct.pack("<q", -7),
-    ))
+    out, meta = codec.decode(
+        body_of(
+            {"__metadata__": {"k": "v"}, "a": entry(), "b": entry("I64", (1,), (8, 16))},
+            struct.pack("<ff", 1.5, -2.0) + struct.pack("<q", -7),
+        )
+    )
     assert meta == {"k": "v"}
     assert torch.equal(out["a"], torch.tensor([1.5, -2.0]))
     assert torch.equal(out["b"], torch.tensor([-7]))
 
 
 def test_null_metadata_and_empty_tensors_sharing_an_offset_are_valid() -> None:
-    out, meta = codec.decode(body_of(
-        {"__metadata__": None, "e1": entry(shape=[0, 3], offsets=(0, 0)),
-         "a": entry(), "e2": entry("F16", [2, 0], (8, 8))},
-        b"\0" * 8,
-    ))
+    out, meta = codec.decode(
+        body_of(
+            {
+                "__metadata__": None,
+                "e1": entry(shape=[0, 3], offsets=(0, 0)),
+                "a": entry(),
+                "e2": entry("F16", [2, 0], (8, 8)),
+            },
+            b"\0" * 8,
+        )
+    )
     assert meta == {}
     assert out["e1"].shape == (0, 3) and out["e2"].shape == (2, 0)
     assert out["e2"].dtype == torch.float16
@@ -316,8 +388,7 @@ def _json_round_trip(t: torch.Tensor) -> torch.Tensor:
     # Strict JSON: non-finite values must already be spelled as strings.
     text = json.dumps(doc, allow_nan=False)
     back = json.loads(text)
-    return codec.tensor_from_json(back["data"], codec.dtype_from_name(back["dtype"]),
-                                  back["shape"])
+    return codec.tensor_from_json(back["data"], codec.dtype_from_name(back["dtype"]), back["shape"])
 
 
 def assert_same_up_to_nan_payload(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -331,7 +402,8 @@ def assert_same_up_to_nan_payload(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64],
+    "dtype",
+    [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64],
     ids=codec.dtype_name,
 )
 @pytest.mark.parametrize("shape", [(), (0,), (0, 3), (9,), (3, 4)], ids=str)
@@ -341,12 +413,24 @@ def test_json_round_trip_is_exact(dtype: torch.dtype, shape: tuple[int, ...]) ->
     assert_same_up_to_nan_payload(back, t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=codec.dtype_name)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=codec.dtype_name
+)
 def test_json_keeps_extremes_and_specials(dtype: torch.dtype) -> None:
     info = torch.finfo(dtype)
-    values = [math.nan, math.inf, -math.inf, -0.0, 0.0, info.max, -info.max, info.tiny,
-              info.smallest_normal / 4, info.eps, 1 + info.eps]
+    values = [
+        math.nan,
+        math.inf,
+        -math.inf,
+        -0.0,
+        0.0,
+        info.max,
+        -info.max,
+        info.tiny,
+        info.smallest_normal / 4,
+        info.eps,
+        1 + info.eps,
+    ]
     t = torch.tensor(values, dtype=torch.float64).to(dtype)
     doc = codec.tensor_to_json(t)
     assert doc["dtype"] == codec.dtype_name(dtype) and doc["shape"] == [len(values)]
@@ -357,8 +441,10 @@ def test_json_keeps_extremes_and_specials(dtype: torch.dtype) -> None:
 
 
 def test_json_complex_is_real_imag_pairs_with_specials() -> None:
-    t = torch.tensor([complex(1.5, -2.0), complex(math.nan, math.inf), complex(-0.0, 3e-39)],
-                     dtype=torch.complex64)
+    t = torch.tensor(
+        [complex(1.5, -2.0), complex(math.nan, math.inf), complex(-0.0, 3e-39)],
+        dtype=torch.complex64,
+    )
     doc = codec.tensor_to_json(t)
     assert doc["data"][0] == [1.5, -2.0]
     assert doc["data"][1] == ["NaN", "Infinity"]

@@ -35,15 +35,30 @@ CPU = torch.device("cpu")
 
 #: name -> (optimizer, hyperparameters, second group's options, dtypes of w/b/h)
 CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[torch.dtype, ...]]] = {
-    "adam-forloop": ("adam", {"lr": 0.01, "foreach": False}, {"lr": 0.05, "amsgrad": True},
-                     (torch.float32, torch.float32, torch.bfloat16)),
-    "adamw-foreach": ("adamw", {"lr": 0.02, "foreach": True, "weight_decay": 0.1},
-                      {"maximize": True}, (torch.float32, torch.float64, torch.float16)),
-    "adam-fused": ("adam", {"lr": 0.003, "fused": True, "weight_decay": 0.01},
-                   {"amsgrad": True, "betas": (0.8, 0.95)},
-                   (torch.float32, torch.float32, torch.float64)),
-    "adam-complex": ("adam", {"lr": 0.01, "foreach": False}, {"eps": 1e-6},
-                     (torch.complex64, torch.float32, torch.float32)),
+    "adam-forloop": (
+        "adam",
+        {"lr": 0.01, "foreach": False},
+        {"lr": 0.05, "amsgrad": True},
+        (torch.float32, torch.float32, torch.bfloat16),
+    ),
+    "adamw-foreach": (
+        "adamw",
+        {"lr": 0.02, "foreach": True, "weight_decay": 0.1},
+        {"maximize": True},
+        (torch.float32, torch.float64, torch.float16),
+    ),
+    "adam-fused": (
+        "adam",
+        {"lr": 0.003, "fused": True, "weight_decay": 0.01},
+        {"amsgrad": True, "betas": (0.8, 0.95)},
+        (torch.float32, torch.float32, torch.float64),
+    ),
+    "adam-complex": (
+        "adam",
+        {"lr": 0.01, "foreach": False},
+        {"eps": 1e-6},
+        (torch.complex64, torch.float32, torch.float32),
+    ),
 }
 
 
@@ -61,29 +76,37 @@ def grads(like: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return values(tuple(t.dtype for t in like.values()), seed=1000 + k)
 
 
-def make(config: str, name: str = "run") -> tuple[Stepper, dict[str, torch.Tensor],
-                                                   torch.optim.Optimizer]:
+def make(
+    config: str, name: str = "run"
+) -> tuple[Stepper, dict[str, torch.Tensor], torch.optim.Optimizer]:
     """A stepper and its local twin (``torch.optim`` on leaf copies of the same values)."""
     kind, hyper, second, dtypes = CONFIGS[config]
     init = values(dtypes)
-    stepper = Stepper(name, kind, CPU, list(init.items()), hyper,
-                      [GroupDef(["w", "b"]), GroupDef(["h"], dict(second))])
+    stepper = Stepper(
+        name,
+        kind,
+        CPU,
+        list(init.items()),
+        hyper,
+        [GroupDef(["w", "b"]), GroupDef(["h"], dict(second))],
+    )
     local = {n: t.clone().requires_grad_(True) for n, t in init.items()}
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    opt = cls([{"params": [local["w"], local["b"]]}, {"params": [local["h"]], **second}],
-              **hyper)
+    opt = cls([{"params": [local["w"], local["b"]]}, {"params": [local["h"]], **second}], **hyper)
     return stepper, local, opt
 
 
-def local_step(local: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-               g: dict[str, torch.Tensor]) -> None:
+def local_step(
+    local: dict[str, torch.Tensor], opt: torch.optim.Optimizer, g: dict[str, torch.Tensor]
+) -> None:
     for n, t in g.items():
         local[n].grad = t
     opt.step()
 
 
-def assert_matches_local(stepper: Stepper, local: dict[str, torch.Tensor],
-                         opt: torch.optim.Optimizer) -> None:
+def assert_matches_local(
+    stepper: Stepper, local: dict[str, torch.Tensor], opt: torch.optim.Optimizer
+) -> None:
     _, params = stepper.get_params()
     _, state = stepper.get_state()
     for n, p in local.items():
@@ -155,11 +178,13 @@ def test_file_is_plain_safetensors_with_the_documented_layout(tmp_path: Path) ->
     path.write_bytes(enc.data)
     tensors = safetensors.torch.load_file(path)  # the reference reader
     assert list(tensors)[:3] == ["param/w", "param/b", "param/h"]
-    assert set(tensors) == {"param/w", "param/b", "param/h",
-                            *(f"state/{n}/{k}" for n in "wb"
-                              for k in ("step", "exp_avg", "exp_avg_sq")),
-                            *(f"state/h/{k}" for k in ("step", "exp_avg", "exp_avg_sq",
-                                                       "max_exp_avg_sq"))}
+    assert set(tensors) == {
+        "param/w",
+        "param/b",
+        "param/h",
+        *(f"state/{n}/{k}" for n in "wb" for k in ("step", "exp_avg", "exp_avg_sq")),
+        *(f"state/h/{k}" for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    }
     with safetensors.safe_open(path, "pt") as f:
         meta = f.metadata()
     header = json.loads(meta[META_CHECKPOINT])
@@ -193,8 +218,12 @@ def test_load_into_rolls_back_exactly_and_rejects_another_layout() -> None:
         ckpt.load_into(other, saved)
     after = ckpt.encode(other).data
     assert codec.decode(before)[0].keys() == codec.decode(after)[0].keys()
-    assert all(torch.equal(a, b) for a, b in zip(codec.decode(before)[0].values(),
-                                                 codec.decode(after)[0].values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            codec.decode(before)[0].values(), codec.decode(after)[0].values(), strict=True
+        )
+    )
 
 
 def _edit_header(data: bytes, change: Any) -> bytes:
@@ -217,24 +246,46 @@ DAMAGE: dict[str, tuple[Any, str]] = {
     "bad name": (lambda d: _edit_header(d, _set("stepper", "../x")), "invalid stepper"),
     "bad step": (lambda d: _edit_header(d, _set("step", -1)), "step"),
     "missing param": (lambda d: _edit_header(d, lambda h, t: t.pop("param/b")), "lacks"),
-    "extra tensor": (lambda d: _edit_header(
-        d, lambda h, t: t.__setitem__("other", torch.zeros(1))), "unexpected tensor"),
-    "bad state key": (lambda d: _edit_header(
-        d, lambda h, t: t.__setitem__("state/w/momentum", torch.zeros(3, 4))), "state/"),
-    "bad state shape": (lambda d: _edit_header(
-        d, lambda h, t: t.__setitem__("state/w/exp_avg", torch.zeros(2))), "does not load"),
-    "bad option": (lambda d: _edit_header(
-        d, lambda h, t: h["groups"][0]["options"].__setitem__("lr", -1.0)), "does not load"),
-    "betas not a pair": (lambda d: _edit_header(
-        d, lambda h, t: h["groups"][0]["options"].__setitem__("betas", 5)), "wrong type"),
-    "lr a string": (lambda d: _edit_header(
-        d, lambda h, t: h["groups"][0]["options"].__setitem__("lr", "x")), "wrong type"),
-    "unknown option": (lambda d: _edit_header(
-        d, lambda h, t: h["groups"][0]["options"].__setitem__("nesterov", True)), "unknown"),
-    "empty param name": (lambda d: _edit_header(
-        d, lambda h, t: h.__setitem__("params", ["", "b", "h"])), "invalid parameter name"),
-    "groups miss a param": (lambda d: _edit_header(
-        d, lambda h, t: h["groups"].pop()), "does not load"),
+    "extra tensor": (
+        lambda d: _edit_header(d, lambda h, t: t.__setitem__("other", torch.zeros(1))),
+        "unexpected tensor",
+    ),
+    "bad state key": (
+        lambda d: _edit_header(
+            d, lambda h, t: t.__setitem__("state/w/momentum", torch.zeros(3, 4))
+        ),
+        "state/",
+    ),
+    "bad state shape": (
+        lambda d: _edit_header(d, lambda h, t: t.__setitem__("state/w/exp_avg", torch.zeros(2))),
+        "does not load",
+    ),
+    "bad option": (
+        lambda d: _edit_header(d, lambda h, t: h["groups"][0]["options"].__setitem__("lr", -1.0)),
+        "does not load",
+    ),
+    "betas not a pair": (
+        lambda d: _edit_header(d, lambda h, t: h["groups"][0]["options"].__setitem__("betas", 5)),
+        "wrong type",
+    ),
+    "lr a string": (
+        lambda d: _edit_header(d, lambda h, t: h["groups"][0]["options"].__setitem__("lr", "x")),
+        "wrong type",
+    ),
+    "unknown option": (
+        lambda d: _edit_header(
+            d, lambda h, t: h["groups"][0]["options"].__setitem__("nesterov", True)
+        ),
+        "unknown",
+    ),
+    "empty param name": (
+        lambda d: _edit_header(d, lambda h, t: h.__setitem__("params", ["", "b", "h"])),
+        "invalid parameter name",
+    ),
+    "groups miss a param": (
+        lambda d: _edit_header(d, lambda h, t: h["groups"].pop()),
+        "does not load",
+    ),
 }
 
 

@@ -45,8 +45,13 @@ def fail_on(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: int = 
 
 
 def make(**options: Any) -> Stepper:
-    s = Stepper("s", "adam", CPU, [("a", torch.linspace(-1, 1, 6)), ("b", torch.ones(2, 3))],
-                {"lr": 0.1, **options})
+    s = Stepper(
+        "s",
+        "adam",
+        CPU,
+        [("a", torch.linspace(-1, 1, 6)), ("b", torch.ones(2, 3))],
+        {"lr": 0.1, **options},
+    )
     s.steps = StepMirror(mirror_cpu=True)  # as a GPU stepper's steps are mirrored
     attach_signals(s)
     return s
@@ -55,8 +60,11 @@ def make(**options: Any) -> Stepper:
 def snapshot(s: Stepper) -> tuple[Any, ...]:
     _, state = s.get_state(with_params=True)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in s.optimizer.param_groups]
-    return (s.step_count, {n: {k: t.tolist() for k, t in d.items()} for n, d in state.items()},
-            repr(groups))
+    return (
+        s.step_count,
+        {n: {k: t.tolist() for k, t in d.items()} for n, d in state.items()},
+        repr(groups),
+    )
 
 
 def grads(scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -66,6 +74,7 @@ def grads(scale: float = 1.0) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def reference() -> Callable[[Stepper, int], None]:
     """Check a stepper against torch.optim.Adam stepped with the same gradients."""
+
     def check(s: Stepper, steps: int) -> None:
         params = [torch.linspace(-1, 1, 6).requires_grad_(), torch.ones(2, 3).requires_grad_()]
         opts = {k: v for k, v in s.optimizer.param_groups[0].items() if k != "params"}
@@ -76,13 +85,14 @@ def reference() -> Callable[[Stepper, int], None]:
             local.step()
         for p, mine in zip(params, s.params, strict=True):
             assert torch.equal(p.detach(), mine.detach())
+
     return check
 
 
 @pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}])
 def test_a_first_step_whose_state_does_not_fit_changes_nothing(
-        monkeypatch: pytest.MonkeyPatch, impl: dict[str, Any],
-        reference: Callable[[Stepper, int], None]) -> None:
+    monkeypatch: pytest.MonkeyPatch, impl: dict[str, Any], reference: Callable[[Stepper, int], None]
+) -> None:
     """PyTorch creates a first step's state (zeros_like per moment) before it updates
     anything: the second moment failing leaves a half-made state, which is undone."""
     s = make(**impl)
@@ -114,8 +124,7 @@ def test_an_update_that_ran_out_part_way_says_partial(monkeypatch: pytest.Monkey
     assert s.step_count == 1 and s.version > version  # readers see that something changed
 
 
-def test_an_unmirrored_interruption_is_reported_as_partial(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unmirrored_interruption_is_reported_as_partial(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a known step to compare (a CPU step not mirrored) the stepper cannot tell:
     it says partial rather than claim nothing changed."""
     s = make(foreach=True)
@@ -158,7 +167,8 @@ def test_parameters_that_do_not_fit_create_nothing(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_option_probe_that_does_not_fit_is_not_an_invalid_option(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     fail_on(monkeypatch, torch.optim.Adam, "step")
     with pytest.raises(DeviceOutOfMemory):
         validate_options("adam", {"lr": 0.1, "foreach": True})
@@ -177,13 +187,16 @@ def test_loads_that_do_not_fit_change_nothing(monkeypatch: pytest.MonkeyPatch) -
     assert snapshot(s) == before
 
 
-@pytest.mark.parametrize(("error", "oom"), [
-    (torch.OutOfMemoryError(OOM), True),
-    (torch.cuda.OutOfMemoryError(OOM), True),
-    (RuntimeError("CUDA error: out of memory"), True),  # a failed cudaHostAlloc
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
-    (ValueError("out of memory"), False),
-])
+@pytest.mark.parametrize(
+    ("error", "oom"),
+    [
+        (torch.OutOfMemoryError(OOM), True),
+        (torch.cuda.OutOfMemoryError(OOM), True),
+        (RuntimeError("CUDA error: out of memory"), True),  # a failed cudaHostAlloc
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
 def test_what_counts_as_out_of_memory(error: BaseException, oom: bool) -> None:
     assert is_out_of_memory(error) is oom
 
@@ -193,12 +206,21 @@ def test_what_counts_as_out_of_memory(error: BaseException, oom: bool) -> None:
 
 def test_device_tensors_come_to_the_host_in_one_batch() -> None:
     """Every copy lands in one buffer (aligned for every dtype), then one wait."""
-    tensors = {"p": torch.randn(5, 3), "step": torch.tensor(7.0),
-               "h": torch.randn(3).to(torch.float16), "c": torch.randn(2, dtype=torch.complex64),
-               "empty": torch.empty(0, 4), "kept": torch.ones(2)}
+    tensors = {
+        "p": torch.randn(5, 3),
+        "step": torch.tensor(7.0),
+        "h": torch.randn(3).to(torch.float16),
+        "c": torch.randn(2, dtype=torch.complex64),
+        "empty": torch.empty(0, 4),
+        "kept": torch.ones(2),
+    }
     waits: list[int] = []
-    out = stage_on_host(tensors, moved=lambda t: t.dim() != 1 or t.dtype != torch.float32,
-                        pin=False, wait=lambda: waits.append(1))
+    out = stage_on_host(
+        tensors,
+        moved=lambda t: t.dim() != 1 or t.dtype != torch.float32,
+        pin=False,
+        wait=lambda: waits.append(1),
+    )
     assert waits == [1]
     assert out["kept"] is tensors["kept"]
     storages = {out[k].untyped_storage().data_ptr() for k in ("p", "step", "h", "c")}
@@ -257,8 +279,9 @@ class _NotCapturing:
 @pytest.fixture
 def accelerator_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Optimizer.step's graph-capture health check as it runs where CUDA is available."""
-    monkeypatch.setattr(torch.accelerator, "current_accelerator",
-                        lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(
+        torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda")
+    )
     monkeypatch.setattr(torch.accelerator, "current_stream", lambda *a, **k: _NotCapturing())
 
 
@@ -339,9 +362,13 @@ def test_a_first_step_the_gpu_cannot_hold_is_refused_before_anything_changes() -
 def test_a_gpu_steppers_checkpoint_is_one_batched_copy() -> None:
     from adamscope.service.engine import checkpoint
 
-    s = Stepper("c", "adam", torch.device("cuda"), [("w", torch.randn(300, 7)),
-                                                    ("b", torch.randn(7))],
-                {"lr": 0.1, "capturable": True, "amsgrad": True})
+    s = Stepper(
+        "c",
+        "adam",
+        torch.device("cuda"),
+        [("w", torch.randn(300, 7)), ("b", torch.randn(7))],
+        {"lr": 0.1, "capturable": True, "amsgrad": True},
+    )
     for _ in range(3):
         s.step({"w": torch.randn(300, 7), "b": torch.randn(7)})
     restored = checkpoint.build(checkpoint.decode(checkpoint.encode(s).data), torch.device("cpu"))

@@ -24,36 +24,44 @@ P = [4000, 400, 40]  # parameter bytes of three tensors
 TOTAL, LARGEST = sum(P), max(P)
 
 
-@pytest.mark.parametrize(("options", "device", "impl"), [
-    ({}, "cpu", "forloop"),
-    ({}, "cuda", "foreach"),
-    ({"foreach": None, "fused": None}, "cuda", "foreach"),
-    ({"foreach": False}, "cuda", "forloop"),
-    ({"foreach": True}, "cpu", "foreach"),
-    ({"fused": True}, "cpu", "fused"),
-    ({"fused": True, "foreach": None}, "cuda", "fused"),
-    ({"differentiable": True}, "cuda", "forloop"),
-])
-def test_the_implementation_is_pytorchs_choice(options: dict[str, Any], device: str,
-                                                impl: str) -> None:
+@pytest.mark.parametrize(
+    ("options", "device", "impl"),
+    [
+        ({}, "cpu", "forloop"),
+        ({}, "cuda", "foreach"),
+        ({"foreach": None, "fused": None}, "cuda", "foreach"),
+        ({"foreach": False}, "cuda", "forloop"),
+        ({"foreach": True}, "cpu", "foreach"),
+        ({"fused": True}, "cpu", "fused"),
+        ({"fused": True, "foreach": None}, "cuda", "fused"),
+        ({"differentiable": True}, "cuda", "forloop"),
+    ],
+)
+def test_the_implementation_is_pytorchs_choice(
+    options: dict[str, Any], device: str, impl: str
+) -> None:
     assert implementation(options, device) == impl
 
 
-@pytest.mark.parametrize(("options", "device", "expected"), [
-    ({}, "cpu", 2 * LARGEST),  # denom: sqrt, then the division
-    ({"maximize": True}, "cpu", 3 * LARGEST),  # -grad
-    ({"weight_decay": 0.1}, "cpu", 3 * LARGEST),  # grad + wd * p
-    ({"weight_decay": 0.1, "decoupled_weight_decay": True}, "cpu", 2 * LARGEST),  # in place
-    ({"weight_decay": 0.0}, "cpu", 2 * LARGEST),
-    ({}, "cuda", TOTAL),  # one _foreach_sqrt result per tensor
-    ({"maximize": True, "weight_decay": 0.1}, "cuda", TOTAL),  # freed before the sqrt
-    ({"capturable": True}, "cuda", TOTAL + 3 * 4 * 512),  # per-tensor scalar temporaries
-    ({"capturable": True, "foreach": False}, "cuda", 2 * LARGEST + 4 * 512),
-    ({"fused": True, "maximize": True, "weight_decay": 0.1}, "cuda", 0),
-    ({"fused": True}, "cpu", 0),
-])
-def test_the_workspace_by_implementation(options: dict[str, Any], device: str,
-                                         expected: int) -> None:
+@pytest.mark.parametrize(
+    ("options", "device", "expected"),
+    [
+        ({}, "cpu", 2 * LARGEST),  # denom: sqrt, then the division
+        ({"maximize": True}, "cpu", 3 * LARGEST),  # -grad
+        ({"weight_decay": 0.1}, "cpu", 3 * LARGEST),  # grad + wd * p
+        ({"weight_decay": 0.1, "decoupled_weight_decay": True}, "cpu", 2 * LARGEST),  # in place
+        ({"weight_decay": 0.0}, "cpu", 2 * LARGEST),
+        ({}, "cuda", TOTAL),  # one _foreach_sqrt result per tensor
+        ({"maximize": True, "weight_decay": 0.1}, "cuda", TOTAL),  # freed before the sqrt
+        ({"capturable": True}, "cuda", TOTAL + 3 * 4 * 512),  # per-tensor scalar temporaries
+        ({"capturable": True, "foreach": False}, "cuda", 2 * LARGEST + 4 * 512),
+        ({"fused": True, "maximize": True, "weight_decay": 0.1}, "cuda", 0),
+        ({"fused": True}, "cpu", 0),
+    ],
+)
+def test_the_workspace_by_implementation(
+    options: dict[str, Any], device: str, expected: int
+) -> None:
     assert workspace_bytes(P, options, device) == expected
     assert workspace_bytes([], options, device) == 0
 
@@ -72,9 +80,14 @@ def test_a_cpu_and_a_gpu_footprint() -> None:
     assert gpu == Footprint("cuda", 4 * TOTAL + 3 * STEP_BYTES, TOTAL, TOTAL, 2 * TOTAL)
     assert gpu.on_device == 4 * TOTAL + 12 + TOTAL + TOTAL
     assert gpu.total == gpu.on_device + 2 * TOTAL
-    assert gpu.as_dict() == {"state": gpu.state, "gradients": TOTAL, "workspace": TOTAL,
-                             "pinned": 2 * TOTAL, "on_device": gpu.on_device,
-                             "total": gpu.total}
+    assert gpu.as_dict() == {
+        "state": gpu.state,
+        "gradients": TOTAL,
+        "workspace": TOTAL,
+        "pinned": 2 * TOTAL,
+        "on_device": gpu.on_device,
+        "total": gpu.total,
+    }
     assert CONTEXT_BYTES == 512 * 2**20
 
 
@@ -87,8 +100,13 @@ def test_groups_add_up_but_their_workspaces_do_not() -> None:
 
 
 def test_a_stepper_reports_its_footprint_under_its_current_options() -> None:
-    s = Stepper("s", "adam", torch.device("cpu"), [("w", torch.zeros(100)), ("b", torch.zeros(10))],
-                {"lr": 0.1})
+    s = Stepper(
+        "s",
+        "adam",
+        torch.device("cpu"),
+        [("w", torch.zeros(100)), ("b", torch.zeros(10))],
+        {"lr": 0.1},
+    )
     assert s.footprint() == footprint([([400, 40], s.optimizer.param_groups[0])], "cpu")
     assert s.summary()["footprint"] == s.footprint().as_dict()
     before = s.footprint()
@@ -104,16 +122,21 @@ def test_a_stepper_reports_its_footprint_under_its_current_options() -> None:
 
 
 GPU_CASES = [
-    {"foreach": False}, {"foreach": False, "maximize": True, "weight_decay": 0.1},
-    {"foreach": True}, {"foreach": True, "maximize": True, "weight_decay": 0.1},
-    {"foreach": True, "capturable": True}, {"foreach": False, "capturable": True},
-    {"fused": True}, {"fused": True, "amsgrad": True},
+    {"foreach": False},
+    {"foreach": False, "maximize": True, "weight_decay": 0.1},
+    {"foreach": True},
+    {"foreach": True, "maximize": True, "weight_decay": 0.1},
+    {"foreach": True, "capturable": True},
+    {"foreach": False, "capturable": True},
+    {"fused": True},
+    {"fused": True, "amsgrad": True},
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", GPU_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in
-                                                                     o.items()))
+@pytest.mark.parametrize(
+    "options", GPU_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+)
 def test_the_workspace_estimate_covers_what_the_step_allocates(options: dict[str, Any]) -> None:
     """A step after the first (state allocated) allocates temporaries only: their peak,
     measured by the caching allocator, is at most the estimate (the estimate counts bytes;

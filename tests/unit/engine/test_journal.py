@@ -91,20 +91,28 @@ def test_json_round_trip_and_legacy_journals() -> None:
     back.load_json(json.loads(json.dumps(j.to_json())))
     assert all(back.lookup(f"k{k}") == j.lookup(f"k{k}") for k in range(1, 30))
     legacy = KeyJournal(NAMES)
-    legacy.load_legacy({"old": {"step": 4, "stepped": NAMES[:2], "skipped": NAMES[2:]},
-                        "bad": {"step": "x"}, "foreign": {"step": 5, "stepped": ["nope"]}})
+    legacy.load_legacy(
+        {
+            "old": {"step": 4, "stepped": NAMES[:2], "skipped": NAMES[2:]},
+            "bad": {"step": "x"},
+            "foreign": {"step": 5, "stepped": ["nope"]},
+        }
+    )
     assert legacy.lookup("old") == (4, NAMES[:2], NAMES[2:])
     assert legacy.lookup("bad") is None and legacy.lookup("foreign") is None
 
 
-@pytest.mark.parametrize("damage", [
-    {"version": 2},
-    {"digests": "!!"},
-    {"steps": [1, 2]},
-    {"sets": ["AAA="]},
-    {"refs": [7]},
-    {"steps": ["one"]},
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"version": 2},
+        {"digests": "!!"},
+        {"steps": [1, 2]},
+        {"sets": ["AAA="]},
+        {"refs": [7]},
+        {"steps": ["one"]},
+    ],
+)
 def test_a_damaged_journal_is_an_invalid_checkpoint(damage: dict[str, object]) -> None:
     j = KeyJournal(NAMES)
     j.remember("k", 1, NAMES[:5])
@@ -129,21 +137,26 @@ def test_a_checkpoint_from_before_the_compact_journal_still_replays() -> None:
     tensors, meta = codec.decode(enc.data)
     header = json.loads(meta[META_CHECKPOINT])
     del header["idempotency"]
-    header["extra"] = {"keys": {"retry-me": {"step": 1, "stepped": [NAMES[0]],
-                                             "skipped": NAMES[1:3]}}, "alert_rules": []}
-    restored = ckpt.build(ckpt.decode(codec.encode(
-        tensors, {**meta, META_CHECKPOINT: json.dumps(header)})), CPU)
+    header["extra"] = {
+        "keys": {"retry-me": {"step": 1, "stepped": [NAMES[0]], "skipped": NAMES[1:3]}},
+        "alert_rules": [],
+    }
+    restored = ckpt.build(
+        ckpt.decode(codec.encode(tensors, {**meta, META_CHECKPOINT: json.dumps(header)})), CPU
+    )
     assert restored.journal == {"alert_rules": []}
     again = restored.step({NAMES[1]: torch.ones(2)}, key="retry-me")
     assert again.replayed and (again.step, again.stepped, again.skipped) == (
-        1, [NAMES[0]], NAMES[1:3])
+        1,
+        [NAMES[0]],
+        NAMES[1:3],
+    )
     assert restored.step_count == 1
 
 
 def test_checkpoint_size_does_not_grow_with_keyed_steps() -> None:
     names = [f"model.layers.{i // 9}.self_attn.{'q' * 60}_{i}.weight" for i in range(200)]
-    stepper = Stepper("s", "adam", CPU, [(n, torch.zeros(2)) for n in names],
-                      {"fused": True})
+    stepper = Stepper("s", "adam", CPU, [(n, torch.zeros(2)) for n in names], {"fused": True})
     grads = {n: torch.ones(2) for n in names}
     sizes = {}
     for k in range(1, 6):
@@ -159,8 +172,13 @@ def test_header_bound_bounds_a_full_checkpoint() -> None:
     """Every state tensor (amsgrad), a full journal of distinct sets, escaped names."""
     names = [f'layer "{i}" \\ é ☃ {"n" * (i % 50)}' for i in range(60)]
     shapes = [[i + 1, 3] for i in range(60)]
-    stepper = Stepper("s", "adam", CPU, [(n, torch.zeros(s)) for n, s in zip(
-        names, shapes, strict=True)], {"amsgrad": True, "foreach": True})
+    stepper = Stepper(
+        "s",
+        "adam",
+        CPU,
+        [(n, torch.zeros(s)) for n, s in zip(names, shapes, strict=True)],
+        {"amsgrad": True, "foreach": True},
+    )
     stepper.step({n: torch.ones(s) for n, s in zip(names, shapes, strict=True)})
     rng = random.Random(1)
     for k in range(JOURNAL_KEYS + 5):

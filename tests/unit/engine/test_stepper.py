@@ -72,8 +72,11 @@ def make(
 
 
 def step_both(
-    stepper: Stepper, optimizer: torch.optim.Optimizer, local: Mapping[str, torch.Tensor],
-    k: int, skip: Callable[[str, int], bool] = lambda n, k: False,
+    stepper: Stepper,
+    optimizer: torch.optim.Optimizer,
+    local: Mapping[str, torch.Tensor],
+    k: int,
+    skip: Callable[[str, int], bool] = lambda n, k: False,
 ) -> None:
     grads = {n: grad_for(p, k, i) for i, (n, p) in enumerate(local.items()) if not skip(n, k)}
     stepper.step(grads)
@@ -105,16 +108,19 @@ def snapshot(stepper: Stepper) -> tuple[bytes, bytes, dict[str, Any]]:
     flat = {f"{n}.{k}": t for n, s in state.items() for k, t in s.items()}
     summary = stepper.summary()
     del summary["created_at"], summary["updated_at"]
-    groups = [{k: v for k, v in g.items() if k != "params"}
-              for g in stepper.optimizer.param_groups]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in stepper.optimizer.param_groups]
     summary["raw_groups"] = groups
     return codec.encode(params, {"step": str(step)}), codec.encode(flat), summary
 
 
 def stepped(stepper: Stepper, steps: int = 2) -> Stepper:
     for k in range(steps):
-        stepper.step({n: grad_for(p, k, i)
-                      for i, (n, p) in enumerate(zip(stepper.names, stepper.params, strict=True))})
+        stepper.step(
+            {
+                n: grad_for(p, k, i)
+                for i, (n, p) in enumerate(zip(stepper.names, stepper.params, strict=True))
+            }
+        )
     return stepper
 
 
@@ -123,32 +129,54 @@ def stepped(stepper: Stepper, steps: int = 2) -> Stepper:
 CONFIGS: list[tuple[str, str, dict[str, Any], list[tuple[str, tuple[int, ...], torch.dtype]]]] = [
     ("adam-defaults-forloop", "adam", {"foreach": False}, PARAMS),
     ("adam-defaults-auto", "adam", {}, PARAMS),
-    ("adam-amsgrad-l2-maximize-foreach-f64", "adam",
-     {"lr": 3e-2, "amsgrad": True, "weight_decay": 0.1, "maximize": True, "foreach": True},
-     [("w", (5, 2), torch.float64), ("b", (2,), torch.float64)]),
-    ("adam-decoupled", "adam", {"lr": 1e-2, "weight_decay": 0.05,
-                                "decoupled_weight_decay": True, "foreach": False}, PARAMS),
-    ("adamw-fused", "adamw",
-     {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05, "fused": True},
-     PARAMS),
-    ("adamw-amsgrad-forloop", "adamw",
-     {"lr": 5e-3, "amsgrad": True, "foreach": False}, PARAMS),
-    ("adam-mixed-dtypes", "adam", {"lr": 1e-2, "foreach": False},
-     [("h", (6,), torch.bfloat16), ("f", (3,), torch.float16), ("c", (2, 2), torch.complex64),
-      ("d", (3,), torch.float64)]),
-    ("adam-mixed-dtypes-foreach", "adam", {"lr": 1e-2, "foreach": True, "amsgrad": True},
-     [("h", (6,), torch.bfloat16), ("c", (2, 2), torch.complex64), ("f", (4,), torch.float32)]),
+    (
+        "adam-amsgrad-l2-maximize-foreach-f64",
+        "adam",
+        {"lr": 3e-2, "amsgrad": True, "weight_decay": 0.1, "maximize": True, "foreach": True},
+        [("w", (5, 2), torch.float64), ("b", (2,), torch.float64)],
+    ),
+    (
+        "adam-decoupled",
+        "adam",
+        {"lr": 1e-2, "weight_decay": 0.05, "decoupled_weight_decay": True, "foreach": False},
+        PARAMS,
+    ),
+    (
+        "adamw-fused",
+        "adamw",
+        {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05, "fused": True},
+        PARAMS,
+    ),
+    ("adamw-amsgrad-forloop", "adamw", {"lr": 5e-3, "amsgrad": True, "foreach": False}, PARAMS),
+    (
+        "adam-mixed-dtypes",
+        "adam",
+        {"lr": 1e-2, "foreach": False},
+        [
+            ("h", (6,), torch.bfloat16),
+            ("f", (3,), torch.float16),
+            ("c", (2, 2), torch.complex64),
+            ("d", (3,), torch.float64),
+        ],
+    ),
+    (
+        "adam-mixed-dtypes-foreach",
+        "adam",
+        {"lr": 1e-2, "foreach": True, "amsgrad": True},
+        [("h", (6,), torch.bfloat16), ("c", (2, 2), torch.complex64), ("f", (4,), torch.float32)],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "hyper", "params"), [c[1:] for c in CONFIGS],
-                         ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize(
+    ("kind", "hyper", "params"), [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS]
+)
 def test_steps_match_local_pytorch_bit_for_bit(
     kind: str, hyper: dict[str, Any], params: list[tuple[str, tuple[int, ...], torch.dtype]]
 ) -> None:
     stepper, optimizer, local = make(kind, params, **hyper)
     second = params[1][0]
-    skip = (lambda n, k: n == second and k % 3 == 1)  # noqa: E731 - skipped on some steps
+    skip = lambda n, k: n == second and k % 3 == 1  # noqa: E731 - skipped on some steps
     for k in range(24):
         step_both(stepper, optimizer, local, k, skip)
     assert_matches_local(stepper, optimizer, local)
@@ -241,8 +269,10 @@ def test_put_state_full_load_from_a_local_optimizer_then_steps_alike() -> None:
         optimizer.step()
     stepper.put_params({n: p.detach() for n, p in local.items()})
     # Clones: like Optimizer.load_state_dict, put_state adopts the tensors it is given.
-    stepper.put_state({n: {k: v.clone() for k, v in optimizer.state[p].items()}
-                       for n, p in local.items()}, replace=True)
+    stepper.put_state(
+        {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in local.items()},
+        replace=True,
+    )
     assert_matches_local(stepper, optimizer, local)
     for k in range(4, 8):
         step_both(stepper, optimizer, local, k)
@@ -260,8 +290,14 @@ def test_put_state_replace_drops_state_not_given() -> None:
 
 def test_put_state_casts_floating_state_to_the_param_dtype_like_load_state_dict() -> None:
     stepper = stepped(make("adam")[0])
-    stepper.put_state({"b": {"exp_avg": torch.full((4,), 0.25, dtype=torch.float64),
-                             "step": torch.tensor(7, dtype=torch.int64)}})
+    stepper.put_state(
+        {
+            "b": {
+                "exp_avg": torch.full((4,), 0.25, dtype=torch.float64),
+                "step": torch.tensor(7, dtype=torch.int64),
+            }
+        }
+    )
     _, state = stepper.get_state(["b"])
     assert state["b"]["exp_avg"].dtype == torch.float32
     assert torch.equal(state["b"]["exp_avg"], torch.full((4,), 0.25))
@@ -359,7 +395,11 @@ def test_amsgrad_switched_on_with_max_exp_avg_sq_supplied_works() -> None:
     stepper.set_hyperparameters({"amsgrad": True})
     stepped(stepper, 1)
     assert stepper.summary()["params"][0]["state"] == [
-        "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+    ]
 
 
 # ------------------------------------------------------------------- construction errors
@@ -370,32 +410,52 @@ def test_amsgrad_switched_on_with_max_exp_avg_sq_supplied_works() -> None:
     [
         ({"kind": "sgd"}, InvalidSpec, "unknown optimizer 'sgd'"),
         ({"params": []}, InvalidSpec, "at least one parameter"),
-        ({"params": [("a", torch.ones(1)), ("a", torch.ones(2))]}, DuplicateName,
-         "'a' appears more than once"),
-        ({"params": [("i", torch.ones(2, dtype=torch.int64))]}, InvalidSpec,
-         "'i' has dtype int64"),
-        ({"params": [("c", torch.ones(2, dtype=torch.complex128))]}, InvalidSpec,
-         "has dtype complex128"),
-        ({"groups": [GroupDef(["a"]), GroupDef(["zz"])]}, UnknownParameter,
-         "unknown parameter 'zz'"),
-        ({"groups": [GroupDef(["a", "b"]), GroupDef(["a"])]}, InvalidSpec,
-         "in several: ['a']"),
+        (
+            {"params": [("a", torch.ones(1)), ("a", torch.ones(2))]},
+            DuplicateName,
+            "'a' appears more than once",
+        ),
+        ({"params": [("i", torch.ones(2, dtype=torch.int64))]}, InvalidSpec, "'i' has dtype int64"),
+        (
+            {"params": [("c", torch.ones(2, dtype=torch.complex128))]},
+            InvalidSpec,
+            "has dtype complex128",
+        ),
+        (
+            {"groups": [GroupDef(["a"]), GroupDef(["zz"])]},
+            UnknownParameter,
+            "unknown parameter 'zz'",
+        ),
+        ({"groups": [GroupDef(["a", "b"]), GroupDef(["a"])]}, InvalidSpec, "in several: ['a']"),
         ({"groups": [GroupDef(["a"])]}, InvalidSpec, "in none: ['b']"),
         ({"hyper": {"lr": -1.0}}, InvalidHyperparameter, "Invalid learning rate: -1.0"),
         ({"hyper": {"eps": -1e-8}}, InvalidHyperparameter, "Invalid epsilon value: -1e-08"),
-        ({"groups": [GroupDef(["a"], {"betas": (0.9, 1.5)}), GroupDef(["b"])]},
-         InvalidHyperparameter, "Invalid beta parameter at index 1: 1.5"),
-        ({"hyper": {"differentiable": True}}, InvalidHyperparameter,
-         "differentiable=True is not supported"),
-        ({"kind": "adamw", "hyper": {"decoupled_weight_decay": False}}, InvalidHyperparameter,
-         "AdamW always decouples weight decay"),
+        (
+            {"groups": [GroupDef(["a"], {"betas": (0.9, 1.5)}), GroupDef(["b"])]},
+            InvalidHyperparameter,
+            "Invalid beta parameter at index 1: 1.5",
+        ),
+        (
+            {"hyper": {"differentiable": True}},
+            InvalidHyperparameter,
+            "differentiable=True is not supported",
+        ),
+        (
+            {"kind": "adamw", "hyper": {"decoupled_weight_decay": False}},
+            InvalidHyperparameter,
+            "AdamW always decouples weight decay",
+        ),
     ],
 )
-def test_invalid_construction_raises(kwargs: dict[str, Any], error: type[EngineError],
-                                     message: str) -> None:
-    args: dict[str, Any] = {"kind": "adam",
-                            "params": [("a", torch.ones(2)), ("b", torch.ones(3))],
-                            "hyper": {}, "groups": None}
+def test_invalid_construction_raises(
+    kwargs: dict[str, Any], error: type[EngineError], message: str
+) -> None:
+    args: dict[str, Any] = {
+        "kind": "adam",
+        "params": [("a", torch.ones(2)), ("b", torch.ones(3))],
+        "hyper": {},
+        "groups": None,
+    }
     args.update(kwargs)
     with pytest.raises(error) as info:
         Stepper("s", args["kind"], CPU, args["params"], args["hyper"], args["groups"])
@@ -412,82 +472,213 @@ def _bad_calls() -> list[tuple[str, Callable[[Stepper], Any], type[EngineError],
     w, b = torch.ones(3, 4), torch.ones(4)
     good = {"w": w, "b": b}
     return [
-        ("step-unknown", lambda s: s.step({**good, "zz": b}), UnknownParameter,
-         "stepper 's' has no parameter 'zz'"),
-        ("step-shape", lambda s: s.step({**good, "s": torch.ones(1)}), ShapeMismatch,
-         "gradient for 's' has shape [1], parameter has []"),
-        ("step-dtype", lambda s: s.step({**good, "s": torch.tensor(1.0, dtype=torch.float64)}),
-         DtypeMismatch, "gradient for 's' has dtype float64, parameter has float32"),
-        ("step-bad-lr", lambda s: s.step(good, [{"lr": -1.0}]), InvalidHyperparameter,
-         "Invalid learning rate: -1.0"),
-        ("step-nan-lr", lambda s: s.step(good, [{"lr": math.nan}]), InvalidHyperparameter,
-         "Invalid learning rate: nan"),
-        ("step-group-count", lambda s: s.step(good, [{}, {}]), InvalidHyperparameter,
-         "got options for 2 param group(s); stepper has 1"),
-        ("step-unknown-option", lambda s: s.step(good, [{"momentum": 0.9}]),
-         InvalidHyperparameter, "unknown option(s): momentum"),
-        ("step-amsgrad", lambda s: s.step(good, [{"amsgrad": True}]), InvalidState,
-         "amsgrad=True needs max_exp_avg_sq"),
-        ("hp-lr", lambda s: s.set_hyperparameters({"lr": -1.0}), InvalidHyperparameter,
-         "Invalid learning rate: -1.0"),
-        ("hp-nan-lr", lambda s: s.set_hyperparameters({"lr": math.nan}), InvalidHyperparameter,
-         "Invalid learning rate: nan"),
-        ("hp-beta0", lambda s: s.set_hyperparameters({"betas": (1.0, 0.999)}),
-         InvalidHyperparameter, "Invalid beta parameter at index 0: 1.0"),
-        ("hp-beta1-nan", lambda s: s.set_hyperparameters({"betas": (0.9, math.nan)}),
-         InvalidHyperparameter, "Invalid beta parameter at index 1: nan"),
-        ("hp-weight-decay", lambda s: s.set_hyperparameters({"weight_decay": -0.1}),
-         InvalidHyperparameter, "Invalid weight_decay value: -0.1"),
-        ("hp-fused-foreach", lambda s: s.set_hyperparameters({"fused": True, "foreach": True}),
-         InvalidHyperparameter, "`fused` and `foreach` cannot be `True` together."),
-        ("hp-capturable-cpu", lambda s: s.set_hyperparameters({"capturable": True}),
-         InvalidHyperparameter, "If capturable=True, params and state_steps must be on "
-         "supported devices"),
-        ("hp-amsgrad", lambda s: s.set_hyperparameters({"amsgrad": True}), InvalidState,
-         "state of 'w' would lack max_exp_avg_sq (amsgrad=True needs max_exp_avg_sq)"),
-        ("hp-group-range", lambda s: s.set_hyperparameters({"lr": 0.1}, group=1),
-         InvalidHyperparameter, "param group 1 does not exist (have 1)"),
-        ("hp-unknown", lambda s: s.set_hyperparameters({"nesterov": True}),
-         InvalidHyperparameter, "unknown option(s): nesterov"),
-        ("params-unknown", lambda s: s.put_params({"w": w * 2, "zz": b}), UnknownParameter,
-         "no parameter 'zz'"),
-        ("params-shape", lambda s: s.put_params({"w": w * 2, "b": torch.ones(5)}),
-         ShapeMismatch, "value for 'b' has shape [5], parameter has [4]"),
-        ("params-dtype", lambda s: s.put_params({"w": w * 2, "b": b.to(C64)}),
-         DtypeMismatch, "value for 'b' has dtype complex64, parameter has float32"),
-        ("state-unknown-param", lambda s: s.put_state({"w": {"exp_avg": w}, "zz": {}}),
-         UnknownParameter, "no parameter 'zz'"),
-        ("state-unknown-key", lambda s: s.put_state({"w": {"exp_avg": w, "momentum": w}}),
-         InvalidState, "unknown state key 'momentum' for 'w'"),
-        ("state-shape", lambda s: s.put_state({"w": {"exp_avg": w}, "b": {"exp_avg": w}}),
-         ShapeMismatch, "exp_avg for 'b' has shape [3, 4], parameter has [4]"),
-        ("state-dtype", lambda s: s.put_state({"w": {"exp_avg": w}, "b": {"exp_avg": b.to(C64)}}),
-         DtypeMismatch, "exp_avg for 'b' has dtype complex64, parameter has float32"),
-        ("state-step-vector", lambda s: s.put_state({"w": {"step": torch.ones(2)}}),
-         ShapeMismatch, "step of 'w' must be a scalar"),
-        ("state-step-negative", lambda s: s.put_state({"w": {"step": torch.tensor(-1.0)}}),
-         InvalidState, "step of 'w' must be finite and >= 0, got -1.0"),
-        ("state-step-nan", lambda s: s.put_state({"w": {"step": torch.tensor(math.nan)}}),
-         InvalidState, "must be finite and >= 0, got nan"),
-        ("state-step-bool", lambda s: s.put_state({"w": {"step": torch.tensor(True)}}),
-         DtypeMismatch, "step of 'w' must be a real number"),
-        ("state-incomplete-after-replace",
-         lambda s: s.put_state({"w": {"exp_avg": w}}, replace=True), InvalidState,
-         "state of 'w' would lack step, exp_avg_sq"),
-        ("state-amsgrad-options", lambda s: s.put_state({}, [{"amsgrad": True}]), InvalidState,
-         "amsgrad=True needs max_exp_avg_sq"),
-        ("state-bad-options", lambda s: s.put_state({"w": {"exp_avg": w}}, [{"lr": -2.0}]),
-         InvalidHyperparameter, "Invalid learning rate: -2.0"),
-        ("reset-unknown", lambda s: s.reset_state(["w", "zz"]), UnknownParameter,
-         "no parameter 'zz'"),
+        (
+            "step-unknown",
+            lambda s: s.step({**good, "zz": b}),
+            UnknownParameter,
+            "stepper 's' has no parameter 'zz'",
+        ),
+        (
+            "step-shape",
+            lambda s: s.step({**good, "s": torch.ones(1)}),
+            ShapeMismatch,
+            "gradient for 's' has shape [1], parameter has []",
+        ),
+        (
+            "step-dtype",
+            lambda s: s.step({**good, "s": torch.tensor(1.0, dtype=torch.float64)}),
+            DtypeMismatch,
+            "gradient for 's' has dtype float64, parameter has float32",
+        ),
+        (
+            "step-bad-lr",
+            lambda s: s.step(good, [{"lr": -1.0}]),
+            InvalidHyperparameter,
+            "Invalid learning rate: -1.0",
+        ),
+        (
+            "step-nan-lr",
+            lambda s: s.step(good, [{"lr": math.nan}]),
+            InvalidHyperparameter,
+            "Invalid learning rate: nan",
+        ),
+        (
+            "step-group-count",
+            lambda s: s.step(good, [{}, {}]),
+            InvalidHyperparameter,
+            "got options for 2 param group(s); stepper has 1",
+        ),
+        (
+            "step-unknown-option",
+            lambda s: s.step(good, [{"momentum": 0.9}]),
+            InvalidHyperparameter,
+            "unknown option(s): momentum",
+        ),
+        (
+            "step-amsgrad",
+            lambda s: s.step(good, [{"amsgrad": True}]),
+            InvalidState,
+            "amsgrad=True needs max_exp_avg_sq",
+        ),
+        (
+            "hp-lr",
+            lambda s: s.set_hyperparameters({"lr": -1.0}),
+            InvalidHyperparameter,
+            "Invalid learning rate: -1.0",
+        ),
+        (
+            "hp-nan-lr",
+            lambda s: s.set_hyperparameters({"lr": math.nan}),
+            InvalidHyperparameter,
+            "Invalid learning rate: nan",
+        ),
+        (
+            "hp-beta0",
+            lambda s: s.set_hyperparameters({"betas": (1.0, 0.999)}),
+            InvalidHyperparameter,
+            "Invalid beta parameter at index 0: 1.0",
+        ),
+        (
+            "hp-beta1-nan",
+            lambda s: s.set_hyperparameters({"betas": (0.9, math.nan)}),
+            InvalidHyperparameter,
+            "Invalid beta parameter at index 1: nan",
+        ),
+        (
+            "hp-weight-decay",
+            lambda s: s.set_hyperparameters({"weight_decay": -0.1}),
+            InvalidHyperparameter,
+            "Invalid weight_decay value: -0.1",
+        ),
+        (
+            "hp-fused-foreach",
+            lambda s: s.set_hyperparameters({"fused": True, "foreach": True}),
+            InvalidHyperparameter,
+            "`fused` and `foreach` cannot be `True` together.",
+        ),
+        (
+            "hp-capturable-cpu",
+            lambda s: s.set_hyperparameters({"capturable": True}),
+            InvalidHyperparameter,
+            "If capturable=True, params and state_steps must be on supported devices",
+        ),
+        (
+            "hp-amsgrad",
+            lambda s: s.set_hyperparameters({"amsgrad": True}),
+            InvalidState,
+            "state of 'w' would lack max_exp_avg_sq (amsgrad=True needs max_exp_avg_sq)",
+        ),
+        (
+            "hp-group-range",
+            lambda s: s.set_hyperparameters({"lr": 0.1}, group=1),
+            InvalidHyperparameter,
+            "param group 1 does not exist (have 1)",
+        ),
+        (
+            "hp-unknown",
+            lambda s: s.set_hyperparameters({"nesterov": True}),
+            InvalidHyperparameter,
+            "unknown option(s): nesterov",
+        ),
+        (
+            "params-unknown",
+            lambda s: s.put_params({"w": w * 2, "zz": b}),
+            UnknownParameter,
+            "no parameter 'zz'",
+        ),
+        (
+            "params-shape",
+            lambda s: s.put_params({"w": w * 2, "b": torch.ones(5)}),
+            ShapeMismatch,
+            "value for 'b' has shape [5], parameter has [4]",
+        ),
+        (
+            "params-dtype",
+            lambda s: s.put_params({"w": w * 2, "b": b.to(C64)}),
+            DtypeMismatch,
+            "value for 'b' has dtype complex64, parameter has float32",
+        ),
+        (
+            "state-unknown-param",
+            lambda s: s.put_state({"w": {"exp_avg": w}, "zz": {}}),
+            UnknownParameter,
+            "no parameter 'zz'",
+        ),
+        (
+            "state-unknown-key",
+            lambda s: s.put_state({"w": {"exp_avg": w, "momentum": w}}),
+            InvalidState,
+            "unknown state key 'momentum' for 'w'",
+        ),
+        (
+            "state-shape",
+            lambda s: s.put_state({"w": {"exp_avg": w}, "b": {"exp_avg": w}}),
+            ShapeMismatch,
+            "exp_avg for 'b' has shape [3, 4], parameter has [4]",
+        ),
+        (
+            "state-dtype",
+            lambda s: s.put_state({"w": {"exp_avg": w}, "b": {"exp_avg": b.to(C64)}}),
+            DtypeMismatch,
+            "exp_avg for 'b' has dtype complex64, parameter has float32",
+        ),
+        (
+            "state-step-vector",
+            lambda s: s.put_state({"w": {"step": torch.ones(2)}}),
+            ShapeMismatch,
+            "step of 'w' must be a scalar",
+        ),
+        (
+            "state-step-negative",
+            lambda s: s.put_state({"w": {"step": torch.tensor(-1.0)}}),
+            InvalidState,
+            "step of 'w' must be finite and >= 0, got -1.0",
+        ),
+        (
+            "state-step-nan",
+            lambda s: s.put_state({"w": {"step": torch.tensor(math.nan)}}),
+            InvalidState,
+            "must be finite and >= 0, got nan",
+        ),
+        (
+            "state-step-bool",
+            lambda s: s.put_state({"w": {"step": torch.tensor(True)}}),
+            DtypeMismatch,
+            "step of 'w' must be a real number",
+        ),
+        (
+            "state-incomplete-after-replace",
+            lambda s: s.put_state({"w": {"exp_avg": w}}, replace=True),
+            InvalidState,
+            "state of 'w' would lack step, exp_avg_sq",
+        ),
+        (
+            "state-amsgrad-options",
+            lambda s: s.put_state({}, [{"amsgrad": True}]),
+            InvalidState,
+            "amsgrad=True needs max_exp_avg_sq",
+        ),
+        (
+            "state-bad-options",
+            lambda s: s.put_state({"w": {"exp_avg": w}}, [{"lr": -2.0}]),
+            InvalidHyperparameter,
+            "Invalid learning rate: -2.0",
+        ),
+        (
+            "reset-unknown",
+            lambda s: s.reset_state(["w", "zz"]),
+            UnknownParameter,
+            "no parameter 'zz'",
+        ),
     ]
 
 
 BAD_CALLS = _bad_calls()
 
 
-@pytest.mark.parametrize(("call", "error", "message"), [c[1:] for c in BAD_CALLS],
-                         ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize(
+    ("call", "error", "message"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
 def test_rejected_mutations_leave_the_stepper_byte_identical(
     call: Callable[[Stepper], Any], error: type[EngineError], message: str
 ) -> None:
@@ -586,8 +777,9 @@ def test_bias_correction_defaults_to_current_and_per_param_steps() -> None:
 def test_bias_correction_is_what_single_tensor_adam_uses(amsgrad: bool) -> None:
     """Rebuild one for-loop Adam update from the reported factors: it must equal the
     stepper's update bit for bit, which holds only if the factors are PyTorch's own."""
-    stepper, _, local = make("adam", lr=7e-3, betas=(0.7, 0.97), eps=1e-7,
-                             foreach=False, amsgrad=amsgrad)
+    stepper, _, local = make(
+        "adam", lr=7e-3, betas=(0.7, 0.97), eps=1e-7, foreach=False, amsgrad=amsgrad
+    )
     for k in range(2):
         stepper.step({n: grad_for(p, k, i) for i, (n, p) in enumerate(local.items())})
     _, params = stepper.get_params()

@@ -77,12 +77,15 @@ def test_an_unexpected_write_is_noticed_and_read_again() -> None:
     assert mirror.reads == 1
 
 
-@pytest.mark.parametrize(("start", "dtype"), [
-    (2.0**24, torch.float32),  # float32 + 1 rounds back: the step stops counting there
-    (2048.0, torch.float16),
-    (256.0, torch.bfloat16),
-    (2.0**53, torch.float64),
-])
+@pytest.mark.parametrize(
+    ("start", "dtype"),
+    [
+        (2.0**24, torch.float32),  # float32 + 1 rounds back: the step stops counting there
+        (2048.0, torch.float16),
+        (256.0, torch.bfloat16),
+        (2.0**53, torch.float64),
+    ],
+)
 def test_the_increment_rounds_as_pytorchs_addition(start: float, dtype: torch.dtype) -> None:
     t = torch.tensor(start, dtype=dtype)
     expected = t + 1
@@ -94,9 +97,15 @@ def test_a_stepper_reads_no_step_per_step(monkeypatch: pytest.MonkeyPatch) -> No
     """summary(), bias_correction() and the signals take the steps from the mirror: after
     the first step no tensor is read as a Python number (``.item()``, ``float()``: a
     device sync each on a GPU), and every value is the tensor's."""
+
     def make() -> Stepper:
-        stepper = Stepper("s", "adam", CPU, [("a", torch.zeros(4)), ("b", torch.zeros(3, 2))],
-                          {"lr": 0.01, "fused": True})
+        stepper = Stepper(
+            "s",
+            "adam",
+            CPU,
+            [("a", torch.zeros(4)), ("b", torch.zeros(3, 2))],
+            {"lr": 0.01, "fused": True},
+        )
         attach_signals(stepper)
         return stepper
 
@@ -125,10 +134,12 @@ def test_a_stepper_reads_no_step_per_step(monkeypatch: pytest.MonkeyPatch) -> No
         plain.step(grads if i % 2 else {"a": grads["a"]})  # reads its CPU steps, as before
         assert [p["step"] for p in summary["params"]] == actual(s.optimizer, s.params)
         assert {n: f["step"] for n, f in report["params"].items()} == {
-            n: float(s.optimizer.state[s.params[s.index[n]]]["step"]) for n in s.names}
+            n: float(s.optimizer.state[s.params[s.index[n]]]["step"]) for n in s.names
+        }
         assert signals_of(s)["step"] == s.step_count and "error" not in signals_of(s)
         assert {k: v for k, v in signals_of(s).items() if k != "time"} == {
-            k: v for k, v in signals_of(plain).items() if k != "time"}
+            k: v for k, v in signals_of(plain).items() if k != "time"
+        }
     assert s.steps.reads == reads
 
 
@@ -150,7 +161,8 @@ def test_a_stepper_rereads_steps_after_a_state_load() -> None:
 
 @pytest.mark.parametrize("groups", [None, "two"], ids=["one-group", "two-groups-two-dtypes"])
 def test_a_steps_signals_make_no_tensor_from_host_values_on_the_device(
-        monkeypatch: pytest.MonkeyPatch, groups: str | None) -> None:
+    monkeypatch: pytest.MonkeyPatch, groups: str | None
+) -> None:
     """``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for
     every kernel queued before it: the signals of a step never make one (constants are
     uploaded once, per-step scalars stay 0-dim CPU tensors, per-tensor values go through
@@ -182,14 +194,25 @@ def test_a_steps_signals_make_no_tensor_from_host_values_on_the_device(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [{"fused": True}, {"foreach": True, "capturable": True},
-                                  {"foreach": False, "capturable": True}],
-                         ids=["fused", "foreach-capturable", "forloop-capturable"])
+@pytest.mark.parametrize(
+    "impl",
+    [
+        {"fused": True},
+        {"foreach": True, "capturable": True},
+        {"foreach": False, "capturable": True},
+    ],
+    ids=["fused", "foreach-capturable", "forloop-capturable"],
+)
 def test_a_gpu_steppers_device_steps_are_mirrored(impl: dict[str, Any]) -> None:
     """fused/capturable keep ``step`` on the GPU: after the first step the summary, the
     bias correction and the signals read none of them back, and every value is right."""
-    s = Stepper("g", "adam", torch.device("cuda"), [("a", torch.randn(64)),
-                                                    ("b", torch.randn(8, 8))], {"lr": 0.01, **impl})
+    s = Stepper(
+        "g",
+        "adam",
+        torch.device("cuda"),
+        [("a", torch.randn(64)), ("b", torch.randn(8, 8))],
+        {"lr": 0.01, **impl},
+    )
     attach_signals(s)
     g = {"a": torch.randn(64), "b": torch.randn(8, 8)}
     s.step(g)

@@ -14,9 +14,22 @@ import torch
 from adamscope.service.engine import Registry, Stepper
 from adamscope.service.inspect.signals import attach_signals
 
-__all__ = ["CPU", "DEVICES", "QREL", "REL", "assert_moments", "assert_quantiles", "close",
-           "f64", "grads_for", "randn", "real", "reference_views", "registered",
-           "stepped"]
+__all__ = [
+    "CPU",
+    "DEVICES",
+    "QREL",
+    "REL",
+    "assert_moments",
+    "assert_quantiles",
+    "close",
+    "f64",
+    "grads_for",
+    "randn",
+    "real",
+    "reference_views",
+    "registered",
+    "stepped",
+]
 
 CPU = torch.device("cpu")
 #: Where the device-generic tests run: here, and on a GPU where there is one.
@@ -25,8 +38,9 @@ REL = 1e-5
 QREL = 1e-12
 
 
-def randn(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32,
-          scale: float = 1.0) -> torch.Tensor:
+def randn(
+    shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     real = torch.complex64 if dtype.is_complex else torch.float64
     return (torch.randn(tuple(shape), generator=g, dtype=real) * scale).to(dtype)
@@ -67,21 +81,34 @@ def assert_quantiles(stats: dict[str, Any], values: np.ndarray, qs: Sequence[flo
         assert close(g, float(w), rel=QREL, abs_=0.0), (got, want)
 
 
-
 def real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def stepped(dtype: torch.dtype, amsgrad: bool, steps: int, seed: int = 0,
-            shape: tuple[int, ...] = (33, 5), device: str = "cpu", **hyper: Any
-            ) -> tuple[Stepper, dict[str, Any]]:
+def stepped(
+    dtype: torch.dtype,
+    amsgrad: bool,
+    steps: int,
+    seed: int = 0,
+    shape: tuple[int, ...] = (33, 5),
+    device: str = "cpu",
+    **hyper: Any,
+) -> tuple[Stepper, dict[str, Any]]:
     """A stepper that took ``steps`` steps (1000: state loaded at step 999, one step)."""
-    s = Stepper("v", "adam", torch.device(device), [("w", randn(shape, seed, dtype))],
-                {"lr": 0.01, "amsgrad": amsgrad, "foreach": False, **hyper})
+    s = Stepper(
+        "v",
+        "adam",
+        torch.device(device),
+        [("w", randn(shape, seed, dtype))],
+        {"lr": 0.01, "amsgrad": amsgrad, "foreach": False, **hyper},
+    )
     if steps == 1000:
         v = randn(shape, seed + 1, dtype).abs() ** 2 * 1e-3
-        state = {"step": torch.tensor(999.0), "exp_avg": randn(shape, seed + 2, dtype) * 1e-2,
-                 "exp_avg_sq": v}
+        state = {
+            "step": torch.tensor(999.0),
+            "exp_avg": randn(shape, seed + 2, dtype) * 1e-2,
+            "exp_avg_sq": v,
+        }
         if amsgrad:
             state["max_exp_avg_sq"] = v * 1.5
         s.put_state({"w": state})
@@ -100,8 +127,9 @@ def registered(name: str, build: Callable[[], Stepper]) -> Stepper:
     return registry.create(name, build)
 
 
-def reference_views(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
-                    ) -> dict[str, torch.Tensor]:
+def reference_views(
+    p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """The views as _single_tensor_adam's own lines compute them (PyTorch source), on the
     real view of complex tensors as it does."""
     raw = {"param": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
@@ -126,8 +154,8 @@ def reference_views(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any
     }
 
 
-def grads_for(s: Stepper, k: int, names: Sequence[str] | None = None
-              ) -> dict[str, torch.Tensor]:
-    return {n: randn(tuple(s.params[s.index[n]].shape), 50 + 10 * k + i,
-                     s.params[s.index[n]].dtype)
-            for i, n in enumerate(names or s.names)}
+def grads_for(s: Stepper, k: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    return {
+        n: randn(tuple(s.params[s.index[n]].shape), 50 + 10 * k + i, s.params[s.index[n]].dtype)
+        for i, n in enumerate(names or s.names)
+    }

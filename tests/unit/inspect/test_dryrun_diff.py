@@ -37,13 +37,19 @@ CONFIGS: list[dict[str, Any]] = [
 ]
 
 
-def dry_stepper(kind: str, hyper: dict[str, Any], dtype: torch.dtype,
-                device: str = "cpu") -> Stepper:
-    params = [("w", randn((12, 5), 1, dtype)), ("b", randn((5,), 2, dtype)),
-              ("z", randn((3,), 3, dtype))]
+def dry_stepper(
+    kind: str, hyper: dict[str, Any], dtype: torch.dtype, device: str = "cpu"
+) -> Stepper:
+    params = [
+        ("w", randn((12, 5), 1, dtype)),
+        ("b", randn((5,), 2, dtype)),
+        ("z", randn((3,), 3, dtype)),
+    ]
     groups = [GroupDef(["w", "z"]), GroupDef(["b"], {"lr": 0.02})]
-    return registered("dry", lambda: Stepper("dry", kind, torch.device(device), params,
-                                                    {"lr": 0.01, **hyper}, groups))
+    return registered(
+        "dry",
+        lambda: Stepper("dry", kind, torch.device(device), params, {"lr": 0.01, **hyper}, groups),
+    )
 
 
 def everything(s: Stepper) -> list[torch.Tensor]:
@@ -54,20 +60,28 @@ def everything(s: Stepper) -> list[torch.Tensor]:
 
 
 def same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
-                                    for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,dtype,hyper", [
-    (kind, dtype, hyper)
-    for kind, dtype in [("adam", torch.float32), ("adamw", torch.bfloat16),
-                        ("adam", torch.complex64)]
-    for hyper in CONFIGS
-    if not (dtype.is_complex and hyper.get("fused"))  # fused Adam takes real tensors only
-])
+@pytest.mark.parametrize(
+    "kind,dtype,hyper",
+    [
+        (kind, dtype, hyper)
+        for kind, dtype in [
+            ("adam", torch.float32),
+            ("adamw", torch.bfloat16),
+            ("adam", torch.complex64),
+        ]
+        for hyper in CONFIGS
+        if not (dtype.is_complex and hyper.get("fused"))  # fused Adam takes real tensors only
+    ],
+)
 def test_a_dry_run_is_bit_for_bit_the_real_step_and_changes_nothing(
-        kind: str, dtype: torch.dtype, hyper: dict[str, Any], device: str) -> None:
+    kind: str, dtype: torch.dtype, hyper: dict[str, Any], device: str
+) -> None:
     s = dry_stepper(kind, hyper, dtype, device)
     for k in range(2):
         g = grads_for(s, k, ["w", "b"] if k == 0 else None)
@@ -107,12 +121,12 @@ def test_a_dry_run_without_gradients_steps_nothing() -> None:
     assert s.step_count == 0
 
 
-
 # ---------------------------------------------------------------------- diff
 
 
-def operand(tensors: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]],
-            label: str) -> Operand:
+def operand(
+    tensors: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]], label: str
+) -> Operand:
     return Operand({"stepper": label, "snapshot": None, "step": 0}, tensors, groups)
 
 
@@ -122,12 +136,24 @@ def test_diff_matches_numpy_by_name() -> None:
     b_w[3, 0] = -0.25
     nan_a = torch.tensor([math.nan, 1.0, 0.0])
     nan_b = torch.tensor([math.nan, 1.0, -0.0])  # NaN stays NaN: unchanged; -0.0 changed
-    a = operand({"w": {"param": a_w, "exp_avg": torch.ones(2)}, "x": {"param": nan_a},
-                 "gone": {"param": torch.zeros(1)}}, [{"lr": 0.1, "betas": [0.9, 0.999]}], "a")
-    b = operand({"x": {"param": nan_b}, "w": {"param": b_w, "exp_avg": torch.ones(2),
-                                               "exp_avg_sq": torch.ones(2)},
-                 "new": {"param": torch.zeros(2, dtype=torch.float64)}},
-                [{"lr": 0.2, "betas": [0.9, 0.999]}], "b")
+    a = operand(
+        {
+            "w": {"param": a_w, "exp_avg": torch.ones(2)},
+            "x": {"param": nan_a},
+            "gone": {"param": torch.zeros(1)},
+        },
+        [{"lr": 0.1, "betas": [0.9, 0.999]}],
+        "a",
+    )
+    b = operand(
+        {
+            "x": {"param": nan_b},
+            "w": {"param": b_w, "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)},
+            "new": {"param": torch.zeros(2, dtype=torch.float64)},
+        },
+        [{"lr": 0.2, "betas": [0.9, 0.999]}],
+        "b",
+    )
     report = diff(a, b)
     d = f64(b_w) - f64(a_w)
     w = report["tensors"]["w"]["param"]

@@ -43,10 +43,10 @@ def row(step: int, **values: float) -> dict[str, float]:
     return {"grad_norm": float(step), "lr_eff_p99": 10.0 + step, **values}
 
 
-def record(h: History, step: int, tensors: Sequence[str] = ("w", "b"),
-           **values: float) -> None:
-    h.record(step, step, 1000.0 + step, row(step, **values),
-             {t: row(step, **values) for t in tensors})
+def record(h: History, step: int, tensors: Sequence[str] = ("w", "b"), **values: float) -> None:
+    h.record(
+        step, step, 1000.0 + step, row(step, **values), {t: row(step, **values) for t in tensors}
+    )
 
 
 def same(a: Any, b: Any) -> bool:
@@ -153,8 +153,13 @@ def test_losses_are_bounded_and_a_second_report_replaces_the_first() -> None:
 
 def test_json_export_spells_nan_and_infinity_and_parses_back() -> None:
     h = History("s", ["w"], HistoryConfig())
-    h.record(1, 1, 5.0, {"grad_norm": NAN, "shock_p99": INF},
-             {"w": {"grad_norm": NAN, "shock_p99": -INF}})
+    h.record(
+        1,
+        1,
+        5.0,
+        {"grad_norm": NAN, "shock_p99": INF},
+        {"w": {"grad_norm": NAN, "shock_p99": -INF}},
+    )
     h.record_loss(1, INF, 5.0)
     body = render_json(h.query(tensors=["*"]))
     raw = json.loads(body)  # strict JSON: no NaN/Infinity tokens
@@ -170,8 +175,13 @@ def test_json_export_spells_nan_and_infinity_and_parses_back() -> None:
 def test_csv_export_has_aggregate_and_tensor_rows_with_losses_joined() -> None:
     h = History("s", ["w", "b"], HistoryConfig())
     h.record_loss(0, 2.5, 0.0)  # before any step: a row of its own
-    h.record(1, 1, 11.0, {"grad_norm": 1.5, "shock_p99": NAN},
-             {"w": {"grad_norm": 0.25, "shock_p99": INF}, "b": {"grad_norm": 2.0}})
+    h.record(
+        1,
+        1,
+        11.0,
+        {"grad_norm": 1.5, "shock_p99": NAN},
+        {"w": {"grad_norm": 0.25, "shock_p99": INF}, "b": {"grad_norm": 2.0}},
+    )
     h.record(2, 2, 12.0, {"grad_norm": 3.0}, {"b": {"grad_norm": 4.0}})
     h.record_loss(2, 1.25, 12.5)
     rows = list(csv.reader(io.StringIO(h.csv(tensors=["*"]))))
@@ -185,16 +195,22 @@ def test_csv_export_has_aggregate_and_tensor_rows_with_losses_joined() -> None:
         ["2", "12.0", "b", "", "4.0", "nan"],
     ]
     only = list(csv.reader(io.StringIO(h.csv(signals=["grad_norm"], since=1))))
-    assert only == [["step", "time", "tensor", "loss", "grad_norm"], ["2", "12.0", "", "1.25",
-                                                                       "3.0"]]
+    assert only == [
+        ["step", "time", "tensor", "loss", "grad_norm"],
+        ["2", "12.0", "", "1.25", "3.0"],
+    ]
 
 
 # ---------------------------------------------------------------------- alert rules
 
 
-def evaluate(alerts: Alerts, rules: Sequence[AlertRule], step: int,
-             tensors: Mapping[str, Mapping[str, float]],
-             aggregate: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+def evaluate(
+    alerts: Alerts,
+    rules: Sequence[AlertRule],
+    step: int,
+    tensors: Mapping[str, Mapping[str, float]],
+    aggregate: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
     return alerts.evaluate(rules, "s", step, step, 0.0, aggregate or {}, tensors)
 
 
@@ -208,22 +224,42 @@ def test_swing_fires_on_a_relative_change_above_the_threshold_once_per_episode()
     assert [len(f) for f in fired] == [0, 0, 1, 0, 0, 1, 0]
     e = fired[2][0]
     assert (e["step"], e["tensor"], e["value"], e["previous"], e["rule"]) == (
-        3, "w", 0.6, 1.4, "lr_eff_p99 swing > 0.5")
+        3,
+        "w",
+        0.6,
+        1.4,
+        "lr_eff_p99 swing > 0.5",
+    )
     assert a.count == 2 and [x["step"] for x in a.events] == [3, 6]
 
 
 def test_above_below_and_the_rule_scope() -> None:
-    rules = [AlertRule(kind="above", signal="shock_p99", threshold=100.0),  # every tensor
-             AlertRule(kind="below", signal="update_ratio", threshold=1e-6, tensor="b"),
-             AlertRule(kind="above", signal="grad_norm", threshold=5.0, tensor=None)]
+    rules = [
+        AlertRule(kind="above", signal="shock_p99", threshold=100.0),  # every tensor
+        AlertRule(kind="below", signal="update_ratio", threshold=1e-6, tensor="b"),
+        AlertRule(kind="above", signal="grad_norm", threshold=5.0, tensor=None),
+    ]
     a = Alerts()
-    out = evaluate(a, rules, 1, {"w": {"shock_p99": 150.0, "update_ratio": 1e-9},
-                                 "b": {"shock_p99": 99.0, "update_ratio": 1e-9}},
-                   aggregate={"grad_norm": 6.0, "shock_p99": 1e6})
+    out = evaluate(
+        a,
+        rules,
+        1,
+        {
+            "w": {"shock_p99": 150.0, "update_ratio": 1e-9},
+            "b": {"shock_p99": 99.0, "update_ratio": 1e-9},
+        },
+        aggregate={"grad_norm": 6.0, "shock_p99": 1e6},
+    )
     assert sorted((e["rule"], e["tensor"]) for e in out) == [
-        ("grad_norm > 5", None), ("shock_p99 > 100", "w"), ("update_ratio < 1e-06", "b")]
+        ("grad_norm > 5", None),
+        ("shock_p99 > 100", "w"),
+        ("update_ratio < 1e-06", "b"),
+    ]
     assert {(x["rule"], x["tensor"]) for x in a.active_list()} == {
-        ("grad_norm > 5", None), ("shock_p99 > 100", "w"), ("update_ratio < 1e-06", "b")}
+        ("grad_norm > 5", None),
+        ("shock_p99 > 100", "w"),
+        ("update_ratio < 1e-06", "b"),
+    }
     # NaN is neither above nor below anything.
     out = evaluate(a, rules, 2, {"w": {"shock_p99": NAN}}, aggregate={"grad_norm": NAN})
     assert out == [] and len(a.active) == 1  # b did not step: its alert still holds
@@ -255,14 +291,17 @@ def test_after_step_skips_the_warm_up_and_new_rules_start_clean() -> None:
     assert len(evaluate(a, other, 5, {"w": {"shock_p99": 5.0}})) == 1
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"kind": "swing", "signal": "lr_eff_p99"}, "needs a signal and a threshold"),
-    ({"kind": "above", "threshold": 1.0}, "needs a signal and a threshold"),
-    ({"kind": "swing", "signal": "x", "threshold": 0.0}, "relative change > 0"),
-    ({"kind": "nonfinite", "threshold": 1.0}, "takes no threshold"),
-    ({"kind": "above", "signal": "x", "threshold": "Infinity"}, "finite number"),
-    ({"kind": "sometimes", "signal": "x", "threshold": 1.0}, "'swing', 'above', 'below'"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"kind": "swing", "signal": "lr_eff_p99"}, "needs a signal and a threshold"),
+        ({"kind": "above", "threshold": 1.0}, "needs a signal and a threshold"),
+        ({"kind": "swing", "signal": "x", "threshold": 0.0}, "relative change > 0"),
+        ({"kind": "nonfinite", "threshold": 1.0}, "takes no threshold"),
+        ({"kind": "above", "signal": "x", "threshold": "Infinity"}, "finite number"),
+        ({"kind": "sometimes", "signal": "x", "threshold": 1.0}, "'swing', 'above', 'below'"),
+    ],
+)
 def test_invalid_rules_are_refused(body: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AlertRule.model_validate(body)
@@ -274,8 +313,13 @@ def test_invalid_rules_are_refused(body: dict[str, Any], message: str) -> None:
 def make_stepper(name: str = "s", amsgrad: bool = False, **hyper: Any) -> Stepper:
     g = torch.Generator().manual_seed(1)
     params = [("w", torch.randn(8, 4, generator=g)), ("b", torch.randn(4, generator=g))]
-    return Stepper(name, "adam", torch.device("cpu"), params,
-                   {"lr": 1e-2, "amsgrad": amsgrad, "foreach": False, **hyper})
+    return Stepper(
+        name,
+        "adam",
+        torch.device("cpu"),
+        params,
+        {"lr": 1e-2, "amsgrad": amsgrad, "foreach": False, **hyper},
+    )
 
 
 def grads(k: int, names: Sequence[str] = ("w", "b")) -> dict[str, torch.Tensor]:
@@ -385,8 +429,7 @@ def test_rules_live_in_the_journal_and_travel_with_checkpoints() -> None:
     set_rules(s, rules)
     assert s.version > version and s.journal[JOURNAL_KEY][0]["signal"] == "grad_norm"
     assert rules_of(s) == (rules, False)
-    copy_of = checkpoints.build(checkpoints.decode(checkpoints.encode(s).data),
-                                torch.device("cpu"))
+    copy_of = checkpoints.build(checkpoints.decode(checkpoints.encode(s).data), torch.device("cpu"))
     assert rules_of(copy_of) == (rules, False)
     set_rules(s, None)
     assert rules_of(s) == (list(DEFAULT_RULES), True) and JOURNAL_KEY not in s.journal
@@ -412,14 +455,19 @@ def test_the_summary_brief_is_json_safe() -> None:
 
 # ---------------------------------------------------------------------- the alert bar
 
+
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
 def test_alert_bar_a_late_jump_of_v_swings_adams_effective_lr_but_not_amsgrads(
     amsgrad: bool,
 ) -> None:
     """The sequence and why it must do this: tests/alert_bar.py."""
-    s = Stepper("bar", "adam", torch.device("cpu"), [("w", torch.zeros(alert_bar.NUMEL))],
-                {"lr": alert_bar.LR, "betas": alert_bar.BETAS, "amsgrad": amsgrad,
-                 "foreach": False})
+    s = Stepper(
+        "bar",
+        "adam",
+        torch.device("cpu"),
+        [("w", torch.zeros(alert_bar.NUMEL))],
+        {"lr": alert_bar.LR, "betas": alert_bar.BETAS, "amsgrad": amsgrad, "foreach": False},
+    )
     obs = attach_history(s)
     set_rules(s, [alert_bar.RULE])
     p99 = []
@@ -436,6 +484,7 @@ def test_alert_bar_a_late_jump_of_v_swings_adams_effective_lr_but_not_amsgrads(
     else:
         assert swings[alert_bar.SPIKE_STEP - 2] == late > 0.7  # the spike's step only
         assert [(e["step"], e["tensor"], e["rule"]) for e in events] == [
-            (alert_bar.SPIKE_STEP, "w", "lr_eff_p99 swing > 0.5")]
+            (alert_bar.SPIKE_STEP, "w", "lr_eff_p99 swing > 0.5")
+        ]
         assert events[0]["value"] < events[0]["previous"]  # the effective LR fell
         assert summary_fields(s)["alerts"]["count"] == 1

@@ -39,14 +39,17 @@ def snapshot_state(s: Stepper) -> dict[str, dict[str, Any]]:
     out = {}
     for n in s.names:
         p = s.params[s.index[n]]
-        out[n] = {"p": p.detach().clone(), "group": s.optimizer.param_groups[s.group_of[n]],
-                  "state": {k: v.clone() for k, v in s.optimizer.state.get(p, {}).items()}}
+        out[n] = {
+            "p": p.detach().clone(),
+            "group": s.optimizer.param_groups[s.group_of[n]],
+            "state": {k: v.clone() for k, v in s.optimizer.state.get(p, {}).items()},
+        }
     return out
 
 
-def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
-                     grads: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, float]],
-                                                              dict[str, Any]]:
+def expected_signals(
+    before: dict[str, dict[str, Any]], s: Stepper, grads: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Every signal from the full tensors, independently (float64 numpy, PyTorch's views)."""
     per: dict[str, dict[str, float]] = {}
     pools: dict[str, list[np.ndarray]] = {"lr": [], "shock": []}
@@ -60,8 +63,10 @@ def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
         m, v = f64(state["exp_avg"]), f64(state["exp_avg_sq"])
         lr = f64(lr_eff_of(p, state, group))
         t = state["step"].item()
-        root = real(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-                    ).sqrt() / (1 - group["betas"][1] ** t) ** 0.5
+        root = (
+            real(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]).sqrt()
+            / (1 - group["betas"][1] ** t) ** 0.5
+        )
         shock = np.full(gn.size, np.nan)
         grew = np.nan
         if b["state"]:
@@ -70,8 +75,9 @@ def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
             grew = float((lr > prev_lr)[both].mean())
             v_prev = f64(b["state"]["exp_avg_sq"])
             v_hat = v_prev / (1 - group["betas"][1] ** b["state"]["step"].item())
-            g_eff = gn + (group["weight_decay"] * p0
-                          if not group["decoupled_weight_decay"] else 0.0)
+            g_eff = gn + (
+                group["weight_decay"] * p0 if not group["decoupled_weight_decay"] else 0.0
+            )
             ok = v_hat > 0
             shock = np.where(ok, g_eff**2 / np.where(ok, v_hat, 1.0), np.nan)
         if group["amsgrad"]:
@@ -108,8 +114,10 @@ def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
     lr_all = np.concatenate(pools["lr"])
     shock_all = np.concatenate(pools["shock"])
     agg = {
-        "grad_norm": math.sqrt(sums["g"]), "param_norm": math.sqrt(sums["p1"]),
-        "update_norm": math.sqrt(sums["d"]), "exp_avg_norm": math.sqrt(sums["m"]),
+        "grad_norm": math.sqrt(sums["g"]),
+        "param_norm": math.sqrt(sums["p1"]),
+        "update_norm": math.sqrt(sums["d"]),
+        "exp_avg_norm": math.sqrt(sums["m"]),
         "update_ratio": math.sqrt(sums["d"]) / math.sqrt(sums["p0"]),
         "exp_avg_sq_mean": sums["v"] / sums["numel"],
         "lr_eff_p1": float(np.nanquantile(lr_all, 0.01)),
@@ -122,8 +130,15 @@ def expected_signals(before: dict[str, dict[str, Any]], s: Stepper,
     return per, agg
 
 
-EXACT_SIGNALS = ("lr_eff_p1", "lr_eff_p50", "lr_eff_p99", "gamma_frac", "eps_dominance",
-                 "nan_count", "inf_count")
+EXACT_SIGNALS = (
+    "lr_eff_p1",
+    "lr_eff_p50",
+    "lr_eff_p99",
+    "gamma_frac",
+    "eps_dominance",
+    "nan_count",
+    "inf_count",
+)
 
 
 def assert_signals(got: dict[str, float], want: dict[str, float]) -> None:
@@ -139,12 +154,19 @@ def signal_stepper() -> Stepper:
     """Registered with the observer a registry hook attaches (as the app wires it): a
     float32 matrix, a complex vector, a bf16 vector under amsgrad with L2 weight decay, a
     scalar."""
-    params = [("w", randn((40, 7), 1)), ("c", randn((6,), 2, torch.complex64)),
-              ("h", randn((9,), 3, torch.bfloat16)), ("s", randn((), 4))]
-    groups = [GroupDef(["w", "c", "s"]),
-              GroupDef(["h"], {"amsgrad": True, "weight_decay": 0.1, "lr": 0.05})]
-    return registered("sig", lambda: Stepper("sig", "adam", CPU, params,
-                                                  {"lr": 0.01, "foreach": False}, groups))
+    params = [
+        ("w", randn((40, 7), 1)),
+        ("c", randn((6,), 2, torch.complex64)),
+        ("h", randn((9,), 3, torch.bfloat16)),
+        ("s", randn((), 4)),
+    ]
+    groups = [
+        GroupDef(["w", "c", "s"]),
+        GroupDef(["h"], {"amsgrad": True, "weight_decay": 0.1, "lr": 0.05}),
+    ]
+    return registered(
+        "sig", lambda: Stepper("sig", "adam", CPU, params, {"lr": 0.01, "foreach": False}, groups)
+    )
 
 
 def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -178,9 +200,11 @@ def test_signals_at_steps_1_2_and_1000_equal_independent_computations() -> None:
         p = s.params[s.index[n]]
         x = randn(tuple(p.shape), 200 + i, p.dtype)
         v = (torch.complex(x.real**2, x.imag**2) if x.is_complex() else x**2) * 1e-2
-        state[n] = {"step": torch.tensor(999.0), "exp_avg": randn(tuple(p.shape), 300 + i,
-                                                                   p.dtype) * 1e-2,
-                    "exp_avg_sq": v}
+        state[n] = {
+            "step": torch.tensor(999.0),
+            "exp_avg": randn(tuple(p.shape), 300 + i, p.dtype) * 1e-2,
+            "exp_avg_sq": v,
+        }
         if n == "h":
             state[n]["max_exp_avg_sq"] = v * 2
     s.put_state(state)
@@ -190,16 +214,25 @@ def test_signals_at_steps_1_2_and_1000_equal_independent_computations() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.bfloat16, True),
-                                           (torch.float16, False), (torch.float64, True)])
-def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(dtype: torch.dtype, amsgrad: bool,
-                                                          device: str) -> None:
+@pytest.mark.parametrize(
+    "dtype,amsgrad",
+    [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False), (torch.float64, True)],
+)
+def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(
+    dtype: torch.dtype, amsgrad: bool, device: str
+) -> None:
     """One tensor: PyTorch's own operations on the sample (any device), no segments."""
     shape = (24, 5)
-    s = registered("one", lambda: Stepper("one", "adam", torch.device(device),
-                                                 [("w", randn(shape, 1, dtype))],
-                                                 {"lr": 0.01, "amsgrad": amsgrad,
-                                                  "foreach": False, "eps": 1e-3}))
+    s = registered(
+        "one",
+        lambda: Stepper(
+            "one",
+            "adam",
+            torch.device(device),
+            [("w", randn(shape, 1, dtype))],
+            {"lr": 0.01, "amsgrad": amsgrad, "foreach": False, "eps": 1e-3},
+        ),
+    )
     run_and_check(s, {"w": randn(shape, 2, dtype)})
     second = run_and_check(s, {"w": randn(shape, 3, dtype)})
     assert second["aggregate"] == second["tensors"]["w"]
@@ -216,9 +249,17 @@ def test_signals_of_float64_tensors_in_two_groups() -> None:
     """A float64 pool with per-tensor constants: the segmented path without the float32
     order keys."""
     params = [("a", randn((30, 4), 1, torch.float64)), ("b", randn((7,), 2, torch.float64))]
-    s = registered("f64", lambda: Stepper(
-        "f64", "adam", CPU, params, {"lr": 0.01, "foreach": False},
-        [GroupDef(["a"]), GroupDef(["b"], {"lr": 0.1, "amsgrad": True})]))
+    s = registered(
+        "f64",
+        lambda: Stepper(
+            "f64",
+            "adam",
+            CPU,
+            params,
+            {"lr": 0.01, "foreach": False},
+            [GroupDef(["a"]), GroupDef(["b"], {"lr": 0.1, "amsgrad": True})],
+        ),
+    )
     for k in range(3):
         run_and_check(s, grads_for(s, k))
 
@@ -229,8 +270,14 @@ def test_gamma_compares_with_the_lr_the_previous_step_applied() -> None:
     s = signal_stepper()
     s.step(grads_for(s, 1))
     s.step(grads_for(s, 2))
-    prev = {n: lr_eff_of(s.params[s.index[n]], s.optimizer.state[s.params[s.index[n]]],
-                         s.optimizer.param_groups[s.group_of[n]]) for n in s.names}
+    prev = {
+        n: lr_eff_of(
+            s.params[s.index[n]],
+            s.optimizer.state[s.params[s.index[n]]],
+            s.optimizer.param_groups[s.group_of[n]],
+        )
+        for n in s.names
+    }
     s.set_hyperparameters({"lr": 1e-4}, group=0)
     s.step(grads_for(s, 3))
     for n in ("w", "c", "s"):
@@ -263,8 +310,12 @@ def tiny_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("tiny_sample")
 def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
     shape = (40, 25)  # 1000 elements, 32 sampled
-    s = registered("big", lambda: Stepper("big", "adam", CPU, [("w", randn(shape, 1))],
-                                                 {"lr": 0.01, "foreach": False}))
+    s = registered(
+        "big",
+        lambda: Stepper(
+            "big", "adam", CPU, [("w", randn(shape, 1))], {"lr": 0.01, "foreach": False}
+        ),
+    )
     s.step({"w": randn(shape, 2)})
     plan = sampling.block_plan(1000, 32, 25)
     assert not plan.exact and signals_of(s)["sample"] == {"w": plan.count}
@@ -291,15 +342,18 @@ def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
         s.step({"w": last_grad})
         found = signals_of(s)["tensors"]["w"]["nan_count"]
     state = s.optimizer.state[s.params[0]]
-    want = sum(int(torch.isnan(t).sum()) for t in (last_grad, state["exp_avg"],
-                                                   state["exp_avg_sq"]))
+    want = sum(
+        int(torch.isnan(t).sum()) for t in (last_grad, state["exp_avg"], state["exp_avg_sq"])
+    )
     assert found == want and want in (2, 3)
 
 
 @pytest.mark.usefixtures("tiny_sample")
 def test_the_fault_scan_reads_scan_step_elements_per_step_and_covers_every_element() -> None:
-    flats = [(i, torch.arange(n, dtype=torch.float32) + 1000 * i)
-             for i, n in enumerate((300, 5, 1000, 77))]
+    flats = [
+        (i, torch.arange(n, dtype=torch.float32) + 1000 * i)
+        for i, n in enumerate((300, 5, 1000, 77))
+    ]
     total = sum(f.numel() for _, f in flats)
     rounds = -(-total // kernel_step.SCAN_STEP)
     seen: list[float] = []
@@ -323,9 +377,16 @@ def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
     # sample of the last tensor is found within ceil(8000 / 128) = 63 steps, and not at
     # once (the scan does not read every tensor every step).
     names = [f"w{i}" for i in range(8)]
-    s = registered("many", lambda: Stepper(
-        "many", "adam", CPU, [(n, randn((40, 25), i)) for i, n in enumerate(names)],
-        {"lr": 0.01, "fused": True}))
+    s = registered(
+        "many",
+        lambda: Stepper(
+            "many",
+            "adam",
+            CPU,
+            [(n, randn((40, 25), i)) for i, n in enumerate(names)],
+            {"lr": 0.01, "fused": True},
+        ),
+    )
     grads = {n: randn((40, 25), 100 + i) for i, n in enumerate(names)}
     s.step(grads)
     layout = observer_of(s)._layout  # type: ignore[union-attr]
@@ -341,8 +402,11 @@ def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
         s.step(grads)
     assert steps > 1
     state = s.optimizer.state[s.params[-1]]
-    assert signals_of(s)["tensors"]["w7"]["nan_count"] == sum(
-        int(torch.isnan(t).sum()) for t in (state["exp_avg"], state["exp_avg_sq"])) == 2
+    assert (
+        signals_of(s)["tensors"]["w7"]["nan_count"]
+        == sum(int(torch.isnan(t).sum()) for t in (state["exp_avg"], state["exp_avg_sq"]))
+        == 2
+    )
     assert all(signals_of(s)["tensors"][n]["nan_count"] == 0 for n in names[:-1])
 
 
@@ -350,25 +414,40 @@ def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() ->
     # The observer reuses its views of tensors it saw at the last step: a gradient buffer
     # rewritten in place and a fresh gradient tensor must both be read as they are now.
     shapes = {"w": (20, 25), "b": (50,)}  # taken whole: every signal checked exactly
-    s = registered("reuse", lambda: Stepper(
-        "reuse", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
-            shapes.items())], {"lr": 0.01, "foreach": False}))
+    s = registered(
+        "reuse",
+        lambda: Stepper(
+            "reuse",
+            "adam",
+            CPU,
+            [(n, randn(shape, i)) for i, (n, shape) in enumerate(shapes.items())],
+            {"lr": 0.01, "foreach": False},
+        ),
+    )
     buffers = {n: randn(shape, 10 + i) for i, (n, shape) in enumerate(shapes.items())}
     run_and_check(s, buffers)
     for k in range(3):
         for i, (n, shape) in enumerate(shapes.items()):
             buffers[n].copy_(randn(shape, 20 + 2 * k + i))
         run_and_check(s, buffers)
-        run_and_check(s, {n: randn(shape, 40 + 2 * k + i) for i, (n, shape) in enumerate(
-            shapes.items())})
+        run_and_check(
+            s, {n: randn(shape, 40 + 2 * k + i) for i, (n, shape) in enumerate(shapes.items())}
+        )
 
 
 @pytest.mark.usefixtures("tiny_sample")
 def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
     shapes = {"w": (40, 25), "b": (50,)}
-    s = registered("two", lambda: Stepper(
-        "two", "adam", CPU, [(n, randn(shape, i)) for i, (n, shape) in enumerate(
-            shapes.items())], {"lr": 0.01, "foreach": False}))
+    s = registered(
+        "two",
+        lambda: Stepper(
+            "two",
+            "adam",
+            CPU,
+            [(n, randn(shape, i)) for i, (n, shape) in enumerate(shapes.items())],
+            {"lr": 0.01, "foreach": False},
+        ),
+    )
     for k in range(2):
         s.step({n: randn(shape, 10 + k + i) for i, (n, shape) in enumerate(shapes.items())})
     values, weights = [], []
@@ -382,8 +461,9 @@ def test_sampled_quantiles_are_the_samples_and_pool_by_weight() -> None:
         assert not plan.exact and plan.count == signals_of(s)["sample"][n]
         sample = lr[plan.indices()]
         for q, key in ((0.01, "lr_eff_p1"), (0.5, "lr_eff_p50"), (0.99, "lr_eff_p99")):
-            assert close(signals_of(s)["tensors"][n][key], float(np.quantile(sample, q)),
-                         rel=QREL, abs_=0.0)
+            assert close(
+                signals_of(s)["tensors"][n][key], float(np.quantile(sample, q)), rel=QREL, abs_=0.0
+            )
         values.append(sample)
         weights.append(np.full(plan.count, lr.size / plan.count))
     order = np.argsort(np.concatenate(values), kind="stable")
@@ -431,9 +511,16 @@ def lr_eff_p99_series(amsgrad: bool) -> tuple[list[float], int]:
     quiet, late = 300, 301
     shape = (256,)
     scale = randn(shape, 7).abs() + 0.5  # per-element magnitudes
-    s = registered("seed", lambda: Stepper(
-        "seed", "adam", CPU, [("w", torch.zeros(shape))],
-        {"lr": 1e-3, "betas": (0.9, 0.99), "amsgrad": amsgrad, "foreach": False}))
+    s = registered(
+        "seed",
+        lambda: Stepper(
+            "seed",
+            "adam",
+            CPU,
+            [("w", torch.zeros(shape))],
+            {"lr": 1e-3, "betas": (0.9, 0.99), "amsgrad": amsgrad, "foreach": False},
+        ),
+    )
     series = []
     for t in range(1, quiet + 20):
         size = 1.0 if t == 1 else 0.9 if t == late else 1e-3
@@ -456,14 +543,18 @@ def test_seed_failure_mode_adam_swings_and_amsgrad_does_not() -> None:
     ams, _ = lr_eff_p99_series(amsgrad=True)
     i = late - 1  # index of the late gradient's step (series[k] is step k + 1)
     # Growth step to step beyond what bias correction alone gives.
-    excess = [b / a / bias_correction_ratio(k + 2) for k, (a, b)
-              in enumerate(zip(adam, adam[1:], strict=False))]
-    ams_excess = [b / a / bias_correction_ratio(k + 2) for k, (a, b)
-                  in enumerate(zip(ams, ams[1:], strict=False))]
+    excess = [
+        b / a / bias_correction_ratio(k + 2)
+        for k, (a, b) in enumerate(zip(adam, adam[1:], strict=False))
+    ]
+    ams_excess = [
+        b / a / bias_correction_ratio(k + 2)
+        for k, (a, b) in enumerate(zip(ams, ams[1:], strict=False))
+    ]
     # Adam: through the quiet phase v decays and the effective LR grows every step beyond
     # bias correction (more than 3x in all) ...
-    assert all(x > 1.0 for x in excess[10:i - 1])
-    assert math.prod(excess[10:i - 1]) > 3
+    assert all(x > 1.0 for x in excess[10 : i - 1])
+    assert math.prod(excess[10 : i - 1]) > 3
     # ... until the late gradient meets the decayed v: the p99 collapses by more than 50%.
     assert adam[i] < 0.5 * adam[i - 1]
     # AMSGrad: max_exp_avg_sq still holds step 1's gradient, so the effective LR moves by
@@ -474,11 +565,15 @@ def test_seed_failure_mode_adam_swings_and_amsgrad_does_not() -> None:
     assert abs(ams[i] - ams[i - 1]) / ams[i - 1] < 0.01
 
 
-
 def test_the_signal_block_plan_takes_cache_lines_through_every_column() -> None:
     assert sampling.block_plan(100, 1000).exact and sampling.block_plan(100, 1000).count == 100
-    for numel, want, last in [(10_000, 1000, 100), (1 << 20, 2048, 4096), (999_999, 800, 3),
-                              (1_000_000, 2048, 1000), (5000, 64, 0)]:
+    for numel, want, last in [
+        (10_000, 1000, 100),
+        (1 << 20, 2048, 4096),
+        (999_999, 800, 3),
+        (1_000_000, 2048, 1000),
+        (5000, 64, 0),
+    ]:
         plan = sampling.block_plan(numel, want, last)
         idx = plan.indices()
         assert plan == sampling.block_plan(numel, want, last) and not plan.exact

@@ -109,9 +109,17 @@ def test_a_constant_tensor_gets_numpys_unit_histogram() -> None:
     assert stats["hist"]["edges"] == edges.tolist()
 
 
-@pytest.mark.parametrize("bad", [dict(quantiles=(1.5,)), dict(bins=-1), dict(bins=10_000),
-                                 dict(hist_range=(1.0, 1.0)), dict(log=True, bins=0),
-                                 dict(quantiles=tuple([0.5] * 40))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(quantiles=(1.5,)),
+        dict(bins=-1),
+        dict(bins=10_000),
+        dict(hist_range=(1.0, 1.0)),
+        dict(log=True, bins=0),
+        dict(quantiles=tuple([0.5] * 40)),
+    ],
+)
 def test_a_bad_spec_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         st.StatsSpec(**bad)
@@ -135,7 +143,7 @@ def test_large_tensors_reduce_exactly_in_chunks_and_sample_the_distribution() ->
     a = f64(x)
     assert_moments(stats, a)
     plan = st.sample_plan(a.size, 256, 50)
-    sample = a[plan.start::plan.stride][:plan.count]
+    sample = a[plan.start :: plan.stride][: plan.count]
     assert stats["sampled"] and stats["sample_size"] == np.isfinite(sample).sum() <= 256
     assert_quantiles(stats, sample, (0.01, 0.5, 0.99))
     finite = sample[np.isfinite(sample)]
@@ -176,10 +184,9 @@ def test_aggregate_of_large_tensors_pools_proportional_samples() -> None:
     for t in parts:
         n = max(1, round(256 * t.numel() / 3600))
         plan = st.sample_plan(t.numel(), n)
-        pooled.append(f64(t)[plan.start::plan.stride][:plan.count])
+        pooled.append(f64(t)[plan.start :: plan.stride][: plan.count])
     assert stats["sampled"]
     assert_quantiles(stats, np.concatenate(pooled), (0.5,))
-
 
 
 # ---------------------------------------------------------------------- Adam views
@@ -187,10 +194,13 @@ def test_aggregate_of_large_tensors_pools_proportional_samples() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("steps", [1, 2, 1000])
-@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.float32, True),
-                                           (torch.bfloat16, True), (torch.float64, False)])
-def test_views_equal_pytorchs_for_loop_bit_for_bit(steps: int, dtype: torch.dtype,
-                                                   amsgrad: bool, device: str) -> None:
+@pytest.mark.parametrize(
+    "dtype,amsgrad",
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True), (torch.float64, False)],
+)
+def test_views_equal_pytorchs_for_loop_bit_for_bit(
+    steps: int, dtype: torch.dtype, amsgrad: bool, device: str
+) -> None:
     s, ctx = stepped(dtype, amsgrad, steps, device=device)
     assert ctx["state"]["step"].item() == steps
     ref = reference_views(ctx["p"], ctx["state"], ctx["group"])
@@ -229,8 +239,9 @@ def test_views_that_do_not_exist_say_why() -> None:
     s.put_state({"w": {"step": torch.tensor(0.0)}})
     assert "step is 0" in str(views.view_of(p, s.optimizer.state[p], g, "m_hat"))
     report = views.describe_optimizer(s, None, ["param", "m_hat"], st.StatsSpec())
-    assert report["missing"] == [{"name": "w", "key": "m_hat",
-                                  "reason": views.view_of(p, s.optimizer.state[p], g, "m_hat")}]
+    assert report["missing"] == [
+        {"name": "w", "key": "m_hat", "reason": views.view_of(p, s.optimizer.state[p], g, "m_hat")}
+    ]
     with pytest.raises(UnknownParameter):
         views.describe_optimizer(s, ["nope"], ["param"], st.StatsSpec())
     with pytest.raises(ValueError):
