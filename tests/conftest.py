@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mutation_tiers
 import pytest
 import torch
 import uvicorn
@@ -32,6 +33,7 @@ os.environ["ADAMSCOPE_DEVICE"] = "cpu"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mutation_tiers.select(config, items)  # a no-op unless mutmut runs the tests
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is false here")

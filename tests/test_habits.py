@@ -45,6 +45,23 @@ def test_a_long_function_needs_a_reason(
     assert habits.size_offenders([big]) == []
 
 
+def test_a_wrapped_expression_counts_as_one_line(
+    habits: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The formatter's layout (one argument a line) does not make a function long; its
+    statements, comments and docstring lines do."""
+    monkeypatch.setattr(habits, "ROOT", tmp_path)
+    call = "    total = sum(\n" + "".join(f"        {i},\n" for i in range(80)) + "    )\n"
+    wrapped = tmp_path / "wrapped.py"
+    wrapped.write_text(f'def f() -> int:\n    """Doc."""\n{call}    return total\n')
+    assert habits.size_offenders([wrapped]) == []
+    comments = "".join(f"    # {i}\n" for i in range(60))
+    wrapped.write_text(f'def f() -> int:\n    """Doc."""\n{comments}{call}    return total\n')
+    assert [f.split(": ", 1)[1][:20] for f in habits.size_offenders([wrapped])] == [
+        "f() is 64 lines (ove"
+    ]
+
+
 def test_layers_are_followed_through_imports(
     habits: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

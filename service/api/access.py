@@ -98,6 +98,27 @@ def principal(request: Request) -> Principal:
     return found
 
 
+def _authorize(request: Request, level: str) -> Principal:
+    """The request's principal if its scope reaches ``level`` and its prefix the stepper
+    the path names (403 otherwise). Module-level, not inside :func:`_requirement`: the
+    dependencies are built once at import, and mutation testing (benchmarks/mutation.py)
+    can only swap code that is looked up when a request runs."""
+    p = principal(request)
+    if not p.allows(level):
+        raise AccessDenied(
+            "forbidden",
+            f"token {p.label!r} has scope {p.scope}; {request.method} "
+            f"{request.url.path} needs {level}",
+            f'{REALM}, error="insufficient_scope", scope="{level}"',
+            required_scope=level,
+            scope=p.scope,
+        )
+    name = request.path_params.get("name")
+    if isinstance(name, str) and not p.reaches(name):
+        raise _prefix_denied(p, name)
+    return p
+
+
 def _requirement(level: str) -> Callable[..., Awaitable[Principal | None]]:
     if level == "public":
 
@@ -109,20 +130,7 @@ def _requirement(level: str) -> Callable[..., Awaitable[Principal | None]]:
         bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer, scopes=[level])]
 
         async def scoped(request: Request, _: bearer) -> Principal:
-            p = principal(request)
-            if not p.allows(level):
-                raise AccessDenied(
-                    "forbidden",
-                    f"token {p.label!r} has scope {p.scope}; {request.method} "
-                    f"{request.url.path} needs {level}",
-                    f'{REALM}, error="insufficient_scope", scope="{level}"',
-                    required_scope=level,
-                    scope=p.scope,
-                )
-            name = request.path_params.get("name")
-            if isinstance(name, str) and not p.reaches(name):
-                raise _prefix_denied(p, name)
-            return p
+            return _authorize(request, level)
 
         dependency = scoped
     dependency.__name__ = f"require_{level}"

@@ -79,6 +79,9 @@ class Ingress:
         self._started: asyncio.Task[None] | None = None
         #: Why the slots did not start (the service then answers 503 saying so).
         self.start_error: str | None = None
+        #: Set when the service stops: the event streams end, so that Serve's graceful
+        #: shutdown does not wait out its timeout for streams that never end by themselves.
+        self.closing = asyncio.Event()
 
     async def ready(self) -> None:
         """Start the slots (once; again after a failed start)."""
@@ -225,7 +228,10 @@ class Ingress:
                     async with self.http.stream(
                         "GET", slot.url + f"{API_PREFIX}/events", params=query, headers=headers
                     ) as reply:
-                        if reply.status_code != 200:
+                        if reply.status_code >= 500:  # a slot coming back: ask again
+                            await asyncio.sleep(0.5)
+                            continue
+                        if reply.status_code != 200:  # the caller's problem (a token's)
                             await queue.put(await reply.aread())
                             return
                         block = b""
@@ -241,7 +247,7 @@ class Ingress:
 
         pumps = [asyncio.create_task(pump(i)) for i in range(len(self.cluster.slots))]
         try:
-            while True:
+            while not self.closing.is_set():
                 if await request.is_disconnected():
                     return
                 try:
@@ -252,6 +258,11 @@ class Ingress:
             self.subscribers.discard(queue)
             for p in pumps:
                 p.cancel()
+
+    async def stop(self) -> None:
+        """End the event streams, then stop the slots (each writes what it owes)."""
+        self.closing.set()
+        await self.cluster.stop()
 
     # ------------------------------------------------------------------ sharded steppers
 

@@ -53,7 +53,7 @@ def deployment(config: ClusterConfig) -> Any:
 
         async def stop_slots(self) -> None:
             if self.ingress is not None:
-                await self.ingress.cluster.stop()
+                await self.ingress.stop()
 
     return AdamscopeIngress.bind(dataclasses.asdict(config))  # type: ignore[attr-defined]
 

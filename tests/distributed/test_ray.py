@@ -10,6 +10,7 @@ result equals an uninterrupted run, and the stream and summaries say what happen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -339,6 +340,7 @@ class EventLog:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.stop = threading.Event()
         self.ready = threading.Event()
+        self.response: httpx.Response | None = None
         self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
         self.thread.start()
         assert self.ready.wait(60)
@@ -346,6 +348,7 @@ class EventLog:
     def _read(self, url: str) -> None:
         try:
             with httpx.stream("GET", f"{url}/v1/events", timeout=httpx.Timeout(5, read=None)) as r:
+                self.response = r
                 self.ready.set()
                 kind = None
                 for line in r.iter_lines():
@@ -355,9 +358,19 @@ class EventLog:
                         kind = line[7:]
                     elif line.startswith("data: ") and kind is not None:
                         self.events.append((kind, json.loads(line[6:])))
-        except httpx.HTTPError:  # the service stopped under the stream
+        except Exception:  # the service stopped under the stream, or close() closed it
             if not self.stop.is_set():
                 raise
+
+    def close(self) -> None:
+        """End the stream now. Waiting for its next line to notice ``stop`` left it open
+        until the module's service stopped when no line came (a slot's stream gone quiet),
+        and Ray Serve's graceful shutdown then waited for it."""
+        self.stop.set()
+        if self.response is not None:
+            with contextlib.suppress(Exception):
+                self.response.close()
+        self.thread.join(timeout=30)
 
     def wait_for(self, kind: str, stepper: str, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -447,7 +460,7 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
         health = slots(client.url)
         assert all(s["state"] == "ok" and s["generation"] >= 1 for s in health)
     finally:
-        events.stop.set()
+        events.close()
         for n in (split_name, whole_name):
             client.delete(n)
 
@@ -455,7 +468,7 @@ def test_killed_actors_are_replaced_and_training_matches_an_uninterrupted_run(
 def test_a_create_body_split_by_shard_keeps_every_tensor(tmp_path: Path) -> None:
     """The ingress's splitting in isolation: every tensor lands in exactly one shard body,
     byte for byte, with the spec narrowed to it."""
-    from adamscope.service.distributed.ingress import _shard_create_body
+    from adamscope.service.distributed.creation import _shard_create_body
     from adamscope.service.distributed.shards import merge, parse
 
     tensors = {

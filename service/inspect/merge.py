@@ -1,0 +1,81 @@
+"""Signals and statistics of several parts (a sharded stepper's shards) combined into the
+whole's, from each part's own: by the rule each signal declares
+(:data:`~.kernels.COMBINE`), and for statistics through the mergeable
+:class:`~.summary.Summary` that also aggregates tensors in one process."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .kernels import COMBINE
+from .summary import Summary
+
+__all__ = ["combine", "combine_signals", "merge_stats_aggregate"]
+
+
+def _finite(value: Any) -> float | None:
+    """A reported value as a float (JSON carries non-finite ones as strings), or None when
+    it is missing or NaN (not reported)."""
+    if value is None:
+        return None
+    x = float(value)
+    return None if math.isnan(x) else x
+
+
+def combine(signal: str, values: Sequence[Any], weights: Sequence[int]) -> float | None:
+    """One signal of the whole from its parts' values (``weights``: each part's elements);
+    None when no part reported it."""
+    pairs = [
+        (x, w)
+        for x, w in ((_finite(v), w) for v, w in zip(values, weights, strict=True))
+        if x is not None
+    ]
+    if not pairs:
+        return None
+    rule = COMBINE.get(signal, "mean")
+    if rule == "norm":
+        return math.sqrt(sum(v * v for v, _ in pairs))
+    if rule == "sum":
+        return sum(v for v, _ in pairs)
+    if rule == "min":
+        return min(v for v, _ in pairs)
+    if rule == "max":
+        return max(v for v, _ in pairs)
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _update_ratio(parts: Sequence[Mapping[str, Any]]) -> float | None:
+    """|update| / |p before| of the whole from each part's update norm and ratio."""
+    upd = p0 = 0.0
+    for part in parts:
+        u, r = _finite(part.get("update_norm")), _finite(part.get("update_ratio"))
+        if u is None or not r:
+            continue
+        upd += u * u
+        p0 += (u / r) ** 2
+    return (upd**0.5) / (p0**0.5) if p0 else None
+
+
+def combine_signals(
+    parts: Sequence[Mapping[str, Any]], weights: Sequence[int]
+) -> dict[str, float | None]:
+    """Every signal the first part reports, combined over the parts."""
+    out: dict[str, float | None] = {}
+    for signal in parts[0] if parts else ():
+        if COMBINE.get(signal) == "ratio":
+            out[signal] = _update_ratio(parts)
+        else:
+            out[signal] = combine(signal, [p.get(signal) for p in parts], weights)
+    return out
+
+
+def merge_stats_aggregate(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The moments, extremes and counts of several tensors' values from each one's
+    statistics (exact: counts add, norms combine, the mean and the spread pool)."""
+    total = Summary()
+    for p in parts:
+        total.merge(Summary.from_fields(p))
+    return total.fields()

@@ -1,0 +1,67 @@
+"""Signals and statistics of parts combined into the whole's (adamscope.service.inspect.merge,
+which the Ray ingress uses for a sharded stepper): the parts' aggregates, combined by the rule
+each signal declares, equal what one process computes over all the tensors at once (norms,
+counts, means and the update ratio within float32 arithmetic; the LR quantiles' tails as
+bounds, the rule says so); statistics merge exactly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from inspect_support import CPU, REL, close, randn, registered
+
+from adamscope.service.engine import Stepper
+from adamscope.service.inspect.kernels import COMBINE
+from adamscope.service.inspect.merge import combine, combine_signals, merge_stats_aggregate
+from adamscope.service.inspect.signals import signals_of
+from adamscope.service.inspect.summary import summarize_chunk
+
+PARAMS = {"w": ((40, 7), 1), "b": ((13,), 2)}
+#: Combined exactly from the parts' values (up to float32 sample arithmetic).
+EXACT = [s for s, rule in COMBINE.items() if rule in ("norm", "sum", "ratio")] + ["exp_avg_sq_mean"]
+
+
+def stepped(names: list[str]) -> Stepper:
+    params = [(n, randn(PARAMS[n][0], PARAMS[n][1])) for n in names]
+    s = registered(
+        "-".join(names),
+        lambda: Stepper("-".join(names), "adam", CPU, params, {"lr": 0.01, "foreach": False}),
+    )
+    for k in range(2):
+        s.step({n: randn(PARAMS[n][0], 10 * k + PARAMS[n][1] + 5) for n in names})
+    return s
+
+
+def test_combined_parts_equal_the_whole() -> None:
+    whole = signals_of(stepped(["w", "b"]))["aggregate"]
+    parts = [signals_of(stepped([n]))["aggregate"] for n in ("w", "b")]
+    weights = [math.prod(PARAMS[n][0]) for n in ("w", "b")]
+    got = combine_signals(parts, weights)
+    assert set(got) == set(whole)
+    for signal in EXACT:
+        assert close(got[signal], whole[signal], rel=REL), (signal, got[signal], whole[signal])
+    # The tails are bounds of the whole's, as the rule says.
+    assert got["lr_eff_p1"] <= whole["lr_eff_p1"] and got["lr_eff_p99"] >= whole["lr_eff_p99"]
+
+
+def test_rules() -> None:
+    assert combine("grad_norm", [3.0, 4.0], [1, 1]) == 5.0
+    assert combine("nan_count", [1.0, 2.0], [5, 7]) == 3.0
+    assert combine("exp_avg_sq_mean", [1.0, 4.0], [1, 3]) == 3.25
+    assert combine("lr_eff_p1", [0.5, 0.25], [1, 1]) == 0.25
+    assert combine("shock_p99", [0.5, 0.25], [1, 1]) == 0.5
+    # A part that did not report (None, NaN as JSON carries it) is left out; none: None.
+    assert combine("exp_avg_sq_mean", [None, "NaN", 2.0], [9, 9, 1]) == 2.0
+    assert combine("grad_norm", [None, None], [1, 1]) is None
+
+
+def test_statistics_merge_exactly() -> None:
+    a, b = randn((50,), 3).double(), randn((30,), 4).double()
+    merged = merge_stats_aggregate([summarize_chunk(t)[0].fields() for t in (a, b)])
+    every = torch.cat([a, b])
+    assert merged["numel"] == 80
+    assert close(merged["mean"], float(every.mean()), rel=1e-12)
+    assert close(merged["std"], float(every.std(unbiased=False)), rel=1e-12)
+    assert close(merged["norm"], float(every.norm()), rel=1e-12)
+    assert (merged["min"], merged["max"]) == (float(every.min()), float(every.max()))
