@@ -96,6 +96,10 @@ def create(
     )
 
 
+def set_kind(name: str, kind: str) -> Call[StepperSummary]:
+    return Call("PATCH", path(name), summary_of, json_body={"kind": kind})
+
+
 def delete(name: str) -> Call[None]:
     return Call("DELETE", path(name), lambda r: None)
 

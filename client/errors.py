@@ -80,6 +80,7 @@ __all__ = [
     "SnapshotExistsError",
     "SnapshotNotFoundError",
     "StepConflictError",
+    "StepperFrozenError",
     "StepperExistsError",
     "StepperLimitError",
     "TensorTooLargeError",
@@ -102,6 +103,7 @@ CODES: dict[str, tuple[int, str]] = {
     "request_timeout": (408, "Request timeout"),
     "stepper_exists": (409, "Stepper already exists"),
     "step_conflict": (409, "Step conflict"),
+    "stepper_frozen": (409, "Stepper frozen"),
     "snapshot_not_found": (404, "Snapshot not found"),
     "snapshot_exists": (409, "Snapshot already exists"),
     "invalid_checkpoint": (422, "Invalid checkpoint file"),
@@ -191,6 +193,11 @@ class SnapshotExistsError(ConflictError):
 
 class StepperExistsError(ConflictError):
     pass
+
+
+class StepperFrozenError(ConflictError):
+    """A step sent to a frozen stepper (an imported checkpoint); make it ``hosted`` first
+    (``Client.set_kind(name, "hosted")``)."""
 
 
 class StepConflictError(ConflictError):
@@ -311,6 +318,7 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
     "stepper_not_found": StepperNotFoundError,
     "stepper_exists": StepperExistsError,
     "step_conflict": StepConflictError,
+    "stepper_frozen": StepperFrozenError,
     "payload_too_large": PayloadTooLargeError,
     "request_timeout": RequestTimeoutError,
     "tensor_too_large": TensorTooLargeError,

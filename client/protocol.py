@@ -65,7 +65,9 @@ __all__ = [
     "SnapshotList",
     "SnapshotRequest",
     "StepResult",
+    "StepperKind",
     "StepperList",
+    "StepperPatch",
     "StepperSummary",
     "SNAPSHOT_NAME_PATTERN",
     "META_CHECKPOINT",
@@ -76,6 +78,9 @@ __all__ = [
 ]
 
 Dtype = Literal["float16", "bfloat16", "float32", "float64", "complex64"]
+#: What a stepper is for: ``hosted`` (stepped here) or ``frozen`` (an imported checkpoint
+#: that refuses steps). Watched runs (a training job's own optimizer) will add a kind.
+StepperKind = Literal["hosted", "frozen"]
 
 
 class _Model(BaseModel):
@@ -182,6 +187,23 @@ class CreateStepper(_Model):
     durability: Durability | None = Field(
         None, description="when the state is written to disk; the service default if omitted"
     )
+    kind: StepperKind = Field(
+        "hosted",
+        description="'hosted': stepped here; 'frozen': an imported checkpoint that "
+        "refuses steps (its state and options can still be edited); see PATCH /steppers/{name}",
+    )
+    step: int = Field(
+        0,
+        ge=0,
+        description="the step count to start at: an imported checkpoint's training "
+        "step (each parameter's own Adam step travels in its state)",
+    )
+
+
+class StepperPatch(_Model):
+    """Change what a stepper is for: freeze an imported checkpoint, or make it steppable."""
+
+    kind: StepperKind = Field(description="'hosted' (steps run) or 'frozen' (steps refused)")
 
 
 class ParamInfo(_Model):
@@ -224,6 +246,11 @@ class MemoryFootprint(_Model):
 
 class StepperSummary(_Model):
     name: str
+    kind: StepperKind = Field(
+        "hosted",
+        description="'hosted': stepped by this service; 'frozen': an imported "
+        "checkpoint that refuses steps until made 'hosted'",
+    )
     optimizer: Literal["adam", "adamw"]
     device: str
     step: int = Field(description="number of step requests applied to this stepper")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 import torch
@@ -32,6 +32,10 @@ from .protocol import (
     StepperSummary,
 )
 from .transport import READINTO_EXTENSION, WireTransport
+
+if TYPE_CHECKING:
+    from ._checkpoint_transfer import CheckpointFormatName, StepInto
+    from .checkpoints import OptimizerCheckpoint, OptimizerKind
 
 __all__ = ["Client"]
 
@@ -155,6 +159,10 @@ class Client:
             shards,
         )
         return self._send(call)
+
+    def set_kind(self, name: str, kind: str) -> StepperSummary:
+        """Freeze (``"frozen"``: steps refused, edits allowed) or unfreeze (``"hosted"``)."""
+        return self._send(_calls.set_kind(name, kind))
 
     def delete(self, name: str) -> None:
         self._send(_calls.delete(name))
@@ -285,6 +293,81 @@ class Client:
         """Load a ``torch.optim.Adam``/``AdamW`` state_dict (state and group options)."""
         state, options = _state_dict.from_state_dict(self.get(name), state_dict)
         self.put_state(name, state, param_groups=options, replace=True)
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def _run(self, flow: Generator[Call[Any], Any, T]) -> T:
+        """Send each request ``flow`` yields and give it the result (or the error)."""
+        call = next(flow)
+        while True:
+            try:
+                result = self._send(call)
+            except Exception as e:
+                try:
+                    call = flow.throw(e)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                continue
+            try:
+                call = flow.send(result)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def import_checkpoint(
+        self,
+        source: str | os.PathLike[str] | OptimizerCheckpoint,
+        name: str,
+        *,
+        format: CheckpointFormatName = "auto",
+        step_into: StepInto = "hosted",
+        names: Sequence[str] | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        kind: OptimizerKind | None = None,
+        device: str | None = None,
+        durability: str | Mapping[str, Any] | None = None,
+        progress: bool | None = None,
+    ) -> StepperSummary:
+        """Create stepper ``name`` from an optimizer checkpoint a training job wrote.
+
+        ``source`` is a path (a DCP directory, a Hugging Face Trainer or Accelerate
+        directory, a ``torch.save``d optimizer ``state_dict``; ``format`` ``"auto"`` tells
+        them apart) or an :class:`~adamscope.client.checkpoints.OptimizerCheckpoint`
+        already read (and perhaps edited). It is read here, never by the service, with
+        ``torch.load(weights_only=True)`` only. ``names``, ``weights`` and ``kind`` help
+        name the parameters of a bare ``state_dict`` (see :func:`read_checkpoint`).
+
+        ``step_into="frozen"`` keeps it as evidence: steps are refused (409
+        ``stepper_frozen``), reads, statistics, snapshots, diffs and edits work;
+        ``"hosted"`` can be stepped (e.g. by ``RemoteAdam(..., name=name)``). The stepper
+        starts at the checkpoint's training step; each parameter keeps its Adam ``step``.
+        """
+        from . import _checkpoint_transfer as transfer  # torch.distributed: imported on use
+
+        ckpt = transfer.read_source(source, format, names, weights, kind)
+        flow = transfer.import_flow(
+            ckpt, name, step_into, device, _calls.durability_policy(durability), progress
+        )
+        return self._run(flow)  # type: ignore[no-any-return]
+
+    def export_checkpoint(
+        self,
+        name: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        format: Literal["dcp", "torch"] = "torch",
+        progress: bool | None = None,
+    ) -> OptimizerCheckpoint:
+        """Read stepper ``name`` as an optimizer checkpoint and, given ``path``, write it
+        where a training job loads it: ``"torch"`` writes ``optimizer.pt`` (PyTorch's
+        ``state_dict`` with ``param_names``) and ``model.safetensors`` into directory
+        ``path``; ``"dcp"`` a ``torch.distributed.checkpoint`` directory in the layout of
+        ``get_state_dict`` (``{"model": ..., "optim": ...}``). Returns the checkpoint."""
+        from . import _checkpoint_transfer as transfer
+
+        ckpt: OptimizerCheckpoint = self._run(transfer.export_flow(name, progress))
+        if path is not None:
+            transfer.write_checkpoint(ckpt, path, format)
+        return ckpt
 
     # -------------------------------------------------------------------- durability
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mutation_tiers
 import pytest
@@ -100,3 +101,31 @@ def spawn_server(
     """``adamscope serve`` as a separate process (the console script's code path)."""
     with spawned(data_dir, *extra, timeout=timeout, stop_timeout=stop_timeout, cwd=ROOT) as server:
         yield server.url
+
+
+# ---------------------------------------------------------------------- checkpoints (issue 16)
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-rank FSDP2 AdamW job: 3 steps, DCP saved (nested and flattened), 2 more steps."""
+    from checkpoint_support import run_fsdp_job
+
+    out = tmp_path_factory.mktemp("fsdp")
+    seconds = run_fsdp_job(out, "train", "3", "2")
+    print(f"\nFSDP2 train job: {seconds:.1f} s wall")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Hugging Face Trainer run of a tiny random Llama (checkpoints at steps 2 and 4)."""
+    pytest.importorskip("transformers")
+    from checkpoint_support import HFRun, train_hf
+
+    out = tmp_path_factory.mktemp("hf")
+    start = time.perf_counter()
+    _, saved = train_hf(out, seed=0)
+    run = HFRun(out, saved, time.perf_counter() - start)
+    print(f"\nHF Trainer run (4 steps, 2 checkpoints): {run.seconds:.1f} s")
+    return run

@@ -231,8 +231,22 @@ def test_installed_console_script_is_the_cli() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ([], ["serve"]),
+        ([], ["serve", "import-checkpoint", "export-checkpoint", "freeze", "unfreeze"]),
         (["serve"], ["--per-gpu", "--host", "--port", "--data-dir", "--device"]),
+        (
+            ["import-checkpoint"],
+            [
+                "--name",
+                "--format",
+                "--step-into",
+                "--weights",
+                "--names",
+                "--kind",
+                "frozen",
+                "hosted",
+            ],
+        ),
+        (["export-checkpoint"], ["--format", "dcp", "torch", "model.safetensors"]),
     ],
 )
 def test_cli_help(args: list[str], expected: list[str]) -> None:
@@ -288,14 +302,57 @@ def test_unpickling_detector_detects() -> None:
     assert unpickling_calls("'''torch.load is never used'''\nimport torch\ntorch.save") == []
 
 
+#: The one module allowed to turn pickled bytes into objects: reading the checkpoints
+#: training jobs write (issue 16), which are pickles, on the client's side and only from a
+#: local path its user named. It must restrict every load (checked below).
+RESTRICTED_UNPICKLING = "client/checkpoints/unpickling.py"
+
+
 @pytest.mark.parametrize("package", ["service", "client"])
 def test_nothing_is_unpickled(package: str) -> None:
     offenders = {
         str(f.relative_to(ROOT)): calls
         for f in python_files(package)
         if (calls := unpickling_calls(f.read_text()))
+        and str(f.relative_to(ROOT)) != RESTRICTED_UNPICKLING
     }
     assert offenders == {}
+
+
+def unrestricted_loads(source: str) -> list[str]:
+    """torch.load calls without a literal weights_only=True, and pickle.Unpickler
+    subclasses that do not override find_class."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and (node.func.value.id, node.func.attr) == ("torch", "load")
+        ):
+            flags = [k for k in node.keywords if k.arg == "weights_only"]
+            if not (
+                flags and isinstance(flags[0].value, ast.Constant) and flags[0].value.value is True
+            ):
+                found.append(f"line {node.lineno}: torch.load without weights_only=True")
+        elif (
+            isinstance(node, ast.ClassDef)
+            and any(ast.unparse(b) == "pickle.Unpickler" for b in node.bases)
+            and not any(
+                isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body
+            )
+        ):
+            found.append(f"line {node.lineno}: {node.name} does not restrict find_class")
+    return found
+
+
+def test_checkpoint_unpickling_is_restricted() -> None:
+    sample = (
+        "import pickle, torch\nclass U(pickle.Unpickler):\n    pass\n"
+        "torch.load(f)\ntorch.load(f, weights_only=False)\n"
+    )
+    assert len(unrestricted_loads(sample)) == 3
+    assert unrestricted_loads((ROOT / RESTRICTED_UNPICKLING).read_text()) == []
 
 
 def imported_modules(source: str) -> list[str]:

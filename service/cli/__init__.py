@@ -2,7 +2,8 @@
 
 ``adamscope serve`` runs the service (:mod:`.serve`); the other commands talk to a running
 one through the Python client: snapshots and durability (:mod:`.snapshots`), listing,
-statistics, history, alerts and a live watch (:mod:`.inspect`).
+statistics, history, alerts and a live watch (:mod:`.inspect`); optimizer checkpoints of
+training jobs in and out (:mod:`.checkpoints`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import inspect, serve, snapshots
+from . import checkpoints, inspect, serve, snapshots
 
 __all__ = ["build_parser", "main"]
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_command(sub)
     snapshots.add_commands(sub)
     inspect.add_commands(sub)
+    checkpoints.add_commands(sub)
     return parser
 
 

@@ -110,12 +110,13 @@ def _alerts_cell(summary: Any) -> str:
 def _ls(c: Any, a: argparse.Namespace) -> str:
     rows = [("NAME", "OPTIMIZER", "DEVICE", "STEP", "PARAMS", "ALERTS", "UPDATED")]
     for s in c.list():
+        step = f"{s.step} (frozen)" if s.kind == "frozen" else str(s.step)
         rows.append(
             (
                 s.name,
                 s.optimizer,
                 s.device,
-                str(s.step),
+                step,
                 f"{s.numel:,}",
                 _alerts_cell(s),
                 when(s.updated_at),
@@ -136,6 +137,8 @@ def _show(c: Any, a: argparse.Namespace) -> str:
         f"{human_bytes(s.state_bytes)} with state",
         f"created {when(s.created_at)}, updated {when(s.updated_at)}",
     ]
+    if s.kind == "frozen":
+        lines.append("frozen: steps are refused (adamscope unfreeze NAME makes it steppable)")
     if s.durability is not None:
         lines.append(
             f"durability {s.durability.mode}, on disk at step "

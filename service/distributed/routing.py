@@ -101,6 +101,7 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     r.steppers.get_stepper: OnStepper(sharded.fan_out(_summaries), gateway.summary),
     r.steppers.delete_stepper: OnStepper(sharded.delete, gateway.delete_stepper),
     r.steppers.patch_hyperparameters: OnStepper(sharded.fan_out(_summaries)),
+    r.steppers.patch_stepper: OnStepper(sharded.fan_out(_summaries)),  # freeze: every shard
     r.steppers.bias_correction: OnStepper(sharded.to_first),
     r.step.step: OnStepper(sharded.step, gateway.step),
     r.step.commit: OnStepper(

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidState",
     "ShapeMismatch",
     "StepConflict",
+    "StepperFrozen",
     "StepperExists",
     "StepperNotFound",
     "UnknownParameter",
@@ -41,6 +42,12 @@ class StepperNotFound(EngineError):
 
 class StepConflict(EngineError):
     code = "step_conflict"
+
+
+class StepperFrozen(EngineError):
+    """A step sent to a frozen stepper (an imported checkpoint kept as evidence)."""
+
+    code = "stepper_frozen"
 
 
 class StepperExists(EngineError):

@@ -88,6 +88,7 @@ def summary(stepper: Stepper) -> dict[str, Any]:
             groups.append({"index": gi, "params": stepper.group_names[gi], **opts})
         return {
             "name": stepper.name,
+            "kind": stepper.hosting,
             "optimizer": stepper.kind,
             "device": str(stepper.device),
             "step": stepper.step_count,

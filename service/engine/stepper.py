@@ -33,9 +33,11 @@ from .errors import (
     DeviceOutOfMemory,
     DtypeMismatch,
     InvalidHyperparameter,
+    InvalidSpec,
     InvalidState,
     ShapeMismatch,
     StepConflict,
+    StepperFrozen,
     UnknownParameter,
 )
 from .footprint import Footprint, footprint, step_working_set
@@ -48,9 +50,17 @@ from .state import STATE_KEYS
 from .steps import StepMirror
 from .trial import Trial
 
-__all__ = ["StepOutcome", "Stepper"]
+__all__ = ["FROZEN", "HOSTED", "HOSTINGS", "StepOutcome", "Stepper"]
 
 log = logging.getLogger("adamscope")
+
+#: What a stepper is for: ``hosted``, stepped here (RemoteAdam, the step endpoint);
+#: ``frozen``, an imported checkpoint kept as it was written: it refuses steps (its state
+#: and options can still be edited, to try a fix). A summary's ``kind``.
+HOSTED, FROZEN = "hosted", "frozen"
+HOSTINGS = (HOSTED, FROZEN)
+#: Where a stepper that is not hosted says so in its journal (saved with its checkpoints).
+HOSTING_KEY = "kind"
 
 
 @dataclass
@@ -94,8 +104,15 @@ class Stepper:
         params: Sequence[tuple[str, torch.Tensor]],
         hyperparameters: Mapping[str, Any],
         groups: Sequence[GroupDef] | None = None,
+        *,
+        step: int = 0,
+        hosting: str = HOSTED,
     ) -> None:
         spec = checked_spec(kind, device, params, hyperparameters, groups)
+        if hosting not in HOSTINGS:
+            raise InvalidSpec(f"unknown kind {hosting!r}; expected one of {', '.join(HOSTINGS)}")
+        if step < 0:
+            raise InvalidSpec(f"step must be >= 0, got {step}")
         self.name, self.kind, self.device = name, kind, device
         self.names = spec.names
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -115,12 +132,13 @@ class Stepper:
             )
         )
         self.numel = sum(p.numel() for p in self.params)
-        self.step_count = 0
+        #: An imported checkpoint starts at the step its training job had reached.
+        self.step_count = step
         #: Bumped by every mutation: readers can cache anything derived from (name, version).
         self.version = 0
         #: JSON-serializable bookkeeping saved with every checkpoint and restored with it
         #: ("extra" in the checkpoint metadata); change it with :meth:`set_journal`.
-        self.journal: dict[str, Any] = {}
+        self.journal: dict[str, Any] = {} if hosting == HOSTED else {HOSTING_KEY: hosting}
         #: The idempotency keys of the last applied steps (persisted with every checkpoint).
         self.keys = KeyJournal(self.names)
         self._round = Round(name)
@@ -209,6 +227,26 @@ class Stepper:
         for n in names:
             self.param(n)
         return list(dict.fromkeys(names))
+
+    @property
+    def hosting(self) -> str:
+        """``"hosted"`` (steps run here) or ``"frozen"`` (steps refused, edits allowed).
+        Kept in the journal, so it is written and restored with the stepper's state."""
+        return str(self.journal.get(HOSTING_KEY, HOSTED))
+
+    def set_hosting(self, hosting: str) -> None:
+        if hosting not in HOSTINGS:
+            raise InvalidSpec(f"unknown kind {hosting!r}; expected one of {', '.join(HOSTINGS)}")
+        self.set_journal(HOSTING_KEY, None if hosting == HOSTED else hosting)
+
+    def _check_not_frozen(self) -> None:
+        if self.hosting == FROZEN:
+            raise StepperFrozen(
+                f"stepper {self.name!r} is frozen (an imported checkpoint): it refuses steps; "
+                "its state and options can still be edited. Make it steppable with "
+                f'PATCH /v1/steppers/{self.name} {{"kind": "hosted"}}',
+                kind=FROZEN,
+            )
 
     def set_journal(self, key: str, value: Any) -> None:
         """Set (``None``: remove) a journal entry: a change of the stepper, written with
@@ -429,6 +467,7 @@ class Stepper:
         key: str | None,
     ) -> StepOutcome:
         """The step itself, on validated gradients (the lock is held)."""
+        self._check_not_frozen()
         new_options = self._validated_group_updates(group_updates)
         if new_options is not None:
             self._check_state_complete(dict(enumerate(self._state_by_index())), new_options)
@@ -590,6 +629,7 @@ class Stepper:
             replay = self._replay(key)
             if replay is not None:
                 return replay
+            self._check_not_frozen()
             self._round.check(worker, contributors, self.step_count)
             self._check_expected(expected_step)
             if self._round.repeated(worker, key, self.step_count):

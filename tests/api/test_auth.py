@@ -111,6 +111,7 @@ SCOPES: dict[tuple[str, str], str] = {
     ("POST", V1): "admin",
     ("GET", N): "read",
     ("DELETE", N): "admin",
+    ("PATCH", N): "admin",
     ("PATCH", f"{N}/hyperparameters"): "write",
     ("GET", f"{N}/bias-correction"): "read",
     ("POST", f"{N}/step"): "write",
@@ -172,6 +173,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("POST", V1): Recipe(lambda c: c.post(V1, json={**SPEC, "name": "team-a-new"}), 201),
     ("GET", N): Recipe(_get(f"{V1}/{NAME}"), 200),
     ("DELETE", N): Recipe(lambda c: c.delete(f"{V1}/{NAME}"), 204),
+    ("PATCH", N): Recipe(lambda c: c.patch(f"{V1}/{NAME}", json={"kind": "frozen"}), 200),
     ("PATCH", f"{N}/hyperparameters"): Recipe(
         lambda c: c.patch(f"{V1}/{NAME}/hyperparameters", json={"lr": 0.5}), 200
     ),

@@ -37,6 +37,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     },
     ("get", NAMED): {"stepper_not_found"},
     ("delete", NAMED): {"stepper_not_found"},
+    ("patch", NAMED): {"stepper_not_found", "request_validation_error"},
     ("patch", f"{NAMED}/hyperparameters"): {
         "stepper_not_found",
         "request_validation_error",
@@ -56,9 +57,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
         "invalid_state",
         "request_validation_error",
         "step_conflict",
+        "stepper_frozen",
         "invalid_spec",
     },
-    ("post", f"{NAMED}/commit"): {"stepper_not_found", "step_conflict"},
+    ("post", f"{NAMED}/commit"): {"stepper_not_found", "step_conflict", "stepper_frozen"},
     ("get", f"{NAMED}/params"): {
         "stepper_not_found",
         "unknown_parameter",

@@ -44,3 +44,23 @@ def test_remote_training_example(tmp_path: Path) -> None:
         assert again.returncode == 2
         assert "already exists" in again.stderr
         assert client.get("ex-kept").step == 5
+
+
+def test_checkpoint_roundtrip_example(tmp_path: Path) -> None:
+    """examples/checkpoint_roundtrip.py, the README's checkpoint walk-through, as a user runs
+    it against `adamscope serve`."""
+    example = ROOT / "examples" / "checkpoint_roundtrip.py"
+    with spawn_server(tmp_path / "data") as url, Client(url) as client:
+        done = subprocess.run(
+            [sys.executable, str(example), "--url", url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ckpt-demo-step5 is frozen: the step was refused" in done.stdout
+        assert "state equal to the step-5 checkpoint: True" in done.stdout
+        assert "VERIFIED: import -> 2 remote steps -> export -> 3 local steps" in done.stdout
+        assert "changed from step 3 to 5: " in done.stdout
+        assert client.list() == [], "the example left steppers behind"

@@ -48,6 +48,7 @@ router = APIRouter(tags=["tensors"])
             "invalid_state",
             "invalid_spec",
             "step_conflict",
+            "stepper_frozen",
             "persistence_failed",
             "device_out_of_memory",
         ),
@@ -85,7 +86,11 @@ async def step(
     dependencies=[Depends(require("write"))],
     response_model=StepResult,
     responses=problems(
-        *NAME_PROBLEMS, "step_conflict", "persistence_failed", "device_out_of_memory"
+        *NAME_PROBLEMS,
+        "step_conflict",
+        "stepper_frozen",
+        "persistence_failed",
+        "device_out_of_memory",
     ),
 )
 async def commit(name: str, request: Request) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from adamscope.client.protocol import (
     CreateStepper,
     HyperparametersPatch,
     StepperList,
+    StepperPatch,
     StepperSummary,
 )
 
@@ -187,7 +188,16 @@ async def create_stepper(request: Request) -> dict[str, Any]:
     def build() -> Stepper:
         quota.admit(config, registry(request), spec.name, new_bytes)  # under the lock
         budget.check_room(registry(request), spec.name, device, new_bytes)
-        return Stepper(spec.name, spec.optimizer, device, params, hyper, groups)
+        return Stepper(
+            spec.name,
+            spec.optimizer,
+            device,
+            params,
+            hyper,
+            groups,
+            step=spec.step,
+            hosting=spec.kind,
+        )
 
     stepper = await run_in_threadpool(
         persistence(request).create, spec.name, build, spec.durability
@@ -251,6 +261,27 @@ async def delete_stepper(name: str, request: Request) -> Response:
         serving(request).forget(stepper)
         await run_in_threadpool(stepper.release_buffers)
     return Response(status_code=204)
+
+
+@router.patch(
+    "/steppers/{name}",
+    response_model=StepperSummary,
+    summary="Freeze or unfreeze a stepper",
+    description="Set the stepper's kind: 'frozen' refuses steps (409 stepper_frozen) while "
+    "reads, statistics, snapshots, diffs and edits of state and options keep working, which "
+    "is how an imported checkpoint is kept as evidence (`adamscope import-checkpoint "
+    "--step-into frozen`); 'hosted' makes it steppable again (RemoteAdam, the step "
+    "endpoint), e.g. to replay the steps that led to a crash. The kind is saved with the "
+    "stepper's checkpoints and snapshots (restoring a snapshot restores the kind it had).",
+    dependencies=[Depends(require("admin"))],
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "request_validation_error"),
+)
+async def patch_stepper(name: str, patch: StepperPatch, request: Request) -> dict[str, Any]:
+    stepper = registry(request).get(name)
+    async with serving(request).hold(stepper):
+        await run_in_threadpool(stepper.set_hosting, patch.kind)
+        await persist_after(request, stepper)
+    return summary(request, stepper)
 
 
 @router.patch(
