@@ -3,7 +3,7 @@
     python benchmarks/mutation.py                    # run (resumes), then the report
     python benchmarks/mutation.py --fresh            # from scratch (removes mutants/)
     python benchmarks/mutation.py --report-only      # the report of the last run
-    python benchmarks/mutation.py 'adamscope.service.auth.*'   # only these (mutmut globs)
+    python benchmarks/mutation.py 'adamscope.service.auth.*'   # run, report only these
 
 The tests import the package as it installs (``adamscope.service``, ``adamscope.client``),
 so this first lays it out as ``src/adamscope/``, links to the repository's files
@@ -180,8 +180,16 @@ def _row(name: str, c: Counter[str]) -> str:
     )
 
 
-def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
+def report(files: list[str], fail_under: float, show_diffs: bool, names: list[str]) -> int:
+    """The table, the unreviewed survivors and the score: of every mutant, or of those
+    ``names`` (mutant names or globs) selects."""
     by_file = results(files)
+    if names:
+        by_file = {
+            f: {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, n) for n in names)}
+            for f, codes in by_file.items()
+        }
+        files = [f for f in files if by_file.get(f)]
     listed, stale = reviewed(files)
     total = Counter[str]()
     unreviewed: list[tuple[str, str]] = []
@@ -257,7 +265,7 @@ def main() -> int:
             f"{args.max_children} in parallel, {os.cpu_count()} CPUs, load average "
             f"now {load}\n"
         )
-    return report(files, args.fail_under, args.diffs)
+    return report(files, args.fail_under, args.diffs, args.names)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ import pytest
 import torch
 
 __all__ = [
+    "SOURCE_TREE",
     "SURVIVORS",
+    "check_mutants_imported",
     "covers",
     "function_hash",
     "in_tier",
@@ -202,13 +204,14 @@ def warm_up() -> None:
     torch.optim.Adam([p], foreach=False).step()
 
 
-def _check_imports_mutants(rootpath: Path) -> None:
+def check_mutants_imported(rootpath: Path) -> None:
     """Stop when the tests would import the repository's code instead of mutmut's copy
     (every mutant would survive): ``adamscope`` must come from ``mutants/src``."""
     import adamscope
 
     expected = rootpath / SOURCE_TREE / "adamscope"
-    if not Path(adamscope.__file__ or "").resolve().is_relative_to(expected.resolve()):
+    # the folder, not the file: src/adamscope's files are links to the repository's
+    if Path(adamscope.__file__ or "").parent.resolve() != expected.resolve():
         raise pytest.UsageError(
             f"under mutation testing, adamscope is imported from {adamscope.__file__}, "
             f"not from mutmut's copy {expected}: the mutants would never run "
@@ -220,7 +223,7 @@ def select(config: pytest.Config, items: list[pytest.Item]) -> None:
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant is None:
         return
-    _check_imports_mutants(config.rootpath)
+    check_mutants_imported(config.rootpath)
     if mutant == "":  # the fork server's warm-up (and mutmut's clean run)
         warm_up()
     table = tiers(config.rootpath)
