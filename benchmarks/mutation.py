@@ -10,25 +10,25 @@ so this first lays it out as ``src/adamscope/``, links to the repository's files
 (``mutation_tiers.link_source_tree``; ignored by git). mutmut (3.x) copies that tree into
 ``mutants/``, where the tests import it (``mutants/src`` comes first on ``sys.path``, before
 the editable install's hook) and where each mutant is named after the module the tests run
-(``adamscope.service.auth.x_...``); it mutates the files ``[tool.mutmut] only_mutate`` in
+(``adamscope.service.auth.x_...``). It mutates the files ``[tool.mutmut] only_mutate`` in
 pyproject.toml names (``src/adamscope/service/auth.py`` is ``service/auth.py``), times the
-test tiers once, then runs
-each mutant against the tests that call the mutated function, limited to its module's tier
-(``[tool.adamscope.mutation.tiers]``, applied by tests/mutation_tiers.py). A mutant is
-*killed* when a test fails; one that survives is a bug the tests would let through, or an
-equivalent mutant (same behaviour), reviewed and listed with its reason in
-benchmarks/mutation-survivors.md.
+test tiers once, then runs each mutant against the tests that call the mutated function,
+limited to its module's tier (``[tool.adamscope.mutation.tiers]``, applied by
+tests/mutation_tiers.py). A mutant is *killed* when a test fails; one that survives is a
+bug the tests would let through, or an equivalent mutant (same behaviour), reviewed and
+listed with its reason in benchmarks/mutation-survivors.md.
 
-Mutants that mypy rejects (``type_check_command``) are caught before any
-test runs. The report gives, per module: the mutants, those mypy caught, those the tests
-killed (a timeout counts: the mutant hung), survived, listed as equivalent, had no test
-calling them; the tests' score ``killed / (mutants mypy accepts - listed equivalents)``
-and the overall one ``(killed + mypy) / (mutants - listed equivalents)``; then every
-survivor that is not listed. The exit status is 1 when the tests' score is below
-``--fail-under`` (default 90) or mutants are left unchecked.
+Mutants that mypy rejects (``type_check_command``) are caught before any test runs. The
+report gives, per module: the mutants, those mypy caught, those the tests killed (a timeout
+counts: the mutant hung), survived, listed as equivalent, had no test calling them; the
+tests' score ``killed / (mutants mypy accepts - listed equivalents)`` and the overall one
+``(killed + mypy) / (mutants - listed equivalents)``; then every survivor that is not
+listed. The exit status is 1 when the tests' score is below ``--fail-under`` (default 90) or
+mutants are left unchecked. Given mutant names, it reports those only.
 
 To point it at other modules (after a move, say), edit only_mutate and the tiers table;
-this script checks that every mutated module has a tier.
+this script checks that every only_mutate glob matches a file and every mutated module has
+a tier.
 """
 
 from __future__ import annotations

@@ -207,6 +207,8 @@ def warm_up() -> None:
 def check_mutants_imported(rootpath: Path) -> None:
     """Stop when the tests would import the repository's code instead of mutmut's copy
     (every mutant would survive): ``adamscope`` must come from ``mutants/src``."""
+    # imported here, once sys.path is mutmut's: benchmarks/mutation.py loads this module
+    # without the package
     import adamscope
 
     expected = rootpath / SOURCE_TREE / "adamscope"
