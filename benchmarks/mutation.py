@@ -3,26 +3,32 @@
     python benchmarks/mutation.py                    # run (resumes), then the report
     python benchmarks/mutation.py --fresh            # from scratch (removes mutants/)
     python benchmarks/mutation.py --report-only      # the report of the last run
-    python benchmarks/mutation.py 'service.auth.*'   # only these mutants (mutmut globs)
+    python benchmarks/mutation.py 'adamscope.service.auth.*'   # run, report only these
 
-mutmut (3.x) copies ``service/`` and ``client/`` into ``mutants/``, mutates the modules
-``[tool.mutmut] only_mutate`` in pyproject.toml names, times the test tiers once, then runs
-each mutant against the tests that call the mutated function, limited to its module's tier
-(``[tool.adamscope.mutation.tiers]``, applied by tests/mutation_tiers.py). A mutant is
-*killed* when a test fails; one that survives is a bug the tests would let through, or an
-equivalent mutant (same behaviour), reviewed and listed with its reason in
-benchmarks/mutation-survivors.md.
+The tests import the package as it installs (``adamscope.service``, ``adamscope.client``),
+so this first lays it out as ``src/adamscope/``, links to the repository's files
+(``mutation_tiers.link_source_tree``; ignored by git). mutmut (3.x) copies that tree into
+``mutants/``, where the tests import it (``mutants/src`` comes first on ``sys.path``, before
+the editable install's hook) and where each mutant is named after the module the tests run
+(``adamscope.service.auth.x_...``). It mutates the files ``[tool.mutmut] only_mutate`` in
+pyproject.toml names (``src/adamscope/service/auth.py`` is ``service/auth.py``), times the
+test tiers once, then runs each mutant against the tests that call the mutated function,
+limited to its module's tier (``[tool.adamscope.mutation.tiers]``, applied by
+tests/mutation_tiers.py). A mutant is *killed* when a test fails; one that survives is a
+bug the tests would let through, or an equivalent mutant (same behaviour), reviewed and
+listed with its reason in benchmarks/mutation-survivors.md.
 
-Mutants that ``mypy service client`` rejects (``type_check_command``) are caught before any
-test runs. The report gives, per module: the mutants, those mypy caught, those the tests
-killed (a timeout counts: the mutant hung), survived, listed as equivalent, had no test
-calling them; the tests' score ``killed / (mutants mypy accepts - listed equivalents)``
-and the overall one ``(killed + mypy) / (mutants - listed equivalents)``; then every
-survivor that is not listed. The exit status is 1 when the tests' score is below
-``--fail-under`` (default 90) or mutants are left unchecked.
+Mutants that mypy rejects (``type_check_command``) are caught before any test runs. The
+report gives, per module: the mutants, those mypy caught, those the tests killed (a timeout
+counts: the mutant hung), survived, listed as equivalent, had no test calling them; the
+tests' score ``killed / (mutants mypy accepts - listed equivalents)`` and the overall one
+``(killed + mypy) / (mutants - listed equivalents)``; then every survivor that is not
+listed. The exit status is 1 when the tests' score is below ``--fail-under`` (default 90) or
+mutants are left unchecked. Given mutant names, it reports those only.
 
 To point it at other modules (after a move, say), edit only_mutate and the tiers table;
-this script checks that every mutated module has a tier.
+this script checks that every only_mutate glob matches a file and every mutated module has
+a tier.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def config() -> tuple[dict[str, Any], dict[str, list[str]]]:
 
 
 def mutated_files(mutmut: dict[str, Any]) -> list[str]:
-    """The source files mutmut mutates, as it names them (``service/auth.py``)."""
+    """The source files mutmut mutates, as it names them (``src/adamscope/service/auth.py``;
+    the tree must be laid out)."""
     out = []
     for source in mutmut["source_paths"]:
         for path in sorted((ROOT / source).rglob("*.py")):
@@ -71,8 +78,9 @@ def mutated_files(mutmut: dict[str, Any]) -> list[str]:
 
 def check(mutmut: dict[str, Any], tiers: dict[str, list[str]]) -> list[str]:
     files = mutated_files(mutmut)
-    if not files:
-        raise SystemExit("[tool.mutmut] only_mutate matches no file")
+    unmatched = [g for g in mutmut.get("only_mutate", []) if not fnmatch.filter(files, g)]
+    if not files or unmatched:
+        raise SystemExit(f"[tool.mutmut] only_mutate: no file matches {unmatched or 'any'}")
     untiered = [
         f for f in files if not any(fnmatch.fnmatch(f, g) for globs in tiers for g in globs.split())
     ]
@@ -166,19 +174,27 @@ def _row(name: str, c: Counter[str]) -> str:
     tests, overall = scores(c)
     cells = [f"{x:.1f}" if x is not None else "-" for x in (tests, overall)]
     return (
-        f"{name:34} {c['mutants']:7} {c['out_of_scope']:5} {c['mypy']:5} {c['killed']:6} "
+        f"{name:46} {c['mutants']:7} {c['out_of_scope']:5} {c['mypy']:5} {c['killed']:6} "
         f"{c['survived']:8} {c['equivalent']:6} {c['no_tests']:7} "
         f"{c['other'] + c['unchecked']:5} {cells[0]:>6} {cells[1]:>7}"
     )
 
 
-def report(files: list[str], fail_under: float, show_diffs: bool) -> int:
+def report(files: list[str], fail_under: float, show_diffs: bool, names: list[str]) -> int:
+    """The table, the unreviewed survivors and the score: of every mutant, or of those
+    ``names`` (mutant names or globs) selects."""
     by_file = results(files)
+    if names:
+        by_file = {
+            f: {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, n) for n in names)}
+            for f, codes in by_file.items()
+        }
+        files = [f for f in files if by_file.get(f)]
     listed, stale = reviewed(files)
     total = Counter[str]()
     unreviewed: list[tuple[str, str]] = []
     print(
-        f"{'module':34} {'mutants':>7} {'skip':>5} {'mypy':>5} {'killed':>6} {'survived':>8} "
+        f"{'module':46} {'mutants':>7} {'skip':>5} {'mypy':>5} {'killed':>6} {'survived':>8} "
         f"{'equiv.':>6} {'no test':>7} {'other':>5} {'tests%':>6} {'overall%':>7}"
     )
     for f in files:
@@ -234,6 +250,7 @@ def main() -> int:
     parser.add_argument("--fail-under", type=float, default=90.0)
     args = parser.parse_args()
     mutmut, tiers = config()
+    mutation_tiers.link_source_tree(ROOT)
     files = check(mutmut, tiers)
     if not args.report_only:
         if args.fresh:
@@ -248,7 +265,7 @@ def main() -> int:
             f"{args.max_children} in parallel, {os.cpu_count()} CPUs, load average "
             f"now {load}\n"
         )
-    return report(files, args.fail_under, args.diffs)
+    return report(files, args.fail_under, args.diffs, args.names)
 
 
 if __name__ == "__main__":

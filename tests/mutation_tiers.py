@@ -17,6 +17,18 @@ called from ``conftest.pytest_collection_modifyitems``, keeps:
   whose mutants may be numbered differently, runs again);
 - outside mutmut (no ``MUTANT_UNDER_TEST``): everything, untouched.
 
+The tests import the package as it installs (``adamscope.service``, ``adamscope.client``),
+while the repository's folders are ``service/``, ``client/`` and ``client/_adamscope/``
+(pyproject.toml's ``package-dir``, resolved by the editable install's import hook). mutmut
+copies its ``source_paths`` into ``mutants/``, puts ``mutants/src`` first on ``sys.path`` and
+names each mutant after its file with a leading ``src.`` dropped. So
+:func:`link_source_tree` lays the package out as ``src/adamscope/`` (links to the real
+files, rebuilt before each run; ignored by git) and mutmut mutates that: its copy
+``mutants/src/adamscope`` is what ``import adamscope`` finds (the editable hook comes after
+the path finder on ``sys.meta_path``), and a mutant of ``service/auth.py`` is
+``adamscope.service.auth.x_...``, the name of the module the tests run. :func:`select`
+refuses to run a mutant's tests when ``adamscope`` comes from anywhere else.
+
 mutmut forks each mutant's run from a server that has collected the tests but run none, so
 what the first test imports lazily, every mutant would import again: the first optimizer
 built imports ``torch._dynamo`` (about 6 s of CPU). :func:`warm_up` does that once in the
@@ -30,6 +42,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,12 +51,17 @@ import pytest
 import torch
 
 __all__ = [
+    "SOURCE_TREE",
     "SURVIVORS",
+    "check_mutants_imported",
     "covers",
     "function_hash",
     "in_tier",
+    "link_source_tree",
     "module_path",
     "out_of_scope",
+    "package_dirs",
+    "repository_path",
     "reviewed",
     "select",
     "tiers",
@@ -53,6 +71,8 @@ __all__ = [
 MUTANT_MARK = "__mutmut_"
 #: The reviewed survivors: ``- `<mutant>` `<function hash>`: why it is equivalent``.
 SURVIVORS = "benchmarks/mutation-survivors.md"
+#: Where :func:`link_source_tree` lays out the package (mutmut's ``source_paths``).
+SOURCE_TREE = "src"
 _ENTRY = re.compile(r"^\s*[-*]\s+`([^`]+__mutmut_\d+)`\s+`([0-9a-f]+)`")
 
 
@@ -79,8 +99,55 @@ def covers(globs: str, path: str) -> bool:
 
 
 def module_path(mutant: str) -> str:
-    """``service.engine.stepper.xǁStepperǁstep__mutmut_3`` -> ``service/engine/stepper.py``."""
-    return mutant.rpartition(".")[0].replace(".", "/") + ".py"
+    """``adamscope.service.engine.stepper.xǁStepperǁstep__mutmut_3`` ->
+    ``src/adamscope/service/engine/stepper.py`` (the file mutmut mutated)."""
+    return f"{SOURCE_TREE}/" + mutant.rpartition(".")[0].replace(".", "/") + ".py"
+
+
+def package_dirs(root: Path) -> dict[str, str]:
+    """Package name -> its folder in the repository (``[tool.setuptools] package-dir``)."""
+    data = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    found: dict[str, str] = data["tool"]["setuptools"]["package-dir"]
+    return found
+
+
+def _tree_files(root: Path) -> dict[str, Path]:
+    """Path under the source tree (``adamscope/service/auth.py``) -> the repository's file."""
+    dirs = package_dirs(root)
+    out: dict[str, Path] = {}
+    for package, folder in dirs.items():
+        source = root / folder
+        # a package whose folder sits inside another's (client/_adamscope in client/)
+        nested = [root / f for f in dirs.values() if f != folder and f.startswith(folder + "/")]
+        for path in sorted(source.rglob("*")):
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            if any(path.is_relative_to(n) for n in nested):
+                continue
+            rel = path.relative_to(source).as_posix()
+            out[package.replace(".", "/") + "/" + rel] = path
+    return out
+
+
+def repository_path(root: Path, path: str) -> str | None:
+    """``src/adamscope/service/auth.py`` -> ``service/auth.py`` (None: no such file)."""
+    found = _tree_files(root).get(path.removeprefix(f"{SOURCE_TREE}/"))
+    return found.relative_to(root).as_posix() if found else None
+
+
+def link_source_tree(root: Path, dest: Path | None = None) -> Path:
+    """Lay out the installed package under ``dest`` (default ``root/src``) as links to the
+    repository's files (every file: the dashboard's static files too), replacing what was
+    there; returns ``dest``."""
+    dest = root / SOURCE_TREE if dest is None else dest
+    top = {name.partition(".")[0] for name in package_dirs(root)}
+    for name in top:
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for rel, path in _tree_files(root).items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(path, target)
+    return dest
 
 
 def in_tier(nodeid: str, prefixes: list[str]) -> bool:
@@ -137,10 +204,28 @@ def warm_up() -> None:
     torch.optim.Adam([p], foreach=False).step()
 
 
+def check_mutants_imported(rootpath: Path) -> None:
+    """Stop when the tests would import the repository's code instead of mutmut's copy
+    (every mutant would survive): ``adamscope`` must come from ``mutants/src``."""
+    # imported here, once sys.path is mutmut's: benchmarks/mutation.py loads this module
+    # without the package
+    import adamscope
+
+    expected = rootpath / SOURCE_TREE / "adamscope"
+    # the folder, not the file: src/adamscope's files are links to the repository's
+    if Path(adamscope.__file__ or "").parent.resolve() != expected.resolve():
+        raise pytest.UsageError(
+            f"under mutation testing, adamscope is imported from {adamscope.__file__}, "
+            f"not from mutmut's copy {expected}: the mutants would never run "
+            "(run benchmarks/mutation.py, which lays out src/adamscope for mutmut)"
+        )
+
+
 def select(config: pytest.Config, items: list[pytest.Item]) -> None:
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant is None:
         return
+    check_mutants_imported(config.rootpath)
     if mutant == "":  # the fork server's warm-up (and mutmut's clean run)
         warm_up()
     table = tiers(config.rootpath)
