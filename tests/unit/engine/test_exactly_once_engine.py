@@ -149,6 +149,23 @@ def test_a_retried_contribution_counts_once() -> None:
     assert snapshot(stepper) == after and stepper.pending_contributions() == []
 
 
+def test_a_retried_contribution_keeps_the_first_body_and_changes_nothing() -> None:
+    """A retry (same worker, same key) is the first contribution again: whatever body it
+    carries, the first one is what the step averages, and the retry changes nothing (not
+    even the version readers cache on). Found by mutation testing: answering a retry by
+    storing it again passed every other test."""
+    stepper, twin = fresh(), fresh()
+    g0, g1, other = grads(stepper, 0), grads(stepper, 1), grads(stepper, 7)
+    assert stepper.contribute(0, 2, g0, key="w0") is None
+    version = stepper.version
+    assert stepper.contribute(0, 2, other, key="w0") is None  # a retry with another body
+    assert stepper.version == version
+    assert stepper.contribute(1, 2, g1, key="w1") is not None
+    assert twin.contribute(0, 2, g0, key="w0") is None
+    assert twin.contribute(1, 2, g1, key="w1") is not None
+    assert snapshot(stepper) == snapshot(twin)
+
+
 # ---------------------------------------------------------------------- expected_step
 
 
