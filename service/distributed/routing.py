@@ -137,8 +137,9 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     ),
 }
 
-#: Modules whose every route any slot answers (files, the caller's identity).
-ANYWHERE = (r.dashboard, r.identity)
+#: Modules whose every route any slot answers (files, the API's documentation pages, the
+#: caller's identity).
+ANYWHERE = (r.dashboard, r.apidocs, r.identity)
 
 
 @dataclass(frozen=True)
