@@ -80,11 +80,17 @@ class CommandError(Exception):
 def _run(action: Callable[[Any, argparse.Namespace], str | None]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
         from adamscope.client import Client
-        from adamscope.client.errors import AdamscopeError
+        from adamscope.client._base import resolve_url
+        from adamscope.client.errors import AdamscopeError, TransportError
+
+        from .failures import unreachable
 
         try:
             with Client(args.url, token=args.token) as client:
                 out = action(client, args)
+        except TransportError as e:
+            print(unreachable(e, resolve_url(args.url)), file=sys.stderr, flush=True)
+            return 1
         except (AdamscopeError, CommandError) as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 1
