@@ -121,8 +121,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     table = load_access(settings)  # TokenConfigError here, before anything starts
+    # /docs and /redoc are routes of their own (api/routes/apidocs.py): FastAPI's load
+    # their scripts from a CDN.
     app = FastAPI(
-        title="adamscope", version=__version__, description=DESCRIPTION, lifespan=_lifespan
+        title="adamscope",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.access = table

@@ -2,9 +2,10 @@
 
     @router.post("/steppers/{name}/step", dependencies=[Depends(require("write"))])
 
-``require("public")`` marks a route that needs no token (``/healthz``); FastAPI's own
-documentation routes (``/docs``, ``/openapi.json``, ...) are public too. :func:`install`
-refuses to build an app with a route that declares nothing, so no route is open by mistake.
+``require("public")`` marks a route that needs no token (``/healthz``, the documentation
+pages ``/docs`` and ``/redoc`` and each of their files); FastAPI's own ``/openapi.json`` is
+public too. :func:`install` refuses to build an app with a route that declares nothing, so
+no route is open by mistake.
 
 With tokens configured, two steps guard a request:
 

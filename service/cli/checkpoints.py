@@ -97,8 +97,8 @@ def _add_import(sub: Any) -> None:
         choices=["hosted", "frozen"],
         help="hosted (default): the stepper can be stepped, e.g. by RemoteAdam "
         "replaying the steps that led to a crash; frozen: steps are refused "
-        "(reads, stats, snapshots, diff and state edits work; `adamscope "
-        "unfreeze NAME` lifts it)",
+        "(reads, stats, snapshots, diff and state edits work; 'adamscope "
+        "unfreeze NAME' lifts it)",
     )
     p.add_argument(
         "--weights",

@@ -2,13 +2,15 @@
 
     adamscope ls                                  the steppers, one line each
     adamscope show NAME                           a stepper's summary: groups, parameters
-    adamscope stats NAME [--signals]              statistics (or the latest signals) per tensor
+    adamscope stats NAME                          statistics of parameters and state per tensor
+    adamscope stats NAME --signals [--all]        the latest step's signals per tensor
     adamscope watch NAME [--once]                 a live view driven by the event stream
     adamscope history NAME [--csv] [--signal S] [--tensor T] [--since N] [--limit N]
     adamscope alerts NAME [--set RULES]           alert rules and the latest events
 
 Each takes ``--url`` (default ``$ADAMSCOPE_URL``, else ``http://127.0.0.1:8470``) and
-``--token`` (default ``$ADAMSCOPE_TOKEN``). Errors print the service's problem and exit 1.
+``--token`` (default ``$ADAMSCOPE_TOKEN``). Errors print the service's problem and exit 1;
+so does a service that cannot be reached, in one line saying why (:mod:`.failures`).
 """
 
 from __future__ import annotations
@@ -80,11 +82,17 @@ class CommandError(Exception):
 def _run(action: Callable[[Any, argparse.Namespace], str | None]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
         from adamscope.client import Client
-        from adamscope.client.errors import AdamscopeError
+        from adamscope.client._base import resolve_url
+        from adamscope.client.errors import AdamscopeError, TransportError
+
+        from .failures import unreachable
 
         try:
             with Client(args.url, token=args.token) as client:
                 out = action(client, args)
+        except TransportError as e:
+            print(unreachable(e, resolve_url(args.url)), file=sys.stderr, flush=True)
+            return 1
         except (AdamscopeError, CommandError) as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 1
@@ -190,8 +198,9 @@ def _show(c: Any, a: argparse.Namespace) -> str:
 
 def _stats(c: Any, a: argparse.Namespace) -> str:
     """Statistics of the parameters and Adam state (``GET .../stats``), per tensor and
-    aggregated; with ``--signals`` the latest step's signals instead."""
-    if a.signals:
+    aggregated; with ``--signals`` (or ``--all``, which only means something for signals)
+    the latest step's signals instead."""
+    if a.signals or a.all:
         return _signals(c, a)
     report = c.stats(a.name, a.tensor, a.key)
     columns = ("norm", "mean", "std", "min", "max")
@@ -409,13 +418,19 @@ def _watch(c: Any, a: argparse.Namespace, out: TextIO | None = None) -> str | No
 
 
 def client_command(
-    sub: Any, name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
+    sub: Any,
+    name: str,
+    help: str,
+    action: Callable[[Any, argparse.Namespace], str | None],
+    description: str | None = None,
 ) -> argparse.ArgumentParser:
     """A sub-command that runs ``action(client, args)`` against the service (``--url``,
-    ``--token``) and prints what it returns; the inspection and snapshot commands."""
+    ``--token``) and prints what it returns; the inspection and snapshot commands.
+    ``help`` is its line in ``adamscope --help``, ``description`` (default: the same) the
+    text its own help starts with."""
     from adamscope.client._base import DEFAULT_URL
 
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description or help)
     p.add_argument(
         "--url", default=None, help=f"service URL (default $ADAMSCOPE_URL, else {DEFAULT_URL})"
     )
@@ -428,18 +443,24 @@ def add_commands(sub: Any) -> None:
     """Add the inspection commands to the ``adamscope`` sub-command parser."""
 
     def command(
-        name: str, help: str, action: Callable[[Any, argparse.Namespace], str | None]
+        name: str,
+        help: str,
+        action: Callable[[Any, argparse.Namespace], str | None],
+        description: str | None = None,
     ) -> argparse.ArgumentParser:
-        return client_command(sub, name, help, action)
+        return client_command(sub, name, help, action, description)
 
     command("ls", "list the steppers", _ls)
     p = command("show", "a stepper's summary: options, parameters, durability, alerts", _show)
     p.add_argument("name", help="stepper")
     p = command(
         "stats",
-        "statistics of parameters and Adam state (or --signals: the latest "
-        "step's signals), per tensor and aggregated",
+        "statistics of parameters and Adam state per tensor (--signals: the latest signals)",
         _stats,
+        "Statistics of the parameters and Adam state (norm, mean, std, min, max, quantiles, "
+        "NaN/Inf/zero counts) per tensor and aggregated, as the service computes them now. "
+        "With --signals (or --all), the latest step's signals instead: gradient norm, "
+        "update ratio, effective LR, shock, ... (the key ones; --all: every one).",
     )
     p.add_argument("name", help="stepper")
     p.add_argument("--tensor", action="append", help="only this tensor (repeatable)")
@@ -452,9 +473,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--signals",
         action="store_true",
-        help="the latest step's signals instead (effective LR, shock, ...)",
+        help="the latest step's signals instead: the key ones (effective LR, shock, ...)",
     )
-    p.add_argument("--all", action="store_true", help="with --signals: every signal")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="the latest step's signals, every one (implies --signals)",
+    )
     p = command("watch", "a live view of a stepper's steps, signals and alerts", _watch)
     p.add_argument("name", help="stepper")
     p.add_argument(

@@ -235,7 +235,19 @@ def _serve_per_gpu(args: argparse.Namespace, base_port: int, data_dir: Path) -> 
 
 def add_command(sub: Any) -> None:
     """The ``serve`` subcommand."""
-    serve = sub.add_parser("serve", help="run the service")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the adamscope service: the REST API (/v1/...), its documentation "
+        "(/docs, /redoc, /openapi.json), the dashboard (/dashboard) and metrics (/metrics) "
+        f"on http://127.0.0.1:{DEFAULT_PORT} by default. Steppers live in this process's "
+        "memory and are written to the data directory (see --durability); they are "
+        "restored from it at the next start. Without tokens it serves loopback only, every "
+        "client an admin; --tokens-file (or ADAMSCOPE_TOKENS) gives each token a scope. "
+        "--per-gpu runs one worker per GPU, --ray the same API on a Ray cluster. Settings "
+        "can also come from ADAMSCOPE_* environment variables (ADAMSCOPE_PORT, "
+        "ADAMSCOPE_DATA_DIR, ...); a flag wins over its variable.",
+    )
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--data-dir", type=Path, help="data directory (default ./adamscope-data)")

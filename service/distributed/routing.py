@@ -11,7 +11,8 @@ tests/distributed/test_routing.py):
   answers (through the entry's ``single`` handler, forwarding by default); for a sharded
   one, ``sharded`` says how the route behaves: forwarded to one shard, fanned out and
   merged, or 501 ``not_supported_sharded``;
-* everything else (the dashboard's files, FastAPI's API documents, identity): any slot.
+* everything else (the dashboard's files, the API's documentation pages and their files,
+  FastAPI's OpenAPI document, identity): any slot.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     ),
 }
 
-#: Modules whose every route any slot answers (files, the caller's identity).
-ANYWHERE = (r.dashboard, r.identity)
+#: Modules whose every route any slot answers (files, the API's documentation pages, the
+#: caller's identity).
+ANYWHERE = (r.dashboard, r.apidocs, r.identity)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,12 @@ DASHBOARD = [
     ),
 ]
 
+#: The files /docs and /redoc load, served by the service (public: no data, no CDN).
+API_DOCS = [
+    f"/docs/static/{f}"
+    for f in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+]
+
 NAME = "team-a-net"
 OTHER = "team-b-other"
 N = f"{V1}/{{name}}"
@@ -138,6 +144,7 @@ SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): "read",
     ("GET", "/v1/whoami"): "read",
     **{("GET", path): "public" for path in DASHBOARD},
+    **{("GET", path): "public" for path in API_DOCS},
     # statistics, signals, slices, dry runs and diffs (service/api/stats.py)
     ("GET", f"{N}/stats"): "read",
     ("GET", f"{N}/signals"): "read",
@@ -239,6 +246,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("GET", "/metrics"): Recipe(_get("/metrics"), 200, False),
     ("GET", "/v1/whoami"): Recipe(_get("/v1/whoami"), 200, False),
     **{("GET", path): Recipe(_get(path), 200, False) for path in DASHBOARD},
+    **{("GET", path): Recipe(_get(path), 200, False) for path in API_DOCS},
     ("GET", f"{N}/stats"): Recipe(_get(f"{V1}/{NAME}/stats"), 200),
     ("GET", f"{N}/signals"): Recipe(_get(f"{V1}/{NAME}/signals"), 200),
     ("GET", f"{N}/slice"): Recipe(_get(f"{V1}/{NAME}/slice?name=w&key=exp_avg&index=0"), 200),

@@ -117,6 +117,27 @@ def test_stats_signals_shows_the_latest_signals_per_tensor(
     )
 
 
+def test_stats_all_shows_every_signal_as_its_help_says(
+    live_server: LiveServer,
+    stepped: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--all only means something for signals: it shows them (every one), with or without
+    --signals, never the statistics table."""
+    with Client(live_server.url) as c:
+        signals = c.history(stepped, tensor="*", limit=1).signals
+    for argv in (["--all"], ["--signals", "--all"]):
+        code, out, _ = run(capsys, live_server.url, "stats", stepped, *argv)
+        assert code == 0
+        header = out.splitlines()[1].split()
+        assert header == ["TENSOR", *[s.upper() for s in signals]], argv
+    with pytest.raises(SystemExit):
+        cli.main(["stats", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Statistics of the parameters and Adam state" in help_text
+    assert "the latest step's signals, every one (implies --signals)" in help_text
+
+
 def test_history_as_a_table_and_as_csv(
     live_server: LiveServer, stepped: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from adamscope.client.constants import API_PREFIX
 
 from . import (
+    apidocs,
     dashboard,
     diff,
     dryrun,
@@ -35,6 +36,7 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (snapshots.router, API_PREFIX),
     (identity.router, API_PREFIX),
     (dashboard.router, ""),
+    (apidocs.router, ""),
     (history.router, API_PREFIX),
     (events.router, API_PREFIX),
     (metrics.router, ""),
