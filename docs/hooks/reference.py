@@ -30,6 +30,7 @@ __all__ = ["PARTS", "expand", "on_page_markdown", "openapi", "subcommands"]
 MARKER = re.compile(r"^<!-- generated: (\w+) -->$", re.MULTILINE)
 METHODS = ("get", "post", "put", "patch", "delete")
 PROBLEM_CODE = re.compile(r"`([a-z_]+)`")
+DUNDER = re.compile(r"(?<![`\w])(__\w+__)(?![`\w])")  # __metadata__ would render bold
 
 
 def openapi() -> dict[str, Any]:
@@ -50,8 +51,8 @@ def operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, A
 
 
 def cell(text: object) -> str:
-    """One Markdown table cell: no line breaks, no column separators."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One Markdown line or table cell: no line breaks, no column separators, dunders as code."""
+    return DUNDER.sub(r"`\1`", " ".join(str(text).split()).replace("|", "\\|"))
 
 
 def problem_codes(op: dict[str, Any]) -> list[str]:
