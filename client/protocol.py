@@ -234,7 +234,7 @@ class GroupInfo(_Model):
 
 class MemoryFootprint(_Model):
     """Bytes a stepper holds once every parameter has stepped (what the memory budget
-    counts, ``total``; see the README's memory section)."""
+    counts, ``total``; see docs/reference/configuration.md, Memory)."""
 
     state: int = Field(description="parameters and Adam state (exp_avg, exp_avg_sq, ...)")
     gradients: int = Field(description="the buffer a step's gradients are received into")

@@ -288,7 +288,7 @@ def add_command(sub: Any) -> None:
     ray = serve.add_argument_group(
         "distributed mode",
         "the same API on a Ray cluster: Ray Serve runs the ingress, Ray "
-        "actors hold the steppers (see the README's distributed mode section)",
+        "actors hold the steppers (see docs/guides/distributed.md)",
     )
     ray.add_argument("--ray", action="store_true", help="serve on Ray")
     ray.add_argument(
