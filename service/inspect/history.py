@@ -21,12 +21,14 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from adamscope.client.codec import json_float
+
+from .history_store import AGGREGATE, TENSORS, HistoryConfig, HistoryStore
+from .span import span, span_csv
 
 __all__ = ["LATENCY_BUCKETS", "History", "HistoryConfig", "json_safe"]
 
@@ -51,16 +53,6 @@ LATENCY_BUCKETS = (
 )
 
 _INITIAL_ROWS = 64
-
-
-@dataclass(frozen=True)
-class HistoryConfig:
-    #: Steps of aggregate signals (and losses) kept per stepper.
-    steps: int = 10_000
-    #: Cells (tensor x signal x step) of per-tensor signals kept per stepper.
-    tensor_values: int = 2_000_000
-    #: Alert events kept per stepper.
-    alert_events: int = 1_000
 
 
 class _Ring:
@@ -139,16 +131,45 @@ def _floats(row: np.ndarray, columns: Sequence[tuple[str, int]]) -> dict[str, fl
 class History:
     """The retained signals of one stepper (thread-safe: one short lock per operation)."""
 
-    def __init__(self, stepper: str, tensors: Sequence[str], config: HistoryConfig) -> None:
+    def __init__(
+        self,
+        stepper: str,
+        tensors: Sequence[str],
+        config: HistoryConfig,
+        store: HistoryStore | None = None,
+        at_step: int | None = None,
+    ) -> None:
+        """``store``: where the whole run is kept (default: a database in memory); its rows
+        past ``at_step`` (the stepper's step now) are dropped, the latest loaded."""
         self.stepper = stepper
         self.config = config
         self.names = list(tensors)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.lock = threading.Lock()
-        self.columns: dict[str, int] = {}
-        self.aggregate = _Ring(config.steps, (0,))
+        self.store = store if store is not None else HistoryStore(None, self.names, config)
+        self.columns: dict[str, int] = {n: i for i, n in enumerate(self.store.columns)}
+        self.aggregate = _Ring(config.steps, (len(self.columns),))
         self.tensors: _Ring | None = None  # sized at the first row, when signals are known
         self.losses: OrderedDict[int, tuple[float, float]] = OrderedDict()  # step -> (t, loss)
+        if at_step is not None:
+            self.store.truncate_from(at_step + 1)
+        self._load()
+
+    def _load(self) -> None:
+        """The latest stored rows into memory (seq 0: they are not this process's events)."""
+        steps, times, values, _ = self.store.raw(AGGREGATE, self.config.steps)
+        for k, step in enumerate(steps):
+            self.aggregate.values[self.aggregate.append(step, 0, times[k])] = values[k, 0]
+        if self.columns:
+            cap = self._tensor_capacity(len(self.columns))
+            steps, times, values, present = self.store.raw(TENSORS, cap)
+            if steps:
+                self.tensors = _Ring(cap, (len(self.names), len(self.columns)))
+                for k, step in enumerate(steps):
+                    j = self.tensors.append(step, 0, times[k])
+                    self.tensors.values[j], self.tensors.present[j] = values[k], present[k]
+        for step, when, loss in self.store.losses()[-self.config.steps :]:
+            self.losses[step] = (when, loss)
 
     @property
     def tensor_capacity(self) -> int:
@@ -186,6 +207,9 @@ class History:
                 self.aggregate.truncate_from(step)
                 if self.tensors is not None:
                     self.tensors.truncate_from(step)
+                for s in [s for s in self.losses if s >= step]:
+                    del self.losses[s]
+                self.store.truncate_from(step)
                 rolled_back = True
             for name in itertools.chain(aggregate, *tensors.values()):
                 self._column(name)
@@ -197,16 +221,18 @@ class History:
             row = self.aggregate.values[i]
             for name, v in aggregate.items():
                 row[self.columns[name]] = v
+            block = present = None
             if self.tensors is not None:
                 j = self.tensors.append(step, seq, when)
-                block = self.tensors.values[j]
+                block, present = self.tensors.values[j], self.tensors.present[j]
                 for tname, values in tensors.items():
                     t = self.index.get(tname)
                     if t is None:
                         continue
-                    self.tensors.present[j, t] = True
+                    present[t] = True
                     for name, v in values.items():
                         block[t, self.columns[name]] = v
+            self.store.append(step, when, list(self.columns), row, block, present)
             return rolled_back
 
     def _last_step(self) -> int | None:
@@ -217,6 +243,7 @@ class History:
 
     def record_loss(self, step: int, loss: float, when: float) -> None:
         with self.lock:
+            self.store.record_loss(step, loss, when)
             self.losses.pop(step, None)
             self.losses[step] = (when, loss)
             while len(self.losses) > self.config.steps:
@@ -356,6 +383,22 @@ class History:
         rows.sort(key=lambda r: (r[0], r[1]))
         w.writerows(r[2] for r in rows)
         return buf.getvalue()
+
+    def span(
+        self,
+        signals: Sequence[str] | None = None,
+        tensors: Sequence[str] | None = None,
+        first: int | None = None,
+        last: int | None = None,
+        max_points: int | None = None,
+        *,
+        as_csv: bool = False,
+    ) -> Any:
+        """The whole run (or steps ``first..last``) in at most ``max_points`` points per
+        series, from the store's raw rows and tiers (:func:`.span.span`); CSV text with
+        ``as_csv`` (:func:`.span.span_csv`)."""
+        build = span_csv if as_csv else span
+        return build(self, signals, tensors, first, last, max_points)
 
     # ---------------------------------------------------------------- step events
 
