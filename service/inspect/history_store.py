@@ -188,7 +188,7 @@ class HistoryStore:
                     if raw and raw[-1][0] >= step:  # a replayed step replaces its row
                         raw[:] = [r for r in raw if r[0] < step]
                     raw.append((step, step))
-                for kind in (AGGREGATE, TENSORS):
+                for kind, *_ in rows:
                     self._compact(kind)
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -254,8 +254,7 @@ class HistoryStore:
         if n == len(level):
             return  # the oldest group is still filling
         lo, hi = level[0][0], level[n - 1][1]
-        parts = self._read(kind, tier, lo, level[n - 1][0])
-        summary = merge(parts)
+        summary = self._read(kind, tier, lo, level[n - 1][0])
         loss = self._loss_summary(kind, tier, lo, hi)
         self.db.execute(
             "DELETE FROM points WHERE kind=? AND tier=? AND lo BETWEEN ? AND ?",
@@ -275,12 +274,11 @@ class HistoryStore:
         i = int(np.argmin(spans))
         tier = len(self.index[kind]) - 1
         (lo, _), (lo2, hi) = level[i], level[i + 1]
-        parts = self._read(kind, tier, lo, lo2)
+        summary = self._read(kind, tier, lo, lo2)
         loss = self._loss_summary(kind, tier, lo, hi)
         self.db.execute(
             "DELETE FROM points WHERE kind=? AND tier=? AND lo IN (?, ?)", (kind, tier, lo, lo2)
         )
-        summary = merge(parts)
         self._insert(kind, tier, summary, loss)
         level[i : i + 2] = [(summary.lo, summary.hi)]
 
@@ -330,19 +328,11 @@ class HistoryStore:
     def _t(self, kind: int) -> int:
         return 1 if kind == AGGREGATE else self.t
 
-    def _read(self, kind: int, tier: int, lo: int, last_lo: int) -> list[Summary]:
-        """The rows of one level with ``lo`` in ``[lo, last_lo]``, as summaries."""
-        points = self._points(kind, tier, lo, last_lo, by="lo")
-        return [
-            Summary(
-                int(points.lo[i]),
-                int(points.hi[i]),
-                float(points.time[i]),
-                points.rows[i],
-                points.stats[i],
-            )
-            for i in range(len(points.lo))
-        ]
+    def _read(self, kind: int, tier: int, lo: int, last_lo: int) -> Summary:
+        """The rows of one level with ``lo`` in ``[lo, last_lo]``, merged into one."""
+        p = self._points(kind, tier, lo, last_lo, by="lo")
+        rows, stats = group(p.rows, p.stats, np.zeros(1, np.intp))
+        return Summary(int(p.lo[0]), int(p.hi[-1]), float(p.time[-1]), rows[0], stats[0])
 
     def _points(self, kind: int, tier: int | None, first: int, last: int, by: str = "hi") -> Points:
         t, c = self._t(kind), len(self.columns)
