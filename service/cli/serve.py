@@ -27,7 +27,6 @@ from ..auth import (
 )
 from ..settings import DEFAULT_PORT, Settings
 from .history_options import add_history_options, history_overrides, history_worker_flags
-
 from .snapshots import add_serve_option, parse_durability
 
 __all__ = ["add_command", "visible_devices", "worker_commands", "worker_device"]

@@ -16,7 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MAX", "MIN", "N", "STATS", "SUM", "LAST", "Summary", "group", "merge", "of_rows"]
+__all__ = [
+    "LAST",
+    "MAX",
+    "MIN",
+    "N",
+    "STATS",
+    "SUM",
+    "Summary",
+    "group",
+    "mean",
+    "merge",
+    "of_rows",
+    "widen",
+]
 
 #: Rows of a summary's ``stats``: per signal min, max, sum, count (non-NaN values), last.
 MIN, MAX, SUM, N, LAST = range(5)
