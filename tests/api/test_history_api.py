@@ -323,3 +323,18 @@ def test_the_whole_run_is_queryable_from_step_one_in_tiers(tmp_path: Path) -> No
         assert {"count", "min(grad_norm)", "max(grad_norm)"} <= set(rows[0])
         mixed = c.get(f"{V1}/{NAME}/history", params={"from": 1, "limit": 3})
         assert_problem(mixed, "request_validation_error", "do not mix")
+
+
+def test_a_deleted_stepper_takes_its_history_along(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu")
+    with TestClient(create_app(settings)) as c:
+        create(c, SPEC, VALUES)
+        signals_after_steps(c, 3)
+        assert (tmp_path / "steppers" / NAME / "history.sqlite").is_file()
+        assert c.delete(f"{V1}/{NAME}").status_code == 204
+        assert not (tmp_path / "steppers" / NAME).exists()
+        create(c, SPEC, VALUES)  # the same name again: a history of its own
+        assert c.get(f"{V1}/{NAME}/history", params={"from": 1}).json()["aggregate"]["steps"] == []
+        signals_after_steps(c, 1)
+    with TestClient(create_app(settings)) as c:
+        assert c.get(f"{V1}/{NAME}/history", params={"from": 1}).json()["aggregate"]["steps"] == [1]
