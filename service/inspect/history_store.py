@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiers import Summary, group, merge, of_rows
+from .tiers import Summary, group, merge, of_rows, summarize
 
 __all__ = ["AGGREGATE", "TENSORS", "HistoryConfig", "HistoryStore", "Points"]
 
@@ -330,6 +330,12 @@ class HistoryStore:
 
     def _read(self, kind: int, tier: int, lo: int, last_lo: int) -> Summary:
         """The rows of one level with ``lo`` in ``[lo, last_lo]``, merged into one."""
+        if tier == 0:  # raw rows: summarized in one pass, without a summary per row
+            steps, times, values, present = self._raw_rows(
+                "kind=? AND tier=0 AND lo BETWEEN ? AND ? ORDER BY lo", (kind, lo, last_lo), kind
+            )
+            rows_seen, stats = summarize(values, present)
+            return Summary(steps[0], steps[-1], times[-1], rows_seen, stats)
         p = self._points(kind, tier, lo, last_lo, by="lo")
         rows, stats = group(p.rows, p.stats, np.zeros(1, np.intp))
         return Summary(int(p.lo[0]), int(p.hi[-1]), float(p.time[-1]), rows[0], stats[0])
@@ -399,11 +405,19 @@ class HistoryStore:
         """The latest ``last`` raw rows of ``kind``: steps, times, values (N, T, C) and
         present (N, T) (to fill the in-memory window again at start)."""
         with self.lock:
-            found = self.db.execute(
-                "SELECT lo, time, ncols, data, present FROM points WHERE kind=? AND tier=0 "
-                "ORDER BY lo DESC LIMIT ?",
+            return self._raw_rows(
+                "kind=? AND tier=0 AND lo > (SELECT coalesce(max(lo), 0) FROM points WHERE "
+                "kind=?1 AND tier=0) - ? ORDER BY lo",
                 (kind, last),
-            ).fetchall()[::-1]
+                kind,
+            )
+
+    def _raw_rows(
+        self, where: str, args: tuple[int, ...], kind: int
+    ) -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
+        found = self.db.execute(
+            f"SELECT lo, time, ncols, data, present FROM points WHERE {where}", args
+        ).fetchall()
         t, c = self._t(kind), len(self.columns)
         values = np.full((len(found), t, c), np.nan)
         present = np.ones((len(found), t), bool)

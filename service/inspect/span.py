@@ -81,21 +81,22 @@ def span(
     hi = 2**63 - 1 if last is None else last
     n = MAX_POINTS if max_points is None else max_points
     store = history.store
-    with history.lock:
+    with history.lock:  # the store has its own lock: steps go on being recorded meanwhile
         cols = history._selected(signals)
-        agg = _grouped(store.span(AGGREGATE, lo, hi), n)
-        wanted = history.names if tensors is not None and "*" in tensors else list(tensors or [])
-        per_tensor = store.span(TENSORS, lo, hi) if wanted else None
-        losses = _grouped(store.loss_span(lo, hi), n)
-        out: dict[str, Any] = {
-            "stepper": history.stepper,
-            "capacity": history.aggregate.capacity,
-            "tensor_capacity": history.tensor_capacity,
-            "first_step": store.first_step(),
-            "signals": [s for s, _ in cols],
-            "aggregate": _series(agg, 0, cols),
-            "tensors": {},
-        }
+        capacity, tensor_capacity = history.aggregate.capacity, history.tensor_capacity
+    wanted = history.names if tensors is not None and "*" in tensors else list(tensors or [])
+    agg = _grouped(store.span(AGGREGATE, lo, hi), n)
+    per_tensor = store.span(TENSORS, lo, hi) if wanted else None
+    losses = _grouped(store.loss_span(lo, hi), n)
+    out: dict[str, Any] = {
+        "stepper": history.stepper,
+        "capacity": capacity,
+        "tensor_capacity": tensor_capacity,
+        "first_step": store.first_step(),
+        "signals": [s for s, _ in cols],
+        "aggregate": _series(agg, 0, cols),
+        "tensors": {},
+    }
     for name in wanted:
         assert per_tensor is not None
         t = history.index[name]

@@ -28,6 +28,7 @@ __all__ = [
     "mean",
     "merge",
     "of_rows",
+    "summarize",
     "widen",
 ]
 
@@ -83,6 +84,23 @@ def of_rows(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.nda
     stats[:, N] = seen
     stats[:, LAST] = np.where(present[..., None], values, np.nan)
     return present.astype(np.float64), stats
+
+
+def summarize(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One summary of raw rows ``values`` (S, T, C), ``present`` (S, T), oldest first:
+    ``rows`` (T,) and ``stats`` (STATS, T, C)."""
+    seen = ~np.isnan(values) & present[..., None]
+    masked = np.where(seen, values, np.nan)
+    stats = np.empty((STATS, *values.shape[1:]))
+    with np.errstate(invalid="ignore"):
+        stats[MIN] = np.fmin.reduce(masked, axis=0)
+        stats[MAX] = np.fmax.reduce(masked, axis=0)
+    stats[SUM] = np.where(seen, values, 0.0).sum(axis=0)
+    stats[N] = seen.sum(axis=0)
+    latest = len(present) - 1 - np.argmax(present[::-1], axis=0)  # (T,)
+    t = np.arange(present.shape[1])
+    stats[LAST] = np.where(present.any(axis=0)[:, None], values[latest, t], np.nan)
+    return present.sum(axis=0).astype(np.float64), stats
 
 
 def group(rows: np.ndarray, stats: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
