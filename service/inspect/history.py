@@ -1,15 +1,17 @@
-"""A bounded history of one stepper's per-step signals and losses, as time series.
+"""The history of one stepper's per-step signals and losses, as time series.
 
 :class:`History` keeps the scalar signals of each step (the aggregate, and per tensor) in
 ring buffers and answers queries over them (JSON, CSV, step events); the recorder
-(:mod:`.recorder`) writes a row after every step. Cheap enough to leave on: a step costs a
-few small numpy row writes. Memory is bounded by
+(:mod:`.recorder`) writes a row after every step. Memory is bounded by
 :class:`HistoryConfig`: ``steps`` rows of aggregate signals, and per-tensor signals for as
 many of the latest steps as ``tensor_values`` cells allow (``tensor_values // (tensors x
 signals)``, at most ``steps``), so a model with many tensors keeps a shorter per-tensor
-history. Storage grows with the history, up to those bounds. The history is in memory only
-and starts empty when the service restarts; if a stepper goes back in time (a snapshot is
-restored), the rows from the step it returns to onwards are dropped.
+window. Every row also goes to the history's :class:`~.history_store.HistoryStore`
+(SQLite: a file in the data directory, or in memory), which keeps the whole run within a
+stated bound, old steps downsampled into tiers of min/max/mean buckets; :meth:`History.span`
+queries it from step 1. At start the latest stored rows fill the rings again. If a stepper
+goes back in time (a snapshot is restored), the rows from the step it returns to onwards
+are dropped, in memory and in the store.
 """
 
 from __future__ import annotations

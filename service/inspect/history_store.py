@@ -112,6 +112,7 @@ class HistoryStore:
         self.t = len(tensors)
         self.lock = threading.Lock()
         self.db = _connect(path)
+        self.closed = False
         self._check_format(list(tensors))
         self.columns = [n for (n,) in self.db.execute("SELECT name FROM columns ORDER BY idx")]
         levels = len(config.tier_widths) + 1
@@ -138,7 +139,10 @@ class HistoryStore:
         self.db.executemany("INSERT INTO meta VALUES (?, ?)", want.items())
 
     def close(self) -> None:
+        """Close the database; later writes are ignored (a deleted stepper's last deferred
+        step may still arrive)."""
         with self.lock:
+            self.closed = True
             self.db.close()
 
     # ------------------------------------------------------------------ writes
@@ -156,6 +160,8 @@ class HistoryStore:
         (T, C) with ``present`` (T,) saying which tensors stepped; then compact."""
         c = len(columns)
         with self.lock:
+            if self.closed:
+                return
             self.db.execute("BEGIN")
             try:
                 if len(columns) > len(self.columns):
@@ -198,6 +204,8 @@ class HistoryStore:
 
     def record_loss(self, step: int, loss: float, when: float) -> None:
         with self.lock:
+            if self.closed:
+                return
             self.db.execute("INSERT OR REPLACE INTO losses VALUES (?, ?, ?)", (step, when, loss))
 
     def truncate_from(self, step: int) -> None:

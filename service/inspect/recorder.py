@@ -39,6 +39,7 @@ __all__ = [
     "HistoryObserver",
     "Sink",
     "attach_history",
+    "close_history",
     "history_of",
     "open_store",
     "summary_fields",
@@ -183,6 +184,14 @@ def open_store(path: Path | None, names: Sequence[str], config: HistoryConfig) -
     except (sqlite3.Error, OSError) as e:
         log.error("history %s: %s; keeping this stepper's history in memory", path, e)
         return HistoryStore(None, names, config)
+
+
+def close_history(stepper: ObservedOptimizer) -> None:
+    """Close the stepper's history database (it is being deleted): its file is released
+    now rather than whenever the stepper is garbage-collected."""
+    found = history_of(stepper)
+    if found is not None:
+        found.history.store.close()
 
 
 def summary_fields(stepper: ObservedOptimizer) -> dict[str, Any]:
