@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiers import Summary, group, merge, of_rows, summarize
+from .tiers import STATS, SUM, N, Summary, group, merge, of_rows, summarize
 
 __all__ = ["AGGREGATE", "TENSORS", "HistoryConfig", "HistoryStore", "Points"]
 
@@ -348,7 +348,17 @@ class HistoryStore:
         rows, stats = group(p.rows, p.stats, np.zeros(1, np.intp))
         return Summary(int(p.lo[0]), int(p.hi[-1]), float(p.time[-1]), rows[0], stats[0])
 
-    def _points(self, kind: int, tier: int | None, first: int, last: int, by: str = "hi") -> Points:
+    def _points(
+        self,
+        kind: int,
+        tier: int | None,
+        first: int,
+        last: int,
+        by: str = "hi",
+        select: Sequence[int] | None = None,
+    ) -> Points:
+        """Rows as summaries, of the tensors ``select`` (all if None); rows written with the
+        same number of signals are decoded as one array."""
         t, c = self._t(kind), len(self.columns)
         where = "lo BETWEEN ? AND ?" if by == "lo" else "hi >= ? AND lo <= ?"
         level = "" if tier is None else f" AND tier={int(tier)}"
@@ -357,22 +367,31 @@ class HistoryStore:
             f"AND {where} ORDER BY lo",
             (kind, first, last),
         ).fetchall()
-        rows = np.zeros((len(found), t))
-        stats = np.empty((len(found), 5, t, c))
-        raw = [i for i, f in enumerate(found) if f[0] == 0]
-        if raw:
-            values = np.full((len(raw), t, c), np.nan)
-            present = np.ones((len(raw), t), bool)
-            for k, i in enumerate(raw):
-                ncols, data, p = found[i][4:]
-                values[k, :, :ncols] = np.frombuffer(data, np.float64).reshape(t, ncols)[:, :c]
-                if p is not None:
-                    present[k] = np.frombuffer(p, np.uint8) > 0
-            rows[raw], stats[raw] = of_rows(values, present)
-        for i, (tier, _, _, _, ncols, data, _) in enumerate(found):
-            if tier:
-                s1 = Summary.decode(0, 0, 0.0, data, t, ncols, c)
-                rows[i], stats[i] = s1.rows, s1.stats
+        pick = np.arange(t) if select is None else np.asarray(select, np.intp)
+        rows = np.zeros((len(found), len(pick)))
+        stats = np.empty((len(found), 5, len(pick), c))
+        batches: dict[tuple[bool, int], list[int]] = {}
+        for i, f in enumerate(found):
+            batches.setdefault((f[0] == 0, f[4]), []).append(i)
+        for (raw, ncols), idx in batches.items():
+            flat = np.frombuffer(b"".join(found[i][5] for i in idx), np.float64)
+            k = min(ncols, c)
+            if raw:
+                values = np.full((len(idx), len(pick), c), np.nan)
+                values[..., :k] = flat.reshape(len(idx), t, ncols)[:, pick, :k]
+                present = np.ones((len(idx), t), bool)
+                for j, i in enumerate(idx):
+                    if found[i][6] is not None:
+                        present[j] = np.frombuffer(found[i][6], np.uint8) > 0
+                rows[idx], stats[idx] = of_rows(values, present[:, pick])
+                continue
+            block = flat.reshape(len(idx), t + STATS * t * ncols)
+            rows[idx] = block[:, :t][:, pick]
+            part = np.full((len(idx), STATS, len(pick), c), np.nan)
+            part[..., :k] = block[:, t:].reshape(len(idx), STATS, t, ncols)[:, :, pick, :k]
+            part[:, SUM, :, k:] = 0.0
+            part[:, N, :, k:] = 0.0
+            stats[idx] = part
         return Points(
             np.array([f[1] for f in found], np.int64),
             np.array([f[2] for f in found], np.int64),
@@ -381,10 +400,11 @@ class HistoryStore:
             stats,
         )
 
-    def span(self, kind: int, first: int, last: int) -> Points:
-        """Every row of ``kind`` (raw or bucket) that reaches into steps ``first..last``."""
+    def span(self, kind: int, first: int, last: int, select: Sequence[int] | None = None) -> Points:
+        """Every row of ``kind`` (raw or bucket) that reaches into steps ``first..last``, of
+        the tensors ``select`` (indices; all if None)."""
         with self.lock:
-            return self._points(kind, None, first, last)
+            return self._points(kind, None, first, last, select=select)
 
     def loss_span(self, first: int, last: int) -> Points:
         """The losses of steps ``first..last``: folded ones by bucket, then raw ones."""

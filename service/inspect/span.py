@@ -58,10 +58,14 @@ def _series(points: Points, t: int, cols: Sequence[tuple[str, int]]) -> dict[str
 
 
 def _only(points: Points, t: int) -> Points:
-    """The points in which tensor ``t`` took part."""
+    """Tensor ``t``'s points: those in which it took part, of it alone."""
     keep = points.rows[:, t] > 0
     return Points(
-        points.lo[keep], points.hi[keep], points.time[keep], points.rows[keep], points.stats[keep]
+        points.lo[keep],
+        points.hi[keep],
+        points.time[keep],
+        points.rows[keep, t : t + 1],
+        points.stats[keep, :, t : t + 1],
     )
 
 
@@ -86,7 +90,7 @@ def span(
         capacity, tensor_capacity = history.aggregate.capacity, history.tensor_capacity
     wanted = history.names if tensors is not None and "*" in tensors else list(tensors or [])
     agg = _grouped(store.span(AGGREGATE, lo, hi), n)
-    per_tensor = store.span(TENSORS, lo, hi) if wanted else None
+    per_tensor = store.span(TENSORS, lo, hi, [history.index[w] for w in wanted]) if wanted else None
     losses = _grouped(store.loss_span(lo, hi), n)
     out: dict[str, Any] = {
         "stepper": history.stepper,
@@ -97,10 +101,9 @@ def span(
         "aggregate": _series(agg, 0, cols),
         "tensors": {},
     }
-    for name in wanted:
+    for j, name in enumerate(wanted):
         assert per_tensor is not None
-        t = history.index[name]
-        out["tensors"][name] = _series(_grouped(_only(per_tensor, t), n), t, cols)
+        out["tensors"][name] = _series(_grouped(_only(per_tensor, j), n), 0, cols)
     out["loss"] = {"steps": losses.hi.tolist(), "values": mean(losses.stats)[:, 0, 0].tolist()}
     return out
 
