@@ -99,7 +99,8 @@ def summarize(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.n
     stats[N] = seen.sum(axis=0)
     latest = len(present) - 1 - np.argmax(present[::-1], axis=0)  # (T,)
     t = np.arange(present.shape[1])
-    stats[LAST] = np.where(present.any(axis=0)[:, None], values[latest, t], np.nan)
+    stepped: np.ndarray = np.any(present, axis=0)
+    stats[LAST] = np.where(stepped[:, None], values[latest, t], np.nan)
     return present.sum(axis=0).astype(np.float64), stats
 
 
