@@ -161,7 +161,8 @@ class History:
         """The latest stored rows into memory (seq 0: they are not this process's events)."""
         steps, times, values, _ = self.store.raw(AGGREGATE, self.config.steps)
         for k, step in enumerate(steps):
-            self.aggregate.values[self.aggregate.append(step, 0, times[k])] = values[k, 0]
+            i = self.aggregate.append(step, 0, times[k])  # may grow (replace) the arrays
+            self.aggregate.values[i] = values[k, 0]
         if self.columns:
             cap = self._tensor_capacity(len(self.columns))
             steps, times, values, present = self.store.raw(TENSORS, cap)

@@ -69,9 +69,14 @@ class HistoryObserver:
         self.name = stepper.name
         self.stepper = stepper
         store = open_store(path, stepper.names, self.config)
-        self.history = History(
-            stepper.name, stepper.names, self.config, store, at_step=stepper.step_count
-        )
+        try:
+            self.history = History(
+                stepper.name, stepper.names, self.config, store, at_step=stepper.step_count
+            )
+        except Exception:  # noqa: BLE001 - the stepper must load whatever its history holds
+            log.exception("history of %r: %s could not be read; kept in memory", self.name, path)
+            store.close()
+            self.history = History(stepper.name, stepper.names, self.config)
         self.alerts = Alerts(self.config.alert_events)
         self._rules = RuleCache()
         self.sink = sink

@@ -14,14 +14,24 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from adamscope.service.engine import Stepper
 from adamscope.service.inspect.history import History, HistoryConfig
 from adamscope.service.inspect.history_store import AGGREGATE, TENSORS, HistoryStore, Points
-from adamscope.service.inspect.recorder import open_store
+from adamscope.service.inspect.recorder import attach_history, open_store
 from adamscope.service.inspect.tiers import MAX, MIN, mean
 
 COLUMNS = ["a", "b", "c", "d"]
 LATE = 150_001  # column "d" appears at this step
+
+
+def make_stepper() -> Stepper:
+    return Stepper("s", "adam", torch.device("cpu"), [("w", torch.ones(3))], {"lr": 0.1})
+
+
+def grads(k: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3,), float(k + 1))}
 
 
 def value(step: np.ndarray, column: str) -> np.ndarray:
@@ -169,7 +179,8 @@ def test_going_back_in_time_forgets_every_bucket_reaching_the_abandoned_steps() 
 
 def test_a_file_is_found_again_and_cut_back_to_the_restored_step(tmp_path: Path) -> None:
     path = tmp_path / "history.sqlite"
-    config = HistoryConfig(steps=30, tier_widths=(5, 25), tier_buckets=4)
+    # more than the rings' first storage block (64 rows) comes back from the file
+    config = HistoryConfig(steps=100, tier_widths=(5, 25), tier_buckets=4)
     first = History("s", ["w", "b"], config, HistoryStore(path, ["w", "b"], config))
     for s in range(1, 201):
         extra = {"late": 2.0 * s} if s > 150 else {}
@@ -212,3 +223,22 @@ def test_an_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
         "history.sqlite.unreadable"
     ]
     store.close()
+
+
+def test_a_history_that_fails_to_load_never_stops_its_stepper_from_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    load = History._load
+
+    def broken(self: History) -> None:
+        if self.store.path is not None:
+            raise RuntimeError("unexpected")
+        load(self)
+
+    monkeypatch.setattr(History, "_load", broken)
+    stepper = make_stepper()
+    observer = attach_history(stepper, path=tmp_path / "history.sqlite")
+    assert observer.history.store.path is None  # in memory this time
+    assert "could not be read" in caplog.text
+    stepper.step(grads(0))
+    assert observer.history.query()["aggregate"]["steps"] == [1]
