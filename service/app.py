@@ -33,7 +33,7 @@ from .engine import Registry, Stepper
 from .engine.errors import EngineError
 from .errors import install_error_handlers
 from .inspect.history import HistoryConfig
-from .inspect.recorder import attach_history
+from .inspect.recorder import attach_history, close_history
 from .inspect.signals import attach_signals
 from .persistence import Persistence
 from .settings import Settings
@@ -94,6 +94,13 @@ def _monitor(app: FastAPI, stepper: Stepper) -> None:
     )
 
 
+def _close_histories(registry: Registry) -> None:
+    """At shutdown: each stepper's last step into its history, then the database closed."""
+    for stepper in registry.list():
+        stepper.settle()
+        close_history(stepper)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -124,6 +131,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         written = await asyncio.to_thread(persistence.flush_all)
         if written:
             log.info("wrote %d stepper(s) with unwritten changes at shutdown", written)
+        await asyncio.to_thread(_close_histories, registry)
         app.state.registry = Registry()
         serving.compute.close()
 
