@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiers import STATS, SUM, N, Summary, group, merge, of_rows, summarize
+from .tiers import LAST, STATS, SUM, N, Summary, group, merge, of_rows, summarize
 
 __all__ = ["AGGREGATE", "TENSORS", "HistoryConfig", "HistoryStore", "Points"]
 
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS columns(idx INTEGER PRIMARY KEY, name TEXT NOT NULL U
 CREATE TABLE IF NOT EXISTS points(
     kind INTEGER NOT NULL, tier INTEGER NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL,
     time REAL NOT NULL, ncols INTEGER NOT NULL, data BLOB NOT NULL, present BLOB, loss BLOB,
-    UNIQUE(kind, tier, lo));
+    cols BLOB, UNIQUE(kind, tier, lo));
 CREATE TABLE IF NOT EXISTS losses(step INTEGER PRIMARY KEY, time REAL NOT NULL, value REAL);
 """
 
@@ -91,6 +91,18 @@ class Points:
     stats: np.ndarray
 
 
+def _cols_blob(keep: np.ndarray) -> bytes | None:
+    """Which signals a row holds, when not all of them (None)."""
+    return None if keep.all() else np.flatnonzero(keep).astype(np.int32).tobytes()
+
+
+def _columns_of(ncols: int, held: bytes | None) -> np.ndarray:
+    """The signals a row holds: all ``ncols`` of its time, or those listed."""
+    if held is None:
+        return np.arange(ncols)
+    return np.frombuffer(held, np.int32).astype(np.intp)
+
+
 def _connect(path: Path | None) -> sqlite3.Connection:
     db = sqlite3.connect(
         ":memory:" if path is None else str(path), check_same_thread=False, isolation_level=None
@@ -124,6 +136,13 @@ class HistoryStore:
         ):
             if tier < levels:
                 self.index[kind][tier].append((lo, hi))
+        #: Signals the per-tensor rows hold (the others are the aggregate's alone).
+        self.tensor_columns: set[int] = set()
+        latest = self.db.execute(
+            "SELECT ncols, cols FROM points WHERE kind=1 ORDER BY lo DESC LIMIT 1"
+        ).fetchone()
+        if latest is not None:
+            self.tensor_columns = set(_columns_of(latest[0], latest[1]).tolist())
 
     def _check_format(self, tensors: list[str]) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -179,14 +198,19 @@ class HistoryStore:
                         c,
                         np.ascontiguousarray(aggregate, np.float64).tobytes(),
                         None,
+                        None,
                     )
                 ]
                 if tensors is not None and present is not None:
-                    blob = np.ascontiguousarray(tensors, np.float64).tobytes()
-                    rows.append((TENSORS, step, when, c, blob, present.astype(np.uint8).tobytes()))
+                    # signals no tensor has this step (the aggregate's own) take no room
+                    keep = ~np.isnan(tensors).all(axis=0)
+                    self.tensor_columns.update(np.flatnonzero(keep).tolist())
+                    blob = np.ascontiguousarray(tensors[:, keep], np.float64).tobytes()
+                    mask = present.astype(np.uint8).tobytes()
+                    rows.append((TENSORS, step, when, c, blob, mask, _cols_blob(keep)))
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO points(kind, tier, lo, hi, time, ncols, data, present) "
-                    "VALUES (?, 0, ?, ?2, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO points(kind, tier, lo, hi, time, ncols, data, present, "
+                    "cols) VALUES (?, 0, ?, ?2, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 for kind, *_ in rows:
@@ -240,7 +264,7 @@ class HistoryStore:
         tiers = len(cfg.tier_widths)
         if kind == AGGREGATE:
             return [cfg.steps] + [cfg.tier_buckets] * tiers
-        cells = max(1, self.t * len(self.columns))
+        cells = max(1, self.t * len(self.tensor_columns))
         raw = max(1, min(cfg.steps, cfg.tensor_values // cells))
         return [raw] + [max(1, min(cfg.tier_buckets, cfg.tier_tensor_values // cells))] * tiers
 
@@ -291,9 +315,16 @@ class HistoryStore:
         level[i : i + 2] = [(summary.lo, summary.hi)]
 
     def _insert(self, kind: int, tier: int, s: Summary, loss: Summary | None) -> None:
+        keep = np.ones(s.stats.shape[-1], bool)
+        if kind == TENSORS:  # signals no tensor had in these steps take no room
+            keep = (s.stats[N] > 0).any(axis=0) | ~np.isnan(s.stats[LAST]).all(axis=0)
+        data = (
+            s.rows.astype(np.float64).tobytes()
+            + np.ascontiguousarray(s.stats[:, :, keep], np.float64).tobytes()
+        )
         self.db.execute(
-            "INSERT OR REPLACE INTO points(kind, tier, lo, hi, time, ncols, data, loss) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO points(kind, tier, lo, hi, time, ncols, data, loss, cols) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 kind,
                 tier,
@@ -301,8 +332,9 @@ class HistoryStore:
                 s.hi,
                 s.time,
                 s.stats.shape[-1],
-                s.encode(),
+                data,
                 None if loss is None else loss.encode(),
+                _cols_blob(keep),
             ),
         )
 
@@ -363,34 +395,35 @@ class HistoryStore:
         where = "lo BETWEEN ? AND ?" if by == "lo" else "hi >= ? AND lo <= ?"
         level = "" if tier is None else f" AND tier={int(tier)}"
         found = self.db.execute(
-            f"SELECT tier, lo, hi, time, ncols, data, present FROM points WHERE kind=?{level} "
-            f"AND {where} ORDER BY lo",
+            "SELECT tier, lo, hi, time, ncols, data, present, cols FROM points "
+            f"WHERE kind=?{level} AND {where} ORDER BY lo",
             (kind, first, last),
         ).fetchall()
         pick = np.arange(t) if select is None else np.asarray(select, np.intp)
         rows = np.zeros((len(found), len(pick)))
         stats = np.empty((len(found), 5, len(pick), c))
-        batches: dict[tuple[bool, int], list[int]] = {}
+        batches: dict[tuple[bool, int, bytes | None], list[int]] = {}
         for i, f in enumerate(found):
-            batches.setdefault((f[0] == 0, f[4]), []).append(i)
-        for (raw, ncols), idx in batches.items():
+            batches.setdefault((f[0] == 0, f[4], f[7]), []).append(i)
+        for (raw, ncols, held), idx in batches.items():
             flat = np.frombuffer(b"".join(found[i][5] for i in idx), np.float64)
-            k = min(ncols, c)
+            cols = _columns_of(ncols, held)
+            k = len(cols)
             if raw:
                 values = np.full((len(idx), len(pick), c), np.nan)
-                values[..., :k] = flat.reshape(len(idx), t, ncols)[:, pick, :k]
+                values[..., cols] = flat.reshape(len(idx), t, k)[:, pick, :]
                 present = np.ones((len(idx), t), bool)
                 for j, i in enumerate(idx):
                     if found[i][6] is not None:
                         present[j] = np.frombuffer(found[i][6], np.uint8) > 0
                 rows[idx], stats[idx] = of_rows(values, present[:, pick])
                 continue
-            block = flat.reshape(len(idx), t + STATS * t * ncols)
+            block = flat.reshape(len(idx), t + STATS * t * k)
             rows[idx] = block[:, :t][:, pick]
             part = np.full((len(idx), STATS, len(pick), c), np.nan)
-            part[..., :k] = block[:, t:].reshape(len(idx), STATS, t, ncols)[:, :, pick, :k]
-            part[:, SUM, :, k:] = 0.0
-            part[:, N, :, k:] = 0.0
+            part[:, SUM] = 0.0
+            part[:, N] = 0.0
+            part[..., cols] = block[:, t:].reshape(len(idx), STATS, t, k)[:, :, pick, :]
             stats[idx] = part
         return Points(
             np.array([f[1] for f in found], np.int64),
@@ -444,13 +477,14 @@ class HistoryStore:
         self, where: str, args: tuple[int, ...], kind: int
     ) -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
         found = self.db.execute(
-            f"SELECT lo, time, ncols, data, present FROM points WHERE {where}", args
+            f"SELECT lo, time, ncols, data, present, cols FROM points WHERE {where}", args
         ).fetchall()
         t, c = self._t(kind), len(self.columns)
         values = np.full((len(found), t, c), np.nan)
         present = np.ones((len(found), t), bool)
-        for i, (_, _, ncols, data, p) in enumerate(found):
-            values[i, :, :ncols] = np.frombuffer(data, np.float64).reshape(t, ncols)[:, :c]
+        for i, (_, _, ncols, data, p, held) in enumerate(found):
+            cols = _columns_of(ncols, held)
+            values[i][:, cols] = np.frombuffer(data, np.float64).reshape(t, len(cols))
             if p is not None:
                 present[i] = np.frombuffer(p, np.uint8) > 0
         return [f[0] for f in found], [f[1] for f in found], values, present

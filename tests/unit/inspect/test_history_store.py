@@ -120,7 +120,8 @@ def test_a_long_run_stays_within_its_bound_and_reaches_step_one() -> None:
 
 def test_per_tensor_tiers_have_their_own_cell_budget() -> None:
     # 3 tensors x 2 signals = 6 cells: a raw window of 60 // 6 = 10 steps, 24 // 6 = 4
-    # buckets per tier (the aggregate keeps 100 raw steps and 50 buckets).
+    # buckets per tier (the aggregate keeps 100 raw steps and 50 buckets). The aggregate's
+    # own signals (a group's lr) take no room in the per-tensor rows.
     config = HistoryConfig(
         steps=100, tensor_values=60, tier_widths=(5, 25), tier_buckets=50, tier_tensor_values=24
     )
@@ -128,9 +129,15 @@ def test_per_tensor_tiers_have_their_own_cell_budget() -> None:
     for s in range(1, 1_001):
         skip = "b" if s % 4 == 0 else None  # b has no gradient every 4th step
         tensors = {t: {"x": float(s), "y": -float(s)} for t in ("w", "b", "h") if t != skip}
-        history.record(s, s, float(s), {"x": float(s), "y": 1.0}, tensors)
+        aggregate = {"x": float(s), "group0.lr": 0.1, "y": 1.0, "group0.beta1": 0.9}
+        history.record(s, s, float(s), aggregate, tensors)
     store = history.store
     assert store.caps(TENSORS) == [10, 4, 4]
+    sizes = store.db.execute("SELECT tier, length(data) FROM points WHERE kind=1").fetchall()
+    assert {n for tier, n in sizes if tier == 0} == {3 * 2 * 8}
+    assert {n for tier, n in sizes if tier > 0} == {(3 + 5 * 3 * 2) * 8}
+    lr = history.span(tensors=["w"], signals=["group0.lr", "x"])["tensors"]["w"]
+    assert all(math.isnan(v) for v in lr["values"]["group0.lr"]) and lr["steps"][-1] == 1_000
     counts = [store.counts()[(TENSORS, level)] for level in range(3)]
     limits = bound(store, TENSORS)
     assert all(n <= m for n, m in zip(counts, limits, strict=True)), counts
