@@ -9,12 +9,15 @@ next tier, in the same transaction that writes the step (at most one fold per le
 step: compaction is amortized, a fold reads at most ``width ratio`` rows). The last tier
 never drops anything: over its cap, it merges the two adjacent buckets that span the fewest
 steps (the older pair on a tie), so it always reaches back to step 1 with buckets of about
-equal width. The training losses are folded into the aggregate buckets alongside.
+equal width. The training losses are folded into the aggregate buckets alongside (a loss
+reported for a step already folded is not kept).
 
-Bound on size (rows are never more than): aggregate ``steps + L x max(tier_buckets,
-ratio)``; per tensor ``raw + L x max(cap, ratio)`` where ``raw = min(steps, tensor_values
-// (T x C))`` and ``cap = min(tier_buckets, tier_tensor_values // (T x C))`` (T tensors, C
-signals, L tiers, ratio the largest width ratio between consecutive levels). In bytes that
+Bound on size (rows are never more than, each level one more while a step is written):
+aggregate ``steps + L x max(tier_buckets, ratio)``; per tensor ``raw + L x max(cap,
+ratio)`` where ``raw = min(steps, tensor_values // (T x C))`` and ``cap = min(tier_buckets,
+tier_tensor_values // (T x C))`` (T tensors; C signals, for the tensors only those tensors
+have: the aggregate's own take no room in their rows; L tiers; ratio the largest width
+ratio between consecutive levels, the first level's being its width). In bytes that
 is about ``8 (C + 1) steps + 40 C L tier_buckets`` for the aggregate and ``8 tensor_values +
 40 L tier_tensor_values`` for the tensors (a bucket cell holds 5 float64), plus SQLite's
 page overhead and a WAL truncated to 8 MiB; whatever the number of steps. A cap that
