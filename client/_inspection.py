@@ -35,8 +35,12 @@ def history(
     since: int | None,
     limit: int | None,
     fmt: str,
+    first: int | None = None,
+    last: int | None = None,
+    max_points: int | None = None,
 ) -> Call[HistoryReport | str]:
-    """``fmt="json"``: a HistoryReport; ``"csv"``: the CSV text."""
+    """``fmt="json"``: a HistoryReport; ``"csv"``: the CSV text. ``first``/``last``/
+    ``max_points``: a whole-run query (``from``, ``to``, ``max_points``)."""
     if fmt not in ("json", "csv"):
         raise ValueError(f"fmt must be 'json' or 'csv', got {fmt!r}")
     if isinstance(signals, str):
@@ -48,6 +52,9 @@ def history(
         params.append(("since", str(since)))
     if limit is not None:
         params.append(("limit", str(limit)))
+    for key, value in (("from", first), ("to", last), ("max_points", max_points)):
+        if value is not None:
+            params.append((key, str(value)))
     if fmt == "csv":
         return Call(
             "GET", path(name, "history"), lambda r: r.text, params=params, accept="text/csv"

@@ -464,9 +464,12 @@ class AsyncClient:
         since: int | None = None,
         limit: int | None = None,
         fmt: str = "json",
+        first: int | None = None,
+        last: int | None = None,
+        max_points: int | None = None,
     ) -> HistoryReport | str:
         """The stepper's retained per-step signals (see :meth:`adamscope.client.Client.history`)."""
-        call = _inspection.history(name, signal, tensor, since, limit, fmt)
+        call = _inspection.history(name, signal, tensor, since, limit, fmt, first, last, max_points)
         return await self._send(call)
 
     async def alerts(self, name: str, limit: int | None = None) -> AlertsReport:

@@ -508,14 +508,25 @@ class LossRecorded(_Floats):
 
 
 class Series(_Floats):
-    """One time series block: the steps, and per signal its values at those steps."""
+    """One time series block: the steps, and per signal its values at those steps.
+
+    A whole-run query (``from``/``to``/``max_points``) answers points that may each cover
+    several steps (``first_steps[i]`` to ``steps[i]``, ``counts[i]`` of them recorded):
+    ``values`` is then the mean over them, with ``min`` and ``max`` (NaN values left out).
+    """
 
     steps: list[int]
     time: list[float]
     values: dict[str, list[float]]
+    first_steps: list[int] | None = Field(None, description="whole-run queries: first step")
+    counts: list[int] | None = Field(None, description="whole-run queries: steps recorded")
+    min: dict[str, list[float]] | None = Field(None, description="whole-run queries")
+    max: dict[str, list[float]] | None = Field(None, description="whole-run queries")
 
 
 class LossSeries(_Floats):
+    """Losses by step (whole-run queries: the mean loss of each point, by its last step)."""
+
     steps: list[int]
     values: list[float]
 
@@ -530,6 +541,9 @@ class HistoryReport(_Floats):
     aggregate: Series
     tensors: dict[str, Series]
     loss: LossSeries
+    first_step: int | None = Field(
+        None, description="whole-run queries: the earliest step the history reaches"
+    )
 
 
 # ---------------------------------------------------------------------- identity

@@ -477,11 +477,18 @@ class Client:
         since: int | None = None,
         limit: int | None = None,
         fmt: str = "json",
+        first: int | None = None,
+        last: int | None = None,
+        max_points: int | None = None,
     ) -> HistoryReport | str:
         """The stepper's retained per-step signals: the aggregate's time series, plus those
         of ``tensor`` (names, or ``"*"`` for all), of ``signal`` (default all), for steps
-        after ``since``, the last ``limit``. ``fmt="csv"`` returns the CSV text."""
-        call = _inspection.history(name, signal, tensor, since, limit, fmt)
+        after ``since``, the last ``limit``. ``fmt="csv"`` returns the CSV text.
+
+        ``first``/``last``/``max_points`` ask for the whole run instead (steps ``first`` to
+        ``last``, default all, from the downsampled tiers as well): at most ``max_points``
+        points per series (default 1,000), each with its mean, min and max."""
+        call = _inspection.history(name, signal, tensor, since, limit, fmt, first, last, max_points)
         return self._send(call)
 
     def alerts(self, name: str, limit: int | None = None) -> AlertsReport:

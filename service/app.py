@@ -30,9 +30,10 @@ from .api.routes import ROUTERS
 from .api.serving import ServingState
 from .auth import banner, load_access
 from .engine import Registry, Stepper
+from .engine.errors import EngineError
 from .errors import install_error_handlers
 from .inspect.history import HistoryConfig
-from .inspect.recorder import attach_history
+from .inspect.recorder import attach_history, close_history
 from .inspect.signals import attach_signals
 from .persistence import Persistence
 from .settings import Settings
@@ -81,7 +82,23 @@ def _monitor(app: FastAPI, stepper: Stepper) -> None:
     hub: EventHub = app.state.events
     attach_signals(stepper).enabled = settings.signals
     stepper.defer_after_step = True
-    attach_history(stepper, app.state.history_config, sink=hub.notify, sequence=hub.next_seq)
+    persistence: Persistence | None = getattr(app.state, "persistence", None)
+    path = None
+    if settings.history_durable and persistence is not None:
+        try:
+            path = persistence.store.history_path(stepper.name)
+        except (OSError, EngineError) as e:  # the stepper still loads; its history in memory
+            log.error("history of %r cannot be kept on disk: %s", stepper.name, e)
+    attach_history(
+        stepper, app.state.history_config, sink=hub.notify, sequence=hub.next_seq, path=path
+    )
+
+
+def _close_histories(registry: Registry) -> None:
+    """At shutdown: each stepper's last step into its history, then the database closed."""
+    for stepper in registry.list():
+        stepper.settle()
+        close_history(stepper)
 
 
 @asynccontextmanager
@@ -114,6 +131,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         written = await asyncio.to_thread(persistence.flush_all)
         if written:
             log.info("wrote %d stepper(s) with unwritten changes at shutdown", written)
+        await asyncio.to_thread(_close_histories, registry)
         app.state.registry = Registry()
         serving.compute.close()
 
@@ -135,7 +153,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.access = table
     app.state.serving = ServingState()
     app.state.history_config = HistoryConfig(
-        steps=settings.history_steps, tensor_values=settings.history_tensor_values
+        steps=settings.history_steps,
+        tensor_values=settings.history_tensor_values,
+        tier_widths=tuple(settings.history_tier_widths),
+        tier_buckets=settings.history_tier_buckets,
+        tier_tensor_values=settings.history_tier_tensor_values,
     )
     app.state.events = EventHub(QUEUE_SIZE, settings.events_max_tensors)
     install_error_handlers(app)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adamscope.client.protocol import Durability
@@ -78,13 +78,37 @@ class Settings(BaseSettings):
         "parameters in 129 tensors on a 2-core CPU)",
     )
     history_steps: int = Field(
-        10_000, ge=1, description="steps of aggregate signals (and losses) kept per stepper"
+        10_000,
+        ge=1,
+        description="steps of aggregate signals (and losses) kept raw per stepper (in "
+        "memory too); older ones are downsampled into the tiers",
     )
     history_tensor_values: int = Field(
         2_000_000,
         ge=1,
         description="per-tensor signal values kept per stepper (the "
         "per-tensor history is as many steps as fit, at most history_steps)",
+    )
+    history_durable: bool = Field(
+        True,
+        description="keep each stepper's history for the whole run in the data directory "
+        "(history.sqlite beside its checkpoint; it survives restarts and SIGKILL); false: "
+        "in memory only, the same tiers, lost when the service stops",
+    )
+    history_tier_widths: list[int] = Field(
+        [10, 100, 1_000, 10_000],
+        description="steps per bucket of each downsampled tier of the history, increasing, "
+        "each a multiple of the one before; steps older than the raw window "
+        "(history_steps) are kept as min/max/mean buckets, the last tier reaching back "
+        "to step 1",
+    )
+    history_tier_buckets: int = Field(
+        1_000, ge=1, description="buckets of aggregate signals per history tier"
+    )
+    history_tier_tensor_values: int = Field(
+        200_000,
+        ge=1,
+        description="per-tensor signal values (tensor x signal x bucket) per history tier",
     )
     events_heartbeat: float = Field(
         15.0, gt=0, description="seconds between keep-alive comments on /v1/events"
@@ -95,6 +119,13 @@ class Settings(BaseSettings):
     metrics_max_steppers: int = Field(
         100, ge=0, description="steppers (first by name) with per-stepper series on /metrics"
     )
+
+    @field_validator("history_tier_widths")
+    @classmethod
+    def _widths_nest(cls, w: list[int]) -> list[int]:
+        if not w or w[0] < 2 or any(b <= a or b % a for a, b in zip(w, w[1:], strict=False)):
+            raise ValueError("widths must be >= 2, increasing, each a multiple of the one before")
+        return w
 
     def default_device(self) -> str:
         if self.device:

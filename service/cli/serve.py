@@ -26,6 +26,7 @@ from ..auth import (
     load_access,
 )
 from ..settings import DEFAULT_PORT, Settings
+from .history_options import add_history_options, history_overrides, history_worker_flags
 from .snapshots import add_serve_option, parse_durability
 
 __all__ = ["add_command", "visible_devices", "worker_commands", "worker_device"]
@@ -48,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
             "durability": parse_durability(args.durability) if args.durability else None,
             **{flag: getattr(args, flag) for flag in _ACCESS_FLAGS},
             "insecure_no_auth": args.insecure_no_auth or None,
+            **history_overrides(args),
         }.items()
         if v is not None
     }
@@ -198,6 +200,7 @@ def worker_commands(
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]
         if args.insecure_no_auth:
             cmd.append("--insecure-no-auth")
+        cmd += history_worker_flags(args)
         out.append((cmd, {} if entry is None else {"CUDA_VISIBLE_DEVICES": entry}))
     return out
 
@@ -317,4 +320,5 @@ def add_command(sub: Any) -> None:
         "127.0.0.1 for a local Ray; 'auto': its node's address)",
     )
     add_serve_option(serve)
+    add_history_options(serve)
     serve.set_defaults(func=_serve)

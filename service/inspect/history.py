@@ -1,15 +1,17 @@
-"""A bounded history of one stepper's per-step signals and losses, as time series.
+"""The history of one stepper's per-step signals and losses, as time series.
 
 :class:`History` keeps the scalar signals of each step (the aggregate, and per tensor) in
 ring buffers and answers queries over them (JSON, CSV, step events); the recorder
-(:mod:`.recorder`) writes a row after every step. Cheap enough to leave on: a step costs a
-few small numpy row writes. Memory is bounded by
+(:mod:`.recorder`) writes a row after every step. Memory is bounded by
 :class:`HistoryConfig`: ``steps`` rows of aggregate signals, and per-tensor signals for as
 many of the latest steps as ``tensor_values`` cells allow (``tensor_values // (tensors x
 signals)``, at most ``steps``), so a model with many tensors keeps a shorter per-tensor
-history. Storage grows with the history, up to those bounds. The history is in memory only
-and starts empty when the service restarts; if a stepper goes back in time (a snapshot is
-restored), the rows from the step it returns to onwards are dropped.
+window. Every row also goes to the history's :class:`~.history_store.HistoryStore`
+(SQLite: a file in the data directory, or in memory), which keeps the whole run within a
+stated bound, old steps downsampled into tiers of min/max/mean buckets; :meth:`History.span`
+queries it from step 1. At start the latest stored rows fill the rings again. If a stepper
+goes back in time (a snapshot is restored), the rows from the step it returns to onwards
+are dropped, in memory and in the store.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from adamscope.client.codec import json_float
+
+from .history_store import AGGREGATE, TENSORS, HistoryConfig, HistoryStore
+from .span import span, span_csv
 
 __all__ = ["LATENCY_BUCKETS", "History", "HistoryConfig", "json_safe"]
 
@@ -51,16 +55,6 @@ LATENCY_BUCKETS = (
 )
 
 _INITIAL_ROWS = 64
-
-
-@dataclass(frozen=True)
-class HistoryConfig:
-    #: Steps of aggregate signals (and losses) kept per stepper.
-    steps: int = 10_000
-    #: Cells (tensor x signal x step) of per-tensor signals kept per stepper.
-    tensor_values: int = 2_000_000
-    #: Alert events kept per stepper.
-    alert_events: int = 1_000
 
 
 class _Ring:
@@ -139,16 +133,46 @@ def _floats(row: np.ndarray, columns: Sequence[tuple[str, int]]) -> dict[str, fl
 class History:
     """The retained signals of one stepper (thread-safe: one short lock per operation)."""
 
-    def __init__(self, stepper: str, tensors: Sequence[str], config: HistoryConfig) -> None:
+    def __init__(
+        self,
+        stepper: str,
+        tensors: Sequence[str],
+        config: HistoryConfig,
+        store: HistoryStore | None = None,
+        at_step: int | None = None,
+    ) -> None:
+        """``store``: where the whole run is kept (default: a database in memory); its rows
+        past ``at_step`` (the stepper's step now) are dropped, the latest loaded."""
         self.stepper = stepper
         self.config = config
         self.names = list(tensors)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.lock = threading.Lock()
-        self.columns: dict[str, int] = {}
-        self.aggregate = _Ring(config.steps, (0,))
+        self.store = store if store is not None else HistoryStore(None, self.names, config)
+        self.columns: dict[str, int] = {n: i for i, n in enumerate(self.store.columns)}
+        self.aggregate = _Ring(config.steps, (len(self.columns),))
         self.tensors: _Ring | None = None  # sized at the first row, when signals are known
         self.losses: OrderedDict[int, tuple[float, float]] = OrderedDict()  # step -> (t, loss)
+        if at_step is not None:
+            self.store.truncate_from(at_step + 1)
+        self._load()
+
+    def _load(self) -> None:
+        """The latest stored rows into memory (seq 0: they are not this process's events)."""
+        steps, times, values, _ = self.store.raw(AGGREGATE, self.config.steps)
+        for k, step in enumerate(steps):
+            i = self.aggregate.append(step, 0, times[k])  # may grow (replace) the arrays
+            self.aggregate.values[i] = values[k, 0]
+        if self.columns:
+            cap = self._tensor_capacity(len(self.columns))
+            steps, times, values, present = self.store.raw(TENSORS, cap)
+            if steps:
+                self.tensors = _Ring(cap, (len(self.names), len(self.columns)))
+                for k, step in enumerate(steps):
+                    j = self.tensors.append(step, 0, times[k])
+                    self.tensors.values[j], self.tensors.present[j] = values[k], present[k]
+        for step, when, loss in self.store.losses()[-self.config.steps :]:
+            self.losses[step] = (when, loss)
 
     @property
     def tensor_capacity(self) -> int:
@@ -186,9 +210,15 @@ class History:
                 self.aggregate.truncate_from(step)
                 if self.tensors is not None:
                     self.tensors.truncate_from(step)
+                for s in [s for s in self.losses if s >= step]:
+                    del self.losses[s]
+                self.store.truncate_from(step)
                 rolled_back = True
-            for name in itertools.chain(aggregate, *tensors.values()):
-                self._column(name)
+            known = self.columns.keys()
+            for values in itertools.chain((aggregate,), tensors.values()):
+                if not known >= values.keys():  # a set comparison: no loop per cell
+                    for name in values:
+                        self._column(name)
             if self.tensors is None and tensors:
                 self.tensors = _Ring(
                     self._tensor_capacity(len(self.columns)), (len(self.names), len(self.columns))
@@ -197,17 +227,35 @@ class History:
             row = self.aggregate.values[i]
             for name, v in aggregate.items():
                 row[self.columns[name]] = v
+            block = present = None
             if self.tensors is not None:
                 j = self.tensors.append(step, seq, when)
-                block = self.tensors.values[j]
-                for tname, values in tensors.items():
-                    t = self.index.get(tname)
-                    if t is None:
-                        continue
-                    self.tensors.present[j, t] = True
-                    for name, v in values.items():
-                        block[t, self.columns[name]] = v
+                block, present = self.tensors.values[j], self.tensors.present[j]
+                self._fill(block, present, tensors)
+            self.store.append(step, when, list(self.columns), row, block, present)
             return rolled_back
+
+    def _fill(
+        self, block: np.ndarray, present: np.ndarray, tensors: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Write the per-tensor values into ``block``: tensors whose signals come in the
+        same order are written as one array (700 tensors x 8 signals is 5,600 cells: one
+        numpy write each would cost milliseconds)."""
+        batches: dict[tuple[str, ...], tuple[list[int], list[tuple[float, ...]]]] = {}
+        for tname, values in tensors.items():
+            t = self.index.get(tname)
+            if t is None:
+                continue
+            present[t] = True
+            key = tuple(values)
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = ([], [])
+            batch[0].append(t)
+            batch[1].append(tuple(values.values()))
+        for key, (rows, cells) in batches.items():
+            if key:
+                block[np.ix_(rows, [self.columns[n] for n in key])] = cells
 
     def _last_step(self) -> int | None:
         a = self.aggregate
@@ -217,6 +265,7 @@ class History:
 
     def record_loss(self, step: int, loss: float, when: float) -> None:
         with self.lock:
+            self.store.record_loss(step, loss, when)
             self.losses.pop(step, None)
             self.losses[step] = (when, loss)
             while len(self.losses) > self.config.steps:
@@ -356,6 +405,22 @@ class History:
         rows.sort(key=lambda r: (r[0], r[1]))
         w.writerows(r[2] for r in rows)
         return buf.getvalue()
+
+    def span(
+        self,
+        signals: Sequence[str] | None = None,
+        tensors: Sequence[str] | None = None,
+        first: int | None = None,
+        last: int | None = None,
+        max_points: int | None = None,
+        *,
+        as_csv: bool = False,
+    ) -> Any:
+        """The whole run (or steps ``first..last``) in at most ``max_points`` points per
+        series, from the store's raw rows and tiers (:func:`.span.span`); CSV text with
+        ``as_csv`` (:func:`.span.span_csv`)."""
+        build = span_csv if as_csv else span
+        return build(self, signals, tensors, first, last, max_points)
 
     # ---------------------------------------------------------------- step events
 

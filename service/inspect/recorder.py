@@ -7,18 +7,22 @@ After every step it copies the scalar signals that observer computed into the st
 :class:`~.history.History`, evaluates the stepper's alert rules on them, counts the step
 and its latency, and tells a ``sink`` (the service's live event stream) that a step event
 is ready. It never raises: a failure here must not fail a step that PyTorch has already
-applied. The history is in memory only and starts empty when the service restarts; if a
-stepper goes back in time (a snapshot is restored), the rows from the step it returns to
-onwards are dropped.
+applied. Given a ``path``, the history is kept in that SQLite file for the whole run
+(:mod:`.history_store`) and found there again when the service restarts, less any step
+after the one the stepper was restored at; without one it lives in memory. If a stepper
+goes back in time (a snapshot is restored), the rows from the step it returns to onwards
+are dropped.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import sqlite3
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,10 +31,19 @@ from adamscope.client.protocol import AlertRule
 
 from .alerts import Alerts, RuleCache
 from .history import LATENCY_BUCKETS, History, HistoryConfig, json_safe
+from .history_store import HistoryStore
 from .optimizer import ObservedOptimizer
 from .signals import attach_signals, signals_of
 
-__all__ = ["HistoryObserver", "Sink", "attach_history", "history_of", "summary_fields"]
+__all__ = [
+    "HistoryObserver",
+    "Sink",
+    "attach_history",
+    "close_history",
+    "history_of",
+    "open_store",
+    "summary_fields",
+]
 
 log = logging.getLogger("adamscope.history")
 
@@ -50,11 +63,20 @@ class HistoryObserver:
         config: HistoryConfig | None = None,
         sink: Sink | None = None,
         sequence: Callable[[], int] | None = None,
+        path: Path | None = None,
     ) -> None:
         self.config = config or HistoryConfig()
         self.name = stepper.name
         self.stepper = stepper
-        self.history = History(stepper.name, stepper.names, self.config)
+        store = open_store(path, stepper.names, self.config)
+        try:
+            self.history = History(
+                stepper.name, stepper.names, self.config, store, at_step=stepper.step_count
+            )
+        except Exception:  # noqa: BLE001 - the stepper must load whatever its history holds
+            log.exception("history of %r: %s could not be read; kept in memory", self.name, path)
+            store.close()
+            self.history = History(stepper.name, stepper.names, self.config)
         self.alerts = Alerts(self.config.alert_events)
         self._rules = RuleCache()
         self.sink = sink
@@ -148,6 +170,35 @@ class HistoryObserver:
             }
 
 
+def open_store(path: Path | None, names: Sequence[str], config: HistoryConfig) -> HistoryStore:
+    """The history database at ``path`` (in memory if None). One that cannot be opened is
+    moved aside (``<name>.unreadable-<time>``) and a fresh one started; if that fails too,
+    the history is kept in memory. Never raises: a stepper must not fail to load over it."""
+    if path is None:
+        return HistoryStore(None, names, config)
+    try:
+        return HistoryStore(path, names, config)
+    except (sqlite3.Error, OSError) as e:
+        log.error("history %s cannot be opened (%s); starting a new one", path, e)
+    try:
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        path.replace(aside)
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return HistoryStore(path, names, config)
+    except (sqlite3.Error, OSError) as e:
+        log.error("history %s: %s; keeping this stepper's history in memory", path, e)
+        return HistoryStore(None, names, config)
+
+
+def close_history(stepper: ObservedOptimizer) -> None:
+    """Close the stepper's history database (it is being deleted): its file is released
+    now rather than whenever the stepper is garbage-collected."""
+    found = history_of(stepper)
+    if found is not None:
+        found.history.store.close()
+
+
 def summary_fields(stepper: ObservedOptimizer) -> dict[str, Any]:
     """What the history adds to a stepper's summary: ``{"alerts": {count, active,
     latest}}`` (JSON-safe), or nothing for a stepper without a history."""
@@ -169,10 +220,12 @@ def attach_history(
     *,
     sink: Sink | None = None,
     sequence: Callable[[], int] | None = None,
+    path: Path | None = None,
 ) -> HistoryObserver:
     """Give ``stepper`` its signals (S1's SignalObserver) and then a HistoryObserver, in
     that order, once: a second call returns the existing observer (with ``sink`` and
-    ``sequence`` updated when given)."""
+    ``sequence`` updated when given). ``path``: the history's database file (None: in
+    memory)."""
     with stepper.lock:
         attach_signals(stepper)  # idempotent; first in the observer list
         found = history_of(stepper)
@@ -182,6 +235,6 @@ def attach_history(
             if sequence is not None:
                 found.sequence = sequence
             return found
-        observer = HistoryObserver(stepper, config, sink, sequence)
+        observer = HistoryObserver(stepper, config, sink, sequence, path)
         stepper.observers.append(observer)
         return observer

@@ -3,6 +3,8 @@
 Layout (format version 1), everything under ``<data_dir>/steppers/``::
 
     <stepper>/checkpoint.safetensors             the stepper's current checkpoint
+    <stepper>/history.sqlite (-wal, -shm)        its signal history (SQLite, WAL mode;
+                                                 written by adamscope.service.inspect)
     <stepper>/snapshots/<snapshot>.safetensors   its named snapshots (same file format)
     <stepper>/.<file>.<random>.tmp               a write in progress (stale after a crash)
     .<stepper>.deleted-<random>/                 a deletion in progress
@@ -11,7 +13,9 @@ Every file is written atomically: a temporary file in the same directory, flushe
 fsynced, renamed over the target with ``os.replace``, then the directory fsynced. A crash
 at any instant leaves either the old file or the new one, never a torn one; stale temporary
 files and half-deleted directories are removed by :meth:`Store.scan` at start-up. Files are
-created readable by the service's user only (mode 0600).
+created readable by the service's user only (mode 0600). The history database is the
+exception: SQLite writes it in place, durable per transaction (see
+``adamscope.service.inspect.history_store``); it goes with its stepper's directory.
 
 Stepper and snapshot names match ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``: single path
 components that never start with a dot, so they cannot collide with temporary files or
@@ -35,6 +39,7 @@ from ..engine.errors import EngineError
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "HISTORY_FILE",
     "AtomicFile",
     "PersistenceFailed",
     "SnapshotExists",
@@ -47,6 +52,7 @@ __all__ = [
 log = logging.getLogger("adamscope.persistence")
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+HISTORY_FILE = "history.sqlite"
 #: Parts of a checkpoint smaller than this are gathered into one write.
 COALESCE_BYTES = 1 << 20
 SNAPSHOTS = "snapshots"
@@ -189,6 +195,19 @@ class Store:
     def snapshot_path(self, name: str, snap: str) -> Path:
         d = self.snapshot_dir(name)
         return self._inside(d / (self._component(snap, "snapshot") + SUFFIX), d)
+
+    def history_path(self, name: str) -> Path:
+        """Where the stepper's history database lives; its directory is created (durably)
+        if need be, since the history opens before the first checkpoint is written."""
+        d = self.stepper_dir(name)
+        if not d.is_dir():
+            self.open()
+            d.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root)
+        path = self._inside(d / HISTORY_FILE, d)
+        if not path.exists():  # readable by the service's user only, as every file here
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        return path
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -222,20 +222,27 @@ def test_bad_rules_are_refused_and_change_nothing(
     assert (snapshot(net, NAME), net.get(f"{V1}/{NAME}/alerts").json()) == before
 
 
-def test_rules_survive_a_restart(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", device="cpu")
+@pytest.mark.parametrize("durable", [True, False])
+def test_rules_and_the_history_survive_a_restart(tmp_path: Path, durable: bool) -> None:
+    settings = Settings(data_dir=tmp_path / "data", device="cpu", history_durable=durable)
     rules = [{"kind": "below", "signal": "update_ratio", "threshold": 1e-8, "tensor": "w"}]
     with TestClient(create_app(settings)) as c:
         create(c, SPEC, VALUES)
         assert c.put(f"{V1}/{NAME}/alerts", json={"rules": rules}).status_code == 200
         assert step(c, NAME, grads(VALUES, 0)).status_code == 200
+        before = c.get(f"{V1}/{NAME}/history", params={"tensor": "*"}).json()
     with TestClient(create_app(settings)) as c:
         report = AlertsReport.model_validate(c.get(f"{V1}/{NAME}/alerts").json())
         assert not report.defaults and report.rules[0].signal == "update_ratio"
-        # the history is in memory: empty after the restart, and filled again by new steps
-        assert c.get(f"{V1}/{NAME}/history").json()["aggregate"]["steps"] == []
+        # durable: the history is found again in the data directory; in memory: empty
+        after = c.get(f"{V1}/{NAME}/history", params={"tensor": "*"}).json()
+        if durable:
+            assert after == before
+        else:
+            assert after["aggregate"]["steps"] == []
         assert step(c, NAME, grads(VALUES, 1)).status_code == 200
-        assert c.get(f"{V1}/{NAME}/history").json()["aggregate"]["steps"] == [2]
+        steps = c.get(f"{V1}/{NAME}/history").json()["aggregate"]["steps"]
+        assert steps == ([1, 2] if durable else [2])
 
 
 def test_a_restored_snapshot_drops_the_abandoned_history(net: TestClient) -> None:
@@ -246,3 +253,88 @@ def test_a_restored_snapshot_drops_the_abandoned_history(net: TestClient) -> Non
     assert step(net, NAME, {"w": torch.ones(2, 3)}).status_code == 200
     steps = net.get(f"{V1}/{NAME}/history").json()["aggregate"]["steps"]
     assert steps == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- the whole run
+
+
+def summary_of(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max) of the values that are not NaN, in float64, independently."""
+    kept = [v for v in values if not math.isnan(v)]
+    if not kept:
+        return math.nan, math.nan, math.nan
+    return math.fsum(kept) / len(kept), min(kept), max(kept)
+
+
+def close(a: float, b: float) -> bool:
+    return equal(a, b) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+
+
+def test_the_whole_run_is_queryable_from_step_one_in_tiers(tmp_path: Path) -> None:
+    """A raw window of 8 steps, tiers of 4 and 16 steps with 3 buckets each: after 60 steps
+    the history reaches step 1 only through buckets, whose mean, min and max must be those
+    of the engine's signals over exactly the steps each point covers."""
+    settings = Settings(
+        data_dir=tmp_path,
+        device="cpu",
+        history_steps=8,
+        history_tier_widths=[4, 16],
+        history_tier_buckets=3,
+    )
+    with TestClient(create_app(settings)) as c:
+        create(c, SPEC, VALUES)
+        expected = signals_after_steps(c, 60)
+        for k in range(1, 61, 3):
+            assert c.post(f"{V1}/{NAME}/loss", json={"step": k, "loss": k / 10}).status_code == 200
+        assert c.get(f"{V1}/{NAME}/history").json()["aggregate"]["steps"] == list(range(53, 61))
+        r = c.get(f"{V1}/{NAME}/history", params=[("from", "1"), ("tensor", "w")])
+        report = HistoryReport.model_validate(r.json())
+        assert report.first_step == 1
+        for series, pick in (
+            (report.aggregate, lambda e: e["aggregate"]),
+            (report.tensors["w"], lambda e: e["tensors"]["w"]),
+        ):
+            assert series.first_steps is not None and series.counts is not None
+            assert series.min is not None and series.max is not None
+            assert series.first_steps[0] == 1 and series.steps[-1] == 60
+            assert series.first_steps[1:] == [s + 1 for s in series.steps[:-1]]  # no gap
+            assert any(c > 1 for c in series.counts)  # downsampled
+            for i, (lo, hi) in enumerate(zip(series.first_steps, series.steps, strict=True)):
+                assert series.counts[i] == hi - lo + 1
+                for s in ("grad_norm", "lr_eff_p99", "shock_p99"):
+                    want = summary_of([pick(expected[k - 1])[s] for k in range(lo, hi + 1)])
+                    got = (series.values[s][i], series.min[s][i], series.max[s][i])
+                    assert all(close(a, b) for a, b in zip(got, want, strict=True)), (s, lo, hi)
+        losses = dict(zip(report.loss.steps, report.loss.values, strict=True))
+        assert sum(1 for _ in losses) <= 20 and losses[58] == 5.8  # raw at the end
+        few = c.get(f"{V1}/{NAME}/history", params={"max_points": 2, "signal": "grad_norm"})
+        small = HistoryReport.model_validate(few.json())
+        assert len(small.aggregate.steps) <= 2 and sum(small.aggregate.counts or []) == 60
+        assert small.aggregate.values["grad_norm"][0] == pytest.approx(
+            summary_of([e["aggregate"]["grad_norm"] for e in expected[: small.aggregate.steps[0]]])[
+                0
+            ]
+        )
+        window = c.get(f"{V1}/{NAME}/history", params={"from": 55, "to": 57}).json()
+        assert window["aggregate"]["steps"] == [55, 56, 57]
+        text = c.get(f"{V1}/{NAME}/history", params={"from": 1, "format": "csv"}).text
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert rows[0]["first_step"] == "1" and rows[-1]["step"] == "60"
+        assert {"count", "min(grad_norm)", "max(grad_norm)"} <= set(rows[0])
+        mixed = c.get(f"{V1}/{NAME}/history", params={"from": 1, "limit": 3})
+        assert_problem(mixed, "request_validation_error", "do not mix")
+
+
+def test_a_deleted_stepper_takes_its_history_along(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu")
+    with TestClient(create_app(settings)) as c:
+        create(c, SPEC, VALUES)
+        signals_after_steps(c, 3)
+        assert (tmp_path / "steppers" / NAME / "history.sqlite").is_file()
+        assert c.delete(f"{V1}/{NAME}").status_code == 204
+        assert not (tmp_path / "steppers" / NAME).exists()
+        create(c, SPEC, VALUES)  # the same name again: a history of its own
+        assert c.get(f"{V1}/{NAME}/history", params={"from": 1}).json()["aggregate"]["steps"] == []
+        signals_after_steps(c, 1)
+    with TestClient(create_app(settings)) as c:
+        assert c.get(f"{V1}/{NAME}/history", params={"from": 1}).json()["aggregate"]["steps"] == [1]

@@ -86,7 +86,8 @@ Tensors = Annotated[
 @router.get(
     "/steppers/{name}/history",
     response_model=HistoryReport,
-    summary="The stepper's retained per-step signals as time series (JSON or CSV)",
+    summary="The stepper's per-step signals as time series (JSON or CSV): the recent raw "
+    "window, or the whole run downsampled (from/to/max_points)",
     dependencies=[Depends(require("read"))],
     responses={
         200: {
@@ -113,9 +114,38 @@ async def get_history(
         Literal["json", "csv"] | None,
         Query(description="json (default) or csv; csv is also chosen by Accept: text/csv"),
     ] = None,
+    first: Annotated[
+        int | None,
+        Query(
+            alias="from",
+            ge=0,
+            le=INT64_MAX,
+            description="whole-run query: from this step (default: the first). Any of "
+            "from/to/max_points asks for the whole run, old steps from the downsampled "
+            "tiers: each point covers first_steps[i]..steps[i] (counts[i] steps recorded) "
+            "with the mean (values), min and max of each signal; CSV adds first_step, "
+            "count, min(<signal>) and max(<signal>) columns",
+        ),
+    ] = None,
+    last: Annotated[
+        int | None,
+        Query(alias="to", ge=0, le=INT64_MAX, description="whole-run query: up to this step"),
+    ] = None,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=100_000,
+            description="whole-run query: most points per series (default 1000); more "
+            "points are merged on a grid of equal step spans",
+        ),
+    ] = None,
 ) -> Response:
     stepper = await serving(request).settled(registry(request).get(name))
     _check_signals(stepper, signal, ["query", "signal"])
+    whole_run = first is not None or last is not None or max_points is not None
+    if whole_run and (since is not None or limit is not None):
+        raise _invalid(["query", "since"], "since/limit and from/to/max_points do not mix")
     for t in tensor or []:
         if t != "*" and t not in stepper.index:
             raise UnknownParameter(f"stepper {name!r} has no parameter {t!r}", parameter=t)
@@ -125,6 +155,11 @@ async def get_history(
     )
 
     def build() -> Response:
+        if whole_run:
+            found = history.span(signal, tensor, first, last, max_points, as_csv=as_csv)
+            if as_csv:
+                return Response(found, media_type=CSV)
+            return json_response(found)
         if as_csv:
             return Response(history.csv(signal, tensor, since, limit), media_type=CSV)
         return json_response(history.query(signal, tensor, since, limit))
@@ -136,7 +171,7 @@ async def get_history(
             * len(history.columns)
             * (len(stepper.names) if "*" in tensor else len(tensor))
         )
-    if cells <= INLINE_CELLS:
+    if cells <= INLINE_CELLS and not whole_run:  # a whole-run query reads the database
         return build()
     return await run_in_threadpool(build)
 

@@ -35,7 +35,7 @@ from ...engine.errors import (
 )
 from ...engine.options import resolve_device
 from ...errors import ApiError, problems
-from ...inspect.recorder import summary_fields
+from ...inspect.recorder import close_history, summary_fields
 from .. import budget, quota
 from ..access import authorize_name, require, visible
 from ..deps import NAME_PROBLEMS, persistence, registry, serving, settings
@@ -260,6 +260,7 @@ async def delete_stepper(name: str, request: Request) -> Response:
         # memory would otherwise stay cached in this process for good.
         serving(request).forget(stepper)
         await run_in_threadpool(stepper.release_buffers)
+        close_history(stepper)  # its database file is gone with its directory
     return Response(status_code=204)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from adamscope.service import cli
 from adamscope.service.cli import serve as cli_serve
+from adamscope.service.cli.history_options import history_overrides
 from adamscope.service.settings import Settings
 
 UUIDS = "GPU-8d3a6c4e-0b1f-4a43-9c3e-2f6f0c1d9e01,GPU-1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0"
@@ -99,3 +100,19 @@ def test_the_default_device_is_cuda_where_cuda_is_available(
     assert Settings(device="cpu").default_device() == "cpu"
     monkeypatch.setenv("ADAMSCOPE_DEVICE", "cpu")  # what the test tiers set (conftest)
     assert Settings().default_device() == "cpu"
+
+
+def test_the_history_options_become_settings_and_reach_the_workers(tmp_path: Path) -> None:
+    flags = ("--history-steps", "500", "--history-tier-widths", "10,100", "--history-in-memory")
+    args = _args(*flags)
+    assert history_overrides(args) == {  # type: ignore[arg-type]
+        "history_steps": 500,
+        "history_tier_widths": [10, 100],
+        "history_durable": False,
+    }
+    settings = Settings(**history_overrides(args))  # type: ignore[arg-type]
+    assert settings.history_tier_widths == [10, 100] and not settings.history_durable
+    cmd, _ = cli_serve.worker_commands(args, 9000, tmp_path, 1, None)[0]  # type: ignore[arg-type]
+    assert cmd[-5:] == [*flags]
+    with pytest.raises(SystemExit):
+        _args("--history-tier-widths", "10,15")  # 15 is not a multiple of 10
