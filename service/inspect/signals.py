@@ -5,6 +5,14 @@ that runs the signal kernels (:mod:`.kernels`) around each step and keeps the la
 signals (:func:`signals_of`). It never raises into the step: a failure is logged and
 leaves signals with an ``"error"``. Off (``ADAMSCOPE_SIGNALS=false``), steps are recorded
 without signals, at no cost.
+
+Besides the kernels' signals, every step's signals carry ``groups`` (each stepped param
+group's lr, betas, bias corrections and step size, also as aggregate signals
+``group<i>.<field>``: :mod:`.schedule`) and, from the step at which a NaN/Inf first entered
+a gradient, parameter or moment on, ``first_nonfinite``: ``{step, tensor, role, nan, inf}``
+(the role it was first seen in, in the order grad, param, exp_avg, exp_avg_sq,
+max_exp_avg_sq, with that role's exact counts), also as the aggregate signal
+``first_nonfinite_step``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 import torch
 
 from .kernels import (
+    FAULT_ROLES,
     SIGNALS,
     Entry,
     Layout,
@@ -28,6 +37,7 @@ from .kernels import (
 )
 from .kernels.sampling import build_layout, layout_key
 from .optimizer import ObservedOptimizer, entries, known_steps
+from .schedule import group_order, with_groups
 
 __all__ = ["SIGNALS", "SignalObserver", "attach_signals", "observer_of", "signals_of"]
 
@@ -49,6 +59,9 @@ class SignalObserver:
         self._entries: list[Entry] = []  # the step's, from before_step to after_step
         #: Off (``ADAMSCOPE_SIGNALS=false``): steps are recorded without signals, at no cost.
         self.enabled = True
+        #: ``{step, tensor, role, nan, inf}``: where and when a NaN/Inf first entered.
+        self.first_nonfinite: dict[str, Any] | None = None
+        self._groups: tuple[tuple[str, ...], dict[str, int]] | None = None
 
     def layout_for(self, found: Sequence[Entry]) -> Layout:
         params = [e.param for e in found]
@@ -65,6 +78,13 @@ class SignalObserver:
             self._layout = build_layout(found)
         self._params = params
         return self._layout
+
+    def group_order(self, opt: ObservedOptimizer) -> dict[str, int]:
+        """Each parameter's group number (kept while the optimizer's names are the same)."""
+        names = tuple(opt.names)
+        if self._groups is None or self._groups[0] != names:
+            self._groups = (names, group_order(opt))
+        return self._groups[1]
 
     def before_step(self, opt: ObservedOptimizer, grads: Mapping[str, torch.Tensor]) -> None:
         self._pending = None
@@ -92,9 +112,29 @@ class SignalObserver:
             with torch.no_grad():
                 if not all(e.state for e in found):  # states the step created
                     found = entries(opt, grads)
-                self.latest, self.cache = finish(pending, found, step, known_steps(opt, found))
+                steps = known_steps(opt, found)
+                latest, self.cache = finish(pending, found, step, steps)
+            latest = with_groups(latest, self.group_order(opt), found, steps)
+            self.latest = self._with_first_fault(latest, step)
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(opt, e, step)
+
+    def _with_first_fault(self, latest: dict[str, Any], step: int) -> dict[str, Any]:
+        """``latest`` with the first step at which a NaN/Inf entered a tensor (kept until
+        the stepper goes back before it), and ``first_nonfinite_step`` in its aggregate."""
+        first = self.first_nonfinite
+        if first is not None and step <= first["step"]:
+            first = None  # back in time before it (a snapshot restored)
+        faults = latest.get("faults")
+        if first is None and faults:
+            name = next(iter(faults))  # in the optimizer's order
+            role = next(r for r in FAULT_ROLES if r in faults[name])
+            first = {"step": step, "tensor": name, "role": role, **faults[name][role]}
+        self.first_nonfinite = first
+        if first is not None:
+            latest["first_nonfinite"] = first
+            latest["aggregate"]["first_nonfinite_step"] = float(first["step"])
+        return latest
 
     def _fail(self, opt: ObservedOptimizer, error: Exception, step: int | None = None) -> None:
         log.exception("signals of stepper %r failed", opt.name)
