@@ -20,7 +20,6 @@ grad_norm          L2 norm of the gradient (as sent: before maximize/weight deca
 param_norm         L2 norm of the parameter after the step
 exp_avg_norm       L2 norm of ``exp_avg`` (m) after the step
 exp_avg_sq_mean    mean of ``exp_avg_sq`` (v) after the step
-exp_avg_sq_max     maximum of ``exp_avg_sq`` after the step
 nan_count          NaN elements in the gradient, the parameter, exp_avg, exp_avg_sq (and
                    max_exp_avg_sq) together, counted at the step they appear
 inf_count          the same for +-Inf
@@ -60,11 +59,12 @@ the values; the block sample is systematic, which is as good unless the values v
 the stride. ``scaled`` values have no distribution-free bound.
 
 Cost: the exact reductions read every stepped tensor's gradient, parameter, m and v once
-or twice (:mod:`.exact`: one foreach norm call, a sum and a max; about 16 ms per 10M fp32
+(:mod:`.exact`: one foreach norm call and a sum per tensor; about 16 ms per 10M fp32
 parameters on one core, bound by memory bandwidth, and run after the step's reply has left
-when the service defers it). The rest comes from a sample: each step samples about
-:data:`STEP_SAMPLE` elements in all, shared among the stepped tensors in proportion to
-their size with at least :data:`MIN_PER_TENSOR` each (a tensor that small is taken whole).
+when the service defers it). The rest comes from a sample: the smallest stepped tensors
+are taken whole while they add up to :data:`WHOLE_BUDGET` elements; the others share
+about :data:`STEP_SAMPLE` sampled elements in proportion to their size, with at least
+:data:`MIN_PER_TENSOR` each.
 A sampled tensor contributes blocks of :data:`BLOCK` consecutive elements (one cache line
 of fp32) every ``stride`` elements, the stride a multiple of the block chosen so that the
 blocks pass through every column (:func:`block_plan`): the same elements every step, so
@@ -84,8 +84,7 @@ when the state is still the one it saw; otherwise (a restart, a state load) it i
 recomputed from the state with the current options.
 
 Aggregate signals treat the stepped tensors as one: norms combine as the root of the summed
-squares, means and fractions weight each tensor by its size, counts add up, maxima take
-the largest, ``lr_scale`` is the tensors' when they share it (else NaN), and quantiles
+squares, means and fractions weight each tensor by its size, counts add up, ``lr_scale`` is the tensors' when they share it (else NaN), and quantiles
 are taken over the pooled samples, each element weighted by its tensor's ``numel / n``
 (exactly the quantile of the concatenation when every tensor is taken whole; otherwise the
 weighted inverse CDF, without interpolation).
@@ -94,7 +93,16 @@ weighted inverse CDF, without interpolation).
 from __future__ import annotations
 
 from .cache import SignalCache
-from .sampling import BLOCK, MIN_PER_TENSOR, STEP_SAMPLE, BlockPlan, Entry, Layout, block_plan
+from .sampling import (
+    BLOCK,
+    MIN_PER_TENSOR,
+    STEP_SAMPLE,
+    WHOLE_BUDGET,
+    BlockPlan,
+    Entry,
+    Layout,
+    block_plan,
+)
 from .assemble import CONFIDENCE, ESTIMATES, rank_error
 from .exact import FAULT_ROLES, REDUCED
 from .step import COMBINE, SIGNALS, Pending, begin, empty_signals, finish
@@ -109,6 +117,7 @@ __all__ = [
     "REDUCED",
     "SIGNALS",
     "STEP_SAMPLE",
+    "WHOLE_BUDGET",
     "BlockPlan",
     "Entry",
     "Layout",

@@ -113,13 +113,6 @@ def _div(a: float, b: float) -> float:
     return a / b
 
 
-def _maximum(values: Sequence[float]) -> float:
-    """The largest value; NaN if any is NaN (as torch's max)."""
-    if not values or any(math.isnan(v) for v in values):
-        return math.nan
-    return max(values)
-
-
 def tensor_signals(
     row: Row,
     lr_eff: Sequence[float],
@@ -141,7 +134,6 @@ def tensor_signals(
         "update_ratio": _div(math.sqrt(r[0]), math.sqrt(r[1])),
         "exp_avg_norm": red[2],
         "exp_avg_sq_mean": red[3] / row.numel,
-        "exp_avg_sq_max": red[4],
         "lr_eff_p1": lr_eff[0],
         "lr_eff_p50": lr_eff[1],
         "lr_eff_p99": lr_eff[2],
@@ -164,7 +156,7 @@ def aggregate(
     amsgrad: Sequence[bool],
 ) -> dict[str, float]:
     """The stepper's signals but the quantiles: norms as the root of the summed squares,
-    means and fractions weighted by elements, counts added, the maximum of maxima."""
+    means and fractions weighted by elements, counts added."""
 
     def total(c: int, which: Sequence[bool] | None = None) -> float:
         return sum(
@@ -193,7 +185,6 @@ def aggregate(
         "update_ratio": _div(math.sqrt(total(0)), math.sqrt(total(1))),
         "exp_avg_norm": norm(2),
         "exp_avg_sq_mean": sum(red[3] for red in reduced) / numel if numel else math.nan,
-        "exp_avg_sq_max": _maximum([red[4] for red in reduced]),
         "gamma_frac": total(col.grew) / comparable if comparable else math.nan,
         "amsgrad_clamp": clamp,
         "eps_dominance": total(col.eps) / numel if numel else math.nan,

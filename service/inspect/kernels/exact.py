@@ -1,14 +1,14 @@
 """Exact per-tensor reductions of a step's full tensors, and exact NaN/Inf counts.
 
 Every step, for every stepped tensor, over all of its elements (no sample): the L2 norms of
-the gradient, the parameter after the step and exp_avg, the sum and the maximum of
-exp_avg_sq. One ``torch._foreach_norm`` call for the three norms of every tensor, one
-``torch._foreach_max`` and one sum per tensor for v: four passes over the step's tensors,
-compute-bound (about 2 ms per 10M fp32 elements and pass on one core), no copy of a full
-tensor and no temporary the size of one. The results stay on the device until the caller's
+the gradient, the parameter after the step and exp_avg, and the sum of exp_avg_sq. One
+``torch._foreach_norm`` call for the three norms of every tensor and one sum per tensor
+for v: each tensor read once, bound by memory bandwidth (about 16 ms per 10M fp32
+parameters on one core), no copy of a full tensor and no temporary the size of one. (A
+maximum of v would cost another pass, about a third more: left out.) The results stay on the device until the caller's
 one transfer to the host.
 
-NaN and Inf propagate through a norm, a sum and a maximum, so these reductions say for free
+NaN and Inf propagate through a norm and a sum, so these reductions say for free
 whether a tensor holds any: only then (a rare step) are its NaN and Inf elements counted,
 exactly and per role (:func:`count_faults`). A norm that overflows (every element finite,
 the sum of squares beyond the accumulator's range) only costs that count, which then finds
@@ -28,7 +28,7 @@ from .sampling import Entry
 __all__ = ["FAULT_ROLES", "REDUCED", "count_faults", "reduce_exact"]
 
 #: The columns :func:`reduce_exact` gives per tensor, in order.
-REDUCED = ("grad_norm", "param_norm", "exp_avg_norm", "exp_avg_sq_sum", "exp_avg_sq_max")
+REDUCED = ("grad_norm", "param_norm", "exp_avg_norm", "exp_avg_sq_sum")
 #: The tensors a NaN/Inf is counted in, by role, in the order they are reported.
 FAULT_ROLES = ("grad", "param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -51,12 +51,13 @@ def reduce_exact(entries: Sequence[Entry]) -> torch.Tensor:
     # float32 results for narrow dtypes: a 16-bit norm of a large tensor would overflow.
     norms = _stacked(torch._foreach_norm([*gs, *ps, *ms], 2, dtype=_result_dtype(gs)))
     sums = _stacked([v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum() for v in vs])
-    tops = _stacked(torch._foreach_max(vs))
-    return torch.cat([norms.view(3, n), sums[None], tops[None]]).t()
+    return torch.cat([norms.view(3, n), sums[None]]).t()
 
 
 def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
-    if any(t.element_size() < 4 for t in tensors) and all(t.dtype != torch.float64 for t in tensors):
+    if any(t.element_size() < 4 for t in tensors) and all(
+        t.dtype != torch.float64 for t in tensors
+    ):
         return torch.float32
     return None
 
