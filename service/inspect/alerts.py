@@ -39,7 +39,10 @@ JOURNAL_KEY = "alert_rules"
 #: judged against the previous value times the ratio of ``lr_scale``, the step size times
 #: sqrt(bc2), between the two steps: a scheduler's lr change or bias correction moves
 #: every element's effective LR by exactly that when v and eps do not); the
-#: second-moment shock p99 of a tensor exceeds 100. The last two wait
+#: second-moment shock p99 of a tensor exceeds 100; more than 0.1% of a tensor's elements
+#: saw their effective LR fall by more than 2x beyond the schedule in one step (a v jump
+#: in a few rows, which no quantile shows: see :mod:`.kernels.local`; the signal is NaN,
+#: and the rule quiet, for tensors beyond the localized signals' budget). The last two wait
 #: out a 10-step warm-up: bias correction alone moves the effective LR by up to 47% at step
 #: 2, and early on v_hat averages so few squared gradients that g^2 / v_hat is heavy-tailed
 #: (at step 2 it is a ratio of two squared normals, whose p99 is about 4000).
@@ -47,6 +50,7 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule(kind="nonfinite", tensor="*"),
     AlertRule(kind="swing", signal="lr_eff_p99", tensor="*", threshold=0.5, after_step=10),
     AlertRule(kind="above", signal="shock_p99", tensor="*", threshold=100.0, after_step=10),
+    AlertRule(kind="above", signal="lr_fell_frac", tensor="*", threshold=0.001, after_step=10),
 )
 
 #: The signal by which the schedule scales the effective LR (see :func:`_schedule_ratio`).

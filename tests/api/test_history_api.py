@@ -149,7 +149,7 @@ def test_bad_losses_are_refused(net: TestClient, body: dict[str, Any]) -> None:
 
 def test_default_rules_then_replaced_then_back(net: TestClient) -> None:
     report = AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json())
-    assert report.defaults and [r.kind for r in report.rules] == ["nonfinite", "swing", "above"]
+    assert report.defaults and [r.kind for r in report.rules] == ["nonfinite", "swing", "above", "above"]
     rules = [
         {"kind": "above", "signal": "grad_norm", "threshold": 0.0, "tensor": "*"},
         {

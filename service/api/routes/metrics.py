@@ -118,8 +118,7 @@ _STEPPER_FAMILIES = (
     (
         "adamscope_group_option",
         "gauge",
-        "A param group's lr, betas, bias corrections (bc1, bc2) and step size at the "
-        "latest step.",
+        "A param group's lr, betas, bias corrections (bc1, bc2) and step size at the latest step.",
     ),
     ("adamscope_loss", "gauge", "Latest training loss a client reported."),
     ("adamscope_alerts_total", "counter", "Alert events raised since the service started."),

@@ -193,4 +193,20 @@ def aggregate(
         # The aggregate's effective LR scales with the schedule only when every tensor's
         # does alike.
         "lr_scale": scales.pop() if len(scales) == 1 else math.nan,
+        **_local_totals(layout, tensors),
+    }
+
+
+def _local_totals(layout: Layout, tensors: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The localized counts of the tensors that report them, added (NaN: none does)."""
+    numels = dict(zip(layout.names, layout.numels, strict=True))
+    seen = [(n, t) for n, t in tensors.items() if not math.isnan(t["lr_fell_count"])]
+    if not seen:
+        return dict.fromkeys(("lr_fell_count", "lr_rose_count", "lr_fell_frac"), math.nan)
+    fell = sum(t["lr_fell_count"] for _, t in seen)
+    covered = sum(numels[n] for n, _ in seen)
+    return {
+        "lr_fell_count": fell,
+        "lr_rose_count": sum(t["lr_rose_count"] for _, t in seen),
+        "lr_fell_frac": fell / covered if covered else math.nan,
     }

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from adamscope.client.numerics import Factors
+
 from .sampling import Layout
 
 __all__ = ["SignalCache", "Token", "cache_key"]
@@ -52,6 +54,8 @@ class SignalCache:
     layout_key: tuple[Any, ...] | None = None
     lr_eff: torch.Tensor | None = None
     tokens: list[Token | None] = field(default_factory=list)
+    #: The previous v (and the factors it had) of the tensors the localized signals cover.
+    local: dict[str, tuple[torch.Tensor, Factors]] = field(default_factory=dict)
 
     def valid(self, layout: Layout, states: Sequence[Mapping[str, Any]]) -> list[bool]:
         if self.layout_key != cache_key(layout) or self.lr_eff is None:

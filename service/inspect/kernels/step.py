@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 from .assemble import Columns, Row, aggregate, estimates, tensor_signals
 from .cache import SignalCache, Token, cache_key
 from .exact import REDUCED, count_faults, reduce_exact
+from .local import LOCAL_SIGNALS, covered, local_pass, unpack
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
 
@@ -45,6 +46,9 @@ SIGNALS = (
     "nan_count",
     "inf_count",
     "lr_scale",
+    "lr_fell_count",
+    "lr_rose_count",
+    "lr_fell_frac",
 )
 #: How each signal of several tensors (or several shards of a stepper) combines from each
 #: part's: norms as the root of the summed squares, means and fractions weighted by each
@@ -61,6 +65,9 @@ COMBINE = {
     "exp_avg_sq_mean": "mean",
     "first_nonfinite_step": "min",
     "lr_scale": "max",
+    "lr_fell_count": "sum",
+    "lr_rose_count": "sum",
+    "lr_fell_frac": "mean",
     "gamma_frac": "mean",
     "amsgrad_clamp": "mean",
     "eps_dominance": "mean",
@@ -93,6 +100,8 @@ class Pending:
     p0: torch.Tensor
     lr_prev: torch.Tensor  # NaN where undefined
     shock: torch.Tensor  # NaN where undefined
+    #: The previous v of the tensors the localized signals cover, where still valid.
+    local: dict[str, tuple[torch.Tensor, Factors]] = field(default_factory=dict)
 
 
 def _steps(entries: Sequence[Entry]) -> list[float | None]:
@@ -227,8 +236,17 @@ def begin(
             else [False] * len(entries)
         )
     )
+    local = (
+        {
+            e.name: cache.local[e.name]
+            for e, ok in zip(entries, ok_cache, strict=True)
+            if ok and e.name in cache.local
+        }
+        if cache is not None
+        else {}
+    )
     if all(ok_cache) and cache is not None and cache.lr_eff is not None:
-        return Pending(layout, g, p0, cache.lr_eff, shock)
+        return Pending(layout, g, p0, cache.lr_eff, shock, local)
     lr_prev = _lr_eff(
         layout,
         [_v_source(e) if ok else e.param for e, ok in zip(entries, with_state, strict=True)],
@@ -239,7 +257,7 @@ def begin(
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
         use = upload(ok_cache, torch.bool, layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
-    return Pending(layout, g, p0, lr_prev, shock)
+    return Pending(layout, g, p0, lr_prev, shock, local)
 
 
 def _columns(
@@ -290,7 +308,11 @@ def finish(
     )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
     exact = reduce_exact(entries)
+    factors = _factors(entries, steps)
+    which = covered(layout.numels)
+    local_rows, local_keep = local_pass(entries, which, pending.local, factors)
     parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
+    parts += local_rows
     host = torch.cat(parts).tolist()  # the one transfer
     s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), len(REDUCED)
     rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
@@ -302,6 +324,12 @@ def finish(
     lr_pooled, shock_pooled = host[pos : pos + nq], host[pos + nq + 2]
     pos += 2 * nq
     reduced = [host[pos + i * nr : pos + (i + 1) * nr] for i in range(s_n)]
+    pos += s_n * nr
+    width = len(local_rows[0]) if local_rows else 0
+    local = {
+        i: unpack(host[pos + j * width : pos + (j + 1) * width], layout.numels[i])
+        for j, i in enumerate(which)
+    }
     # NaN/Inf propagate through the norms, the sum and the max: counted only then.
     faults = {
         e.name: count_faults(e)
@@ -310,7 +338,7 @@ def finish(
     }
     scales = [
         f.step_size * f.bc2_sqrt if t is not None and f.defined else math.nan
-        for t, f in zip(steps, _factors(entries, steps), strict=True)
+        for t, f in zip(steps, factors, strict=True)
     ]
     col = Columns(any(amsgrad))
     tensors = {
@@ -323,6 +351,7 @@ def finish(
             faults.get(e.name, {}),
             scales[i],
         )
+        | (local[i][0] if i in local else dict.fromkeys(LOCAL_SIGNALS, math.nan))
         for i, e in enumerate(entries)
     }
     agg = aggregate(layout, rows, reduced, col, tensors, amsgrad)
@@ -341,10 +370,12 @@ def finish(
         "aggregate": {s: agg[s] for s in SIGNALS},
         "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
         "estimates": estimates(layout),
+        "local": {entries[i].name: local[i][1] for i in which},
     }
     if faults:
         signals["faults"] = {
             name: {role: {"nan": c[0], "inf": c[1]} for role, c in found.items()}
             for name, found in faults.items()
         }
-    return signals, SignalCache(cache_key(layout), lr, [Token.of(s) for s in states])
+    tokens = [Token.of(s) for s in states]
+    return signals, SignalCache(cache_key(layout), lr, tokens, local_keep)

@@ -204,3 +204,71 @@ def test_benign_training_under_a_schedule_raises_no_alert(schedule: str, amsgrad
         advance(sched, k)
     assert max(lrs) / max(min(lrs), 1e-30) > 5  # the schedule moved the lr a lot
     assert [(e["step"], e["tensor"], e["rule"]) for e in obs.alerts.events] == []
+
+
+# ---------------------------------------------------------------------- localized
+
+
+JUMP = 61
+
+
+def rare_rows(amsgrad: bool) -> tuple[Any, list[int], dict[str, Any], np.ndarray]:
+    """A 65,536-element embedding (4096 x 16) whose 16 rare rows (0.4%) get no gradient
+    for 40 steps after 20 ordinary ones, then one of the same size (beta2 = 0.9: v has
+    decayed to 1.5% of its peak and jumps about 8-fold: their effective LR falls by about
+    65%); the other rows see the same magnitudes throughout. AMSGrad's max_exp_avg_sq still holds the early peak. Returns
+    the history, the rare rows, the jump step's signals and each element's change of
+    effective LR beyond the schedule at that step, computed from PyTorch's views."""
+    s = Stepper(
+        "emb",
+        "adam",
+        CPU,
+        [("emb", torch.zeros(4096, 16)), ("head", torch.zeros(64))],
+        {"lr": 1e-3, "betas": (0.9, 0.9), "amsgrad": amsgrad, "foreach": False},
+    )
+    obs = attach_history(s)
+    gen = torch.Generator().manual_seed(5)
+    scale = 0.5 + torch.rand(4096, 16, generator=gen)
+    rare = sorted(torch.randperm(4096, generator=gen)[:16].tolist())
+    p = s.params[s.index["emb"]]
+    at_jump: dict[str, Any] = {}
+    rho = np.zeros(0)
+    for t in range(1, 63):
+        sign = torch.where(torch.rand(4096, 16, generator=gen) < 0.5, -1.0, 1.0)
+        g = sign * scale
+        if 20 < t < JUMP:
+            g[rare] = 0.0
+        if t == JUMP:
+            group = s.optimizer.param_groups[0]
+            before = f64(reference_views(p, s.optimizer.state[p], group)["lr_eff"])
+            scale_before = signals_of(s)["tensors"]["emb"]["lr_scale"]
+        s.step({"emb": g, "head": torch.randn(64, generator=gen)})
+        if t == JUMP:
+            at_jump = signals_of(s)
+            after = f64(reference_views(p, s.optimizer.state[p], group)["lr_eff"])
+            rho = after / before / (at_jump["tensors"]["emb"]["lr_scale"] / scale_before)
+    return obs, rare, at_jump, rho
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_a_v_jump_in_rare_rows_alerts_for_adam_and_not_amsgrad(amsgrad: bool) -> None:
+    obs, rare, at_jump, rho = rare_rows(amsgrad)
+    events = [(e["step"], e["tensor"], e["signal"]) for e in obs.alerts.events]
+    history = obs.history.query(signals=["lr_fell_count"], tensors=["emb"])
+    fell = history["tensors"]["emb"]["values"]["lr_fell_count"]
+    # Exactly the elements whose effective LR fell by more than 2x beyond the schedule.
+    want = int((rho < 0.5).sum())
+    assert at_jump["tensors"]["emb"]["lr_fell_count"] == want
+    assert at_jump["tensors"]["emb"]["lr_rose_count"] == int((rho > 2).sum()) == 0
+    if amsgrad:
+        assert want == 0 and events == [] and max(fell[10:]) == 0
+        return
+    assert want > 0.003 * 65536  # most of the rare rows' 256 elements
+    assert events == [(JUMP, "emb", "lr_fell_frac")]  # naming the tensor, at the jump
+    assert max(fell[10 : JUMP - 1] + fell[JUMP:]) == 0
+    # The top elements by change are in the rare rows, the largest falls first.
+    top = at_jump["local"]["emb"]["lr_change"]
+    assert len(top["index"]) == 8 and {i // 16 for i in top["index"]} <= set(rare)
+    assert top["value"] == pytest.approx(sorted(rho[top["index"]]), rel=1e-5)
+    assert top["value"][0] == pytest.approx(float(rho.min()), rel=1e-5)
+    assert {i // 16 for i in at_jump["local"]["emb"]["shock"]["index"]} <= set(rare)
