@@ -3,8 +3,9 @@
 Needs the ``read`` scope (a scrape config sends a read token as its bearer token); a token
 restricted to a name prefix sees only its steppers' series. Label cardinality is bounded:
 per-stepper series carry only ``stepper`` (and ``signal``, from the fixed set of aggregate
-signals, or ``group`` and ``option`` for the param groups' schedule), for at most ``metrics_max_steppers`` steppers (the first by name; the number left
-out is ``adamscope_metrics_steppers_omitted``); request series carry method, route
+signals, or ``group`` and ``option`` for the param groups' schedule), for at most
+``metrics_max_steppers`` steppers (the first by name; the number left out is
+``adamscope_metrics_steppers_omitted``); request series carry method, route
 *template* and status.
 
 Series:

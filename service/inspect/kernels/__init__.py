@@ -84,15 +84,18 @@ when the state is still the one it saw; otherwise (a restart, a state load) it i
 recomputed from the state with the current options.
 
 Aggregate signals treat the stepped tensors as one: norms combine as the root of the summed
-squares, means and fractions weight each tensor by its size, counts add up, ``lr_scale`` is the tensors' when they share it (else NaN), and quantiles
-are taken over the pooled samples, each element weighted by its tensor's ``numel / n``
-(exactly the quantile of the concatenation when every tensor is taken whole; otherwise the
-weighted inverse CDF, without interpolation).
+squares, means and fractions weight each tensor by its size, counts add up, ``lr_scale`` is
+the tensors' when they share it (else NaN), and quantiles are taken over the pooled samples,
+each element weighted by its tensor's ``numel / n`` (exactly the quantile of the
+concatenation when every tensor is taken whole; otherwise the weighted inverse CDF, without
+interpolation).
 """
 
 from __future__ import annotations
 
+from .assemble import CONFIDENCE, ESTIMATES, rank_error
 from .cache import SignalCache
+from .exact import FAULT_ROLES, REDUCED
 from .sampling import (
     BLOCK,
     MIN_PER_TENSOR,
@@ -103,8 +106,6 @@ from .sampling import (
     Layout,
     block_plan,
 )
-from .assemble import CONFIDENCE, ESTIMATES, rank_error
-from .exact import FAULT_ROLES, REDUCED
 from .step import COMBINE, SIGNALS, Pending, begin, empty_signals, finish
 
 __all__ = [

@@ -2,11 +2,11 @@
 
 Every step, for every stepped tensor, over all of its elements (no sample): the L2 norms of
 the gradient, the parameter after the step and exp_avg, and the sum of exp_avg_sq. One
-``torch._foreach_norm`` call for the three norms of every tensor and one sum per tensor
-for v: each tensor read once, bound by memory bandwidth (about 16 ms per 10M fp32
-parameters on one core), no copy of a full tensor and no temporary the size of one. (A
-maximum of v would cost another pass, about a third more: left out.) The results stay on the device until the caller's
-one transfer to the host.
+``torch._foreach_norm`` call for the three norms of every tensor and one sum per tensor for
+v: each tensor read once, bound by memory bandwidth (about 16 ms per 10M fp32 parameters on
+one core), no copy of a full tensor and no temporary the size of one. (A maximum of v would
+cost another pass, about a third more: left out.) The results stay on the device until the
+caller's one transfer to the host.
 
 NaN and Inf propagate through a norm and a sum, so these reductions say for free
 whether a tensor holds any: only then (a rare step) are its NaN and Inf elements counted,

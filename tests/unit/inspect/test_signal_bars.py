@@ -216,9 +216,10 @@ def rare_rows(amsgrad: bool) -> tuple[Any, list[int], dict[str, Any], np.ndarray
     """A 65,536-element embedding (4096 x 16) whose 16 rare rows (0.4%) get no gradient
     for 40 steps after 20 ordinary ones, then one of the same size (beta2 = 0.9: v has
     decayed to 1.5% of its peak and jumps about 8-fold: their effective LR falls by about
-    65%); the other rows see the same magnitudes throughout. AMSGrad's max_exp_avg_sq still holds the early peak. Returns
-    the history, the rare rows, the jump step's signals and each element's change of
-    effective LR beyond the schedule at that step, computed from PyTorch's views."""
+    65%); the other rows see the same magnitudes throughout. AMSGrad's max_exp_avg_sq still
+    holds the early peak. Returns the history, the rare rows, the jump step's signals and
+    each element's change of effective LR beyond the schedule at that step, computed from
+    PyTorch's views."""
     s = Stepper(
         "emb",
         "adam",
