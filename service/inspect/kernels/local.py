@@ -18,15 +18,18 @@ beta2 a step, so its effective LR rises by at most ``1 / sqrt(beta2)`` beyond th
 max_exp_avg_sq only moves when v passes its maximum.
 
 Cost: this needs the previous step's v; it is kept, as a copy in the state's dtype, for
-the smallest stepped tensors while their elements add up to :data:`LOCAL_BUDGET` (4 MiB of
+the smallest stepped tensors while their elements add up to :data:`LOCAL_BUDGET` (1 MiB of
 fp32 copies, a few milliseconds of work per step at most); larger tensors beyond the budget
 report NaN counts and no top elements (``local`` in the signals lists the tensors covered).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,12 +37,21 @@ from adamscope.client.numerics import Factors, real_flat
 
 from .sampling import Entry
 
-__all__ = ["FACTOR", "LOCAL_BUDGET", "LOCAL_SIGNALS", "TOP_K", "covered", "local_pass", "unpack"]
+__all__ = [
+    "FACTOR",
+    "LOCAL_BUDGET",
+    "LOCAL_SIGNALS",
+    "TOP_K",
+    "Kept",
+    "covered",
+    "local_pass",
+    "tops",
+]
 
 #: A change of an element's effective LR by more than this factor is counted.
 FACTOR = 2.0
 #: Elements per step (the smallest tensors first) whose previous v is kept and compared.
-LOCAL_BUDGET = 1 << 20
+LOCAL_BUDGET = 1 << 18
 #: Elements reported per tensor with the largest change and the largest shock.
 TOP_K = 8
 #: The per-tensor scalar signals this adds.
@@ -63,62 +75,135 @@ def _source(e: Entry) -> torch.Tensor:
     return real_flat(s["max_exp_avg_sq"] if amsgrad else s["exp_avg_sq"])
 
 
+@dataclass
+class Kept:
+    """The covered tensors' v after a step, pooled (one buffer in a wide dtype), with each
+    tensor's name, length and factors at that step."""
+
+    names: list[str]
+    lengths: list[int]
+    factors: list[Factors]
+    v: torch.Tensor
+
+    def pieces(self) -> dict[str, tuple[torch.Tensor, Factors]]:
+        views = self.v.split(self.lengths)
+        return {n: (piece, f) for n, piece, f in zip(self.names, views, self.factors, strict=True)}
+
+
+@functools.lru_cache(maxsize=4)
+def _segments(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The tensor each pooled element belongs to (made once per set of lengths)."""
+    idx = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])
+    return idx.to(device)
+
+
+def _previous(
+    before: Sequence[tuple[torch.Tensor, Factors] | None],
+    lengths: Sequence[int],
+    ok: Sequence[bool],
+    wide: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The previous v pooled as the current one is (NaN where there is none): the kept
+    buffer itself when every piece is its own, in order (the usual case: no copy)."""
+    pieces = [b[0] for b in before if b is not None]
+    if all(ok) and pieces and pieces[0].dtype == wide:
+        base = pieces[0]
+        start = base.storage_offset()
+        contiguous = all(
+            p.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            and p.storage_offset() == start + sum(lengths[:i])
+            for i, p in enumerate(pieces)
+        )
+        if contiguous:
+            return base.as_strided((sum(lengths),), (1,), start)
+    return torch.cat(
+        [
+            b[0].to(wide)
+            if b is not None and good
+            else torch.full((n,), math.nan, dtype=wide, device=device)
+            for b, n, good in zip(before, lengths, ok, strict=True)
+        ]
+    )
+
+
 def local_pass(
     entries: Sequence[Entry],
     which: Sequence[int],
     prev: Mapping[str, tuple[torch.Tensor, Factors]],
     factors: Sequence[Factors],
-) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, Factors]]]:
-    """For each covered entry with a previous v: one float64 vector ``[fell, rose,
-    k change indices, k change values, k shock indices, k shock values]`` (on the device,
-    for the caller's one transfer; padded with NaN); and the copies of v for the next
-    step."""
-    out: list[torch.Tensor] = []
-    keep: dict[str, tuple[torch.Tensor, Factors]] = {}
-    for i in which:
-        e, f = entries[i], factors[i]
-        v = _source(e)
-        keep[e.name] = (v.clone(), f)
-        before = prev.get(e.name)
-        if before is None or before[0].shape != v.shape or not f.defined:
-            out.append(torch.full((2 + 4 * TOP_K,), math.nan, dtype=torch.float64, device=v.device))
-            continue
-        v0, f0 = before
-        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-        d1 = v.to(wide).sqrt().add_(f.eps * f.bc2_sqrt)
-        rho = v0.to(wide).sqrt().add_(f0.eps * f0.bc2_sqrt).div_(d1)
-        fell = (rho < 1 / FACTOR).sum()
-        rose = (rho > FACTOR).sum()
-        change = rho.log().abs_().nan_to_num_(nan=-math.inf)
-        g = real_flat(e.grad).to(wide)
-        shock = (g * g).mul_(f0.bc2).div_(v0.to(wide)).nan_to_num_(nan=-math.inf)
-        k = min(TOP_K, v.numel())
-        top_c, top_s = torch.topk(change, k), torch.topk(shock, k)
-        pad = torch.full((TOP_K - k,), math.nan, dtype=torch.float64, device=v.device)
-        parts = [torch.stack([fell, rose]).double()]
-        for top, values in ((top_c, rho), (top_s, shock)):
-            parts += [top.indices.double(), pad, values[top.indices].double(), pad]
-        out.append(torch.cat(parts))
-    return out, keep
+) -> tuple[torch.Tensor, Kept, torch.Tensor]:
+    """The covered entries' ``[fell, rose]`` counts ((n, 2) float64 on the device, NaN for a
+    tensor without a previous v), the pooled v kept for the next step, and each pooled
+    element's change ``rho`` (for :func:`tops`). A few operations over the pooled covered
+    tensors however many they are."""
+    chosen = [entries[i] for i in which]
+    sources = [_source(e) for e in chosen]
+    lengths = [v.numel() for v in sources]
+    device = chosen[0].param.device if chosen else torch.device("cpu")
+    wide = torch.float64 if any(v.dtype == torch.float64 for v in sources) else torch.float32
+    cur = torch.empty(sum(lengths), dtype=wide, device=device)
+    if not chosen:
+        empty = torch.zeros((0, 2), dtype=torch.float64, device=device)
+        return empty, Kept([], [], [], cur), cur
+    torch._foreach_copy_(list(cur.split(lengths)), sources)
+    before = [prev.get(e.name) for e in chosen]
+    ok = [
+        b is not None and b[0].numel() == n and factors[i].defined
+        for b, n, i in zip(before, lengths, which, strict=True)
+    ]
+    old = _previous(before, lengths, ok, wide, device)
+    lens = torch.tensor(lengths, device=device)
+
+    def per_element(values: list[float]) -> torch.Tensor | float:
+        if len(set(values)) == 1:  # one group, one step: a scalar
+            return values[0]
+        return torch.tensor(values, dtype=wide, device=device)[_segments(tuple(lengths), device)]
+
+    e_now = per_element([factors[i].eps * factors[i].bc2_sqrt for i in which])
+    e_then = per_element([b[1].eps * b[1].bc2_sqrt if b is not None else math.nan for b in before])
+    rho = old.sqrt().add_(e_then).div_(cur.sqrt().add_(e_now))
+    flags = torch.stack([rho < 1 / FACTOR, rho > FACTOR]).to(wide)
+    counts = torch.segment_reduce(flags, "sum", lengths=lens.expand(2, -1), axis=1).t()
+    valid = torch.tensor(ok, device=device)[:, None]
+    counts = counts.double().masked_fill(~valid, math.nan)
+    kept = Kept([e.name for e in chosen], lengths, [factors[i] for i in which], cur)
+    return counts, kept, rho
 
 
-def unpack(row: Sequence[float], numel: int) -> tuple[dict[str, float], dict[str, object]]:
-    """One covered tensor's scalars and its top elements from :func:`local_pass`'s row."""
-    fell, rose = row[0], row[1]
-    scalars = {
-        "lr_fell_count": fell,
-        "lr_rose_count": rose,
-        "lr_fell_frac": fell / numel if numel else math.nan,
-    }
-    tops: dict[str, object] = {}
-    at = 2
-    for label in ("lr_change", "shock"):
-        index, values = row[at : at + TOP_K], row[at + TOP_K : at + 2 * TOP_K]
-        at += 2 * TOP_K
-        pairs = [
-            (int(i), v)
-            for i, v in zip(index, values, strict=True)
-            if not math.isnan(i) and math.isfinite(v)
-        ]
-        tops[label] = {"index": [i for i, _ in pairs], "value": [v for _, v in pairs]}
-    return scalars, tops
+def tops(
+    entries: Sequence[Entry],
+    which: Sequence[int],
+    rho: torch.Tensor,
+    kept: Kept,
+    prev: Mapping[str, tuple[torch.Tensor, Factors]],
+    flagged: Sequence[int],
+) -> dict[str, dict[str, dict[str, list[Any]]]]:
+    """The :data:`TOP_K` elements by change of effective LR and by shock of the covered
+    tensors ``flagged`` (positions in ``which``): ``{name: {"lr_change": {"index",
+    "value"}, "shock": {...}}}`` (one transfer; run only at a step that counted a change)."""
+    pieces = rho.split(kept.lengths)
+    parts, names = [], []
+    for j in flagged:
+        e = entries[which[j]]
+        before = prev[e.name]
+        r = pieces[j]
+        g = real_flat(e.grad).to(r.dtype)
+        shock = (g * g).mul_(before[1].bc2).div_(before[0].to(r.dtype))
+        k = min(TOP_K, r.numel())
+        for values, key in ((r, r.log().abs_()), (shock, shock)):
+            top = torch.topk(key.nan_to_num(nan=-math.inf), k)
+            parts += [top.indices.double(), values[top.indices].double()]
+        names.append((e.name, k))
+    host = torch.cat(parts).tolist() if parts else []
+    out: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    at = 0
+    for name, k in names:
+        found: dict[str, dict[str, list[Any]]] = {}
+        for label in ("lr_change", "shock"):
+            index, values = host[at : at + k], host[at + k : at + 2 * k]
+            at += 2 * k
+            pairs = [(int(i), v) for i, v in zip(index, values, strict=True) if math.isfinite(v)]
+            found[label] = {"index": [i for i, _ in pairs], "value": [v for _, v in pairs]}
+        out[name] = found
+    return out

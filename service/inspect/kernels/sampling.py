@@ -34,10 +34,10 @@ __all__ = [
 
 #: Elements sampled per step, in all, from the tensors not taken whole (see the package
 #: docstring).
-STEP_SAMPLE = 1 << 12
+STEP_SAMPLE = 1 << 11
 #: The smallest stepped tensors are taken whole (their estimates are exact) while their
 #: elements add up to no more than this.
-WHOLE_BUDGET = 1 << 14
+WHOLE_BUDGET = 1 << 12
 #: Each stepped tensor gets at least this many sampled elements (a smaller one: all), fewer
 #: (down to BLOCK) when there are so many tensors that this would pass 2 * STEP_SAMPLE.
 MIN_PER_TENSOR = 64

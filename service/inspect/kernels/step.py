@@ -16,7 +16,7 @@ from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 from .assemble import Columns, Row, aggregate, estimates, tensor_signals
 from .cache import SignalCache, Token, cache_key
 from .exact import REDUCED, count_faults, reduce_exact
-from .local import LOCAL_SIGNALS, covered, local_pass, unpack
+from .local import covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
 
@@ -310,9 +310,9 @@ def finish(
     exact = reduce_exact(entries)
     factors = _factors(entries, steps)
     which = covered(layout.numels)
-    local_rows, local_keep = local_pass(entries, which, pending.local, factors)
+    counts, kept, rho = local_pass(entries, which, pending.local, factors)
     parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
-    parts += local_rows
+    parts.append(counts.reshape(-1))
     host = torch.cat(parts).tolist()  # the one transfer
     s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), len(REDUCED)
     rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
@@ -325,11 +325,8 @@ def finish(
     pos += 2 * nq
     reduced = [host[pos + i * nr : pos + (i + 1) * nr] for i in range(s_n)]
     pos += s_n * nr
-    width = len(local_rows[0]) if local_rows else 0
-    local = {
-        i: unpack(host[pos + j * width : pos + (j + 1) * width], layout.numels[i])
-        for j, i in enumerate(which)
-    }
+    local = {i: (host[pos + 2 * j], host[pos + 2 * j + 1]) for j, i in enumerate(which)}
+    flagged = [j for j, i in enumerate(which) if local[i][0] > 0 or local[i][1] > 0]
     # NaN/Inf propagate through the norms, the sum and the max: counted only then.
     faults = {
         e.name: count_faults(e)
@@ -351,7 +348,7 @@ def finish(
             faults.get(e.name, {}),
             scales[i],
         )
-        | (local[i][0] if i in local else dict.fromkeys(LOCAL_SIGNALS, math.nan))
+        | _local_signals(local.get(i, (math.nan, math.nan)), layout.numels[i])
         for i, e in enumerate(entries)
     }
     agg = aggregate(layout, rows, reduced, col, tensors, amsgrad)
@@ -370,7 +367,10 @@ def finish(
         "aggregate": {s: agg[s] for s in SIGNALS},
         "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
         "estimates": estimates(layout),
-        "local": {entries[i].name: local[i][1] for i in which},
+        "local": {
+            "covered": [entries[i].name for i in which],
+            "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},
+        },
     }
     if faults:
         signals["faults"] = {
@@ -378,4 +378,9 @@ def finish(
             for name, found in faults.items()
         }
     tokens = [Token.of(s) for s in states]
-    return signals, SignalCache(cache_key(layout), lr, tokens, local_keep)
+    return signals, SignalCache(cache_key(layout), lr, tokens, kept.pieces())
+
+
+def _local_signals(counts: tuple[float, float], numel: int) -> dict[str, float]:
+    fell, rose = counts
+    return {"lr_fell_count": fell, "lr_rose_count": rose, "lr_fell_frac": fell / numel}

@@ -268,8 +268,8 @@ def test_a_v_jump_in_rare_rows_alerts_for_adam_and_not_amsgrad(amsgrad: bool) ->
     assert events == [(JUMP, "emb", "lr_fell_frac")]  # naming the tensor, at the jump
     assert max(fell[10 : JUMP - 1] + fell[JUMP:]) == 0
     # The top elements by change are in the rare rows, the largest falls first.
-    top = at_jump["local"]["emb"]["lr_change"]
+    top = at_jump["local"]["top"]["emb"]["lr_change"]
     assert len(top["index"]) == 8 and {i // 16 for i in top["index"]} <= set(rare)
     assert top["value"] == pytest.approx(sorted(rho[top["index"]]), rel=1e-5)
     assert top["value"][0] == pytest.approx(float(rho.min()), rel=1e-5)
-    assert {i // 16 for i in at_jump["local"]["emb"]["shock"]["index"]} <= set(rare)
+    assert {i // 16 for i in at_jump["local"]["top"]["emb"]["shock"]["index"]} <= set(rare)
