@@ -17,9 +17,10 @@ max_exp_avg_sq, with that role's exact counts), also as the aggregate signal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -93,7 +94,7 @@ class SignalObserver:
         try:
             found = self._entries = entries(opt, grads)
             if found:
-                with torch.no_grad():
+                with torch.no_grad(), one_thread(found[0].param.device):
                     self._pending = begin(
                         found, self.cache, self.layout_for(found), steps=known_steps(opt, found)
                     )
@@ -109,7 +110,7 @@ class SignalObserver:
                 if "error" not in self.latest:
                     self.latest = {**empty_signals(), "step": step, "time": time.time()}
                 return
-            with torch.no_grad():
+            with torch.no_grad(), one_thread(found[0].param.device if found else None):
                 if not all(e.state for e in found):  # states the step created
                     found = entries(opt, grads)
                 steps = known_steps(opt, found)
@@ -145,6 +146,23 @@ class SignalObserver:
             "time": time.time(),
             "error": f"{type(error).__name__}: {error}",
         }
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device | None) -> Iterator[None]:
+    """PyTorch on one thread while the signals run on a CPU stepper: their few passes are
+    bound by memory bandwidth, which a second thread hardly adds to, and each of their many
+    small operations would otherwise open a parallel region, which costs a wake-up of every
+    pool thread (milliseconds each on a machine whose cores are busy)."""
+    n = torch.get_num_threads()
+    if device is None or device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def observer_of(opt: ObservedOptimizer) -> SignalObserver | None:
