@@ -86,7 +86,7 @@ class Kept:
     v: torch.Tensor
 
     def pieces(self) -> dict[str, tuple[torch.Tensor, Factors]]:
-        views = self.v.split(self.lengths)
+        views = self.v.split_with_sizes(self.lengths)
         return {n: (piece, f) for n, piece, f in zip(self.names, views, self.factors, strict=True)}
 
 
@@ -146,7 +146,7 @@ def local_pass(
     if not chosen:
         empty = torch.zeros((0, 2), dtype=torch.float64, device=device)
         return empty, Kept([], [], [], cur), cur
-    torch._foreach_copy_(list(cur.split(lengths)), sources)
+    torch._foreach_copy_(list(cur.split_with_sizes(lengths)), sources)
     before = [prev.get(e.name) for e in chosen]
     ok = [
         b is not None and b[0].numel() == n and factors[i].defined
@@ -182,7 +182,7 @@ def tops(
     """The :data:`TOP_K` elements by change of effective LR and by shock of the covered
     tensors ``flagged`` (positions in ``which``): ``{name: {"lr_change": {"index",
     "value"}, "shock": {...}}}`` (one transfer; run only at a step that counted a change)."""
-    pieces = rho.split(kept.lengths)
+    pieces = rho.split_with_sizes(kept.lengths)
     parts, names = [], []
     for j in flagged:
         e = entries[which[j]]
@@ -201,9 +201,9 @@ def tops(
     for name, k in names:
         found: dict[str, dict[str, list[Any]]] = {}
         for label in ("lr_change", "shock"):
-            index, values = host[at : at + k], host[at + k : at + 2 * k]
+            index, got = host[at : at + k], host[at + k : at + 2 * k]
             at += 2 * k
-            pairs = [(int(i), v) for i, v in zip(index, values, strict=True) if math.isfinite(v)]
+            pairs = [(int(i), v) for i, v in zip(index, got, strict=True) if math.isfinite(v)]
             found[label] = {"index": [i for i, _ in pairs], "value": [v for _, v in pairs]}
         out[name] = found
     return out
