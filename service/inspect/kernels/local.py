@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from adamscope.client.numerics import Factors, real_flat
+from adamscope.client.numerics import Factors, real_flat, upload
 
 from .sampling import Entry
 
@@ -153,19 +153,19 @@ def local_pass(
         for b, n, i in zip(before, lengths, which, strict=True)
     ]
     old = _previous(before, lengths, ok, wide, device)
-    lens = torch.tensor(lengths, device=device)
+    lens = upload(lengths, torch.int64, device)
 
     def per_element(values: list[float]) -> torch.Tensor | float:
         if len(set(values)) == 1:  # one group, one step: a scalar
             return values[0]
-        return torch.tensor(values, dtype=wide, device=device)[_segments(tuple(lengths), device)]
+        return upload(values, wide, device)[_segments(tuple(lengths), device)]
 
     e_now = per_element([factors[i].eps * factors[i].bc2_sqrt for i in which])
     e_then = per_element([b[1].eps * b[1].bc2_sqrt if b is not None else math.nan for b in before])
     rho = old.sqrt().add_(e_then).div_(cur.sqrt().add_(e_now))
     flags = torch.stack([rho < 1 / FACTOR, rho > FACTOR]).to(wide)
     counts = torch.segment_reduce(flags, "sum", lengths=lens.expand(2, -1), axis=1).t()
-    valid = torch.tensor(ok, device=device)[:, None]
+    valid = upload(ok, torch.bool, device)[:, None]
     counts = counts.double().masked_fill(~valid, math.nan)
     kept = Kept([e.name for e in chosen], lengths, [factors[i] for i in which], cur)
     return counts, kept, rho

@@ -16,7 +16,7 @@ from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 from .assemble import Columns, Row, aggregate, estimates, tensor_signals
 from .cache import SignalCache, Token, cache_key
 from .exact import REDUCED, count_faults, reduce_exact
-from .local import covered, local_pass, tops
+from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
 
@@ -102,6 +102,8 @@ class Pending:
     shock: torch.Tensor  # NaN where undefined
     #: The previous v of the tensors the localized signals cover, where still valid.
     local: dict[str, tuple[torch.Tensor, Factors]] = field(default_factory=dict)
+    #: The kept v of covered tensors that do not step now (kept for their next step).
+    carry: SignalCache = field(default_factory=SignalCache)
 
 
 def _steps(entries: Sequence[Entry]) -> list[float | None]:
@@ -236,17 +238,10 @@ def begin(
             else [False] * len(entries)
         )
     )
-    local = (
-        {
-            e.name: cache.local[e.name]
-            for e, ok in zip(entries, ok_cache, strict=True)
-            if ok and e.name in cache.local
-        }
-        if cache is not None
-        else {}
-    )
+    local = cache.local_for(entries) if cache is not None else {}
+    carry = cache.carried({e.name for e in entries}) if cache is not None else SignalCache()
     if all(ok_cache) and cache is not None and cache.lr_eff is not None:
-        return Pending(layout, g, p0, cache.lr_eff, shock, local)
+        return Pending(layout, g, p0, cache.lr_eff, shock, local, carry)
     lr_prev = _lr_eff(
         layout,
         [_v_source(e) if ok else e.param for e, ok in zip(entries, with_state, strict=True)],
@@ -257,7 +252,7 @@ def begin(
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
         use = upload(ok_cache, torch.bool, layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
-    return Pending(layout, g, p0, lr_prev, shock, local)
+    return Pending(layout, g, p0, lr_prev, shock, local, carry)
 
 
 def _columns(
@@ -378,7 +373,15 @@ def finish(
             for name, found in faults.items()
         }
     tokens = [Token.of(s) for s in states]
-    return signals, SignalCache(cache_key(layout), lr, tokens, kept.pieces())
+    tokens_of = dict(zip(layout.names, tokens, strict=True))
+    # Tensors that skipped this step keep their v while the budget allows.
+    local, local_tokens = kept.pieces(), {n: tokens_of[n] for n in kept.names}
+    room = LOCAL_BUDGET - sum(kept.lengths)
+    for n, (v, f) in pending.carry.local.items():
+        if v.numel() <= room:
+            local[n], local_tokens[n] = (v, f), pending.carry.local_tokens.get(n)
+            room -= v.numel()
+    return signals, SignalCache(cache_key(layout), lr, tokens, local, local_tokens)
 
 
 def _local_signals(counts: tuple[float, float], numel: int) -> dict[str, float]:
