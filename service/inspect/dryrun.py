@@ -67,12 +67,13 @@ def dry_run(
             if observer is not None and cache is not None
             else None
         )
+        local = cache.local_for(real) if cache is not None else None
     signals = {**empty_signals(), "step": trial.step}
     if not trial.names:  # no gradient: nothing would step (as for a real step)
         return DryRun(trial.step, [], trial.skipped, {}, {}, {}, {}, signals)
     with torch.no_grad():
         found = _trial_entries(trial)
-        pending = begin(found, cache, None, valid) if found else None
+        pending = begin(found, cache, None, valid, local=local) if found else None
     trial.run()
     if pending is not None:
         with torch.no_grad():

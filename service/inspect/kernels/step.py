@@ -200,6 +200,7 @@ def begin(
     layout: Layout | None = None,
     valid: Sequence[bool] | None = None,
     steps: Sequence[float | None] | None = None,
+    local: dict[str, tuple[torch.Tensor, Factors]] | None = None,
 ) -> Pending:
     """Capture, before the step, what the signals compare against: the gradient and
     parameter samples, the previous effective LR and the second-moment shock. ``steps``:
@@ -238,7 +239,8 @@ def begin(
             else [False] * len(entries)
         )
     )
-    local = cache.local_for(entries) if cache is not None else {}
+    if local is None:  # else the caller's (a dry run's copies have no tokens of their own)
+        local = cache.local_for(entries) if cache is not None else {}
     carry = cache.carried({e.name for e in entries}) if cache is not None else SignalCache()
     if all(ok_cache) and cache is not None and cache.lr_eff is not None:
         return Pending(layout, g, p0, cache.lr_eff, shock, local, carry)
@@ -375,13 +377,13 @@ def finish(
     tokens = [Token.of(s) for s in states]
     tokens_of = dict(zip(layout.names, tokens, strict=True))
     # Tensors that skipped this step keep their v while the budget allows.
-    local, local_tokens = kept.pieces(), {n: tokens_of[n] for n in kept.names}
+    keep, keep_tokens = kept.pieces(), {n: tokens_of[n] for n in kept.names}
     room = LOCAL_BUDGET - sum(kept.lengths)
     for n, (v, f) in pending.carry.local.items():
         if v.numel() <= room:
-            local[n], local_tokens[n] = (v, f), pending.carry.local_tokens.get(n)
+            keep[n], keep_tokens[n] = (v, f), pending.carry.local_tokens.get(n)
             room -= v.numel()
-    return signals, SignalCache(cache_key(layout), lr, tokens, local, local_tokens)
+    return signals, SignalCache(cache_key(layout), lr, tokens, keep, keep_tokens)
 
 
 def _local_signals(counts: tuple[float, float], numel: int) -> dict[str, float]:
