@@ -59,21 +59,24 @@ the values; the block sample is systematic, which is as good unless the values v
 the stride. ``scaled`` values have no distribution-free bound.
 
 Cost: the exact reductions read every stepped tensor's gradient, parameter, m and v once
-(:mod:`.exact`: one foreach norm call and a sum per tensor; about 16 ms per 10M fp32
+(:mod:`.exact`: one foreach norm call and a sum per tensor; at least 16 ms per 10M fp32
 parameters on one core, bound by memory bandwidth, and run after the step's reply has left
-when the service defers it). The rest comes from a sample: the smallest stepped tensors
-are taken whole while they add up to :data:`WHOLE_BUDGET` elements; the others share
-about :data:`STEP_SAMPLE` sampled elements in proportion to their size, with at least
-:data:`MIN_PER_TENSOR` each.
-A sampled tensor contributes blocks of :data:`BLOCK` consecutive elements (one cache line
-of fp32) every ``stride`` elements, the stride a multiple of the block chosen so that the
-blocks pass through every column (:func:`block_plan`): the same elements every step, so
-step-to-step comparisons such as gamma compare like with like. The update norm is scaled
-up from the sample (``norm * sqrt(numel / n)``), fractions are the sample's. NaN and Inf
-propagate through the exact reductions, so a step that brings one is seen at that step and
-its NaN/Inf elements are counted then, per role, over the whole tensors (``faults``). All
-of it runs on the stepper's device, vectorized over all stepped tensors at once, with one
-transfer of the results to the host.
+when the service defers it, on one thread: ``signals.one_thread``). The localized signals
+(:mod:`.local`) cover a budget of elements. Measured with ``benchmarks/bench_signals.py`` on
+a busy 2-core VM: about 2 ms a step at 10K parameters and 40 to 55 ms at 10M (bench_step's
+129-tensor layout), against 1 and 8 ms for the sampled signals alone before. The rest comes
+from a sample: the smallest stepped tensors are taken whole while they add up to
+:data:`WHOLE_BUDGET` elements; the others share about :data:`STEP_SAMPLE` sampled elements
+in proportion to their size, with at least :data:`MIN_PER_TENSOR` each. A sampled tensor
+contributes blocks of :data:`BLOCK` consecutive elements (one cache line of fp32) every
+``stride`` elements, the stride a multiple of the block chosen so that the blocks pass
+through every column (:func:`block_plan`): the same elements every step, so step-to-step
+comparisons such as gamma compare like with like. The update norm is scaled up from the
+sample (``norm * sqrt(numel / n)``), fractions are the sample's. NaN and Inf propagate
+through the exact reductions, so a step that brings one is seen at that step and its NaN/Inf
+elements are counted then, per role, over the whole tensors (``faults``). All of it runs on
+the stepper's device, vectorized over all stepped tensors at once, with one transfer of the
+results to the host.
 
 The effective LR and its denominator reproduce PyTorch's for-loop (``_single_tensor_adam``)
 bit for bit, including the roundings it does in 16-bit state dtypes (``denom`` is rounded
