@@ -17,10 +17,12 @@ beta2 a step, so its effective LR rises by at most ``1 / sqrt(beta2)`` beyond th
 (``lr_rose_count`` stays 0 for a factor of 2); a v jump makes it fall, and AMSGrad's
 max_exp_avg_sq only moves when v passes its maximum.
 
-Cost: this needs the previous step's v; it is kept, as a copy in the state's dtype, for
-the smallest stepped tensors while their elements add up to :data:`LOCAL_BUDGET` (1 MiB of
-fp32 copies, a few milliseconds of work per step at most); larger tensors beyond the budget
-report NaN counts and no top elements (``local`` in the signals lists the tensors covered).
+Cost: this needs the previous step's v; it is kept, pooled in float32 (float64 for float64
+tensors), for the smallest stepped tensors while their elements add up to
+:data:`LOCAL_BUDGET` (1 MiB of copies; a tensor keeps its copy through steps it skips), with
+a few pooled operations per step however many tensors; the top elements are found only at
+a step that counted a change. Larger tensors beyond the budget report NaN counts and no top
+elements (``local["covered"]`` in the signals lists the tensors covered).
 """
 
 from __future__ import annotations
