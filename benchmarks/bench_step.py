@@ -4,6 +4,11 @@ measured interleaved.
 
     python benchmarks/bench_step.py                      # 1M, 10M, 50M fp32 params, fused Adam
     python benchmarks/bench_step.py --impl forloop --sizes 1M 10M --steps 30
+    python benchmarks/bench_step.py --sizes 10K 10M --steps 30 --signals-ab
+
+``--signals-ab`` serves twice, with the per-step signals on and off, measures every size on
+both in the same run and prints the signals' per-step cost in the service (its engine time
+per step, on minus off) and the remote/floor ratio of each.
 
 The floor is what no HTTP service can beat on this machine: a plain TCP echo of the same
 number of bytes (request and reply) between two processes on loopback (``recv_into`` a
@@ -36,6 +41,7 @@ GPU and parameters come back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -361,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         help="serve without per-step signals (ADAMSCOPE_SIGNALS=false): the "
         "server's step is then the copy, PyTorch's update and its wait",
     )
+    parser.add_argument(
+        "--signals-ab",
+        action="store_true",
+        help="two servers, per-step signals on and off, each size measured on both in the "
+        "same run; prints the signals' per-step cost and both remote/floor ratios",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "floor = plain-socket echo of the same bytes + one local fused Adam step"
-        + ("; server without per-step signals" if args.no_signals else "")
+        + ("; server without per-step signals" if args.no_signals and not args.signals_ab else "")
     )
     header = (
         f"{'params':>11} {'tensors':>7}   {'remote ms median [min, max]':>29}   "
@@ -384,30 +396,56 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     all_identical = True
     limits: list[tuple[int, float, float, dict[str, float]]] = []
-    env = {"ADAMSCOPE_SIGNALS": "false"} if args.no_signals else None
-    with server(args.device, env=env) as url, Client(url) as client:
+    variants = [("on", None), ("off", {"ADAMSCOPE_SIGNALS": "false"})]
+    if not args.signals_ab:
+        variants = [variants[1] if args.no_signals else variants[0]]
+    with contextlib.ExitStack() as stack:
+        clients = [
+            (label, stack.enter_context(Client(stack.enter_context(server(args.device, env=env)))))
+            for label, env in variants
+        ]
+        costs: list[str] = []
         for numel in args.sizes:
-            res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
-            remote, local, floor = res["remote"], res["local"], res["floor"]
-            assert isinstance(remote, list) and isinstance(local, list)
-            assert isinstance(floor, list)
-            ratio = statistics.median(remote) / statistics.median(local)
-            to_floor = statistics.median(remote) / statistics.median(floor)
-            all_identical &= bool(res["identical"])
-            print(
-                f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
-                f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
-                f"  {res['identical']}",
-                flush=True,
-            )
-            limits.append(
-                (
-                    int(str(res["numel"])),
-                    statistics.median(local),
-                    float(str(res["server_ms"])),
-                    device_limits(numel, args.device),
+            by_label: dict[str, tuple[float, float]] = {}
+            for label, client in clients:
+                res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
+                remote, local, floor = res["remote"], res["local"], res["floor"]
+                assert isinstance(remote, list) and isinstance(local, list)
+                assert isinstance(floor, list)
+                ratio = statistics.median(remote) / statistics.median(local)
+                to_floor = statistics.median(remote) / statistics.median(floor)
+                all_identical &= bool(res["identical"])
+                print(
+                    f"{res['numel']:>11,} {res['tensors']:>7}   {fmt(remote):>29}   "
+                    f"{fmt(local):>29}   {fmt(floor):>29}   {ratio:>11.2f}x {to_floor:>11.2f}x"
+                    f"  {res['identical']}" + (f"  signals {label}" if args.signals_ab else ""),
+                    flush=True,
                 )
+                by_label[label] = (float(str(res["server_ms"])), to_floor)
+                limits.append(
+                    (
+                        int(str(res["numel"])),
+                        statistics.median(local),
+                        float(str(res["server_ms"])),
+                        device_limits(numel, args.device),
+                    )
+                )
+            if len(by_label) == 2:
+                (on_ms, on_ratio), (off_ms, off_ratio) = by_label["on"], by_label["off"]
+                costs.append(
+                    f"{numel:>11,}   {on_ms - off_ms:>16.2f}   {on_ratio:>16.2f}x"
+                    f"   {off_ratio:>17.2f}x"
+                )
+        if costs:
+            print(
+                "\nper-step signals in the service (server step with signals on minus off; "
+                "remote/floor of each, same run)"
             )
+            print(
+                f"{'params':>11}   {'signals ms/step':>16}   {'remote/floor on':>17}"
+                f"   {'remote/floor off':>18}"
+            )
+            print("\n".join(costs), flush=True)
     print(
         f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
         "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate; "

@@ -579,7 +579,9 @@ class Client:
 
     def signals(self, name: str) -> dict[str, Any]:
         """The last step's signals: ``{"step", "time", "tensors": {param: {signal: value}},
-        "aggregate": {signal: value}, "sample": {param: n}}``."""
+        "aggregate": {signal: value}, "sample": {param: n}, "estimates": {...}, "groups":
+        [{group, step, lr, beta1, beta2, bc1, bc2, step_size}]}``, with ``"faults"`` at a
+        step that brought NaN/Inf and ``"first_nonfinite"`` from then on."""
         return self._send(_inspection.signals(name))
 
     def slice(

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..inspect.merge import combine_signals, merge_stats_aggregate
+from ..inspect.merge import combine_signals, merge_signal_details, merge_stats_aggregate
 from .cluster import ShardedRecord
 from .shards import merge as merge_bodies
 from .shards import parse
@@ -116,6 +116,7 @@ def signals(
     merged["aggregate"] = combine_signals(
         [p.get("aggregate") or {} for p in parts], _weights(record, shards)
     )
+    merged.update(merge_signal_details(parts))
     return merged
 
 

@@ -20,6 +20,7 @@ from ..engine import Stepper
 from ..engine.trial import Trial
 from .kernels import Entry, begin, empty_signals, finish
 from .optimizer import entries
+from .schedule import group_order, with_groups
 from .signals import observer_of
 
 __all__ = ["DryRun", "dry_run"]
@@ -58,6 +59,7 @@ def dry_run(
     with stepper.lock:
         trial = stepper.trial(grads, group_updates)  # settled: the signal cache is current
         observer = observer_of(stepper)
+        order = observer.group_order(stepper) if observer is not None else group_order(stepper)
         real = entries(stepper, {n: grads[n] for n in trial.names})
         cache = observer.cache if observer is not None and real else None
         valid = (
@@ -65,16 +67,19 @@ def dry_run(
             if observer is not None and cache is not None
             else None
         )
+        local = cache.local_for(real) if cache is not None else None
     signals = {**empty_signals(), "step": trial.step}
     if not trial.names:  # no gradient: nothing would step (as for a real step)
         return DryRun(trial.step, [], trial.skipped, {}, {}, {}, {}, signals)
     with torch.no_grad():
         found = _trial_entries(trial)
-        pending = begin(found, cache, None, valid) if found else None
+        pending = begin(found, cache, None, valid, local=local) if found else None
     trial.run()
     if pending is not None:
         with torch.no_grad():
-            signals, _ = finish(pending, _trial_entries(trial), trial.step)
+            after = _trial_entries(trial)
+            signals, _ = finish(pending, after, trial.step)
+            signals = with_groups(signals, order, after)
     return DryRun(
         trial.step,
         trial.names,

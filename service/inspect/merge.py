@@ -12,7 +12,7 @@ from typing import Any
 from .kernels import COMBINE
 from .summary import Summary
 
-__all__ = ["combine", "combine_signals", "merge_stats_aggregate"]
+__all__ = ["combine", "combine_signals", "merge_signal_details", "merge_stats_aggregate"]
 
 
 def _finite(value: Any) -> float | None:
@@ -79,3 +79,31 @@ def merge_stats_aggregate(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for p in parts:
         total.merge(Summary.from_fields(p))
     return total.fields()
+
+
+def merge_signal_details(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the parts' signals say beside the tensors and the aggregate, as the whole's:
+    ``estimates`` (each tensor's bound from its part; the aggregate's the loosest part's,
+    a bound of the pooled one only as far as the parts' samples are alike), ``local``
+    (covered tensors and top elements joined), ``faults`` (joined) and ``first_nonfinite``
+    (the earliest)."""
+    out: dict[str, Any] = {}
+    estimates = [p["estimates"] for p in parts if p.get("estimates")]
+    if estimates:
+        merged = dict(estimates[0])
+        merged["rank_error"] = {k: v for e in estimates for k, v in e["rank_error"].items()}
+        merged["aggregate_rank_error"] = max(e["aggregate_rank_error"] for e in estimates)
+        out["estimates"] = merged
+    locals_ = [p["local"] for p in parts if p.get("local")]
+    if locals_:
+        out["local"] = {
+            "covered": [n for loc in locals_ for n in loc.get("covered", [])],
+            "top": {k: v for loc in locals_ for k, v in (loc.get("top") or {}).items()},
+        }
+    faults = {k: v for p in parts for k, v in (p.get("faults") or {}).items()}
+    if faults:
+        out["faults"] = faults
+    firsts = [p["first_nonfinite"] for p in parts if p.get("first_nonfinite")]
+    if firsts:
+        out["first_nonfinite"] = min(firsts, key=lambda f: f["step"])
+    return out

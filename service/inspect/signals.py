@@ -5,18 +5,28 @@ that runs the signal kernels (:mod:`.kernels`) around each step and keeps the la
 signals (:func:`signals_of`). It never raises into the step: a failure is logged and
 leaves signals with an ``"error"``. Off (``ADAMSCOPE_SIGNALS=false``), steps are recorded
 without signals, at no cost.
+
+Besides the kernels' signals, every step's signals carry ``groups`` (each stepped param
+group's lr, betas, bias corrections and step size, also as aggregate signals
+``group<i>.<field>``: :mod:`.schedule`) and, from the step at which a NaN/Inf first entered
+a gradient, parameter or moment on, ``first_nonfinite``: ``{step, tensor, role, nan, inf}``
+(the role it was first seen in, in the order grad, param, exp_avg, exp_avg_sq,
+max_exp_avg_sq, with that role's exact counts), also as the aggregate signal
+``first_nonfinite_step``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .kernels import (
+    FAULT_ROLES,
     SIGNALS,
     Entry,
     Layout,
@@ -28,6 +38,7 @@ from .kernels import (
 )
 from .kernels.sampling import build_layout, layout_key
 from .optimizer import ObservedOptimizer, entries, known_steps
+from .schedule import group_order, with_groups
 
 __all__ = ["SIGNALS", "SignalObserver", "attach_signals", "observer_of", "signals_of"]
 
@@ -49,6 +60,9 @@ class SignalObserver:
         self._entries: list[Entry] = []  # the step's, from before_step to after_step
         #: Off (``ADAMSCOPE_SIGNALS=false``): steps are recorded without signals, at no cost.
         self.enabled = True
+        #: ``{step, tensor, role, nan, inf}``: where and when a NaN/Inf first entered.
+        self.first_nonfinite: dict[str, Any] | None = None
+        self._groups: tuple[tuple[str, ...], dict[str, int]] | None = None
 
     def layout_for(self, found: Sequence[Entry]) -> Layout:
         params = [e.param for e in found]
@@ -66,6 +80,13 @@ class SignalObserver:
         self._params = params
         return self._layout
 
+    def group_order(self, opt: ObservedOptimizer) -> dict[str, int]:
+        """Each parameter's group number (kept while the optimizer's names are the same)."""
+        names = tuple(opt.names)
+        if self._groups is None or self._groups[0] != names:
+            self._groups = (names, group_order(opt))
+        return self._groups[1]
+
     def before_step(self, opt: ObservedOptimizer, grads: Mapping[str, torch.Tensor]) -> None:
         self._pending = None
         if not self.enabled:
@@ -73,7 +94,7 @@ class SignalObserver:
         try:
             found = self._entries = entries(opt, grads)
             if found:
-                with torch.no_grad():
+                with torch.no_grad(), one_thread(found[0].param.device):
                     self._pending = begin(
                         found, self.cache, self.layout_for(found), steps=known_steps(opt, found)
                     )
@@ -89,12 +110,32 @@ class SignalObserver:
                 if "error" not in self.latest:
                     self.latest = {**empty_signals(), "step": step, "time": time.time()}
                 return
-            with torch.no_grad():
+            with torch.no_grad(), one_thread(found[0].param.device if found else None):
                 if not all(e.state for e in found):  # states the step created
                     found = entries(opt, grads)
-                self.latest, self.cache = finish(pending, found, step, known_steps(opt, found))
+                steps = known_steps(opt, found)
+                latest, self.cache = finish(pending, found, step, steps)
+            latest = with_groups(latest, self.group_order(opt), found, steps)
+            self.latest = self._with_first_fault(latest, step)
         except Exception as e:  # noqa: BLE001 - signals must never break a step
             self._fail(opt, e, step)
+
+    def _with_first_fault(self, latest: dict[str, Any], step: int) -> dict[str, Any]:
+        """``latest`` with the first step at which a NaN/Inf entered a tensor (kept until
+        the stepper goes back before it), and ``first_nonfinite_step`` in its aggregate."""
+        first = self.first_nonfinite
+        if first is not None and step <= first["step"]:
+            first = None  # back in time before it (a snapshot restored)
+        faults = latest.get("faults")
+        if first is None and faults:
+            name = next(iter(faults))  # in the optimizer's order
+            role = next(r for r in FAULT_ROLES if r in faults[name])
+            first = {"step": step, "tensor": name, "role": role, **faults[name][role]}
+        self.first_nonfinite = first
+        if first is not None:
+            latest["first_nonfinite"] = first
+            latest["aggregate"]["first_nonfinite_step"] = float(first["step"])
+        return latest
 
     def _fail(self, opt: ObservedOptimizer, error: Exception, step: int | None = None) -> None:
         log.exception("signals of stepper %r failed", opt.name)
@@ -105,6 +146,23 @@ class SignalObserver:
             "time": time.time(),
             "error": f"{type(error).__name__}: {error}",
         }
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device | None) -> Iterator[None]:
+    """PyTorch on one thread while the signals run on a CPU stepper: their few passes are
+    bound by memory bandwidth, which a second thread hardly adds to, and each of their many
+    small operations would otherwise open a parallel region, which costs a wake-up of every
+    pool thread (milliseconds each on a machine whose cores are busy)."""
+    n = torch.get_num_threads()
+    if device is None or device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def observer_of(opt: ObservedOptimizer) -> SignalObserver | None:

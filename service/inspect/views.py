@@ -7,12 +7,16 @@ for-loop implementation, the reference) does::
     bc1 = 1 - beta1 ** t;  bc2 = 1 - beta2 ** t;  step_size = lr / bc1
     denom  = (v.sqrt() / bc2 ** 0.5).add_(eps)     # v: max_exp_avg_sq under amsgrad
     m_hat  = m / bc1;  v_hat = v / bc2;  lr_eff = step_size / denom
-    update = -step_size * (m / denom)               # the last step's Adam update
+    update = -step_size * (m / denom)               # Adam's update from this state
 
-``denom`` is computed in the state's own dtype with PyTorch's operations (so it is bit for
-bit the denominator the for-loop used); the views are then widened to float32 (float64
-for float64 state) before dividing. ``update`` leaves out AdamW's decoupled decay term
-``lr * weight_decay * p``. A parameter at step 0 has no defined views.
+``update`` is the update the current state and options give: the last step's as long as the
+group's options are the ones it stepped with (after an option change between steps, it is
+computed with the new ones: the update the next step would make from m and v as they are,
+before its own gradient). ``denom`` is computed in the state's own dtype with PyTorch's
+operations (so it is bit for bit the denominator the for-loop used); the views are then
+widened to float32 (float64 for float64 state) before dividing. ``update`` leaves out
+AdamW's decoupled decay term ``lr * weight_decay * p``. A parameter at step 0 has no defined
+views.
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ def test_a_stream_opens_then_replays_the_latest_step_events(
         data = e["data"]
         assert e["id"] == f"{epoch}-{data['seq']}"
         expected = signals[data["stepper"]][data["step"] - 1]
-        assert set(data["aggregate"]) == set(SIGNALS)
+        # the signals and each param group's schedule (group<i>.lr, ...)
+        assert set(data["aggregate"]) == set(expected["aggregate"]) > set(SIGNALS)
+        assert data["aggregate"]["group0.lr"] == expected["groups"][0]["lr"]
         assert set(data["tensors"]) == {"w", "b", "h"}
         for s in SIGNALS:
             a, b = data["aggregate"][s], expected["aggregate"][s]

@@ -54,7 +54,8 @@ def test_history_is_what_the_engine_computed_at_every_step(net: TestClient) -> N
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     report = HistoryReport.model_validate(r.json())
     assert report.aggregate.steps == [1, 2, 3, 4]
-    assert set(report.signals) == set(SIGNALS)
+    # the signals and each param group's schedule (group<i>.lr, ...)
+    assert set(report.signals) == set(expected[-1]["aggregate"]) > set(SIGNALS)
     assert report.capacity == 10_000
     for i, sig in enumerate(expected):
         assert report.aggregate.time[i] == sig["time"]
@@ -148,7 +149,12 @@ def test_bad_losses_are_refused(net: TestClient, body: dict[str, Any]) -> None:
 
 def test_default_rules_then_replaced_then_back(net: TestClient) -> None:
     report = AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json())
-    assert report.defaults and [r.kind for r in report.rules] == ["nonfinite", "swing", "above"]
+    assert report.defaults and [r.kind for r in report.rules] == [
+        "nonfinite",
+        "swing",
+        "above",
+        "above",
+    ]
     rules = [
         {"kind": "above", "signal": "grad_norm", "threshold": 0.0, "tensor": "*"},
         {
@@ -169,7 +175,7 @@ def test_default_rules_then_replaced_then_back(net: TestClient) -> None:
     ]
     assert AlertsReport.model_validate(net.get(f"{V1}/{NAME}/alerts").json()).rules == report.rules
     back = AlertsReport.model_validate(net.put(f"{V1}/{NAME}/alerts", json={"rules": None}).json())
-    assert back.defaults and len(back.rules) == 3
+    assert back.defaults and len(back.rules) == 4
 
 
 def test_alerts_show_in_the_report_the_summary_and_the_list(net: TestClient) -> None:

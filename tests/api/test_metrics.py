@@ -17,6 +17,7 @@ from prometheus_client.samples import Sample
 
 from adamscope.service.app import create_app
 from adamscope.service.inspect.history import LATENCY_BUCKETS
+from adamscope.service.inspect.schedule import GROUP_FIELDS
 from adamscope.service.inspect.signals import SIGNALS
 from adamscope.service.settings import Settings
 
@@ -78,6 +79,11 @@ def test_metrics_parse_and_count_steps(app_client: TestClient) -> None:
         got = value(samples, "adamscope_signal", stepper="net", signal=s)
         want = latest["values"][s][0]
         assert (math.isnan(got) and want == "NaN") or got == want, s
+    # Each param group's schedule, labelled by group (one group here).
+    for option in GROUP_FIELDS:
+        got = value(samples, "adamscope_group_option", stepper="net", group="0", option=option)
+        assert got == latest["values"][f"group0.{option}"][0], option
+    assert value(samples, "adamscope_group_option", stepper="net", group="0", option="lr") > 0
 
     def requests(route: str, status: str, method: str = "GET") -> float:
         return value(

@@ -172,7 +172,7 @@ def test_alerts_set_and_show(
     assert "1 alert(s) raised, 1 active" in out
     assert "step 4  layer.b  grad_norm > 0: 1.732" in out
     code, out, _ = run(capsys, live_server.url, "alerts", stepped, "--set", "defaults")
-    assert code == 0 and "3 rule(s) (the defaults)" in out
+    assert code == 0 and "4 rule(s) (the defaults)" in out
     code, _, err = run(capsys, live_server.url, "alerts", stepped, "--set", '[{"kind": 1}]')
     assert code == 1 and "422 request_validation_error" in err
 

@@ -3,8 +3,9 @@
 Needs the ``read`` scope (a scrape config sends a read token as its bearer token); a token
 restricted to a name prefix sees only its steppers' series. Label cardinality is bounded:
 per-stepper series carry only ``stepper`` (and ``signal``, from the fixed set of aggregate
-signals), for at most ``metrics_max_steppers`` steppers (the first by name; the number left
-out is ``adamscope_metrics_steppers_omitted``); request series carry method, route
+signals, or ``group`` and ``option`` for the param groups' schedule), for at most
+``metrics_max_steppers`` steppers (the first by name; the number left out is
+``adamscope_metrics_steppers_omitted``); request series carry method, route
 *template* and status.
 
 Series:
@@ -15,6 +16,8 @@ Series:
 - ``adamscope_step_duration_seconds``: histogram of the engine's step time (PyTorch's
   update plus the signals computed with it);
 - ``adamscope_signal{stepper,signal}``: the latest aggregate value of every signal;
+- ``adamscope_group_option{stepper,group,option}``: each param group's schedule at the
+  latest step (``lr``, ``beta1``, ``beta2``, ``bc1``, ``bc2``, ``step_size``);
 - ``adamscope_loss``: the latest loss a client reported;
 - ``adamscope_alerts_total`` and ``adamscope_alerts_active``;
 - ``adamscope_http_requests_total{method,route,status}`` and
@@ -35,6 +38,7 @@ from ... import __version__
 from ...engine import Stepper
 from ...inspect.history import LATENCY_BUCKETS
 from ...inspect.recorder import history_of
+from ...inspect.schedule import split_group_key
 from ..access import require, visible
 from ..deps import hub, registry, serving, settings
 from ..http.requests import REQUEST_BUCKETS, RequestStats
@@ -112,6 +116,11 @@ _STEPPER_FAMILIES = (
         "Engine time of a step: PyTorch's update plus the signals computed with it.",
     ),
     ("adamscope_signal", "gauge", "Latest aggregate value of a per-step signal."),
+    (
+        "adamscope_group_option",
+        "gauge",
+        "A param group's lr, betas, bias corrections (bc1, bc2) and step size at the latest step.",
+    ),
     ("adamscope_loss", "gauge", "Latest training loss a client reported."),
     ("adamscope_alerts_total", "counter", "Alert events raised since the service started."),
     ("adamscope_alerts_active", "gauge", "Alert rules (per tensor) holding now."),
@@ -136,7 +145,19 @@ def _stepper_series(f: _Families, s: Stepper) -> None:
     )
     latest = obs.history.latest()
     for signal, value in sorted((latest or {}).get("aggregate", {}).items()):
-        f.add("adamscope_signal", "gauge", "", value, stepper=s.name, signal=signal)
+        group = split_group_key(signal)
+        if group is None:
+            f.add("adamscope_signal", "gauge", "", value, stepper=s.name, signal=signal)
+        elif not math.isnan(value):
+            f.add(
+                "adamscope_group_option",
+                "gauge",
+                "",
+                value,
+                stepper=s.name,
+                group=group[0],
+                option=group[1],
+            )
     loss = obs.history.latest_loss()
     if loss is not None:
         f.add("adamscope_loss", "gauge", "", loss[1], stepper=s.name)

@@ -18,6 +18,14 @@ const CHARTS = [
   { id: "loss", title: "Loss", signals: ["loss"], logY: false, on: true },
   { id: "custom", title: "Signal", signals: [], logY: false, on: false, custom: true },
 ];
+
+/** Signals estimated from a sample for tensors not taken whole: marked "~" in the table. */
+const ESTIMATE_NOTE = " (~: estimated from a sample of the tensor; its rank error bound is in /signals, estimates)";
+function estimated(v, row) {
+  const text = fmt(v);
+  return row && row.rank_error > 0 && text ? `~${text}` : text;
+}
+
 /** Points kept per series in the page (the service keeps its own bounded history). */
 const MAX_POINTS = 20000;
 /** Least time between two refreshes of the table, and of the histogram, while stepping. */
@@ -137,9 +145,9 @@ export class StepperView {
         { key: "param_norm", label: "‖p‖", numeric: true, format: fmt, title: "parameter L2 norm" },
         { key: "grad_norm", label: "‖g‖", numeric: true, format: fmt, title: "gradient L2 norm (last step)" },
         { key: "exp_avg_norm", label: "‖m‖", numeric: true, format: fmt, title: "exp_avg L2 norm" },
-        { key: "lr_eff_p50", label: "eff. LR p50", numeric: true, format: fmt, title: "median effective learning rate" },
-        { key: "update_ratio", label: "update ratio", numeric: true, format: fmt, title: "‖Δp‖ / ‖p‖ of the last step" },
-        { key: "shock_p99", label: "shock p99", numeric: true, format: fmt, title: "p99 of g² / v̂(t-1)" },
+        { key: "lr_eff_p50", label: "eff. LR p50", numeric: true, format: estimated, title: `median effective learning rate${ESTIMATE_NOTE}` },
+        { key: "update_ratio", label: "update ratio", numeric: true, format: estimated, title: `‖Δp‖ / ‖p‖ of the last step${ESTIMATE_NOTE}` },
+        { key: "shock_p99", label: "shock p99", numeric: true, format: estimated, title: `p99 of g² / v̂(t-1)${ESTIMATE_NOTE}` },
         {
           key: "nonfinite", label: "NaN/Inf", numeric: true,
           title: "NaN and Inf values in the gradient and moments",
@@ -412,9 +420,12 @@ export class StepperView {
   async loadTable() {
     if (!this.summary) return;
     let latest = {};
+    let rankError = {};
     try {
       const h = await this._get(`${this.base}/history`, { tensor: "*", limit: 1 });
       latest = h.tensors || {};
+      const signals = await this._get(`${this.base}/signals`);
+      rankError = (signals.estimates && signals.estimates.rank_error) || {};
     } catch (e) {
       this.ctx.failed("loading the tensors' signals", e);
     }
@@ -433,7 +444,7 @@ export class StepperView {
         name: p.name, shape: p.shape.length ? p.shape.join("×") : "scalar", numel: p.numel,
         dtype: p.dtype, group: p.group, param_norm: v.param_norm, grad_norm: v.grad_norm,
         exp_avg_norm: v.exp_avg_norm, lr_eff_p50: v.lr_eff_p50, update_ratio: v.update_ratio,
-        shock_p99: v.shock_p99, nonfinite,
+        shock_p99: v.shock_p99, nonfinite, rank_error: rankError[p.name],
       };
     });
     this.table.setRows(rows);

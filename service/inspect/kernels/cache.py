@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from adamscope.client.numerics import Factors
+
 from .sampling import Layout
 
 __all__ = ["SignalCache", "Token", "cache_key"]
@@ -52,6 +54,28 @@ class SignalCache:
     layout_key: tuple[Any, ...] | None = None
     lr_eff: torch.Tensor | None = None
     tokens: list[Token | None] = field(default_factory=list)
+    #: The previous v (and the factors it had) of the tensors the localized signals cover,
+    #: by name, each valid while its token holds (whatever else stepped with it).
+    local: dict[str, tuple[torch.Tensor, Factors]] = field(default_factory=dict)
+    local_tokens: dict[str, Token | None] = field(default_factory=dict)
+
+    def carried(self, stepping: set[str]) -> SignalCache:
+        """A cache holding only the kept v of tensors not in ``stepping`` (they keep it
+        through a step they skip: their state does not change)."""
+        names = [n for n in self.local if n not in stepping]
+        return SignalCache(
+            local={n: self.local[n] for n in names},
+            local_tokens={n: self.local_tokens.get(n) for n in names},
+        )
+
+    def local_for(self, entries: Sequence[Any]) -> dict[str, tuple[torch.Tensor, Factors]]:
+        """The kept previous v of those of ``entries`` (name, state) still valid."""
+        out = {}
+        for e in entries:
+            tok = self.local_tokens.get(e.name)
+            if tok is not None and e.name in self.local and tok.holds(e.state):
+                out[e.name] = self.local[e.name]
+        return out
 
     def valid(self, layout: Layout, states: Sequence[Mapping[str, Any]]) -> list[bool]:
         if self.layout_key != cache_key(layout) or self.lr_eff is None:

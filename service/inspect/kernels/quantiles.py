@@ -34,6 +34,14 @@ def _interpolate(
     return out.masked_fill_(n[:, :, None] == 0, math.nan)
 
 
+def _whole(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.nanquantile(x, q, dim=1).t()`` ((R, Q) float64), by one sort (nanquantile
+    takes milliseconds for ten thousand elements)."""
+    ordered = torch.sort(x.masked_fill(torch.isnan(x), math.nan), dim=1).values  # NaN last
+    n = (~torch.isnan(x)).sum(1, keepdim=True)
+    return _interpolate(ordered, torch.zeros(1, dtype=torch.long, device=x.device), n, q)[:, 0]
+
+
 def _order_key(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """int64 keys sorting float32 ``x`` by (segment, value), NaN last in each segment."""
     bits = x.view(torch.int32).long()
@@ -50,7 +58,7 @@ def quantiles(
     every tensor is taken whole)."""
     q = layout.constant(qs, torch.float64)
     if layout.single:  # the aggregate of one tensor is that tensor
-        per = torch.nanquantile(x.double(), q, dim=1).t()
+        per = _whole(x, q)
         return per[:, None, :], per
     valid = ~torch.isnan(x)
     x = x.masked_fill(~valid, math.nan)  # one NaN (positive) so that it sorts last
@@ -65,7 +73,7 @@ def quantiles(
     per = _interpolate(torch.gather(x, 1, by_seg), layout.offsets, n, q)
     total = valid.sum(1, keepdim=True)
     if all(layout.exact):
-        return per, torch.nanquantile(x.double(), q, dim=1).t()
+        return per, _whole(x, q)
     weights = layout.constant(layout.weights, torch.float64)
     w = weights[layout.seg[order]].masked_fill(torch.isnan(glob), 0.0)
     cum = torch.cumsum(w, 1)

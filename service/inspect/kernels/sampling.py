@@ -20,6 +20,7 @@ __all__ = [
     "BLOCK",
     "MIN_PER_TENSOR",
     "STEP_SAMPLE",
+    "WHOLE_BUDGET",
     "BlockPlan",
     "Entry",
     "Layout",
@@ -31,8 +32,12 @@ __all__ = [
     "round_as",
 ]
 
-#: Elements sampled per step, in all (see the package docstring).
-STEP_SAMPLE = 1 << 10
+#: Elements sampled per step, in all, from the tensors not taken whole (see the package
+#: docstring).
+STEP_SAMPLE = 1 << 11
+#: The smallest stepped tensors are taken whole (their estimates are exact) while their
+#: elements add up to no more than this.
+WHOLE_BUDGET = 1 << 12
 #: Each stepped tensor gets at least this many sampled elements (a smaller one: all), fewer
 #: (down to BLOCK) when there are so many tensors that this would pass 2 * STEP_SAMPLE.
 MIN_PER_TENSOR = 64
@@ -191,11 +196,19 @@ def _last_dim(p: torch.Tensor) -> int:
 
 def build_layout(entries: Sequence[Entry]) -> Layout:
     numels = [real_flat(e.param).numel() for e in entries]
-    total = max(1, sum(numels))
+    whole, used = set(), 0
+    for i in sorted(range(len(numels)), key=numels.__getitem__):
+        if used + numels[i] > WHOLE_BUDGET:
+            break
+        whole.add(i)
+        used += numels[i]
+    total = max(1, sum(n for i, n in enumerate(numels) if i not in whole))
     floor = max(BLOCK, min(MIN_PER_TENSOR, STEP_SAMPLE // len(entries)))
     plans = [
-        block_plan(n, max(floor, round(STEP_SAMPLE * n / total)), _last_dim(e.param))
-        for e, n in zip(entries, numels, strict=True)
+        block_plan(
+            n, n if i in whole else max(floor, round(STEP_SAMPLE * n / total)), _last_dim(e.param)
+        )
+        for i, (e, n) in enumerate(zip(entries, numels, strict=True))
     ]
     dtypes = [real_flat(e.param).dtype for e in entries]
     cdtype = torch.float64 if torch.float64 in dtypes else torch.float32

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from adamscope.client.numerics import Factors, adam_factors, real_flat, upload, wide_dtype
+from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 
+from .assemble import Columns, Row, aggregate, estimates, tensor_signals
 from .cache import SignalCache, Token, cache_key
+from .exact import REDUCED, count_faults, reduce_exact
+from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
 
 __all__ = [
     "COMBINE",
-    "SCAN_PIECE",
-    "SCAN_STEP",
     "SIGNALS",
     "Pending",
     "begin",
@@ -44,6 +45,10 @@ SIGNALS = (
     "eps_dominance",
     "nan_count",
     "inf_count",
+    "lr_scale",
+    "lr_fell_count",
+    "lr_rose_count",
+    "lr_fell_frac",
 )
 #: How each signal of several tensors (or several shards of a stepper) combines from each
 #: part's: norms as the root of the summed squares, means and fractions weighted by each
@@ -58,6 +63,11 @@ COMBINE = {
     "update_norm": "norm",
     "exp_avg_norm": "norm",
     "exp_avg_sq_mean": "mean",
+    "first_nonfinite_step": "min",
+    "lr_scale": "max",
+    "lr_fell_count": "sum",
+    "lr_rose_count": "sum",
+    "lr_fell_frac": "mean",
     "gamma_frac": "mean",
     "amsgrad_clamp": "mean",
     "eps_dominance": "mean",
@@ -69,10 +79,6 @@ COMBINE = {
     "shock_p99": "max",
     "update_ratio": "ratio",
 }
-#: Elements of the sampled tensors' exp_avg_sq scanned for NaN/Inf per step (in all), in pieces
-#: of SCAN_PIECE (small enough to run on one thread: no wait for a busy core).
-SCAN_STEP = 1 << 17
-SCAN_PIECE = 1 << 15
 #: The quantiles computed of the effective LR and of the shock (whose p99 is reported).
 _QUANTILES = (0.01, 0.5, 0.99)
 
@@ -94,6 +100,10 @@ class Pending:
     p0: torch.Tensor
     lr_prev: torch.Tensor  # NaN where undefined
     shock: torch.Tensor  # NaN where undefined
+    #: The previous v of the tensors the localized signals cover, where still valid.
+    local: dict[str, tuple[torch.Tensor, Factors]] = field(default_factory=dict)
+    #: The kept v of covered tensors that do not step now (kept for their next step).
+    carry: SignalCache = field(default_factory=SignalCache)
 
 
 def _steps(entries: Sequence[Entry]) -> list[float | None]:
@@ -190,6 +200,7 @@ def begin(
     layout: Layout | None = None,
     valid: Sequence[bool] | None = None,
     steps: Sequence[float | None] | None = None,
+    local: dict[str, tuple[torch.Tensor, Factors]] | None = None,
 ) -> Pending:
     """Capture, before the step, what the signals compare against: the gradient and
     parameter samples, the previous effective LR and the second-moment shock. ``steps``:
@@ -205,13 +216,11 @@ def begin(
     steps = [t if ok else None for t, ok in zip(known, with_state, strict=True)]
     v_prev = gather(
         layout,
-        [
-            e.state["exp_avg_sq"] if ok else e.param
-            for e, ok in zip(entries, with_state, strict=True)
-        ],
+        [_v_source(e) if ok else e.param for e, ok in zip(entries, with_state, strict=True)],
         "v0",
     )
-    # Second-moment shock: the new gradient (as v will see it) against v_hat(t-1).
+    # Second-moment shock: the new gradient (as v will see it) against v_hat(t-1), the
+    # denominator's: max_exp_avg_sq / bc2 under amsgrad.
     bc2, wd = [], []
     for (e, t), f in zip(zip(entries, steps, strict=True), _factors(entries, steps), strict=True):
         bc2.append(f.bc2 if t is not None and f.bc2 != 0 else math.nan)
@@ -230,8 +239,11 @@ def begin(
             else [False] * len(entries)
         )
     )
+    if local is None:  # else the caller's (a dry run's copies have no tokens of their own)
+        local = cache.local_for(entries) if cache is not None else {}
+    carry = cache.carried({e.name for e in entries}) if cache is not None else SignalCache()
     if all(ok_cache) and cache is not None and cache.lr_eff is not None:
-        return Pending(layout, g, p0, cache.lr_eff, shock)
+        return Pending(layout, g, p0, cache.lr_eff, shock, local, carry)
     lr_prev = _lr_eff(
         layout,
         [_v_source(e) if ok else e.param for e, ok in zip(entries, with_state, strict=True)],
@@ -242,76 +254,34 @@ def begin(
     if any(ok_cache) and cache is not None and cache.lr_eff is not None:
         use = upload(ok_cache, torch.bool, layout.device)[layout.seg]
         lr_prev = torch.where(use, cache.lr_eff, lr_prev)
-    return Pending(layout, g, p0, lr_prev, shock)
+    return Pending(layout, g, p0, lr_prev, shock, local, carry)
 
 
 def _columns(
-    pending: Pending, entries: Sequence[Entry], steps: Sequence[float | None] | None
+    pending: Pending, entries: Sequence[Entry], steps: Sequence[float | None]
 ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Per pooled element, the values :func:`finish` sums per tensor (see
-    :class:`_Columns`); the effective LR after the step; each entry's amsgrad."""
+    """Per pooled element, the values :func:`finish` sums per tensor over the sample (see
+    :class:`~.assemble.Columns`); the effective LR after the step; each entry's amsgrad."""
     layout = pending.layout
     states = [e.state for e in entries]
     p1 = gather(layout, [e.param for e in entries], "p1")
-    m = gather(layout, [s["exp_avg"] for s in states], "m1")
     v = gather(layout, [s["exp_avg_sq"] for s in states], "v1")
     amsgrad = [
         bool(e.group["amsgrad"]) and "max_exp_avg_sq" in s
         for e, s in zip(entries, states, strict=True)
     ]
-    lr, below_eps, vs = _lr_eff(
-        layout,
-        [_v_source(e) for e in entries],
-        entries,
-        _steps(entries) if steps is None else steps,
-        "vs1",
-    )
-    g, p0 = pending.g, pending.p0
+    lr, below_eps, vs = _lr_eff(layout, [_v_source(e) for e in entries], entries, steps, "vs1")
+    p0 = pending.p0
     comparable = ~torch.isnan(lr + pending.lr_prev)
-    squares = torch.stack([g, p1, p1 - p0, p0, m])
-    flags = [(lr > pending.lr_prev) & comparable, comparable, below_eps, ~torch.isfinite(g + m + v)]
-    values = [squares * squares, v[None]]
+    update = p1 - p0
+    squares = torch.stack([update, p0])
+    flags = [(lr > pending.lr_prev) & comparable, comparable, below_eps]
+    values = [squares * squares]
     if any(amsgrad):  # max_exp_avg_sq / exp_avg_sq where v > 0 (exactly 1 without amsgrad)
         has_v = v > 0
         values.append((vs / v).masked_fill_(~has_v, 0.0)[None])
         flags.append(has_v)
     return torch.cat([*values, torch.stack(flags).to(v.dtype)]).double(), lr, amsgrad
-
-
-def _tensor_signals(
-    e: Entry,
-    r: Sequence[float],
-    weight: float,
-    n: int,
-    lr_eff: Sequence[float],
-    shock: float,
-    col: _Columns,
-    amsgrad: bool,
-    faulty: bool,
-) -> dict[str, float]:
-    """One tensor's signals from its row of sums (``r``), its sample's size ``n`` and
-    weight, its quantiles; NaN/Inf counted over the whole tensors when ``faulty``."""
-    nan_count, inf_count = _exact_faults(e) if faulty else (0, 0)
-    clamp = 1.0
-    if amsgrad:
-        clamp = r[col.ratio] / r[col.has_v] if r[col.has_v] else math.nan
-    return {
-        "grad_norm": math.sqrt(weight * r[0]),
-        "param_norm": math.sqrt(weight * r[1]),
-        "update_norm": math.sqrt(weight * r[2]),
-        "update_ratio": _div(math.sqrt(r[2]), math.sqrt(r[3])),
-        "exp_avg_norm": math.sqrt(weight * r[4]),
-        "exp_avg_sq_mean": r[5] / n,
-        "lr_eff_p1": lr_eff[0],
-        "lr_eff_p50": lr_eff[1],
-        "lr_eff_p99": lr_eff[2],
-        "shock_p99": shock,
-        "gamma_frac": r[col.grew] / r[col.comparable] if r[col.comparable] else math.nan,
-        "amsgrad_clamp": clamp,
-        "eps_dominance": r[col.eps] / n,
-        "nan_count": float(nan_count),
-        "inf_count": float(inf_count),
-    }
 
 
 def finish(
@@ -324,6 +294,7 @@ def finish(
     each entry's state step now, if the caller knows them)."""
     layout = pending.layout
     states = [e.state for e in entries]
+    steps = _steps(entries) if steps is None else steps
     columns, lr, amsgrad = _columns(pending, entries, steps)
     sums = (
         columns.sum(1, keepdim=True)
@@ -333,16 +304,14 @@ def finish(
         )
     )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
-    # Hard faults: the next SCAN_STEP elements of the sampled tensors' v, every step.
-    pieces = _scan_pieces(
-        [(i, real_flat(states[i]["exp_avg_sq"])) for i, ex in enumerate(layout.exact) if not ex],
-        step,
-    )
-    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1)]
-    if pieces:
-        parts.append(torch.stack(torch._foreach_max([p for _, p in pieces])).to(torch.float64))
+    exact = reduce_exact(entries)
+    factors = _factors(entries, steps)
+    which = covered(layout.numels)
+    counts, kept, rho = local_pass(entries, which, pending.local, factors)
+    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
+    parts.append(counts.reshape(-1))
     host = torch.cat(parts).tolist()  # the one transfer
-    s_n, k, nq = len(entries), columns.shape[0], len(_QUANTILES)
+    s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), len(REDUCED)
     rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
     pos = s_n * k
     lr_rows = [host[pos + i * nq : pos + (i + 1) * nq] for i in range(s_n)]
@@ -351,25 +320,35 @@ def finish(
     pos += s_n * nq
     lr_pooled, shock_pooled = host[pos : pos + nq], host[pos + nq + 2]
     pos += 2 * nq
-    scan_found = {
-        i for (i, _), top in zip(pieces, host[pos:], strict=True) if not math.isfinite(top)
+    reduced = [host[pos + i * nr : pos + (i + 1) * nr] for i in range(s_n)]
+    pos += s_n * nr
+    local = {i: (host[pos + 2 * j], host[pos + 2 * j + 1]) for j, i in enumerate(which)}
+    flagged = [j for j, i in enumerate(which) if local[i][0] > 0 or local[i][1] > 0]
+    # NaN/Inf propagate through the norms, the sum and the max: counted only then.
+    faults = {
+        e.name: count_faults(e)
+        for e, red in zip(entries, reduced, strict=True)
+        if not all(math.isfinite(x) for x in red)
     }
-    col = _Columns(any(amsgrad))
+    scales = [
+        f.step_size * f.bc2_sqrt if t is not None and f.defined else math.nan
+        for t, f in zip(steps, factors, strict=True)
+    ]
+    col = Columns(any(amsgrad))
     tensors = {
-        e.name: _tensor_signals(
-            e,
-            rows[i],
-            layout.weights[i],
-            layout.plans[i].count,
+        e.name: tensor_signals(
+            Row(rows[i], reduced[i], layout.numels[i], layout.weights[i], layout.plans[i].count),
             lr_rows[i],
             shock_rows[i],
             col,
             amsgrad[i],
-            rows[i][col.bad] > 0 or i in scan_found,
+            faults.get(e.name, {}),
+            scales[i],
         )
+        | _local_signals(local.get(i, (math.nan, math.nan)), layout.numels[i])
         for i, e in enumerate(entries)
     }
-    agg = _aggregate(layout, rows, col, tensors, amsgrad)
+    agg = aggregate(layout, rows, reduced, col, tensors, amsgrad)
     agg.update(
         {
             "lr_eff_p1": lr_pooled[0],
@@ -384,115 +363,29 @@ def finish(
         "tensors": tensors,
         "aggregate": {s: agg[s] for s in SIGNALS},
         "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
+        "estimates": estimates(layout),
+        "local": {
+            "covered": [entries[i].name for i in which],
+            "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},
+        },
     }
-    return signals, SignalCache(cache_key(layout), lr, [Token.of(s) for s in states])
+    if faults:
+        signals["faults"] = {
+            name: {role: {"nan": c[0], "inf": c[1]} for role, c in found.items()}
+            for name, found in faults.items()
+        }
+    tokens = [Token.of(s) for s in states]
+    tokens_of = dict(zip(layout.names, tokens, strict=True))
+    # Tensors that skipped this step keep their v while the budget allows.
+    keep, keep_tokens = kept.pieces(), {n: tokens_of[n] for n in kept.names}
+    room = LOCAL_BUDGET - sum(kept.lengths)
+    for n, (v, f) in pending.carry.local.items():
+        if v.numel() <= room:
+            keep[n], keep_tokens[n] = (v, f), pending.carry.local_tokens.get(n)
+            room -= v.numel()
+    return signals, SignalCache(cache_key(layout), lr, tokens, keep, keep_tokens)
 
 
-def _scan_pieces(
-    flats: Sequence[tuple[int, torch.Tensor]], step: int
-) -> list[tuple[int, torch.Tensor]]:
-    """The SCAN_STEP elements scanned at ``step``, in SCAN_PIECE pieces, each with its
-    tensor's index: the tensors ``flats`` (index, flat v) are read as one run, window by
-    window, round robin, so the whole run is scanned every ``ceil(total / SCAN_STEP)``
-    steps whatever the number of tensors."""
-    total = sum(f.numel() for _, f in flats)
-    if not total:
-        return []
-    start = (step % -(-total // SCAN_STEP)) * SCAN_STEP
-    end = min(start + SCAN_STEP, total)
-    out: list[tuple[int, torch.Tensor]] = []
-    base = 0
-    for i, flat in flats:
-        n = flat.numel()
-        lo, hi = max(start, base) - base, min(end, base + n) - base
-        out.extend((i, flat[a : min(a + SCAN_PIECE, hi)]) for a in range(lo, hi, SCAN_PIECE))
-        base += n
-        if base >= end:
-            break
-    return out
-
-
-def _div(a: float, b: float) -> float:
-    if b == 0:
-        return math.nan if a == 0 else math.inf
-    return a / b
-
-
-def _exact_faults(e: Entry) -> tuple[int, int]:
-    """NaN and Inf counts over the whole gradient, exp_avg and exp_avg_sq."""
-    nan = inf = 0
-    for t in (e.grad, e.state["exp_avg"], e.state["exp_avg_sq"]):
-        flat = real_flat(t)
-        nan += int(torch.isnan(flat).sum())
-        inf += int(torch.isinf(flat).sum())
-    return nan, inf
-
-
-@dataclass(frozen=True)
-class _Columns:
-    """Where each per-tensor sum sits in a row of :func:`finish`'s ``columns``: squares of
-    g, p1, p1 - p0, p0 and m (0-4), v (5), [vmax / v], then the counted flags."""
-
-    amsgrad: bool
-
-    @property
-    def ratio(self) -> int:
-        return 6
-
-    @property
-    def grew(self) -> int:
-        return 7 if self.amsgrad else 6
-
-    @property
-    def comparable(self) -> int:
-        return self.grew + 1
-
-    @property
-    def eps(self) -> int:
-        return self.grew + 2
-
-    @property
-    def bad(self) -> int:
-        return self.grew + 3
-
-    @property
-    def has_v(self) -> int:
-        return self.grew + 4
-
-
-def _aggregate(
-    layout: Layout,
-    rows: Sequence[Sequence[float]],
-    col: _Columns,
-    tensors: Mapping[str, Mapping[str, float]],
-    amsgrad: Sequence[bool],
-) -> dict[str, float]:
-    def total(c: int, which: Sequence[bool] | None = None) -> float:
-        return sum(
-            w * r[c]
-            for i, (r, w) in enumerate(zip(rows, layout.weights, strict=True))
-            if which is None or which[i]
-        )
-
-    numel = sum(layout.numels)
-    clamp = 1.0
-    if any(amsgrad):  # without amsgrad a tensor's ratio is exactly 1 wherever v > 0
-        plain = [not a for a in amsgrad]
-        defined = total(col.has_v)
-        clamp = (
-            (total(col.ratio, amsgrad) + total(col.has_v, plain)) / defined if defined else math.nan
-        )
-    comparable = total(col.comparable)
-    return {
-        "grad_norm": math.sqrt(total(0)),
-        "param_norm": math.sqrt(total(1)),
-        "update_norm": math.sqrt(total(2)),
-        "update_ratio": _div(math.sqrt(total(2)), math.sqrt(total(3))),
-        "exp_avg_norm": math.sqrt(total(4)),
-        "exp_avg_sq_mean": total(5) / numel if numel else math.nan,
-        "gamma_frac": total(col.grew) / comparable if comparable else math.nan,
-        "amsgrad_clamp": clamp,
-        "eps_dominance": total(col.eps) / numel if numel else math.nan,
-        "nan_count": sum(t["nan_count"] for t in tensors.values()),
-        "inf_count": sum(t["inf_count"] for t in tensors.values()),
-    }
+def _local_signals(counts: tuple[float, float], numel: int) -> dict[str, float]:
+    fell, rose = counts
+    return {"lr_fell_count": fell, "lr_rose_count": rose, "lr_fell_frac": fell / numel}

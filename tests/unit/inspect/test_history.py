@@ -33,6 +33,7 @@ from adamscope.service.inspect.recorder import (
     history_of,
     summary_fields,
 )
+from adamscope.service.inspect.schedule import GROUP_FIELDS
 from adamscope.service.inspect.signals import SIGNALS, SignalObserver, signals_of
 
 NAN, INF = math.nan, math.inf
@@ -346,15 +347,21 @@ def test_the_history_holds_exactly_the_signals_of_every_step() -> None:
         expected.append(copy.deepcopy(signals_of(s)))
     q = obs.history.query(tensors=["*"])
     assert q["aggregate"]["steps"] == [1, 2, 3, 4, 5, 6]
-    assert set(q["signals"]) == set(SIGNALS)
+    # The signals, and each param group's schedule (group0.lr, ...: one group here).
+    assert set(q["signals"]) == set(SIGNALS) | {f"group0.{f}" for f in GROUP_FIELDS}
     for i, signals in enumerate(expected):
         assert signals["step"] == i + 1
-        assert same({k: q["aggregate"]["values"][k][i] for k in SIGNALS}, signals["aggregate"])
+        assert same(
+            {k: q["aggregate"]["values"][k][i] for k in signals["aggregate"]}, signals["aggregate"]
+        )
         assert q["aggregate"]["time"][i] == signals["time"]
         event = obs.event(seen[i][1])
         assert event is not None and event["step"] == i + 1
         assert same(event["aggregate"], signals["aggregate"])
-        assert same(event["tensors"], signals["tensors"])
+        # (the history's columns are shared: a tensor's row also has the aggregate-only
+        # group columns, NaN)
+        tensors = {n: {k: t[k] for k in SIGNALS} for n, t in event["tensors"].items()}
+        assert same(tensors, signals["tensors"])
     assert q["tensors"]["b"]["steps"] == [1, 2, 3, 5, 6]  # b had no gradient at step 4
     assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
     seqs = [seq for _, seq in seen]

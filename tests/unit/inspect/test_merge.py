@@ -13,7 +13,12 @@ from inspect_support import CPU, REL, close, randn, registered
 
 from adamscope.service.engine import Stepper
 from adamscope.service.inspect.kernels import COMBINE
-from adamscope.service.inspect.merge import combine, combine_signals, merge_stats_aggregate
+from adamscope.service.inspect.merge import (
+    combine,
+    combine_signals,
+    merge_signal_details,
+    merge_stats_aggregate,
+)
 from adamscope.service.inspect.signals import signals_of
 from adamscope.service.inspect.summary import summarize_chunk
 
@@ -65,3 +70,25 @@ def test_statistics_merge_exactly() -> None:
     assert close(merged["std"], float(every.std(unbiased=False)), rel=1e-12)
     assert close(merged["norm"], float(every.norm()), rel=1e-12)
     assert (merged["min"], merged["max"]) == (float(every.min()), float(every.max()))
+
+
+def test_new_signals_have_rules_and_details_merge() -> None:
+    # Counts add, the schedule's scale and the first fault step keep an extreme.
+    assert COMBINE["lr_fell_count"] == COMBINE["lr_rose_count"] == "sum"
+    assert COMBINE["lr_scale"] == "max" and COMBINE["first_nonfinite_step"] == "min"
+    a = {
+        "estimates": {"rank_error": {"w": 0.05}, "aggregate_rank_error": 0.05, "confidence": 0.99},
+        "local": {"covered": ["w"], "top": {"w": {"lr_change": {"index": [1], "value": [0.3]}}}},
+        "faults": {"w": {"grad": {"nan": 1, "inf": 0}}},
+        "first_nonfinite": {"step": 7, "tensor": "w", "role": "grad", "nan": 1, "inf": 0},
+    }
+    b = {
+        "estimates": {"rank_error": {"b": 0.0}, "aggregate_rank_error": 0.0, "confidence": 0.99},
+        "local": {"covered": ["b"], "top": {}},
+        "first_nonfinite": {"step": 4, "tensor": "b", "role": "param", "nan": 2, "inf": 0},
+    }
+    got = merge_signal_details([a, b])
+    assert got["estimates"]["rank_error"] == {"w": 0.05, "b": 0.0}
+    assert got["estimates"]["aggregate_rank_error"] == 0.05
+    assert got["local"]["covered"] == ["w", "b"] and list(got["local"]["top"]) == ["w"]
+    assert got["faults"] == a["faults"] and got["first_nonfinite"]["step"] == 4

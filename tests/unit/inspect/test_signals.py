@@ -24,10 +24,12 @@ from inspect_support import (
     registered,
 )
 
+from adamscope.client.numerics import adam_factors
 from adamscope.service.engine import GroupDef, Stepper
 from adamscope.service.inspect import signals as observer_module
+from adamscope.service.inspect.kernels import assemble as kernel_assemble
 from adamscope.service.inspect.kernels import sampling
-from adamscope.service.inspect.kernels import step as kernel_step
+from adamscope.service.inspect.schedule import GROUP_FIELDS
 from adamscope.service.inspect.signals import SIGNALS, attach_signals, observer_of, signals_of
 
 
@@ -73,7 +75,8 @@ def expected_signals(
             prev_lr = f64(lr_eff_of(b["p"], b["state"], group))
             both = ~np.isnan(lr) & ~np.isnan(prev_lr)
             grew = float((lr > prev_lr)[both].mean())
-            v_prev = f64(b["state"]["exp_avg_sq"])
+            # v_hat(t-1) of the denominator: max_exp_avg_sq's under amsgrad.
+            v_prev = f64(b["state"]["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"])
             v_hat = v_prev / (1 - group["betas"][1] ** b["state"]["step"].item())
             g_eff = gn + (
                 group["weight_decay"] * p0 if not group["decoupled_weight_decay"] else 0.0
@@ -85,8 +88,11 @@ def expected_signals(
             clamp = float((vm[v > 0] / v[v > 0]).mean())
         else:
             clamp = 1.0
-        counts = [np.isnan(x).sum() + 0 for x in (gn, m, v)]
-        infs = [np.isinf(x).sum() + 0 for x in (gn, m, v)]
+        every = [gn, p1, m, v] + ([f64(state["max_exp_avg_sq"])] if group["amsgrad"] else [])
+        counts = [np.isnan(x).sum() + 0 for x in every]
+        infs = [np.isinf(x).sum() + 0 for x in every]
+        t = state["step"].item()
+        f = adam_factors(group, t)
         shock_ok = shock[~np.isnan(shock)]
         per[n] = {
             "grad_norm": float(np.linalg.norm(gn)),
@@ -104,6 +110,7 @@ def expected_signals(
             "eps_dominance": float((f64(root < group["eps"])).mean()),
             "nan_count": float(sum(counts)),
             "inf_count": float(sum(infs)),
+            "lr_scale": f.step_size * f.bc2_sqrt,
         }
         pools["lr"].append(lr)
         pools["shock"].append(shock_ok)
@@ -179,7 +186,25 @@ def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     for n in grads:
         assert set(signals["tensors"][n]) == set(SIGNALS)
         assert_signals(signals["tensors"][n], want[n])
-    assert set(signals["aggregate"]) == set(SIGNALS)
+    groups = {g["group"]: g for g in signals["groups"]}
+    stepped = {s.group_of[n] for n in grads}
+    assert set(groups) == stepped
+    for gi in stepped:  # the schedule: each stepped group's options and factors
+        group = s.optimizer.param_groups[gi]
+        t = s.optimizer.state[group["params"][0]]["step"].item()
+        want_group = {
+            "lr": group["lr"],
+            "beta1": group["betas"][0],
+            "beta2": group["betas"][1],
+            "bc1": 1 - group["betas"][0] ** t,
+            "bc2": 1 - group["betas"][1] ** t,
+            "step_size": group["lr"] / (1 - group["betas"][0] ** t),
+        }
+        for k, w in want_group.items():
+            assert groups[gi][k] == signals["aggregate"][f"group{gi}.{k}"] == w
+    group_keys = {f"group{gi}.{k}" for gi in stepped for k in GROUP_FIELDS}
+    first = {"first_nonfinite_step"} if "first_nonfinite" in signals else set()
+    assert set(signals["aggregate"]) == set(SIGNALS) | group_keys | first
     assert_signals(signals["aggregate"], want_agg)
     return signals
 
@@ -235,7 +260,7 @@ def test_signals_of_a_single_tensor_at_steps_1_2_and_1000(
     )
     run_and_check(s, {"w": randn(shape, 2, dtype)})
     second = run_and_check(s, {"w": randn(shape, 3, dtype)})
-    assert second["aggregate"] == second["tensors"]["w"]
+    assert {k: second["aggregate"][k] for k in SIGNALS} == second["tensors"]["w"]
     x = randn(shape, 4, dtype)
     state = {"step": torch.tensor(999.0), "exp_avg": x * 1e-2, "exp_avg_sq": x * x * 1e-8}
     if amsgrad:
@@ -293,22 +318,26 @@ def test_signals_count_nan_and_inf_exactly() -> None:
     g = grads_for(s, 2)
     g["w"][0, 0] = math.nan
     g["w"][1, 1] = math.inf
-    run_and_check(s, g)  # NaN: in g, m and v; Inf: in g, m and v
+    # NaN: in g, m, v and p; Inf: in g, m and v, and p is NaN there (inf / inf).
+    run_and_check(s, g)
     signals = signals_of(s)
-    assert signals["tensors"]["w"]["nan_count"] == 3 == signals["aggregate"]["nan_count"]
+    assert signals["tensors"]["w"]["nan_count"] == 5 == signals["aggregate"]["nan_count"]
     assert signals["tensors"]["w"]["inf_count"] == 3 == signals["aggregate"]["inf_count"]
+    nan_inf = {"grad": {"nan": 1, "inf": 1}, "param": {"nan": 2, "inf": 0}}
+    assert signals["faults"] == {
+        "w": {**nan_inf, "exp_avg": {"nan": 1, "inf": 1}, "exp_avg_sq": {"nan": 1, "inf": 1}}
+    }
 
 
 @pytest.fixture
 def tiny_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sampling, "STEP_SAMPLE", 32)
     monkeypatch.setattr(sampling, "MIN_PER_TENSOR", 8)
-    monkeypatch.setattr(kernel_step, "SCAN_STEP", 128)
-    monkeypatch.setattr(kernel_step, "SCAN_PIECE", 48)
+    monkeypatch.setattr(sampling, "WHOLE_BUDGET", 0)
 
 
 @pytest.mark.usefixtures("tiny_sample")
-def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
+def test_sampled_tensors_get_exact_reductions_and_faults_at_their_step() -> None:
     shape = (40, 25)  # 1000 elements, 32 sampled
     s = registered(
         "big",
@@ -322,92 +351,30 @@ def test_sampled_signals_scale_the_sample_and_find_faults_outside_it() -> None:
     picked = plan.indices()
     g = randn(shape, 3)
     idx = next(i for i in range(1000) if i not in set(picked.tolist()))  # not sampled
-    g.view(-1)[idx] = math.nan
     before = s.params[0].detach().clone()
     s.step({"w": g})
-    gs, p0 = f64(g)[picked], f64(before)[picked]
-    p1 = f64(s.params[0])[picked]
-    scale = math.sqrt(1000 / plan.count)
+    p0, p1 = f64(before)[picked], f64(s.params[0])[picked]
+    state = s.optimizer.state[s.params[0]]
     got = signals_of(s)["tensors"]["w"]
-    assert close(got["grad_norm"], float(np.linalg.norm(gs)) * scale)
+    # Exact: over the full tensors, whatever the sample.
+    assert close(got["grad_norm"], float(np.linalg.norm(f64(g))))
+    assert close(got["param_norm"], float(np.linalg.norm(f64(s.params[0]))))
+    assert close(got["exp_avg_norm"], float(np.linalg.norm(f64(state["exp_avg"]))))
+    assert close(got["exp_avg_sq_mean"], float(f64(state["exp_avg_sq"]).mean()))
+    # Estimated: scaled up from the sample, and labelled as such.
+    scale = math.sqrt(1000 / plan.count)
     assert close(got["update_norm"], float(np.linalg.norm(p1 - p0)) * scale)
     assert close(got["update_ratio"], float(np.linalg.norm(p1 - p0) / np.linalg.norm(p0)))
-    # The NaN (now in m and v for good) is found within numel / SCAN_STEP steps, then
-    # counted exactly over the whole tensors: g (at the step it came), m and v.
-    found, last_grad = got["nan_count"], g
-    for k in range(-(-1000 // kernel_step.SCAN_STEP)):
-        if found:
-            break
-        last_grad = randn(shape, 10 + k)
-        s.step({"w": last_grad})
-        found = signals_of(s)["tensors"]["w"]["nan_count"]
-    state = s.optimizer.state[s.params[0]]
-    want = sum(
-        int(torch.isnan(t).sum()) for t in (last_grad, state["exp_avg"], state["exp_avg_sq"])
-    )
-    assert found == want and want in (2, 3)
-
-
-@pytest.mark.usefixtures("tiny_sample")
-def test_the_fault_scan_reads_scan_step_elements_per_step_and_covers_every_element() -> None:
-    flats = [
-        (i, torch.arange(n, dtype=torch.float32) + 1000 * i)
-        for i, n in enumerate((300, 5, 1000, 77))
-    ]
-    total = sum(f.numel() for _, f in flats)
-    rounds = -(-total // kernel_step.SCAN_STEP)
-    seen: list[float] = []
-    for step in range(rounds):
-        pieces = kernel_step._scan_pieces(flats, step)
-        assert sum(p.numel() for _, p in pieces) <= kernel_step.SCAN_STEP
-        assert all(p.numel() <= kernel_step.SCAN_PIECE for _, p in pieces)
-        for i, p in pieces:  # each piece names the tensor it is from
-            assert bool(((p >= 1000 * i) & (p < 1000 * i + 1000)).all())
-            seen += p.tolist()
-    assert sorted(seen) == sorted(torch.cat([f for _, f in flats]).tolist())
-    # Round robin: after the last window, the first again.
-    again, first = kernel_step._scan_pieces(flats, rounds), kernel_step._scan_pieces(flats, 0)
-    assert [i for i, _ in again] == [i for i, _ in first]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, first, strict=True))
-
-
-@pytest.mark.usefixtures("tiny_sample")
-def test_the_fault_scan_budget_is_shared_by_all_tensors() -> None:
-    # Eight 1000-element tensors, 128 elements scanned per step in all: a NaN outside the
-    # sample of the last tensor is found within ceil(8000 / 128) = 63 steps, and not at
-    # once (the scan does not read every tensor every step).
-    names = [f"w{i}" for i in range(8)]
-    s = registered(
-        "many",
-        lambda: Stepper(
-            "many",
-            "adam",
-            CPU,
-            [(n, randn((40, 25), i)) for i, n in enumerate(names)],
-            {"lr": 0.01, "fused": True},
-        ),
-    )
-    grads = {n: randn((40, 25), 100 + i) for i, n in enumerate(names)}
-    s.step(grads)
-    layout = observer_of(s)._layout  # type: ignore[union-attr]
-    picked = set(layout.plans[-1].indices().tolist())
-    idx = max(i for i in range(1000) if i not in picked)  # the scan reaches it last
-    grads["w7"].view(-1)[idx] = math.nan
-    s.step(grads)
-    grads["w7"].view(-1)[idx] = 0.0
-    steps = 0
-    while not signals_of(s)["aggregate"]["nan_count"]:
-        steps += 1
-        assert steps <= -(-8000 // kernel_step.SCAN_STEP), "the scan missed the NaN"
-        s.step(grads)
-    assert steps > 1
-    state = s.optimizer.state[s.params[-1]]
-    assert (
-        signals_of(s)["tensors"]["w7"]["nan_count"]
-        == sum(int(torch.isnan(t).sum()) for t in (state["exp_avg"], state["exp_avg_sq"]))
-        == 2
-    )
-    assert all(signals_of(s)["tensors"][n]["nan_count"] == 0 for n in names[:-1])
+    est = signals_of(s)["estimates"]
+    assert "update_norm" in est["scaled"] and "lr_eff_p99" in est["quantiles"]
+    assert est["rank_error"]["w"] == kernel_assemble.rank_error(plan.count) > 0
+    # A NaN outside the sample is seen at the step it comes, and counted exactly.
+    g = randn(shape, 4)
+    g.view(-1)[idx] = math.nan
+    s.step({"w": g})
+    got = signals_of(s)["tensors"]["w"]
+    assert got["nan_count"] == 4  # g, then m, v and p at that element
+    assert signals_of(s)["faults"]["w"]["grad"] == {"nan": 1, "inf": 0}
 
 
 def test_signals_follow_gradients_written_in_place_and_new_gradient_tensors() -> None:
