@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from adamscope.client import AsyncClient, Client, RemoteAdam
+from adamscope.service.inspect.schedule import GROUP_FIELDS
 from adamscope.service.inspect.signals import SIGNALS
 
 pytestmark = pytest.mark.e2e
@@ -117,7 +118,8 @@ def test_sse_bar_a_client_receives_every_step_of_a_training_loop(
     for i, event in enumerate(steps):
         data = event["data"]
         assert data["stepper"] == name and set(data["tensors"]) == names
-        assert set(data["aggregate"]) == set(SIGNALS)
+        # every signal, and the one param group's schedule (lr, betas, bc1, bc2, step size)
+        assert set(data["aggregate"]) == set(SIGNALS) | {f"group0.{k}" for k in GROUP_FIELDS}
         for s in ("grad_norm", "update_ratio", "lr_eff_p99"):  # defined from step 1 on
             assert data["aggregate"][s] == history.aggregate.values[s][i]
             for t in names:
