@@ -46,6 +46,19 @@ def test_remote_training_example(tmp_path: Path) -> None:
         assert client.get("ex-kept").step == 5
 
 
+def test_the_quick_start_run_raises_no_alert(tmp_path: Path) -> None:
+    """The README's quick start is a benign run (an MLP under a cosine schedule): the default
+    alert rules must stay quiet on it, past every rule's warm-up. The localized rule once
+    fired on it at steps 11 to 15, when v_hat still averaged a dozen squared gradients."""
+    with spawn_server(tmp_path / "data") as url, Client(url) as client:
+        done = run_example(url, "--steps", "150", "--name", "ex-quiet", "--keep")
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = client.alerts("ex-quiet")
+        assert report.defaults and len(report.rules) == 4
+        assert client.get("ex-quiet").step == 150
+        assert report.count == 0, [(e.step, e.tensor, e.rule) for e in report.events]
+
+
 def test_checkpoint_roundtrip_example(tmp_path: Path) -> None:
     """examples/checkpoint_roundtrip.py, the README's checkpoint walk-through, as a user runs
     it against `adamscope serve`."""

@@ -209,7 +209,7 @@ def test_benign_training_under_a_schedule_raises_no_alert(schedule: str, amsgrad
 # ---------------------------------------------------------------------- localized
 
 
-JUMP = 61
+JUMP = 121
 
 
 def rare_rows(amsgrad: bool) -> tuple[Any, list[int], dict[str, Any], np.ndarray]:
@@ -234,7 +234,7 @@ def rare_rows(amsgrad: bool) -> tuple[Any, list[int], dict[str, Any], np.ndarray
     p = s.params[s.index["emb"]]
     at_jump: dict[str, Any] = {}
     rho = np.zeros(0)
-    for t in range(1, 63):
+    for t in range(1, JUMP + 2):
         sign = torch.where(torch.rand(4096, 16, generator=gen) < 0.5, -1.0, 1.0)
         g = sign * scale
         if 20 < t < JUMP:
