@@ -9,7 +9,6 @@ past the step the stepper was restored at.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from crash_support import ForkServer
+from nan_equal import same
 
 from adamscope.client import Client
 from adamscope.client.protocol import HistoryReport
@@ -121,14 +121,3 @@ def test_history_survives_sigterm_and_sigkill(forkserver: ForkServer, tmp_path: 
         assert_covers(whole(c), 46)
         assert c.history(NAME).aggregate.steps[-1] == 46
     server.kill()
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality where NaN equals NaN."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)

@@ -20,6 +20,7 @@ from typing import Any
 import alert_bar
 import pytest
 import torch
+from nan_equal import same
 
 from adamscope.client.protocol import AlertRule, HistoryReport
 from adamscope.service.api.http.reply import render_json
@@ -48,17 +49,6 @@ def record(h: History, step: int, tensors: Sequence[str] = ("w", "b"), **values:
     h.record(
         step, step, 1000.0 + step, row(step, **values), {t: row(step, **values) for t in tensors}
     )
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality where NaN equals NaN (floats compared exactly otherwise)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 # ---------------------------------------------------------------------- ring buffers

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from nan_equal import same
 
 from adamscope.service.engine import Stepper
 from adamscope.service.inspect.history import History, HistoryConfig
@@ -44,17 +44,6 @@ def value(step: np.ndarray, column: str) -> np.ndarray:
     if column == "c":
         return np.where(step % 13 == 0, np.nan, -s / 3)
     return np.where(step >= LATE, s % 17, np.nan)
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality where NaN equals NaN."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 def bound(store: HistoryStore, kind: int) -> list[int]:
