@@ -148,11 +148,61 @@ def history(
             columns[s].append(combined.get(s))
     times = [parts[0]["aggregate"]["time"][rows[0][st]] for st in steps]
     merged["aggregate"] = {"steps": steps, "time": times, "values": columns}
+    if "counts" in parts[0]["aggregate"]:  # a whole-run query: points may be buckets
+        merged["aggregate"].update(_extents(parts, steps, rows, signal_names, weights))
     found: dict[str, Any] = {}
     for p in parts:
         found.update(p.get("tensors") or {})
     merged["tensors"] = _in_order(record, found)
     return merged
+
+
+#: What a whole-run history reply of a sharded stepper says of its merged bucket points.
+BUCKETS_NOTE = (
+    "points with counts > 1 are buckets of several steps, merged from each shard's bucket: "
+    "their mean is exact for sum and mean signals and an approximation for the others, "
+    "and their min and max bound the merged steps' values from outside for the norm, sum "
+    "and mean signals; a point of one step combines as the latest step's signals do, its "
+    "min and max equal to its value"
+)
+
+
+def _extents(
+    parts: Sequence[dict[str, Any]],
+    steps: Sequence[int],
+    rows: Sequence[dict[int, int]],
+    signal_names: Sequence[str],
+    weights: Sequence[int],
+) -> dict[str, Any]:
+    """``first_steps``, ``counts``, ``min`` and ``max`` of a whole-run reply's points
+    (``steps``, common to every shard), each extreme combined from the shards' by the
+    signal's rule: the exact value for a point of one step (its min and max are its
+    value), outer bounds for a bucket (every rule is monotone in each shard's value)."""
+    first = parts[0]["aggregate"]
+    out: dict[str, Any] = {
+        "first_steps": [first["first_steps"][rows[0][st]] for st in steps],
+        "counts": [
+            min(int(p["aggregate"]["counts"][r[st]]) for p, r in zip(parts, rows, strict=True))
+            for st in steps
+        ],
+    }
+    for key in ("min", "max"):
+        cols: dict[str, list[Any]] = {s: [] for s in signal_names}
+        for st in steps:
+            rowwise = [
+                {
+                    s: (p["aggregate"][key].get(s) or [None] * (r[st] + 1))[r[st]]
+                    for s in signal_names
+                }
+                for p, r in zip(parts, rows, strict=True)
+            ]
+            combined = combine_signals(rowwise, weights)
+            for s in signal_names:
+                cols[s].append(combined.get(s))
+        out[key] = cols
+    if any(n > 1 for n in out["counts"]):
+        out["note"] = BUCKETS_NOTE
+    return out
 
 
 def stats(
