@@ -13,7 +13,16 @@ import torch
 
 from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 
-from .assemble import Columns, Row, aggregate, estimates, tensor_signals
+from .assemble import (
+    FULL,
+    Columns,
+    Row,
+    aggregate,
+    estimates,
+    full_signals,
+    rounding,
+    tensor_signals,
+)
 from .cache import SignalCache, Token, cache_key
 from .exact import REDUCED, count_faults, reduce_exact
 from .local import LOCAL_BUDGET, covered, local_pass, tops
@@ -49,6 +58,7 @@ SIGNALS = (
     "lr_fell_count",
     "lr_rose_count",
     "lr_fell_frac",
+    *FULL,
 )
 #: How each signal of several tensors (or several shards of a stepper) combines from each
 #: part's: norms as the root of the summed squares, means and fractions weighted by each
@@ -78,6 +88,7 @@ COMBINE = {
     "lr_eff_p99": "max",
     "shock_p99": "max",
     "update_ratio": "ratio",
+    **{name: name.rsplit("_", 1)[1] for name in FULL},
 }
 #: The quantiles computed of the effective LR and of the shock (whose p99 is reported).
 _QUANTILES = (0.01, 0.5, 0.99)
@@ -304,8 +315,8 @@ def finish(
         )
     )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
-    exact = reduce_exact(entries)
     factors = _factors(entries, steps)
+    exact = reduce_exact(entries, factors)
     which = covered(layout.numels)
     counts, kept, rho = local_pass(entries, which, pending.local, factors)
     parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
@@ -346,6 +357,7 @@ def finish(
             scales[i],
         )
         | _local_signals(local.get(i, (math.nan, math.nan)), layout.numels[i])
+        | full_signals(reduced[i])
         for i, e in enumerate(entries)
     }
     agg = aggregate(layout, rows, reduced, col, tensors, amsgrad)
@@ -363,7 +375,7 @@ def finish(
         "tensors": tensors,
         "aggregate": {s: agg[s] for s in SIGNALS},
         "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
-        "estimates": estimates(layout),
+        "estimates": estimates(layout) | rounding(entries, tensors),
         "local": {
             "covered": [entries[i].name for i in which],
             "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},
