@@ -30,7 +30,7 @@ which then finds nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,8 +44,9 @@ __all__ = [
     "REDUCED",
     "ROLES",
     "STATS",
+    "combine_chunks",
     "count_faults",
-    "reduce_exact",
+    "reduce_chunks",
     "update_rounding",
 ]
 
@@ -63,86 +64,124 @@ FAULT_ROLES = ("grad", "param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 CHUNK = 1 << 16
 
 
+#: Relative resolution of ``|p_before|^2`` from the identity in :func:`combine_chunks`
+#: (16 float32 roundings of its terms).
+_RESOLUTION = 16 * 2.0**-23
+#: What each chunk gives (:func:`reduce_chunks`): per role its sum of squares, sum, minimum
+#: and maximum (the update's as ``r``, where ``update = scale * r``), then ``sum(p * r)``.
+_PER_CHUNK = len(ROLES) * len(STATS) + 1
+
+
 def _stats(x: torch.Tensor) -> list[torch.Tensor]:
-    """norm, sum, min, max of a flat chunk (norms and sums accumulated in float32 or wider:
-    a 16-bit one of a large tensor would overflow). The norm is the root of a sum of
-    squares: ``sum`` adds in a cascade (within a few roundings of float64 on 64K elements),
-    where ``vector_norm`` on the CPU drifts by about n / 8000 roundings (17 at 120K)."""
-    low, high = torch.aminmax(x)
+    """Sum of squares, sum, min, max of a flat chunk, accumulated in float32 or wider (a
+    16-bit sum of a large tensor would overflow). Squares are summed by ``sum``, which adds
+    in a cascade (within a few roundings of float64 on a chunk), where ``vector_norm`` on
+    the CPU drifts by about n / 8000 roundings (17 at 120K elements)."""
     wide = x if x.element_size() >= 4 else x.float()
-    return [torch.mul(wide, wide).sum().sqrt(), wide.sum(), low, high]
+    return [torch.mul(wide, wide).sum(), wide.sum(), wide.amin(), wide.amax()]
 
 
 def _update(
     p: torch.Tensor, m: torch.Tensor, vd: torch.Tensor, f: Factors, decay: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam's update of one chunk from the state after the step, and the chunk's parameter
-    before the step, in the stats dtype."""
+) -> tuple[torch.Tensor, float]:
+    """Adam's update of one chunk from the state after the step, as ``(r, scale)`` with
+    ``update = scale * r`` (the scale left to the host: one pass less), in the stats dtype.
+
+    ``step_size * m / (sqrt(v) / b + eps) == (step_size * b) * m / (sqrt(v) + eps * b)``
+    with ``b = sqrt(bc2)``: the same up to roundings the bound covers. Under decoupled
+    weight decay the update also takes ``lr * wd * p_before`` with ``p_before = (p -
+    u_adam) / (1 - lr * wd)``, so it is formed whole (scale 1)."""
     wide = wide_dtype(p.dtype)
     denom = vd.to(wide).sqrt_() if vd.dtype != wide else vd.sqrt()
-    denom.div_(f.bc2_sqrt).add_(f.eps)
-    u = torch.div(m, denom, out=denom).mul_(-f.step_size)
-    if decay:  # decoupled: p_before = (p - u_adam) / (1 - lr * wd), decayed by lr * wd of it
-        keep = 1.0 - f.lr * decay
-        p0 = (p - u).div_(keep)
-        u.sub_(p0, alpha=f.lr * decay)
-        return u, p0
-    return u, p - u
+    r = torch.div(m, denom.add_(f.eps * f.bc2_sqrt), out=denom)
+    scale = -f.step_size * f.bc2_sqrt
+    if not decay:
+        return r, scale
+    c = f.lr * decay / (1.0 - f.lr * decay)
+    return r.mul_(scale * (1 + c)).sub_(p, alpha=c), 1.0
 
 
-def _reduce_one(e: Entry, f: Factors | None, chunk: int) -> torch.Tensor:
-    """One entry's :data:`REDUCED` (float64, on its device)."""
+def _chunks(e: Entry, f: Factors | None, chunk: int) -> tuple[list[torch.Tensor], float]:
+    """One entry's per-chunk rows (see :data:`_PER_CHUNK`) and its update's scale."""
     s = e.state
     g, p = real_flat(e.grad), real_flat(e.param)
     m, v = real_flat(s["exp_avg"]), real_flat(s["exp_avg_sq"])
     vd = real_flat(s["max_exp_avg_sq"]) if e.group["amsgrad"] and "max_exp_avg_sq" in s else v
     decay = float(e.group.get("weight_decay", 0.0) or 0.0)
     decay = decay if e.group.get("decoupled_weight_decay") else 0.0
-    n = p.numel()
-    parts = []
-    for a in range(0, n, chunk):
+    n, rows, scale = p.numel(), [], math.nan
+    for a in range(0, max(n, 1), chunk):
         b = min(n, a + chunk)
         if f is not None and f.defined:
-            u, p0 = _update(p[a:b], m[a:b], vd[a:b], f, decay)
+            r, scale = _update(p[a:b], m[a:b], vd[a:b], f, decay)
         else:  # no step to recompute
-            u = p0 = torch.full((b - a,), math.nan, dtype=wide_dtype(p.dtype), device=p.device)
-        values = [*_stats(g[a:b]), *_stats(p[a:b]), *_stats(u), *_stats(m[a:b]), *_stats(v[a:b])]
-        values.append(torch.linalg.vector_norm(p0))
-        if len({x.dtype for x in values}) == 1:
-            parts.append(torch.stack(values).to(torch.float64))
-        else:
-            parts.append(torch.stack([x.to(torch.float64) for x in values]))
-    if len(parts) == 1:
-        return parts[0]
-    per = torch.stack(parts).view(len(parts), -1)
-    squares = per * per
-    cols = []
-    for i in range(len(ROLES)):
-        k = i * len(STATS)
-        cols += [
-            squares[:, k].sum().sqrt(),
-            per[:, k + 1].sum(),
-            per[:, k + 2].min(),
-            per[:, k + 3].max(),
-        ]
-    cols.append(squares[:, -1].sum().sqrt())
-    return torch.stack(cols)
+            r = torch.full((b - a,), math.nan, dtype=wide_dtype(p.dtype), device=p.device)
+        pr = torch.mul(p[a:b], r).sum()
+        values = [*_stats(g[a:b]), *_stats(p[a:b]), *_stats(r), *_stats(m[a:b])]
+        values += [*_stats(v[a:b]), pr]
+        rows.append(torch.stack([x.to(r.dtype) for x in values]))
+    return rows, scale
 
 
-def reduce_exact(
+def reduce_chunks(
     entries: Sequence[Entry], factors: Sequence[Factors | None] | None = None
-) -> torch.Tensor:
-    """(S, len(REDUCED)) float64 on the entries' device: :data:`REDUCED` of each entry's
-    full tensors after the step (entries must have their state; ``factors``: each entry's
-    Adam factors at its step, None where it has none: its update is NaN)."""
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """What :func:`combine_chunks` makes :data:`REDUCED` of, on the entries' device: the
+    rows of every entry's chunks as one float64 tensor, how many rows each entry has and
+    each one's update scale (``factors``: each entry's Adam factors at its step, None
+    where it has none: its update is NaN). Entries must have their state."""
     if factors is None:
         factors = [None] * len(entries)
-    return torch.stack(
-        [
-            _reduce_one(e, f, CHUNK if e.param.device.type == "cpu" else max(1, e.param.numel()))
-            for e, f in zip(entries, factors, strict=True)
-        ]
-    )
+    rows: list[torch.Tensor] = []
+    counts, scales = [], []
+    for e, f in zip(entries, factors, strict=True):
+        chunk = CHUNK if e.param.device.type == "cpu" else max(1, e.param.numel())
+        got, scale = _chunks(e, f, chunk)
+        rows += got
+        counts.append(len(got))
+        scales.append(scale)
+    if len({r.dtype for r in rows}) == 1:
+        return torch.stack(rows).to(torch.float64), counts, scales
+    return torch.stack([r.to(torch.float64) for r in rows]), counts, scales
+
+
+def combine_chunks(
+    values: Sequence[float], counts: Sequence[int], scales: Sequence[float]
+) -> list[list[float]]:
+    """Each entry's :data:`REDUCED` from :func:`reduce_chunks`' rows (brought to the host,
+    flat): sums of squares and sums added, the extremes' extreme, the update scaled, the
+    parameter before the step from ``|p - u|^2 = |p|^2 - 2 (p . u) + |u|^2``."""
+    out, pos = [], 0
+    for count, scale in zip(counts, scales, strict=True):
+        rows = [values[pos + i * _PER_CHUNK : pos + (i + 1) * _PER_CHUNK] for i in range(count)]
+        pos += count * _PER_CHUNK
+        red: list[float] = []
+        squares = []
+        for k in range(len(ROLES)):
+            col = [row[k * 4 : k * 4 + 4] for row in rows]
+            sq, total = math.fsum(c[0] for c in col), math.fsum(c[1] for c in col)
+            low, high = _extreme(min, [c[2] for c in col]), _extreme(max, [c[3] for c in col])
+            if ROLES[k] == "update":
+                sq, total = sq * scale * scale, total * scale
+                low, high = (
+                    (low * scale, high * scale) if scale >= 0 else (high * scale, low * scale)
+                )
+            squares.append(sq)
+            red += [math.sqrt(sq) if sq >= 0 else math.nan, total, low, high]
+        pr = math.fsum(row[-1] for row in rows) * scale
+        before = squares[1] - 2 * pr + squares[2]
+        # Below the identity's rounding (a parameter that was 0: a zero-initialised bias at
+        # its first step) it is 0, so the ratio reads inf, not a number made of roundings.
+        if before < _RESOLUTION * (squares[1] + 2 * abs(pr) + squares[2]):
+            before = 0.0
+        red.append(math.sqrt(before) if not math.isnan(before) else math.nan)
+        out.append(red)
+    return out
+
+
+def _extreme(pick: Callable[[list[float]], float], values: list[float]) -> float:
+    """NaN wins, as it does within a chunk."""
+    return math.nan if any(math.isnan(x) for x in values) else pick(values)
 
 
 def update_rounding(dtype: torch.dtype, param_norm: float, update_norm: float) -> float:

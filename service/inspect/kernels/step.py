@@ -24,7 +24,7 @@ from .assemble import (
     tensor_signals,
 )
 from .cache import SignalCache, Token, cache_key
-from .exact import REDUCED, count_faults, reduce_exact
+from .exact import combine_chunks, count_faults, reduce_chunks
 from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
@@ -316,13 +316,13 @@ def finish(
     )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
     factors = _factors(entries, steps)
-    exact = reduce_exact(entries, factors)
+    chunks, chunk_counts, update_scales = reduce_chunks(entries, factors)
     which = covered(layout.numels)
     counts, kept, rho = local_pass(entries, which, pending.local, factors)
-    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
+    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), chunks.reshape(-1)]
     parts.append(counts.reshape(-1))
     host = torch.cat(parts).tolist()  # the one transfer
-    s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), len(REDUCED)
+    s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), chunks.numel()
     rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
     pos = s_n * k
     lr_rows = [host[pos + i * nq : pos + (i + 1) * nq] for i in range(s_n)]
@@ -331,15 +331,15 @@ def finish(
     pos += s_n * nq
     lr_pooled, shock_pooled = host[pos : pos + nq], host[pos + nq + 2]
     pos += 2 * nq
-    reduced = [host[pos + i * nr : pos + (i + 1) * nr] for i in range(s_n)]
-    pos += s_n * nr
+    reduced = combine_chunks(host[pos : pos + nr], chunk_counts, update_scales)
+    pos += nr
     local = {i: (host[pos + 2 * j], host[pos + 2 * j + 1]) for j, i in enumerate(which)}
     flagged = [j for j, i in enumerate(which) if local[i][0] > 0 or local[i][1] > 0]
     # NaN/Inf propagate through the norms, the sum and the max: counted only then.
     faults = {
-        e.name: count_faults(e)
+        e.name: found
         for e, red in zip(entries, reduced, strict=True)
-        if not all(math.isfinite(x) for x in red)
+        if not all(math.isfinite(x) for x in red) and (found := count_faults(e))
     }
     scales = [
         f.step_size * f.bc2_sqrt if t is not None and f.defined else math.nan
