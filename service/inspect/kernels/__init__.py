@@ -67,12 +67,13 @@ the values; the block sample is systematic, which is as good unless the values v
 the stride. ``scaled`` values have no distribution-free bound.
 
 Cost: the exact reductions read every stepped tensor's gradient, parameter, m and v once
-(:mod:`.exact`: one foreach norm call and a sum per tensor; at least 16 ms per 10M fp32
-parameters on one core, bound by memory bandwidth, and run after the step's reply has left
-when the service defers it, on one thread: ``signals.one_thread``). The localized signals
+from memory, in chunks (:mod:`.exact`: per chunk 6 dot products, 5 sums, 10 minima and
+maxima and the update's 3 elementwise passes, in cache), run after the step's reply has left
+when the service defers it, on one thread (``signals.one_thread``). The localized signals
 (:mod:`.local`) cover a budget of elements. Measured with ``benchmarks/bench_signals.py`` on
-a busy 2-core VM: about 2 ms a step at 10K parameters and 40 to 55 ms at 10M (bench_step's
-129-tensor layout), against 1 and 8 ms for the sampled signals alone before. The rest comes
+a busy 2-core VM (load 4.5 to 8): about 2.8 ms a step at 10K parameters and 100 to 190 ms
+at 10M (bench_step's 129-tensor layout), against 2.5 and 53 to 93 ms with the exact norms
+alone, in the same rounds. The rest comes
 from a sample: the smallest stepped tensors are taken whole while they add up to
 :data:`WHOLE_BUDGET` elements; the others share about :data:`STEP_SAMPLE` sampled elements
 in proportion to their size, with at least :data:`MIN_PER_TENSOR` each. A sampled tensor
