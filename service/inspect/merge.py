@@ -84,7 +84,8 @@ def merge_stats_aggregate(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def merge_signal_details(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the parts' signals say beside the tensors and the aggregate, as the whole's:
     ``estimates`` (each tensor's bound from its part; the aggregate's the loosest part's,
-    a bound of the pooled one only as far as the parts' samples are alike), ``local``
+    a bound of the pooled one only as far as the parts' samples are alike; the update's
+    rounding bounds joined, the aggregate's the root of their squares), ``local``
     (covered tensors and top elements joined), ``faults`` (joined) and ``first_nonfinite``
     (the earliest)."""
     out: dict[str, Any] = {}
@@ -93,6 +94,10 @@ def merge_signal_details(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         merged = dict(estimates[0])
         merged["rank_error"] = {k: v for e in estimates for k, v in e["rank_error"].items()}
         merged["aggregate_rank_error"] = max(e["aggregate_rank_error"] for e in estimates)
+        rounding = {k: v for e in estimates for k, v in (e.get("update_rounding") or {}).items()}
+        if rounding:  # each tensor's bound of norm(update - stored change): they add as squares
+            merged["update_rounding"] = rounding
+            merged["aggregate_update_rounding"] = math.sqrt(sum(b * b for b in rounding.values()))
         out["estimates"] = merged
     locals_ = [p["local"] for p in parts if p.get("local")]
     if locals_:

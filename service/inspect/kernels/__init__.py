@@ -18,8 +18,16 @@ with the signals of :data:`SIGNALS` (floats; NaN where undefined, e.g. at the fi
 =================  ===============================================================
 grad_norm          L2 norm of the gradient (as sent: before maximize/weight decay)
 param_norm         L2 norm of the parameter after the step
+update_norm        L2 norm of the step's update: Adam's step recomputed from the state
+                   it leaves (:mod:`.exact`), within ``estimates["update_rounding"]`` of
+                   the stored change ``p_after - p_before``
+update_ratio       ``update_norm / norm(p_before)``
 exp_avg_norm       L2 norm of ``exp_avg`` (m) after the step
 exp_avg_sq_mean    mean of ``exp_avg_sq`` (v) after the step
+<role>_sum/_min    sum, minimum and maximum of each role (``grad``, ``param``,
+/_max              ``update``, ``exp_avg``, ``exp_avg_sq``), and ``exp_avg_sq_norm``;
+                   the update's within the same rounding (its sum within ``sqrt(numel)``
+                   times it)
 nan_count          NaN elements in the gradient, the parameter, exp_avg, exp_avg_sq (and
                    max_exp_avg_sq) together, counted at the step they appear
 inf_count          the same for +-Inf
@@ -32,8 +40,6 @@ lr_scale           ``step_size * sqrt(bc2)`` of the tensor's group at its step: 
 says which, see below):
 
 =================  ===============================================================
-update_norm        L2 norm of the step's change ``p_after - p_before`` (scaled sample)
-update_ratio       ``update_norm / norm(p_before)``
 lr_eff_p1/p50/p99  quantiles of this step's effective learning rate ``step_size / denom``
                    (``denom`` from ``max_exp_avg_sq`` under amsgrad; see below)
 shock_p99          p99 of ``g^2 / v_hat(t-1)``, g the gradient v sees (with Adam's L2
@@ -50,29 +56,31 @@ eps_dominance      fraction of elements with ``sqrt(v_hat) < eps``
 
 Quantiles and fractions are over the elements where the value is defined (not NaN).
 
-``estimates`` names the estimated signals by kind (``quantiles``, ``fractions``, ``scaled``)
-and bounds them: ``rank_error[tensor]`` is the Dvoretzky-Kiefer-Wolfowitz bound of the
-tensor's sample at ``confidence`` (0.99): a quantile's rank, and a fraction, is within it
+``estimates`` names the estimated signals by kind (``quantiles``, ``fractions``, ``scaled``),
+gives the exact update's rounding bound (``update_rounding[tensor]``,
+``aggregate_update_rounding``) and bounds the estimates: ``rank_error[tensor]`` is the
+Dvoretzky-Kiefer-Wolfowitz bound of the tensor's sample at ``confidence`` (0.99): a
+quantile's rank, and a fraction, is within it
 of the full tensor's (0.0: taken whole, exact); ``aggregate_rank_error`` the same for the
 pooled sample (its effective size). The bound holds for a sample drawn independently of
 the values; the block sample is systematic, which is as good unless the values vary with
 the stride. ``scaled`` values have no distribution-free bound.
 
 Cost: the exact reductions read every stepped tensor's gradient, parameter, m and v once
-(:mod:`.exact`: one foreach norm call and a sum per tensor; at least 16 ms per 10M fp32
-parameters on one core, bound by memory bandwidth, and run after the step's reply has left
-when the service defers it, on one thread: ``signals.one_thread``). The localized signals
+from memory, in chunks (:mod:`.exact`: per chunk 6 dot products, 5 sums, 10 minima and
+maxima and the update's 3 elementwise passes, in cache), run after the step's reply has left
+when the service defers it, on one thread (``signals.one_thread``). The localized signals
 (:mod:`.local`) cover a budget of elements. Measured with ``benchmarks/bench_signals.py`` on
-a busy 2-core VM: about 2 ms a step at 10K parameters and 40 to 55 ms at 10M (bench_step's
-129-tensor layout), against 1 and 8 ms for the sampled signals alone before. The rest comes
+a busy 2-core VM (load 4.5 to 8): about 2.8 ms a step at 10K parameters and 100 to 190 ms
+at 10M (bench_step's 129-tensor layout), against 2.5 and 53 to 93 ms with the exact norms
+alone, in the same rounds. The rest comes
 from a sample: the smallest stepped tensors are taken whole while they add up to
 :data:`WHOLE_BUDGET` elements; the others share about :data:`STEP_SAMPLE` sampled elements
 in proportion to their size, with at least :data:`MIN_PER_TENSOR` each. A sampled tensor
 contributes blocks of :data:`BLOCK` consecutive elements (one cache line of fp32) every
 ``stride`` elements, the stride a multiple of the block chosen so that the blocks pass
 through every column (:func:`block_plan`): the same elements every step, so step-to-step
-comparisons such as gamma compare like with like. The update norm is scaled up from the
-sample (``norm * sqrt(numel / n)``), fractions are the sample's. NaN and Inf propagate
+comparisons such as gamma compare like with like. Fractions are the sample's. NaN and Inf propagate
 through the exact reductions, so a step that brings one is seen at that step and its NaN/Inf
 elements are counted then, per role, over the whole tensors (``faults``). All of it runs on
 the stepper's device, vectorized over all stepped tensors at once, with one transfer of the

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .sampling import Layout
+from .exact import REDUCED, ROLES, STATS, update_rounding
+from .sampling import Entry, Layout
 
 __all__ = [
     "CONFIDENCE",
@@ -18,7 +19,9 @@ __all__ = [
     "Row",
     "aggregate",
     "estimates",
+    "full_signals",
     "rank_error",
+    "rounding",
     "tensor_signals",
 ]
 
@@ -27,11 +30,17 @@ CONFIDENCE = 0.99
 #: The signals computed from a tensor's sample (exact when it is taken whole), by kind:
 #: quantiles (their rank error is bounded), fractions (their absolute error is bounded by
 #: the same number) and values scaled up from the sample (no distribution-free bound).
+#: Every other signal is exact.
 ESTIMATES = {
     "quantiles": ("lr_eff_p1", "lr_eff_p50", "lr_eff_p99", "shock_p99"),
     "fractions": ("gamma_frac", "eps_dominance"),
-    "scaled": ("update_norm", "update_ratio", "amsgrad_clamp"),
+    "scaled": ("amsgrad_clamp",),
 }
+#: The exact reductions reported besides the older signals (``grad_norm``, ``param_norm``,
+#: ``update_norm``, ``exp_avg_norm``): sums, minima and maxima of every role, v's norm.
+_OLDER = ("grad_norm", "param_norm", "update_norm", "exp_avg_norm")
+FULL = tuple(c for c in REDUCED[:-1] if c not in _OLDER)
+_AT = {name: i for i, name in enumerate(REDUCED)}
 
 
 def rank_error(n: float) -> float:
@@ -128,12 +137,12 @@ def tensor_signals(
     if amsgrad:
         clamp = r[col.ratio] / r[col.has_v] if r[col.has_v] else math.nan
     return {
-        "grad_norm": red[0],
-        "param_norm": red[1],
-        "update_norm": math.sqrt(row.weight * r[0]),
-        "update_ratio": _div(math.sqrt(r[0]), math.sqrt(r[1])),
-        "exp_avg_norm": red[2],
-        "exp_avg_sq_mean": red[3] / row.numel,
+        "grad_norm": red[_AT["grad_norm"]],
+        "param_norm": red[_AT["param_norm"]],
+        "update_norm": red[_AT["update_norm"]],
+        "update_ratio": _div(red[_AT["update_norm"]], red[_AT["param_before_norm"]]),
+        "exp_avg_norm": red[_AT["exp_avg_norm"]],
+        "exp_avg_sq_mean": red[_AT["exp_avg_sq_sum"]] / row.numel,
         "lr_eff_p1": lr_eff[0],
         "lr_eff_p50": lr_eff[1],
         "lr_eff_p99": lr_eff[2],
@@ -145,6 +154,31 @@ def tensor_signals(
         "inf_count": float(sum(c[1] for c in faults.values())),
         "lr_scale": lr_scale,
     }
+
+
+def full_signals(reduced: Sequence[float]) -> dict[str, float]:
+    """One tensor's :data:`FULL` signals from its exact reductions."""
+    return {name: reduced[_AT[name]] for name in FULL}
+
+
+def _full_totals(reduced: Sequence[Sequence[float]]) -> dict[str, float]:
+    """The stepper's :data:`FULL` signals: norms as the root of the summed squares, sums
+    added, the least minimum and the greatest maximum."""
+    out: dict[str, float] = {}
+    for role in ROLES:
+        for stat in STATS:
+            name = f"{role}_{stat}"
+            values = [red[_AT[name]] for red in reduced]
+            if not values:
+                out[name] = math.nan
+            elif stat == "norm":
+                out[name] = math.sqrt(sum(x * x for x in values))
+            elif stat == "sum":
+                out[name] = math.fsum(values)
+            else:  # NaN wins, as it does within a tensor
+                nan = any(math.isnan(x) for x in values)
+                out[name] = math.nan if nan else (min if stat == "min" else max)(values)
+    return out
 
 
 def aggregate(
@@ -165,9 +199,8 @@ def aggregate(
             if which is None or which[i]
         )
 
-    def norm(c: int) -> float:
-        return math.sqrt(sum(red[c] * red[c] for red in reduced))
-
+    full = _full_totals(reduced)
+    p0 = math.sqrt(sum(red[-1] * red[-1] for red in reduced))
     numel = sum(layout.numels)
     clamp = 1.0
     if any(amsgrad):  # without amsgrad a tensor's ratio is exactly 1 wherever v > 0
@@ -179,12 +212,12 @@ def aggregate(
     comparable = total(col.comparable)
     scales = {t["lr_scale"] for t in tensors.values()}
     return {
-        "grad_norm": norm(0),
-        "param_norm": norm(1),
-        "update_norm": math.sqrt(total(0)),
-        "update_ratio": _div(math.sqrt(total(0)), math.sqrt(total(1))),
-        "exp_avg_norm": norm(2),
-        "exp_avg_sq_mean": sum(red[3] for red in reduced) / numel if numel else math.nan,
+        "grad_norm": full["grad_norm"],
+        "param_norm": full["param_norm"],
+        "update_norm": full["update_norm"],
+        "update_ratio": _div(full["update_norm"], p0),
+        "exp_avg_norm": full["exp_avg_norm"],
+        "exp_avg_sq_mean": full["exp_avg_sq_sum"] / numel if numel else math.nan,
         "gamma_frac": total(col.grew) / comparable if comparable else math.nan,
         "amsgrad_clamp": clamp,
         "eps_dominance": total(col.eps) / numel if numel else math.nan,
@@ -194,6 +227,7 @@ def aggregate(
         # does alike.
         "lr_scale": scales.pop() if len(scales) == 1 else math.nan,
         **_local_totals(layout, tensors),
+        **{name: full[name] for name in FULL},
     }
 
 
@@ -209,4 +243,23 @@ def _local_totals(layout: Layout, tensors: Mapping[str, Mapping[str, float]]) ->
         "lr_fell_count": fell,
         "lr_rose_count": sum(t["lr_rose_count"] for _, t in seen),
         "lr_fell_frac": fell / covered if covered else math.nan,
+    }
+
+
+def rounding(
+    entries: Sequence[Entry], tensors: Mapping[str, Mapping[str, float]]
+) -> dict[str, Any]:
+    """How far the exact update may be from the stored ``p_after - p_before``: per tensor
+    (:func:`~.exact.update_rounding`) and for the stepper (the root of their squares)."""
+    per = {
+        e.name: update_rounding(
+            e.param.dtype.to_real(),
+            tensors[e.name]["param_norm"],
+            tensors[e.name]["update_norm"],
+        )
+        for e in entries
+    }
+    return {
+        "update_rounding": per,
+        "aggregate_update_rounding": math.sqrt(sum(b * b for b in per.values())),
     }

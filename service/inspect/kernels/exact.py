@@ -1,65 +1,201 @@
 """Exact per-tensor reductions of a step's full tensors, and exact NaN/Inf counts.
 
-Every step, for every stepped tensor, over all of its elements (no sample): the L2 norms of
-the gradient, the parameter after the step and exp_avg, and the sum of exp_avg_sq. One
-``torch._foreach_norm`` call for the three norms of every tensor and one sum per tensor for
-v: each tensor read once, bound by memory bandwidth (about 16 ms per 10M fp32 parameters on
-one core), no copy of a full tensor and no temporary the size of one. (A maximum of v would
-cost another pass, about a third more: left out.) The results stay on the device until the
-caller's one transfer to the host.
+Every step, for every stepped tensor, over all of its elements (no sample): the L2 norm,
+the sum, the minimum and the maximum of the gradient, the parameter after the step, the
+update, exp_avg and exp_avg_sq (:data:`ROLES` x :data:`STATS`), and the norm of the
+parameter before the step (for ``update_ratio``).
 
-NaN and Inf propagate through a norm and a sum, so these reductions say for free
-whether a tensor holds any: only then (a rare step) are its NaN and Inf elements counted,
-exactly and per role (:func:`count_faults`). A norm that overflows (every element finite,
-the sum of squares beyond the accumulator's range) only costs that count, which then finds
-nothing.
+The update is Adam's step recomputed from the state it leaves:
+``-step_size * m / (sqrt(v_denom) / sqrt(bc2) + eps)`` (``v_denom`` is ``max_exp_avg_sq``
+under amsgrad), plus the decoupled weight decay's ``-lr * wd * p_before``, where
+``p_before = (p - u_adam) / (1 - lr * wd)``. No copy of the parameter is kept across the
+step. It differs from the stored change ``p_after - p_before`` only by roundings: the
+parameter's (its last addition, and the decay's product) and the few of the denominator,
+so ``norm(update - (p_after - p_before)) <= eps * (param_norm + 5 * update_norm)`` with
+``eps = torch.finfo(param dtype).eps`` (:func:`update_rounding`; tested against float64):
+the update's norm, minimum and maximum are within that of the stored change's, its sum
+within ``sqrt(numel)`` times it.
+
+Each tensor is read once, in chunks of :data:`CHUNK` elements on the CPU (all reductions of
+a chunk while it is in cache; the update never exists as a full tensor) and whole on an
+accelerator. The results stay on the device until the caller's one transfer to the host.
+
+NaN and Inf propagate through a norm, a sum, a minimum and a maximum, so these reductions
+say for free whether a tensor holds any: only then (a rare step) are its NaN and Inf
+elements counted, exactly and per role (:func:`count_faults`). A norm that overflows (every
+element finite, the sum of squares beyond the accumulator's range) only costs that count,
+which then finds nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-from adamscope.client.numerics import real_flat
+from adamscope.client.numerics import Factors, real_flat, wide_dtype
 
 from .sampling import Entry
 
-__all__ = ["FAULT_ROLES", "REDUCED", "count_faults", "reduce_exact"]
+__all__ = [
+    "CHUNK",
+    "FAULT_ROLES",
+    "REDUCED",
+    "ROLES",
+    "STATS",
+    "combine_chunks",
+    "count_faults",
+    "reduce_chunks",
+    "update_rounding",
+]
 
-#: The columns :func:`reduce_exact` gives per tensor, in order.
-REDUCED = ("grad_norm", "param_norm", "exp_avg_norm", "exp_avg_sq_sum")
+#: The tensors reduced exactly, by the prefix of their signals.
+ROLES = ("grad", "param", "update", "exp_avg", "exp_avg_sq")
+#: What each role is reduced to.
+STATS = ("norm", "sum", "min", "max")
+#: The columns :func:`reduce_exact` gives per tensor, in order: ``<role>_<stat>``, then the
+#: parameter's norm before the step.
+REDUCED = (*(f"{r}_{s}" for r in ROLES for s in STATS), "param_before_norm")
 #: The tensors a NaN/Inf is counted in, by role, in the order they are reported.
 FAULT_ROLES = ("grad", "param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: Elements reduced at a time on the CPU: every role's chunk and the update's stay in the
+#: cache while they are reduced (1 MiB each in fp32); measured faster than 64K (fewer
+#: calls) on bench_step's 10M layout.
+CHUNK = 1 << 18
 
 
-def _stacked(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """0-dim results as one float64 vector (one stack when they share a dtype)."""
-    if len({v.dtype for v in values}) == 1:
-        return torch.stack(list(values)).to(torch.float64)
-    return torch.stack([v.to(torch.float64) for v in values])
+#: Relative resolution of ``|p_before|^2`` from the identity in :func:`combine_chunks`
+#: (16 float32 roundings of its terms).
+_RESOLUTION = 16 * 2.0**-23
+#: What each chunk gives (:func:`reduce_chunks`): per role its sum of squares, sum, minimum
+#: and maximum (the update's as ``r``, where ``update = scale * r``), then ``sum(p * r)``.
+_PER_CHUNK = len(ROLES) * len(STATS) + 1
 
 
-def reduce_exact(entries: Sequence[Entry]) -> torch.Tensor:
-    """(S, len(REDUCED)) float64 on the entries' device: :data:`REDUCED` of each entry's
-    full tensors (after the step; entries must have their state)."""
-    n = len(entries)
-    gs = [real_flat(e.grad) for e in entries]
-    ps = [real_flat(e.param) for e in entries]
-    ms = [real_flat(e.state["exp_avg"]) for e in entries]
-    vs = [real_flat(e.state["exp_avg_sq"]) for e in entries]
-    # float32 results for narrow dtypes: a 16-bit norm of a large tensor would overflow.
-    norms = _stacked(torch._foreach_norm([*gs, *ps, *ms], 2, dtype=_result_dtype(gs)))
-    sums = _stacked([v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum() for v in vs])
-    return torch.cat([norms.view(3, n), sums[None]]).t()
+def _stats(x: torch.Tensor, out: Sequence[torch.Tensor]) -> None:
+    """Sum of squares, sum, min, max of a flat chunk into ``out`` (4 cells of the stats
+    dtype: 16-bit values are widened, their sums would overflow). ``dot`` sums the squares
+    in one pass, within a few roundings of float64 on a chunk (``vector_norm`` on the CPU
+    drifts by about n / 8000 roundings: 17 at 120K elements)."""
+    wide = x if x.dtype == out[0].dtype else x.to(out[0].dtype)
+    torch.dot(wide, wide, out=out[0])
+    torch.sum(wide, 0, out=out[1])
+    torch.amin(wide, 0, out=out[2])
+    torch.amax(wide, 0, out=out[3])
 
 
-def _result_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
-    if any(t.element_size() < 4 for t in tensors) and all(
-        t.dtype != torch.float64 for t in tensors
-    ):
-        return torch.float32
-    return None
+def _update(
+    p: torch.Tensor, m: torch.Tensor, vd: torch.Tensor, f: Factors, decay: float
+) -> tuple[torch.Tensor, float]:
+    """Adam's update of one chunk from the state after the step, as ``(r, scale)`` with
+    ``update = scale * r`` (the scale left to the host: one pass less), in the stats dtype.
+
+    ``step_size * m / (sqrt(v) / b + eps) == (step_size * b) * m / (sqrt(v) + eps * b)``
+    with ``b = sqrt(bc2)``: the same up to roundings the bound covers. Under decoupled
+    weight decay the update also takes ``lr * wd * p_before`` with ``p_before = (p -
+    u_adam) / (1 - lr * wd)``, so it is formed whole (scale 1)."""
+    wide = wide_dtype(p.dtype)
+    denom = vd.to(wide).sqrt_() if vd.dtype != wide else vd.sqrt()
+    r = torch.div(m, denom.add_(f.eps * f.bc2_sqrt), out=denom)
+    scale = -f.step_size * f.bc2_sqrt
+    if not decay:
+        return r, scale
+    c = f.lr * decay / (1.0 - f.lr * decay)
+    return r.mul_(scale * (1 + c)).sub_(p, alpha=c), 1.0
+
+
+def _chunks(e: Entry, f: Factors | None, chunk: int) -> tuple[torch.Tensor, float]:
+    """One entry's per-chunk rows (see :data:`_PER_CHUNK`) and its update's scale."""
+    s = e.state
+    g, p = real_flat(e.grad), real_flat(e.param)
+    m, v = real_flat(s["exp_avg"]), real_flat(s["exp_avg_sq"])
+    vd = real_flat(s["max_exp_avg_sq"]) if e.group["amsgrad"] and "max_exp_avg_sq" in s else v
+    decay = float(e.group.get("weight_decay", 0.0) or 0.0)
+    decay = decay if e.group.get("decoupled_weight_decay") else 0.0
+    n, wide = p.numel(), wide_dtype(p.dtype)
+    rows = torch.full((max(1, -(-n // chunk)), _PER_CHUNK), math.nan, dtype=wide, device=p.device)
+    if n == 0:  # empty sums, no extremes
+        rows[:, 0:-1:4] = rows[:, 1::4] = rows[:, -1] = 0.0
+        return rows, 1.0
+    scale = math.nan
+    for i, a in enumerate(range(0, n, chunk)):
+        b, row = min(n, a + chunk), rows[i].unbind()  # the cells, as views in one call
+        if f is not None and f.defined:
+            r, scale = _update(p[a:b], m[a:b], vd[a:b], f, decay)
+        else:  # no step to recompute
+            r = torch.full((b - a,), math.nan, dtype=wide, device=p.device)
+        for k, x in enumerate((g[a:b], p[a:b], r, m[a:b], v[a:b])):
+            _stats(x, row[4 * k : 4 * k + 4])
+        pw = p[a:b] if p.dtype == wide else p[a:b].to(wide)
+        torch.dot(pw, r, out=row[-1])
+    return rows, scale
+
+
+def reduce_chunks(
+    entries: Sequence[Entry], factors: Sequence[Factors | None] | None = None
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """What :func:`combine_chunks` makes :data:`REDUCED` of, on the entries' device: the
+    rows of every entry's chunks as one float64 tensor, how many rows each entry has and
+    each one's update scale (``factors``: each entry's Adam factors at its step, None
+    where it has none: its update is NaN). Entries must have their state."""
+    if factors is None:
+        factors = [None] * len(entries)
+    rows: list[torch.Tensor] = []
+    counts, scales = [], []
+    for e, f in zip(entries, factors, strict=True):
+        chunk = CHUNK if e.param.device.type == "cpu" else max(1, e.param.numel())
+        got, scale = _chunks(e, f, chunk)
+        rows.append(got)
+        counts.append(got.shape[0])
+        scales.append(scale)
+    if len({r.dtype for r in rows}) == 1:
+        return torch.cat(rows).to(torch.float64), counts, scales
+    return torch.cat([r.to(torch.float64) for r in rows]), counts, scales
+
+
+def combine_chunks(
+    values: Sequence[float], counts: Sequence[int], scales: Sequence[float]
+) -> list[list[float]]:
+    """Each entry's :data:`REDUCED` from :func:`reduce_chunks`' rows (brought to the host,
+    flat): sums of squares and sums added, the extremes' extreme, the update scaled, the
+    parameter before the step from ``|p - u|^2 = |p|^2 - 2 (p . u) + |u|^2``."""
+    out, pos = [], 0
+    for count, scale in zip(counts, scales, strict=True):
+        rows = [values[pos + i * _PER_CHUNK : pos + (i + 1) * _PER_CHUNK] for i in range(count)]
+        pos += count * _PER_CHUNK
+        red: list[float] = []
+        squares = []
+        for k in range(len(ROLES)):
+            col = [row[k * 4 : k * 4 + 4] for row in rows]
+            sq, total = math.fsum(c[0] for c in col), math.fsum(c[1] for c in col)
+            low, high = _extreme(min, [c[2] for c in col]), _extreme(max, [c[3] for c in col])
+            if ROLES[k] == "update":
+                sq, total = sq * scale * scale, total * scale
+                low, high = (
+                    (low * scale, high * scale) if scale >= 0 else (high * scale, low * scale)
+                )
+            squares.append(sq)
+            red += [math.sqrt(sq) if sq >= 0 else math.nan, total, low, high]
+        pr = math.fsum(row[-1] for row in rows) * scale
+        before = squares[1] - 2 * pr + squares[2]
+        # Below the identity's rounding (a parameter that was 0: a zero-initialised bias at
+        # its first step) it is 0, so the ratio reads inf, not a number made of roundings.
+        if before < _RESOLUTION * (squares[1] + 2 * abs(pr) + squares[2]):
+            before = 0.0
+        red.append(math.sqrt(before) if not math.isnan(before) else math.nan)
+        out.append(red)
+    return out
+
+
+def _extreme(pick: Callable[[list[float]], float], values: list[float]) -> float:
+    """NaN wins, as it does within a chunk."""
+    return math.nan if any(math.isnan(x) for x in values) else pick(values)
+
+
+def update_rounding(dtype: torch.dtype, param_norm: float, update_norm: float) -> float:
+    """The bound of ``norm(update - (p_after - p_before))`` (see the module docstring)."""
+    return torch.finfo(dtype).eps * (param_norm + 5 * update_norm)
 
 
 def count_faults(e: Entry) -> dict[str, tuple[int, int]]:

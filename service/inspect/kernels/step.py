@@ -13,9 +13,18 @@ import torch
 
 from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 
-from .assemble import Columns, Row, aggregate, estimates, tensor_signals
+from .assemble import (
+    FULL,
+    Columns,
+    Row,
+    aggregate,
+    estimates,
+    full_signals,
+    rounding,
+    tensor_signals,
+)
 from .cache import SignalCache, Token, cache_key
-from .exact import REDUCED, count_faults, reduce_exact
+from .exact import combine_chunks, count_faults, reduce_chunks
 from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
@@ -49,6 +58,7 @@ SIGNALS = (
     "lr_fell_count",
     "lr_rose_count",
     "lr_fell_frac",
+    *FULL,
 )
 #: How each signal of several tensors (or several shards of a stepper) combines from each
 #: part's: norms as the root of the summed squares, means and fractions weighted by each
@@ -78,6 +88,7 @@ COMBINE = {
     "lr_eff_p99": "max",
     "shock_p99": "max",
     "update_ratio": "ratio",
+    **{name: name.rsplit("_", 1)[1] for name in FULL},
 }
 #: The quantiles computed of the effective LR and of the shock (whose p99 is reported).
 _QUANTILES = (0.01, 0.5, 0.99)
@@ -304,14 +315,14 @@ def finish(
         )
     )
     per_q, pooled_q = quantiles(layout, torch.stack([lr, pending.shock]), _QUANTILES)
-    exact = reduce_exact(entries)
     factors = _factors(entries, steps)
+    chunks, chunk_counts, update_scales = reduce_chunks(entries, factors)
     which = covered(layout.numels)
     counts, kept, rho = local_pass(entries, which, pending.local, factors)
-    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), exact.reshape(-1)]
+    parts = [sums.t().reshape(-1), per_q.reshape(-1), pooled_q.reshape(-1), chunks.reshape(-1)]
     parts.append(counts.reshape(-1))
     host = torch.cat(parts).tolist()  # the one transfer
-    s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), len(REDUCED)
+    s_n, k, nq, nr = len(entries), columns.shape[0], len(_QUANTILES), chunks.numel()
     rows = [host[i * k : (i + 1) * k] for i in range(s_n)]
     pos = s_n * k
     lr_rows = [host[pos + i * nq : pos + (i + 1) * nq] for i in range(s_n)]
@@ -320,15 +331,15 @@ def finish(
     pos += s_n * nq
     lr_pooled, shock_pooled = host[pos : pos + nq], host[pos + nq + 2]
     pos += 2 * nq
-    reduced = [host[pos + i * nr : pos + (i + 1) * nr] for i in range(s_n)]
-    pos += s_n * nr
+    reduced = combine_chunks(host[pos : pos + nr], chunk_counts, update_scales)
+    pos += nr
     local = {i: (host[pos + 2 * j], host[pos + 2 * j + 1]) for j, i in enumerate(which)}
     flagged = [j for j, i in enumerate(which) if local[i][0] > 0 or local[i][1] > 0]
     # NaN/Inf propagate through the norms, the sum and the max: counted only then.
     faults = {
-        e.name: count_faults(e)
+        e.name: found
         for e, red in zip(entries, reduced, strict=True)
-        if not all(math.isfinite(x) for x in red)
+        if not all(math.isfinite(x) for x in red) and (found := count_faults(e))
     }
     scales = [
         f.step_size * f.bc2_sqrt if t is not None and f.defined else math.nan
@@ -346,6 +357,7 @@ def finish(
             scales[i],
         )
         | _local_signals(local.get(i, (math.nan, math.nan)), layout.numels[i])
+        | full_signals(reduced[i])
         for i, e in enumerate(entries)
     }
     agg = aggregate(layout, rows, reduced, col, tensors, amsgrad)
@@ -363,7 +375,7 @@ def finish(
         "tensors": tensors,
         "aggregate": {s: agg[s] for s in SIGNALS},
         "sample": {n: p.count for n, p in zip(layout.names, layout.plans, strict=True)},
-        "estimates": estimates(layout),
+        "estimates": estimates(layout) | rounding(entries, tensors),
         "local": {
             "covered": [entries[i].name for i in which],
             "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},

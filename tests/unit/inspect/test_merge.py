@@ -13,6 +13,7 @@ from inspect_support import CPU, REL, close, randn, registered
 
 from adamscope.service.engine import Stepper
 from adamscope.service.inspect.kernels import COMBINE
+from adamscope.service.inspect.kernels.assemble import FULL
 from adamscope.service.inspect.merge import (
     combine,
     combine_signals,
@@ -46,6 +47,10 @@ def test_combined_parts_equal_the_whole() -> None:
     assert set(got) == set(whole)
     for signal in EXACT:
         assert close(got[signal], whole[signal], rel=REL), (signal, got[signal], whole[signal])
+    # The exact minima and maxima combine exactly.
+    for signal in FULL:
+        if signal.endswith(("_min", "_max")):
+            assert got[signal] == whole[signal], signal
     # The tails are bounds of the whole's, as the rule says.
     assert got["lr_eff_p1"] <= whole["lr_eff_p1"] and got["lr_eff_p99"] >= whole["lr_eff_p99"]
 
@@ -77,18 +82,32 @@ def test_new_signals_have_rules_and_details_merge() -> None:
     assert COMBINE["lr_fell_count"] == COMBINE["lr_rose_count"] == "sum"
     assert COMBINE["lr_scale"] == "max" and COMBINE["first_nonfinite_step"] == "min"
     a = {
-        "estimates": {"rank_error": {"w": 0.05}, "aggregate_rank_error": 0.05, "confidence": 0.99},
+        "estimates": {
+            "rank_error": {"w": 0.05},
+            "aggregate_rank_error": 0.05,
+            "confidence": 0.99,
+            "update_rounding": {"w": 3e-6},
+            "aggregate_update_rounding": 3e-6,
+        },
         "local": {"covered": ["w"], "top": {"w": {"lr_change": {"index": [1], "value": [0.3]}}}},
         "faults": {"w": {"grad": {"nan": 1, "inf": 0}}},
         "first_nonfinite": {"step": 7, "tensor": "w", "role": "grad", "nan": 1, "inf": 0},
     }
     b = {
-        "estimates": {"rank_error": {"b": 0.0}, "aggregate_rank_error": 0.0, "confidence": 0.99},
+        "estimates": {
+            "rank_error": {"b": 0.0},
+            "aggregate_rank_error": 0.0,
+            "confidence": 0.99,
+            "update_rounding": {"b": 4e-6},
+            "aggregate_update_rounding": 4e-6,
+        },
         "local": {"covered": ["b"], "top": {}},
         "first_nonfinite": {"step": 4, "tensor": "b", "role": "param", "nan": 2, "inf": 0},
     }
     got = merge_signal_details([a, b])
     assert got["estimates"]["rank_error"] == {"w": 0.05, "b": 0.0}
     assert got["estimates"]["aggregate_rank_error"] == 0.05
+    assert got["estimates"]["update_rounding"] == {"w": 3e-6, "b": 4e-6}
+    assert close(got["estimates"]["aggregate_update_rounding"], 5e-6, rel=1e-12)
     assert got["local"]["covered"] == ["w", "b"] and list(got["local"]["top"]) == ["w"]
     assert got["faults"] == a["faults"] and got["first_nonfinite"]["step"] == 4

@@ -176,6 +176,20 @@ def signal_stepper() -> Stepper:
     )
 
 
+def assert_update(got: dict[str, float], want: dict[str, float], bound: float) -> None:
+    """The update (recomputed from the state) within its stated rounding of the stored
+    change ``p1 - p0``, and its ratio to ``norm(p0)`` within what that bound implies."""
+    upd, ratio = want.pop("update_norm"), want.pop("update_ratio")
+    if math.isnan(upd):  # a NaN in p0 or p1
+        assert math.isnan(got["update_norm"]) or math.isnan(got["param_norm"]), got
+        return
+    assert 0 <= bound < math.inf
+    assert abs(got["update_norm"] - upd) <= bound, (got["update_norm"], upd, bound)
+    p0 = upd / ratio if ratio else math.inf
+    slack = bound * (1 + ratio) / (p0 - bound) if p0 > bound else math.inf
+    assert abs(got["update_ratio"] - ratio) <= slack or p0 == math.inf, (got, ratio, slack)
+
+
 def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     before = snapshot_state(s)
     s.step(grads)
@@ -183,8 +197,10 @@ def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     signals = signals_of(s)
     assert signals["step"] == s.step_count
     assert set(signals["tensors"]) == set(grads)
+    rounding = signals["estimates"]["update_rounding"]
     for n in grads:
         assert set(signals["tensors"][n]) == set(SIGNALS)
+        assert_update(signals["tensors"][n], want[n], rounding[n])
         assert_signals(signals["tensors"][n], want[n])
     groups = {g["group"]: g for g in signals["groups"]}
     stepped = {s.group_of[n] for n in grads}
@@ -205,6 +221,7 @@ def run_and_check(s: Stepper, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
     group_keys = {f"group{gi}.{k}" for gi in stepped for k in GROUP_FIELDS}
     first = {"first_nonfinite_step"} if "first_nonfinite" in signals else set()
     assert set(signals["aggregate"]) == set(SIGNALS) | group_keys | first
+    assert_update(signals["aggregate"], want_agg, signals["estimates"]["aggregate_update_rounding"])
     assert_signals(signals["aggregate"], want_agg)
     return signals
 
@@ -353,7 +370,6 @@ def test_sampled_tensors_get_exact_reductions_and_faults_at_their_step() -> None
     idx = next(i for i in range(1000) if i not in set(picked.tolist()))  # not sampled
     before = s.params[0].detach().clone()
     s.step({"w": g})
-    p0, p1 = f64(before)[picked], f64(s.params[0])[picked]
     state = s.optimizer.state[s.params[0]]
     got = signals_of(s)["tensors"]["w"]
     # Exact: over the full tensors, whatever the sample.
@@ -361,12 +377,12 @@ def test_sampled_tensors_get_exact_reductions_and_faults_at_their_step() -> None
     assert close(got["param_norm"], float(np.linalg.norm(f64(s.params[0]))))
     assert close(got["exp_avg_norm"], float(np.linalg.norm(f64(state["exp_avg"]))))
     assert close(got["exp_avg_sq_mean"], float(f64(state["exp_avg_sq"]).mean()))
-    # Estimated: scaled up from the sample, and labelled as such.
-    scale = math.sqrt(1000 / plan.count)
-    assert close(got["update_norm"], float(np.linalg.norm(p1 - p0)) * scale)
-    assert close(got["update_ratio"], float(np.linalg.norm(p1 - p0) / np.linalg.norm(p0)))
+    # The update too (within its stated rounding), no longer scaled from the sample.
     est = signals_of(s)["estimates"]
-    assert "update_norm" in est["scaled"] and "lr_eff_p99" in est["quantiles"]
+    d = f64(s.params[0]) - f64(before)
+    assert abs(got["update_norm"] - float(np.linalg.norm(d))) <= est["update_rounding"]["w"]
+    assert close(got["update_ratio"], float(np.linalg.norm(d) / np.linalg.norm(f64(before))))
+    assert "update_norm" not in est["scaled"] and "lr_eff_p99" in est["quantiles"]
     assert est["rank_error"]["w"] == kernel_assemble.rank_error(plan.count) > 0
     # A NaN outside the sample is seen at the step it comes, and counted exactly.
     g = randn(shape, 4)
