@@ -29,7 +29,7 @@ import torch
 
 from adamscope.client.protocol import AlertRule
 
-from .alerts import Alerts, RuleCache
+from .alerts import Alerts, RuleCache, attach_tops
 from .history import LATENCY_BUCKETS, History, HistoryConfig, json_safe
 from .history_store import HistoryStore
 from .optimizer import ObservedOptimizer
@@ -115,7 +115,8 @@ class HistoryObserver:
             self.alerts.reset()
         rules, _ = self.rules()
         with h.lock:  # the metrics and alert state are read under the same lock
-            self.alerts.evaluate(rules, stepper.name, step, seq, when, aggregate, tensors)
+            raised = self.alerts.evaluate(rules, stepper.name, step, seq, when, aggregate, tensors)
+            attach_tops(raised, signals.get("local", {}).get("top", {}))
             self.steps_total += 1
             self.latency_sum += elapsed
             # Prometheus buckets count values <= their bound: the first bound >= elapsed
