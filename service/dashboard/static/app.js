@@ -276,13 +276,15 @@ function select(name) {
   renderList();
 }
 
+/** #/<stepper>[?tensor=&step=&signal=] (an alert in focus: focus.js). */
 function fromHash() {
-  const m = location.hash.match(/^#\/(.+)$/);
+  const m = location.hash.match(/^#\/([^?]+)(?:\?(.*))?$/);
   let name = null;
   if (m) {
     try { name = decodeURIComponent(m[1]); } catch { name = null; }
   }
   select(name);
+  if (state.view) state.view.focusOn(new URLSearchParams(m ? m[2] || "" : ""));
 }
 
 window.addEventListener("hashchange", fromHash);

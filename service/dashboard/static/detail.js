@@ -5,6 +5,7 @@
 import { num } from "./api.js";
 import { Histogram, LineChart, PALETTE, fmt } from "./charts.js";
 import { Controls } from "./controls.js";
+import { AlertFocus, alertHref } from "./focus.js";
 import { DataTable } from "./table.js";
 
 const $ = (id) => document.getElementById(id);
@@ -132,6 +133,9 @@ export class StepperView {
     this.refreshHist = throttle(() => this.loadHistogram(), HIST_EVERY_MS);
     this.refreshBias = throttle(() => this.loadBias(), HIST_EVERY_MS);
     this.controls = new Controls(this);
+    this.focus = new AlertFocus(this);
+    this.loaded = false;
+    this.focusParams = null;
     this.table = new DataTable($("params"), {
       key: "name",
       label: "parameter tensors",
@@ -192,6 +196,7 @@ export class StepperView {
     this.refreshHist.cancel();
     this.refreshBias.cancel();
     this.controls.destroy();
+    this.focus.destroy();
     $("charts").replaceChildren();
     $("chart-choices").replaceChildren();
     $("param-filter").value = "";
@@ -218,6 +223,14 @@ export class StepperView {
       this.controls.load(),
     ]);
     await this.loadHistogram();
+    this.loaded = true;
+    if (this.focusParams) await this.focus.show(this.focusParams);
+  }
+
+  /** The URL's query after the stepper's name: an alert to focus on (see focus.js). */
+  focusOn(params) {
+    this.focusParams = params;
+    if (this.loaded) this.focus.show(params);
   }
 
   async loadSummary() {
@@ -557,10 +570,16 @@ export class StepperView {
     if (!report.active.length) active.append(el("li", { className: "muted", textContent: "none active" }));
     $("alerts-count").textContent = String(report.active.length);
     $("alerts-count").className = report.active.length ? "badge bad" : "badge";
-    $("alerts-events").replaceChildren(...report.events.slice().reverse().map((e) => el("li", {
-      textContent: `step ${e.step}: ${e.rule} on ${e.tensor ?? "aggregate"} ` +
-        `(${fmt(num(e.value))}${e.previous !== null && e.previous !== undefined ? ` from ${fmt(num(e.previous))}` : ""})`,
-    })));
+    $("alerts-events").replaceChildren(...report.events.slice().reverse().map((e) => el("li", {},
+      el("a", {
+        href: alertHref(this.name, e),
+        className: "alert-link",
+        title: "show the tensor, the signal around this step and the elements involved",
+        textContent: `step ${e.step}: ${e.rule} on ${e.tensor ?? "aggregate"}`,
+      }),
+      ` (${fmt(num(e.value))}${e.previous !== null && e.previous !== undefined ? ` from ${fmt(num(e.previous))}` : ""})` +
+        (e.top ? " · elements" : ""),
+    )));
     this.drawCharts();
   }
 }
