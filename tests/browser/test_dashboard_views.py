@@ -90,3 +90,42 @@ def test_an_alert_links_to_its_tensor_step_and_elements(
     wait(page, "() => document.querySelectorAll('#focus-top tbody tr').length > 0")
     assert focus_rows(page) == rows
     assert watched.unexpected() == []
+
+
+def test_one_signal_of_several_steppers_on_one_chart(server: LiveServer, watched: Watched) -> None:
+    page = watched.page
+    runs = {"views-run-a": 5, "views-run-b": 8}
+    with Client(server.url) as c:
+        for name, steps in runs.items():
+            c.create(name, [("w", torch.zeros(4, 4))], lr=1e-2)
+            for k in range(steps):
+                c.step(name, {"w": torch.full((4, 4), float(k + 1))})
+    # Shared by URL: the fragment names the signal and the steppers.
+    page.goto(
+        f"{server.url}/dashboard#compare?signal=grad_norm&stepper=views-run-a&stepper=views-run-b"
+    )
+    lengths = "() => document.getElementById('compare-canvas').dataset.lengths"
+    wait(page, f"() => ({lengths})() === '5,8'")
+    assert page.evaluate("() => document.getElementById('compare-canvas').dataset.series") == "2"
+    assert page.evaluate("() => document.getElementById('compare').open")
+    assert page.evaluate("() => document.getElementById('detail').hidden")
+    # Picked in the form: one tensor's signal, and the URL follows.
+    page.fill("#compare-signal", "exp_avg_norm")
+    page.fill("#compare-tensor", "w")
+    page.select_option("#compare-steppers", ["views-run-b"])
+    page.click("#compare-form button[type=submit]")
+    wait(page, f"() => ({lengths})() === '8'")
+    assert page.evaluate("() => location.hash") == (
+        "#compare?signal=exp_avg_norm&tensor=w&stepper=views-run-b"
+    )
+    # A stepper without that tensor is named, not drawn.
+    page.goto(
+        f"{server.url}/dashboard#compare?signal=grad_norm&tensor=b&stepper=views-run-a"
+        "&stepper=views-alert"
+    )
+    wait(page, f"() => ({lengths})() === '0,12'")
+    assert "views-run-a: " in page.evaluate(
+        "() => document.getElementById('compare-facts').textContent"
+    )
+    watched.allow(r"status of 422 .*views-run-a/history")
+    assert watched.unexpected() == []

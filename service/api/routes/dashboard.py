@@ -36,6 +36,7 @@ ASSETS: dict[str, str] = {
     "detail.js": "text/javascript; charset=utf-8",
     "controls.js": "text/javascript; charset=utf-8",
     "focus.js": "text/javascript; charset=utf-8",
+    "compare.js": "text/javascript; charset=utf-8",
 }
 
 HEADERS = {
