@@ -171,6 +171,7 @@ class Alerts:
                     "value": value,
                     "previous": previous,
                     "threshold": rule.threshold,
+                    "top": None,  # the elements: see attach_tops
                 }
                 raised.append(event)
         for tensor, values in [(None, aggregate), *tensors.items()]:

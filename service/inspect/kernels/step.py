@@ -16,6 +16,8 @@ from adamscope.client.numerics import Factors, adam_factors, upload, wide_dtype
 from .assemble import Columns, Row, aggregate, estimates, tensor_signals
 from .cache import SignalCache, Token, cache_key
 from .exact import REDUCED, count_faults, reduce_exact
+from .histogram import histograms
+from .histogram import wanted as wanted_histograms
 from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
@@ -369,6 +371,8 @@ def finish(
             "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},
         },
     }
+    if wanted_histograms(step):  # every HISTOGRAM_EVERY steps: see .histogram
+        signals["histograms"] = histograms(entries, factors, step)
     if faults:
         signals["faults"] = {
             name: {role: {"nan": c[0], "inf": c[1]} for role, c in found.items()}
