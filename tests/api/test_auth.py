@@ -94,6 +94,7 @@ DASHBOARD = [
             "controls.js",
             "focus.js",
             "compare.js",
+            "heatmap.js",
         )
     ),
 ]

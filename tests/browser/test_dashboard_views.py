@@ -129,3 +129,44 @@ def test_one_signal_of_several_steppers_on_one_chart(server: LiveServer, watched
     )
     watched.allow(r"status of 422 .*views-run-a/history")
     assert watched.unexpected() == []
+
+
+def painted(page: Any, canvas: str) -> int:
+    """Pixels of the canvas with the heat map's blue in them."""
+    return int(
+        page.evaluate(
+            """(id) => { const c = document.getElementById(id);
+            const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0;
+            for (let i = 0; i < px.length; i += 4) if (px[i + 2] > 150 && px[i] < 120 && px[i + 3] > 0) n++;
+            return n; }""",
+            canvas,
+        )
+    )
+
+
+def test_histograms_over_time_draw_as_a_heat_map(server: LiveServer, watched: Watched) -> None:
+    page = watched.page
+    name = "views-heat"
+    with Client(server.url) as c:
+        c.create(name, [("w", torch.zeros(8, 8)), ("b", torch.zeros(8))], lr=1e-2)
+        for k in range(30):
+            c.step(name, {"w": torch.full((8, 8), 10.0 ** (k % 4 - 2)), "b": torch.ones(8)})
+    page.goto(f"{server.url}/dashboard#/{name}")
+    heat = "() => ({...document.getElementById('heat-canvas').dataset})"
+    found = wait(page, f"() => {{ const d = ({heat})(); return d.key && d.columns === '3' && d; }}")
+    assert found["tensor"] == "w" and found["key"] == "exp_avg"
+    assert int(found["cells"]) >= 3 and painted(page, "heat-canvas") > 100
+    # Another quantity: w's gradient, 10**-1, 10**1, 10**-1 at steps 10, 20, 30:
+    # two bins, one cell per column.
+    page.select_option("#heat-tensor", "w")
+    page.select_option("#heat-key", "grad")
+    found = wait(
+        page, f"() => {{ const d = ({heat})(); return d.key === 'grad' && d.tensor === 'w' && d; }}"
+    )
+    assert (found["columns"], found["cells"]) == ("3", "3")
+    assert found["bins"] == "2"
+    assert "exact counts" in page.evaluate(
+        "() => document.getElementById('heat-facts').textContent"
+    )
+    assert watched.unexpected() == []

@@ -37,6 +37,7 @@ ASSETS: dict[str, str] = {
     "controls.js": "text/javascript; charset=utf-8",
     "focus.js": "text/javascript; charset=utf-8",
     "compare.js": "text/javascript; charset=utf-8",
+    "heatmap.js": "text/javascript; charset=utf-8",
 }
 
 HEADERS = {

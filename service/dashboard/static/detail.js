@@ -6,6 +6,7 @@ import { num } from "./api.js";
 import { Histogram, LineChart, PALETTE, fmt } from "./charts.js";
 import { Controls } from "./controls.js";
 import { AlertFocus, alertHref } from "./focus.js";
+import { HeatCard } from "./heatmap.js";
 import { DataTable } from "./table.js";
 
 const $ = (id) => document.getElementById(id);
@@ -134,6 +135,8 @@ export class StepperView {
     this.refreshBias = throttle(() => this.loadBias(), HIST_EVERY_MS);
     this.controls = new Controls(this);
     this.focus = new AlertFocus(this);
+    this.heat = new HeatCard(this);
+    this.refreshHeat = throttle(() => this.heat.load(), HIST_EVERY_MS);
     this.loaded = false;
     this.focusParams = null;
     this.table = new DataTable($("params"), {
@@ -185,6 +188,8 @@ export class StepperView {
       this.histogram.render();
     });
     this._on($("bias-group"), "change", () => this.drawBias());
+    this._on($("heat-tensor"), "change", () => this.heat.load());
+    this._on($("heat-key"), "change", () => this.heat.load());
     this._on(window, "resize", () => this.redraw());
   }
 
@@ -195,6 +200,7 @@ export class StepperView {
     this.refreshTable.cancel();
     this.refreshHist.cancel();
     this.refreshBias.cancel();
+    this.refreshHeat.cancel();
     this.controls.destroy();
     this.focus.destroy();
     $("charts").replaceChildren();
@@ -222,7 +228,7 @@ export class StepperView {
       this.loadBias(),
       this.controls.load(),
     ]);
-    await this.loadHistogram();
+    await Promise.all([this.loadHistogram(), this.heat.load()]);
     this.loaded = true;
     if (this.focusParams) await this.focus.show(this.focusParams);
   }
@@ -244,6 +250,8 @@ export class StepperView {
     fill($("chart-tensor"), [["", "all tensors (aggregate)"], ...names.map((n) => [n, n])], this.chartTensor);
     const histWas = $("hist-tensor").value;
     fill($("hist-tensor"), names.map((n) => [n, n]), names.includes(histWas) ? histWas : names[0]);
+    const heatWas = $("heat-tensor").value;
+    fill($("heat-tensor"), names.map((n) => [n, n]), names.includes(heatWas) ? heatWas : names[0]);
     fill($("bias-group"), s.groups.map((g) => [String(g.index), `group ${g.index}`]), $("bias-group").value || "0");
     this.controls.summary(s);
     this.showPlacement(s.placement);
@@ -351,6 +359,7 @@ export class StepperView {
   redraw() {
     this.drawCharts();
     this.histogram.render();
+    this.heat.map.render();
     this.drawBias();
   }
 
@@ -390,8 +399,10 @@ export class StepperView {
   /** A click on a table row: show that tensor in the charts and the histogram. */
   pickTensor(tensor) {
     $("hist-tensor").value = tensor;
+    $("heat-tensor").value = tensor;
     this.setChartTensor(tensor);
     this.loadHistogram();
+    this.heat.load();
   }
 
   // ---------------------------------------------------------------- live events
@@ -414,6 +425,7 @@ export class StepperView {
     this.refreshTable();
     this.refreshBias();
     if ($("hist-follow").checked) this.refreshHist();
+    this.refreshHeat();
   }
 
   onLoss(event) {
