@@ -138,7 +138,9 @@ def painted(page: Any, canvas: str) -> int:
             """(id) => { const c = document.getElementById(id);
             const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let n = 0;
-            for (let i = 0; i < px.length; i += 4) if (px[i + 2] > 150 && px[i] < 120 && px[i + 3] > 0) n++;
+            for (let i = 0; i < px.length; i += 4) {
+                if (px[i + 2] > 150 && px[i] < 120 && px[i + 3] > 0) n++;
+            }
             return n; }""",
             canvas,
         )
