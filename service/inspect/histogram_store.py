@@ -6,7 +6,7 @@ Bounded by halving: when more than :data:`MAX_STEPS` steps are kept, every secon
 them (the first and the latest kept) is dropped, for every tensor. Columns are recorded
 every ``HISTOGRAM_EVERY`` steps, so a run of any length keeps between ``MAX_STEPS / 2``
 and ``MAX_STEPS`` columns per tensor and quantity from its start, older ones further
-apart (every 10, 20, 40... steps), at about 1 KiB per column. A stepper that goes back
+apart (every 50, 100, 200... steps), at about 1 KiB per column. A stepper that goes back
 in time (a snapshot restored, a restart after SIGKILL) drops the columns after its step.
 """
 

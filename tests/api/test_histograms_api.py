@@ -39,7 +39,7 @@ def test_columns_every_few_steps_with_exact_counts_of_a_small_tensor(
     assert body["counts"][-1] == want and body["zeros"][-1] == 1
     assert (body["under"][-1], body["over"][-1], body["nonfinite"][-1]) == (0, 0, 0)
     # from/to/max_columns
-    one = c.get(H, params={"tensor": "w", "key": "grad", "from": 11}).json()
+    one = c.get(H, params={"tensor": "w", "key": "grad", "from": HISTOGRAM_EVERY + 1}).json()
     assert one["steps"] == [2 * HISTOGRAM_EVERY]
     latest = c.get(H, params={"tensor": "w", "key": "grad", "max_columns": 1}).json()
     assert latest["steps"] == [2 * HISTOGRAM_EVERY]

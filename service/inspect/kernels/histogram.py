@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Recorded at the steps that are a multiple of this.
-HISTOGRAM_EVERY = 10
+HISTOGRAM_EVERY = 50
 #: The quantities binned.
 KEYS = ("grad", "exp_avg", "exp_avg_sq", "lr_eff")
 #: log10|x| range and bins: 0.25 decade each from 1e-20 to 1e4.
@@ -73,17 +73,25 @@ def _picks(numel: int, device: torch.device, gen: torch.Generator) -> torch.Tens
     return torch.randint(numel, (SAMPLE,), device=device, generator=gen)
 
 
-def _values(e: Entry, key: str, f: Factors) -> torch.Tensor:
-    """The quantity ``key`` of entry ``e``, flat (lr_eff: ``step_size / (sqrt(v_hat) /
-    sqrt(bc2) + eps)``, v_hat from max_exp_avg_sq under amsgrad)."""
-    if key == "grad":
-        return real_flat(e.grad)
-    if key != "lr_eff":
-        return real_flat(e.state[key])
+def _values(e: Entry, key: str, f: Factors, pick: torch.Tensor | None) -> torch.Tensor:
+    """The quantity ``key`` of entry ``e`` at the ``pick``ed elements (all if None), flat,
+    in float64 (lr_eff: ``step_size / (sqrt(v_hat) / sqrt(bc2) + eps)``, v_hat from
+    max_exp_avg_sq under amsgrad): only the picked elements are read and transformed."""
     s = e.state
-    v = s["max_exp_avg_sq"] if e.group["amsgrad"] and "max_exp_avg_sq" in s else s["exp_avg_sq"]
-    denom = real_flat(v).double().sqrt() / f.bc2_sqrt + f.eps
-    return f.step_size / denom if f.defined else torch.full_like(denom, math.nan)
+    if key == "grad":
+        src = e.grad
+    elif key != "lr_eff":
+        src = s[key]
+    else:
+        amsgrad = e.group["amsgrad"] and "max_exp_avg_sq" in s
+        src = s["max_exp_avg_sq"] if amsgrad else s["exp_avg_sq"]
+    flat = real_flat(src)
+    x = (flat if pick is None else flat[pick]).double()
+    if key != "lr_eff":
+        return x
+    if not f.defined:
+        return torch.full_like(x, math.nan)
+    return f.step_size / (x.sqrt_() / f.bc2_sqrt + f.eps)
 
 
 def bin_index(x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +121,7 @@ def histograms(entries: Sequence[Entry], factors: Sequence[Factors], seed: int) 
     for key in KEYS:
         parts = []
         for i, (e, f, pick) in enumerate(zip(entries, factors, picks, strict=True)):
-            x = _values(e, key, f)
-            x = (x if pick is None else x[pick]).double()
-            parts.append(bin_index(x) + i * slots)
+            parts.append(bin_index(_values(e, key, f, pick)) + i * slots)
         rows.append(torch.bincount(torch.cat(parts), minlength=len(entries) * slots))
     host = torch.stack(rows).view(len(KEYS), len(entries), slots).tolist()  # one transfer
     out: dict[str, Any] = {"edges": edges(), "tensors": {}, "rank_error": {}}
