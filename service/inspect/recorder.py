@@ -117,6 +117,7 @@ class HistoryObserver:
         h = self.history
         if h.record(step, seq, when, aggregate, tensors):
             self.alerts.reset()
+            self.histograms.truncate(step - 1)  # the stepper went back in time
         if signals.get("histograms"):
             self.histograms.record(step, signals["histograms"])
         rules, _ = self.rules()

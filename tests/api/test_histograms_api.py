@@ -66,3 +66,19 @@ def test_an_unknown_stepper_is_a_problem(app_client: TestClient) -> None:
     assert_problem(
         app_client.get(f"{V1}/ghost/histograms", params={"tensor": "w"}), "stepper_not_found"
     )
+
+
+def test_a_restored_snapshot_drops_the_later_columns(app_client: TestClient) -> None:
+    c = app_client
+    create(c, SPEC, VALUES)
+    ones = {n: torch.ones_like(v) for n, v in VALUES.items()}
+    for _ in range(HISTOGRAM_EVERY):
+        assert step(c, NAME, ones).status_code == 200
+    assert c.post(f"{V1}/{NAME}/snapshots", json={"name": "half"}).status_code == 201
+    for _ in range(HISTOGRAM_EVERY):
+        assert step(c, NAME, ones).status_code == 200
+    both = [HISTOGRAM_EVERY, 2 * HISTOGRAM_EVERY]
+    assert c.get(H, params={"tensor": "w"}).json()["steps"] == both
+    assert c.post(f"{V1}/{NAME}/snapshots/half/restore").status_code == 200
+    assert step(c, NAME, ones).status_code == 200  # step 51: back in time, recorded
+    assert c.get(H, params={"tensor": "w"}).json()["steps"] == [HISTOGRAM_EVERY]
