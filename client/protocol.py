@@ -69,6 +69,7 @@ __all__ = [
     "StepperList",
     "StepperPatch",
     "StepperSummary",
+    "TopElements",
     "SNAPSHOT_NAME_PATTERN",
     "META_CHECKPOINT",
     "META_GROUPS",
@@ -449,6 +450,15 @@ class AlertRules(_Model):
     rules: list[AlertRule] | None = Field(max_length=100)
 
 
+class TopElements(_Model):
+    """Elements of a tensor, largest first: flat indices into the tensor (row-major; for a
+    2-D tensor of ``cols`` columns, row ``index // cols``, column ``index % cols``) and
+    their values."""
+
+    index: list[int]
+    value: list[float]
+
+
 class AlertEvent(_Floats):
     """A rule that started to hold at ``step``."""
 
@@ -463,6 +473,15 @@ class AlertEvent(_Floats):
     value: float
     previous: float | None = Field(None, description="swing: the value it changed from")
     threshold: float | None = None
+    top: dict[str, TopElements] | None = Field(
+        None,
+        description="the tensor's top elements at this step, as the localized signals "
+        "recorded them (``lr_change``: by change of the effective LR, the ratio new/old "
+        "net of the schedule; ``shock``: by g^2 / v_hat(t-1)); kept with the event. "
+        "Absent where that step recorded none: the localized signals find top elements "
+        "only at a step where some element's effective LR moved by more than 2x, and "
+        "only for the tensors within their budget",
+    )
 
 
 class ActiveAlert(_Model):

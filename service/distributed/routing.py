@@ -128,6 +128,7 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
     r.history.get_alerts: OnStepper(sharded.fan_out(_alerts)),
     r.history.put_alerts: OnStepper(sharded.fan_out(_alerts)),
     r.history.post_loss: OnStepper(sharded.to_first),  # losses are the stepper's: one shard's
+    r.histograms.get_histograms: OnStepper(sharded.to_owner(r.histograms.TENSOR_QUERY)),
     r.stats.stats: OnStepper(sharded.fan_out(_stats, by=NAMES_QUERY)),
     r.stats.signals: OnStepper(sharded.fan_out(_signals)),
     r.slice.slice_tensor: OnStepper(sharded.to_owner(NAMES_QUERY)),

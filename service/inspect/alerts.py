@@ -19,6 +19,7 @@ from typing import Any
 
 from adamscope.client.protocol import AlertRule
 
+from .kernels.local import TOP_K
 from .optimizer import OptimizerState
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "JOURNAL_KEY",
     "Alerts",
     "RuleCache",
+    "attach_tops",
     "parse_rules",
     "rules_of",
     "set_rules",
@@ -169,6 +171,7 @@ class Alerts:
                     "value": value,
                     "previous": previous,
                     "threshold": rule.threshold,
+                    "top": None,  # the elements: see attach_tops
                 }
                 raised.append(event)
         for tensor, values in [(None, aggregate), *tensors.items()]:
@@ -249,6 +252,23 @@ def _schedule_ratio(
     if now == 0 or then == 0:
         return None
     return now / then
+
+
+def attach_tops(
+    events: Sequence[dict[str, Any]], tops: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> None:
+    """Keep with each event on a tensor that tensor's top elements at the step (the
+    localized signals' ``local.top``, :data:`.kernels.local.TOP_K` per kind), so that the
+    event still names the elements once later steps have replaced the signals. Bounded:
+    at most ``2 * TOP_K`` indices and values per event, and the events are bounded."""
+    for e in events:
+        found = tops.get(e["tensor"]) if e["tensor"] is not None else None
+        if not found:
+            continue
+        e["top"] = {
+            kind: {"index": list(v["index"][:TOP_K]), "value": list(v["value"][:TOP_K])}
+            for kind, v in found.items()
+        }
 
 
 def rules_of(opt: OptimizerState) -> tuple[list[AlertRule], bool]:

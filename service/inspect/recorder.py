@@ -29,7 +29,9 @@ import torch
 
 from adamscope.client.protocol import AlertRule
 
-from .alerts import Alerts, RuleCache
+from .alerts import Alerts, RuleCache, attach_tops
+from .histogram_store import FILE as HISTOGRAM_FILE
+from .histogram_store import HistogramStore
 from .history import LATENCY_BUCKETS, History, HistoryConfig, json_safe
 from .history_store import HistoryStore
 from .optimizer import ObservedOptimizer
@@ -40,6 +42,7 @@ __all__ = [
     "Sink",
     "attach_history",
     "close_history",
+    "open_histograms",
     "history_of",
     "open_store",
     "summary_fields",
@@ -77,6 +80,7 @@ class HistoryObserver:
             log.exception("history of %r: %s could not be read; kept in memory", self.name, path)
             store.close()
             self.history = History(stepper.name, stepper.names, self.config)
+        self.histograms = open_histograms(path, stepper.step_count)
         self.alerts = Alerts(self.config.alert_events)
         self._rules = RuleCache()
         self.sink = sink
@@ -113,9 +117,13 @@ class HistoryObserver:
         h = self.history
         if h.record(step, seq, when, aggregate, tensors):
             self.alerts.reset()
+            self.histograms.truncate(step - 1)  # the stepper went back in time
+        if signals.get("histograms"):
+            self.histograms.record(step, signals["histograms"])
         rules, _ = self.rules()
         with h.lock:  # the metrics and alert state are read under the same lock
-            self.alerts.evaluate(rules, stepper.name, step, seq, when, aggregate, tensors)
+            raised = self.alerts.evaluate(rules, stepper.name, step, seq, when, aggregate, tensors)
+            attach_tops(raised, signals.get("local", {}).get("top", {}))
             self.steps_total += 1
             self.latency_sum += elapsed
             # Prometheus buckets count values <= their bound: the first bound >= elapsed
@@ -191,12 +199,24 @@ def open_store(path: Path | None, names: Sequence[str], config: HistoryConfig) -
         return HistoryStore(None, names, config)
 
 
+def open_histograms(path: Path | None, at_step: int) -> HistogramStore:
+    """The histograms' database beside the history's (in memory without one, or if it
+    cannot be opened: never raises), without columns after ``at_step``."""
+    if path is not None:
+        try:
+            return HistogramStore(path.with_name(HISTOGRAM_FILE), at_step)
+        except (sqlite3.Error, OSError) as e:
+            log.error("histograms beside %s cannot be kept (%s); kept in memory", path, e)
+    return HistogramStore(None)
+
+
 def close_history(stepper: ObservedOptimizer) -> None:
     """Close the stepper's history database (it is being deleted): its file is released
     now rather than whenever the stepper is garbage-collected."""
     found = history_of(stepper)
     if found is not None:
         found.history.store.close()
+        found.histograms.close()
 
 
 def summary_fields(stepper: ObservedOptimizer) -> dict[str, Any]:

@@ -92,6 +92,9 @@ DASHBOARD = [
             "table.js",
             "detail.js",
             "controls.js",
+            "focus.js",
+            "compare.js",
+            "heatmap.js",
         )
     ),
 ]
@@ -137,6 +140,7 @@ SCOPES: dict[tuple[str, str], str] = {
     ("POST", f"{V1}/import"): "admin",
     # history, alerts, live events and metrics
     ("GET", f"{N}/history"): "read",
+    ("GET", f"{N}/histograms"): "read",
     ("GET", f"{N}/alerts"): "read",
     ("PUT", f"{N}/alerts"): "write",
     ("POST", f"{N}/loss"): "write",
@@ -232,6 +236,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         201,
     ),
     ("GET", f"{N}/history"): Recipe(_get(f"{V1}/{NAME}/history"), 200),
+    ("GET", f"{N}/histograms"): Recipe(_get(f"{V1}/{NAME}/histograms?tensor=w"), 200),
     ("GET", f"{N}/alerts"): Recipe(_get(f"{V1}/{NAME}/alerts"), 200),
     ("PUT", f"{N}/alerts"): Recipe(
         lambda c: c.put(f"{V1}/{NAME}/alerts", json={"rules": None}), 200

@@ -117,6 +117,11 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
         "request_validation_error",
         "unknown_parameter",
     },
+    ("get", f"{NAMED}/histograms"): {
+        "stepper_not_found",
+        "request_validation_error",
+        "unknown_parameter",
+    },
     ("get", f"{NAMED}/alerts"): {"stepper_not_found", "request_validation_error"},
     ("put", f"{NAMED}/alerts"): {
         "stepper_not_found",

@@ -35,6 +35,9 @@ ASSETS: dict[str, str] = {
     "table.js": "text/javascript; charset=utf-8",
     "detail.js": "text/javascript; charset=utf-8",
     "controls.js": "text/javascript; charset=utf-8",
+    "focus.js": "text/javascript; charset=utf-8",
+    "compare.js": "text/javascript; charset=utf-8",
+    "heatmap.js": "text/javascript; charset=utf-8",
 }
 
 HEADERS = {

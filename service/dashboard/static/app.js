@@ -3,6 +3,7 @@
 
 import { Api, ApiError, EventStream, num } from "./api.js";
 import { fmt } from "./charts.js";
+import { Compare } from "./compare.js";
 import { StepperView } from "./detail.js";
 import { DataTable } from "./table.js";
 
@@ -171,6 +172,7 @@ async function refreshList() {
     const next = new Map();
     for (const s of steppers) next.set(s.name, rowOf(s, state.steppers.get(s.name)));
     state.steppers = next;
+    compare.setSteppers([...next.keys()].sort());
     renderList();
     if (state.view && !next.has(state.view.name)) {
       notify(`stepper ${state.view.name} is gone`, { info: true });
@@ -276,13 +278,24 @@ function select(name) {
   renderList();
 }
 
+const compare = new Compare({ api, failed });
+
+/** #/<stepper>[?tensor=&step=&signal=] (an alert in focus: focus.js), or
+ *  #compare?signal=&tensor=&stepper=... (steppers compared: compare.js). */
 function fromHash() {
-  const m = location.hash.match(/^#\/(.+)$/);
+  const c = location.hash.match(/^#compare\?(.*)$/);
+  if (c) {
+    select(null);
+    compare.show(new URLSearchParams(c[1]));
+    return;
+  }
+  const m = location.hash.match(/^#\/([^?]+)(?:\?(.*))?$/);
   let name = null;
   if (m) {
     try { name = decodeURIComponent(m[1]); } catch { name = null; }
   }
   select(name);
+  if (state.view) state.view.focusOn(new URLSearchParams(m ? m[2] || "" : ""));
 }
 
 window.addEventListener("hashchange", fromHash);

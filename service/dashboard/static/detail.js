@@ -5,6 +5,8 @@
 import { num } from "./api.js";
 import { Histogram, LineChart, PALETTE, fmt } from "./charts.js";
 import { Controls } from "./controls.js";
+import { AlertFocus, alertHref } from "./focus.js";
+import { HeatCard } from "./heatmap.js";
 import { DataTable } from "./table.js";
 
 const $ = (id) => document.getElementById(id);
@@ -132,6 +134,11 @@ export class StepperView {
     this.refreshHist = throttle(() => this.loadHistogram(), HIST_EVERY_MS);
     this.refreshBias = throttle(() => this.loadBias(), HIST_EVERY_MS);
     this.controls = new Controls(this);
+    this.focus = new AlertFocus(this);
+    this.heat = new HeatCard(this);
+    this.refreshHeat = throttle(() => this.heat.load(), HIST_EVERY_MS);
+    this.loaded = false;
+    this.focusParams = null;
     this.table = new DataTable($("params"), {
       key: "name",
       label: "parameter tensors",
@@ -181,6 +188,8 @@ export class StepperView {
       this.histogram.render();
     });
     this._on($("bias-group"), "change", () => this.drawBias());
+    this._on($("heat-tensor"), "change", () => this.heat.load());
+    this._on($("heat-key"), "change", () => this.heat.load());
     this._on(window, "resize", () => this.redraw());
   }
 
@@ -191,7 +200,9 @@ export class StepperView {
     this.refreshTable.cancel();
     this.refreshHist.cancel();
     this.refreshBias.cancel();
+    this.refreshHeat.cancel();
     this.controls.destroy();
+    this.focus.destroy();
     $("charts").replaceChildren();
     $("chart-choices").replaceChildren();
     $("param-filter").value = "";
@@ -217,7 +228,15 @@ export class StepperView {
       this.loadBias(),
       this.controls.load(),
     ]);
-    await this.loadHistogram();
+    await Promise.all([this.loadHistogram(), this.heat.load()]);
+    this.loaded = true;
+    if (this.focusParams) await this.focus.show(this.focusParams);
+  }
+
+  /** The URL's query after the stepper's name: an alert to focus on (see focus.js). */
+  focusOn(params) {
+    this.focusParams = params;
+    if (this.loaded) this.focus.show(params);
   }
 
   async loadSummary() {
@@ -231,6 +250,8 @@ export class StepperView {
     fill($("chart-tensor"), [["", "all tensors (aggregate)"], ...names.map((n) => [n, n])], this.chartTensor);
     const histWas = $("hist-tensor").value;
     fill($("hist-tensor"), names.map((n) => [n, n]), names.includes(histWas) ? histWas : names[0]);
+    const heatWas = $("heat-tensor").value;
+    fill($("heat-tensor"), names.map((n) => [n, n]), names.includes(heatWas) ? heatWas : names[0]);
     fill($("bias-group"), s.groups.map((g) => [String(g.index), `group ${g.index}`]), $("bias-group").value || "0");
     this.controls.summary(s);
     this.showPlacement(s.placement);
@@ -338,6 +359,7 @@ export class StepperView {
   redraw() {
     this.drawCharts();
     this.histogram.render();
+    this.heat.map.render();
     this.drawBias();
   }
 
@@ -377,8 +399,10 @@ export class StepperView {
   /** A click on a table row: show that tensor in the charts and the histogram. */
   pickTensor(tensor) {
     $("hist-tensor").value = tensor;
+    $("heat-tensor").value = tensor;
     this.setChartTensor(tensor);
     this.loadHistogram();
+    this.heat.load();
   }
 
   // ---------------------------------------------------------------- live events
@@ -401,6 +425,7 @@ export class StepperView {
     this.refreshTable();
     this.refreshBias();
     if ($("hist-follow").checked) this.refreshHist();
+    this.refreshHeat();
   }
 
   onLoss(event) {
@@ -557,10 +582,16 @@ export class StepperView {
     if (!report.active.length) active.append(el("li", { className: "muted", textContent: "none active" }));
     $("alerts-count").textContent = String(report.active.length);
     $("alerts-count").className = report.active.length ? "badge bad" : "badge";
-    $("alerts-events").replaceChildren(...report.events.slice().reverse().map((e) => el("li", {
-      textContent: `step ${e.step}: ${e.rule} on ${e.tensor ?? "aggregate"} ` +
-        `(${fmt(num(e.value))}${e.previous !== null && e.previous !== undefined ? ` from ${fmt(num(e.previous))}` : ""})`,
-    })));
+    $("alerts-events").replaceChildren(...report.events.slice().reverse().map((e) => el("li", {},
+      el("a", {
+        href: alertHref(this.name, e),
+        className: "alert-link",
+        title: "show the tensor, the signal around this step and the elements involved",
+        textContent: `step ${e.step}: ${e.rule} on ${e.tensor ?? "aggregate"}`,
+      }),
+      ` (${fmt(num(e.value))}${e.previous !== null && e.previous !== undefined ? ` from ${fmt(num(e.previous))}` : ""})` +
+        (e.top ? " · elements" : ""),
+    )));
     this.drawCharts();
   }
 }

@@ -25,6 +25,8 @@ from .assemble import (
 )
 from .cache import SignalCache, Token, cache_key
 from .exact import combine_chunks, count_faults, reduce_chunks
+from .histogram import histograms
+from .histogram import wanted as wanted_histograms
 from .local import LOCAL_BUDGET, covered, local_pass, tops
 from .quantiles import quantiles
 from .sampling import Entry, Layout, build_layout, gather, per_seg, round_as
@@ -381,6 +383,8 @@ def finish(
             "top": tops(entries, which, rho, kept, pending.local, flagged) if flagged else {},
         },
     }
+    if wanted_histograms(step):  # every HISTOGRAM_EVERY steps: see .histogram
+        signals["histograms"] = histograms(entries, factors, step)
     if faults:
         signals["faults"] = {
             name: {role: {"nan": c[0], "inf": c[1]} for role, c in found.items()}
