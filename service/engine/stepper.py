@@ -38,6 +38,7 @@ from .errors import (
     ShapeMismatch,
     StepConflict,
     StepperFrozen,
+    StepperWatched,
     UnknownParameter,
 )
 from .footprint import Footprint, footprint, step_working_set
@@ -50,15 +51,18 @@ from .state import STATE_KEYS
 from .steps import StepMirror
 from .trial import Trial
 
-__all__ = ["FROZEN", "HOSTED", "HOSTINGS", "StepOutcome", "Stepper"]
+__all__ = ["FROZEN", "HOSTED", "HOSTINGS", "WATCHED", "StepOutcome", "Stepper"]
 
 log = logging.getLogger("adamscope")
 
 #: What a stepper is for: ``hosted``, stepped here (RemoteAdam, the step endpoint);
 #: ``frozen``, an imported checkpoint kept as it was written: it refuses steps (its state
-#: and options can still be edited, to try a fix). A summary's ``kind``.
-HOSTED, FROZEN = "hosted", "frozen"
-HOSTINGS = (HOSTED, FROZEN)
+#: and options can still be edited, to try a fix); ``watched``, the mirror of an optimizer
+#: that lives in a training job (``adamscope.watch``): its trainer reports each step, and
+#: steps and edits here are refused (they are queued to the trainer: :mod:`.watched`).
+#: A summary's ``kind``.
+HOSTED, FROZEN, WATCHED = "hosted", "frozen", "watched"
+HOSTINGS = (HOSTED, FROZEN, WATCHED)
 #: Where a stepper that is not hosted says so in its journal (saved with its checkpoints).
 HOSTING_KEY = "kind"
 
@@ -240,12 +244,22 @@ class Stepper:
         self.set_journal(HOSTING_KEY, None if hosting == HOSTED else hosting)
 
     def _check_not_frozen(self) -> None:
+        self._check_not_watched("steps")
         if self.hosting == FROZEN:
             raise StepperFrozen(
                 f"stepper {self.name!r} is frozen (an imported checkpoint): it refuses steps; "
                 "its state and options can still be edited. Make it steppable with "
                 f'PATCH /v1/steppers/{self.name} {{"kind": "hosted"}}',
                 kind=FROZEN,
+            )
+
+    def _check_not_watched(self, what: str) -> None:
+        if self.hosting == WATCHED:
+            raise StepperWatched(
+                f"stepper {self.name!r} is watched: its optimizer lives in a training job, "
+                f"which reports it; {what} are sent to the trainer as commands "
+                f"(POST /v1/watch/{self.name}/commands), applied between two of its steps",
+                kind=WATCHED,
             )
 
     def set_journal(self, key: str, value: Any) -> None:
@@ -682,6 +696,7 @@ class Stepper:
     def set_hyperparameters(self, updates: Mapping[str, Any], group: int | None = None) -> None:
         """Change options of one group or all groups, validated by PyTorch first."""
         with self.lock:
+            self._check_not_watched("option changes")
             self._settle()
             n = len(self.optimizer.param_groups)
             if group is not None and not 0 <= group < n:
@@ -696,6 +711,7 @@ class Stepper:
     def put_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Overwrite some or all parameter values in place."""
         with self.lock:
+            self._check_not_watched("parameter writes")
             self._settle()
             for name, t in tensors.items():
                 self._check_tensor(name, t, "value")
@@ -716,6 +732,7 @@ class Stepper:
         every group's options, atomically. ``replace`` drops state not given (a full load,
         as ``load_state_dict`` does); otherwise unspecified tensors are kept."""
         with self.lock:
+            self._check_not_watched("state loads")
             self._settle()
             new_state: dict[int, dict[str, Any]] = (
                 {} if replace else {i: s for i, s in enumerate(self._state_by_index()) if s}

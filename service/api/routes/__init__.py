@@ -24,6 +24,7 @@ from . import (
     step,
     steppers,
     tensors,
+    watch,
 )
 
 __all__ = ["ROUTERS"]
@@ -45,4 +46,5 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (dryrun.router, API_PREFIX),
     (diff.router, API_PREFIX),
     (health.router, ""),
+    (watch.router, API_PREFIX),
 )
