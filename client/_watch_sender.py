@@ -30,6 +30,9 @@ log = logging.getLogger("adamscope.watch")
 
 #: Back-off after a failure: doubles from MIN to MAX seconds.
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+#: Acknowledgements resent with every report (the latest): a reply lost to a reconnect
+#: does not lose one, while the service keeps a command pending until acknowledged.
+ACKS = 64
 
 
 @dataclass
@@ -169,7 +172,7 @@ class Sender(threading.Thread):
 
     def _send_report(self, report: dict[str, Any] | None) -> bool:
         assert report is not None
-        report["acks"] = list(self.counters.acked.values())
+        report["acks"] = list(self.counters.acked.values())[-ACKS:]
         body = json.dumps(report).encode()  # NaN travels as Python's json writes it
         try:
             r = self.http.post(

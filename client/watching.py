@@ -101,7 +101,8 @@ class Watch:
         self.step = _initial_step(optimizer)
         self._http = http
         self._probe = probe
-        self._scalars: dict[str, float] = {}
+        #: (step, name, value) logged since the last report (a tensor is read by the sender).
+        self._scalars: list[tuple[int, str, float | torch.Tensor]] = []
         self._inbox: list[dict[str, Any]] = []
         self._inbox_lock = threading.Lock()
         self._finishing: Callable[[], dict[str, Any]] | None = None
@@ -121,12 +122,16 @@ class Watch:
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Scalars (``loss=...``) sent with the next report. A tensor is read by the
         sender, not here (no device sync on the training thread)."""
-        for k, v in scalars.items():
-            self._scalars[k] = v.detach() if torch.is_tensor(v) else float(v)  # type: ignore[assignment]
+        with self._inbox_lock:
+            for k, v in scalars.items():
+                value = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                self._scalars.append((self.step, k, value))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued report has been sent (or dropped)."""
         self._join_worker()
+        if self._scalars:
+            self._report(None)
         return self._sender.drain(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -137,6 +142,8 @@ class Watch:
         for h in self._hooks:
             h.remove()
         self._join_worker()
+        if self._scalars:
+            self._report(None)
         self._sender.close(timeout)
 
     def __enter__(self) -> Watch:
@@ -194,7 +201,8 @@ class Watch:
             worker.join()
 
     def _report(self, signals: dict[str, Any] | None) -> None:
-        scalars, self._scalars = self._scalars, {}
+        with self._inbox_lock:
+            scalars, self._scalars = self._scalars, []
         self._sender.put(
             {
                 "optimizer": self._kind,
@@ -205,7 +213,7 @@ class Watch:
                 ],
                 "groups": [_group_json(g, self.names) for g in self.optimizer.param_groups],
                 "signals": signals,
-                "scalars": {k: float(v) for k, v in scalars.items()},
+                "scalars": [{"step": t, "name": k, "value": float(v)} for t, k, v in scalars],
             }
         )
 

@@ -26,6 +26,7 @@ from ...engine.errors import InvalidSpec, StepperNotFound, StepperWatched
 from ...engine.stepper import WATCHED
 from ...engine.watched import record_step
 from ...errors import ApiError, problems
+from ...inspect.recorder import history_of
 from ...inspect.watched import clean_signals, use_reported_signals
 from ..access import authorize_name, require
 from ..deps import NAME_PROBLEMS, hub, registry
@@ -140,10 +141,22 @@ async def report(request: Request, name: str) -> Response:
     desk = desk_of(_desks(request), name)
     for c in desk.ack(body.get("acks")):
         _publish(request, name, c)
-    scalars = body.get("scalars")
-    if isinstance(scalars, dict) and isinstance(scalars.get("loss"), float):
-        hub(request).publish_loss(name, stepper.step_count, scalars["loss"], time.time())
+    _losses(request, stepper, body.get("scalars"))
     return json_response({"step": stepper.step_count, "commands": desk.pending()})
+
+
+def _losses(request: Request, stepper: Stepper, scalars: Any) -> None:
+    """The ``loss`` scalars the trainer logged, each at the step it was logged after."""
+    recorder = history_of(stepper)
+    now = time.time()
+    for s in scalars if isinstance(scalars, list) else []:
+        if not isinstance(s, dict) or s.get("name") != "loss":
+            continue
+        step, value = s.get("step"), s.get("value")
+        if isinstance(step, int) and isinstance(value, float | int):
+            if recorder is not None:
+                recorder.history.record_loss(step, float(value), now)
+            hub(request).publish_loss(stepper.name, step, float(value), now)
 
 
 def _publish(request: Request, name: str, c: Command) -> None:
