@@ -91,6 +91,7 @@ class Watch:
         every: int = 1,
         queue_size: int = 64,
         probe: Probe | None = None,
+        owns_http: bool = False,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -99,7 +100,7 @@ class Watch:
         self.counters = Counters()
         #: Steps taken since watch() (the step a report and an acknowledgement name).
         self.step = _initial_step(optimizer)
-        self._http = http
+        self._http, self._owns_http = http, owns_http
         self._probe = probe
         #: (step, name, value) logged since the last report (a tensor is read by the sender).
         self._scalars: list[tuple[int, str, float | torch.Tensor]] = []
@@ -145,6 +146,8 @@ class Watch:
         if self._scalars:
             self._report(None)
         self._sender.close(timeout)
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> Watch:
         return self
@@ -294,4 +297,5 @@ def watch(
         every=every,
         queue_size=queue_size,
         probe=probe,
+        owns_http=http_client is None,
     )
