@@ -48,6 +48,8 @@ class Probe(Protocol):
 
     def after(self, step: int) -> Callable[[], dict[str, Any]] | None: ...
 
+    def tick(self, opt: torch.optim.Optimizer, names: Mapping[torch.Tensor, str]) -> None: ...
+
 
 _probe_factory: Callable[[], Probe] | None = None
 
@@ -128,6 +130,11 @@ class Watch:
                 value = v.detach() if isinstance(v, torch.Tensor) else float(v)
                 self._scalars.append((self.step, k, value))
 
+    def settle(self) -> None:
+        """Wait until the last step's signals are computed (they are computed off the
+        training thread while it goes on; the next step waits for them by itself)."""
+        self._join_worker()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued report has been sent (or dropped)."""
         self._join_worker()
@@ -179,6 +186,8 @@ class Watch:
     def _post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
         try:
+            if self._probe is not None:
+                self._probe.tick(opt, self.names)
             if self.step % self.every:
                 return
             finish = self._probe.after(self.step) if self._probe is not None else None

@@ -40,6 +40,20 @@ class KernelProbe:
         self._names: Mapping[torch.Tensor, str] = {}
         self._stepped: list[tuple[torch.Tensor, str, Mapping[str, Any]]] = []
         self._steps: list[float | None] = []
+        self._grads: dict[str, torch.Tensor | None] = {}
+        #: Each parameter's state step after the last step, where it lives on a device.
+        self._mirror: dict[str, float] = {}
+        self._side: torch.cuda.Stream | None = None
+
+    def tick(self, opt: torch.optim.Optimizer, names: Mapping[torch.Tensor, str]) -> None:
+        """After every step: the mirrored steps of the parameters that stepped move on."""
+        if not self._mirror:
+            return
+        for g in opt.param_groups:
+            for p in g["params"]:
+                n = names[p]
+                if p.grad is not None and n in self._mirror:
+                    self._mirror[n] += 1
 
     def _entries(self) -> list[Entry]:
         assert self._opt is not None
@@ -64,7 +78,7 @@ class KernelProbe:
         key = layout_key(found)
         if self._layout is None or self._layout.key != key:
             self._layout = build_layout(found)
-        self._steps = [_step_of(e.state) for e in found]
+        self._steps = [self._step_of(e) for e in found]
         with torch.no_grad():
             self._pending = begin(found, self.cache, self._layout, steps=self._steps)
 
@@ -75,19 +89,37 @@ class KernelProbe:
         found = self._entries()  # the states the step created or updated
         steps = [None if t is None else t + 1 for t in self._steps]
         steps = [
-            s if s is not None else _step_of(e.state) for s, e in zip(steps, found, strict=False)
+            s if s is not None else self._step_of(e) for s, e in zip(steps, found, strict=True)
         ]
+        for e, t in zip(found, steps, strict=True):
+            if t is not None and e.state["step"].device.type != "cpu":
+                self._mirror[e.name] = t  # the next ticks count the steps after it
+        device = found[0].param.device
+        side, ready = None, None
+        if device.type == "cuda":  # the kernels follow the step on a stream of their own
+            side = self._side = self._side or torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
 
         def run() -> dict[str, Any]:
             with torch.no_grad():
-                signals, self.cache = finish(pending, found, step, steps)
-            return signals
+                if side is None or ready is None:
+                    signals, self.cache = finish(pending, found, step, steps)
+                    return signals
+                with torch.cuda.stream(side):
+                    side.wait_event(ready)
+                    signals, self.cache = finish(pending, found, step, steps)
+                return signals
 
         return run
 
-
-def _step_of(state: Mapping[str, Any]) -> float | None:
-    s = state.get("step") if state else None
-    if s is None:
-        return None
-    return float(s)
+    def _step_of(self, e: Entry) -> float | None:
+        """A state's step, without reading a device (after its first read there)."""
+        s = e.state.get("step") if e.state else None
+        if s is None:
+            return None
+        if s.device.type == "cpu":
+            return float(s)
+        if e.name not in self._mirror:
+            self._mirror[e.name] = float(s)  # once: a device read
+        return self._mirror[e.name]

@@ -753,6 +753,7 @@ class Stepper:
     def reset_state(self, names: Sequence[str] | None = None) -> None:
         """Forget Adam state (moments and step) of some or all parameters."""
         with self.lock:
+            self._check_not_watched("state resets")
             self._settle()
             drop = set(self.names if names is None else names)
             for n in drop:
@@ -767,6 +768,7 @@ class Stepper:
 
     def get_params(self, names: Sequence[str] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         with self.lock:
+            self._check_not_watched("tensor reads")
             selected = self.select(names)
             return self.step_count, {n: _cpu_copy(self.params[self.index[n]]) for n in selected}
 
@@ -779,6 +781,7 @@ class Stepper:
         """State tensors by parameter, copied under the lock; ``with_params`` adds each
         parameter's value as key ``"param"``, so one read is one consistent snapshot."""
         with self.lock:
+            self._check_not_watched("tensor reads (GET /v1/watch/{name}/state asks the trainer)")
             selected = self.select(names)
             for k in keys or ():
                 if k not in STATE_KEYS:
