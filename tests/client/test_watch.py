@@ -161,6 +161,11 @@ def test_an_lr_change_applies_once_at_a_step_boundary(app_client: TestClient, wa
         _step(model, opt)
         run.flush()
     assert opt.param_groups[0]["lr"] == 0.25
+    # Delivered again (as after a reconnect that lost the acknowledgement): not reapplied.
+    run._receive([{"id": c["id"], "op": "options", "options": {"lr": 0.5}}])
+    _step(model, opt)
+    run.flush()
+    assert opt.param_groups[0]["lr"] == 0.25
     assert run.counters.applied == 1
     assert app_client.get(f"{S}/w").json()["groups"][0]["lr"] == 0.25
 
