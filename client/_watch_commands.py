@@ -8,7 +8,8 @@ validated: it never raises into training.
 ``options``: ``{"group": i | None, "options": {"lr": ..., "betas": [..], ...}}``;
 ``state`` and ``snapshot``: upload the state (of ``names``, or all) as safetensors, keys
 ``"<param>/<key>"`` (the parameter too under ``"<param>/param"`` when asked);
-``load``: copy ``tensors`` (same keys) into the optimizer's state.
+``load``: copy ``tensors`` (same keys; ``param`` into the parameter itself) into the
+optimizer's state: a ``restore`` of a snapshot is a load of what the snapshot uploaded.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _load(
         if k == "step":
             if t.numel() != 1:
                 raise ValueError(f"{key}: a step is one number")
-        elif k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        elif k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "param"):
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{key}: shape {list(t.shape)}, parameter {list(p.shape)}")
         else:
@@ -125,6 +126,9 @@ def _load(
         staged.append((p, k, t))
     with torch.no_grad():
         for p, k, t in staged:
+            if k == "param":
+                p.copy_(t.reshape(p.shape))
+                continue
             state = opt.state[p]
             if k in state and torch.is_tensor(state[k]):
                 state[k].copy_(t.reshape(state[k].shape))

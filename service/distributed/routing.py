@@ -149,6 +149,7 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
             r.watch.command_body,
             r.watch.upload,
             r.watch.read_state,
+            r.watch.list_snapshots,
         )
     },
 }

@@ -208,3 +208,50 @@ def test_a_state_load_is_applied_between_two_steps(
     assert torch.equal(ref_p, w)
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(ref.state[ref_p][k], opt.state[w][k]), k
+
+
+def test_a_snapshot_restored_brings_back_the_state_and_parameters_it_took(
+    app_client: TestClient, watched: Any
+) -> None:
+    model, opt, run = watched
+    _step(model, opt)
+    run.flush()
+    r = app_client.post(f"{W}/w/commands", json={"op": "snapshot", "snapshot": "s1"})
+    assert r.status_code == 202
+    kept: dict[int, tuple[dict[str, torch.Tensor], dict[Any, Any]]] = {}
+    c = {"status": "pending"}
+    while c["status"] == "pending" and run.step < 10:
+        kept[run.step] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state))
+        _step(model, opt)
+        run.flush()
+        c = app_client.get(f"{W}/w/commands/{r.json()['id']}").json()
+    assert c["status"] == "applied"
+    snaps = app_client.get(f"{W}/w/snapshots").json()["snapshots"]
+    assert [(s["name"], s["step"]) for s in snaps] == [("s1", c["step"])]
+    params_then, state_then = kept[c["step"]]
+    for _ in range(3):
+        _step(model, opt)
+    run.flush()
+    r = app_client.post(f"{W}/w/commands", json={"op": "restore", "snapshot": "s1"})
+    assert r.status_code == 202
+    restore = _settle(run, app_client, r.json()["id"], model, opt)
+    assert restore["status"] == "applied"
+    # Restored once more, and read at that boundary, before any step moves it on.
+    r = app_client.post(f"{W}/w/commands", json={"op": "restore", "snapshot": "s1"})
+    run.flush()
+    _step_hooks_only(run, opt)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params_then[n]), n
+        for k, v in state_then[p].items():
+            assert torch.equal(opt.state[p][k], v), (n, k)
+    missing = app_client.post(f"{W}/w/commands", json={"op": "restore", "snapshot": "nope"})
+    assert missing.status_code == 404 and missing.json()["code"] == "snapshot_not_found"
+
+
+def _step_hooks_only(run: adamscope.Watch, opt: torch.optim.Optimizer) -> None:
+    """Bring the trainer to a step boundary without stepping: one report and its reply
+    deliver the pending commands, the pre-step hook applies them (a step of no gradients
+    changes nothing in torch.optim's Adam)."""
+    run._report(None)
+    run.flush()
+    opt.step()  # no gradient: PyTorch skips every parameter; the pre-hook applies

@@ -41,7 +41,7 @@ router = APIRouter(tags=["watch"])
 
 #: Longest a state read waits for the trainer's next step boundary (seconds).
 MAX_WAIT = 300.0
-_OPS = ("options", "state", "snapshot")
+_OPS = ("options", "state", "snapshot", "restore")
 
 
 def _desks(request: Request) -> dict[str, Desk]:
@@ -169,10 +169,15 @@ def _publish(request: Request, name: str, c: Command) -> None:
 @router.post(
     "/watch/{name}/commands",
     status_code=202,
-    summary="Queue a command for a watched run's trainer (options, state read, snapshot)",
+    summary="Queue a command for a watched run's trainer (options, state, snapshot, restore)",
     dependencies=[Depends(require("write"))],
     responses=problems(
-        *NAME_PROBLEMS, "malformed_body", "invalid_spec", "stepper_exists", "forbidden"
+        *NAME_PROBLEMS,
+        "malformed_body",
+        "invalid_spec",
+        "stepper_exists",
+        "forbidden",
+        "snapshot_not_found",
     ),
 )
 async def command(request: Request, name: str) -> Response:
@@ -190,7 +195,19 @@ async def command(request: Request, name: str) -> Response:
             or set(opts) - {"lr", "betas", "weight_decay", "eps"}
         ):
             raise InvalidSpec("options: a non-empty object of lr, betas, weight_decay, eps")
-    c = desk_of(_desks(request), name).add(op, body)
+    desk = desk_of(_desks(request), name)
+    if op == "restore":
+        kept = desk.snapshots.get(str(body.get("snapshot")))
+        if kept is None:
+            raise ApiError(
+                "snapshot_not_found", f"run {name!r} has no snapshot {body.get('snapshot')!r}"
+            )
+        c = desk.add("load", {"snapshot": body["snapshot"]}, kept[1])
+    else:
+        if op == "snapshot":
+            body["with_params"] = True
+            body.pop("names", None)
+        c = desk.add(op, body)
     return json_response(c.public(), status_code=202)
 
 
@@ -283,3 +300,17 @@ async def read_state(
         raise StepperWatched(f"the trainer could not read the state: {c.detail}")
     step = codec.decode(c.upload)[1].get("step", "")
     return Response(c.upload, media_type=OCTET, headers={"X-Adamscope-Step": step})
+
+
+@router.get(
+    "/watch/{name}/snapshots",
+    summary="The snapshots a watched run's trainer uploaded (kept in memory)",
+    dependencies=[Depends(require("read"))],
+    responses=problems(*NAME_PROBLEMS),
+)
+async def list_snapshots(request: Request, name: str) -> Response:
+    _watched(request, name, None)
+    kept = desk_of(_desks(request), name).snapshots
+    return json_response(
+        {"snapshots": [{"name": k, "step": step, "bytes": len(b)} for k, (step, b) in kept.items()]}
+    )
