@@ -2,9 +2,9 @@
 
 The optimizer keeps training in the user's job; the service shows it as a stepper of kind
 ``watched``. After every ``every``-th step the trainer computes the per-tensor signals on
-its own device, with the service's own signal kernels (``adamscope.service.inspect.kernels``,
-found through :func:`set_probe_factory`, which the ``adamscope`` package calls: this module
-never imports the service), and queues those small results for a background sender
+its own device, with the service's own signal kernels (found through the
+``adamscope.watch_probes`` entry point, or installed with :func:`set_probe_factory`: the
+client never imports the service), and queues those small results for a background sender
 (:mod:`._watch_sender`). Nothing here raises into training, does network I/O on the
 training thread, or waits for the service.
 
@@ -22,6 +22,7 @@ remembered, and acknowledged with the step at which they applied)::
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -55,10 +56,24 @@ _probe_factory: Callable[[], Probe] | None = None
 
 
 def set_probe_factory(factory: Callable[[], Probe]) -> None:
-    """Install what computes the signals (the ``adamscope`` package installs the service's
-    kernels: the client itself never imports the service)."""
+    """Install what computes the signals (by default: the ``adamscope.watch_probes`` entry
+    point, the service's kernels)."""
     global _probe_factory
     _probe_factory = factory
+
+
+def _new_probe() -> Probe | None:
+    """A probe from the installed factory, else the first entry point that loads; None
+    (steps reported without signals) when there is none."""
+    if _probe_factory is not None:
+        return _probe_factory()
+    for ep in importlib.metadata.entry_points(group="adamscope.watch_probes"):
+        try:
+            factory: Callable[[], Probe] = ep.load()
+            return factory()
+        except Exception:  # noqa: BLE001 - a broken plugin must not stop training
+            log.exception("adamscope.watch_probes entry point %r failed to load", ep.name)
+    return None
 
 
 def _param_names(
@@ -297,7 +312,7 @@ def watch(
         raise TypeError(f"watch() takes torch.optim.Adam or AdamW, got {type(optimizer)}")
     http = http_client or httpx.Client(base_url=resolve_url(url), timeout=timeout)
     authorize(http, token)
-    probe = _probe_factory() if signals and _probe_factory is not None else None
+    probe = _new_probe() if signals else None
     return Watch(
         optimizer,
         name=name or "watched",

@@ -14,21 +14,8 @@ root package here, ``adamscope.client`` to ``client/`` and ``adamscope.service``
 ``service/``.)
 """
 
-from typing import Any
-
 from . import client
 from .client import *  # noqa: F403 - the client's public names are adamscope's
-from .client.watching import set_probe_factory as _set_probe_factory
-
-
-def _kernel_probe() -> Any:
-    """watch()'s signals: the service's kernels, imported on the first watch()."""
-    from ._probe import KernelProbe
-
-    return KernelProbe()
-
-
-_set_probe_factory(_kernel_probe)
 
 __version__ = "0.1.0"
 

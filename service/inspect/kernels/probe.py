@@ -2,10 +2,10 @@
 optimizer lives.
 
 ``adamscope.client`` never imports the service (the layer rules), while the signal kernels
-(``adamscope.service.inspect.kernels``) import only torch and the client precisely so that
-they can run in a training job. This module, in the root package that composes both, adapts
-the kernels to :class:`adamscope.client.watching.Probe` and ``adamscope`` installs them
-(:func:`adamscope.client.watching.set_probe_factory`): imported on the first ``watch()``.
+import only torch and the client precisely so that they can run in a training job. This
+module adapts them to :class:`adamscope.client.watching.Probe`; the client finds it through
+the ``adamscope.watch_probes`` entry point (pyproject.toml), loaded on the first
+``watch()``.
 
 :func:`KernelProbe.before` runs the kernels' ``begin`` in the step's pre-hook (samples of
 the gradients and parameters, on the optimizer's device); :func:`KernelProbe.after` returns
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from adamscope.service.inspect.kernels import Entry, Layout, Pending, SignalCache, begin, finish
-from adamscope.service.inspect.kernels.sampling import build_layout, layout_key
+from .cache import SignalCache
+from .sampling import Entry, Layout, build_layout, layout_key
+from .step import Pending, begin, finish
 
 __all__ = ["KernelProbe"]
 
