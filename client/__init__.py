@@ -8,6 +8,7 @@ from .aio import AsyncClient
 from .errors import AdamscopeError, APIStatusError, TransportError
 from .optim import RemoteAdam, RemoteAdamW, RemoteOptimizerMismatch
 from .sync import Client
+from .watching import Watch, watch
 
 __all__ = [
     "APIStatusError",
@@ -19,4 +20,6 @@ __all__ = [
     "RemoteOptimizerMismatch",
     "StepReply",
     "TransportError",
+    "Watch",
+    "watch",
 ]

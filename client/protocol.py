@@ -80,8 +80,10 @@ __all__ = [
 
 Dtype = Literal["float16", "bfloat16", "float32", "float64", "complex64"]
 #: What a stepper is for: ``hosted`` (stepped here) or ``frozen`` (an imported checkpoint
-#: that refuses steps). Watched runs (a training job's own optimizer) will add a kind.
+#: that refuses steps). A summary can also say ``watched``: a training job's own optimizer,
+#: reported by ``adamscope.watch`` (created by its first report, never by a create).
 StepperKind = Literal["hosted", "frozen"]
+SummaryKind = Literal["hosted", "frozen", "watched"]
 
 
 class _Model(BaseModel):
@@ -247,10 +249,11 @@ class MemoryFootprint(_Model):
 
 class StepperSummary(_Model):
     name: str
-    kind: StepperKind = Field(
+    kind: SummaryKind = Field(
         "hosted",
         description="'hosted': stepped by this service; 'frozen': an imported "
-        "checkpoint that refuses steps until made 'hosted'",
+        "checkpoint that refuses steps until made 'hosted'; 'watched': a training job's "
+        "own optimizer, reported by adamscope.watch",
     )
     optimizer: Literal["adam", "adamw"]
     device: str

@@ -499,4 +499,4 @@ def test_the_root_package_is_the_client() -> None:
     assert adamscope.Client is adamscope.client.Client
     assert adamscope.AsyncClient is adamscope.client.AsyncClient
     assert set(adamscope.client.__all__) < set(adamscope.__all__)
-    assert not hasattr(adamscope, "watch")  # a later issue adds it
+    assert adamscope.watch is adamscope.client.watch  # issue 15

@@ -86,6 +86,8 @@ def _stats(
     return merge.stats(record, shards, parts)
 
 
+_NOT_WATCHED = "a sharded stepper is hosted: watched runs report to a single-process service"
+
 #: Routes about no one stepper that the ingress answers across slots.
 ACROSS: dict[Callable[..., Any], ClusterHandler] = {
     r.health.healthz: gateway.healthz,
@@ -137,6 +139,20 @@ ON_STEPPER: dict[Callable[..., Any], OnStepper] = {
             "a dry run of several shards is not merged; dry-run a stepper on one slot"
         )
     ),
+    # Watched runs: a slot that holds one serves it; a sharded stepper is never watched.
+    **{
+        route: OnStepper(sharded.unsupported(_NOT_WATCHED))
+        for route in (
+            r.watch.report,
+            r.watch.command,
+            r.watch.load_state,
+            r.watch.command_status,
+            r.watch.command_body,
+            r.watch.upload,
+            r.watch.read_state,
+            r.watch.list_snapshots,
+        )
+    },
 }
 
 #: Modules whose every route any slot answers (files, the API's documentation pages, the

@@ -21,6 +21,7 @@ __all__ = [
     "ShapeMismatch",
     "StepConflict",
     "StepperFrozen",
+    "StepperWatched",
     "StepperExists",
     "StepperNotFound",
     "UnknownParameter",
@@ -48,6 +49,12 @@ class StepperFrozen(EngineError):
     """A step sent to a frozen stepper (an imported checkpoint kept as evidence)."""
 
     code = "stepper_frozen"
+
+
+class StepperWatched(EngineError):
+    """A step or an edit sent to a watched stepper (the optimizer lives in a training job)."""
+
+    code = "stepper_watched"
 
 
 class StepperExists(EngineError):

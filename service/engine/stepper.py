@@ -38,6 +38,7 @@ from .errors import (
     ShapeMismatch,
     StepConflict,
     StepperFrozen,
+    StepperWatched,
     UnknownParameter,
 )
 from .footprint import Footprint, footprint, step_working_set
@@ -50,15 +51,18 @@ from .state import STATE_KEYS
 from .steps import StepMirror
 from .trial import Trial
 
-__all__ = ["FROZEN", "HOSTED", "HOSTINGS", "StepOutcome", "Stepper"]
+__all__ = ["FROZEN", "HOSTED", "HOSTINGS", "WATCHED", "StepOutcome", "Stepper"]
 
 log = logging.getLogger("adamscope")
 
 #: What a stepper is for: ``hosted``, stepped here (RemoteAdam, the step endpoint);
 #: ``frozen``, an imported checkpoint kept as it was written: it refuses steps (its state
-#: and options can still be edited, to try a fix). A summary's ``kind``.
-HOSTED, FROZEN = "hosted", "frozen"
-HOSTINGS = (HOSTED, FROZEN)
+#: and options can still be edited, to try a fix); ``watched``, the mirror of an optimizer
+#: that lives in a training job (``adamscope.watch``): its trainer reports each step, and
+#: steps and edits here are refused (they are queued to the trainer: :mod:`.watched`).
+#: A summary's ``kind``.
+HOSTED, FROZEN, WATCHED = "hosted", "frozen", "watched"
+HOSTINGS = (HOSTED, FROZEN, WATCHED)
 #: Where a stepper that is not hosted says so in its journal (saved with its checkpoints).
 HOSTING_KEY = "kind"
 
@@ -240,12 +244,22 @@ class Stepper:
         self.set_journal(HOSTING_KEY, None if hosting == HOSTED else hosting)
 
     def _check_not_frozen(self) -> None:
+        self._check_not_watched("steps")
         if self.hosting == FROZEN:
             raise StepperFrozen(
                 f"stepper {self.name!r} is frozen (an imported checkpoint): it refuses steps; "
                 "its state and options can still be edited. Make it steppable with "
                 f'PATCH /v1/steppers/{self.name} {{"kind": "hosted"}}',
                 kind=FROZEN,
+            )
+
+    def _check_not_watched(self, what: str) -> None:
+        if self.hosting == WATCHED:
+            raise StepperWatched(
+                f"stepper {self.name!r} is watched: its optimizer lives in a training job, "
+                f"which reports it; {what} are sent to the trainer as commands "
+                f"(POST /v1/watch/{self.name}/commands), applied between two of its steps",
+                kind=WATCHED,
             )
 
     def set_journal(self, key: str, value: Any) -> None:
@@ -682,6 +696,7 @@ class Stepper:
     def set_hyperparameters(self, updates: Mapping[str, Any], group: int | None = None) -> None:
         """Change options of one group or all groups, validated by PyTorch first."""
         with self.lock:
+            self._check_not_watched("option changes")
             self._settle()
             n = len(self.optimizer.param_groups)
             if group is not None and not 0 <= group < n:
@@ -696,6 +711,7 @@ class Stepper:
     def put_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Overwrite some or all parameter values in place."""
         with self.lock:
+            self._check_not_watched("parameter writes")
             self._settle()
             for name, t in tensors.items():
                 self._check_tensor(name, t, "value")
@@ -716,6 +732,7 @@ class Stepper:
         every group's options, atomically. ``replace`` drops state not given (a full load,
         as ``load_state_dict`` does); otherwise unspecified tensors are kept."""
         with self.lock:
+            self._check_not_watched("state loads")
             self._settle()
             new_state: dict[int, dict[str, Any]] = (
                 {} if replace else {i: s for i, s in enumerate(self._state_by_index()) if s}
@@ -736,6 +753,7 @@ class Stepper:
     def reset_state(self, names: Sequence[str] | None = None) -> None:
         """Forget Adam state (moments and step) of some or all parameters."""
         with self.lock:
+            self._check_not_watched("state resets")
             self._settle()
             drop = set(self.names if names is None else names)
             for n in drop:
@@ -750,6 +768,7 @@ class Stepper:
 
     def get_params(self, names: Sequence[str] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         with self.lock:
+            self._check_not_watched("tensor reads")
             selected = self.select(names)
             return self.step_count, {n: _cpu_copy(self.params[self.index[n]]) for n in selected}
 
@@ -762,6 +781,7 @@ class Stepper:
         """State tensors by parameter, copied under the lock; ``with_params`` adds each
         parameter's value as key ``"param"``, so one read is one consistent snapshot."""
         with self.lock:
+            self._check_not_watched("tensor reads (GET /v1/watch/{name}/state asks the trainer)")
             selected = self.select(names)
             for k in keys or ():
                 if k not in STATE_KEYS:

@@ -108,6 +108,8 @@ API_DOCS = [
 NAME = "team-a-net"
 OTHER = "team-b-other"
 N = f"{V1}/{{name}}"
+WATCH = "/v1/watch/{name}"
+W = f"/v1/watch/{NAME}"
 
 #: The documented scope of every route (README's table); the app must declare exactly these.
 SCOPES: dict[tuple[str, str], str] = {
@@ -155,6 +157,15 @@ SCOPES: dict[tuple[str, str], str] = {
     ("GET", f"{N}/slice"): "read",
     ("POST", f"{N}/dry-run"): "read",
     ("GET", "/v1/diff"): "read",
+    # watched runs (service/api/routes/watch.py): reports and commands need write
+    ("POST", f"{WATCH}/report"): "write",
+    ("POST", f"{WATCH}/commands"): "write",
+    ("PUT", f"{WATCH}/state"): "write",
+    ("GET", f"{WATCH}/commands/{{cid}}"): "read",
+    ("GET", f"{WATCH}/commands/{{cid}}/body"): "write",
+    ("POST", f"{WATCH}/commands/{{cid}}/upload"): "write",
+    ("GET", f"{WATCH}/state"): "read",
+    ("GET", f"{WATCH}/snapshots"): "read",
 }
 #: A snapshot file of NAME, as downloaded (the import recipe uploads it).
 SNAPSHOT_FILE: dict[str, bytes] = {}
@@ -312,6 +323,30 @@ def everything(client: TestClient) -> tuple[Any, ...]:
             durability,
             snaps.json(),
         )
+
+
+# NAME is hosted: an allowed caller's watch request reaches the route, which answers that
+# a watched run needs a name of its own (409), changing nothing.
+RECIPES.update(
+    {
+        ("POST", f"{WATCH}/report"): Recipe(
+            lambda c: c.post(f"{W}/report", json={"step": 1, "params": [], "groups": []}), 409
+        ),
+        ("POST", f"{WATCH}/commands"): Recipe(
+            lambda c: c.post(f"{W}/commands", json={"op": "state"}), 409
+        ),
+        ("PUT", f"{WATCH}/state"): Recipe(
+            lambda c: c.put(f"{W}/state", content=codec.encode({}), headers=OCTET), 409
+        ),
+        ("GET", f"{WATCH}/commands/{{cid}}"): Recipe(_get(f"{W}/commands/c1"), 409),
+        ("GET", f"{WATCH}/commands/{{cid}}/body"): Recipe(_get(f"{W}/commands/c1/body"), 409),
+        ("POST", f"{WATCH}/commands/{{cid}}/upload"): Recipe(
+            lambda c: c.post(f"{W}/commands/c1/upload", content=b"", headers=OCTET), 409
+        ),
+        ("GET", f"{WATCH}/state"): Recipe(_get(f"{W}/state?timeout=0.1"), 409),
+        ("GET", f"{WATCH}/snapshots"): Recipe(_get(f"{W}/snapshots"), 409),
+    }
+)
 
 
 @pytest.fixture

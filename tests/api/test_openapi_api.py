@@ -157,6 +157,25 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
         "invalid_checkpoint",
     },
 }
+# watched runs (service/api/routes/watch.py)
+WATCH = "/v1/watch/{name}"
+EXPECTED.update(
+    {
+        ("post", f"{WATCH}/report"): {"malformed_body", "invalid_spec", "stepper_exists"},
+        ("post", f"{WATCH}/commands"): {
+            "malformed_body",
+            "invalid_spec",
+            "stepper_not_found",
+            "snapshot_not_found",
+        },
+        ("put", f"{WATCH}/state"): {"malformed_body", "stepper_not_found"},
+        ("get", f"{WATCH}/commands/{{cid}}"): {"stepper_not_found", "command_not_found"},
+        ("get", f"{WATCH}/commands/{{cid}}/body"): {"command_not_found"},
+        ("post", f"{WATCH}/commands/{{cid}}/upload"): {"command_not_found", "malformed_body"},
+        ("get", f"{WATCH}/state"): {"stepper_not_found", "trainer_timeout"},
+        ("get", f"{WATCH}/snapshots"): {"stepper_not_found"},
+    }
+)
 UPLOADS = {
     ("post", V1),
     ("post", f"{NAMED}/step"),

@@ -77,3 +77,20 @@ def test_checkpoint_roundtrip_example(tmp_path: Path) -> None:
         assert "VERIFIED: import -> 2 remote steps -> export -> 3 local steps" in done.stdout
         assert "changed from step 3 to 5: " in done.stdout
         assert client.list() == [], "the example left steppers behind"
+
+
+def test_watch_training_example(tmp_path: Path) -> None:
+    """examples/watch_training.py: a local fused AdamW watched, its state read through the
+    service bit for bit, its lr changed by a command applied between two steps."""
+    with spawn_server(tmp_path / "data") as url, Client(url) as client:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "watch_training.py"), "--url", url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "VERIFIED: state read bit-exact, lr change applied once" in done.stdout
+        summary = client.get("example-watched")
+        assert summary.kind == "watched" and summary.step == 100

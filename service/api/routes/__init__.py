@@ -25,6 +25,7 @@ from . import (
     step,
     steppers,
     tensors,
+    watch,
 )
 
 __all__ = ["ROUTERS"]
@@ -47,4 +48,5 @@ ROUTERS: tuple[tuple[APIRouter, str], ...] = (
     (dryrun.router, API_PREFIX),
     (diff.router, API_PREFIX),
     (health.router, ""),
+    (watch.router, API_PREFIX),
 )

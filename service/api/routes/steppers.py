@@ -295,6 +295,7 @@ async def patch_stepper(name: str, patch: StepperPatch, request: Request) -> dic
         "malformed_body",
         "invalid_hyperparameter",
         "invalid_state",
+        "stepper_watched",
         "device_out_of_memory",
     ),
 )

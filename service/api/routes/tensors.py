@@ -131,7 +131,9 @@ async def get_params(
     "/steppers/{name}/params",
     summary="Overwrite some or all parameter values",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "device_out_of_memory"),
+    responses=problems(
+        *NAME_PROBLEMS, *BODY_PROBLEMS, *TENSOR_PROBLEMS, "device_out_of_memory", "stepper_watched"
+    ),
     openapi_extra=binary_body_doc(
         'safetensors of values by parameter name, or JSON {"params": {name: nested list}}',
         {"type": "object", "properties": {"params": {"type": "object"}}},
@@ -219,6 +221,7 @@ async def get_state(
         "invalid_state",
         "invalid_hyperparameter",
         "device_out_of_memory",
+        "stepper_watched",
     ),
     openapi_extra=binary_body_doc(
         "safetensors named '<param>.<key>' (key: step, exp_avg, exp_avg_sq, max_exp_avg_sq); "

@@ -1,0 +1,316 @@
+"""Routes for watched runs: a training job's own optimizer, reported by ``adamscope.watch``.
+
+The trainer posts a report after its steps (``POST /watch/{name}/report``, write scope):
+the first creates the stepper, of kind ``watched``; each records the step with the
+signals the trainer computed, and its reply carries the commands queued for the run
+(:mod:`..watching`). Everything that reads a stepper (list, summary, signals, history,
+alerts, events, metrics, the dashboard) reads a watched one unchanged; steps and edits are
+refused with 409 ``stepper_watched`` and go through the commands here instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from adamscope.client import codec
+
+from ...engine import GroupDef, Stepper
+from ...engine.errors import InvalidSpec, StepperNotFound, StepperWatched
+from ...engine.stepper import WATCHED
+from ...engine.watched import record_step
+from ...errors import ApiError, problems
+from ...inspect.recorder import history_of
+from ...inspect.watched import clean_signals, use_reported_signals
+from ..access import authorize_name, require
+from ..deps import NAME_PROBLEMS, hub, registry
+from ..http.body import read_body
+from ..http.media import OCTET
+from ..http.reply import json_response
+from ..watching import Command, Desk, desk_of
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["watch"])
+
+#: Longest a state read waits for the trainer's next step boundary (seconds).
+MAX_WAIT = 300.0
+_OPS = ("options", "state", "snapshot", "restore")
+
+
+def _desks(request: Request) -> dict[str, Desk]:
+    found: dict[str, Desk] | None = getattr(request.app.state, "watch_desks", None)
+    if found is None:
+        found = request.app.state.watch_desks = {}
+    return found
+
+
+def _json(body: bytes | bytearray) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError as e:
+        raise ApiError("malformed_body", f"body is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError("malformed_body", "body must be a JSON object")
+    return value
+
+
+def _build(name: str, report: dict[str, Any]) -> Stepper:
+    try:
+        params = [
+            (str(p["name"]), torch.zeros(list(p["shape"]), dtype=codec.dtype_from_name(p["dtype"])))
+            for p in report["params"]
+        ]
+        groups = [
+            GroupDef(
+                list(g["params"]),
+                {
+                    k: (tuple(g[k]) if k == "betas" else g[k])
+                    for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")
+                    if k in g
+                },
+            )
+            for g in report["groups"]
+        ]
+        optimizer = str(report["optimizer"])
+    except (KeyError, TypeError, ValueError, codec.CodecError) as e:
+        raise InvalidSpec(f"a watched run's first report needs its layout: {e}") from None
+    return Stepper(
+        name,
+        optimizer,
+        torch.device("cpu"),
+        params,
+        {},
+        groups,
+        step=int(report["step"]),
+        hosting=WATCHED,
+    )
+
+
+def _watched(request: Request, name: str, report: dict[str, Any] | None) -> Stepper:
+    reg = registry(request)
+    try:
+        stepper = reg.get(name)
+    except StepperNotFound:
+        if report is None:
+            raise
+        stepper = reg.create(name, lambda: _build(name, report))
+    if stepper.hosting != WATCHED:
+        raise ApiError(
+            "stepper_exists",
+            f"stepper {name!r} exists and is {stepper.hosting}: a watched run needs its own name",
+        )
+    use_reported_signals(stepper)
+    return stepper
+
+
+def _record(stepper: Stepper, report: dict[str, Any]) -> None:
+    step = report.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise InvalidSpec(f"report's step must be an integer >= 0, got {step!r}")
+    raw = report.get("groups")
+    groups: list[dict[str, Any]] = (
+        [g for g in raw if isinstance(g, dict)] if isinstance(raw, list) else []
+    )
+    with stepper.lock:
+        observer = use_reported_signals(stepper)
+        observer.incoming = clean_signals(report.get("signals"), step)
+        record_step(stepper, step, groups)
+    stepper.settle()
+
+
+@router.post(
+    "/watch/{name}/report",
+    summary="A watched run's report: its step, signals and scalars",
+    dependencies=[Depends(require("write"))],
+    responses=problems(
+        *NAME_PROBLEMS, "malformed_body", "invalid_spec", "stepper_exists", "forbidden"
+    ),
+)
+async def report(request: Request, name: str) -> Response:
+    authorize_name(request, name)
+    body = _json(await read_body(request))
+    stepper = _watched(request, name, body)
+    await asyncio.to_thread(_record, stepper, body)
+    desk = desk_of(_desks(request), name)
+    for c in desk.ack(body.get("acks")):
+        _publish(request, name, c)
+    _losses(request, stepper, body.get("scalars"))
+    return json_response({"step": stepper.step_count, "commands": desk.pending()})
+
+
+def _losses(request: Request, stepper: Stepper, scalars: Any) -> None:
+    """The ``loss`` scalars the trainer logged, each at the step it was logged after."""
+    recorder = history_of(stepper)
+    now = time.time()
+    for s in scalars if isinstance(scalars, list) else []:
+        if not isinstance(s, dict) or s.get("name") != "loss":
+            continue
+        step, value = s.get("step"), s.get("value")
+        if isinstance(step, int) and isinstance(value, float | int):
+            if recorder is not None:
+                recorder.history.record_loss(step, float(value), now)
+            hub(request).publish_loss(stepper.name, step, float(value), now)
+
+
+def _publish(request: Request, name: str, c: Command) -> None:
+    event = {"stepper": name, **c.public()}
+    for sub in hub(request).subscribers:
+        if sub.wants(name):
+            sub.push("command", event)
+
+
+@router.post(
+    "/watch/{name}/commands",
+    status_code=202,
+    summary="Queue a command for a watched run's trainer (options, state, snapshot, restore)",
+    dependencies=[Depends(require("write"))],
+    responses=problems(
+        *NAME_PROBLEMS,
+        "malformed_body",
+        "invalid_spec",
+        "stepper_exists",
+        "forbidden",
+        "snapshot_not_found",
+    ),
+)
+async def command(request: Request, name: str) -> Response:
+    authorize_name(request, name)
+    body = _json(await read_body(request))
+    _watched(request, name, None)
+    op = body.pop("op", None)
+    if op not in _OPS:
+        raise InvalidSpec(f"op must be one of {list(_OPS)}, got {op!r}")
+    if op == "options":
+        opts = body.get("options")
+        if (
+            not isinstance(opts, dict)
+            or not opts
+            or set(opts) - {"lr", "betas", "weight_decay", "eps"}
+        ):
+            raise InvalidSpec("options: a non-empty object of lr, betas, weight_decay, eps")
+    desk = desk_of(_desks(request), name)
+    if op == "restore":
+        kept = desk.snapshots.get(str(body.get("snapshot")))
+        if kept is None:
+            raise ApiError(
+                "snapshot_not_found", f"run {name!r} has no snapshot {body.get('snapshot')!r}"
+            )
+        c = desk.add("load", {"snapshot": body["snapshot"]}, kept[1])
+    else:
+        if op == "snapshot":
+            body["with_params"] = True
+            body.pop("names", None)
+        c = desk.add(op, body)
+    return json_response(c.public(), status_code=202)
+
+
+@router.put(
+    "/watch/{name}/state",
+    status_code=202,
+    summary="Queue a state load (safetensors, keys '<param>/<key>') for a watched run",
+    dependencies=[Depends(require("write"))],
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "stepper_exists", "forbidden"),
+)
+async def load_state(request: Request, name: str) -> Response:
+    authorize_name(request, name)
+    body = bytes(await read_body(request))
+    _watched(request, name, None)
+    try:
+        codec.decode(body)
+    except codec.CodecError as e:
+        raise ApiError("malformed_body", f"not safetensors: {e}") from None
+    c = desk_of(_desks(request), name).add("load", {}, body)
+    return json_response(c.public(), status_code=202)
+
+
+def _command(request: Request, name: str, cid: str) -> Command:
+    _watched(request, name, None)
+    c = desk_of(_desks(request), name).commands.get(cid)
+    if c is None:
+        raise ApiError("command_not_found", f"run {name!r} has no command {cid!r}")
+    return c
+
+
+@router.get(
+    "/watch/{name}/commands/{cid}",
+    summary="A command's status: pending, or applied at a step",
+    dependencies=[Depends(require("read"))],
+    responses=problems(*NAME_PROBLEMS, "command_not_found"),
+)
+async def command_status(request: Request, name: str, cid: str) -> Response:
+    return json_response(_command(request, name, cid).public())
+
+
+@router.get(
+    "/watch/{name}/commands/{cid}/body",
+    summary="The tensors a command carries (for the trainer)",
+    dependencies=[Depends(require("write"))],
+    responses=problems(*NAME_PROBLEMS, "command_not_found"),
+)
+async def command_body(request: Request, name: str, cid: str) -> Response:
+    c = _command(request, name, cid)
+    return Response(c.body or codec.encode({}), media_type=OCTET)
+
+
+@router.post(
+    "/watch/{name}/commands/{cid}/upload",
+    summary="The trainer's answer to a state read: safetensors",
+    dependencies=[Depends(require("write"))],
+    responses=problems(*NAME_PROBLEMS, "command_not_found", "malformed_body"),
+)
+async def upload(request: Request, name: str, cid: str) -> Response:
+    authorize_name(request, name)
+    _command(request, name, cid)
+    desk_of(_desks(request), name).answer(cid, bytes(await read_body(request)))
+    return json_response({"ok": True})
+
+
+@router.get(
+    "/watch/{name}/state",
+    summary="A watched run's state, as of the trainer's next step boundary (safetensors)",
+    dependencies=[Depends(require("read"))],
+    responses=problems(*NAME_PROBLEMS, "trainer_timeout"),
+)
+async def read_state(
+    request: Request,
+    name: str,
+    names: Annotated[list[str] | None, Query(alias="name")] = None,
+    with_params: bool = False,
+    timeout: Annotated[float, Query(gt=0, le=MAX_WAIT)] = 30.0,
+) -> Response:
+    _watched(request, name, None)
+    c = desk_of(_desks(request), name).add("state", {"names": names, "with_params": with_params})
+    try:
+        await asyncio.wait_for(c.done.wait(), timeout)
+    except TimeoutError:
+        c.status = "expired"
+        raise ApiError(
+            "trainer_timeout",
+            f"the trainer of {name!r} did not answer within {timeout} s (is it stepping? "
+            "state is read at its next step boundary)",
+        ) from None
+    if c.upload is None:
+        raise StepperWatched(f"the trainer could not read the state: {c.detail}")
+    step = codec.decode(c.upload)[1].get("step", "")
+    return Response(c.upload, media_type=OCTET, headers={"X-Adamscope-Step": step})
+
+
+@router.get(
+    "/watch/{name}/snapshots",
+    summary="The snapshots a watched run's trainer uploaded (kept in memory)",
+    dependencies=[Depends(require("read"))],
+    responses=problems(*NAME_PROBLEMS),
+)
+async def list_snapshots(request: Request, name: str) -> Response:
+    _watched(request, name, None)
+    kept = desk_of(_desks(request), name).snapshots
+    return json_response(
+        {"snapshots": [{"name": k, "step": step, "bytes": len(b)} for k, (step, b) in kept.items()]}
+    )
