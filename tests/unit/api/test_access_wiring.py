@@ -191,3 +191,22 @@ def test_the_inventory_reads_the_same_routes_without_route_contexts(
     assert found[("GET", "/a/{name}")].scope == "write" and found[("GET", "/a/{name}")].call is a
     assert found[("*", "/static/{path}")].scope is None
     assert found[("GET", "/docs")].scope == "public" and ("HEAD", "/docs") not in found
+
+
+def test_install_names_every_route_without_a_scope_and_the_fix() -> None:
+    app = FastAPI()
+
+    @app.get("/a")
+    async def a() -> dict[str, str]:
+        return {}
+
+    @app.post("/b")
+    async def b() -> dict[str, str]:
+        return {}
+
+    with pytest.raises(RuntimeError) as info:
+        access.install(app, TokenTable())
+    assert str(info.value) == (
+        "routes without an access scope: GET /a, POST /b; "
+        "add dependencies=[Depends(require('read'|'write'|'admin'|'public'))]"
+    )
