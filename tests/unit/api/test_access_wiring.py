@@ -9,6 +9,8 @@ OpenAPI, and each carries the scope the inventory (:func:`access.endpoints`) rea
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -164,8 +166,12 @@ def test_only_an_empty_json_list_in_the_environment_is_a_mistake(
         monkeypatch.setenv("ADAMSCOPE_TOKENS", raw)
         assert not load_access(settings).enabled
     monkeypatch.setenv("ADAMSCOPE_TOKENS", "[]")
-    with pytest.raises(TokenConfigError, match="ADAMSCOPE_TOKENS lists no tokens"):
+    with pytest.raises(TokenConfigError) as info:
         load_access(settings)
+    assert str(info.value) == (
+        "ADAMSCOPE_TOKENS lists no tokens: give at least one, or leave the variable out "
+        "to serve without tokens (loopback only)"
+    )
 
 
 def test_the_inventory_reads_the_same_routes_without_route_contexts(
@@ -210,3 +216,92 @@ def test_install_names_every_route_without_a_scope_and_the_fix() -> None:
         "routes without an access scope: GET /a, POST /b; "
         "add dependencies=[Depends(require('read'|'write'|'admin'|'public'))]"
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "detail", "challenge"),
+    [
+        (
+            None,
+            "this endpoint needs a bearer token: send 'Authorization: Bearer <token>'",
+            'Bearer realm="adamscope"',
+        ),
+        (
+            "Basic dXNlcjpwYXNz",
+            "the Authorization header must be 'Bearer <token>'",
+            'Bearer realm="adamscope", error="invalid_request"',
+        ),
+        (
+            f"Bearer {READ}x",
+            "the bearer token is not valid",
+            'Bearer realm="adamscope", error="invalid_token"',
+        ),
+    ],
+)
+def test_each_401_says_exactly_what_to_send(
+    header: str | None, detail: str, challenge: str
+) -> None:
+    table = TokenTable([(TokenSpec.model_validate({"token": READ, "scope": "read"}), "r")])
+    with pytest.raises(access.AccessDenied) as info:
+        access.authenticate(table, header)
+    assert (info.value.code, info.value.detail, info.value.challenge) == (
+        "unauthorized",
+        detail,
+        challenge,
+    )
+    assert access.authenticate(table, f"  bearer   {READ}  ") == Principal("r", "read")
+
+
+def test_a_public_path_outside_the_root_path_stays_public() -> None:
+    """Behind ``--root-path``, only a path that starts with it loses it: ``/open`` asked
+    of an app mounted at ``/adamscope`` is still ``/open``."""
+    with TestClient(_app(), root_path="/adamscope") as client:
+        assert client.get("/open").status_code == 200
+        assert client.get("/adamscope/open").status_code == 200
+        assert client.post("/adamscope/things/a").status_code == 401
+
+
+def test_a_401_is_logged_with_the_client_and_the_reason_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with TestClient(_app()) as client, caplog.at_level(logging.INFO, "adamscope.access"):
+        client.post("/things/a", headers={"authorization": f"Bearer {READ}x"})
+    assert [r.getMessage() for r in caplog.records if r.name == "adamscope.access"] == [
+        "401 POST /things/a from testclient: the bearer token is not valid"
+    ]
+
+
+def test_a_401_without_a_client_address_logs_a_question_mark(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ASGI leaves ``client`` None where there is no address (a Unix socket)."""
+    app = _app()
+    sent: list[dict[str, object]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/things/a",
+        "raw_path": b"/things/a",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": None,
+        "server": None,
+    }
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO, "adamscope.access"):
+        asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 401
+    assert [r.getMessage() for r in caplog.records if r.name == "adamscope.access"] == [
+        "401 POST /things/a from ?: this endpoint needs a bearer token: "
+        "send 'Authorization: Bearer <token>'"
+    ]
