@@ -92,8 +92,17 @@ def check(mutmut: dict[str, Any], tiers: dict[str, list[str]]) -> list[str]:
     return files
 
 
-def run(max_children: int, names: list[str]) -> float:
+def make_copy_folders(mutants: Path, also_copy: list[str]) -> None:
+    """The folder of each ``also_copy`` file under ``mutants``: mutmut 3 copies those files
+    (``shutil.copy2(path, mutants / path)``) without making their folders, so
+    benchmarks/mutation-survivors.md stopped every run before its first mutant."""
+    for path in also_copy:
+        (mutants / path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def run(max_children: int, names: list[str], also_copy: list[str]) -> float:
     """``mutmut run`` (with this interpreter: the venv's, whatever a script's shebang says)."""
+    make_copy_folders(ROOT / "mutants", also_copy)
     cli = "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; sys.exit(cli())"
     started = time.monotonic()
     # type_check_command runs "mypy" from PATH: this interpreter's, venv activated or not.
@@ -256,7 +265,7 @@ def main() -> int:
         if args.fresh:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        elapsed = run(args.max_children, args.names)
+        elapsed = run(args.max_children, args.names, mutmut.get("also_copy", []))
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

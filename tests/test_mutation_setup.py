@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -123,3 +124,20 @@ def test_mutant_runs_refuse_the_repository_code(tmp_path: Path) -> None:
     every mutant would survive unseen, so the plugin stops instead."""
     with pytest.raises(pytest.UsageError, match="mutants would never run"):
         mutation_tiers.check_mutants_imported(tmp_path)
+
+
+def test_the_files_mutmut_copies_find_their_folder(tmp_path: Path) -> None:
+    """mutmut copies each ``also_copy`` file as ``shutil.copy2(path, "mutants" / path)``:
+    the survivors list sits in benchmarks/, a folder mutmut does not make."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import mutation
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    also_copy = _mutmut()["also_copy"]
+    assert "benchmarks/mutation-survivors.md" in also_copy
+    mutants = tmp_path / "mutants"
+    mutation.make_copy_folders(mutants, also_copy)
+    for path in also_copy:
+        shutil.copy2(ROOT / path, mutants / path)  # what mutmut does, for files
+        assert (mutants / path).read_bytes() == (ROOT / path).read_bytes()
