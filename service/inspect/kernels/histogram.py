@@ -86,12 +86,14 @@ def _values(e: Entry, key: str, f: Factors, pick: torch.Tensor | None) -> torch.
         amsgrad = e.group["amsgrad"] and "max_exp_avg_sq" in s
         src = s["max_exp_avg_sq"] if amsgrad else s["exp_avg_sq"]
     flat = real_flat(src)
+    # ``.double()`` of a float64 tensor is the tensor itself: nothing below works in place,
+    # the state is the optimizer's (a trainer's own, when it is watched).
     x = (flat if pick is None else flat[pick]).double()
     if key != "lr_eff":
         return x
     if not f.defined:
         return torch.full_like(x, math.nan)
-    return f.step_size / (x.sqrt_() / f.bc2_sqrt + f.eps)
+    return f.step_size / (x.sqrt() / f.bc2_sqrt + f.eps)
 
 
 def bin_index(x: torch.Tensor) -> torch.Tensor:

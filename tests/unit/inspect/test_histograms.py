@@ -113,3 +113,25 @@ def test_the_store_is_bounded_from_the_start_and_forgets_after_a_rollback(
     assert again.steps() and max(again.steps()) <= last // 2
     assert again.span("w", "grad", last // 2 + 1, last, 10)["steps"] == []
     again.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recording_leaves_the_optimizers_state_untouched(dtype: torch.dtype) -> None:
+    """The histograms read the optimizer's own state (a trainer's, when it is watched):
+    recording them changes no byte of it, whole-binned float64 tensors included (whose
+    float64 view is the state tensor itself)."""
+    from adamscope.client.numerics import adam_factors
+    from adamscope.service.inspect.kernels.histogram import histograms
+    from adamscope.service.inspect.kernels.sampling import Entry
+
+    p = torch.nn.Parameter(torch.rand(64, dtype=dtype) + 0.5)
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.rand(64, dtype=dtype)
+    opt.step()
+    group, state = opt.param_groups[0], opt.state[p]
+    before = {k: v.clone() for k, v in state.items()}
+    entry = Entry("p", p.detach(), p.grad, state, group)
+    got = histograms([entry], [adam_factors(group, float(state["step"]))], HISTOGRAM_EVERY)
+    assert sum(got["tensors"]["p"]["lr_eff"]["counts"]) == 64
+    for k, v in before.items():
+        assert torch.equal(state[k], v), k
