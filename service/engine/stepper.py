@@ -253,6 +253,18 @@ class Stepper:
                 kind=FROZEN,
             )
 
+    def check_hosted_tensors(self, what: str) -> None:
+        """Raise :class:`StepperWatched` for a watched run, whose tensors live in the
+        trainer (the service keeps only its signals): ``what`` names the refused read."""
+        if self.hosting == WATCHED:
+            raise StepperWatched(
+                f"stepper {self.name!r} is watched: its tensors live in the training job, "
+                f"which reports only its signals here, so {what} are not available; read "
+                f"its state with GET /v1/watch/{self.name}/state (the trainer answers at its "
+                "next step)",
+                kind=WATCHED,
+            )
+
     def _check_not_watched(self, what: str) -> None:
         if self.hosting == WATCHED:
             raise StepperWatched(

@@ -100,6 +100,22 @@ def test_a_step_or_an_edit_of_a_watched_run_is_refused_and_changes_nothing(
     assert {**after, "updated_at": 0} == {**before, "updated_at": 0}
 
 
+def test_statistics_and_slices_of_a_watched_run_say_where_its_tensors_are(
+    app_client: TestClient, watched: Any
+) -> None:
+    """The service holds no tensor of a watched run: its statistics and slices answer 409
+    naming the state read that asks the trainer, never numbers of an empty mirror."""
+    model, opt, run = watched
+    _step(model, opt)
+    assert run.flush()
+    for path, query in (("stats", {}), ("slice", {"name": "0.weight", "key": "exp_avg"})):
+        r = app_client.get(f"{S}/w/{path}", params=query)
+        assert r.status_code == 409, (path, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "stepper_watched" and "/v1/watch/w/state" in r.json()["detail"]
+    assert app_client.get(f"{S}/w/signals").status_code == 200  # its signals are here
+
+
 def _read_state(app_client: TestClient, out: dict[str, Any], **query: Any) -> None:
     r = app_client.get(f"{W}/w/state", params=query)
     out["status"] = r.status_code
@@ -138,6 +154,8 @@ def test_state_on_demand_is_the_local_state_at_the_step_it_names(
 def test_a_state_read_of_a_trainer_that_does_not_step_answers_504(
     app_client: TestClient, watched: Any
 ) -> None:
+    _, _, run = watched
+    assert run.flush()  # the run appears (its first report) before it ever steps
     out: dict[str, Any] = {}
     _read_state(app_client, out, timeout=0.3)
     assert out["status"] == 504 and out["problem"]["code"] == "trainer_timeout"

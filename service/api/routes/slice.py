@@ -19,7 +19,7 @@ from ...errors import ApiError, problems
 from ...inspect.views import VIEW_KEYS, view_of
 from ..access import require
 from ..deps import NAME_PROBLEMS, NAMES_QUERY, registry, serving, settings
-from .stats import invalid
+from .stats import WATCHED_READS, invalid
 
 __all__ = ["parse_index", "router"]
 
@@ -65,7 +65,9 @@ def parse_index(raw: str) -> tuple[int | slice, ...]:
     "/steppers/{name}/slice",
     summary="A slice or index selection of one tensor (or derived view) as JSON",
     dependencies=[Depends(require("read"))],
-    responses=problems(*NAME_PROBLEMS, "unknown_parameter", "invalid_state", "json_too_large"),
+    responses=problems(
+        *NAME_PROBLEMS, "unknown_parameter", "invalid_state", "json_too_large", "stepper_watched"
+    ),
 )
 async def slice_tensor(
     name: str,
@@ -82,6 +84,7 @@ async def slice_tensor(
     rows: Annotated[str | None, Query(description="a:b[:c] over the first dimension")] = None,
 ) -> Response:
     stepper = registry(request).get(name)
+    stepper.check_hosted_tensors(WATCHED_READS)
     if key not in VIEW_KEYS:
         raise invalid(f"unknown key {key!r}; expected one of {', '.join(VIEW_KEYS)}")
     if index is not None and rows is not None:

@@ -27,6 +27,9 @@ from ..deps import NAME_PROBLEMS, NAMES_QUERY, registry, serving
 from ..http.query import parse_query, query_doc
 from ..http.reply import render_json
 
+#: What a watched run cannot answer (its tensors are the trainer's).
+WATCHED_READS = "statistics and slices of its tensors"
+
 __all__ = ["SpecQuery", "invalid", "router"]
 
 router = APIRouter(tags=["inspection"])
@@ -107,13 +110,14 @@ class StatsQuery(SpecQuery):
     "/steppers/{name}/stats",
     summary="Statistics of parameters, Adam state and derived views (per tensor, aggregate)",
     dependencies=[Depends(require("read"))],
-    responses=problems(*NAME_PROBLEMS, "unknown_parameter"),
+    responses=problems(*NAME_PROBLEMS, "unknown_parameter", "stepper_watched"),
     openapi_extra={"parameters": query_doc(StatsQuery)},
 )
 async def stats(name: str, request: Request) -> Response:
     q = parse_query(request, StatsQuery)
     spec, names, keys, aggregate_ = q.spec(), q.names, q.keys, q.aggregate
     stepper = registry(request).get(name)
+    stepper.check_hosted_tensors(WATCHED_READS)
     wanted = tuple(dict.fromkeys(keys or DEFAULT_KEYS))
     unknown = [k for k in wanted if k not in VIEW_KEYS]
     if unknown:
