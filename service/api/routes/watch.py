@@ -242,7 +242,7 @@ def _command(request: Request, name: str, cid: str) -> Command:
     "/watch/{name}/commands/{cid}",
     summary="A command's status: pending, or applied at a step",
     dependencies=[Depends(require("read"))],
-    responses=problems(*NAME_PROBLEMS, "command_not_found"),
+    responses=problems(*NAME_PROBLEMS, "command_not_found", "stepper_exists"),
 )
 async def command_status(request: Request, name: str, cid: str) -> Response:
     return json_response(_command(request, name, cid).public())
@@ -252,7 +252,7 @@ async def command_status(request: Request, name: str, cid: str) -> Response:
     "/watch/{name}/commands/{cid}/body",
     summary="The tensors a command carries (for the trainer)",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "command_not_found"),
+    responses=problems(*NAME_PROBLEMS, "command_not_found", "stepper_exists"),
 )
 async def command_body(request: Request, name: str, cid: str) -> Response:
     c = _command(request, name, cid)
@@ -263,7 +263,7 @@ async def command_body(request: Request, name: str, cid: str) -> Response:
     "/watch/{name}/commands/{cid}/upload",
     summary="The trainer's answer to a state read: safetensors",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "command_not_found", "malformed_body"),
+    responses=problems(*NAME_PROBLEMS, "command_not_found", "malformed_body", "stepper_exists"),
 )
 async def upload(request: Request, name: str, cid: str) -> Response:
     authorize_name(request, name)
@@ -276,7 +276,7 @@ async def upload(request: Request, name: str, cid: str) -> Response:
     "/watch/{name}/state",
     summary="A watched run's state, as of the trainer's next step boundary (safetensors)",
     dependencies=[Depends(require("read"))],
-    responses=problems(*NAME_PROBLEMS, "trainer_timeout"),
+    responses=problems(*NAME_PROBLEMS, "trainer_timeout", "stepper_exists"),
 )
 async def read_state(
     request: Request,
@@ -306,7 +306,7 @@ async def read_state(
     "/watch/{name}/snapshots",
     summary="The snapshots a watched run's trainer uploaded (kept in memory)",
     dependencies=[Depends(require("read"))],
-    responses=problems(*NAME_PROBLEMS),
+    responses=problems(*NAME_PROBLEMS, "stepper_exists"),
 )
 async def list_snapshots(request: Request, name: str) -> Response:
     _watched(request, name, None)
