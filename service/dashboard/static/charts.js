@@ -68,7 +68,7 @@ function logTicks(lo, hi) {
 }
 
 /** Sizes the canvas's backing store to its CSS box and the device pixel ratio. */
-function prepare(canvas) {
+export function prepare(canvas) {
   const dpr = window.devicePixelRatio || 1;
   const w = Math.max(1, Math.floor(canvas.clientWidth));
   const h = Math.max(1, Math.floor(canvas.clientHeight));

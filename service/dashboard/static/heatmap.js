@@ -5,24 +5,11 @@
 // estimate from a uniform sample: its rank error (at 99%) is in the readout.
 
 import { num } from "./api.js";
-import { fmt } from "./charts.js";
+import { fmt, prepare } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
-const FONT = "11px system-ui, sans-serif";
 const AXIS = "#6b7280";
 
-function prepare(canvas) {
-  const dpr = window.devicePixelRatio || 1;
-  const w = Math.max(1, Math.floor(canvas.clientWidth));
-  const h = Math.max(1, Math.floor(canvas.clientHeight));
-  canvas.width = Math.round(w * dpr);
-  canvas.height = Math.round(h * dpr);
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, w, h);
-  ctx.font = FONT;
-  return { ctx, w, h };
-}
 
 export class HeatMap {
   constructor(canvas, { readout = null } = {}) {
