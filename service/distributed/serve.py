@@ -22,13 +22,27 @@ import httpx
 from .cluster import ClusterConfig
 from .resources import SlotResourceError, slot_request
 
-__all__ = ["deployment", "run"]
+__all__ = ["deployment", "resolved", "run"]
 
 log = logging.getLogger("adamscope.distributed")
 
 
-def deployment(config: ClusterConfig) -> Any:
-    """The ingress as a bound Serve application."""
+def resolved(config: ClusterConfig, cluster: dict[str, float]) -> ClusterConfig:
+    """``config`` with its slot count and each slot's resources resolved for a cluster
+    with ``cluster``'s resources; raises :class:`SlotResourceError` when Ray could never
+    place them all."""
+    want = slot_request(config.slots, config.num_gpus, config.num_cpus, cluster)
+    log.info(
+        "distributed: %d slots of %g GPU / %g CPU each", want.slots, want.num_gpus, want.num_cpus
+    )
+    return dataclasses.replace(
+        config, slots=want.slots, num_gpus=want.num_gpus, num_cpus=want.num_cpus
+    )
+
+
+def deployment(config: ClusterConfig, resolve: bool = False) -> Any:
+    """The ingress as a bound Serve application (with ``resolve``, the slots' resources
+    are resolved against the cluster's when its replica starts: a Serve config file's)."""
     from ray import serve
 
     @serve.deployment(
@@ -41,8 +55,12 @@ def deployment(config: ClusterConfig) -> Any:
     )
     @serve.ingress()
     class AdamscopeIngress:
-        def __init__(self, cfg: dict[str, Any]) -> None:
+        def __init__(self, cfg: dict[str, Any], resolve: bool) -> None:
+            import ray
+
             self.config = ClusterConfig(**cfg)
+            if resolve:
+                self.config = resolved(self.config, ray.cluster_resources())
             self.ingress: Any = None
 
         def __serve_build_asgi_app__(self) -> Any:
@@ -55,7 +73,9 @@ def deployment(config: ClusterConfig) -> Any:
             if self.ingress is not None:
                 await self.ingress.stop()
 
-    return AdamscopeIngress.bind(dataclasses.asdict(config))  # type: ignore[attr-defined]
+    return AdamscopeIngress.bind(  # type: ignore[attr-defined]
+        dataclasses.asdict(config), resolve
+    )
 
 
 def _ready(url: str, timeout: float) -> list[dict[str, Any]] | None:
@@ -103,21 +123,10 @@ def run(
     ray.init(**init)
     try:
         try:
-            want = slot_request(
-                config.slots, config.num_gpus, config.num_cpus, ray.cluster_resources()
-            )
+            config = resolved(config, ray.cluster_resources())
         except SlotResourceError as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 2
-        config = dataclasses.replace(
-            config, slots=want.slots, num_gpus=want.num_gpus, num_cpus=want.num_cpus
-        )
-        log.info(
-            "distributed: %d slots of %g GPU / %g CPU each",
-            want.slots,
-            want.num_gpus,
-            want.num_cpus,
-        )
         serve.start(
             http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"}
         )
