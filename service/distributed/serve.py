@@ -26,6 +26,9 @@ __all__ = ["deployment", "resolved", "run"]
 
 log = logging.getLogger("adamscope.distributed")
 
+#: The resource Ray gives the head node (and no other).
+HEAD_NODE = "node:__internal_head__"
+
 
 def resolved(config: ClusterConfig, cluster: dict[str, float]) -> ClusterConfig:
     """``config`` with its slot count and each slot's resources resolved for a cluster
@@ -49,7 +52,9 @@ def deployment(config: ClusterConfig, resolve: bool = False) -> Any:
         name="adamscope",
         num_replicas=1,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
+        # On the head node, with Serve's controller and proxy: the ingress owns the slot
+        # actors, so a worker node lost never takes the ingress (and every slot) with it.
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
         graceful_shutdown_timeout_s=60,
         health_check_period_s=5,
     )
@@ -128,7 +133,9 @@ def run(
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 2
         serve.start(
-            http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"}
+            proxy_location="HeadOnly",
+            http_options={"host": host, "port": port},
+            logging_config={"log_level": "WARNING"},
         )
         try:
             handle = serve.run(deployment(config), name="adamscope", route_prefix="/")
