@@ -37,6 +37,7 @@ from ..engine.footprint import Footprint
 from ..persistence.store import atomic_write
 from .host import host_actor_class, slot_dir
 from .records import Shard, ShardedRecord, Slot
+from .resources import preferred_node, slot_nodes
 
 __all__ = ["Cluster", "ClusterConfig", "Shard", "ShardedRecord", "Slot", "SlotStartError"]
 
@@ -115,26 +116,15 @@ class Cluster:
         ).remote(index, self.config.settings, self.config.bind)
 
     def _where_to(self, index: int, avoid: str | None = None) -> Any:
-        """Where slot ``index``'s new actor should go: the live node holding the fewest
-        other slots among those with the resources a slot asks for, so that the slots
-        spread over the nodes and losing one loses as few as it can. A preference (Ray
-        places it elsewhere when that node cannot take it), never ``avoid`` (the node a
-        lost actor was on) while another will do; Ray's SPREAD when no node is known."""
+        """Where slot ``index``'s new actor should go (:func:`.resources.preferred_node`),
+        as a Ray scheduling strategy: a preference for that node, or SPREAD."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         try:
-            nodes = [
-                n["NodeID"]
-                for n in ray.nodes()
-                if n.get("Alive")
-                and n.get("Resources", {}).get("GPU", 0.0) >= self.config.num_gpus
-                and n.get("Resources", {}).get("CPU", 0.0) >= self.config.num_cpus
-            ]
+            nodes = slot_nodes(ray.nodes(), self.config.num_cpus, self.config.num_gpus)
         except Exception:  # noqa: BLE001 - no node list: let Ray spread them
             nodes = []
-        if not nodes:
-            return "SPREAD"
         # Where each other slot is: its actor's node once it answered, else the node
         # chosen for it (slots started together have not answered yet).
         held = [
@@ -142,8 +132,9 @@ class Cluster:
             for s in self.slots
             if s.index != index and s.state != "failed"
         ]
-        left = [n for n in nodes if n != avoid] or nodes
-        node = min(left, key=lambda n: (held.count(n), left.index(n)))
+        node = preferred_node(nodes, held, avoid)
+        if node is None:
+            return "SPREAD"
         self._chosen[index] = node
         return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
