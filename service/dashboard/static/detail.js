@@ -267,8 +267,9 @@ export class StepperView {
     }
     const items = placement.shards.map((sh) => {
       const held = sh.params ? `${sh.params.length} tensors` : "all tensors";
+      const node = sh.node_id ? `${sh.node} (node ${sh.node_id.slice(0, 8)})` : sh.node;
       return el("li", {
-        textContent: `slot ${sh.slot}: ${held} on ${sh.node} (pid ${sh.pid}, ${sh.device}) · ${sh.state}`,
+        textContent: `slot ${sh.slot}: ${held} on ${node} (pid ${sh.pid}, ${sh.device}) · ${sh.state}`,
       });
     });
     const recoveries = placement.recoveries || [];
