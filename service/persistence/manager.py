@@ -15,6 +15,7 @@ stepper's ``version`` already on disk is skipped, so concurrent steps share writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -237,7 +238,8 @@ class Persistence:
                     f"could not remove the files of {name!r}: {failure_reason(e)}", stepper=name
                 ) from None
             self.failed.pop(name, None)
-            if self._tracks.pop(name, None) is not None:
+            self._tracks.pop(name, None)
+            with contextlib.suppress(StepperNotFound):  # registered untracked: a watched run
                 self.registry.delete(name)
 
     def import_checkpoint(

@@ -15,13 +15,13 @@ import json
 import time
 from typing import Annotated, Any
 
-import torch
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from adamscope.client import codec
+from adamscope.client.constants import STEPPER_NAME_PATTERN
 
-from ...engine import GroupDef, Stepper
+from ...engine import Stepper
 from ...engine.errors import InvalidSpec, StepperNotFound, StepperWatched
 from ...engine.stepper import WATCHED
 from ...engine.watched import record_step
@@ -29,10 +29,11 @@ from ...errors import ApiError, problems
 from ...inspect.recorder import history_of
 from ...inspect.watched import clean_signals, use_reported_signals
 from ..access import authorize_name, require
-from ..deps import NAME_PROBLEMS, hub, registry
+from ..deps import NAME_PROBLEMS, hub, persistence, registry, settings
 from ..http.body import read_body
 from ..http.media import OCTET
 from ..http.reply import json_response
+from ..watch_layout import builder
 from ..watching import Command, Desk, desk_of
 
 __all__ = ["router"]
@@ -61,38 +62,6 @@ def _json(body: bytes | bytearray) -> dict[str, Any]:
     return value
 
 
-def _build(name: str, report: dict[str, Any]) -> Stepper:
-    try:
-        params = [
-            (str(p["name"]), torch.zeros(list(p["shape"]), dtype=codec.dtype_from_name(p["dtype"])))
-            for p in report["params"]
-        ]
-        groups = [
-            GroupDef(
-                list(g["params"]),
-                {
-                    k: (tuple(g[k]) if k == "betas" else g[k])
-                    for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")
-                    if k in g
-                },
-            )
-            for g in report["groups"]
-        ]
-        optimizer = str(report["optimizer"])
-    except (KeyError, TypeError, ValueError, codec.CodecError) as e:
-        raise InvalidSpec(f"a watched run's first report needs its layout: {e}") from None
-    return Stepper(
-        name,
-        optimizer,
-        torch.device("cpu"),
-        params,
-        {},
-        groups,
-        step=int(report["step"]),
-        hosting=WATCHED,
-    )
-
-
 def _watched(request: Request, name: str, report: dict[str, Any] | None) -> Stepper:
     reg = registry(request)
     try:
@@ -100,7 +69,8 @@ def _watched(request: Request, name: str, report: dict[str, Any] | None) -> Step
     except StepperNotFound:
         if report is None:
             raise
-        stepper = reg.create(name, lambda: _build(name, report))
+        build = builder(name, report, settings(request), reg, persistence(request).failed)
+        stepper = reg.create(name, build)
     if stepper.hosting != WATCHED:
         raise ApiError(
             "stepper_exists",
@@ -130,10 +100,21 @@ def _record(stepper: Stepper, report: dict[str, Any]) -> None:
     summary="A watched run's report: its step, signals and scalars",
     dependencies=[Depends(require("write"))],
     responses=problems(
-        *NAME_PROBLEMS, "malformed_body", "invalid_spec", "stepper_exists", "forbidden"
+        *NAME_PROBLEMS,
+        "malformed_body",
+        "invalid_spec",
+        "stepper_exists",
+        "forbidden",
+        "tensor_too_large",
+        "stepper_limit",
+        "unknown_parameter",
+        "duplicate_name",
+        "invalid_hyperparameter",
     ),
 )
-async def report(request: Request, name: str) -> Response:
+async def report(
+    request: Request, name: Annotated[str, Path(pattern=STEPPER_NAME_PATTERN)]
+) -> Response:
     authorize_name(request, name)
     body = _json(await read_body(request))
     stepper = _watched(request, name, body)
