@@ -6,8 +6,8 @@ pending commands in the reply to each report, its training thread applies them b
 steps (exactly once: it remembers the ids it applied, across reconnects) and acknowledges
 each with the step at which it applied; a read (``state``) is answered by an upload of the
 tensors as of that step, a ``snapshot`` by an upload of all of the state and parameters,
-kept here by name; ``restore`` queues a ``load`` of a kept snapshot. The queue and the
-snapshots are in memory: a restarted service has none.
+written to the data directory (:mod:`adamscope.service.persistence.watched`); ``restore``
+queues a ``load`` of a stored snapshot.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-from adamscope.client import codec
 
 __all__ = ["Command", "Desk", "desk_of"]
 
@@ -64,8 +62,6 @@ class Desk:
 
     def __init__(self) -> None:
         self.commands: dict[str, Command] = {}
-        #: Snapshots the trainer uploaded: name -> (step, safetensors of state and params).
-        self.snapshots: dict[str, tuple[int, bytes]] = {}
 
     def add(self, op: str, args: dict[str, Any], body: bytes | None = None) -> Command:
         c = Command(f"c{next(self._ids)}-{int(time.time() * 1000)}", op, args, body)
@@ -98,9 +94,6 @@ class Desk:
         if c is None:
             return False
         c.upload = body
-        if c.op == "snapshot":
-            step = int(codec.decode(body)[1].get("step", "0"))
-            self.snapshots[str(c.args.get("snapshot") or c.id)] = (step, body)
         c.done.set()
         return True
 

@@ -28,6 +28,7 @@ from ...engine.watched import record_step
 from ...errors import ApiError, problems
 from ...inspect.recorder import history_of
 from ...inspect.watched import clean_signals, use_reported_signals
+from .. import watch_snapshots as snapshots
 from ..access import authorize_name, require
 from ..deps import NAME_PROBLEMS, hub, persistence, registry, settings
 from ..http.body import read_body
@@ -159,12 +160,14 @@ def _publish(request: Request, name: str, c: Command) -> None:
         "stepper_exists",
         "forbidden",
         "snapshot_not_found",
+        "snapshot_exists",
+        "invalid_checkpoint",
     ),
 )
 async def command(request: Request, name: str) -> Response:
     authorize_name(request, name)
     body = _json(await read_body(request))
-    _watched(request, name, None)
+    stepper = _watched(request, name, None)
     op = body.pop("op", None)
     if op not in _OPS:
         raise InvalidSpec(f"op must be one of {list(_OPS)}, got {op!r}")
@@ -178,17 +181,17 @@ async def command(request: Request, name: str) -> Response:
             raise InvalidSpec("options: a non-empty object of lr, betas, weight_decay, eps")
     desk = desk_of(_desks(request), name)
     if op == "restore":
-        kept = desk.snapshots.get(str(body.get("snapshot")))
-        if kept is None:
-            raise ApiError(
-                "snapshot_not_found", f"run {name!r} has no snapshot {body.get('snapshot')!r}"
-            )
-        c = desk.add("load", {"snapshot": body["snapshot"]}, kept[1])
+        kept = await snapshots.restore_body(request, stepper, body.get("snapshot"))
+        c = desk.add("load", {"snapshot": body["snapshot"]}, kept)
     else:
         if op == "snapshot":
             body["with_params"] = True
             body.pop("names", None)
+            if body.get("snapshot") is not None:
+                snapshots.check_new(request, stepper, body["snapshot"])
         c = desk.add(op, body)
+        if op == "snapshot" and not c.args.get("snapshot"):
+            c.args["snapshot"] = c.id
     return json_response(c.public(), status_code=202)
 
 
@@ -244,12 +247,24 @@ async def command_body(request: Request, name: str, cid: str) -> Response:
     "/watch/{name}/commands/{cid}/upload",
     summary="The trainer's answer to a state read: safetensors",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "command_not_found", "malformed_body", "stepper_exists"),
+    responses=problems(
+        *NAME_PROBLEMS,
+        "command_not_found",
+        "malformed_body",
+        "stepper_exists",
+        "invalid_checkpoint",
+        "snapshot_exists",
+        "persistence_failed",
+    ),
 )
 async def upload(request: Request, name: str, cid: str) -> Response:
     authorize_name(request, name)
-    _command(request, name, cid)
-    desk_of(_desks(request), name).answer(cid, bytes(await read_body(request)))
+    c = _command(request, name, cid)
+    body = bytes(await read_body(request))
+    if c.op == "snapshot":  # kept in the data directory, not here
+        await snapshots.store(request, _watched(request, name, None), c, body)
+        body = b""
+    desk_of(_desks(request), name).answer(cid, body)
     return json_response({"ok": True})
 
 
@@ -285,13 +300,10 @@ async def read_state(
 
 @router.get(
     "/watch/{name}/snapshots",
-    summary="The snapshots a watched run's trainer uploaded (kept in memory)",
+    summary="The snapshots a watched run's trainer uploaded (kept in the data directory)",
     dependencies=[Depends(require("read"))],
     responses=problems(*NAME_PROBLEMS, "stepper_exists"),
 )
 async def list_snapshots(request: Request, name: str) -> Response:
-    _watched(request, name, None)
-    kept = desk_of(_desks(request), name).snapshots
-    return json_response(
-        {"snapshots": [{"name": k, "step": step, "bytes": len(b)} for k, (step, b) in kept.items()]}
-    )
+    found = await snapshots.listing(request, _watched(request, name, None))
+    return json_response({"snapshots": found})
