@@ -16,6 +16,7 @@ from ..engine import Stepper
 from ..engine.errors import EngineError, InvalidSpec
 from ..persistence import watched as files
 from ..persistence.store import SnapshotExists
+from . import watch_queue as queue
 from .deps import persistence
 from .watching import Command
 
@@ -51,7 +52,9 @@ async def store(request: Request, stepper: Stepper, c: Command, upload: bytes) -
             files.keep, persistence(request), stepper, str(c.args["snapshot"]), upload
         )
     except EngineError as e:
-        c.status, c.detail = "failed", e.detail
+        run = queue.desk(request, stepper.name)
+        run.settle(c, "failed", e.detail)
+        run.save()
         raise
 
 

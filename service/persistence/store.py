@@ -6,6 +6,10 @@ Layout (format version 1), everything under ``<data_dir>/steppers/``::
     <stepper>/history.sqlite (-wal, -shm)        its signal history (SQLite, WAL mode;
                                                  written by adamscope.service.inspect)
     <stepper>/snapshots/<snapshot>.safetensors   its named snapshots (same file format)
+    <stepper>/commands.json, commands/<id>.safetensors
+                                                 a watched run's command queue (see
+                                                 adamscope.service.persistence.commands;
+                                                 a watched run has no checkpoint)
     <stepper>/.<file>.<random>.tmp               a write in progress (stale after a crash)
     .<stepper>.deleted-<random>/                 a deletion in progress
 

@@ -28,6 +28,7 @@ from ...engine.watched import record_step
 from ...errors import ApiError, problems
 from ...inspect.recorder import history_of
 from ...inspect.watched import clean_signals, use_reported_signals
+from .. import watch_queue as queue
 from .. import watch_snapshots as snapshots
 from ..access import authorize_name, require
 from ..deps import NAME_PROBLEMS, hub, persistence, registry, settings
@@ -47,10 +48,7 @@ _OPS = ("options", "state", "snapshot", "restore")
 
 
 def _desks(request: Request) -> dict[str, Desk]:
-    found: dict[str, Desk] | None = getattr(request.app.state, "watch_desks", None)
-    if found is None:
-        found = request.app.state.watch_desks = {}
-    return found
+    return queue.desks(request)  # each loaded from the data directory when first needed
 
 
 def _json(body: bytes | bytearray) -> dict[str, Any]:
