@@ -53,21 +53,32 @@ def _lr(opt: torch.optim.Optimizer) -> list[float]:
     return [float(g["lr"]) for g in opt.param_groups]
 
 
-def test_a_command_queued_before_a_kill_is_applied_once_after_the_restart(
-    tmp_path: Path,
-) -> None:
+def _queue_and_kill(
+    tmp_path: Path, lr: float, deliver: bool
+) -> tuple[str, str, Path, int, torch.nn.Module, torch.optim.Optimizer, adamscope.Watch]:
+    """A server with a watched run that took a step and has a command to change its lr
+    queued (with ``deliver``: brought to the trainer by a report's reply), then SIGKILLed."""
     port, data = free_port(), tmp_path / "data"
     url = f"http://127.0.0.1:{port}"
     model, opt, run = _trainer(url)
     with spawned(data, port=port) as server:
         _step(model, opt, run)
         r = httpx.post(
-            f"{url}/v1/watch/{NAME}/commands", json={"op": "options", "options": {"lr": 5e-3}}
+            f"{url}/v1/watch/{NAME}/commands", json={"op": "options", "options": {"lr": lr}}
         )
         assert r.status_code == 202, r.text
-        cid = r.json()["id"]
-        server.proc.kill()  # before the trainer has heard of it
+        if deliver:
+            run._report(None)
+            assert run.flush(5)
+        server.proc.kill()
         server.proc.wait(10)
+    return str(r.json()["id"]), url, data, port, model, opt, run
+
+
+def test_a_command_queued_before_a_kill_is_applied_once_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    cid, url, data, port, model, opt, run = _queue_and_kill(tmp_path, 5e-3, deliver=False)
     _step(model, opt, run, 0.5)  # the service is down: nothing arrives
     assert _lr(opt) == [1e-2] and run.counters.applied == 0
     with spawned(data, port=port):
@@ -85,19 +96,8 @@ def test_a_command_queued_before_a_kill_is_applied_once_after_the_restart(
 def test_a_command_applied_while_the_service_was_down_is_not_applied_again(
     tmp_path: Path,
 ) -> None:
-    port, data = free_port(), tmp_path / "data"
-    url = f"http://127.0.0.1:{port}"
-    model, opt, run = _trainer(url)
-    with spawned(data, port=port) as server:
-        _step(model, opt, run)
-        r = httpx.post(
-            f"{url}/v1/watch/{NAME}/commands", json={"op": "options", "options": {"lr": 2e-3}}
-        )
-        cid = r.json()["id"]
-        run._report(None)  # the reply brings the command to the trainer
-        assert run.flush(5)
-        server.proc.kill()  # its acknowledgement will not arrive
-        server.proc.wait(10)
+    # The trainer has the command; its acknowledgement will not arrive.
+    cid, url, data, port, model, opt, run = _queue_and_kill(tmp_path, 2e-3, deliver=True)
     _step(model, opt, run, 0.5)  # applied at this step boundary; its report is lost
     assert _lr(opt) == [2e-3] and run.counters.applied == 1
     applied_at = run.counters.acked[cid]["step"]
