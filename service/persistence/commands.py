@@ -23,13 +23,13 @@ from typing import Any
 
 from adamscope.client.constants import STEPPER_NAME_PATTERN
 
-from .store import Store, atomic_write, fsync_dir
+from .store import WATCHED_QUEUE, Store, atomic_write, fsync_dir
 
 __all__ = ["COMMANDS_FILE", "CommandJournal"]
 
 log = logging.getLogger("adamscope.persistence")
 
-COMMANDS_FILE = "commands.json"
+COMMANDS_FILE = WATCHED_QUEUE
 BODIES = "commands"
 SUFFIX = ".safetensors"
 FORMAT = "adamscope-commands"

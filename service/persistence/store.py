@@ -57,6 +57,8 @@ log = logging.getLogger("adamscope.persistence")
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 HISTORY_FILE = "history.sqlite"
+#: A watched run's command queue (:mod:`.commands`): its directory has no checkpoint.
+WATCHED_QUEUE = "commands.json"
 #: Parts of a checkpoint smaller than this are gathered into one write.
 COALESCE_BYTES = 1 << 20
 SNAPSHOTS = "snapshots"
@@ -269,6 +271,8 @@ class Store:
                             f.unlink(missing_ok=True)
             if (entry / CHECKPOINT_FILE).is_file():
                 names.append(entry.name)
+            elif (entry / WATCHED_QUEUE).is_file():  # back when its trainer reports again
+                log.info("%s holds a watched run's files (no checkpoint: not restored)", entry)
             else:
                 log.warning("ignoring %s: no %s in it", entry, CHECKPOINT_FILE)
         return names
