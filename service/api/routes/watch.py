@@ -15,24 +15,27 @@ import json
 import time
 from typing import Annotated, Any
 
-import torch
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from adamscope.client import codec
+from adamscope.client.constants import STEPPER_NAME_PATTERN
 
-from ...engine import GroupDef, Stepper
+from ...engine import Stepper
 from ...engine.errors import InvalidSpec, StepperNotFound, StepperWatched
 from ...engine.stepper import WATCHED
 from ...engine.watched import record_step
 from ...errors import ApiError, problems
 from ...inspect.recorder import history_of
 from ...inspect.watched import clean_signals, use_reported_signals
+from .. import watch_queue as queue
+from .. import watch_snapshots as snapshots
 from ..access import authorize_name, require
-from ..deps import NAME_PROBLEMS, hub, registry
+from ..deps import NAME_PROBLEMS, hub, persistence, registry, settings
 from ..http.body import read_body
 from ..http.media import OCTET
 from ..http.reply import json_response
+from ..watch_layout import builder
 from ..watching import Command, Desk, desk_of
 
 __all__ = ["router"]
@@ -45,10 +48,7 @@ _OPS = ("options", "state", "snapshot", "restore")
 
 
 def _desks(request: Request) -> dict[str, Desk]:
-    found: dict[str, Desk] | None = getattr(request.app.state, "watch_desks", None)
-    if found is None:
-        found = request.app.state.watch_desks = {}
-    return found
+    return queue.desks(request)  # each loaded from the data directory when first needed
 
 
 def _json(body: bytes | bytearray) -> dict[str, Any]:
@@ -61,38 +61,6 @@ def _json(body: bytes | bytearray) -> dict[str, Any]:
     return value
 
 
-def _build(name: str, report: dict[str, Any]) -> Stepper:
-    try:
-        params = [
-            (str(p["name"]), torch.zeros(list(p["shape"]), dtype=codec.dtype_from_name(p["dtype"])))
-            for p in report["params"]
-        ]
-        groups = [
-            GroupDef(
-                list(g["params"]),
-                {
-                    k: (tuple(g[k]) if k == "betas" else g[k])
-                    for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")
-                    if k in g
-                },
-            )
-            for g in report["groups"]
-        ]
-        optimizer = str(report["optimizer"])
-    except (KeyError, TypeError, ValueError, codec.CodecError) as e:
-        raise InvalidSpec(f"a watched run's first report needs its layout: {e}") from None
-    return Stepper(
-        name,
-        optimizer,
-        torch.device("cpu"),
-        params,
-        {},
-        groups,
-        step=int(report["step"]),
-        hosting=WATCHED,
-    )
-
-
 def _watched(request: Request, name: str, report: dict[str, Any] | None) -> Stepper:
     reg = registry(request)
     try:
@@ -100,7 +68,8 @@ def _watched(request: Request, name: str, report: dict[str, Any] | None) -> Step
     except StepperNotFound:
         if report is None:
             raise
-        stepper = reg.create(name, lambda: _build(name, report))
+        build = builder(name, report, settings(request), reg, persistence(request).failed)
+        stepper = reg.create(name, build)
     if stepper.hosting != WATCHED:
         raise ApiError(
             "stepper_exists",
@@ -130,10 +99,21 @@ def _record(stepper: Stepper, report: dict[str, Any]) -> None:
     summary="A watched run's report: its step, signals and scalars",
     dependencies=[Depends(require("write"))],
     responses=problems(
-        *NAME_PROBLEMS, "malformed_body", "invalid_spec", "stepper_exists", "forbidden"
+        *NAME_PROBLEMS,
+        "malformed_body",
+        "invalid_spec",
+        "stepper_exists",
+        "forbidden",
+        "tensor_too_large",
+        "stepper_limit",
+        "unknown_parameter",
+        "duplicate_name",
+        "invalid_hyperparameter",
     ),
 )
-async def report(request: Request, name: str) -> Response:
+async def report(
+    request: Request, name: Annotated[str, Path(pattern=STEPPER_NAME_PATTERN)]
+) -> Response:
     authorize_name(request, name)
     body = _json(await read_body(request))
     stepper = _watched(request, name, body)
@@ -178,12 +158,14 @@ def _publish(request: Request, name: str, c: Command) -> None:
         "stepper_exists",
         "forbidden",
         "snapshot_not_found",
+        "snapshot_exists",
+        "invalid_checkpoint",
     ),
 )
 async def command(request: Request, name: str) -> Response:
     authorize_name(request, name)
     body = _json(await read_body(request))
-    _watched(request, name, None)
+    stepper = _watched(request, name, None)
     op = body.pop("op", None)
     if op not in _OPS:
         raise InvalidSpec(f"op must be one of {list(_OPS)}, got {op!r}")
@@ -197,17 +179,17 @@ async def command(request: Request, name: str) -> Response:
             raise InvalidSpec("options: a non-empty object of lr, betas, weight_decay, eps")
     desk = desk_of(_desks(request), name)
     if op == "restore":
-        kept = desk.snapshots.get(str(body.get("snapshot")))
-        if kept is None:
-            raise ApiError(
-                "snapshot_not_found", f"run {name!r} has no snapshot {body.get('snapshot')!r}"
-            )
-        c = desk.add("load", {"snapshot": body["snapshot"]}, kept[1])
+        kept = await snapshots.restore_body(request, stepper, body.get("snapshot"))
+        c = desk.add("load", {"snapshot": body["snapshot"]}, kept)
     else:
         if op == "snapshot":
             body["with_params"] = True
             body.pop("names", None)
+            if body.get("snapshot") is not None:
+                snapshots.check_new(request, stepper, body["snapshot"])
         c = desk.add(op, body)
+        if op == "snapshot" and not c.args.get("snapshot"):
+            c.args["snapshot"] = c.id
     return json_response(c.public(), status_code=202)
 
 
@@ -263,12 +245,24 @@ async def command_body(request: Request, name: str, cid: str) -> Response:
     "/watch/{name}/commands/{cid}/upload",
     summary="The trainer's answer to a state read: safetensors",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "command_not_found", "malformed_body", "stepper_exists"),
+    responses=problems(
+        *NAME_PROBLEMS,
+        "command_not_found",
+        "malformed_body",
+        "stepper_exists",
+        "invalid_checkpoint",
+        "snapshot_exists",
+        "persistence_failed",
+    ),
 )
 async def upload(request: Request, name: str, cid: str) -> Response:
     authorize_name(request, name)
-    _command(request, name, cid)
-    desk_of(_desks(request), name).answer(cid, bytes(await read_body(request)))
+    c = _command(request, name, cid)
+    body = bytes(await read_body(request))
+    if c.op == "snapshot":  # kept in the data directory, not here
+        await snapshots.store(request, _watched(request, name, None), c, body)
+        body = b""
+    desk_of(_desks(request), name).answer(cid, body)
     return json_response({"ok": True})
 
 
@@ -304,13 +298,10 @@ async def read_state(
 
 @router.get(
     "/watch/{name}/snapshots",
-    summary="The snapshots a watched run's trainer uploaded (kept in memory)",
+    summary="The snapshots a watched run's trainer uploaded (kept in the data directory)",
     dependencies=[Depends(require("read"))],
     responses=problems(*NAME_PROBLEMS, "stepper_exists"),
 )
 async def list_snapshots(request: Request, name: str) -> Response:
-    _watched(request, name, None)
-    kept = desk_of(_desks(request), name).snapshots
-    return json_response(
-        {"snapshots": [{"name": k, "step": step, "bytes": len(b)} for k, (step, b) in kept.items()]}
-    )
+    found = await snapshots.listing(request, _watched(request, name, None))
+    return json_response({"snapshots": found})

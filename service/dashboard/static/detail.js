@@ -243,9 +243,12 @@ export class StepperView {
     const s = await this._get(this.base);
     if (this.destroyed) return;
     this.summary = s;
+    this.watched = s.kind === "watched";
     const total = s.params.reduce((a, p) => a + p.numel, 0);
+    const where = this.watched ? "watched: its tensors are in the training job" : s.device;
+    const kind = s.kind === "frozen" ? "frozen · " : "";
     $("detail-facts").textContent =
-      `${s.optimizer} · ${s.device} · step ${s.step} · ${s.params.length} tensors · ${fmt(total)} elements`;
+      `${kind}${s.optimizer} · ${where} · step ${s.step} · ${s.params.length} tensors · ${fmt(total)} elements`;
     const names = s.params.map((p) => p.name);
     fill($("chart-tensor"), [["", "all tensors (aggregate)"], ...names.map((n) => [n, n])], this.chartTensor);
     const histWas = $("hist-tensor").value;
@@ -486,6 +489,15 @@ export class StepperView {
     const log = $("hist-log").checked;
     if (!tensor) return;
     this.table.select(tensor);
+    if (this.watched) {
+      // The service holds none of a watched run's tensors: its stats answer 409.
+      Object.assign($("hist-canvas").dataset, { tensor, key });
+      this.histogram.setData([], []);
+      $("hist-facts").textContent = `no statistics of ${tensor} here: a watched run's tensors ` +
+        `stay in its training job, which reports only their signals (read its state with ` +
+        `GET /v1/watch/${this.name}/state: the trainer answers at its next step)`;
+      return;
+    }
     let stats;
     try {
       stats = await this._get(`${this.base}/stats`, {
