@@ -133,7 +133,7 @@ def places(
         t = p if k == "param" else opt.state.get(p, {}).get(k)
         where = placement(t) if t is not None else None
         if where is not None:
-            out[key] = {**where, "global": list(t.shape)}  # type: ignore[union-attr]
+            out[key] = {**where, "global": list(t.shape)}
     return out
 
 
