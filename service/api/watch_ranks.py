@@ -163,6 +163,9 @@ class Ranks:
                 else:
                     self._try_answer(desk, c)
             settled.append(c)
+        for gone in [k for k in self.acks if k not in desk.commands]:  # forgotten there
+            del self.acks[gone]
+            self.uploads.pop(gone, None)
         return settled
 
     def missed(self, c: Command) -> bool:
@@ -184,8 +187,8 @@ class Ranks:
             return
         try:
             body = assemble([got[r] for r in need])
-        except ValueError as e:
-            c.status, c.detail = "failed", str(e)
+        except (ValueError, KeyError, TypeError) as e:  # shards that do not fit together
+            c.status, c.detail = "failed", f"the ranks' answers do not fit together: {e}"
             c.done.set()
             return
         finally:
@@ -219,8 +222,10 @@ def ranks_of(found: dict[str, Ranks], name: str, report: dict[str, Any]) -> Rank
     if not isinstance(world, int) or world <= 1:
         found.pop(name, None)  # a single process reports under the name now
         return None
-    rank = report.get("rank")
+    rank, step = report.get("rank"), report.get("step")
     layout = report.get("layout")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InvalidSpec(f"report's step must be an integer >= 0, got {step!r}")
     if not isinstance(rank, int) or not 0 <= rank < world or layout not in LAYOUTS:
         raise InvalidSpec(f"a distributed report needs rank in [0, {world}) and a layout")
     ranks = found.get(name)
