@@ -124,6 +124,7 @@ class Watch:
         self.topology = topo or Topology()
         self._probe = probe if self.topology.reports_signals else None
         self._view: LocalView | None = None  # a sharded job's local shards, for the probe
+        self._view_for = -1  # the step boundary whose gradients the view holds
         self._layout = self._params_json()
         #: (step, name, value) logged since the last report (a tensor is read by the sender).
         self._scalars: list[tuple[int, str, float | torch.Tensor]] = []
@@ -208,7 +209,9 @@ class Watch:
         self.step += 1
         try:
             if self._probe is not None:
-                self._probe.tick(*self._seen(opt, fresh=False))
+                self._probe.tick(*self._seen(opt, fresh=self._view_for != self.step - 1))
+                if self.step % self.every and self._view is not None:
+                    self._view.release()  # no signals this step: its gradients are not kept
             if self.step % self.every:
                 return
             finish = self._probe.after(self.step) if self._probe is not None else None
@@ -238,7 +241,7 @@ class Watch:
         if fresh or self._view is None:
             if self._view is not None:
                 self._view.release()
-            self._view = LocalView(opt, self.names)
+            self._view, self._view_for = LocalView(opt, self.names), self.step
         return self._view, self._view.names
 
     def _join_worker(self) -> None:

@@ -1,7 +1,7 @@
 """A real 2-rank job over gloo on CPU that watches its AdamW with ``adamscope.watch``, for
 the distributed watch tests.
 
-    python watch_dist_job.py OUT MODE URL NAME    # MODE: fsdp (fully_shard) or ddp
+    python watch_dist_job.py OUT MODE URL NAME [EVERY]   # MODE: fsdp (fully_shard) or ddp
 
 Every rank calls ``watch`` alike. Each step the job itself records, on rank 0, the full
 (gathered: ``DTensor.full_tensor()``) gradient, parameter and state of every tensor, and on
@@ -79,14 +79,14 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return got.detach().to("cpu", copy=True)
 
 
-def run(rank: int, port: int, out: Path, mode: str, url: str, name: str) -> None:
+def run(rank: int, port: int, out: Path, mode: str, url: str, name: str, every: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     called, net, optimizer = build(mode)
     named = dict(net.named_parameters())
     records: dict[str, torch.Tensor] = {}
     lrs: list[list[float]] = []
-    watch = adamscope.watch(optimizer, model=net, url=url, name=name, timeout=5.0)
+    watch = adamscope.watch(optimizer, model=net, url=url, name=name, timeout=5.0, every=every)
     for step in range(1, MAX_STEPS + 1):
         stop = torch.tensor([1.0 if (out / "stop").exists() else 0.0])
         dist.all_reduce(stop)
@@ -119,12 +119,15 @@ def run(rank: int, port: int, out: Path, mode: str, url: str, name: str) -> None
 
 def main() -> None:
     out, mode, url, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    every = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # fork: the children inherit the imported torch (seconds each on a small machine).
-    mp.start_processes(run, args=(port, out, mode, url, name), nprocs=WORLD, start_method="fork")
+    mp.start_processes(
+        run, args=(port, out, mode, url, name, every), nprocs=WORLD, start_method="fork"
+    )
 
 
 if __name__ == "__main__":
