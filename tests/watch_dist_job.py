@@ -4,7 +4,8 @@ the distributed watch tests.
     python watch_dist_job.py OUT MODE URL NAME [EVERY]   # MODE: fsdp (fully_shard) or ddp
 
 Every rank calls ``watch`` alike. Each step the job itself records, on rank 0, the full
-(gathered: ``DTensor.full_tensor()``) gradient, parameter and state of every tensor, and on
+(gathered: ``DTensor.full_tensor()``) gradient, parameter and state of every tensor, after
+the step and at the next step's boundary (once the watch applied its commands), and on
 every rank the learning rates each step used; it trains until the file ``OUT/stop`` exists
 (the ranks agree on it with an all-reduce, so they stop at the same step) and writes
 ``OUT/full.safetensors`` (keys ``"<step>/<param>/<key>"``) and ``OUT/lr_<rank>.json``.
@@ -87,6 +88,20 @@ def run(rank: int, port: int, out: Path, mode: str, url: str, name: str, every: 
     records: dict[str, torch.Tensor] = {}
     lrs: list[list[float]] = []
     watch = adamscope.watch(optimizer, model=net, url=url, name=name, timeout=5.0, every=every)
+
+    def at_boundary(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        """After the watch's pre-hook (registered after it): the state as the commands
+        due at this boundary left it, as ``"pre<step>/<param>/<key>"``."""
+        for n, p in named.items():
+            value = full(p)
+            if rank == 0:
+                records[f"pre{watch.step}/{n}/param"] = value
+            for k, v in opt.state[p].items():
+                got = full(v)
+                if rank == 0:
+                    records[f"pre{watch.step}/{n}/{k}"] = got
+
+    optimizer.register_step_pre_hook(at_boundary)
     for step in range(1, MAX_STEPS + 1):
         stop = torch.tensor([1.0 if (out / "stop").exists() else 0.0])
         dist.all_reduce(stop)

@@ -44,6 +44,19 @@ def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _command(url: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Queue a command; wait until it settled."""
+    c = httpx.post(f"{url}/v1/watch/{name}/commands", json=body).json()
+    assert isinstance(c["args"]["at"], int), c
+
+    def settled() -> Any:
+        s = httpx.get(f"{url}/v1/watch/{name}/commands/{c['id']}", timeout=30).json()
+        return s["status"] != "pending" and s
+
+    found: dict[str, Any] = _wait(f"command {body['op']}", settled)
+    return found
+
+
 def _steered(url: str, name: str, out: Path, mode: str) -> dict[str, Any]:
     """Run the job; while it trains, read the whole state and change group 0's lr."""
     job = subprocess.Popen(
@@ -64,19 +77,10 @@ def _steered(url: str, name: str, out: Path, mode: str) -> dict[str, Any]:
             f"{url}/v1/watch/{name}/state", params={"with_params": True, "timeout": 30}, timeout=40
         )
         assert read.status_code == 200, read.text
-        c = httpx.post(
-            f"{url}/v1/watch/{name}/commands",
-            json={"op": "options", "group": 0, "options": {"lr": NEW_LR}},
-        ).json()
-        assert isinstance(c["args"]["at"], int)
-        applied = _wait(
-            "the lr change",
-            lambda: (
-                (s := httpx.get(f"{url}/v1/watch/{name}/commands/{c['id']}").json())["status"]
-                != "pending"
-                and s
-            ),
-        )
+        applied = _command(url, name, {"op": "options", "group": 0, "options": {"lr": NEW_LR}})
+        snapshot = _command(url, name, {"op": "snapshot", "snapshot": "s1"})
+        restored = _command(url, name, {"op": "restore", "snapshot": "s1"})
+        kept = httpx.get(f"{url}/v1/watch/{name}/snapshots").json()["snapshots"]
         (out / "stop").touch()
         said = job.communicate(timeout=60)[0]
         assert job.returncode == 0, said[-3000:]
@@ -87,6 +91,9 @@ def _steered(url: str, name: str, out: Path, mode: str) -> dict[str, Any]:
     return {
         "read": (int(read.headers["X-Adamscope-Step"]), codec.decode(read.content)[0]),
         "lr": applied,
+        "snapshot": snapshot,
+        "restored": restored,
+        "kept": kept,
         "full": load_file(str(out / "full.safetensors")),
         "ranks": [json.loads((out / f"lr_{r}.json").read_text()) for r in range(2)],
     }
@@ -158,6 +165,17 @@ def _check_run(url: str, name: str, found: dict[str, Any]) -> dict[str, Any]:
     for rank in found["ranks"]:
         lrs = [row[0] for row in rank["lrs"]]
         assert lrs[s - 1] == 1e-2 and set(lrs[s:]) == {NEW_LR}, (s, lrs)
+    # A snapshot (the gathered state and parameters at its step), restored later: at the
+    # restore's step boundary every rank holds its part of the snapshot again.
+    snap, restored = found["snapshot"], found["restored"]
+    assert snap["status"] == "applied" and restored["status"] == "applied", (snap, restored)
+    s, r = snap["step"], restored["step"]
+    assert r > s and [(k["name"], k["step"]) for k in found["kept"]] == [("s1", s)]
+    moved = False
+    for key in [k.removeprefix(f"pre{r}/") for k in full if k.startswith(f"pre{r}/")]:
+        assert torch.equal(full[f"pre{r}/{key}"], full[f"{s}/{key}"]), key
+        moved = moved or not torch.equal(full[f"{r}/{key}"], full[f"{s}/{key}"])
+    assert moved  # training had moved on: the restore put the snapshot back
     return signals
 
 
