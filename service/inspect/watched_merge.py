@@ -14,9 +14,11 @@ stepper's shards do), with each shard weighted by its elements:
   ``shock_p99`` the greatest p99: quantiles of the whole cannot be made from the parts'
   quantiles, these are outer bounds; ``lr_eff_p50`` is the element-weighted mean of the
   shards' medians (an approximation, no bound).
-- **fractions** (``gamma_frac``, ``eps_dominance``, ``amsgrad_clamp``): element-weighted
-  means of the shards' estimates; each shard's is within its rank error, so the whole's is
-  within the largest (the merged ``estimates.rank_error``).
+- **fractions**: ``eps_dominance`` is the element-weighted mean of the shards' estimates,
+  each within its shard's rank error of the shard's fraction, so the whole's is within the
+  largest (the merged ``estimates.rank_error``; at a confidence lowered by the union over
+  the shards); ``gamma_frac`` (a fraction of the comparable elements, not of all) and
+  ``amsgrad_clamp`` (scaled from the sample) merge the same way, approximately.
 - **not merged**: histograms and the localized top elements (``local.top``) are left out.
 
 Shards that hold the same block (a replicated dimension: HSDP, or a tensor that is not
@@ -52,10 +54,9 @@ BOUNDS = ("lr_eff_p1", "lr_eff_p99", "shock_p99")
 MERGE_NOTE = (
     "merged from the ranks' shards by parameter name: norms, sums, minima, maxima, means, "
     "counts and update_ratio are exact; lr_eff_p1 (least) and lr_eff_p99, shock_p99 "
-    "(greatest) are outer bounds of the whole's; lr_eff_p50 is the element-weighted mean "
-    "of the shards' medians (approximate); fractions are element-weighted means of the "
-    "shards' estimates (within the largest rank error); histograms and local.top are "
-    "not merged"
+    "(greatest) are outer bounds of the whole's; eps_dominance is within the largest "
+    "shard's rank error; lr_eff_p50, gamma_frac and amsgrad_clamp are element-weighted "
+    "means of the shards' (approximate); histograms and local.top are not merged"
 )
 
 
@@ -126,7 +127,8 @@ def merge_signals(
             "partial": len(ranks) < world,
             "exact": [s for s in EXACT if s in aggregate],
             "bounds": list(BOUNDS),
-            "approximate": ["lr_eff_p50"],
+            "fractions": ["eps_dominance"],
+            "approximate": ["lr_eff_p50", "gamma_frac", "amsgrad_clamp"],
             "not_merged": ["histograms", "local.top"],
             "note": MERGE_NOTE,
         },
