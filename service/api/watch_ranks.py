@@ -126,15 +126,17 @@ class Ranks:
 
     # ------------------------------------------------------------ commands
 
+    def lead(self) -> int:
+        """The steps ahead of the latest reported that a command is placed by default."""
+        rate = 0.0
+        if len(self.pace) > 1:
+            (t0, s0), (t1, s1) = self.pace[0], self.pace[-1]
+            rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        return max(MIN_LEAD, 2 * self.stride, math.ceil(rate * LEAD_SECONDS) + self.stride)
+
     def apply_step(self, lead: int | None = None) -> int:
         """The step boundary at which every rank is to apply a new command."""
-        if lead is None:
-            rate = 0.0
-            if len(self.pace) > 1:
-                (t0, s0), (t1, s1) = self.pace[0], self.pace[-1]
-                rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
-            lead = max(MIN_LEAD, 2 * self.stride, math.ceil(rate * LEAD_SECONDS) + self.stride)
-        return max(self.latest.values(), default=0) + lead
+        return max(self.latest.values(), default=0) + (self.lead() if lead is None else lead)
 
     def settle(self, desk: Desk, rank: int, acks: Any) -> list[Command]:
         """Record ``rank``'s acknowledgements; returns the commands newly settled."""

@@ -6,12 +6,15 @@ reports the ranks post (the real 2-rank jobs are in tests/e2e/test_watch_distrib
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any
 
 import torch
 from fastapi.testclient import TestClient
 
 import adamscope
+from adamscope.client import codec
 from adamscope.service.api.watch_ranks import MAX_PENDING, STALE, Ranks
 from adamscope.service.inspect.watched_merge import merge_signals
 
@@ -101,6 +104,47 @@ def test_a_rank_that_gets_a_command_after_its_step_says_so_and_the_command_fails
         assert c["status"] == "applied" and c["step"] == c["args"]["at"]
         assert [opt.param_groups[0]["lr"] for _, opt, _ in pair] == [0.5, 0.5]
     finally:
+        for _, _, run in pair:
+            run.close()
+
+
+def test_a_state_read_a_rank_missed_is_asked_again_further_ahead(
+    app_client: TestClient,
+) -> None:
+    """Rank 1 reports every 5th step, so a read due one step ahead reaches it late; the
+    service asks again with a lead past its stride, and the read answers rank 0's state at
+    a step every rank agreed on."""
+    pair = _pair(app_client, every=(1, 5))
+    stop = threading.Event()
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def train() -> None:
+        while not desk.commands and not stop.is_set():  # the read is placed at step 6
+            time.sleep(0.001)
+        while not stop.is_set():
+            _step_all(pair)
+            _, opt, run = pair[0]
+            seen[run.step] = {
+                k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()
+            }
+
+    try:
+        _step_all(pair, 5)
+        desk = app_client.app.state.watch_desks["ddp"]
+        worker = threading.Thread(target=train, daemon=True)
+        worker.start()
+        r = app_client.get(f"{W}/ddp/state", params={"lead": 1, "name": "weight", "timeout": 60})
+        stop.set()
+        worker.join(30)
+        assert r.status_code == 200, r.text
+        step = int(r.headers["X-Adamscope-Step"])
+        got = codec.decode(r.content)[0]
+        assert torch.equal(got["weight/exp_avg_sq"], seen[step]["exp_avg_sq"])
+        first, second = desk.commands.values()
+        assert first.status == "failed" and "rank 1: missed: due at step 6" in first.detail
+        assert second.status == "applied" and second.args["at"] >= 6 + 2 * 5
+    finally:
+        stop.set()
         for _, _, run in pair:
             run.close()
 

@@ -353,7 +353,7 @@ async def read_state(
         ranks = _ranks(request).get(name)
         if c.upload is not None or ranks is None or not ranks.missed(c):
             break
-        lead = 2 * used  # a rank got it after its step: ask again further ahead
+        lead = max(2 * used, ranks.lead())  # a rank got it after its step: further ahead
     if c.upload is None:
         raise StepperWatched(f"the trainer could not read the state: {c.detail}")
     step = codec.decode(c.upload)[1].get("step", "")
