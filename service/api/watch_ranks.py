@@ -23,6 +23,7 @@ part: the shards are put together (:func:`~..inspect.watched_merge.assemble`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -36,7 +37,10 @@ from ..inspect.watched import clean_signals
 from ..inspect.watched_merge import assemble, merge_signals
 from .watching import Command, Desk
 
-__all__ = ["MAX_PENDING", "STALE", "Ranks", "ranks_of"]
+__all__ = ["MAX_PENDING", "STALE", "Ranks", "Steps", "ranks_of"]
+
+#: A step to record: its number and its ranks' reports, by rank.
+Steps = tuple[int, dict[int, dict[str, Any]]]
 
 #: Steps of a sharded run waiting for a rank's report before the oldest is recorded partial.
 MAX_PENDING = 32
@@ -66,12 +70,16 @@ class Ranks:
     pace: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
     stride: int = 1
     acks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    #: Held while steps are merged and recorded: two ranks' reports completing two steps
+    #: at once record them in step order.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     uploads: dict[str, dict[int, bytes]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ reports
 
-    def collect(self, report: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
-        """The reports to record now, in step order, after ``report`` came in."""
+    def collect(self, report: dict[str, Any], now: float | None = None) -> list[Steps]:
+        """The steps to record now, in step order, after ``report`` came in: each step's
+        reports by rank, for :meth:`merge` (off the event loop: it costs CPU)."""
         now = time.time() if now is None else now
         rank, step = int(report["rank"]), int(report["step"])
         before = self.latest.get(rank)
@@ -87,14 +95,14 @@ class Ranks:
         if not self.shapes:
             self.shapes = {str(p.get("name")): _shape(p.get("shape")) for p in params}
         if self.layout != "sharded":
-            return [report] if rank == 0 else []
+            return [(step, {0: report})] if rank == 0 else []
         if step <= self.recorded:
             return []
         self.waiting.setdefault(step, {})[rank] = report
         self.since.setdefault(step, now)
         return self._ready(now)
 
-    def _ready(self, now: float) -> list[dict[str, Any]]:
+    def _ready(self, now: float) -> list[Steps]:
         out = []
         done = min(self.latest.values()) if len(self.latest) == self.world else -1
         while self.waiting:
@@ -109,10 +117,14 @@ class Ranks:
             del self.waiting[step]
             del self.since[step]
             self.recorded = step
-            out.append(self._merged(step, found))
+            out.append((step, found))
         return out
 
-    def _merged(self, step: int, found: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    def merge(self, step: int, found: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """One report of the whole run from its ranks' reports of ``step``: a replicated
+        run's rank 0's, a sharded run's with the signals merged."""
+        if self.layout != "sharded":
+            return found[0]
         ranks = sorted(found)
         first = found[ranks[0]]
         parts = [

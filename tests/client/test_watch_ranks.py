@@ -206,22 +206,26 @@ def _report(rank: int, step: int) -> dict[str, Any]:
     }
 
 
+def _merged(ranks: Ranks, steps: list[Any]) -> list[dict[str, Any]]:
+    return [ranks.merge(step, found) for step, found in steps]
+
+
 def test_a_step_waits_for_every_rank_and_a_silent_rank_does_not_freeze_the_run() -> None:
     ranks = Ranks(2, "sharded")
     assert ranks.collect(_report(0, 1), now=0.0) == []  # rank 1's is not in yet
-    (done,) = ranks.collect(_report(1, 1), now=0.0)
+    (done,) = _merged(ranks, ranks.collect(_report(1, 1), now=0.0))
     assert done["step"] == 1 and done["signals"]["tensors"]["w"]["grad_norm"] == math.sqrt(2)
     # Rank 1's step 2 was lost: once both ranks reported step 3, step 2 is recorded partial.
     assert ranks.collect(_report(0, 2), now=0.0) == []
     assert ranks.collect(_report(0, 3), now=0.0) == []
-    two, three = ranks.collect(_report(1, 3), now=0.0)
+    two, three = _merged(ranks, ranks.collect(_report(1, 3), now=0.0))
     assert two["signals"]["merge"]["partial"] and two["signals"]["merge"]["ranks"] == [0]
     assert not three["signals"]["merge"]["partial"]
     # Rank 1 stops: rank 0's steps wait at most STALE seconds, or MAX_PENDING steps.
     assert ranks.collect(_report(0, 4), now=1.0) == []
-    (four,) = ranks.collect(_report(0, 5), now=1.0 + STALE + 1)
+    (four,) = _merged(ranks, ranks.collect(_report(0, 5), now=1.0 + STALE + 1))
     assert four["step"] == 4 and four["signals"]["merge"]["partial"]
     out = []
     for step in range(6, 6 + MAX_PENDING):
         out += ranks.collect(_report(0, step), now=2.0 + STALE)
-    assert [r["step"] for r in out] == [5]
+    assert [step for step, _ in out] == [5]

@@ -156,6 +156,14 @@ def _record(stepper: Stepper, report: dict[str, Any]) -> None:
     stepper.settle()
 
 
+def _merge_record(
+    stepper: Stepper, ranks: Ranks, step: int, found: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    merged = ranks.merge(step, found)
+    _record(stepper, merged)
+    return merged
+
+
 @router.post(
     "/watch/{name}/report",
     summary="A watched run's report: its step, signals and scalars",
@@ -175,9 +183,10 @@ async def report(request: Request, name: str) -> Response:
         settled = desk.ack(body.get("acks"))
         _losses(request, stepper, body.get("scalars"))
     else:  # one rank of a distributed job: recorded once merged (or by rank 0)
-        for merged in ranks.collect(body):
-            await asyncio.to_thread(_record, stepper, merged)
-            _losses(request, stepper, merged.get("scalars"))
+        async with ranks.lock:
+            for step, found in ranks.collect(body):
+                merged = await asyncio.to_thread(_merge_record, stepper, ranks, step, found)
+                _losses(request, stepper, merged.get("scalars"))
         settled = ranks.settle(desk, int(body["rank"]), body.get("acks"))
     for c in settled:
         _publish(request, name, c)
