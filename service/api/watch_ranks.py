@@ -242,6 +242,9 @@ def ranks_of(found: dict[str, Ranks], name: str, report: dict[str, Any]) -> Rank
         raise InvalidSpec(f"report's step must be an integer >= 0, got {step!r}")
     if not isinstance(rank, int) or not 0 <= rank < world or layout not in LAYOUTS:
         raise InvalidSpec(f"a distributed report needs rank in [0, {world}) and a layout")
+    for p in report.get("params") or []:  # each shard's place, checked before anything
+        if isinstance(p, dict):
+            _place(p.get("shard"))
     ranks = found.get(name)
     if ranks is None or (ranks.world, ranks.layout) != (world, layout):
         ranks = found[name] = Ranks(world, layout)  # a new job under the same name

@@ -163,6 +163,29 @@ def test_a_bad_lead_is_refused(app_client: TestClient) -> None:
             run.close()
 
 
+def test_a_report_from_a_rank_outside_its_world_is_refused_and_creates_nothing(
+    app_client: TestClient,
+) -> None:
+    report = {
+        "optimizer": "adam",
+        "step": 0,
+        "params": [{"name": "w", "shape": [2], "dtype": "float32"}],
+        "groups": [{"params": ["w"], "lr": 0.1, "betas": [0.9, 0.999]}],
+        "rank": 2,
+        "world_size": 2,
+        "layout": "sharded",
+    }
+    r = app_client.post(f"{W}/bad/report", json=report)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_spec"
+    r = app_client.post(f"{W}/bad/report", json={**report, "rank": 0, "layout": "striped"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_spec"
+    shard = {"offset": [0, 1], "shape": [1]}  # a place whose offset and shape differ
+    params = [{**report["params"][0], "shard": shard}]  # type: ignore[index]
+    r = app_client.post(f"{W}/bad/report", json={**report, "rank": 0, "params": params})
+    assert r.status_code == 422 and "offset" in r.json()["detail"]
+    assert app_client.get(f"{S}/bad").status_code == 404
+
+
 # ---------------------------------------------------------------------- sharded merge
 
 

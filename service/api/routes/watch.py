@@ -175,9 +175,9 @@ def _merge_record(
 async def report(request: Request, name: str) -> Response:
     authorize_name(request, name)
     body = _json(await read_body(request))
+    ranks = ranks_of(_ranks(request), name, body)  # checked before the run is created
     stepper = _watched(request, name, body)
     desk = desk_of(_desks(request), name)
-    ranks = ranks_of(_ranks(request), name, body)
     if ranks is None:
         await asyncio.to_thread(_record, stepper, body)
         settled = desk.ack(body.get("acks"))
