@@ -39,13 +39,15 @@ class Net(nn.Module):
         self.emb = nn.Embedding(16, 8)
         self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
         self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 4, bias=False)
+        # Uneven shards: 5 rows split 3 + 2; one row split 1 + 0 (rank 1's shard is empty).
+        self.gate = nn.Linear(8, 1)
+        self.head = nn.Linear(8, 5, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
         for layer in self.layers:
             h = torch.tanh(layer(h))
-        return self.head(self.norm(h))
+        return self.head(self.norm(h) * torch.sigmoid(self.gate(h)))
 
 
 def build(mode: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
