@@ -35,9 +35,9 @@ from typing import Any
 
 from ..engine.footprint import Footprint
 from ..persistence.store import atomic_write
-from .host import host_actor_class, slot_dir
+from .host import actor_at, existing_slots, host_actor_class, slot_dir
 from .records import Shard, ShardedRecord, Slot
-from .resources import preferred_node, slot_nodes
+from .resources import preferred_node, slot_nodes, unplaced
 
 __all__ = ["Cluster", "ClusterConfig", "Shard", "ShardedRecord", "Slot", "SlotStartError"]
 
@@ -45,6 +45,8 @@ log = logging.getLogger("adamscope.distributed")
 
 #: Seconds between the monitor's liveness checks of every slot's actor.
 MONITOR_TICK = 1.0
+#: Seconds a new slot actor may wait for its preferred node before it goes anywhere.
+PREFER_SECONDS = 15.0
 #: Seconds a live actor has to answer a ping.
 PING_TIMEOUT = 10.0
 
@@ -68,11 +70,6 @@ class ClusterConfig:
         return Path(self.settings.get("data_dir", "adamscope-data"))
 
 
-def _at(info: dict[str, Any]) -> dict[str, Any]:
-    """Where a slot's actor ran: its process, host name and Ray node."""
-    return {k: info.get(k) for k in ("pid", "node", "node_id")}
-
-
 class SlotStartError(RuntimeError):
     """A slot's actor could not be placed or its service did not start."""
 
@@ -92,41 +89,31 @@ class Cluster:
         self._monitor: asyncio.Task[None] | None = None
         #: The node chosen for each slot's latest actor (see :meth:`_where_to`).
         self._chosen: dict[int, str] = {}
+        self._affine: set[int] = set()  # slots whose actor was sent to its chosen node
 
     # ------------------------------------------------------------------ start and stop
 
-    def _existing_slots(self) -> int:
-        hosts = self.config.data_dir / "hosts"
-        found = (
-            [
-                int(p.name.split("-", 1)[1])
-                for p in hosts.glob("slot-*")
-                if p.name.split("-", 1)[1].isdigit()
-            ]
-            if hosts.is_dir()
-            else []
-        )
-        return max(found) + 1 if found else 0
-
-    def _spawn(self, index: int, avoid: str | None = None) -> Any:
+    def _spawn(self, index: int, avoid: str | None = None, anywhere: bool = False) -> Any:
         return self._actor_class.options(
             name=f"adamscope-slot-{index}-{time.monotonic_ns()}",
             namespace=self.config.namespace,
-            scheduling_strategy=self._where_to(index, avoid),
+            scheduling_strategy=self._where_to(index, avoid, anywhere),
         ).remote(index, self.config.settings, self.config.bind)
 
-    def _where_to(self, index: int, avoid: str | None = None) -> Any:
-        """Where slot ``index``'s new actor should go (:func:`.resources.preferred_node`),
-        as a Ray scheduling strategy: a preference for that node, or SPREAD."""
+    def _where_to(self, index: int, avoid: str | None, anywhere: bool) -> Any:
+        """Slot ``index``'s new actor's Ray scheduling strategy: its preferred node
+        (:func:`.resources.preferred_node`; :meth:`_start_actor` falls back), else SPREAD."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        self._affine.discard(index)
+        if anywhere:
+            return "DEFAULT"
         try:
             nodes = slot_nodes(ray.nodes(), self.config.num_cpus, self.config.num_gpus)
         except Exception:  # noqa: BLE001 - no node list: let Ray spread them
             nodes = []
-        # Where each other slot is: its actor's node once it answered, else the node
-        # chosen for it (slots started together have not answered yet).
+        # Each other slot's node: its actor's, else the one chosen for it (not started yet).
         held = [
             s.info.get("node_id") or self._chosen.get(s.index)
             for s in self.slots
@@ -136,7 +123,9 @@ class Cluster:
         if node is None:
             return "SPREAD"
         self._chosen[index] = node
-        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        self._affine.add(index)
+        # Not soft: Ray 2.60 put soft-affinity actors elsewhere in 6 of 18 placements.
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
 
     async def _call(self, slot: Slot, method: str, timeout: float | None = None, *args: Any) -> Any:
         """``slot.actor.<method>(*args)``, at most ``timeout`` seconds (default:
@@ -149,32 +138,28 @@ class Cluster:
                 f"slot {slot.index}: {method}() did not answer in {limit:.0f} s"
             ) from None
 
-    def _unplaced(self, index: int) -> str:
-        """Why a slot's actor may not have been placed, for the error."""
-        want = f"{self.config.num_gpus:g} GPU and {self.config.num_cpus:g} CPU"
-        try:
-            import ray
-
-            have = ray.cluster_resources()
-            free = ray.available_resources()
-            where = (
-                f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
-                f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now"
-            )
-        except Exception:  # noqa: BLE001 - the message only
-            where = ""
-        return (
-            f"slot {index}: Ray did not place its actor in {self.config.place_timeout:.0f}"
-            f" s: it asks for {want}{where} (see `ray status`; --slots, --slot-gpus and "
-            "--slot-cpus set what slots ask for)"
-        )
+    def _unplaced(self, i: int) -> str:
+        return unplaced(i, self.config.place_timeout, self.config.num_gpus, self.config.num_cpus)
 
     async def _start_actor(self, slot: Slot, deadline: float) -> None:
-        """Wait for ``slot``'s new actor: placed by Ray, its service up, its state read."""
+        """Wait for ``slot``'s new actor: placed by Ray (anywhere, once its preferred node
+        has not taken it in :data:`PREFER_SECONDS`), its service up, its state read."""
+        import ray
+
+        left = max(1.0, deadline - time.monotonic())
+        preferred = slot.index in self._affine and left > PREFER_SECONDS
         try:
-            await self._call(slot, "__ray_ready__", max(1.0, deadline - time.monotonic()))
+            await self._call(slot, "__ray_ready__", PREFER_SECONDS if preferred else left)
         except TimeoutError:
-            raise SlotStartError(self._unplaced(slot.index)) from None
+            if not preferred:
+                raise SlotStartError(self._unplaced(slot.index)) from None
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor, no_restart=True)
+            slot.actor = self._spawn(slot.index, anywhere=True)
+            try:
+                await self._call(slot, "__ray_ready__", max(1.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise SlotStartError(self._unplaced(slot.index)) from None
         try:
             await self._call(
                 slot, "wait_started", self.config.start_timeout + 5, self.config.start_timeout
@@ -190,7 +175,7 @@ class Cluster:
         removes the actors it started) when one cannot be placed or does not start."""
         import ray
 
-        count = max(self.config.slots, self._existing_slots())
+        count = max(self.config.slots, existing_slots(self.config.data_dir))
         self.slots = [Slot(i) for i in range(count)]
         for s in self.slots:
             s.actor = self._spawn(s.index)
@@ -294,8 +279,8 @@ class Cluster:
                     "slot": index,
                     "time": time.time(),
                     "seconds": round(took, 3),
-                    "from": _at(old_info),
-                    "to": _at(slot.info),
+                    "from": actor_at(old_info),
+                    "to": actor_at(slot.info),
                     "restored": name in slot.steppers,
                 }
                 self.recoveries.setdefault(name, []).append(record)

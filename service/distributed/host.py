@@ -20,11 +20,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SlotHost", "host_actor_class", "slot_dir"]
+__all__ = ["SlotHost", "actor_at", "existing_slots", "host_actor_class", "slot_dir"]
 
 
 def slot_dir(data_dir: str | Path, slot: int) -> Path:
     return Path(data_dir) / "hosts" / f"slot-{slot}"
+
+
+def existing_slots(data_dir: Path) -> int:
+    """How many slots the data directory has files for (one past the highest number)."""
+    hosts = data_dir / "hosts"
+    found = (
+        [int(p.name.split("-", 1)[1]) for p in hosts.glob("slot-*") if p.name[5:].isdigit()]
+        if hosts.is_dir()
+        else []
+    )
+    return max(found) + 1 if found else 0
+
+
+def actor_at(info: dict[str, Any]) -> dict[str, Any]:
+    """Where a slot's actor ran (from its :meth:`SlotHost.info`): process, host, Ray node."""
+    return {k: info.get(k) for k in ("pid", "node", "node_id")}
 
 
 class SlotHost:

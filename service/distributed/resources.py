@@ -39,6 +39,7 @@ __all__ = [
     "slot_capacity",
     "slot_nodes",
     "slot_request",
+    "unplaced",
 ]
 
 #: Ray's resolution for fractional resources.
@@ -133,3 +134,24 @@ def preferred_node(
     if not left:
         return None
     return min(left, key=lambda n: (held.count(n), left.index(n)))
+
+
+def unplaced(index: int, place_timeout: float, num_gpus: float, num_cpus: float) -> str:
+    """Why slot ``index``'s actor may not have been placed, for the error."""
+    want = f"{num_gpus:g} GPU and {num_cpus:g} CPU"
+    try:
+        import ray
+
+        have = ray.cluster_resources()
+        free = ray.available_resources()
+        where = (
+            f"; the cluster has {have.get('GPU', 0):g} GPU / {have.get('CPU', 0):g} "
+            f"CPU, {free.get('GPU', 0):g} / {free.get('CPU', 0):g} free now"
+        )
+    except Exception:  # noqa: BLE001 - the message only
+        where = ""
+    return (
+        f"slot {index}: Ray did not place its actor in {place_timeout:.0f}"
+        f" s: it asks for {want}{where} (see `ray status`; --slots, --slot-gpus and "
+        "--slot-cpus set what slots ask for)"
+    )

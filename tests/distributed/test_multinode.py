@@ -11,7 +11,9 @@ stepper's summary says which node the slot moved from and to.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,14 @@ def cluster() -> Iterator[Any]:
         yield c
     finally:
         c.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def slots(url: str) -> list[dict[str, Any]]:
@@ -111,6 +121,12 @@ def test_slots_spread_over_nodes_and_a_lost_node_loses_no_step(
             assert {s["node_id"] for s in placement["shards"]} == set(nodes)
 
             cluster.remove_node(workers[victim], allow_graceful=False)
+            # The slot's process (on this machine) ends once it sees its raylet gone; until
+            # then its service could still answer, so the steps below begin after it.
+            deadline = time.monotonic() + 60
+            while _alive(int(victim_slot["pid"])):
+                assert time.monotonic() < deadline, "the lost node's slot process lives on"
+                time.sleep(0.1)
             for _ in range(8):  # the first waits for the slot to come back elsewhere
                 step()
             assert all(torch.equal(a, b) for a, b in zip(local, remote, strict=True))

@@ -80,7 +80,7 @@ def _cluster(tmp_path: Path, infos: list[dict[str, Any]], gpu_share: float = 1.0
     )
     cluster = Cluster.__new__(Cluster)  # placement only: no Ray, no actors
     cluster.config = config
-    cluster.slots = []
+    cluster.slots, cluster._chosen, cluster._affine = [], {}, set()
     for i, info in enumerate(infos):
         slot = Slot(i, state="ok")
         slot.started({"device": "cuda:0", **info}, {}, gpu_share)
