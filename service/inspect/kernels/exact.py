@@ -71,7 +71,7 @@ CHUNK = 1 << 18
 #: CPU tensors of at most this many elements are reduced together, per batch of those that
 #: share their dtypes, factors and weight decay (biases and norms: each one alone would
 #: cost some thirty operations' overhead for a few hundred elements).
-SMALL = 1 << 14
+SMALL = 1 << 12
 
 
 #: Relative resolution of ``|p_before|^2`` from the identity in :func:`combine_chunks`
@@ -244,9 +244,13 @@ def combine_chunks(
         red: list[float] = []
         squares = []
         for k in range(len(ROLES)):
-            col = [row[k * 4 : k * 4 + 4] for row in rows]
-            sq, total = math.fsum(c[0] for c in col), math.fsum(c[1] for c in col)
-            low, high = _extreme(min, [c[2] for c in col]), _extreme(max, [c[3] for c in col])
+            if count == 1:  # one row (a small tensor's, or one chunk): its cells as they are
+                sq, total, low, high = rows[0][k * 4 : k * 4 + 4]
+            else:
+                col = [row[k * 4 : k * 4 + 4] for row in rows]
+                sq, total = math.fsum(c[0] for c in col), math.fsum(c[1] for c in col)
+                low = _extreme(min, [c[2] for c in col])
+                high = _extreme(max, [c[3] for c in col])
             if ROLES[k] == "update":
                 sq, total = sq * scale * scale, total * scale
                 low, high = (
@@ -254,7 +258,7 @@ def combine_chunks(
                 )
             squares.append(sq)
             red += [math.sqrt(sq) if sq >= 0 else math.nan, total, low, high]
-        pr = math.fsum(row[-1] for row in rows) * scale
+        pr = (rows[0][-1] if count == 1 else math.fsum(row[-1] for row in rows)) * scale
         before = squares[1] - 2 * pr + squares[2]
         # Below the identity's rounding (a parameter that was 0: a zero-initialised bias at
         # its first step) it is 0, so the ratio reads inf, not a number made of roundings.

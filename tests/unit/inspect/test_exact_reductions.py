@@ -251,7 +251,7 @@ def test_small_tensors_reduced_together_equal_float64_and_each_alone(
         assert batched[1] == [1] * len(found)  # one row per tensor
         monkeypatch.setattr(exact, "SMALL", 0)
         alone = exact.reduce_chunks(found, factors)
-        monkeypatch.setattr(exact, "SMALL", 1 << 14)
+        monkeypatch.setattr(exact, "SMALL", 1 << 12)
         pairs = zip(
             exact.combine_chunks(batched[0].reshape(-1).tolist(), batched[1], batched[2]),
             exact.combine_chunks(alone[0].reshape(-1).tolist(), alone[1], alone[2]),
