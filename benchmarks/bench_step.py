@@ -332,7 +332,7 @@ def breakdown(results: dict[str, dict[str, object]]) -> list[str]:
         engine = float(str(res["server_ms"]))
         own = engine if step is None or label == "off" else step
         signals = f"{engine - step:>26.2f}" if step is not None and label == "on" else f"{'':>26}"
-        r, w = statistics.median(remote), statistics.median(wire)
+        r, w = statistics.fmean(remote), statistics.fmean(wire)
         lines.append(
             f"{res['numel']:>11,} {label:>7}   {r:>8.2f}   {r - request:>8.2f}   {request:>8.2f}"
             f"   {w:>8.2f}   {own:>8.2f}   {request - w - own:>8.2f}   {signals}"
@@ -485,13 +485,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print("\n".join(costs), flush=True)
         print(
-            "\nwhere a remote step's time goes, ms: remote = client + server request; server "
-            "request (arrival to the reply's last byte, mean) = wire (the floor's echo of the "
-            "same bytes, median) + step (engine time, mean; with signals on: the off server's, "
-            "the signals run after the reply) + the rest (HTTP, parsing into the buffers, "
-            "streaming the reply beyond the echo's time, and with signals on the wait for the "
-            "previous step's signals); client = remote (median) - server request (encoding, "
-            "the connection, copying the reply into the parameters)"
+            "\nwhere a remote step's time goes, ms, means over the timed steps (/metrics gives "
+            "the server's only as sums; a slow outlier moves a mean: compare with the medians "
+            "above): remote = client + server request; server request (arrival to the "
+            "reply's last byte) = wire (the floor's echo of the same bytes) + step (engine "
+            "time; with signals on: the off server's, the signals run after the reply) + the "
+            "rest (HTTP, parsing into the buffers, streaming the reply beyond the echo's "
+            "time, and with signals on the wait for the previous step's signals); client = "
+            "remote - server request (encoding, connecting, copying the reply into the "
+            "parameters)"
         )
         print(
             f"{'params':>11} {'signals':>7}   {'remote':>8}   {'client':>8}   {'request':>8}   "
