@@ -20,9 +20,10 @@ Each tensor is read once, in chunks of :data:`CHUNK` elements on the CPU (all re
 a chunk while it is in cache; the update never exists as a full tensor) and whole on an
 accelerator. Small CPU tensors (at most :data:`SMALL` elements: biases, norms) of one length,
 dtype and param group are stacked and reduced together, in float64, one operation per
-statistic for all of them: a model's hundred biases would otherwise cost more in per-call
-overhead than its large weights in arithmetic. The results stay on the device until the
-caller's one transfer to the host.
+statistic for all of them: alone, each would cost some thirty operations' overhead for a
+few hundred elements (bench_step's 10M model: 80 biases and norms, 6.6 ms alone, about 1.5
+ms together, of about 35 ms in all). The results stay on the device until the caller's one
+transfer to the host.
 
 NaN and Inf propagate through a norm, a sum, a minimum and a maximum, so these reductions
 say for free whether a tensor holds any: only then (a rare step) are its NaN and Inf
