@@ -14,10 +14,13 @@ optimizer's state: a ``restore`` of a snapshot is a load of what the snapshot up
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ._watch_dist import Topology, is_sharded, local, placement, slice_for
 
 if TYPE_CHECKING:
     from ._watch_sender import Sender
@@ -33,8 +36,15 @@ def apply_command(
     command: Mapping[str, Any],
     step: int,
     sender: Sender,
+    topo: Topology | None = None,
 ) -> dict[str, Any]:
+    """Apply ``command`` (see the module docstring); under torch.distributed (``topo``)
+    each rank uploads its local shards with their places in the whole (rank 0 alone when
+    the state is replicated) and loads its part of the whole tensors it is sent."""
+    topo = topo or Topology()
     ack: dict[str, Any] = {"id": command["id"], "op": command.get("op"), "step": step}
+    if topo.distributed:
+        ack["rank"] = topo.rank
     try:
         op = command.get("op")
         if op == "options":
@@ -42,10 +52,14 @@ def apply_command(
         elif op in ("state", "snapshot"):
             from ._watch_sender import Upload
 
-            tensors = state_tensors(
-                opt, names, command.get("names"), bool(command.get("with_params"))
-            )
-            sender.put_upload(Upload(command["id"], step, tensors))
+            if topo.reports_signals:  # a replicated job's rank 0 answers for every rank
+                tensors = state_tensors(
+                    opt, names, command.get("names"), bool(command.get("with_params"))
+                )
+                meta = {"rank": str(topo.rank)} if topo.distributed else {}
+                if topo.distributed:
+                    meta["places"] = json.dumps(places(opt, names, tensors))
+                sender.put_upload(Upload(command["id"], step, tensors, meta))
         elif op == "load":
             _load(opt, names, command.get("tensors") or {})
         else:
@@ -87,7 +101,8 @@ def state_tensors(
     wanted: list[str] | None,
     with_params: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Copies of the state (on the CPU), keyed ``"<param>/<key>"``."""
+    """Copies of the state (on the CPU), keyed ``"<param>/<key>"``: of a DTensor, its
+    local shard (see :func:`places`)."""
     pick = None if wanted is None else set(wanted)
     if pick is not None:
         missing = pick - set(names.values())
@@ -99,9 +114,26 @@ def state_tensors(
             continue
         for k, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v):
-                out[f"{n}/{k}"] = v.detach().to("cpu", copy=True)
+                out[f"{n}/{k}"] = local(v.detach()).to("cpu", copy=True)
         if with_params:
-            out[f"{n}/param"] = p.detach().to("cpu", copy=True)
+            out[f"{n}/param"] = local(p.detach()).to("cpu", copy=True)
+    return out
+
+
+def places(
+    opt: torch.optim.Optimizer, names: Mapping[torch.Tensor, str], keys: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Where each uploaded local shard sits in its whole tensor: ``{key: {"offset",
+    "shape", "global"}}`` for the keys that are DTensor shards (the others are whole)."""
+    by_name = {n: p for p, n in names.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        n, _, k = key.rpartition("/")
+        p = by_name[n]
+        t = p if k == "param" else opt.state.get(p, {}).get(k)
+        where = placement(t) if t is not None else None
+        if where is not None:
+            out[key] = {**where, "global": list(t.shape)}
     return out
 
 
@@ -124,14 +156,20 @@ def _load(
         else:
             raise ValueError(f"{key}: unknown state key {k!r}")
         staged.append((p, k, t))
+        if is_sharded(p) and k != "step" and k != "param":
+            v = opt.state.get(p, {}).get(k)
+            if not is_sharded(v):
+                raise ValueError(f"{key}: no state to load into yet on a sharded run (step first)")
     with torch.no_grad():
         for p, k, t in staged:
             if k == "param":
-                p.copy_(t.reshape(p.shape))
+                local(p).copy_(slice_for(t.reshape(p.shape), placement(p)))
                 continue
             state = opt.state[p]
             if k in state and torch.is_tensor(state[k]):
-                state[k].copy_(t.reshape(state[k].shape))
+                target = state[k]
+                part = slice_for(t.reshape(target.shape), placement(target))
+                local(target).copy_(part)
             else:
                 state[k] = t.to(p.device if k != "step" else _step_device(opt, p), copy=True)
 

@@ -64,6 +64,8 @@ class Upload:
     command: str
     step: int
     tensors: dict[str, Any]
+    #: More safetensors metadata (a distributed rank's: its rank, its shards' places).
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 class Sender(threading.Thread):
@@ -207,7 +209,7 @@ class Sender(threading.Thread):
 
     def _send_upload(self, upload: Upload | None) -> bool:
         assert upload is not None
-        body = codec.encode(upload.tensors, {"step": str(upload.step)})
+        body = codec.encode(upload.tensors, {**upload.meta, "step": str(upload.step)})
         try:
             r = self.http.post(
                 f"{self._path}/commands/{upload.command}/upload",

@@ -34,6 +34,7 @@ import torch
 
 from ._base import authorize, resolve_url
 from ._watch_commands import apply_command
+from ._watch_dist import SHARDED, LocalView, Topology, placement, topology
 from ._watch_sender import Counters, Sender
 
 __all__ = ["Probe", "Watch", "set_probe_factory", "watch"]
@@ -109,6 +110,7 @@ class Watch:
         queue_size: int = 64,
         probe: Probe | None = None,
         owns_http: bool = False,
+        topo: Topology | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -118,7 +120,12 @@ class Watch:
         #: Steps taken since watch() (the step a report and an acknowledgement name).
         self.step = _initial_step(optimizer)
         self._http, self._owns_http = http, owns_http
-        self._probe = probe
+        #: This rank's place in a torch.distributed job (see :mod:`._watch_dist`).
+        self.topology = topo or Topology()
+        self._probe = probe if self.topology.reports_signals else None
+        self._view: LocalView | None = None  # a sharded job's local shards, for the probe
+        self._view_for = -1  # the step boundary whose gradients the view holds
+        self._layout = self._params_json()
         #: (step, name, value) logged since the last report (a tensor is read by the sender).
         self._scalars: list[tuple[int, str, float | torch.Tensor]] = []
         self._inbox: list[dict[str, Any]] = []
@@ -194,7 +201,7 @@ class Watch:
             self._join_worker()  # the last step's signals read the state: done first
             self._apply_inbox()
             if self._probe is not None and (self.step + 1) % self.every == 0:
-                self._probe.before(opt, self.names)
+                self._probe.before(*self._seen(opt))
         except Exception as e:  # noqa: BLE001 - never raise into training
             self._error(e)
 
@@ -202,7 +209,9 @@ class Watch:
         self.step += 1
         try:
             if self._probe is not None:
-                self._probe.tick(opt, self.names)
+                self._probe.tick(*self._seen(opt, fresh=self._view_for != self.step - 1))
+                if self.step % self.every and self._view is not None:
+                    self._view.release()  # no signals this step: its gradients are not kept
             if self.step % self.every:
                 return
             finish = self._probe.after(self.step) if self._probe is not None else None
@@ -222,27 +231,56 @@ class Watch:
         except Exception as e:  # noqa: BLE001
             self._error(e)
 
+    def _seen(
+        self, opt: torch.optim.Optimizer, fresh: bool = True
+    ) -> tuple[Any, Mapping[torch.Tensor, str]]:
+        """The optimizer as the probe sees it: itself, or on a sharded job's rank its
+        local shards (with this step's gradients: ``fresh``, in the pre-hook)."""
+        if self.topology.layout != SHARDED:
+            return opt, self.names
+        if fresh or self._view is None:
+            if self._view is not None:
+                self._view.release()
+            self._view, self._view_for = LocalView(opt, self.names), self.step
+        return self._view, self._view.names
+
     def _join_worker(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.join()
+        if self._view is not None and worker is not None:
+            self._view.release()  # the gradients' shards are not kept past their step
 
     def _report(self, signals: dict[str, Any] | None) -> None:
         with self._inbox_lock:
             scalars, self._scalars = self._scalars, []
-        self._sender.put(
-            {
-                "optimizer": self._kind,
-                "step": self.step,
-                "params": [
-                    {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).split(".")[-1]}
-                    for p, n in self.names.items()
-                ],
-                "groups": [_group_json(g, self.names) for g in self.optimizer.param_groups],
-                "signals": signals,
-                "scalars": [{"step": t, "name": k, "value": float(v)} for t, k, v in scalars],
+        report = {
+            "optimizer": self._kind,
+            "step": self.step,
+            "params": self._layout,
+            "groups": [_group_json(g, self.names) for g in self.optimizer.param_groups],
+            "signals": signals,
+            "scalars": [{"step": t, "name": k, "value": float(v)} for t, k, v in scalars],
+        }
+        if self.topology.distributed:
+            report.update(self.topology.wire())
+        self._sender.put(report)
+
+    def _params_json(self) -> list[dict[str, Any]]:
+        """The layout: each parameter's name, (whole) shape, dtype and, on a sharded job,
+        where this rank's shard sits (``shard``: offset and local shape)."""
+        out = []
+        for p, n in self.names.items():
+            entry: dict[str, Any] = {
+                "name": n,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).split(".")[-1],
             }
-        )
+            where = placement(p) if self.topology.layout == SHARDED else None
+            if where is not None:
+                entry["shard"] = where
+            out.append(entry)
+        return out
 
     # ------------------------------------------------------------ commands
 
@@ -255,11 +293,29 @@ class Watch:
         if not self._inbox:
             return
         with self._inbox_lock:
-            todo, self._inbox = self._inbox, []
+            # A command with an apply step ``at`` (a distributed run's: every rank applies
+            # it at that boundary) waits for it; one received after it is acknowledged as
+            # missed, not applied late (the ranks would differ).
+            todo = [c for c in self._inbox if not _later(c, self.step)]
+            self._inbox = [c for c in self._inbox if _later(c, self.step)]
         for c in todo:
             if c["id"] in self.counters.acked:
                 continue  # applied before a reconnect: acknowledged again, not reapplied
-            ack = apply_command(self.optimizer, self.names, c, self.step, self._sender)
+            at = c.get("at")
+            if isinstance(at, int) and at < self.step:
+                ack = {
+                    "id": c["id"],
+                    "op": c.get("op"),
+                    "step": self.step,
+                    "ok": False,
+                    "missed": True,
+                    "rank": self.topology.rank,
+                    "detail": f"missed: due at step {at}, received at step {self.step}",
+                }
+            else:
+                ack = apply_command(
+                    self.optimizer, self.names, c, self.step, self._sender, self.topology
+                )
             self.counters.acked[c["id"]] = ack
             self.counters.applied += 1
             if not ack["ok"]:
@@ -270,6 +326,11 @@ class Watch:
         self.counters.last_error = f"{type(e).__name__}: {e}"
         if self.counters.errors == 1 or self.counters.errors % 1000 == 0:
             log.exception("watch %r (%d errors so far)", self.name, self.counters.errors)
+
+
+def _later(command: Mapping[str, Any], step: int) -> bool:
+    at = command.get("at")
+    return isinstance(at, int) and at > step
 
 
 def _initial_step(opt: torch.optim.Optimizer) -> int:
@@ -302,17 +363,22 @@ def watch(
     http_client: httpx.Client | None = None,
     timeout: float = 10.0,
     signals: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Watch:
     """Watch ``optimizer`` (any ``torch.optim.Adam``/``AdamW``) from the service at ``url``
     as the run ``name``. Parameter names come from ``names``, else ``model``'s
     ``named_parameters()``, else the optimizer's ``param_names``. ``every``: report every
     n-th step. ``http_client``: an httpx client to send with (tests pass the in-process app's).
+    Under torch.distributed every rank calls it alike (``rank``/``world_size`` override
+    what torch.distributed says): the service shows one run (see :mod:`._watch_dist`).
     Returns the :class:`Watch` handle; see the module docstring."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise TypeError(f"watch() takes torch.optim.Adam or AdamW, got {type(optimizer)}")
     http = http_client or httpx.Client(base_url=resolve_url(url), timeout=timeout)
     authorize(http, token)
-    probe = _new_probe() if signals else None
+    topo = topology(optimizer, rank, world_size)
+    probe = _new_probe() if signals and topo.reports_signals else None
     return Watch(
         optimizer,
         name=name or "watched",
@@ -322,4 +388,5 @@ def watch(
         queue_size=queue_size,
         probe=probe,
         owns_http=http_client is None,
+        topo=topo,
     )

@@ -98,11 +98,13 @@ def spawned(
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
     command: Sequence[str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Spawned]:
     """``adamscope serve`` with ``extra`` arguments (or ``command``, a whole command line
-    whose ``{port}`` is filled in) serving ``data_dir``; stopped with SIGTERM after, killed
-    when it takes longer than ``stop_timeout`` seconds."""
-    port = free_port()
+    whose ``{port}`` is filled in) serving ``data_dir`` on ``port`` (a free one if None:
+    give the same one to restart a server where its clients expect it); stopped with
+    SIGTERM after, killed when it takes longer than ``stop_timeout`` seconds."""
+    port = port or free_port()
     cmd = (
         [c.format(port=port) for c in command]
         if command is not None

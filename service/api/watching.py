@@ -6,8 +6,9 @@ pending commands in the reply to each report, its training thread applies them b
 steps (exactly once: it remembers the ids it applied, across reconnects) and acknowledges
 each with the step at which it applied; a read (``state``) is answered by an upload of the
 tensors as of that step, a ``snapshot`` by an upload of all of the state and parameters,
-kept here by name; ``restore`` queues a ``load`` of a kept snapshot. The queue and the
-snapshots are in memory: a restarted service has none.
+written to the data directory (:mod:`adamscope.service.persistence.watched`); ``restore``
+queues a ``load`` of a stored snapshot. The queue is kept in the data directory
+(:mod:`.watch_queue`): a restarted service still has it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from adamscope.client import codec
-
-__all__ = ["Command", "Desk", "desk_of"]
+__all__ = ["Command", "Desk", "Desks", "Journal", "desk_of"]
 
 #: Commands kept per run (applied ones beyond this are forgotten, oldest first).
 KEEP = 256
+#: Commands a restart forgets: a state read's requester waits on this process.
+UNKEPT = ("state",)
+
+
+class Journal(Protocol):
+    """Where a run's queue outlives a restart (:class:`...persistence.commands.CommandJournal`)."""
+
+    def write(self, entries: list[dict[str, Any]]) -> None: ...
+    def write_body(self, cid: str, data: bytes) -> None: ...
+    def drop_body(self, cid: str) -> None: ...
 
 
 @dataclass
@@ -45,6 +55,16 @@ class Command:
         """What the trainer receives."""
         return {"id": self.id, "op": self.op, **self.args, "body": self.body is not None}
 
+    def saved(self) -> dict[str, Any]:
+        """What the data directory keeps of it (:mod:`...persistence.commands`): its body
+        as where it comes from, a restore's snapshot or a file beside the queue."""
+        source = (
+            None
+            if self.body is None
+            else ("snapshot" if self.op == "load" and self.args.get("snapshot") else "file")
+        )
+        return {**self.public(), "body": source}
+
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -62,18 +82,34 @@ class Desk:
 
     _ids = itertools.count(1)
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
         self.commands: dict[str, Command] = {}
-        #: Snapshots the trainer uploaded: name -> (step, safetensors of state and params).
-        self.snapshots: dict[str, tuple[int, bytes]] = {}
+        #: Where the queue is kept across restarts (none: in memory only).
+        self.journal = journal
 
     def add(self, op: str, args: dict[str, Any], body: bytes | None = None) -> Command:
         c = Command(f"c{next(self._ids)}-{int(time.time() * 1000)}", op, args, body)
+        if self.journal is not None and op not in UNKEPT and c.saved()["body"] == "file":
+            assert body is not None
+            self.journal.write_body(c.id, body)
         self.commands[c.id] = c
         done = [k for k, v in self.commands.items() if v.status != "pending"]
         for k in done[: max(0, len(self.commands) - KEEP)]:
             del self.commands[k]
+        if op not in UNKEPT:
+            self.save()
         return c
+
+    def save(self) -> None:
+        """Write the queue (a small JSON file, atomically) where it is kept, if anywhere:
+        after every change of a command that outlives a restart."""
+        if self.journal is not None:
+            self.journal.write([c.saved() for c in self.commands.values() if c.op not in UNKEPT])
+
+    def settle(self, c: Command, status: str, detail: str = "", step: int | None = None) -> None:
+        c.status, c.step, c.detail = status, step, detail
+        if self.journal is not None and c.saved()["body"] == "file":
+            self.journal.drop_body(c.id)
 
     def pending(self) -> list[dict[str, Any]]:
         return [c.wire() for c in self.commands.values() if c.status == "pending"]
@@ -85,12 +121,14 @@ class Desk:
             c = self.commands.get(str(a.get("id"))) if isinstance(a, dict) else None
             if c is None or c.status != "pending":
                 continue
-            c.status = "applied" if a.get("ok") else "failed"
-            c.step = int(a["step"]) if isinstance(a.get("step"), int) else None
-            c.detail = str(a.get("detail") or "")
+            step = int(a["step"]) if isinstance(a.get("step"), int) else None
+            status = "applied" if a.get("ok") else "failed"
+            self.settle(c, status, str(a.get("detail") or ""), step)
             if c.op not in ("state", "snapshot") or c.status == "failed":
                 c.done.set()
             settled.append(c)
+        if any(c.op not in UNKEPT for c in settled):
+            self.save()
         return settled
 
     def answer(self, command: str, body: bytes) -> bool:
@@ -98,15 +136,21 @@ class Desk:
         if c is None:
             return False
         c.upload = body
-        if c.op == "snapshot":
-            step = int(codec.decode(body)[1].get("step", "0"))
-            self.snapshots[str(c.args.get("snapshot") or c.id)] = (step, body)
         c.done.set()
         return True
+
+
+class Desks(dict[str, Desk]):
+    """The desks of every watched run, each made by ``make(name)`` when first needed (the
+    app's: loaded from the data directory)."""
+
+    def __init__(self, make: Callable[[str], Desk]) -> None:
+        super().__init__()
+        self.make = make
 
 
 def desk_of(desks: dict[str, Desk], name: str) -> Desk:
     found = desks.get(name)
     if found is None:
-        found = desks[name] = Desk()
+        found = desks[name] = desks.make(name) if isinstance(desks, Desks) else Desk()
     return found

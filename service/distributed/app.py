@@ -116,6 +116,9 @@ def build_app(config: ClusterConfig) -> tuple[FastAPI, Ingress]:
             )
             log.error("distributed: the slots did not start: %s", ingress.start_error)
         yield
+        # Serve tears the replica down (the application deleted, Serve shut down): the
+        # slots stop gracefully, each writing what its durability policy still owes.
+        await ingress.stop()
         await ingress.http.aclose()
 
     app = FastAPI(

@@ -37,6 +37,7 @@ from ..engine.footprint import Footprint
 from ..persistence.store import atomic_write
 from .host import host_actor_class, slot_dir
 from .records import Shard, ShardedRecord, Slot
+from .resources import preferred_node, slot_nodes
 
 __all__ = ["Cluster", "ClusterConfig", "Shard", "ShardedRecord", "Slot", "SlotStartError"]
 
@@ -67,6 +68,11 @@ class ClusterConfig:
         return Path(self.settings.get("data_dir", "adamscope-data"))
 
 
+def _at(info: dict[str, Any]) -> dict[str, Any]:
+    """Where a slot's actor ran: its process, host name and Ray node."""
+    return {k: info.get(k) for k in ("pid", "node", "node_id")}
+
+
 class SlotStartError(RuntimeError):
     """A slot's actor could not be placed or its service did not start."""
 
@@ -84,6 +90,8 @@ class Cluster:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._actor_class = host_actor_class(config.num_cpus, config.num_gpus)
         self._monitor: asyncio.Task[None] | None = None
+        #: The node chosen for each slot's latest actor (see :meth:`_where_to`).
+        self._chosen: dict[int, str] = {}
 
     # ------------------------------------------------------------------ start and stop
 
@@ -100,11 +108,35 @@ class Cluster:
         )
         return max(found) + 1 if found else 0
 
-    def _spawn(self, index: int) -> Any:
+    def _spawn(self, index: int, avoid: str | None = None) -> Any:
         return self._actor_class.options(
             name=f"adamscope-slot-{index}-{time.monotonic_ns()}",
             namespace=self.config.namespace,
+            scheduling_strategy=self._where_to(index, avoid),
         ).remote(index, self.config.settings, self.config.bind)
+
+    def _where_to(self, index: int, avoid: str | None = None) -> Any:
+        """Where slot ``index``'s new actor should go (:func:`.resources.preferred_node`),
+        as a Ray scheduling strategy: a preference for that node, or SPREAD."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            nodes = slot_nodes(ray.nodes(), self.config.num_cpus, self.config.num_gpus)
+        except Exception:  # noqa: BLE001 - no node list: let Ray spread them
+            nodes = []
+        # Where each other slot is: its actor's node once it answered, else the node
+        # chosen for it (slots started together have not answered yet).
+        held = [
+            s.info.get("node_id") or self._chosen.get(s.index)
+            for s in self.slots
+            if s.index != index and s.state != "failed"
+        ]
+        node = preferred_node(nodes, held, avoid)
+        if node is None:
+            return "SPREAD"
+        self._chosen[index] = node
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
     async def _call(self, slot: Slot, method: str, timeout: float | None = None, *args: Any) -> Any:
         """``slot.actor.<method>(*args)``, at most ``timeout`` seconds (default:
@@ -246,7 +278,7 @@ class Cluster:
             with contextlib.suppress(Exception):  # it is dead already
                 ray.kill(slot.actor, no_restart=True)
             try:
-                slot.actor = self._spawn(index)
+                slot.actor = self._spawn(index, old_info.get("node_id"))
                 await self._start_actor(slot, time.monotonic() + self.config.place_timeout)
             except Exception as e:  # noqa: BLE001 - reported in the slot's state
                 slot.state = "failed"
@@ -262,8 +294,8 @@ class Cluster:
                     "slot": index,
                     "time": time.time(),
                     "seconds": round(took, 3),
-                    "from": {"pid": old_info.get("pid"), "node": old_info.get("node")},
-                    "to": {"pid": slot.info.get("pid"), "node": slot.info.get("node")},
+                    "from": _at(old_info),
+                    "to": _at(slot.info),
                     "restored": name in slot.steppers,
                 }
                 self.recoveries.setdefault(name, []).append(record)
@@ -449,6 +481,7 @@ class Cluster:
         return {
             "state": slot.state,
             "node": slot.info.get("node"),
+            "node_id": slot.info.get("node_id"),
             "pid": slot.info.get("pid"),
             "device": slot.info.get("device"),
         }

@@ -89,11 +89,14 @@ class SlotHost:
         free = total = None
         if device.startswith("cuda") and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info(torch.device(device))
+        import ray
+
         return {
             "slot": self.slot,
             "url": f"http://{host}:{self.port}",
             "pid": os.getpid(),
             "node": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "address": self.bind,
             "device": device,
             "device_free_bytes": free,

@@ -260,7 +260,9 @@ class Ingress:
                 p.cancel()
 
     async def stop(self) -> None:
-        """End the event streams, then stop the slots (each writes what it owes)."""
+        """End the event streams, then stop the slots (each writes what it owes); once."""
+        if self.closing.is_set():
+            return
         self.closing.set()
         await self.cluster.stop()
 

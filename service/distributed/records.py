@@ -92,6 +92,7 @@ class Slot:
             "url",
             "pid",
             "node",
+            "node_id",
             "address",
             "device",
             "device_free_bytes",

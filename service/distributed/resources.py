@@ -16,18 +16,30 @@ A slot's room (:func:`slot_capacity`) is what its device had free when its servi
 (with its own steppers added back), less what steppers placed since take by their footprint
 (:mod:`adamscope.service.engine.footprint`); a slot on a shared GPU gets at most its share of the
 device, less one CUDA context.
+
+Where a slot's actor goes (:func:`preferred_node`): the live node holding the fewest other
+slots among those with the resources a slot asks for, so that the slots spread over the
+nodes and losing one loses as few as it can; never the node a lost actor was on while
+another will do.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine.footprint import CONTEXT_BYTES
 
-__all__ = ["SlotRequest", "SlotResourceError", "slot_capacity", "slot_request"]
+__all__ = [
+    "SlotRequest",
+    "SlotResourceError",
+    "preferred_node",
+    "slot_capacity",
+    "slot_nodes",
+    "slot_request",
+]
 
 #: Ray's resolution for fractional resources.
 _GRAIN = 10_000
@@ -98,3 +110,26 @@ def slot_capacity(info: Mapping[str, Any], held_at_start: int, gpu_share: float)
     if total is not None and 0 < gpu_share < 1:
         capacity = min(capacity, int(int(total) * gpu_share) - CONTEXT_BYTES)
     return max(capacity, 0)
+
+
+def slot_nodes(nodes: Sequence[Mapping[str, Any]], num_cpus: float, num_gpus: float) -> list[str]:
+    """The IDs of the live nodes (``ray.nodes()``) with the resources a slot asks for."""
+    return [
+        str(n["NodeID"])
+        for n in nodes
+        if n.get("Alive")
+        and n.get("Resources", {}).get("GPU", 0.0) >= num_gpus
+        and n.get("Resources", {}).get("CPU", 0.0) >= num_cpus
+    ]
+
+
+def preferred_node(
+    nodes: Sequence[str], held: Sequence[str | None], avoid: str | None = None
+) -> str | None:
+    """Of ``nodes``, the one where fewest of the other slots are (``held``: each other
+    slot's node), the first listed on a tie, ``avoid`` only if it is the only one; None
+    without nodes."""
+    left = [n for n in nodes if n != avoid] or list(nodes)
+    if not left:
+        return None
+    return min(left, key=lambda n: (held.count(n), left.index(n)))

@@ -22,27 +22,50 @@ import httpx
 from .cluster import ClusterConfig
 from .resources import SlotResourceError, slot_request
 
-__all__ = ["deployment", "run"]
+__all__ = ["deployment", "resolved", "run"]
 
 log = logging.getLogger("adamscope.distributed")
 
+#: The resource Ray gives the head node (and no other).
+HEAD_NODE = "node:__internal_head__"
 
-def deployment(config: ClusterConfig) -> Any:
-    """The ingress as a bound Serve application."""
+
+def resolved(config: ClusterConfig, cluster: dict[str, float]) -> ClusterConfig:
+    """``config`` with its slot count and each slot's resources resolved for a cluster
+    with ``cluster``'s resources; raises :class:`SlotResourceError` when Ray could never
+    place them all."""
+    want = slot_request(config.slots, config.num_gpus, config.num_cpus, cluster)
+    log.info(
+        "distributed: %d slots of %g GPU / %g CPU each", want.slots, want.num_gpus, want.num_cpus
+    )
+    return dataclasses.replace(
+        config, slots=want.slots, num_gpus=want.num_gpus, num_cpus=want.num_cpus
+    )
+
+
+def deployment(config: ClusterConfig, resolve: bool = False) -> Any:
+    """The ingress as a bound Serve application (with ``resolve``, the slots' resources
+    are resolved against the cluster's when its replica starts: a Serve config file's)."""
     from ray import serve
 
     @serve.deployment(
         name="adamscope",
         num_replicas=1,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
+        # On the head node, with Serve's controller and proxy: the ingress owns the slot
+        # actors, so a worker node lost never takes the ingress (and every slot) with it.
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}},
         graceful_shutdown_timeout_s=60,
         health_check_period_s=5,
     )
     @serve.ingress()
     class AdamscopeIngress:
-        def __init__(self, cfg: dict[str, Any]) -> None:
+        def __init__(self, cfg: dict[str, Any], resolve: bool) -> None:
+            import ray
+
             self.config = ClusterConfig(**cfg)
+            if resolve:
+                self.config = resolved(self.config, ray.cluster_resources())
             self.ingress: Any = None
 
         def __serve_build_asgi_app__(self) -> Any:
@@ -55,7 +78,9 @@ def deployment(config: ClusterConfig) -> Any:
             if self.ingress is not None:
                 await self.ingress.stop()
 
-    return AdamscopeIngress.bind(dataclasses.asdict(config))  # type: ignore[attr-defined]
+    return AdamscopeIngress.bind(  # type: ignore[attr-defined]
+        dataclasses.asdict(config), resolve
+    )
 
 
 def _ready(url: str, timeout: float) -> list[dict[str, Any]] | None:
@@ -103,23 +128,14 @@ def run(
     ray.init(**init)
     try:
         try:
-            want = slot_request(
-                config.slots, config.num_gpus, config.num_cpus, ray.cluster_resources()
-            )
+            config = resolved(config, ray.cluster_resources())
         except SlotResourceError as e:
             print(f"adamscope: error: {e}", file=sys.stderr, flush=True)
             return 2
-        config = dataclasses.replace(
-            config, slots=want.slots, num_gpus=want.num_gpus, num_cpus=want.num_cpus
-        )
-        log.info(
-            "distributed: %d slots of %g GPU / %g CPU each",
-            want.slots,
-            want.num_gpus,
-            want.num_cpus,
-        )
         serve.start(
-            http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"}
+            proxy_location="HeadOnly",
+            http_options={"host": host, "port": port},
+            logging_config={"log_level": "WARNING"},
         )
         try:
             handle = serve.run(deployment(config), name="adamscope", route_prefix="/")

@@ -78,9 +78,11 @@ __all__ = [
     "Encoded",
     "build",
     "check_header_room",
+    "check_layout",
     "header_bound",
     "decode",
     "encode",
+    "encode_held_elsewhere",
     "header_from_prefix",
     "load_into",
     "write",
@@ -176,6 +178,38 @@ def _header_of(stepper: Stepper) -> dict[str, Any]:
     }
 
 
+def _check_annotations(annotations: Mapping[str, Any] | None) -> None:
+    extra_keys = set(annotations or {}) & RESERVED
+    if extra_keys:
+        raise ValueError(f"annotations may not replace {sorted(extra_keys)}")
+
+
+def _emit(
+    name: str,
+    step: int,
+    tensors: Mapping[str, torch.Tensor],
+    header: Mapping[str, Any],
+    sink: Callable[[list[bytes | memoryview]], int],
+) -> tuple[int, dict[str, Any]]:
+    """Hand a checkpoint's chunks to ``sink``: its size and its header as written."""
+    metadata = {
+        META_CHECKPOINT: json.dumps(header, separators=(",", ":")),
+        META_STEP: str(step),
+        META_STEPPER: name,
+    }
+    head, views = codec.encode_parts(tensors, metadata)
+    if len(head) - 8 > codec.MAX_HEADER_BYTES:
+        raise CheckpointTooLarge(
+            f"the checkpoint of {name!r} would have a {len(head) - 8}-byte header, "
+            f"over the {codec.MAX_HEADER_BYTES} bytes safetensors readers accept; it was "
+            "not written",
+            stepper=name,
+        )
+    size = sink([head, *views])
+    # The header as written (the journal copied by the JSON round trip).
+    return size, json.loads(metadata[META_CHECKPOINT])
+
+
 def write(
     stepper: Stepper,
     sink: Callable[[list[bytes | memoryview]], int],
@@ -188,44 +222,60 @@ def write(
     the checkpoint is never a mix of two. ``sink`` returns the number of bytes it took.
     The returned :class:`Encoded` has no ``data``.
     """
-    extra_keys = set(annotations or {}) & RESERVED
-    if extra_keys:
-        raise ValueError(f"annotations may not replace {sorted(extra_keys)}")
+    _check_annotations(annotations)
     with stepper.lock:
         tensors = _tensors_of(stepper)
         header = {**_header_of(stepper), **(annotations or {})}
-        metadata = {
-            META_CHECKPOINT: json.dumps(header, separators=(",", ":")),
-            META_STEP: str(stepper.step_count),
-            META_STEPPER: stepper.name,
-        }
         if (
             stepper.device.type != "cpu"
             and sum(t.numel() * t.element_size() for t in tensors.values()) <= STAGE_LIMIT
         ):
             tensors = stage_on_host(tensors)  # one batched copy to the host, one wait
-        head, views = codec.encode_parts(tensors, metadata)
-        if len(head) - 8 > codec.MAX_HEADER_BYTES:
-            raise CheckpointTooLarge(
-                f"the checkpoint of {stepper.name!r} would have a {len(head) - 8}-byte header, "
-                f"over the {codec.MAX_HEADER_BYTES} bytes safetensors readers accept; it was "
-                "not written",
-                stepper=stepper.name,
-            )
-        size = sink([head, *views])
+        size, written = _emit(stepper.name, stepper.step_count, tensors, header, sink)
         version = stepper.version
-    # The header as written (the journal copied by the JSON round trip).
-    return Encoded(b"", json.loads(metadata[META_CHECKPOINT]), version, size)
+    return Encoded(b"", written, version, size)
 
 
-def encode(stepper: Stepper, annotations: Mapping[str, Any] | None = None) -> Encoded:
-    """The stepper's checkpoint as bytes (one copy of its tensors, made under its lock)."""
+def encode_held_elsewhere(
+    stepper: Stepper,
+    step: int,
+    params: Mapping[str, torch.Tensor],
+    state: Mapping[str, Mapping[str, torch.Tensor]],
+    annotations: Mapping[str, Any] | None = None,
+) -> Encoded:
+    """A checkpoint of ``stepper``'s layout, options and journal at ``step`` with tensors
+    it does not hold: a watched run's, as its trainer uploaded them (every parameter's
+    value in ``params``, state by parameter and key). The same file format, so it lists,
+    downloads and decodes as any checkpoint."""
+    _check_annotations(annotations)
+    with stepper.lock:
+        header = {**_header_of(stepper), "step": step, **(annotations or {})}
+        version = stepper.version
+    tensors = {PARAM_PREFIX + n: params[n] for n in stepper.names}
+    for n in stepper.names:
+        for key in STATE_KEYS:
+            if key in state.get(n, {}):
+                tensors[f"{STATE_PREFIX}{n}/{key}"] = state[n][key]
     out: list[bytes] = []
+    join = _joiner(out)
+    size, written = _emit(stepper.name, step, tensors, header, join)
+    return Encoded(out[0], written, version, size)
+
+
+def _joiner(out: list[bytes]) -> Callable[[list[bytes | memoryview]], int]:
+    """A sink that joins a checkpoint's chunks into one bytes object, appended to ``out``."""
 
     def join(parts: list[bytes | memoryview]) -> int:
         out.append(b"".join(parts))
         return len(out[0])
 
+    return join
+
+
+def encode(stepper: Stepper, annotations: Mapping[str, Any] | None = None) -> Encoded:
+    """The stepper's checkpoint as bytes (one copy of its tensors, made under its lock)."""
+    out: list[bytes] = []
+    join = _joiner(out)
     enc = write(stepper, join, annotations)
     return Encoded(out[0], enc.header, enc.version, enc.size)
 
@@ -337,7 +387,7 @@ def build(ckpt: Checkpoint, device: torch.device, name: str | None = None) -> St
     return stepper
 
 
-def _check_layout(stepper: Stepper, ckpt: Checkpoint) -> None:
+def check_layout(stepper: Stepper, ckpt: Checkpoint) -> None:
     """The checkpoint has the stepper's optimizer, parameters (order, shapes, dtypes) and
     groups: only its values and options may differ."""
     problems = []
@@ -366,7 +416,7 @@ def load_into(stepper: Stepper, ckpt: Checkpoint) -> None:
     """Make an existing stepper equal to the checkpoint (a roll back), atomically: the
     layout and the whole state are validated before anything changes."""
     with stepper.lock:
-        _check_layout(stepper, ckpt)
+        check_layout(stepper, ckpt)
         journals = _journals(ckpt)
         try:
             stepper.put_state(ckpt.state, [g.options for g in ckpt.groups], replace=True)

@@ -60,7 +60,8 @@ def _params(stepper: Stepper) -> tuple[list[dict[str, Any]], int]:
     steps = stepper.param_steps()
     for n, p, t in zip(stepper.names, stepper.params, steps, strict=True):
         s = stepper.optimizer.state.get(p, {})
-        nbytes += p.numel() * p.element_size()
+        if not p.is_meta:  # a watched run's: a shape, no storage here
+            nbytes += p.numel() * p.element_size()
         nbytes += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
         params.append(
             {

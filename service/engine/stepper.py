@@ -344,7 +344,10 @@ class Stepper:
     def footprint(self) -> Footprint:
         """The memory this stepper holds once every parameter has stepped, under its
         current options (:mod:`.footprint`; no lock taken: shapes never change and reading
-        a group's options is atomic)."""
+        a group's options is atomic). None for a watched run: its tensors are its trainer's
+        (here its parameters are on the meta device: shapes, no storage)."""
+        if self.device.type == "meta":
+            return footprint((), "meta")
         groups = self.optimizer.param_groups
         return footprint(
             (

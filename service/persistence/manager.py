@@ -15,6 +15,7 @@ stepper's ``version`` already on disk is skipped, so concurrent steps share writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -36,8 +37,10 @@ from ..engine.errors import (
     InvalidCheckpoint,
     StepperExists,
     StepperNotFound,
+    StepperWatched,
 )
 from ..engine.options import resolve_device
+from ..engine.stepper import WATCHED
 from .store import PersistenceFailed, SnapshotExists, Store, failure_reason
 
 __all__ = ["Persistence", "Track"]
@@ -104,8 +107,21 @@ class Persistence:
     def _require(self, stepper: Stepper) -> Track:
         track = self._track(stepper)
         if track is None:
+            _refuse_watched(stepper)
             raise StepperNotFound(f"no stepper named {stepper.name!r}", stepper=stepper.name)
         return track
+
+    def _require_files(self, stepper: Stepper) -> None:
+        """The stepper owns its files here: it is tracked, or a registered watched run
+        (which has snapshots, not checkpoints: :mod:`.watched`)."""
+        if self._track(stepper) is not None:
+            return
+        try:
+            registered = self.registry.get(stepper.name)
+        except StepperNotFound:
+            registered = None
+        if registered is not stepper or stepper.hosting != WATCHED:
+            raise StepperNotFound(f"no stepper named {stepper.name!r}", stepper=stepper.name)
 
     def restore_device(self, stored: str) -> torch.device:
         """Where a checkpoint saved on ``stored`` is restored or imported here."""
@@ -237,7 +253,8 @@ class Persistence:
                     f"could not remove the files of {name!r}: {failure_reason(e)}", stepper=name
                 ) from None
             self.failed.pop(name, None)
-            if self._tracks.pop(name, None) is not None:
+            self._tracks.pop(name, None)
+            with contextlib.suppress(StepperNotFound):  # registered untracked: a watched run
                 self.registry.delete(name)
 
     def import_checkpoint(
@@ -396,20 +413,32 @@ class Persistence:
                 enc = checkpoints.encode(
                     stepper, {"durability": track.policy.model_dump(), "snapshot": snap}
                 )
-            try:
-                size = self.store.write_snapshot(name, snap, enc.data)
-            except OSError as e:
-                raise PersistenceFailed(
-                    f"could not write snapshot {snap!r} of {name!r}: {failure_reason(e)}",
-                    stepper=name,
-                ) from None
-            return self._snapshot_info(name, snap, enc.header, size)
+            return self._write_snapshot(name, snap, enc)
+
+    def _write_snapshot(self, name: str, snap: str, enc: checkpoints.Encoded) -> dict[str, Any]:
+        """Write an encoded snapshot (the caller holds the name lock); its listing entry."""
+        try:
+            size = self.store.write_snapshot(name, snap, enc.data)
+        except OSError as e:
+            raise PersistenceFailed(
+                f"could not write snapshot {snap!r} of {name!r}: {failure_reason(e)}",
+                stepper=name,
+            ) from None
+        return self._snapshot_info(name, snap, enc.header, size)
+
+    def keep_snapshot(
+        self, stepper: Stepper, snap: str, enc: checkpoints.Encoded
+    ) -> dict[str, Any]:
+        """Write a snapshot encoded elsewhere (a watched run's: :mod:`.watched`)."""
+        with self._lock(stepper.name):
+            self._require_files(stepper)
+            return self._write_snapshot(stepper.name, snap, enc)
 
     def list_snapshots(self, stepper: Stepper) -> list[dict[str, Any]]:
         """Every snapshot of the stepper, oldest first (unreadable ones with ``error``)."""
         name = stepper.name
         with self._lock(name):
-            self._require(stepper)
+            self._require_files(stepper)
             out = []
             for snap, path in self.store.snapshot_files(name):
                 try:
@@ -435,11 +464,24 @@ class Persistence:
     def open_snapshot(self, stepper: Stepper, snap: str) -> tuple[BinaryIO, int]:
         """The snapshot file opened for reading (it stays readable if deleted meanwhile)."""
         with self._lock(stepper.name):
-            self._require(stepper)
+            self._require_files(stepper)
             f = self.store.open_snapshot(stepper.name, snap)
             return f, os.fstat(f.fileno()).st_size
 
     def delete_snapshot(self, stepper: Stepper, snap: str) -> None:
         with self._lock(stepper.name):
-            self._require(stepper)
+            self._require_files(stepper)
             self.store.delete_snapshot(stepper.name, snap)
+
+
+def _refuse_watched(stepper: Stepper) -> None:
+    """409 ``stepper_watched`` for what a watched run's trainer must do (take or restore a
+    snapshot: a command) or that it has none of (a checkpoint, a durability policy)."""
+    if stepper.hosting == WATCHED:
+        raise StepperWatched(
+            f"stepper {stepper.name!r} is watched: its state lives in the training job, so "
+            "it has no checkpoint here; snapshots are taken and restored by its trainer "
+            f'(POST /v1/watch/{stepper.name}/commands {{"op": "snapshot"}} or "restore"); '
+            "they are listed, downloaded and deleted here",
+            kind=WATCHED,
+        )

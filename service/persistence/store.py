@@ -6,6 +6,10 @@ Layout (format version 1), everything under ``<data_dir>/steppers/``::
     <stepper>/history.sqlite (-wal, -shm)        its signal history (SQLite, WAL mode;
                                                  written by adamscope.service.inspect)
     <stepper>/snapshots/<snapshot>.safetensors   its named snapshots (same file format)
+    <stepper>/commands.json, commands/<id>.safetensors
+                                                 a watched run's command queue (see
+                                                 adamscope.service.persistence.commands;
+                                                 a watched run has no checkpoint)
     <stepper>/.<file>.<random>.tmp               a write in progress (stale after a crash)
     .<stepper>.deleted-<random>/                 a deletion in progress
 
@@ -53,6 +57,8 @@ log = logging.getLogger("adamscope.persistence")
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 HISTORY_FILE = "history.sqlite"
+#: A watched run's command queue (:mod:`.commands`): its directory has no checkpoint.
+WATCHED_QUEUE = "commands.json"
 #: Parts of a checkpoint smaller than this are gathered into one write.
 COALESCE_BYTES = 1 << 20
 SNAPSHOTS = "snapshots"
@@ -265,6 +271,8 @@ class Store:
                             f.unlink(missing_ok=True)
             if (entry / CHECKPOINT_FILE).is_file():
                 names.append(entry.name)
+            elif (entry / WATCHED_QUEUE).is_file():  # back when its trainer reports again
+                log.info("%s holds a watched run's files (no checkpoint: not restored)", entry)
             else:
                 log.warning("ignoring %s: no %s in it", entry, CHECKPOINT_FILE)
         return names

@@ -10,20 +10,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from browser_support import Watched, system_chromium, watched_page
 from conftest import LiveServer, run_uvicorn
 
 from adamscope.service.settings import Settings
 
+from .browser_support import Watched, watched_page
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 STEP = "/v1/steppers/{name}/step"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with system_chromium() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

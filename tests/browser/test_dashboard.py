@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from browser_support import Watched, system_chromium, watched_page
 from conftest import LiveServer, run_uvicorn
 
 from adamscope.client import Client, RemoteAdam
 from adamscope.service.inspect.recorder import history_of
 from adamscope.service.settings import Settings
+
+from .browser_support import Watched
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -141,18 +142,6 @@ class Trainer:
         self.client.close()
         if self.error is not None:
             raise self.error
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with system_chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def watched(browser: Any, request: pytest.FixtureRequest) -> Iterator[Watched]:
-    with watched_page(browser, request.node.name) as w:
-        yield w
 
 
 @pytest.fixture(scope="module")

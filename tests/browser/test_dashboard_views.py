@@ -12,27 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from browser_support import Watched, system_chromium, watched_page
 from conftest import LiveServer, run_uvicorn
-from test_dashboard import wait
 
 from adamscope.client import Client
 from adamscope.service.inspect.kernels.histogram import HISTOGRAM_EVERY
 from adamscope.service.settings import Settings
 
+from .browser_support import Watched
+from .test_dashboard import wait
+
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with system_chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def watched(browser: Any, request: pytest.FixtureRequest) -> Iterator[Watched]:
-    with watched_page(browser, request.node.name) as w:
-        yield w
 
 
 @pytest.fixture(scope="module")

@@ -518,7 +518,8 @@ def test_the_dashboard_shows_where_each_shard_lives(client: Client) -> None:
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
-        pids = sorted(s["pid"] for s in client.get(name).placement["shards"])  # type: ignore[index]
+        shards = client.get(name).placement["shards"]  # type: ignore[index]
+        pids = sorted(s["pid"] for s in shards)
         with system_chromium() as browser, watched_page(browser, "ray-dashboard") as w:
             page = w.page
             page.goto(f"{client.url}/dashboard")
@@ -533,6 +534,7 @@ def test_the_dashboard_shows_where_each_shard_lives(client: Client) -> None:
             assert items.count() == 2
             shown = " ".join(items.all_inner_texts())
             assert all(f"pid {pid}" in shown for pid in pids)
+            assert all(f"(node {s['node_id'][:8]})" in shown for s in shards)  # Ray's node
             # The panels filled from the merged reads: the aggregate chart has the 5 steps.
             page.wait_for_function(
                 "() => { const v = window.adamscope.state.view; "

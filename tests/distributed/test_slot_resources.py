@@ -16,7 +16,9 @@ from adamscope.service.distributed.cluster import Cluster, ClusterConfig, Slot, 
 from adamscope.service.distributed.resources import (
     SlotRequest,
     SlotResourceError,
+    preferred_node,
     slot_capacity,
+    slot_nodes,
     slot_request,
 )
 from adamscope.service.engine.footprint import CONTEXT_BYTES, Footprint, footprint
@@ -153,3 +155,22 @@ def test_an_actor_that_is_never_placed_fails_the_start_in_time(tmp_path: Path) -
 
     with pytest.raises(SlotStartError, match="Ray did not place its actor"):
         asyncio.run(asyncio.wait_for(start(), 10))
+
+
+def test_slots_prefer_the_live_node_holding_fewest_slots_with_room() -> None:
+    nodes = [
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 4.0}},
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"NodeID": "c", "Alive": False, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"NodeID": "d", "Alive": True, "Resources": {"CPU": 0.5, "GPU": 1.0}},
+    ]
+    assert slot_nodes(nodes, 0, 0) == ["a", "b", "d"]
+    assert slot_nodes(nodes, 0, 1) == ["b", "d"]  # GPUs asked: a has none, c is dead
+    assert slot_nodes(nodes, 1, 1) == ["b"]
+    assert preferred_node(["a", "b"], []) == "a"  # a tie: the first listed
+    assert preferred_node(["a", "b"], ["a"]) == "b"
+    assert preferred_node(["a", "b"], ["a", "b", "b"]) == "a"
+    assert preferred_node(["a", "b"], [None, "b"]) == "a"  # a slot not placed yet
+    assert preferred_node(["a", "b"], ["b"], avoid="a") == "b"  # not back onto a lost node
+    assert preferred_node(["a"], [], avoid="a") == "a"  # unless it is the only one
+    assert preferred_node([], ["a"]) is None

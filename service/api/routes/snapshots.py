@@ -52,7 +52,7 @@ SNAP_PROBLEMS = (*NAME_PROBLEMS, "snapshot_not_found")
     response_model=CheckpointInfo,
     summary="Write the stepper's checkpoint to disk now (whatever its durability policy)",
     dependencies=[Depends(require("write"))],
-    responses=problems(*NAME_PROBLEMS, "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "persistence_failed", "stepper_watched"),
 )
 async def checkpoint(name: str, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
@@ -64,7 +64,7 @@ async def checkpoint(name: str, request: Request) -> dict[str, Any]:
     response_model=StepperSummary,
     summary="Change when the stepper is written to disk (writes its checkpoint now)",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*NAME_PROBLEMS, "malformed_body", "persistence_failed"),
+    responses=problems(*NAME_PROBLEMS, "malformed_body", "persistence_failed", "stepper_watched"),
 )
 async def set_durability(name: str, policy: Durability, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)
@@ -78,7 +78,9 @@ async def set_durability(name: str, policy: Durability, request: Request) -> dic
     response_model=SnapshotInfo,
     summary="Take a named snapshot of the stepper's current state",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*NAME_PROBLEMS, "malformed_body", "snapshot_exists", "persistence_failed"),
+    responses=problems(
+        *NAME_PROBLEMS, "malformed_body", "snapshot_exists", "persistence_failed", "stepper_watched"
+    ),
 )
 async def take_snapshot(
     name: str, request: Request, body: Annotated[SnapshotRequest | None, Body()] = None
@@ -139,7 +141,9 @@ async def download_snapshot(name: str, snap: Snap, request: Request) -> Response
     response_model=StepperSummary,
     summary="Roll the stepper back to a snapshot (parameters, state, options, step)",
     dependencies=[Depends(require("admin"))],
-    responses=problems(*SNAP_PROBLEMS, "invalid_checkpoint", "persistence_failed"),
+    responses=problems(
+        *SNAP_PROBLEMS, "invalid_checkpoint", "persistence_failed", "stepper_watched"
+    ),
 )
 async def restore_snapshot(name: str, snap: Snap, request: Request) -> dict[str, Any]:
     stepper = registry(request).get(name)

@@ -116,6 +116,8 @@ const list = new DataTable($("steppers"), {
   onSelect: (name) => { location.hash = `#/${encodeURIComponent(name)}`; },
   columns: [
     { key: "name", label: "name" },
+    { key: "kind", label: "kind",
+      title: "hosted: stepped here · watched: a training job's own optimizer, reported · frozen: an imported checkpoint" },
     { key: "optimizer", label: "optimizer" },
     { key: "step", label: "step", numeric: true },
     { key: "device", label: "device" },
@@ -150,9 +152,11 @@ function rowOf(summary, previous) {
   const latest = alerts.latest;
   return {
     name: summary.name,
+    kind: summary.kind,
     optimizer: summary.optimizer,
     step: summary.step,
-    device: summary.device + placementTag(summary.placement),
+    // a watched run's tensors are in its training job (here: shapes on the meta device)
+    device: summary.kind === "watched" ? "training job" : summary.device + placementTag(summary.placement),
     state_bytes: summary.state_bytes,
     last_step: Math.max(num(summary.updated_at) || 0, previous ? previous.last_step || 0 : 0),
     alerts_active: alerts.active || 0,

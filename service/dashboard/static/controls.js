@@ -1,11 +1,15 @@
 // The controls a debugging user needs, each shown only to tokens whose scope allows it:
-// change the learning rate (write), take a snapshot and roll back to one (admin).
+// change the learning rate (write), take a snapshot and roll back to one (admin). For a
+// watched run each is a command to its trainer (POST v1/watch/{name}/commands), followed
+// until the trainer applied it at a step boundary.
 
 import { fmt } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
 /** How long a "Roll back" button waits for the confirming second click. */
 const CONFIRM_MS = 6000;
+/** How long a watched run's command is followed before "sent to the trainer" is shown. */
+const COMMAND_WAIT_MS = 15000;
 
 export class Controls {
   /** @param view the StepperView (its name, api, ctx, and what to reload after a change) */
@@ -77,6 +81,27 @@ export class Controls {
     }
   }
 
+  /** A watched run: send ``body`` to its trainer and follow it until it applied (or the
+   * wait is over); throws if the trainer refused it. */
+  async _command(body) {
+    const base = `v1/watch/${encodeURIComponent(this.view.name)}`;
+    let c = await this.api.request("POST", `${base}/commands`, { json: body });
+    const until = Date.now() + COMMAND_WAIT_MS;
+    while (c.status === "pending" && Date.now() < until && !this.view.destroyed) {
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      c = await this.api.request("GET", `${base}/commands/${encodeURIComponent(c.id)}`,
+                                 { signal: this.view.abort.signal });
+    }
+    if (c.status === "failed") throw new Error(`the trainer could not apply it: ${c.detail}`);
+    return c;
+  }
+
+  /** What a watched run's command came to, for the result line. */
+  _applied(c, done) {
+    return c.status === "applied" ? `${done} by the trainer at its step ${c.step}`
+                                  : `${done}: sent to the trainer, for its next step`;
+  }
+
   setLr() {
     const lr = Number($("lr-input").value);
     if (!(lr >= 0) || !Number.isFinite(lr)) {
@@ -86,6 +111,14 @@ export class Controls {
     const group = $("lr-group").value;
     const body = group === "" ? { lr } : { lr, group: Number(group) };
     return this._busy($("lr-form"), async () => {
+      if (this.view.watched) {
+        const { lr: _, ...where } = body;
+        const c = await this._command({ op: "options", options: { lr }, ...where });
+        this._result(this._applied(c, `lr set to ${fmt(lr)}${group === "" ? "" : ` in group ${group}`}`));
+        await this.view.loadSummary();
+        this.view.loadBias();
+        return;
+      }
       const s = await this.api.request("PATCH", `${this.base}/hyperparameters`, { json: body });
       this._result(`lr set to ${fmt(lr)}${group === "" ? "" : ` in group ${group}`}`);
       this.view.summary = s;
@@ -97,6 +130,13 @@ export class Controls {
   snapshot() {
     const name = $("snapshot-name").value.trim();
     return this._busy($("snapshot-form"), async () => {
+      if (this.view.watched) {
+        const c = await this._command({ op: "snapshot", ...(name ? { snapshot: name } : {}) });
+        $("snapshot-name").value = "";
+        this._result(this._applied(c, `snapshot ${c.args.snapshot} taken`));
+        await this.loadSnapshots(c.args.snapshot);
+        return;
+      }
       const info = await this.api.request("POST", `${this.base}/snapshots`,
                                           { json: name ? { name } : undefined });
       $("snapshot-name").value = "";
@@ -145,6 +185,13 @@ export class Controls {
     }
     this._disarm();
     return this._busy($("rollback-form"), async () => {
+      if (this.view.watched) {
+        // The trainer copies the snapshot's state and parameters back; its step goes on.
+        const c = await this._command({ op: "restore", snapshot: snap });
+        this._result(this._applied(c, `rolled back to ${snap}`));
+        this.view.ctx.onChanged();
+        return;
+      }
       const s = await this.api.request(
         "POST", `${this.base}/snapshots/${encodeURIComponent(snap)}/restore`);
       this._result(`rolled back to ${snap} (step ${s.step})`);

@@ -243,9 +243,12 @@ export class StepperView {
     const s = await this._get(this.base);
     if (this.destroyed) return;
     this.summary = s;
+    this.watched = s.kind === "watched";
     const total = s.params.reduce((a, p) => a + p.numel, 0);
+    const where = this.watched ? "watched: its tensors are in the training job" : s.device;
+    const kind = s.kind === "frozen" ? "frozen · " : "";
     $("detail-facts").textContent =
-      `${s.optimizer} · ${s.device} · step ${s.step} · ${s.params.length} tensors · ${fmt(total)} elements`;
+      `${kind}${s.optimizer} · ${where} · step ${s.step} · ${s.params.length} tensors · ${fmt(total)} elements`;
     const names = s.params.map((p) => p.name);
     fill($("chart-tensor"), [["", "all tensors (aggregate)"], ...names.map((n) => [n, n])], this.chartTensor);
     const histWas = $("hist-tensor").value;
@@ -267,8 +270,9 @@ export class StepperView {
     }
     const items = placement.shards.map((sh) => {
       const held = sh.params ? `${sh.params.length} tensors` : "all tensors";
+      const node = sh.node_id ? `${sh.node} (node ${sh.node_id.slice(0, 8)})` : sh.node;
       return el("li", {
-        textContent: `slot ${sh.slot}: ${held} on ${sh.node} (pid ${sh.pid}, ${sh.device}) · ${sh.state}`,
+        textContent: `slot ${sh.slot}: ${held} on ${node} (pid ${sh.pid}, ${sh.device}) · ${sh.state}`,
       });
     });
     const recoveries = placement.recoveries || [];
@@ -485,6 +489,15 @@ export class StepperView {
     const log = $("hist-log").checked;
     if (!tensor) return;
     this.table.select(tensor);
+    if (this.watched) {
+      // The service holds none of a watched run's tensors: its stats answer 409.
+      Object.assign($("hist-canvas").dataset, { tensor, key });
+      this.histogram.setData([], []);
+      $("hist-facts").textContent = `no statistics of ${tensor} here: a watched run's tensors ` +
+        `stay in its training job, which reports only their signals (read its state with ` +
+        `GET /v1/watch/${this.name}/state: the trainer answers at its next step)`;
+      return;
+    }
     let stats;
     try {
       stats = await this._get(`${this.base}/stats`, {

@@ -108,6 +108,13 @@ export class HeatCard {
     const tensor = $("heat-tensor").value;
     const key = $("heat-key").value;
     if (!tensor) return;
+    if (this.view.watched) {
+      Object.assign($("heat-canvas").dataset, { tensor, key });
+      this.map.setData(null);
+      $("heat-facts").textContent =
+        "no histograms over time for a watched run: its trainer reports signals, not histograms";
+      return;
+    }
     let d;
     try {
       d = await this.view._get(`${this.view.base}/histograms`, { tensor, key });
