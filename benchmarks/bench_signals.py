@@ -8,9 +8,11 @@ interleaved, on one thread (where the service runs them on a busy machine), at 1
 The 10M model is bench_step.py's (a transformer-like layout: 129 tensors); smaller sizes
 are one tensor. Each round steps once with the signals off and once on (which goes first
 alternates); the signals' cost is the difference of the medians (and of the minima, the
-figure least touched by other processes). The service runs the after-step half of the
-signals once the step's reply has left, so a client waits for it only when its next
-request comes sooner than the signals take.
+figure least touched by other processes), in wall time and in this thread's CPU time
+(``time.thread_time``: on one torch thread every operation runs here, so it is the
+signals' own work, little changed by other processes sharing the cores). The service runs
+the after-step half of the signals once the step's reply has left, so a client waits for
+it only when its next request comes sooner than the signals take.
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ def bench(numel: int, steps: int, impl: dict[str, bool]) -> dict[str, list[float
     s = Stepper("bench", "adam", torch.device("cpu"), list(zip(names, init, strict=True)), impl)
     observer = attach_signals(s)
     g = dict(zip(names, grads, strict=True))
-    times: dict[str, list[float]] = {"off": [], "on": []}
+    times: dict[str, list[float]] = {"off": [], "on": [], "off_cpu": [], "on_cpu": []}
     for i in range(steps + 3):
         for on in (True, False) if i % 2 else (False, True):
             observer.enabled = on
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             s.step(g)
-            took = time.perf_counter() - t0
+            took, cpu = time.perf_counter() - t0, time.thread_time() - c0
             if i >= 3:
                 times["on" if on else "off"].append(took * 1e3)
+                times["on_cpu" if on else "off_cpu"].append(cpu * 1e3)
         if i == 0:
             observer.enabled = True
             s.step(g)  # the signals' layout and caches, built once
@@ -74,16 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'params':>11}   {'step off median [min]':>22}   {'step on median [min]':>22}"
-        f"   {'signals median':>14}   {'signals min':>11}"
+        f"   {'signals median':>14}   {'signals min':>11}   {'signals CPU median [min]':>24}"
     )
     for numel in args.sizes:
         t = bench(numel, args.steps, impl)
         off, on = t["off"], t["on"]
+        cpu = statistics.median(t["on_cpu"]) - statistics.median(t["off_cpu"])
+        cpu_min = min(t["on_cpu"]) - min(t["off_cpu"])
         print(
             f"{numel:>11,}   {statistics.median(off):>12.3f} [{min(off):>7.3f}]"
             f"   {statistics.median(on):>12.3f} [{min(on):>7.3f}]"
             f"   {statistics.median(on) - statistics.median(off):>14.3f}"
-            f"   {min(on) - min(off):>11.3f}",
+            f"   {min(on) - min(off):>11.3f}   {cpu:>14.3f} [{cpu_min:>7.3f}]",
             flush=True,
         )
     return 0

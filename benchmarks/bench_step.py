@@ -196,18 +196,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_time(client: Client, name: str) -> tuple[float, int]:
-    """The server's summed engine seconds and step count for stepper ``name``, from its
-    Prometheus text on /metrics."""
-    total, count = 0.0, 0
+def engine_time(client: Client, name: str) -> tuple[float, int, float, int]:
+    """The server's summed engine seconds and step count for stepper ``name``, and its
+    summed seconds and count of step requests (``adamscope_http_request_duration_seconds``
+    of the step route: from the request's arrival until its reply's last byte left, so a
+    wait for the previous step's deferred signals is in it), from /metrics."""
+    total, count, http_total, http_count = 0.0, 0, 0.0, 0
     text = httpx.get(f"{client.url}/metrics", timeout=60).text
     label = f'{{stepper="{name}"}}'
+    route = '{method="POST",route="/v1/steppers/{name}/step"}'
     for line in text.splitlines():
         if line.startswith(f"adamscope_step_duration_seconds_sum{label}"):
             total = float(line.rsplit(" ", 1)[1])
         elif line.startswith(f"adamscope_step_duration_seconds_count{label}"):
             count = int(float(line.rsplit(" ", 1)[1]))
-    return total, count
+        elif line.startswith(f"adamscope_http_request_duration_seconds_sum{route}"):
+            http_total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"adamscope_http_request_duration_seconds_count{route}"):
+            http_count = int(float(line.rsplit(" ", 1)[1]))
+    return total, count, http_total, http_count
 
 
 def bench_size(
@@ -264,6 +271,7 @@ def bench_size(
         # The same bytes each way as a remote step's request and reply (header included).
         head = 8 + 64 * len(shapes)
         wire = echo.round_trip(wire_bytes + head, wire_bytes + head)
+        wire_ms.append(wire * 1e3)
         sync(device)
         t0 = time.perf_counter()
         fused.step()
@@ -273,7 +281,8 @@ def bench_size(
     remote_ms: list[float] = []
     local_ms: list[float] = []
     floor_ms: list[float] = []
-    engine_before = (0.0, 0)
+    wire_ms: list[float] = []  # the floor's socket part
+    engine_before = (0.0, 0, 0.0, 0)
     try:
         for i in range(warmup + steps):
             if i == warmup:
@@ -285,6 +294,7 @@ def bench_size(
                 remote_ms.append(took[timed_remote] * 1e3)
                 local_ms.append(took[timed_local] * 1e3)
                 floor_ms.append(took[timed_floor] * 1e3)
+        wire_ms[:] = wire_ms[warmup:]
         engine_after = engine_time(client, name)
         identical = all(
             torch.equal(r, lo.detach().cpu())
@@ -299,11 +309,35 @@ def bench_size(
         "remote": remote_ms,
         "local": local_ms,
         "floor": floor_ms,
+        "wire": wire_ms,
         "server_ms": (engine_after[0] - engine_before[0])
         * 1e3
         / max(1, engine_after[1] - engine_before[1]),
+        "request_ms": (engine_after[2] - engine_before[2])
+        * 1e3
+        / max(1, engine_after[3] - engine_before[3]),
         "identical": identical,
     }
+
+
+def breakdown(results: dict[str, dict[str, object]]) -> list[str]:
+    """One line per variant (signals on/off) of one size: where its remote step's time
+    goes (see the table's caption in :func:`main`)."""
+    lines = []
+    step = float(str(results["off"]["server_ms"])) if "off" in results else None
+    for label, res in results.items():
+        remote, wire = res["remote"], res["wire"]
+        assert isinstance(remote, list) and isinstance(wire, list)
+        request = float(str(res["request_ms"]))
+        engine = float(str(res["server_ms"]))
+        own = engine if step is None or label == "off" else step
+        signals = f"{engine - step:>26.2f}" if step is not None and label == "on" else f"{'':>26}"
+        r, w = statistics.fmean(remote), statistics.fmean(wire)
+        lines.append(
+            f"{res['numel']:>11,} {label:>7}   {r:>8.2f}   {r - request:>8.2f}   {request:>8.2f}"
+            f"   {w:>8.2f}   {own:>8.2f}   {request - w - own:>8.2f}   {signals}"
+        )
+    return lines
 
 
 def device_limits(numel: int, device: str, repeats: int = 5) -> dict[str, float]:
@@ -405,8 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             for label, env in variants
         ]
         costs: list[str] = []
+        parts: list[str] = []
         for numel in args.sizes:
             by_label: dict[str, tuple[float, float]] = {}
+            results: dict[str, dict[str, object]] = {}
             for label, client in clients:
                 res = bench_size(client, numel, args.impl, args.device, args.warmup, args.steps)
                 remote, local, floor = res["remote"], res["local"], res["floor"]
@@ -422,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 by_label[label] = (float(str(res["server_ms"])), to_floor)
+                results[label] = res
                 limits.append(
                     (
                         int(str(res["numel"])),
@@ -436,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{numel:>11,}   {on_ms - off_ms:>16.2f}   {on_ratio:>16.2f}x"
                     f"   {off_ratio:>17.2f}x"
                 )
+            parts += breakdown(results)
         if costs:
             print(
                 "\nper-step signals in the service (server step with signals on minus off; "
@@ -446,6 +484,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"   {'remote/floor off':>18}"
             )
             print("\n".join(costs), flush=True)
+        print(
+            "\nwhere a remote step's time goes, ms, means over the timed steps (/metrics gives "
+            "the server's only as sums; a slow outlier moves a mean: compare with the medians "
+            "above): remote = client + server request; server request (arrival to the "
+            "reply's last byte) = wire (the floor's echo of the same bytes) + step (engine "
+            "time; with signals on: the off server's, the signals run after the reply) + the "
+            "rest (HTTP, parsing into the buffers, streaming the reply beyond the echo's "
+            "time, and with signals on the wait for the previous step's signals); client = "
+            "remote - server request (encoding, connecting, copying the reply into the "
+            "parameters)"
+        )
+        print(
+            f"{'params':>11} {'signals':>7}   {'remote':>8}   {'client':>8}   {'request':>8}   "
+            f"{'wire':>8}   {'step':>8}   {'rest':>8}   {'signals (engine, deferred)':>26}"
+        )
+        print("\n".join(parts), flush=True)
     print(
         f"\nmemory-bandwidth limit on {args.device}: Adam moves 28 bytes per fp32 parameter "
         "(reads param, grad, m, v; writes param, m, v); copy = device-to-device copy rate; "

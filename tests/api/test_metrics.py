@@ -6,6 +6,7 @@ values), request counts by route template and status, the stepper cap and token 
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from adamscope.service.api.http import requests as request_metrics
 from adamscope.service.app import create_app
 from adamscope.service.inspect.history import LATENCY_BUCKETS
 from adamscope.service.inspect.schedule import GROUP_FIELDS
@@ -167,3 +169,36 @@ def test_a_prefixed_token_sees_only_its_steppers_and_refusals_count(
         )
         == 1
     )
+
+
+def test_a_step_request_is_timed_until_its_reply_left_not_its_deferred_signals(
+    app_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's signals and history run after its reply's last byte, inside the request's
+    ASGI call: the request's duration stops at that byte. An after-step observer moves the
+    middleware's clock by an hour; the step's recorded duration does not include it."""
+    create(app_client, SPEC, VALUES)
+    skipped = [0.0]
+    real = request_metrics.time.perf_counter
+    clock = types.SimpleNamespace(perf_counter=lambda: real() + skipped[0])
+    monkeypatch.setattr(request_metrics, "time", clock)
+
+    class SlowAfterStep:
+        def before_step(self, stepper: object, grads: object) -> None:
+            pass
+
+        def after_step(self, stepper: object, grads: object) -> None:
+            skipped[0] += 3600.0
+
+    stepper = app_client.app.state.registry.get("net")  # type: ignore[attr-defined]
+    stepper.observers.append(SlowAfterStep())
+    assert step(app_client, "net", grads(VALUES, 0)).status_code == 200
+    _, samples = scrape(app_client)
+    assert skipped[0] == 3600.0  # the observer ran (deferred: after the reply)
+    took = value(
+        samples,
+        "adamscope_http_request_duration_seconds_sum",
+        method="POST",
+        route="/v1/steppers/{name}/step",
+    )
+    assert 0 < took < 3600.0

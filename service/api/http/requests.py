@@ -98,19 +98,23 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        finished: float | None = None
 
         async def sending(message: Message) -> None:
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = time.perf_counter()  # not the work a reply does after its bytes
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.stats.record(
-                scope["method"], self.stats.route_of(scope), status, time.perf_counter() - started
-            )
+            # Until the reply's last byte was handed on: a step's deferred signals and history
+            # run after that, inside the app's call, and are not the request's time.
+            seconds = (finished if finished is not None else time.perf_counter()) - started
+            self.stats.record(scope["method"], self.stats.route_of(scope), status, seconds)
 
 
 def install_metrics(app: FastAPI) -> None:

@@ -16,8 +16,10 @@ import pytest
 import torch
 from inspect_support import CPU, f64, randn, registered
 
+from adamscope.client.numerics import adam_factors
 from adamscope.service.engine import GroupDef, Stepper
 from adamscope.service.inspect.kernels import COMBINE, ESTIMATES, SIGNALS, exact
+from adamscope.service.inspect.optimizer import entries
 from adamscope.service.inspect.signals import signals_of
 
 SHAPES = {"small": (1000,), "big": (300, 400), "emb": (4000, 16)}
@@ -189,3 +191,81 @@ def test_a_nan_in_a_chunk_past_the_first_is_seen_by_every_reduction_of_its_role(
     got = signals_of(s)["tensors"]["w"]
     assert all(math.isnan(got[f"grad_{k}"]) for k in ("norm", "sum", "min", "max"))
     assert signals_of(s)["faults"]["w"]["grad"] == {"nan": 1, "inf": 0}
+
+
+SMALL_SHAPES = {"b1": (300,), "ln": (300,), "b2": (300,), "w": (15, 20), "odd": (7,)}
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw_fused", "bf16_amsgrad", "fp64"])
+def test_small_tensors_reduced_together_equal_float64_and_each_alone(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small tensors of one length, dtype and group are reduced as one batch: their
+    reductions are float64's on each one's full tensors (a NaN in one stays its own), and
+    those of the same step reduced one tensor at a time (SMALL = 0) agree, the extremes
+    exactly (the update's too: the same elementwise update)."""
+    options, dtype, impl = CASES[case]
+    params = [(n, randn(shape, i, dtype)) for i, (n, shape) in enumerate(SMALL_SHAPES.items())]
+    s = registered(
+        f"small-{case}",
+        lambda: Stepper(
+            f"small-{case}",
+            "adam",
+            CPU,
+            params,
+            {"lr": 0.02, **impl},
+            [GroupDef(["b1", "ln", "w", "odd"], options), GroupDef(["b2"], options)],
+        ),
+    )
+    for k in range(3):
+        grads = {
+            n: randn(shape, 20 + 7 * k + i, dtype)
+            for i, (n, shape) in enumerate(SMALL_SHAPES.items())
+        }
+        if k == 2:
+            grads["ln"][5] = math.nan
+        s.step(grads)
+        got = signals_of(s)
+        for n in SMALL_SHAPES:
+            p = s.params[s.index[n]]
+            state = s.optimizer.state[p]
+            group = s.optimizer.param_groups[s.group_of[n]]
+            if k == 2 and n == "ln":
+                assert all(math.isnan(got["tensors"][n][f"grad_{x}"]) for x in exact.STATS)
+                assert set(got["faults"]) == {n}  # the others stay clean
+                assert got["faults"][n]["grad"] == {"nan": 1, "inf": 0}
+                continue
+            p1 = f64(p)
+            tensors = {
+                "grad": f64(grads[n]),
+                "param": p1,
+                "update": adam_update(p1, state, group),
+                "exp_avg": f64(state["exp_avg"]),
+                "exp_avg_sq": f64(state["exp_avg_sq"]),
+            }
+            want: dict[str, Any] = {r: stats(tensors[r]) for r in ROLES} | {"n": p1.size}
+            check(got["tensors"][n], want, (k, n))
+        found = entries(s, grads)
+        factors = [adam_factors(e.group, float(e.state["step"])) for e in found]
+        batched = exact.reduce_chunks(found, factors)
+        assert batched[1] == [1] * len(found)  # one row per tensor
+        monkeypatch.setattr(exact, "SMALL", 0)
+        alone = exact.reduce_chunks(found, factors)
+        monkeypatch.setattr(exact, "SMALL", 1 << 12)
+        pairs = zip(
+            exact.combine_chunks(batched[0].reshape(-1).tolist(), batched[1], batched[2]),
+            exact.combine_chunks(alone[0].reshape(-1).tolist(), alone[1], alone[2]),
+            strict=True,
+        )
+        for e, (x, y) in zip(found, pairs, strict=True):
+            for name, u, w in zip(exact.REDUCED, x, y, strict=True):
+                if math.isnan(w):
+                    assert math.isnan(u), (k, e.name, name)
+                elif name.endswith(("_min", "_max")):
+                    assert u == w, (k, e.name, name)
+                elif name.endswith("_sum"):  # float32's rounding: of the |x| sum's order
+                    norm = y[exact.REDUCED.index(name.replace("_sum", "_norm"))]
+                    bound = 1e-5 * math.sqrt(e.param.numel() * 2) * norm + 1e-30
+                    assert abs(u - w) <= bound, (k, e.name, name)
+                else:
+                    assert math.isclose(u, w, rel_tol=1e-5, abs_tol=1e-30), (k, e.name, name)
