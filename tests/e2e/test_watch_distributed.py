@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from waiting import until
 
 from adamscope.client import codec
 from adamscope.service.testing import Spawned, spawned
@@ -34,16 +34,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawned]:
         yield s
 
 
-def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _command(url: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
     """Queue a command; wait until it settled."""
     c = httpx.post(f"{url}/v1/watch/{name}/commands", json=body).json()
@@ -53,7 +43,7 @@ def _command(url: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         s = httpx.get(f"{url}/v1/watch/{name}/commands/{c['id']}", timeout=30).json()
         return s["status"] != "pending" and s
 
-    found: dict[str, Any] = _wait(f"command {body['op']}", settled)
+    found: dict[str, Any] = until(f"command {body['op']}", settled, 60.0)
     return found
 
 
@@ -66,12 +56,13 @@ def _steered(url: str, name: str, out: Path, mode: str) -> dict[str, Any]:
         text=True,
     )
     try:
-        _wait(
+        until(
             "the run's step 5",
             lambda: (
                 (r := httpx.get(f"{url}/v1/steppers/{name}", timeout=30)).status_code == 200
                 and r.json()["step"] >= 5
             ),
+            60.0,
         )
         read = httpx.get(
             f"{url}/v1/watch/{name}/state", params={"with_params": True, "timeout": 30}, timeout=40

@@ -5,12 +5,12 @@ run reports again, and restored from there into the trainer's own optimizer, bit
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
+from waiting import until
 
 import adamscope
 from adamscope.service.engine import checkpoint as checkpoints
@@ -23,16 +23,6 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     model(torch.randn(8, 6)).pow(2).mean().backward()
     opt.step()
     opt.zero_grad()
-
-
-def _until(what: str, check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _command(url: str, cid: str) -> dict[str, Any]:
@@ -62,7 +52,7 @@ def test_a_watched_snapshot_is_listed_and_restored_after_a_restart(tmp_path: Pat
             c = _command(url, cid)
             return c if c["status"] != "pending" else None
 
-        c = _until("the snapshot", taken)
+        c = until("the snapshot", taken)
         assert c["status"] == "applied", c
         again = httpx.post(
             f"{url}/v1/watch/{NAME}/commands", json={"op": "snapshot", "snapshot": "s1"}
@@ -83,7 +73,7 @@ def test_a_watched_snapshot_is_listed_and_restored_after_a_restart(tmp_path: Pat
             r = httpx.get(f"{url}/v1/watch/{NAME}/snapshots")
             return list(r.json()["snapshots"]) if r.status_code == 200 else None
 
-        snaps = _until("the run to report again", listed)
+        snaps = until("the run to report again", listed)
         assert [(s["name"], s["step"]) for s in snaps] == [("s1", c["step"])]
         hosted = httpx.get(f"{url}/v1/steppers/{NAME}/snapshots").json()["snapshots"]
         assert [s["name"] for s in hosted] == ["s1"]
@@ -99,7 +89,7 @@ def test_a_watched_snapshot_is_listed_and_restored_after_a_restart(tmp_path: Pat
             c = _command(url, rid)
             return c if c["status"] != "pending" else None
 
-        assert _until("the restore", restored)["status"] == "applied"
+        assert until("the restore", restored)["status"] == "applied"
         params_then, state_then = kept[c["step"]]
         for n, p in model.named_parameters():
             assert torch.equal(p, params_then[n]), n
