@@ -80,11 +80,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     bind = args.slot_bind or ("auto" if args.ray_address else "127.0.0.1")
+    from ..distributed.serve_config import slot_config
+
     # The slots' services check the tokens: off loopback they need some, as the service
     # itself does.
-    problem = binding_problem(settings.model_copy(update={"host": bind}), load_access(settings))
-    if problem is not None:
-        _error(f"slot services: {problem}")
+    try:
+        config = slot_config(settings, args.slots, bind, args.slot_cpus, args.slot_gpus)
+    except ValueError as e:
+        _error(str(e))
         return 2
     try:
         import ray  # noqa: F401
@@ -92,20 +95,11 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError:
         _error("--ray needs Ray Serve: pip install 'adamscope[ray]' (or 'ray[serve]')")
         return 2
-    from ..distributed.cluster import ClusterConfig
     from ..distributed.serve import run
 
-    data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
-    config = ClusterConfig(
-        settings=data.model_dump(mode="json"),
-        slots=args.slots,
-        bind=bind,
-        num_cpus=args.slot_cpus,
-        num_gpus=args.slot_gpus,
-    )
     print(
         f"adamscope: starting on Ray ({args.ray_address or 'a new local instance'}), "
-        f"data in {data.data_dir}",
+        f"data in {config.data_dir}",
         flush=True,
     )
     return run(config, settings.host, settings.port, args.ray_address)

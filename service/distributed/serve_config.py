@@ -34,7 +34,7 @@ from ..settings import Settings
 from .cluster import ClusterConfig
 from .serve import deployment
 
-__all__ = ["ServeArgs", "app", "cluster_config"]
+__all__ = ["ServeArgs", "app", "cluster_config", "slot_config"]
 
 
 class ServeArgs(BaseModel):
@@ -70,17 +70,25 @@ def cluster_config(args: ServeArgs) -> ClusterConfig:
         settings = Settings(**args.settings)
     except ValidationError as e:
         raise ValueError(f"invalid service settings: {_said(e)}") from None
-    bind_check = settings.model_copy(update={"host": args.slot_bind})
-    problem = binding_problem(bind_check, load_access(settings))
+    return slot_config(settings, args.slots, args.slot_bind, args.slot_cpus, args.slot_gpus)
+
+
+def slot_config(
+    settings: Settings, slots: int, bind: str, num_cpus: float, num_gpus: float
+) -> ClusterConfig:
+    """The ingress's configuration for slots serving ``settings`` on ``bind`` (the CLI's
+    and the Serve config's); raises ``ValueError`` when slots listening off loopback
+    would have no tokens, as the service itself refuses to."""
+    problem = binding_problem(settings.model_copy(update={"host": bind}), load_access(settings))
     if problem is not None:
         raise ValueError(f"slot services: {problem}")
     data = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
     return ClusterConfig(
         settings=data.model_dump(mode="json"),
-        slots=args.slots,
-        bind=args.slot_bind,
-        num_cpus=args.slot_cpus,
-        num_gpus=args.slot_gpus,
+        slots=slots,
+        bind=bind,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
 
 
